@@ -1,0 +1,39 @@
+# The README's commands. `make quickstart` and `make test` do all set-up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: setup quickstart test test-slow lint format bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# The CPU torch pin first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+quickstart: setup
+	$(VENV)/bin/lmforge quickstart
+
+test: setup
+	$(VENV)/bin/ruff check lmforge tests benchmarks
+	$(VENV)/bin/ruff format --check lmforge tests benchmarks
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check lmforge tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff format lmforge tests benchmarks
+	$(VENV)/bin/ruff check --fix lmforge tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,132 @@
+"""Training throughput: tokens/s, ms/step and MFU, lmforge vs a nanoGPT-style peer in the same run.
+
+Two shapes: nanoGPT's CPU recipe (4 layers, 4 heads, d=128, block 64, batch 12, 65-char vocab)
+and a 6-layer d=384 block-256 model. Each runs eager and torch.compile'd. MFU uses a peak
+fp32 matmul rate the benchmark measures itself. Prints a table; writes
+benchmarks/results/train_throughput.json.
+
+    python benchmarks/train_throughput.py [--seconds 10] [--no-compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from peers.nanogpt_style import NanoGPTStyle  # noqa: E402
+
+from lmforge.model import Transformer, preset  # noqa: E402
+from lmforge.train import TrainConfig, make_optimizer, measure_matmul_flops  # noqa: E402
+
+SHAPES = {
+    "nanogpt-cpu": dict(vocab_size=65, block_size=64, n_layers=4, n_heads=4, d_model=128, batch_size=12),
+    "6L-d384-T256": dict(vocab_size=65, block_size=256, n_layers=6, n_heads=6, d_model=384, batch_size=8),
+}
+
+
+def peer_step(shape: dict, compiled: bool):
+    model = NanoGPTStyle(shape["vocab_size"], shape["block_size"], shape["n_layers"], shape["n_heads"],
+                         shape["d_model"])
+    optimizer = model.configure_optimizer()
+    forward = torch.compile(model) if compiled else model
+
+    def step(inputs, targets):
+        loss = forward(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def lmforge_step(shape: dict, compiled: bool, family: str):
+    sizes = {k: v for k, v in shape.items() if k != "batch_size"}
+    if family == "llama":
+        sizes |= dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False,
+                      d_mlp=int(8 * shape["d_model"] / 3) // 8 * 8)  # SwiGLU width at equal parameters
+    model = Transformer(preset("nanogpt-cpu", **sizes))
+    optimizer = make_optimizer(model, TrainConfig(learning_rate=1e-3, beta2=0.99), "cpu")
+    forward = torch.compile(model) if compiled else model
+
+    def step(inputs, targets):
+        _, loss = forward(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, model.flops_per_token()
+
+
+def time_steps(step, shape: dict, seconds: float) -> float:
+    """Median seconds per optimizer step after warm-up (compilation happens in warm-up)."""
+    generator = torch.Generator().manual_seed(0)
+    data = torch.randint(0, shape["vocab_size"], (200_000,), generator=generator)
+
+    def batch():
+        starts = torch.randint(len(data) - shape["block_size"] - 1, (shape["batch_size"],), generator=generator)
+        windows = torch.stack([data[s:s + shape["block_size"] + 1] for s in starts])
+        return windows[:, :-1], windows[:, 1:]
+
+    for _ in range(5):
+        step(*batch())
+    timings, started = [], time.perf_counter()
+    while time.perf_counter() - started < seconds or len(timings) < 10:
+        inputs, targets = batch()
+        start = time.perf_counter()
+        step(inputs, targets)
+        timings.append(time.perf_counter() - start)
+    return sorted(timings)[len(timings) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per row")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
+    args = parser.parse_args()
+
+    peak = measure_matmul_flops()
+    print(f"peak fp32 matmul: {peak / 1e9:.1f} GFLOP/s on {torch.get_num_threads()} threads")
+    modes = [False] if args.no_compile else [False, True]
+    rows = []
+    for shape_name in args.shapes.split(","):
+        shape = SHAPES[shape_name]
+        tokens_per_step = shape["batch_size"] * shape["block_size"]
+        _, flops_per_token = lmforge_step(shape, False, "gpt2")
+        peer_eager = None
+        for compiled in modes:
+            mode = "compiled" if compiled else "eager"
+            candidates = [("nanoGPT-style peer", lambda: (peer_step(shape, compiled), flops_per_token)),
+                          ("lmforge gpt2 family", lambda: lmforge_step(shape, compiled, "gpt2")),
+                          ("lmforge llama family", lambda: lmforge_step(shape, compiled, "llama"))]
+            for name, build in candidates:
+                step, row_flops = build()
+                seconds = time_steps(step, shape, args.seconds)
+                tokens_per_second = tokens_per_step / seconds
+                if name.startswith("nanoGPT") and not compiled:
+                    peer_eager = tokens_per_second
+                row = {"shape": shape_name, "implementation": name, "mode": mode, "ms_per_step": seconds * 1e3,
+                       "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * row_flops / peak,
+                       "vs_peer_eager": tokens_per_second / peer_eager}
+                rows.append(row)
+                print(f"{shape_name:<13} {name:<21} {mode:<8} {row['ms_per_step']:8.1f} ms/step "
+                      f"{tokens_per_second:10,.0f} tok/s  MFU {row['mfu']:6.1%}  x{row['vs_peer_eager']:.2f} vs peer",
+                      flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"peak_flops": peak, "threads": torch.get_num_threads(),
+                                          "torch": torch.__version__, "machine": platform.processor(),
+                                          "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Checkpoints: weights as safetensors, training state as a weights-only torch file.
+
+A checkpoint is a folder `checkpoints/step_NNNNNN/` holding model.safetensors,
+config.json, tokenizer.json and (for training runs) state.pt. It is written under a
+temporary name and renamed into place, and `checkpoints/latest` names the newest, so a
+crash at any moment leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import LmforgeError
+from lmforge.model import ModelConfig, Transformer
+from lmforge.tokenizer import Tokenizer, load_tokenizer
+
+WEIGHTS, CONFIG, STATE, TOKENIZER, LATEST = "model.safetensors", "config.json", "state.pt", "tokenizer.json", "latest"
+
+
+def model_weights(model: Transformer) -> dict[str, torch.Tensor]:
+    """State dict without the tied LM head (safetensors stores each tensor once)."""
+    weights = model.state_dict()
+    if model.config.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+    return {name: tensor.detach().contiguous() for name, tensor in weights.items()}
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, tokenizer: Tokenizer,
+                    state: dict | None = None, extra_config: dict | None = None, keep: int = 2) -> Path:
+    """Write checkpoint `step` under `run_dir/checkpoints`, point `latest` at it, prune old ones."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    final = checkpoints / f"step_{step:06d}"
+    temporary = checkpoints / f".step_{step:06d}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    save_file(model_weights(model), str(temporary / WEIGHTS), metadata={"format": "pt"})
+    (temporary / CONFIG).write_text(json.dumps({"model": model.config.to_dict(), "step": step,
+                                                **(extra_config or {})}, indent=2))
+    tokenizer.save(temporary / TOKENIZER)
+    if state is not None:
+        torch.save(state, temporary / STATE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(temporary, final)
+    write_atomically(checkpoints / LATEST, final.name)
+    if keep > 0:
+        for old in sorted(checkpoints.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from itself, a run folder, or a run's checkpoints folder."""
+    path = Path(path)
+    if (path / WEIGHTS).exists():
+        return path
+    for checkpoints in (path / "checkpoints", path):
+        latest = checkpoints / LATEST
+        if latest.exists():
+            return checkpoints / latest.read_text().strip()
+    raise LmforgeError(f"{path}: no checkpoint here (expected {WEIGHTS} or checkpoints/{LATEST})")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
+    """Model (in eval mode), tokenizer and config dict of a checkpoint."""
+    folder = resolve_checkpoint(path)
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        model = Transformer(ModelConfig.from_dict(config["model"]))
+    except (OSError, KeyError, ValueError) as error:
+        raise LmforgeError(f"{folder / CONFIG}: unreadable model config ({error})") from None
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+    except (OSError, SafetensorError) as error:
+        raise LmforgeError(f"{folder / WEIGHTS}: cannot read weights ({error}); the file may be truncated") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if model.config.tie_embeddings:
+        missing = [m for m in missing if m != "lm_head.weight"]
+    if missing or unexpected:
+        raise LmforgeError(f"{folder / WEIGHTS}: weights do not match the config "
+                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.to(device).eval()
+    return model, load_tokenizer(folder / TOKENIZER), config
+
+
+def load_training_state(folder: Path) -> dict:
+    """Optimizer, RNG and data state; weights_only so a checkpoint can never run code."""
+    return torch.load(folder / STATE, map_location="cpu", weights_only=True)

@@ -1,0 +1,69 @@
+"""Data-parallel training under `torchrun`, applied to the model from outside.
+
+The model file knows nothing of processes; the trainer asks this module who it is and
+wraps the model in DistributedDataParallel when there is more than one process.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class ProcessGroup:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_process_group(device_type: str) -> ProcessGroup:
+    """Join the torchrun job described by RANK/WORLD_SIZE/LOCAL_RANK, or run alone."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return ProcessGroup()
+    group = ProcessGroup(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    if device_type == "cuda":
+        torch.cuda.set_device(group.local_rank)
+    return group
+
+
+def wrap_model(model: nn.Module, group: ProcessGroup) -> nn.Module:
+    if not group.is_distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [group.local_rank] if next(model.parameters()).is_cuda else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def no_gradient_sync(model: nn.Module, skip: bool):
+    """Inside gradient accumulation, skip DDP's all-reduce on all but the last micro-step."""
+    return model.no_sync() if skip and hasattr(model, "no_sync") else nullcontext()
+
+
+def mean_across_processes(value: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    if group.is_distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= group.world_size
+    return value
+
+
+def shutdown(group: ProcessGroup) -> None:
+    if group.is_distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,125 @@
+"""Sampling from a model: temperature, top-k, top-p, repetition penalty, stop strings, streaming.
+
+`generate_tokens` yields token ids using the KV cache; `generate` wraps it to stream text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.model import KVCache, Transformer
+from lmforge.tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token. temperature=0 means greedy."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL (Keskar et al. 2019): divide positive logits of seen tokens by penalty, multiply negative ones."""
+    scores = logits.gather(-1, seen)
+    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits.scatter(-1, seen, scores)
+
+
+def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, vocab)."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token once the tokens before it already cover top_p; the first always stays.
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= sampling.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probabilities = logits.softmax(dim=-1)
+    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_tokens(model: Transformer, prompt_ids: list[int], sampling: SamplingConfig,
+                    use_cache: bool = True) -> Iterator[int]:
+    """Yield new token ids one at a time (batch of one), stopping after max_new_tokens.
+
+    With the cache, each step feeds only the new token. Once the context fills the model's
+    block, both paths recompute over the last block_size tokens, so they agree exactly.
+    """
+    device = next(model.parameters()).device
+    block_size = model.config.block_size
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    tokens = list(prompt_ids)
+    cache = KVCache(model.config, batch_size=1, device=device, dtype=next(model.parameters()).dtype) if use_cache else None
+    pending = tokens[-block_size:]  # what the model has not seen yet
+    for _ in range(sampling.max_new_tokens):
+        if cache is not None and cache.length + len(pending) > block_size:
+            cache.reset()
+            pending = tokens[-block_size:]
+        inputs = torch.tensor([pending if cache is not None else tokens[-block_size:]], device=device)
+        logits, _ = model(inputs, cache=cache)
+        logits = logits[:, -1, :].float()
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.tensor([sorted(set(tokens))], device=device)
+            logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+        token = int(pick_next_token(logits, sampling, generator)[0])
+        tokens.append(token)
+        pending = [token]
+        yield token
+
+
+def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,
+             stop_at_eos: bool = True) -> Iterator[str]:
+    """Stream the completion of `prompt` as text pieces, honouring stop strings and end-of-text.
+
+    Text that could still become a stop string, and incomplete UTF-8 at the end, is held
+    back until it is decided.
+    """
+    sampling = sampling or SamplingConfig()
+    prompt_ids = tokenizer.encode(prompt)
+    if not prompt_ids and tokenizer.bos_id is not None:
+        prompt_ids = [tokenizer.bos_id]
+    stop_ids = {tokenizer.eos_id} if stop_at_eos and tokenizer.eos_id is not None else set()
+    generated: list[int] = []
+    emitted = 0
+    for token in generate_tokens(model, prompt_ids, sampling):
+        if token in stop_ids:
+            break
+        generated.append(token)
+        text = tokenizer.decode(generated)
+        cut = min((i for i in (text.find(s, max(emitted - len(s), 0)) for s in sampling.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            if cut > emitted:
+                yield text[emitted:cut]
+            return
+        safe = len(text)
+        while safe > emitted and text[safe - 1] == "\ufffd":
+            safe -= 1  # a multi-byte character may still be arriving
+        for stop in sampling.stop:
+            for size in range(min(len(stop) - 1, safe), 0, -1):
+                if text[safe - size:safe] == stop[:size]:
+                    safe -= size
+                    break
+        if safe > emitted:
+            yield text[emitted:safe]
+            emitted = safe
+    text = tokenizer.decode(generated)
+    if len(text) > emitted:
+        yield text[emitted:]

@@ -1,0 +1,313 @@
+"""Full definition of the lmforge decoder-only Transformer, in one file.
+
+Reads top to bottom like the diagram: config and presets, norms, rotary positions,
+attention with its KV cache, MLP, block, and the model. GPT-2 and Llama families are
+switches on one config (norm, mlp, positions, n_kv_heads), not subclasses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """Shape and family switches of a decoder-only Transformer."""
+
+    vocab_size: int = 512
+    block_size: int = 256  # longest context the model attends over
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # < n_heads means grouped-query attention
+    d_model: int = 128
+    d_mlp: int | None = None  # hidden width of the MLP; default 4 * d_model
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # "gelu" | "gelu_tanh" | "swiglu"
+    positions: str = "learned"  # "learned" | "rope"
+    rope_theta: float = 10000.0
+    bias: bool = True  # biases in Linear and LayerNorm layers
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "gelu_tanh", "swiglu"),
+                   "positions": ("learned", "rope")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads in use: n_kv_heads, or n_heads when unset (plain multi-head attention)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """MLP hidden width in use: d_mlp, or 4 * d_model when unset."""
+        return self.d_mlp or 4 * self.d_model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+
+_LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+
+PRESETS: dict[str, ModelConfig] = {
+    # A few thousand parameters: unit tests and smoke runs.
+    "tiny": ModelConfig(vocab_size=512, block_size=32, n_layers=2, n_heads=2, d_model=32, n_kv_heads=1, **_LLAMA),
+    # nanoGPT's CPU recipe (shakespeare_char with its CPU overrides), GPT-2 family.
+    "nanogpt-cpu": ModelConfig(vocab_size=65, block_size=64, n_layers=4, n_heads=4, d_model=128),
+    # What `lmforge quickstart` trains: Llama family, sized for a few minutes on 2 CPU cores.
+    "quickstart": ModelConfig(vocab_size=512, block_size=128, n_layers=4, n_heads=4, d_model=192,
+                              d_mlp=512, norm_eps=1e-6, **_LLAMA),
+    "gpt2-124m": ModelConfig(vocab_size=50257, block_size=1024, n_layers=12, n_heads=12, d_model=768,
+                             mlp="gelu_tanh"),
+    "smollm2-135m": ModelConfig(vocab_size=49152, block_size=8192, n_layers=30, n_heads=9, n_kv_heads=3,
+                                d_model=576, d_mlp=1536, rope_theta=100000.0, norm_eps=1e-5, **_LLAMA),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A copy of the named preset with `overrides` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019): no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_positions, head_dim), in the half-split layout HF Llama uses."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (i, i + head_dim/2) of x (B, H, T, head_dim) by their position's angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, for incremental decoding.
+
+    `length` is how many positions are filled; the model appends and advances it.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_length: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.max_length = max_length or config.block_size
+        shape = (batch_size, config.kv_heads, self.max_length, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.length = 0
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        # One fused projection for q, k and v: a single matmul is faster than three on CPU.
+        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.kv_heads) * config.head_dim,
+                             bias=config.bias)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+        q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        past = 0
+        if cache is not None:
+            past = cache.length
+            cache.keys[self.layer_index][:, :, past:past + length] = k
+            cache.values[self.layer_index][:, :, past:past + length] = v
+            k = cache.keys[self.layer_index][:, :, :past + length]
+            v = cache.values[self.layer_index][:, :, :past + length]
+        if self.n_kv_heads != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+
+        # softmax(q k^T / sqrt(head_dim)) v, causal: query i sees keys 0..past+i.
+        if past == 0:
+            mask, is_causal = None, length > 1
+        elif length == 1:
+            mask, is_causal = None, False
+        else:
+            positions = torch.arange(past + length, device=x.device)
+            mask, is_causal = positions[None, :] <= (past + torch.arange(length, device=x.device))[:, None], False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
+        return F.dropout(self.out(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.mlp
+        # SwiGLU (Shazeer 2020) fuses gate and up projections into one matmul.
+        width = 2 * config.mlp_hidden if config.mlp == "swiglu" else config.mlp_hidden
+        self.up = nn.Linear(config.d_model, width, bias=config.bias)
+        self.down = nn.Linear(config.mlp_hidden, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return F.dropout(self.down(h), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.attention_norm = make_norm(config)
+        self.attention = CausalSelfAttention(config, layer_index)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, cache):
+        x = x + self.attention(self.attention_norm(x), rope, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only language model: embeddings, blocks, final norm, LM head."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        if config.positions == "learned":
+            self.position_embedding = nn.Embedding(config.block_size, config.d_model)
+        else:
+            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.final_norm = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.token_embedding.weight
+        self.apply(self._init_weights)
+        # GPT-2: scale residual projections by 1/sqrt(2 * n_layers) so the residual stream's
+        # variance does not grow with depth.
+        for name, parameter in self.named_parameters():
+            if name.endswith(("attention.out.weight", "mlp.down.weight")):
+                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) for `tokens` (B, T), and the mean cross-entropy if `targets` are given.
+
+        With a cache, `tokens` continue the sequence the cache holds. Targets equal to -100 are ignored.
+        """
+        length = tokens.shape[1]
+        start = cache.length if cache is not None else 0
+        if start + length > self.config.block_size:
+            raise ValueError(f"sequence of {start + length} tokens exceeds block_size={self.config.block_size}")
+        x = self.token_embedding(tokens)
+        rope = None
+        if self.config.positions == "learned":
+            x = x + self.position_embedding.weight[start:start + length]
+        else:
+            rope = (self.rope_cos[start:start + length], self.rope_sin[start:start + length])
+        x = F.dropout(x, self.config.dropout, self.training)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.length += length
+        x = self.final_norm(x)
+        if targets is None:
+            return self.lm_head(x), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count; tied weights counted once."""
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            total -= self.token_embedding.weight.numel()
+            if self.config.positions == "learned":
+                total -= self.position_embedding.weight.numel()
+        return total
+
+    def flops_per_token(self, context_length: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * d * T.
+
+        N counts the weights that take part in matmuls: embedding lookups are free, a tied
+        embedding still costs as the LM head.
+        """
+        config = self.config
+        matmul_parameters = self.num_parameters(exclude_embeddings=True) + self.lm_head.weight.numel()
+        context = context_length or config.block_size
+        return 6 * matmul_parameters + 12 * config.n_layers * config.d_model * context
+
+
+__all__ = ["ModelConfig", "PRESETS", "preset", "Transformer", "KVCache"]

@@ -1,0 +1,252 @@
+"""Tokenizers: character-level with byte fallback, and byte-level BPE (HF `tokenizers`).
+
+Both encode any Unicode string and decode it back exactly, carry the same special tokens
+(bos/eos/pad and ChatML roles), and save to / load from one JSON file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.errors import LmforgeError
+
+BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
+CHAT_START, CHAT_END = "<|im_start|>", "<|im_end|>"
+DEFAULT_SPECIAL_TOKENS = (BOS, EOS, PAD, CHAT_START, CHAT_END)
+FORMAT_VERSION = 1
+
+
+class Tokenizer:
+    """Common interface: `encode`, `decode`, `vocab_size`, special-token ids, `save`."""
+
+    kind: str
+    special_tokens: list[str]
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; special-token strings in text are encoded as plain text."""
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes each token stands for (0 for special tokens); used for bits-per-byte."""
+        raise NotImplementedError
+
+    def _payload(self) -> dict:
+        raise NotImplementedError
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_to_id(self.bos_token) if self.bos_token else None
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_to_id(self.eos_token) if self.eos_token else None
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.token_to_id(self.pad_token) if self.pad_token else None
+
+    bos_token: str | None = BOS
+    eos_token: str | None = EOS
+    pad_token: str | None = PAD
+    chat_template: str | None = None
+
+    def save(self, path: str | Path) -> None:
+        """Write the tokenizer as one JSON file."""
+        document = {"lmforge_tokenizer": FORMAT_VERSION, "kind": self.kind,
+                    "special_tokens": self.special_tokens, "bos_token": self.bos_token,
+                    "eos_token": self.eos_token, "pad_token": self.pad_token,
+                    "chat_template": self.chat_template, **self._payload()}
+        Path(path).write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+
+    def _load_common(self, document: dict) -> None:
+        for name in ("bos_token", "eos_token", "pad_token", "chat_template"):
+            setattr(self, name, document.get(name))
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character seen in training; unseen characters fall back to UTF-8 bytes.
+
+    Id layout: special tokens, then the 256 byte tokens, then the characters.
+    """
+
+    kind = "char"
+
+    def __init__(self, chars: Iterable[str], special_tokens: Iterable[str] = DEFAULT_SPECIAL_TOKENS):
+        self.special_tokens = list(special_tokens)
+        self.chars = sorted(set(chars))
+        self._byte_offset = len(self.special_tokens)
+        self._char_offset = self._byte_offset + 256
+        self._char_to_id = {c: self._char_offset + i for i, c in enumerate(self.chars)}
+        self._special_to_id = {t: i for i, t in enumerate(self.special_tokens)}
+
+    @classmethod
+    def train(cls, texts: Iterable[str], special_tokens: Iterable[str] = DEFAULT_SPECIAL_TOKENS) -> CharTokenizer:
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        return cls(chars, special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._char_offset + len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for char in text:
+            token = self._char_to_id.get(char)
+            if token is not None:
+                ids.append(token)
+            else:
+                ids.extend(self._byte_offset + b for b in char.encode("utf-8"))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        pieces: list[str] = []
+        pending = bytearray()
+        for token in ids:
+            token = int(token)
+            if self._byte_offset <= token < self._char_offset:
+                pending.append(token - self._byte_offset)
+                continue
+            if pending:
+                pieces.append(pending.decode("utf-8", errors="replace"))
+                pending.clear()
+            if token < self._byte_offset:
+                pieces.append(self.special_tokens[token])
+            else:
+                pieces.append(self.chars[token - self._char_offset])
+        if pending:
+            pieces.append(pending.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._special_to_id.get(token, self._char_to_id.get(token))
+
+    def token_byte_lengths(self) -> np.ndarray:
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        lengths[self._byte_offset:self._char_offset] = 1
+        lengths[self._char_offset:] = [len(c.encode("utf-8")) for c in self.chars]
+        return lengths
+
+    def _payload(self) -> dict:
+        return {"chars": self.chars}
+
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE (GPT-2 style) backed by the HF `tokenizers` library."""
+
+    kind = "bpe"
+
+    def __init__(self, hf_tokenizer, special_tokens: Iterable[str] = DEFAULT_SPECIAL_TOKENS):
+        self.hf = hf_tokenizer
+        self.special_tokens = list(special_tokens)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int,
+              special_tokens: Iterable[str] = DEFAULT_SPECIAL_TOKENS) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        special_tokens = list(special_tokens)
+        minimum = 256 + len(special_tokens)
+        if vocab_size < minimum:
+            raise LmforgeError(f"vocab_size={vocab_size} is too small for byte-level BPE: "
+                               f"need at least {minimum} (256 bytes + {len(special_tokens)} special tokens)")
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf, special_tokens)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        from tokenizers import pre_tokenizers
+
+        # Byte-level BPE writes each byte as one printable character of this alphabet.
+        byte_alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+        special = set(self.special_tokens)
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        for token_id in range(self.vocab_size):
+            token = self.hf.id_to_token(token_id)
+            if token is None or token in special:
+                continue
+            if all(ch in byte_alphabet for ch in token):
+                lengths[token_id] = len(token)
+            else:
+                lengths[token_id] = len(token.encode("utf-8"))
+        return lengths
+
+    def _payload(self) -> dict:
+        return {"hf_tokenizer": json.loads(self.hf.to_str())}
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer saved by `Tokenizer.save`."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"tokenizer file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise LmforgeError(f"{path}: not a valid tokenizer JSON file ({error})") from None
+    if not isinstance(document, dict) or "lmforge_tokenizer" not in document:
+        raise LmforgeError(f"{path}: not an lmforge tokenizer file (missing 'lmforge_tokenizer' field)")
+    kind = document.get("kind")
+    if kind == "char":
+        tokenizer: Tokenizer = CharTokenizer(document["chars"], document["special_tokens"])
+    elif kind == "bpe":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tokenizer = BPETokenizer(HFTokenizer.from_str(json.dumps(document["hf_tokenizer"])),
+                                 document["special_tokens"])
+    else:
+        raise LmforgeError(f"{path}: unknown tokenizer kind {kind!r}; expected 'char' or 'bpe'")
+    tokenizer._load_common(document)
+    return tokenizer
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = None) -> Tokenizer:
+    """Train a 'char' or 'bpe' tokenizer on an iterable of texts."""
+    if kind == "char":
+        return CharTokenizer.train(texts)
+    if kind == "bpe":
+        if vocab_size is None:
+            raise LmforgeError("a BPE tokenizer needs vocab_size")
+        return BPETokenizer.train(texts, vocab_size)
+    raise LmforgeError(f"unknown tokenizer kind {kind!r}; expected 'char', 'bpe' or a path to a tokenizer JSON file")
+
+
+def iter_chunks(text: str, size: int = 1 << 16) -> Iterator[str]:
+    for start in range(0, len(text), size):
+        yield text[start:start + size]

@@ -1,0 +1,362 @@
+"""Pretraining loop: AdamW, warmup + cosine schedule, accumulation, DDP, checkpoints, resume.
+
+`train(config)` runs unchanged alone or under `torchrun --nproc_per_node=N`. Every rank
+draws the same global batch of window starts from one seeded generator and takes its own
+slice, so N processes see exactly the batch one process would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmforge import distributed
+from lmforge.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
+from lmforge.config import apply_values
+from lmforge.data import TokenDataset
+from lmforge.errors import LmforgeError
+from lmforge.evaluate import evaluate_loss
+from lmforge.model import ModelConfig, Transformer, preset
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pretraining run needs; YAML/JSON files and --key=value map onto it."""
+
+    data_dir: str = "data/shakespeare"
+    out_dir: str = "runs/default"
+    preset: str = "quickstart"  # model preset; `model.*` keys override its fields
+    model: ModelConfig = field(default_factory=lambda: preset("quickstart"))
+    batch_size: int = 16  # sequences per micro-step per process
+    grad_accum_steps: int = 1
+    max_steps: int = 2000
+    learning_rate: float = 2e-3
+    min_learning_rate: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_tokens: int = 65536  # validation tokens per evaluation
+    log_interval: int = 10
+    checkpoint_interval: int = 500  # also written at the end and after each evaluation
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    resume: bool = False
+    peak_flops: float | None = None  # for MFU; measured with a matmul when unset
+    progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none
+    plot: bool = True  # write loss_curve.png at the end
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum_steps * self.model.block_size
+
+
+def train_config_from(values: dict) -> TrainConfig:
+    """A TrainConfig from nested values: the model preset first, then everything else."""
+    values = dict(values)
+    preset_name = str(values.get("preset", TrainConfig.preset))
+    try:
+        config = TrainConfig(preset=preset_name, model=preset(preset_name))
+    except ValueError as error:
+        raise LmforgeError(str(error)) from None
+    return apply_values(config, values)
+
+
+def learning_rate_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to learning_rate, then cosine decay to min_learning_rate at max_steps."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+    return config.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (
+        config.learning_rate - config.min_learning_rate)
+
+
+def make_optimizer(model: Transformer, config: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms, biases); fused kernel where available."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), foreach=True)
+
+
+def measure_matmul_flops(device: str = "cpu", sizes: tuple[int, ...] = (512, 1024), trials: int = 3,
+                         seconds: float = 0.15) -> float:
+    """Peak fp32 matmul FLOP/s of this device at the current thread count: the best of short trials,
+    since shared machines only ever make a trial slower."""
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size, device=device)
+        b = torch.randn(size, size, device=device)
+        a @ b
+        for _ in range(trials):
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds or count < 2:
+                a @ b
+                count += 1
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = max(best, 2 * size**3 * count / (time.perf_counter() - start))
+    return best
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LmforgeError(f"device={name!r} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device):
+    # bf16 on GPUs; on CPUs without bf16 units a bf16 matmul is ~100x slower, so stay in fp32.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class TrainingDiverged(LmforgeError):
+    """The loss became NaN or infinite."""
+
+
+class ProgressReporter:
+    """A live bar on a terminal, plain log lines elsewhere, and metrics.jsonl always."""
+
+    def __init__(self, config: TrainConfig, start_step: int, metrics_path: Path, enabled: bool):
+        self.config, self.metrics_path, self.enabled = config, metrics_path, enabled
+        mode = config.progress
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "plain"
+        self.mode = mode if enabled else "none"
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=config.max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.start_time = time.perf_counter()
+        self.start_step = start_step
+
+    def record(self, values: dict) -> None:
+        if not self.enabled:
+            return
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(values) + "\n")
+
+    def step(self, step: int, loss: float, lr: float, tokens_per_second: float, mfu: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_second:,.0f} tok/s MFU {mfu:.1%}",
+                                     refresh=False)
+        elif self.mode == "plain" and (step % self.config.log_interval == 0 or step == self.config.max_steps):
+            elapsed = time.perf_counter() - self.start_time
+            remaining = elapsed / max(1, step - self.start_step) * (self.config.max_steps - step)
+            print(f"step {step}/{self.config.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                  f"{tokens_per_second:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_seconds(remaining)}", flush=True)
+
+    def message(self, text: str) -> None:
+        if self.mode == "none":
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Run (or resume) pretraining; returns a summary with the final losses and checkpoint path.
+
+    `on_step(step, loss)` is called after every optimizer step (tests use it to interrupt a run).
+    """
+    device = resolve_device(config.device)
+    group = distributed.init_process_group(device.type)
+    try:
+        return _train(config, device, group, on_step)
+    finally:
+        distributed.shutdown(group)
+
+
+def _train(config: TrainConfig, device: torch.device, group: distributed.ProcessGroup, on_step) -> dict:
+    out_dir = Path(config.out_dir)
+    train_data = TokenDataset(config.data_dir, "train")
+    val_data = TokenDataset(config.data_dir, "val") if train_data.manifest["splits"]["val"]["tokens"] else None
+    tokenizer = train_data.tokenizer()
+    global_batch = config.batch_size * config.grad_accum_steps * group.world_size
+
+    start_step, state = 0, None
+    checkpoint_folder = None
+    if config.resume:
+        checkpoint_folder = resolve_checkpoint(out_dir)
+        saved = json.loads((checkpoint_folder / "config.json").read_text())
+        config = apply_values(config, {"model": saved["model"]})
+        state = load_training_state(checkpoint_folder)
+        start_step = int(state["step"])
+    config = apply_values(config, {"model": {"vocab_size": tokenizer.vocab_size}})
+
+    torch.manual_seed(config.seed)
+    model = Transformer(config.model)
+    if checkpoint_folder is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(checkpoint_folder / "model.safetensors")), strict=False)
+    model.to(device)
+    optimizer = make_optimizer(model, config, device.type)
+    data_generator = torch.Generator().manual_seed(config.seed)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        data_generator.set_state(state["data_rng"])
+
+    step_model = distributed.wrap_model(model, group)
+    if config.compile:
+        try:
+            step_model = torch.compile(step_model)
+        except Exception as error:  # compile support varies by platform; eager always works
+            print(f"torch.compile unavailable ({error}); training eagerly", file=sys.stderr)
+    autocast = autocast_for(device)
+    peak_flops = config.peak_flops or measure_matmul_flops(device=str(device))
+    flops_per_token = model.flops_per_token()
+
+    if group.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    reporter = ProgressReporter(config, start_step, out_dir / "metrics.jsonl", group.is_main)
+    reporter.message(f"model: {model.num_parameters():,} parameters | {train_data.num_tokens:,} train tokens | "
+                     f"{global_batch * config.model.block_size:,} tokens/step | device {device}"
+                     + (f" | resumed at step {start_step}" if start_step else ""))
+
+    def checkpoint_state(step: int) -> dict:
+        return {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "data_rng": data_generator.get_state()}
+
+    def write_checkpoint(step: int) -> Path | None:
+        if not group.is_main:
+            return None
+        return save_checkpoint(out_dir, step, model, tokenizer, checkpoint_state(step),
+                               {"train": asdict(config)}, keep=config.keep_checkpoints)
+
+    def run_eval(step: int) -> dict | None:
+        if val_data is None:
+            return None
+        result = evaluate_loss(model, val_data, tokenizer.token_byte_lengths(), config.model.block_size,
+                               config.batch_size, config.eval_tokens, autocast)
+        record = {"step": step, "val_loss": result["loss"], "val_perplexity": result["perplexity"],
+                  "val_bits_per_byte": result.get("bits_per_byte")}
+        reporter.record(record)
+        reporter.message(f"step {step}: val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}"
+                         + (f" | bpb {result['bits_per_byte']:.3f}" if "bits_per_byte" in result else ""))
+        return result
+
+    model.train()
+    last_checkpoint = None
+    loss_value = float("nan")
+    val_result = None
+    step = start_step
+    tokens_per_second = 0.0
+    try:
+        while step < config.max_steps:
+            step_started = time.perf_counter()
+            lr = learning_rate_at(step, config)
+            for group_params in optimizer.param_groups:
+                group_params["lr"] = lr
+            starts = train_data.sample_starts(global_batch, config.model.block_size, data_generator)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(config.grad_accum_steps):
+                first = (micro * group.world_size + group.rank) * config.batch_size
+                inputs, targets = train_data.gather(starts[first:first + config.batch_size], config.model.block_size)
+                inputs, targets = inputs.to(device), targets.to(device)
+                with distributed.no_gradient_sync(step_model, micro < config.grad_accum_steps - 1), autocast:
+                    _, loss = step_model(inputs, targets)
+                    (loss / config.grad_accum_steps).backward()
+                loss_sum += loss.detach().float()
+            loss_value = distributed.mean_across_processes(loss_sum / config.grad_accum_steps, group).item()
+            if not math.isfinite(loss_value):
+                where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+                raise TrainingDiverged(f"loss became {loss_value} at step {step + 1}; training stopped and {where}. "
+                                       f"Resume with --resume and a lower learning_rate.")
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            measured = global_batch * config.model.block_size / (time.perf_counter() - step_started)
+            # Smoothed over ~10 steps so the bar does not flicker with scheduler noise.
+            tokens_per_second = measured if not tokens_per_second else 0.9 * tokens_per_second + 0.1 * measured
+            mfu = tokens_per_second * flops_per_token / (peak_flops * group.world_size)
+            reporter.step(step, loss_value, lr, tokens_per_second, mfu)
+            if step % config.log_interval == 0 or step == config.max_steps:
+                reporter.record({"step": step, "loss": loss_value, "lr": lr,
+                                 "tokens_per_second": tokens_per_second, "mfu": mfu})
+            if config.eval_interval and (step % config.eval_interval == 0 or step == config.max_steps):
+                val_result = run_eval(step)
+                last_checkpoint = write_checkpoint(step) or last_checkpoint
+            elif config.checkpoint_interval and step % config.checkpoint_interval == 0:
+                last_checkpoint = write_checkpoint(step) or last_checkpoint
+            if on_step is not None:
+                on_step(step, loss_value)
+        if last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}"):
+            last_checkpoint = write_checkpoint(step) or last_checkpoint
+    finally:
+        reporter.close()
+
+    plot_path = None
+    if group.is_main and config.plot:
+        plot_path = plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
+    return {"step": step, "loss": loss_value, "val": val_result, "checkpoint": str(last_checkpoint),
+            "loss_curve": str(plot_path) if plot_path else None, "parameters": model.num_parameters()}
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path) -> Path | None:
+    """Train and validation loss against step, as a PNG."""
+    records = read_metrics(metrics_path)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_points = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val_points = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    if train_points:
+        axis.plot(*zip(*train_points), label="train", linewidth=1)
+    if val_points:
+        axis.plot(*zip(*val_points), label="validation", marker="o")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (nats/token)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
+    return png_path

