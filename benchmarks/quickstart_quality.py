@@ -23,9 +23,19 @@ from lmforge.quickstart import prepare_shakespeare, quickstart
 from lmforge.train import train, train_config_from
 
 NANOGPT_RECIPE = {
-    "preset": "nanogpt-cpu", "batch_size": 12, "learning_rate": 1e-3, "min_learning_rate": 1e-4,
-    "warmup_steps": 100, "beta2": 0.99, "weight_decay": 0.1, "grad_clip": 1.0, "eval_interval": 0,
-    "checkpoint_interval": 0, "progress": "plain", "log_interval": 200, "plot": False,
+    "preset": "nanogpt-cpu",
+    "batch_size": 12,
+    "learning_rate": 1e-3,
+    "min_learning_rate": 1e-4,
+    "warmup_steps": 100,
+    "beta2": 0.99,
+    "weight_decay": 0.1,
+    "grad_clip": 1.0,
+    "eval_interval": 0,
+    "checkpoint_interval": 0,
+    "progress": "plain",
+    "log_interval": 200,
+    "plot": False,
 }
 
 
@@ -45,23 +55,45 @@ def main() -> None:
     rows = []
 
     start = time.perf_counter()
-    summary = train(train_config_from({**NANOGPT_RECIPE, "data_dir": str(data_dir), "out_dir": str(work / "nanogpt"),
-                                       "max_steps": args.steps}))
+    summary = train(
+        train_config_from(
+            {**NANOGPT_RECIPE, "data_dir": str(data_dir), "out_dir": str(work / "nanogpt"), "max_steps": args.steps}
+        )
+    )
     nanogpt_seconds = time.perf_counter() - start
-    rows.append({"recipe": "nanoGPT CPU recipe (lmforge GPT-2 family)", "seconds": nanogpt_seconds,
-                 "steps": summary["step"], "parameters": summary["parameters"],
-                 **score(summary["checkpoint"], data_dir)})
+    rows.append(
+        {
+            "recipe": "nanoGPT CPU recipe (lmforge GPT-2 family)",
+            "seconds": nanogpt_seconds,
+            "steps": summary["step"],
+            "parameters": summary["parameters"],
+            **score(summary["checkpoint"], data_dir),
+        }
+    )
 
     start = time.perf_counter()
-    summary = quickstart(work / "quickstart", minutes=nanogpt_seconds / 60, samples=0,
-                         overrides={"progress": "plain", "log_interval": 100})
-    rows.append({"recipe": "lmforge quickstart", "seconds": time.perf_counter() - start, "steps": summary["step"],
-                 "parameters": summary["parameters"], **score(summary["checkpoint"], data_dir)})
+    summary = quickstart(
+        work / "quickstart",
+        minutes=nanogpt_seconds / 60,
+        samples=0,
+        overrides={"progress": "plain", "log_interval": 100},
+    )
+    rows.append(
+        {
+            "recipe": "lmforge quickstart",
+            "seconds": time.perf_counter() - start,
+            "steps": summary["step"],
+            "parameters": summary["parameters"],
+            **score(summary["checkpoint"], data_dir),
+        }
+    )
 
     print(f"\n{'recipe':<44} {'seconds':>8} {'steps':>6} {'params':>10} {'val loss':>9} {'bpb':>7}")
     for row in rows:
-        print(f"{row['recipe']:<44} {row['seconds']:>8.0f} {row['steps']:>6} {row['parameters']:>10,} "
-              f"{row['loss']:>9.4f} {row['bits_per_byte']:>7.4f}")
+        print(
+            f"{row['recipe']:<44} {row['seconds']:>8.0f} {row['steps']:>6} {row['parameters']:>10,} "
+            f"{row['loss']:>9.4f} {row['bits_per_byte']:>7.4f}"
+        )
     ratio = rows[1]["loss"] / rows[0]["loss"]
     print(f"quickstart / nanoGPT val loss: {ratio:.3f} ({'better' if ratio < 1 else 'WORSE'})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import json
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -32,8 +33,9 @@ SHAPES = {
 
 
 def peer_step(shape: dict, compiled: bool):
-    model = NanoGPTStyle(shape["vocab_size"], shape["block_size"], shape["n_layers"], shape["n_heads"],
-                         shape["d_model"])
+    model = NanoGPTStyle(
+        shape["vocab_size"], shape["block_size"], shape["n_layers"], shape["n_heads"], shape["d_model"]
+    )
     optimizer = model.configure_optimizer()
     forward = torch.compile(model) if compiled else model
 
@@ -44,14 +46,15 @@ def peer_step(shape: dict, compiled: bool):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return step, model.flops_per_token()
 
 
 def lmforge_step(shape: dict, compiled: bool, family: str):
     sizes = {k: v for k, v in shape.items() if k != "batch_size"}
     if family == "llama":
-        sizes |= dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False,
-                      d_mlp=int(8 * shape["d_model"] / 3) // 8 * 8)  # SwiGLU width at equal parameters
+        sizes |= dict(
+            norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, d_mlp=int(8 * shape["d_model"] / 3) // 8 * 8
+        )  # SwiGLU width at equal parameters
     model = Transformer(preset("nanogpt-cpu", **sizes))
     optimizer = make_optimizer(model, TrainConfig(learning_rate=1e-3, beta2=0.99), "cpu")
     forward = torch.compile(model) if compiled else model
@@ -66,25 +69,38 @@ def lmforge_step(shape: dict, compiled: bool, family: str):
     return step, model.flops_per_token()
 
 
-def time_steps(step, shape: dict, seconds: float) -> float:
-    """Median seconds per optimizer step after warm-up (compilation happens in warm-up)."""
-    generator = torch.Generator().manual_seed(0)
+def make_batches(shape: dict, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
     data = torch.randint(0, shape["vocab_size"], (200_000,), generator=generator)
 
     def batch():
         starts = torch.randint(len(data) - shape["block_size"] - 1, (shape["batch_size"],), generator=generator)
-        windows = torch.stack([data[s:s + shape["block_size"] + 1] for s in starts])
-        return windows[:, :-1], windows[:, 1:]
+        windows = torch.stack([data[s : s + shape["block_size"] + 1] for s in starts])
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
-    for _ in range(5):
-        step(*batch())
-    timings, started = [], time.perf_counter()
-    while time.perf_counter() - started < seconds or len(timings) < 10:
-        inputs, targets = batch()
-        start = time.perf_counter()
-        step(inputs, targets)
-        timings.append(time.perf_counter() - start)
-    return sorted(timings)[len(timings) // 2]
+    return batch
+
+
+def time_interleaved(steps: dict, shape: dict, seconds: float, rounds: int = 5) -> dict[str, float]:
+    """Median seconds per optimizer step of each candidate, measured in alternating rounds.
+
+    Alternating means a burst of load from a neighbour on a shared machine hits every
+    candidate alike instead of whichever happened to be running, so the ratios hold.
+    """
+    batch = make_batches(shape)
+    for step in steps.values():
+        for _ in range(5):  # warm-up, compilation included
+            step(*batch())
+    timings: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            while time.perf_counter() - started < seconds / rounds or len(timings[name]) < 2:
+                inputs, targets = batch()
+                start = time.perf_counter()
+                step(inputs, targets)
+                timings[name].append(time.perf_counter() - start)
+    return {name: sorted(values)[len(values) // 2] for name, values in timings.items()}
 
 
 def main() -> None:
@@ -102,30 +118,48 @@ def main() -> None:
     for shape_name in args.shapes.split(","):
         shape = SHAPES[shape_name]
         tokens_per_step = shape["batch_size"] * shape["block_size"]
-        _, flops_per_token = lmforge_step(shape, False, "gpt2")
-        peer_eager = None
+        steps, flops = {}, {}
         for compiled in modes:
             mode = "compiled" if compiled else "eager"
-            candidates = [("nanoGPT-style peer", lambda: (peer_step(shape, compiled), flops_per_token)),
-                          ("lmforge gpt2 family", lambda: lmforge_step(shape, compiled, "gpt2")),
-                          ("lmforge llama family", lambda: lmforge_step(shape, compiled, "llama"))]
-            for name, build in candidates:
-                step, row_flops = build()
-                seconds = time_steps(step, shape, args.seconds)
-                tokens_per_second = tokens_per_step / seconds
-                if name.startswith("nanoGPT") and not compiled:
-                    peer_eager = tokens_per_second
-                row = {"shape": shape_name, "implementation": name, "mode": mode, "ms_per_step": seconds * 1e3,
-                       "tokens_per_second": tokens_per_second, "mfu": tokens_per_second * row_flops / peak,
-                       "vs_peer_eager": tokens_per_second / peer_eager}
-                rows.append(row)
-                print(f"{shape_name:<13} {name:<21} {mode:<8} {row['ms_per_step']:8.1f} ms/step "
-                      f"{tokens_per_second:10,.0f} tok/s  MFU {row['mfu']:6.1%}  x{row['vs_peer_eager']:.2f} vs peer",
-                      flush=True)
+            builds = {
+                "nanoGPT-style peer": partial(peer_step, shape, compiled),
+                "lmforge gpt2 family": partial(lmforge_step, shape, compiled, "gpt2"),
+                "lmforge llama family": partial(lmforge_step, shape, compiled, "llama"),
+            }
+            for name, build in builds.items():
+                steps[(name, mode)], flops[(name, mode)] = build()
+        seconds = time_interleaved(steps, shape, args.seconds * len(steps))
+        peer_eager = tokens_per_step / seconds[("nanoGPT-style peer", "eager")]
+        for (name, mode), seconds_per_step in seconds.items():
+            tokens_per_second = tokens_per_step / seconds_per_step
+            row = {
+                "shape": shape_name,
+                "implementation": name,
+                "mode": mode,
+                "ms_per_step": seconds_per_step * 1e3,
+                "tokens_per_second": tokens_per_second,
+                "mfu": tokens_per_second * flops[(name, mode)] / peak,
+                "vs_peer_eager": tokens_per_second / peer_eager,
+            }
+            rows.append(row)
+            print(
+                f"{shape_name:<13} {name:<21} {mode:<8} {row['ms_per_step']:8.1f} ms/step "
+                f"{tokens_per_second:10,.0f} tok/s  MFU {row['mfu']:6.1%}  x{row['vs_peer_eager']:.2f} vs peer",
+                flush=True,
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"peak_flops": peak, "threads": torch.get_num_threads(),
-                                          "torch": torch.__version__, "machine": platform.processor(),
-                                          "rows": rows}, indent=2))
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "peak_flops": peak,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "machine": platform.processor(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,15 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, tokenizer: Tokenizer,
-                    state: dict | None = None, extra_config: dict | None = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    state: dict | None = None,
+    extra_config: dict | None = None,
+    keep: int = 2,
+) -> Path:
     """Write checkpoint `step` under `run_dir/checkpoints`, point `latest` at it, prune old ones."""
     checkpoints = Path(run_dir) / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -48,8 +55,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: Transformer, tokenize
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     save_file(model_weights(model), str(temporary / WEIGHTS), metadata={"format": "pt"})
-    (temporary / CONFIG).write_text(json.dumps({"model": model.config.to_dict(), "step": step,
-                                                **(extra_config or {})}, indent=2))
+    (temporary / CONFIG).write_text(
+        json.dumps({"model": model.config.to_dict(), "step": step, **(extra_config or {})}, indent=2)
+    )
     tokenizer.save(temporary / TOKENIZER)
     if state is not None:
         torch.save(state, temporary / STATE)
@@ -91,8 +99,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     if model.config.tie_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]
     if missing or unexpected:
-        raise LmforgeError(f"{folder / WEIGHTS}: weights do not match the config "
-                           f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise LmforgeError(
+            f"{folder / WEIGHTS}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     model.to(device).eval()
     return model, load_tokenizer(folder / TOKENIZER), config
 

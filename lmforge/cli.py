@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from lmforge.config import describe, merge, parse_overrides, read_config_file
@@ -16,7 +15,8 @@ def config_help(cls) -> str:
     rows = describe(cls)
     width = max(len(key) for key, _, _ in rows)
     return "config keys (set in --config FILE or as --key=value):\n" + "\n".join(
-        f"  --{key:<{width}}  {type_name:<14} default {default}" for key, type_name, default in rows)
+        f"  --{key:<{width}}  {type_name:<14} default {default}" for key, type_name, default in rows
+    )
 
 
 def config_values(config_file: str | None, extra: list[str]) -> dict:
@@ -37,10 +37,19 @@ def command_prepare(args, extra) -> int:
         sources.append(RECIPES[args.recipe]())
     if not sources:
         raise LmforgeError("nothing to prepare: give text/JSONL files or folders, or --recipe shakespeare")
-    manifest = prepare(sources, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-                       val_fraction=args.val_fraction, text_field=args.text_field, progress=_byte_progress())
-    print(f"\n{args.out}: {manifest['splits']['train']['tokens']:,} train + {manifest['splits']['val']['tokens']:,} "
-          f"val tokens, {manifest['tokenizer_kind']} tokenizer with {manifest['vocab_size']} tokens")
+    manifest = prepare(
+        sources,
+        args.out,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        val_fraction=args.val_fraction,
+        text_field=args.text_field,
+        progress=_byte_progress(),
+    )
+    print(
+        f"\n{args.out}: {manifest['splits']['train']['tokens']:,} train + {manifest['splits']['val']['tokens']:,} "
+        f"val tokens, {manifest['tokenizer_kind']} tokenizer with {manifest['vocab_size']} tokens"
+    )
     return 0
 
 
@@ -92,13 +101,18 @@ def command_eval(args, extra) -> int:
     dataset = TokenDataset(args.data_dir, args.split)
     data_tokenizer = dataset.tokenizer()
     if data_tokenizer.vocab_size != tokenizer.vocab_size:
-        raise LmforgeError(f"{args.data_dir} was tokenized with a {data_tokenizer.vocab_size}-token vocabulary but the "
-                           f"model has {tokenizer.vocab_size}; prepare the data with the model's tokenizer.json")
-    result = evaluate_loss(model, dataset, tokenizer.token_byte_lengths(), batch_size=args.batch_size,
-                           max_tokens=args.max_tokens)
+        raise LmforgeError(
+            f"{args.data_dir} was tokenized with a {data_tokenizer.vocab_size}-token vocabulary but the "
+            f"model has {tokenizer.vocab_size}; prepare the data with the model's tokenizer.json"
+        )
+    result = evaluate_loss(
+        model, dataset, tokenizer.token_byte_lengths(), batch_size=args.batch_size, max_tokens=args.max_tokens
+    )
     result = {"model": str(args.model), "data_dir": str(args.data_dir), "split": args.split, **result}
-    print(f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
-          f"bits/byte {result.get('bits_per_byte', float('nan')):.4f} | {result['tokens']:,} tokens")
+    print(
+        f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
+        f"bits/byte {result.get('bits_per_byte', float('nan')):.4f} | {result['tokens']:,} tokens"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -115,31 +129,52 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.generate import SamplingConfig
     from lmforge.train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="lmforge", description="Train, fine-tune, evaluate and serve GPT-style models.")
+    parser = argparse.ArgumentParser(
+        prog="lmforge", description="Train, fine-tune, evaluate and serve GPT-style models."
+    )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
     formatter = argparse.RawDescriptionHelpFormatter
 
-    prepare = verbs.add_parser("prepare", help="tokenize text/JSONL into train/val shards",
-                               description="Tokenize text files, folders or JSONL into token shards with a manifest.")
+    prepare = verbs.add_parser(
+        "prepare",
+        help="tokenize text/JSONL into train/val shards",
+        description="Tokenize text files, folders or JSONL into token shards with a manifest.",
+    )
     prepare.add_argument("sources", nargs="*", help="text/JSONL files or folders")
     prepare.add_argument("--recipe", help="a built-in corpus: shakespeare")
     prepare.add_argument("--out", required=True, help="output folder")
     prepare.add_argument("--tokenizer", default="char", help="char, bpe, or a tokenizer JSON path (default char)")
-    prepare.add_argument("--vocab-size", "--vocab_size", dest="vocab_size", type=int, default=None,
-                         help="BPE vocabulary size")
+    prepare.add_argument(
+        "--vocab-size", "--vocab_size", dest="vocab_size", type=int, default=None, help="BPE vocabulary size"
+    )
     prepare.add_argument("--val-fraction", "--val_fraction", dest="val_fraction", type=float, default=0.1)
-    prepare.add_argument("--text-field", "--text_field", dest="text_field", default="text",
-                         help="JSONL field holding the text (default text)")
+    prepare.add_argument(
+        "--text-field",
+        "--text_field",
+        dest="text_field",
+        default="text",
+        help="JSONL field holding the text (default text)",
+    )
     prepare.set_defaults(handler=command_prepare)
 
-    train = verbs.add_parser("train", help="pretrain a model on prepared data", formatter_class=formatter,
-                             description="Pretrain (or --resume) a model.", epilog=config_help(TrainConfig))
+    train = verbs.add_parser(
+        "train",
+        help="pretrain a model on prepared data",
+        formatter_class=formatter,
+        description="Pretrain (or --resume) a model.",
+        epilog=config_help(TrainConfig),
+    )
     train.add_argument("--config", help="YAML or JSON config file")
     train.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
     train.set_defaults(handler=command_train)
 
-    generate = verbs.add_parser("generate", help="sample text from a model", formatter_class=formatter,
-                                description="Stream a completion of --prompt.", epilog=config_help(SamplingConfig))
+    generate = verbs.add_parser(
+        "generate",
+        help="sample text from a model",
+        formatter_class=formatter,
+        description="Stream a completion of --prompt.",
+        epilog=config_help(SamplingConfig),
+    )
     generate.add_argument("--model", "--checkpoint", dest="model", required=True, help="checkpoint or run folder")
     generate.add_argument("--prompt", help="text to continue")
     generate.add_argument("--config", help="YAML or JSON sampling config")
@@ -154,8 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="also write the result to this JSON file")
     evaluate.set_defaults(handler=command_eval)
 
-    quick = verbs.add_parser("quickstart", help="train a small GPT on Shakespeare in minutes and sample from it",
-                             formatter_class=formatter, epilog="Any train config key may follow as --key=value.")
+    quick = verbs.add_parser(
+        "quickstart",
+        help="train a small GPT on Shakespeare in minutes and sample from it",
+        formatter_class=formatter,
+        epilog="Any train config key may follow as --key=value.",
+    )
     quick.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
     quick.add_argument("--out-dir", "--out_dir", dest="out_dir", default="runs/quickstart")
     quick.set_defaults(handler=command_quickstart)

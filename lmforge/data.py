@@ -44,8 +44,13 @@ def list_source_files(sources: list[str | Path]) -> list[Path]:
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
             if not found:
                 raise LmforgeError(f"{path}: folder holds no {'/'.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
             files.extend(found)
@@ -60,8 +65,9 @@ def _decode_line(raw: bytes, path: Path, line_number: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise LmforgeError(f"{path}:{line_number}: not valid UTF-8 (byte 0x{raw[error.start]:02x} "
-                           f"at column {error.start + 1})") from None
+        raise LmforgeError(
+            f"{path}:{line_number}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+        ) from None
 
 
 def read_pieces(files: list[Path], text_field: str = "text", chunk_bytes: int = MAX_CHUNK_BYTES) -> Iterator[TextPiece]:
@@ -93,12 +99,16 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[TextPiece]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise LmforgeError(f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})") from None
+                raise LmforgeError(
+                    f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})"
+                ) from None
             if not isinstance(record, dict) or text_field not in record:
                 raise LmforgeError(f"{path}:{line_number}: record has no field {text_field!r}")
             text = record[text_field]
             if not isinstance(text, str):
-                raise LmforgeError(f"{path}:{line_number}: field {text_field!r} is {type(text).__name__}, expected a string")
+                raise LmforgeError(
+                    f"{path}:{line_number}: field {text_field!r} is {type(text).__name__}, expected a string"
+                )
             yield TextPiece(text, path, len(raw), True)
 
 
@@ -144,9 +154,16 @@ class ShardWriter:
         return self.shards
 
 
-def prepare(sources: list[str | Path], out_dir: str | Path, tokenizer: str | Tokenizer = "char",
-            vocab_size: int | None = None, val_fraction: float = 0.1, text_field: str = "text",
-            shard_tokens: int = 100_000_000, progress=None) -> dict:
+def prepare(
+    sources: list[str | Path],
+    out_dir: str | Path,
+    tokenizer: str | Tokenizer = "char",
+    vocab_size: int | None = None,
+    val_fraction: float = 0.1,
+    text_field: str = "text",
+    shard_tokens: int = 100_000_000,
+    progress=None,
+) -> dict:
     """Tokenize a corpus into train/val shards under `out_dir`; returns the manifest.
 
     `tokenizer` is 'char', 'bpe' (trained here on the corpus), a tokenizer JSON path, or an
@@ -165,8 +182,9 @@ def prepare(sources: list[str | Path], out_dir: str | Path, tokenizer: str | Tok
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(tokenizer, str):
         if tokenizer in ("char", "bpe"):
-            tokenizer = train_tokenizer(tokenizer, (p.text for p in read_pieces(files, text_field, chunk_bytes)),
-                                        vocab_size)
+            tokenizer = train_tokenizer(
+                tokenizer, (p.text for p in read_pieces(files, text_field, chunk_bytes)), vocab_size
+            )
         else:
             tokenizer = load_tokenizer(tokenizer)
     tokenizer.save(out / TOKENIZER_FILE)
@@ -186,17 +204,27 @@ def prepare(sources: list[str | Path], out_dir: str | Path, tokenizer: str | Tok
         text_chars += len(piece.text)
         if progress is not None:
             progress(bytes_done, total_bytes)
-    splits = {split: {"shards": writer.close(), "tokens": sum(s["tokens"] for s in writer.shards)}
-              for split, writer in writers.items()}
+    splits = {
+        split: {"shards": writer.close(), "tokens": sum(s["tokens"] for s in writer.shards)}
+        for split, writer in writers.items()
+    }
     if text_chars == 0:
         raise LmforgeError(f"empty corpus: {', '.join(map(str, files))} hold no text")
     if val_fraction > 0 and splits["val"]["tokens"] == 0:
-        raise LmforgeError(f"validation split is empty: the corpus ({total_bytes} bytes) is too small to hold "
-                           f"out {val_fraction:.0%} by whole lines; add text or set val_fraction=0")
-    manifest = {"format": 1, "tokenizer": TOKENIZER_FILE, "tokenizer_kind": tokenizer.kind,
-                "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "val_fraction": val_fraction,
-                "splits": splits,
-                "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files]}
+        raise LmforgeError(
+            f"validation split is empty: the corpus ({total_bytes} bytes) is too small to hold "
+            f"out {val_fraction:.0%} by whole lines; add text or set val_fraction=0"
+        )
+    manifest = {
+        "format": 1,
+        "tokenizer": TOKENIZER_FILE,
+        "tokenizer_kind": tokenizer.kind,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+        "val_fraction": val_fraction,
+        "splits": splits,
+        "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files],
+    }
     temporary = out / (MANIFEST + ".tmp")
     temporary.write_text(json.dumps(manifest, indent=2))
     os.replace(temporary, out / MANIFEST)
@@ -219,8 +247,11 @@ class TokenDataset:
         if split not in self.manifest["splits"]:
             raise LmforgeError(f"{data_dir}: no split {split!r}; available: {sorted(self.manifest['splits'])}")
         dtype = np.dtype(self.manifest["dtype"])
-        self.shards = [np.memmap(self.data_dir / s["file"], dtype=dtype, mode="r")
-                       for s in self.manifest["splits"][split]["shards"] if s["tokens"] > 0]
+        self.shards = [
+            np.memmap(self.data_dir / s["file"], dtype=dtype, mode="r")
+            for s in self.manifest["splits"][split]["shards"]
+            if s["tokens"] > 0
+        ]
         self.split = split
         self.num_tokens = sum(len(s) for s in self.shards)
 
@@ -229,8 +260,10 @@ class TokenDataset:
 
     def _check_length(self, block_size: int) -> None:
         if not self.shards or max(len(s) for s in self.shards) <= block_size:
-            raise LmforgeError(f"{self.data_dir}: the {self.split} split has {self.num_tokens} tokens, too few for "
-                               f"one window of block_size+1={block_size + 1}; use more text or a smaller block_size")
+            raise LmforgeError(
+                f"{self.data_dir}: the {self.split} split has {self.num_tokens} tokens, too few for "
+                f"one window of block_size+1={block_size + 1}; use more text or a smaller block_size"
+            )
 
     def sample_starts(self, count: int, block_size: int, generator: torch.Generator) -> list[tuple[int, int]]:
         """`count` random (shard, offset) window starts, uniform over all windows."""
@@ -244,16 +277,20 @@ class TokenDataset:
 
     def gather(self, starts: list[tuple[int, int]], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and next-token targets (int64, shape (len(starts), block_size)) at the given starts."""
-        windows = np.stack([self.shards[s][o:o + block_size + 1].astype(np.int64) for s, o in starts])
+        windows = np.stack([self.shards[s][o : o + block_size + 1].astype(np.int64) for s, o in starts])
         windows = torch.from_numpy(windows)
         return windows[:, :-1], windows[:, 1:]
 
-    def iterate(self, block_size: int, batch_size: int, max_tokens: int | None = None,
-                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iterate(
+        self,
+        block_size: int,
+        batch_size: int,
+        max_tokens: int | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping windows in order, covering the split (or its first max_tokens targets)."""
         self._check_length(block_size)
         starts = [(i, o) for i, shard in enumerate(self.shards) for o in range(0, len(shard) - block_size, block_size)]
         if max_tokens is not None:
-            starts = starts[:max(1, max_tokens // block_size)]
+            starts = starts[: max(1, max_tokens // block_size)]
         for first in range(0, len(starts), batch_size):
-            yield self.gather(starts[first:first + batch_size], block_size)
+            yield self.gather(starts[first : first + batch_size], block_size)

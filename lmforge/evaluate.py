@@ -13,9 +13,15 @@ from lmforge.model import Transformer
 
 
 @torch.no_grad()
-def evaluate_loss(model: Transformer, dataset: TokenDataset, token_byte_lengths: np.ndarray | None = None,
-                  block_size: int | None = None, batch_size: int = 8, max_tokens: int | None = None,
-                  autocast=None) -> dict:
+def evaluate_loss(
+    model: Transformer,
+    dataset: TokenDataset,
+    token_byte_lengths: np.ndarray | None = None,
+    block_size: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    autocast=None,
+) -> dict:
     """Mean next-token loss (nats), perplexity and bits-per-byte over the dataset, in order.
 
     Streams batches so only one batch of logits is ever held. Bits-per-byte divides the

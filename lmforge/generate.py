@@ -54,8 +54,9 @@ def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: t
 
 
 @torch.no_grad()
-def generate_tokens(model: Transformer, prompt_ids: list[int], sampling: SamplingConfig,
-                    use_cache: bool = True) -> Iterator[int]:
+def generate_tokens(
+    model: Transformer, prompt_ids: list[int], sampling: SamplingConfig, use_cache: bool = True
+) -> Iterator[int]:
     """Yield new token ids one at a time (batch of one), stopping after max_new_tokens.
 
     With the cache, each step feeds only the new token. Once the context fills the model's
@@ -67,7 +68,9 @@ def generate_tokens(model: Transformer, prompt_ids: list[int], sampling: Samplin
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     tokens = list(prompt_ids)
-    cache = KVCache(model.config, batch_size=1, device=device, dtype=next(model.parameters()).dtype) if use_cache else None
+    cache = (
+        KVCache(model.config, batch_size=1, device=device, dtype=next(model.parameters()).dtype) if use_cache else None
+    )
     pending = tokens[-block_size:]  # what the model has not seen yet
     for _ in range(sampling.max_new_tokens):
         if cache is not None and cache.length + len(pending) > block_size:
@@ -85,8 +88,13 @@ def generate_tokens(model: Transformer, prompt_ids: list[int], sampling: Samplin
         yield token
 
 
-def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, sampling: SamplingConfig | None = None,
-             stop_at_eos: bool = True) -> Iterator[str]:
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str,
+    sampling: SamplingConfig | None = None,
+    stop_at_eos: bool = True,
+) -> Iterator[str]:
     """Stream the completion of `prompt` as text pieces, honouring stop strings and end-of-text.
 
     Text that could still become a stop string, and incomplete UTF-8 at the end, is held
@@ -114,7 +122,7 @@ def generate(model: Transformer, tokenizer: Tokenizer, prompt: str, sampling: Sa
             safe -= 1  # a multi-byte character may still be arriving
         for stop in sampling.stop:
             for size in range(min(len(stop) - 1, safe), 0, -1):
-                if text[safe - size:safe] == stop[:size]:
+                if text[safe - size : safe] == stop[:size]:
                     safe -= size
                     break
         if safe > emitted:

@@ -36,8 +36,11 @@ class ModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        choices = {"norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "gelu_tanh", "swiglu"),
-                   "positions": ("learned", "rope")}
+        choices = {
+            "norm": ("layernorm", "rmsnorm"),
+            "mlp": ("gelu", "gelu_tanh", "swiglu"),
+            "positions": ("learned", "rope"),
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: expected one of {allowed}")
@@ -80,12 +83,22 @@ PRESETS: dict[str, ModelConfig] = {
     # nanoGPT's CPU recipe (shakespeare_char with its CPU overrides), GPT-2 family.
     "nanogpt-cpu": ModelConfig(vocab_size=65, block_size=64, n_layers=4, n_heads=4, d_model=128),
     # What `lmforge quickstart` trains: Llama family, sized for a few minutes on 2 CPU cores.
-    "quickstart": ModelConfig(vocab_size=512, block_size=128, n_layers=4, n_heads=4, d_model=192,
-                              d_mlp=512, norm_eps=1e-6, **_LLAMA),
-    "gpt2-124m": ModelConfig(vocab_size=50257, block_size=1024, n_layers=12, n_heads=12, d_model=768,
-                             mlp="gelu_tanh"),
-    "smollm2-135m": ModelConfig(vocab_size=49152, block_size=8192, n_layers=30, n_heads=9, n_kv_heads=3,
-                                d_model=576, d_mlp=1536, rope_theta=100000.0, norm_eps=1e-5, **_LLAMA),
+    "quickstart": ModelConfig(
+        vocab_size=512, block_size=128, n_layers=4, n_heads=4, d_model=192, d_mlp=512, norm_eps=1e-6, **_LLAMA
+    ),
+    "gpt2-124m": ModelConfig(vocab_size=50257, block_size=1024, n_layers=12, n_heads=12, d_model=768, mlp="gelu_tanh"),
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152,
+        block_size=8192,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        d_model=576,
+        d_mlp=1536,
+        rope_theta=100000.0,
+        norm_eps=1e-5,
+        **_LLAMA,
+    ),
 }
 
 
@@ -135,8 +148,14 @@ class KVCache:
     `length` is how many positions are filled; the model appends and advances it.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_length: int | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_length: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         self.max_length = max_length or config.block_size
         shape = (batch_size, config.kv_heads, self.max_length, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
@@ -153,16 +172,17 @@ class CausalSelfAttention(nn.Module):
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
         # One fused projection for q, k and v: a single matmul is faster than three on CPU.
-        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.kv_heads) * config.head_dim,
-                             bias=config.bias)
+        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.kv_heads) * config.head_dim, bias=config.bias)
         self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1)
+            [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
+        )
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -172,10 +192,10 @@ class CausalSelfAttention(nn.Module):
         past = 0
         if cache is not None:
             past = cache.length
-            cache.keys[self.layer_index][:, :, past:past + length] = k
-            cache.values[self.layer_index][:, :, past:past + length] = v
-            k = cache.keys[self.layer_index][:, :, :past + length]
-            v = cache.values[self.layer_index][:, :, :past + length]
+            cache.keys[self.layer_index][:, :, past : past + length] = k
+            cache.values[self.layer_index][:, :, past : past + length] = v
+            k = cache.keys[self.layer_index][:, :, : past + length]
+            v = cache.values[self.layer_index][:, :, : past + length]
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -188,8 +208,9 @@ class CausalSelfAttention(nn.Module):
         else:
             positions = torch.arange(past + length, device=x.device)
             mask, is_causal = positions[None, :] <= (past + torch.arange(length, device=x.device))[:, None], False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
         y = y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
         return F.dropout(self.out(y), self.dropout, self.training)
 
@@ -261,8 +282,9 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for `tokens` (B, T), and the mean cross-entropy if `targets` are given.
 
         With a cache, `tokens` continue the sequence the cache holds. Targets equal to -100 are ignored.
@@ -274,9 +296,9 @@ class Transformer(nn.Module):
         x = self.token_embedding(tokens)
         rope = None
         if self.config.positions == "learned":
-            x = x + self.position_embedding.weight[start:start + length]
+            x = x + self.position_embedding.weight[start : start + length]
         else:
-            rope = (self.rope_cos[start:start + length], self.rope_sin[start:start + length])
+            rope = (self.rope_cos[start : start + length], self.rope_sin[start : start + length])
         x = F.dropout(x, self.config.dropout, self.training)
         for block in self.blocks:
             x = block(x, rope, cache)

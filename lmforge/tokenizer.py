@@ -66,10 +66,16 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write the tokenizer as one JSON file."""
-        document = {"lmforge_tokenizer": FORMAT_VERSION, "kind": self.kind,
-                    "special_tokens": self.special_tokens, "bos_token": self.bos_token,
-                    "eos_token": self.eos_token, "pad_token": self.pad_token,
-                    "chat_template": self.chat_template, **self._payload()}
+        document = {
+            "lmforge_tokenizer": FORMAT_VERSION,
+            "kind": self.kind,
+            "special_tokens": self.special_tokens,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "chat_template": self.chat_template,
+            **self._payload(),
+        }
         Path(path).write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
 
     def _load_common(self, document: dict) -> None:
@@ -138,8 +144,8 @@ class CharTokenizer(Tokenizer):
 
     def token_byte_lengths(self) -> np.ndarray:
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
-        lengths[self._byte_offset:self._char_offset] = 1
-        lengths[self._char_offset:] = [len(c.encode("utf-8")) for c in self.chars]
+        lengths[self._byte_offset : self._char_offset] = 1
+        lengths[self._char_offset :] = [len(c.encode("utf-8")) for c in self.chars]
         return lengths
 
     def _payload(self) -> dict:
@@ -156,21 +162,28 @@ class BPETokenizer(Tokenizer):
         self.special_tokens = list(special_tokens)
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int,
-              special_tokens: Iterable[str] = DEFAULT_SPECIAL_TOKENS) -> BPETokenizer:
+    def train(
+        cls, texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = DEFAULT_SPECIAL_TOKENS
+    ) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         special_tokens = list(special_tokens)
         minimum = 256 + len(special_tokens)
         if vocab_size < minimum:
-            raise LmforgeError(f"vocab_size={vocab_size} is too small for byte-level BPE: "
-                               f"need at least {minimum} (256 bytes + {len(special_tokens)} special tokens)")
+            raise LmforgeError(
+                f"vocab_size={vocab_size} is too small for byte-level BPE: "
+                f"need at least {minimum} (256 bytes + {len(special_tokens)} special tokens)"
+            )
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=special_tokens,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         hf.train_from_iterator(texts, trainer=trainer)
         return cls(hf, special_tokens)
 
@@ -228,8 +241,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     elif kind == "bpe":
         from tokenizers import Tokenizer as HFTokenizer
 
-        tokenizer = BPETokenizer(HFTokenizer.from_str(json.dumps(document["hf_tokenizer"])),
-                                 document["special_tokens"])
+        tokenizer = BPETokenizer(HFTokenizer.from_str(json.dumps(document["hf_tokenizer"])), document["special_tokens"])
     else:
         raise LmforgeError(f"{path}: unknown tokenizer kind {kind!r}; expected 'char' or 'bpe'")
     tokenizer._load_common(document)
@@ -249,4 +261,4 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = No
 
 def iter_chunks(text: str, size: int = 1 << 16) -> Iterator[str]:
     for start in range(0, len(text), size):
-        yield text[start:start + size]
+        yield text[start : start + size]

@@ -80,7 +80,8 @@ def learning_rate_at(step: int, config: TrainConfig) -> float:
         return config.learning_rate * (step + 1) / config.warmup_steps
     progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
     return config.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (
-        config.learning_rate - config.min_learning_rate)
+        config.learning_rate - config.min_learning_rate
+    )
 
 
 def make_optimizer(model: Transformer, config: TrainConfig, device_type: str) -> torch.optim.AdamW:
@@ -94,8 +95,9 @@ def make_optimizer(model: Transformer, config: TrainConfig, device_type: str) ->
         return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), foreach=True)
 
 
-def measure_matmul_flops(device: str = "cpu", sizes: tuple[int, ...] = (512, 1024), trials: int = 3,
-                         seconds: float = 0.15) -> float:
+def measure_matmul_flops(
+    device: str = "cpu", sizes: tuple[int, ...] = (512, 1024), trials: int = 3, seconds: float = 0.15
+) -> float:
     """Peak fp32 matmul FLOP/s of this device at the current thread count: the best of short trials,
     since shared machines only ever make a trial slower."""
     best = 0.0
@@ -159,13 +161,17 @@ class ProgressReporter:
     def step(self, step: int, loss: float, lr: float, tokens_per_second: float, mfu: float) -> None:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_second:,.0f} tok/s MFU {mfu:.1%}",
-                                     refresh=False)
+            self.bar.set_postfix_str(
+                f"loss {loss:.4f} lr {lr:.2e} {tokens_per_second:,.0f} tok/s MFU {mfu:.1%}", refresh=False
+            )
         elif self.mode == "plain" and (step % self.config.log_interval == 0 or step == self.config.max_steps):
             elapsed = time.perf_counter() - self.start_time
             remaining = elapsed / max(1, step - self.start_step) * (self.config.max_steps - step)
-            print(f"step {step}/{self.config.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                  f"{tokens_per_second:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_seconds(remaining)}", flush=True)
+            print(
+                f"step {step}/{self.config.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{tokens_per_second:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_seconds(remaining)}",
+                flush=True,
+            )
 
     def message(self, text: str) -> None:
         if self.mode == "none":
@@ -243,30 +249,56 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     reporter = ProgressReporter(config, start_step, out_dir / "metrics.jsonl", group.is_main)
-    reporter.message(f"model: {model.num_parameters():,} parameters | {train_data.num_tokens:,} train tokens | "
-                     f"{global_batch * config.model.block_size:,} tokens/step | device {device}"
-                     + (f" | resumed at step {start_step}" if start_step else ""))
+    reporter.message(
+        f"model: {model.num_parameters():,} parameters | {train_data.num_tokens:,} train tokens | "
+        f"{global_batch * config.model.block_size:,} tokens/step | device {device}"
+        + (f" | resumed at step {start_step}" if start_step else "")
+    )
 
     def checkpoint_state(step: int) -> dict:
-        return {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "data_rng": data_generator.get_state()}
+        return {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "data_rng": data_generator.get_state(),
+        }
 
     def write_checkpoint(step: int) -> Path | None:
         if not group.is_main:
             return None
-        return save_checkpoint(out_dir, step, model, tokenizer, checkpoint_state(step),
-                               {"train": asdict(config)}, keep=config.keep_checkpoints)
+        return save_checkpoint(
+            out_dir,
+            step,
+            model,
+            tokenizer,
+            checkpoint_state(step),
+            {"train": asdict(config)},
+            keep=config.keep_checkpoints,
+        )
 
     def run_eval(step: int) -> dict | None:
         if val_data is None:
             return None
-        result = evaluate_loss(model, val_data, tokenizer.token_byte_lengths(), config.model.block_size,
-                               config.batch_size, config.eval_tokens, autocast)
-        record = {"step": step, "val_loss": result["loss"], "val_perplexity": result["perplexity"],
-                  "val_bits_per_byte": result.get("bits_per_byte")}
+        result = evaluate_loss(
+            model,
+            val_data,
+            tokenizer.token_byte_lengths(),
+            config.model.block_size,
+            config.batch_size,
+            config.eval_tokens,
+            autocast,
+        )
+        record = {
+            "step": step,
+            "val_loss": result["loss"],
+            "val_perplexity": result["perplexity"],
+            "val_bits_per_byte": result.get("bits_per_byte"),
+        }
         reporter.record(record)
-        reporter.message(f"step {step}: val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}"
-                         + (f" | bpb {result['bits_per_byte']:.3f}" if "bits_per_byte" in result else ""))
+        reporter.message(
+            f"step {step}: val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}"
+            + (f" | bpb {result['bits_per_byte']:.3f}" if "bits_per_byte" in result else "")
+        )
         return result
 
     model.train()
@@ -285,7 +317,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
             loss_sum = torch.zeros((), device=device)
             for micro in range(config.grad_accum_steps):
                 first = (micro * group.world_size + group.rank) * config.batch_size
-                inputs, targets = train_data.gather(starts[first:first + config.batch_size], config.model.block_size)
+                inputs, targets = train_data.gather(starts[first : first + config.batch_size], config.model.block_size)
                 inputs, targets = inputs.to(device), targets.to(device)
                 with distributed.no_gradient_sync(step_model, micro < config.grad_accum_steps - 1), autocast:
                     _, loss = step_model(inputs, targets)
@@ -293,9 +325,13 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
                 loss_sum += loss.detach().float()
             loss_value = distributed.mean_across_processes(loss_sum / config.grad_accum_steps, group).item()
             if not math.isfinite(loss_value):
-                where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
-                raise TrainingDiverged(f"loss became {loss_value} at step {step + 1}; training stopped and {where}. "
-                                       f"Resume with --resume and a lower learning_rate.")
+                where = (
+                    f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+                )
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at step {step + 1}; training stopped and {where}. "
+                    f"Resume with --resume and a lower learning_rate."
+                )
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
@@ -308,8 +344,9 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
             mfu = tokens_per_second * flops_per_token / (peak_flops * group.world_size)
             reporter.step(step, loss_value, lr, tokens_per_second, mfu)
             if step % config.log_interval == 0 or step == config.max_steps:
-                reporter.record({"step": step, "loss": loss_value, "lr": lr,
-                                 "tokens_per_second": tokens_per_second, "mfu": mfu})
+                reporter.record(
+                    {"step": step, "loss": loss_value, "lr": lr, "tokens_per_second": tokens_per_second, "mfu": mfu}
+                )
             if config.eval_interval and (step % config.eval_interval == 0 or step == config.max_steps):
                 val_result = run_eval(step)
                 last_checkpoint = write_checkpoint(step) or last_checkpoint
@@ -325,8 +362,14 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     plot_path = None
     if group.is_main and config.plot:
         plot_path = plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
-    return {"step": step, "loss": loss_value, "val": val_result, "checkpoint": str(last_checkpoint),
-            "loss_curve": str(plot_path) if plot_path else None, "parameters": model.num_parameters()}
+    return {
+        "step": step,
+        "loss": loss_value,
+        "val": val_result,
+        "checkpoint": str(last_checkpoint),
+        "loss_curve": str(plot_path) if plot_path else None,
+        "parameters": model.num_parameters(),
+    }
 
 
 def read_metrics(path: Path) -> list[dict]:

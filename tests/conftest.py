@@ -5,8 +5,10 @@ import torch
 
 from lmforge.data import prepare
 
-WORDS = ("the king my lord good sweet love night day honour blood crown heart speak fair death "
-         "what shall thou thee thy hath doth come go").split()
+WORDS = (
+    "the king my lord good sweet love night day honour blood crown heart speak fair death "
+    "what shall thou thee thy hath doth come go"
+).split()
 
 
 def make_corpus(lines: int = 400, seed: int = 0) -> str:

@@ -8,8 +8,9 @@ from lmforge.cli import main
 
 
 def lmforge(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "lmforge", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -19,8 +20,10 @@ def test_end_to_end_prepare_train_resume_generate_eval(tmp_path, corpus_file):
     data, run = tmp_path / "data", tmp_path / "run"
     prepared = lmforge("prepare", corpus_file, "--out", data, "--tokenizer", "bpe", "--vocab-size", "300")
     assert "train" in prepared.stdout and (data / "manifest.json").exists()
-    (tmp_path / "train.yaml").write_text(f"preset: tiny\ndata_dir: {data}\nout_dir: {run}\nbatch_size: 4\n"
-                                         "eval_interval: 5\neval_tokens: 256\nlog_interval: 1\nprogress: plain\n")
+    (tmp_path / "train.yaml").write_text(
+        f"preset: tiny\ndata_dir: {data}\nout_dir: {run}\nbatch_size: 4\n"
+        "eval_interval: 5\neval_tokens: 256\nlog_interval: 1\nprogress: plain\n"
+    )
     first = lmforge("train", "--config", tmp_path / "train.yaml", "--max_steps=5", "--model.n_layers=1")
     assert "step 5/5" in first.stdout and "val loss" in first.stdout
     second = lmforge("train", "--config", tmp_path / "train.yaml", "--max_steps=10", "--resume")

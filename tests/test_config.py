@@ -12,8 +12,11 @@ def test_overrides_parse_nested_keys_and_flags():
 
 
 def test_preset_then_overrides_are_typed():
-    config = train_config_from(parse_overrides(["--preset=nanogpt-cpu", "--model.n_layers=3", "--max_steps=1e3",
-                                                "--compile=false", "--peak_flops=1e11"]))
+    config = train_config_from(
+        parse_overrides(
+            ["--preset=nanogpt-cpu", "--model.n_layers=3", "--max_steps=1e3", "--compile=false", "--peak_flops=1e11"]
+        )
+    )
     assert config.model.n_layers == 3 and config.model.d_model == 128  # the rest from the preset
     assert config.max_steps == 1000 and config.compile is False and config.peak_flops == 1e11
 

@@ -54,7 +54,7 @@ def test_uint32_for_large_vocabularies(tmp_path, corpus_file):
 def load_tokenizer_with_vocab(size):
     from lmforge.tokenizer import CharTokenizer
 
-    return CharTokenizer([chr(0x4E00 + i) for i in range(size)] + list("abcdefghijklmnopqrstuvwxyz .\n!"))
+    return CharTokenizer([chr(0x20000 + i) for i in range(size)] + list("abcdefghijklmnopqrstuvwxyz .\n!"))
 
 
 @pytest.mark.parametrize(

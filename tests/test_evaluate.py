@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from lmforge.data import TokenDataset
@@ -20,13 +21,14 @@ def test_uniform_model_has_closed_form_perplexity_and_bpb(char_dataset):
     windows = list(dataset.iterate(16, 8))
     targets = torch.cat([t for _, t in windows]).flatten()
     text_tokens = int((targets != tokenizer.eos_id).sum())
-    assert abs(result["bits_per_byte"] - math.log2(vocab) * len(targets) / text_tokens) < 1e-6
+    assert result["bits_per_byte"] == pytest.approx(math.log2(vocab) * len(targets) / text_tokens, rel=1e-6)
 
 
 def test_evaluation_respects_max_tokens_and_restores_mode(char_dataset):
     dataset = TokenDataset(char_dataset, "val")
-    model = Transformer(ModelConfig(vocab_size=dataset.tokenizer().vocab_size, block_size=16, n_layers=1,
-                                    n_heads=2, d_model=16))
+    model = Transformer(
+        ModelConfig(vocab_size=dataset.tokenizer().vocab_size, block_size=16, n_layers=1, n_heads=2, d_model=16)
+    )
     model.train()
     result = evaluate_loss(model, dataset, block_size=16, max_tokens=64)
     assert result["tokens"] == 64 and model.training

@@ -7,10 +7,20 @@ from lmforge.tokenizer import CharTokenizer
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(tokenizer):
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=300, block_size=24, n_layers=2, n_heads=2, n_kv_heads=1, d_model=32,
-                         norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        block_size=24,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        d_model=32,
+        norm="rmsnorm",
+        mlp="swiglu",
+        positions="rope",
+        bias=False,
+    )
     return Transformer(config).eval()
 
 
@@ -19,8 +29,13 @@ def tokenizer():
     return CharTokenizer("abcdefghijklmnopqrstuvwxyz .\n")
 
 
-@pytest.mark.parametrize("sampling", [SamplingConfig(max_new_tokens=60, temperature=0),
-                                      SamplingConfig(max_new_tokens=60, temperature=1.0, top_k=20, seed=3)])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingConfig(max_new_tokens=60, temperature=0),
+        SamplingConfig(max_new_tokens=60, temperature=1.0, top_k=20, seed=3),
+    ],
+)
 def test_cached_and_uncached_decoding_agree(model, sampling):
     # 60 new tokens on a 24-token block: crosses the context limit and the sliding-window path.
     prompt = list(range(40, 50))
@@ -70,6 +85,7 @@ def test_stop_strings_cut_the_text(model, tokenizer):
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, seed=1)
     full = "".join(generate(model, tokenizer, "ab", sampling, stop_at_eos=False))
     stop = full[10:12]
-    cut = "".join(generate(model, tokenizer, "ab", SamplingConfig(**{**sampling.__dict__, "stop": [stop]}),
-                           stop_at_eos=False))
+    cut = "".join(
+        generate(model, tokenizer, "ab", SamplingConfig(**{**sampling.__dict__, "stop": [stop]}), stop_at_eos=False)
+    )
     assert cut == full[: full.find(stop)]

@@ -11,8 +11,20 @@ def gpt2_small(**overrides):
 
 
 def llama_small(**overrides):
-    values = dict(vocab_size=97, block_size=32, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, d_mlp=48,
-                  norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, rope_theta=500.0)
+    values = dict(
+        vocab_size=97,
+        block_size=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_model=32,
+        d_mlp=48,
+        norm="rmsnorm",
+        mlp="swiglu",
+        positions="rope",
+        bias=False,
+        rope_theta=500.0,
+    )
     return ModelConfig(**(values | overrides))
 
 
@@ -38,7 +50,7 @@ def test_cached_decoding_matches_full_forward(make_config):
     pieces = [prefill]
     pieces.append(model(tokens[:, 7:12], cache=cache)[0])  # several tokens at once after a prefix
     for position in range(12, 20):
-        pieces.append(model(tokens[:, position:position + 1], cache=cache)[0])
+        pieces.append(model(tokens[:, position : position + 1], cache=cache)[0])
     assert cache.length == 20
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
 

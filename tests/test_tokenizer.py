@@ -61,8 +61,13 @@ def test_save_load_round_trip(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_special_tokens_have_ids_and_decode(kind):
     tokenizer = train_tokenizer(kind, [TRAINING_TEXT], vocab_size=300)
-    ids = {tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
-           tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")}
+    ids = {
+        tokenizer.bos_id,
+        tokenizer.eos_id,
+        tokenizer.pad_id,
+        tokenizer.token_to_id("<|im_start|>"),
+        tokenizer.token_to_id("<|im_end|>"),
+    }
     assert None not in ids and len(ids) == 5
     assert tokenizer.decode([tokenizer.eos_id]) == EOS
 

@@ -12,9 +12,21 @@ from lmforge.train import TrainingDiverged, learning_rate_at, read_metrics, trai
 
 
 def tiny_config(data_dir, out_dir, **overrides):
-    values = {"preset": "tiny", "data_dir": str(data_dir), "out_dir": str(out_dir), "batch_size": 4,
-              "max_steps": 20, "eval_interval": 10, "eval_tokens": 512, "log_interval": 1, "warmup_steps": 5,
-              "learning_rate": 3e-3, "progress": "none", "plot": False, "peak_flops": 1e11}
+    values = {
+        "preset": "tiny",
+        "data_dir": str(data_dir),
+        "out_dir": str(out_dir),
+        "batch_size": 4,
+        "max_steps": 20,
+        "eval_interval": 10,
+        "eval_tokens": 512,
+        "log_interval": 1,
+        "warmup_steps": 5,
+        "learning_rate": 3e-3,
+        "progress": "none",
+        "plot": False,
+        "peak_flops": 1e11,
+    }
     return train_config_from(values | overrides)
 
 
@@ -112,15 +124,44 @@ def test_gradient_accumulation_matches_one_big_batch(char_dataset, tmp_path):
 
 
 def test_ddp_two_processes_match_one_process(char_dataset, tmp_path):
-    common = ["--preset=tiny", f"--data_dir={char_dataset}", "--max_steps=8", "--eval_interval=0",
-              "--log_interval=1", "--progress=none", "--plot=false", "--peak_flops=1e11", "--warmup_steps=2"]
+    common = [
+        "--preset=tiny",
+        f"--data_dir={char_dataset}",
+        "--max_steps=8",
+        "--eval_interval=0",
+        "--log_interval=1",
+        "--progress=none",
+        "--plot=false",
+        "--peak_flops=1e11",
+        "--warmup_steps=2",
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "lmforge", "train", *common, "--batch_size=8",
-                             f"--out_dir={tmp_path / 'single'}"], capture_output=True, text=True, env=env)
+    single = subprocess.run(
+        [sys.executable, "-m", "lmforge", "train", *common, "--batch_size=8", f"--out_dir={tmp_path / 'single'}"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "lmforge", "train", *common, "--batch_size=4", f"--out_dir={tmp_path / 'ddp'}"],
-                         capture_output=True, text=True, env=env, timeout=300)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "lmforge",
+            "train",
+            *common,
+            "--batch_size=4",
+            f"--out_dir={tmp_path / 'ddp'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert sorted(two) == list(range(1, 9))

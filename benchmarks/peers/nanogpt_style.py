@@ -59,6 +59,12 @@ class NanoGPTStyle(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
+    def flops_per_token(self) -> float:
+        """nanoGPT's estimate (PaLM appendix B): 6N + 12 * L * d * T, N without position embeddings."""
+        parameters = sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+        layers, width, context = len(self.h), self.wpe.weight.shape[1], self.wpe.weight.shape[0]
+        return 6 * parameters + 12 * layers * width * context
+
     def configure_optimizer(self, lr: float = 1e-3) -> torch.optim.Optimizer:
         decay = [p for p in self.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
