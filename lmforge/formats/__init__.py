@@ -1,0 +1,1 @@
+"""Readers and writers for the ecosystem's model formats: GGUF (llama.cpp) and HF folders."""

