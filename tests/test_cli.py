@@ -37,6 +37,17 @@ def test_end_to_end_prepare_train_resume_generate_eval(tmp_path, corpus_file):
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["bits_per_byte"] > 0 and result["perplexity"] == pytest.approx(2.718281828 ** result["loss"])
 
+    lmforge("export", "--model", run, "--format", "hf", "--out", tmp_path / "hf")
+    lmforge("export", "--model", run, "--format", "gguf", "--dtype", "q8_0", "--out", tmp_path / "m.gguf")
+    for exported in (tmp_path / "hf", tmp_path / "m.gguf"):
+        again = lmforge("generate", "--model", exported, "--prompt", "KING.", "--max_new_tokens=20", "--seed=1")
+        assert again.stdout.startswith("KING.")
+    hf_greedy = lmforge(
+        "generate", "--model", tmp_path / "hf", "--prompt", "KING.", "--max_new_tokens=20", "--temperature=0"
+    )
+    run_greedy = lmforge("generate", "--model", run, "--prompt", "KING.", "--max_new_tokens=20", "--temperature=0")
+    assert hf_greedy.stdout == run_greedy.stdout
+
 
 @pytest.mark.parametrize("verb", [None, "prepare", "train", "generate", "eval", "quickstart"])
 def test_help_for_every_verb(verb, capsys):

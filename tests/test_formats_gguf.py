@@ -116,3 +116,61 @@ def test_unknown_architecture_is_a_clear_error(tmp_path):
     writer.close()
     with pytest.raises(LmforgeError, match="architecture 'bert' is not supported"):
         load_gguf(tmp_path / "bert.gguf")
+
+
+def write_raw_tensors(path, tensors):
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    for name, (array, raw_dtype) in tensors.items():
+        writer.add_tensor(name, array, raw_dtype=raw_dtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "type_name, tolerance", [("BF16", 1e-2), ("F16", 1e-3), ("Q8_0", 2e-2), ("Q4_0", 0.3), ("Q4_1", 0.3)]
+)
+def test_dequantised_tensors_keep_shape_and_values(tmp_path, type_name, tolerance):
+    from gguf import GGMLQuantizationType, GGUFReader
+    from gguf.quants import quantize
+
+    from lmforge.formats.gguf import _dequantize
+
+    quant_type = GGMLQuantizationType[type_name]
+    original = np.random.default_rng(0).standard_normal((6, 64)).astype(np.float32)
+    data = original.astype(np.float16) if type_name == "F16" else quantize(original, quant_type)
+    write_raw_tensors(tmp_path / "t.gguf", {"w": (data, None if type_name == "F16" else quant_type)})
+    tensor = GGUFReader(tmp_path / "t.gguf").tensors[0]
+    values = _dequantize(tensor)
+    assert values.shape == (6, 64) and values.dtype == torch.float32
+    assert (values - torch.from_numpy(original)).abs().max() < tolerance
+
+
+def test_k_quant_blocks_decode_to_known_values(tmp_path):
+    """Hand-built Q4_K and Q6_K blocks (llama.cpp's layouts) with every scale 1 and known codes."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from lmforge.formats.gguf import _dequantize
+
+    # Q4_K: d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 bytes of 4-bit codes.
+    scales = bytes([1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1])  # every sub-block: scale 1, min 0
+    q4k = np.frombuffer(
+        np.float16(0.5).tobytes() + np.float16(0).tobytes() + scales + bytes([0x73] * 128), dtype=np.uint8
+    )
+    # Q6_K: 128 bytes low bits, 64 bytes high bits, 16 int8 scales, d (f16); code 0 means -32.
+    q6k = np.frombuffer(bytes(128) + bytes(64) + bytes([1] * 16) + np.float16(0.25).tobytes(), dtype=np.uint8)
+    write_raw_tensors(
+        tmp_path / "k.gguf",
+        {"q4k": (np.stack([q4k, q4k]), GGMLQuantizationType.Q4_K), "q6k": (q6k[None, :], GGMLQuantizationType.Q6_K)},
+    )
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "k.gguf").tensors}
+    q4 = _dequantize(tensors["q4k"])
+    assert q4.shape == (2, 256)
+    # In each 64-value chunk the low nibbles (3) come first, then the high ones (7); times d = 0.5.
+    expected = torch.tensor(([1.5] * 32 + [3.5] * 32) * 4)
+    assert torch.equal(q4[0], expected) and torch.equal(q4[1], expected)
+    q6 = _dequantize(tensors["q6k"])
+    assert q6.shape == (1, 256) and torch.equal(q6, torch.full((1, 256), -8.0))

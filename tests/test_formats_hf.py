@@ -143,3 +143,14 @@ def test_mixed_family_cannot_export(tmp_path, bpe):
     )
     with pytest.raises(LmforgeError, match="HF export supports"):
         save_hf(model, bpe, tmp_path)
+
+
+def test_sharded_checkpoint_loads(tmp_path, bpe):
+    reference = random_hf_model("llama", False)
+    reference.save_pretrained(tmp_path, max_shard_size="50KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    bpe.hf.save(str(tmp_path / "tokenizer.json"))
+    ours, _ = load_hf(tmp_path)
+    tokens = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert (ours(tokens)[0] - reference(tokens).logits).abs().max() < 1e-5

@@ -107,8 +107,15 @@ def _dequantize(tensor) -> torch.Tensor:
 
 def read_weights(reader, config: ModelConfig, path: Path) -> dict[str, torch.Tensor]:
     """Our state dict from GGUF tensors, dequantised to fp32."""
+    import sys
+
+    from tqdm import tqdm
+
     raw: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
+    tensors = tqdm(
+        reader.tensors, desc=f"loading {path.name}", unit="tensor", leave=False, disable=not sys.stderr.isatty()
+    )
+    for tensor in tensors:
         try:
             raw[tensor.name] = _dequantize(tensor)
         except (NotImplementedError, ValueError) as error:
