@@ -1,4 +1,4 @@
-"""Tokenizers: character-level with byte fallback, and byte-level BPE (HF `tokenizers`).
+"""Tokenizers: character-level with byte fallback, and HF `tokenizers` ones (byte-level BPE trained here, or imported).
 
 Both encode any Unicode string and decode it back exactly, carry the same special tokens
 (bos/eos/pad and ChatML roles), and save to / load from one JSON file.
@@ -7,7 +7,7 @@ Both encode any Unicode string and decode it back exactly, carry the same specia
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,11 @@ class Tokenizer:
 
     kind: str
     special_tokens: list[str]
+    # Which special tokens play which part; imported models name their own.
+    bos_token: str | None = BOS
+    eos_token: str | None = EOS
+    pad_token: str | None = PAD
+    chat_template: str | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -58,11 +63,6 @@ class Tokenizer:
     @property
     def pad_id(self) -> int | None:
         return self.token_to_id(self.pad_token) if self.pad_token else None
-
-    bos_token: str | None = BOS
-    eos_token: str | None = EOS
-    pad_token: str | None = PAD
-    chat_template: str | None = None
 
     def save(self, path: str | Path) -> None:
         """Write the tokenizer as one JSON file."""
@@ -272,8 +272,3 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = No
             raise LmforgeError("a BPE tokenizer needs vocab_size")
         return BPETokenizer.train(texts, vocab_size)
     raise LmforgeError(f"unknown tokenizer kind {kind!r}; expected 'char', 'bpe' or a path to a tokenizer JSON file")
-
-
-def iter_chunks(text: str, size: int = 1 << 16) -> Iterator[str]:
-    for start in range(0, len(text), size):
-        yield text[start : start + size]

@@ -135,7 +135,7 @@ def write_raw_tensors(path, tensors):
 )
 def test_dequantised_tensors_keep_shape_and_values(tmp_path, type_name, tolerance):
     from gguf import GGMLQuantizationType, GGUFReader
-    from gguf.quants import quantize
+    from gguf.quants import dequantize, quantize
 
     from lmforge.formats.gguf import _dequantize
 
@@ -147,6 +147,9 @@ def test_dequantised_tensors_keep_shape_and_values(tmp_path, type_name, toleranc
     values = _dequantize(tensor)
     assert values.shape == (6, 64) and values.dtype == torch.float32
     assert (values - torch.from_numpy(original)).abs().max() < tolerance
+    # Our torch dequantiser for Q4_0/Q4_1/Q8_0 agrees bit for bit with llama.cpp's reference (gguf package).
+    reference = dequantize(tensor.data, tensor.tensor_type).reshape(6, 64)
+    assert torch.equal(values, torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32)))
 
 
 def test_k_quant_blocks_decode_to_known_values(tmp_path):

@@ -95,13 +95,38 @@ def read_config(reader, path: Path) -> ModelConfig:
     )
 
 
+def _dequantize_q4_q8(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
+    """Q4_0, Q4_1 and Q8_0 in torch (several times faster than numpy): rows of 32-weight blocks.
+
+    Q8_0 block: f16 scale d, 32 int8 codes; w = d * q.
+    Q4_0 block: f16 d, 16 bytes of 4-bit codes; w = d * (q - 8).
+    Q4_1 block: f16 d, f16 minimum m, 16 bytes of codes; w = d * q + m.
+    In a 4-bit block the low nibbles hold weights 0-15 and the high nibbles weights 16-31.
+    """
+    header = 4 if type_name == "Q4_1" else 2
+    size = header + (32 if type_name == "Q8_0" else 16)
+    blocks = blocks.reshape(-1, size)
+    scale = blocks[:, :2].contiguous().view(torch.float16).float()
+    if type_name == "Q8_0":
+        return scale * blocks[:, 2:].contiguous().view(torch.int8).float()
+    codes = blocks[:, header:]
+    codes = torch.cat([codes & 0x0F, codes >> 4], dim=1).float()
+    if type_name == "Q4_0":
+        return scale * (codes - 8)
+    return scale * codes + blocks[:, 2:4].contiguous().view(torch.float16).float()
+
+
 def _dequantize(tensor) -> torch.Tensor:
+    """One GGUF tensor as fp32, in torch's dimension order."""
     from gguf.quants import dequantize
 
+    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
+    type_name = tensor.tensor_type.name
+    if type_name in ("Q4_0", "Q4_1", "Q8_0"):
+        return _dequantize_q4_q8(torch.from_numpy(np.array(tensor.data, copy=True)), type_name).reshape(shape)
     values = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
     if not values.flags.writeable:  # unquantised tensors come back as views of the read-only file map
         values = values.copy()
-    shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
     return torch.from_numpy(values.reshape(shape))
 
 
