@@ -253,7 +253,7 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """Decoder-only language model: embeddings, blocks, final norm, LM head."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, init_weights: bool = True):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
@@ -268,12 +268,17 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.token_embedding.weight
+        if init_weights:  # loaders skip this: they overwrite every weight anyway
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), zero biases, residual projections scaled down."""
         self.apply(self._init_weights)
         # GPT-2: scale residual projections by 1/sqrt(2 * n_layers) so the residual stream's
         # variance does not grow with depth.
         for name, parameter in self.named_parameters():
             if name.endswith(("attention.out.weight", "mlp.down.weight")):
-                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
 
     def rebuild_buffers(self) -> None:
         """(Re)compute the RoPE tables, which are derived rather than saved; needed after building on 'meta'."""

@@ -154,7 +154,7 @@ def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer]:
             f"{folder}: weight {error.args[0]!r} is missing for a {values['model_type']} model"
         ) from None
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(config, init_weights=False)
     model.load_state_dict(weights, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.token_embedding.weight
