@@ -63,6 +63,25 @@ class ModelConfig:
         """MLP hidden width in use: d_mlp, or 4 * d_model when unset."""
         return self.d_mlp or 4 * self.d_model
 
+    @property
+    def family(self) -> str | None:
+        """'llama' or 'gpt2' when the switches match that published family (what the export
+        formats can express), else None."""
+        if (self.norm, self.mlp, self.positions, self.bias) == ("rmsnorm", "swiglu", "rope", False):
+            return "llama"
+        if (self.norm, self.positions, self.bias) == ("layernorm", "learned", True) and self.mlp != "swiglu":
+            return "gpt2"
+        return None
+
+    def require_family(self, what: str) -> str:
+        if self.family is None:
+            raise ValueError(
+                f"{what} supports the Llama family (rmsnorm, swiglu, rope, no bias) and the GPT-2 family "
+                f"(layernorm, gelu, learned positions, bias); this model has norm={self.norm}, mlp={self.mlp}, "
+                f"positions={self.positions}, bias={self.bias}"
+            )
+        return self.family
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -129,6 +129,17 @@ class GGUFFile:
         return self._read(VALUE_FORMATS[value_type])
 
 
+# (ours, llama.cpp's) layer names that carry a bias in the GPT-2 family.
+GPT2_BIASES = [
+    ("attention_norm", "attn_norm"),
+    ("mlp_norm", "ffn_norm"),
+    ("attention.qkv", "attn_qkv"),
+    ("attention.out", "attn_output"),
+    ("mlp.up", "ffn_up"),
+    ("mlp.down", "ffn_down"),
+]
+
+
 def _field(reader: GGUFFile, key: str, default=None):
     return reader.fields.get(key, default)
 
@@ -263,14 +274,7 @@ def read_weights(reader, config: ModelConfig, path: Path) -> dict[str, torch.Ten
             weights[ours + "attention.qkv.weight"] = take(theirs + "attn_qkv.weight")
             weights[ours + "mlp.up.weight"] = take(theirs + "ffn_up.weight")
         if config.bias:
-            for ours_name, theirs_name in [
-                ("attention_norm", "attn_norm"),
-                ("mlp_norm", "ffn_norm"),
-                ("attention.qkv", "attn_qkv"),
-                ("attention.out", "attn_output"),
-                ("mlp.up", "ffn_up"),
-                ("mlp.down", "ffn_down"),
-            ]:
+            for ours_name, theirs_name in GPT2_BIASES:
                 weights[f"{ours}{ours_name}.bias"] = take(f"{theirs}{theirs_name}.bias")
     return weights
 
@@ -372,18 +376,11 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
     from gguf.quants import quantize
 
     config = model.config
-    llama_like = (config.norm, config.mlp, config.positions, config.bias) == ("rmsnorm", "swiglu", "rope", False)
-    gpt2_like = (config.norm, config.positions, config.bias) == (
-        "layernorm",
-        "learned",
-        True,
-    ) and config.mlp != "swiglu"
-    if not (llama_like or gpt2_like):
-        raise LmforgeError(
-            "GGUF export supports the Llama family (rmsnorm, swiglu, rope, no bias) and the GPT-2 "
-            f"family (layernorm, gelu, learned positions, bias); this model has norm={config.norm}, "
-            f"mlp={config.mlp}, positions={config.positions}, bias={config.bias}"
-        )
+    try:
+        architecture = config.require_family("GGUF export")
+    except ValueError as error:
+        raise LmforgeError(str(error)) from None
+    llama_like, gpt2_like = architecture == "llama", architecture == "gpt2"
     types = {
         "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
         "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
@@ -392,7 +389,6 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
     if dtype not in types:
         raise LmforgeError(f"GGUF dtype {dtype!r} is not supported; choose one of {sorted(types)}")
     matrix_type, file_type = types[dtype]
-    architecture = "llama" if llama_like else "gpt2"
     path = Path(path)
     writer = GGUFWriter(str(path), architecture)
     writer.add_name(path.stem)
@@ -446,14 +442,7 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
         add(theirs + "ffn_norm.weight", state[ours + "mlp_norm.weight"])
         add(theirs + "ffn_down.weight", state[ours + "mlp.down.weight"])
         if gpt2_like:
-            for ours_name, theirs_name in [
-                ("attention_norm", "attn_norm"),
-                ("mlp_norm", "ffn_norm"),
-                ("attention.qkv", "attn_qkv"),
-                ("attention.out", "attn_output"),
-                ("mlp.up", "ffn_up"),
-                ("mlp.down", "ffn_down"),
-            ]:
+            for ours_name, theirs_name in GPT2_BIASES:
                 add(f"{theirs}{theirs_name}.bias", state[f"{ours}{ours_name}.bias"])
     add("output_norm.weight", state["final_norm.weight"])
     if gpt2_like:

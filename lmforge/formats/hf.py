@@ -182,7 +182,11 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
         f"{name}_token_id": tokenizer.token_to_id(getattr(tokenizer, f"{name}_token") or "")
         for name in ("bos", "eos", "pad")
     }
-    if (config.norm, config.mlp, config.positions, config.bias) == ("rmsnorm", "swiglu", "rope", False):
+    try:
+        family = config.require_family("HF export")
+    except ValueError as error:
+        raise LmforgeError(str(error)) from None
+    if family == "llama":
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -204,7 +208,7 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
             "torch_dtype": "float32",
             **ids,
         }
-    if (config.norm, config.positions, config.bias) == ("layernorm", "learned", True) and config.mlp != "swiglu":
+    if family == "gpt2":
         return {
             "architectures": ["GPT2LMHeadModel"],
             "model_type": "gpt2",
@@ -224,11 +228,6 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
             "torch_dtype": "float32",
             **ids,
         }
-    raise LmforgeError(
-        "HF export supports the Llama family (rmsnorm, swiglu, rope, no bias) and the GPT-2 family "
-        f"(layernorm, gelu, learned positions, bias); this model has norm={config.norm}, "
-        f"mlp={config.mlp}, positions={config.positions}, bias={config.bias}"
-    )
 
 
 def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Path:
