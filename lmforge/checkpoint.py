@@ -91,6 +91,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
         model = Transformer(ModelConfig.from_dict(config["model"]))
     except (OSError, KeyError, ValueError) as error:
         raise LmforgeError(f"{folder / CONFIG}: unreadable model config ({error})") from None
+    load_weights(model, folder)
+    model.to(device).eval()
+    return model, load_tokenizer(folder / TOKENIZER), config
+
+
+def load_weights(model: Transformer, folder: Path) -> None:
+    """Fill `model` with a checkpoint's weights; every weight must be there (the tied head excepted)."""
     try:
         weights = load_file(str(folder / WEIGHTS))
     except (OSError, SafetensorError) as error:
@@ -102,8 +109,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
         raise LmforgeError(
             f"{folder / WEIGHTS}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
         )
-    model.to(device).eval()
-    return model, load_tokenizer(folder / TOKENIZER), config
 
 
 def load_training_state(folder: Path) -> dict:

@@ -70,7 +70,7 @@ def command_train(args, extra) -> int:
     if args.resume:
         values["resume"] = True
     summary = train(train_config_from(values))
-    print(json.dumps({k: v for k, v in summary.items() if k != "val"} | {"val": summary["val"]}, indent=2))
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lmforge import distributed
-from lmforge.checkpoint import load_training_state, resolve_checkpoint, save_checkpoint
+from lmforge.checkpoint import load_training_state, load_weights, resolve_checkpoint, save_checkpoint
 from lmforge.config import apply_values
 from lmforge.data import TokenDataset
 from lmforge.errors import LmforgeError
@@ -224,9 +224,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     torch.manual_seed(config.seed)
     model = Transformer(config.model)
     if checkpoint_folder is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(checkpoint_folder / "model.safetensors")), strict=False)
+        load_weights(model, checkpoint_folder)
     model.to(device)
     optimizer = make_optimizer(model, config, device.type)
     data_generator = torch.Generator().manual_seed(config.seed)
