@@ -253,15 +253,11 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
         + (f" | resumed at step {start_step}" if start_step else "")
     )
 
-    def checkpoint_state(step: int) -> dict:
-        return {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "data_rng": data_generator.get_state(),
-        }
+    def checkpoint_state(step: int, rng: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
+        torch_rng, data_rng = rng or (torch.get_rng_state(), data_generator.get_state())
+        return {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch_rng, "data_rng": data_rng}
 
-    def write_checkpoint(step: int) -> Path | None:
+    def write_checkpoint(step: int, rng: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path | None:
         if not group.is_main:
             return None
         return save_checkpoint(
@@ -269,7 +265,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
             step,
             model,
             tokenizer,
-            checkpoint_state(step),
+            checkpoint_state(step, rng),
             {"train": asdict(config)},
             keep=config.keep_checkpoints,
         )
@@ -305,9 +301,13 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     val_result = None
     step = start_step
     tokens_per_second = 0.0
+    in_step = updating = False
     try:
         while step < config.max_steps:
             step_started = time.perf_counter()
+            # RNG states as the step begins: what an interrupted step's checkpoint must hold.
+            step_rng = (torch.get_rng_state(), data_generator.get_state())
+            in_step = True
             lr = learning_rate_at(step, config)
             for group_params in optimizer.param_groups:
                 group_params["lr"] = lr
@@ -332,9 +332,11 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
                 )
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            updating = True  # weights and optimizer state change together: no checkpoint in between
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            in_step = updating = False
 
             measured = global_batch * config.model.block_size / (time.perf_counter() - step_started)
             # Smoothed over ~10 steps so the bar does not flicker with scheduler noise.
@@ -354,6 +356,14 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
                 on_step(step, loss_value)
         if last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}"):
             last_checkpoint = write_checkpoint(step) or last_checkpoint
+    except KeyboardInterrupt:
+        # Ctrl-C keeps the work done: save the last completed step (unless it is saved already).
+        unsaved = last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}")
+        if group.is_main and not updating and step > start_step and unsaved:
+            reporter.message(f"interrupted: saving step {step} ...")
+            saved = write_checkpoint(step, step_rng if in_step else None)
+            reporter.message(f"saved {saved}; continue with --resume")
+        raise
     finally:
         reporter.close()
 

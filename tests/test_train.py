@@ -67,9 +67,9 @@ def test_resume_is_bit_exact(char_dataset, tmp_path):
 
     def crash(step, loss):
         if step == 13:  # past the step-10 checkpoint: steps 11-13 are lost with the process
-            raise KeyboardInterrupt
+            raise RuntimeError("simulated crash")
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny_config(char_dataset, interrupted, **{"model": {"dropout": 0.1}}), on_step=crash)
     assert resolve_checkpoint(interrupted).name == "step_000010"
     train(tiny_config(char_dataset, interrupted, resume=True, **{"model": {"dropout": 0.1}}))
@@ -84,6 +84,47 @@ def test_resume_is_bit_exact(char_dataset, tmp_path):
     b, _, _ = load_model(interrupted)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_ctrl_c_saves_the_last_completed_step_and_resumes_exactly(char_dataset, tmp_path):
+    straight = tmp_path / "straight"
+    train(tiny_config(char_dataset, straight))
+    interrupted = tmp_path / "interrupted"
+
+    def press_ctrl_c(step, loss):
+        if step == 13:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(char_dataset, interrupted), on_step=press_ctrl_c)
+    assert resolve_checkpoint(interrupted).name == "step_000013"
+    train(tiny_config(char_dataset, interrupted, resume=True))
+    assert losses(interrupted) == losses(straight)
+
+
+def test_ctrl_c_in_the_middle_of_a_step_saves_the_step_before(char_dataset, tmp_path, monkeypatch):
+    from lmforge import model as model_module
+
+    straight = tmp_path / "straight"
+    train(tiny_config(char_dataset, straight, **{"model": {"dropout": 0.1}}))
+    original = model_module.Transformer.forward
+    calls = {"training": 0}
+
+    def interrupted_forward(self, tokens, targets=None, cache=None):
+        if self.training:
+            calls["training"] += 1
+            if calls["training"] == 14:  # inside step 14, after its batch and dropout RNG were drawn
+                raise KeyboardInterrupt
+        return original(self, tokens, targets, cache)
+
+    monkeypatch.setattr(model_module.Transformer, "forward", interrupted_forward)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(char_dataset, interrupted, **{"model": {"dropout": 0.1}}))
+    monkeypatch.setattr(model_module.Transformer, "forward", original)
+    assert resolve_checkpoint(interrupted).name == "step_000013"
+    train(tiny_config(char_dataset, interrupted, resume=True, **{"model": {"dropout": 0.1}}))
+    assert losses(interrupted) == losses(straight)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(char_dataset, tmp_path, monkeypatch):
