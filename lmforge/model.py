@@ -97,7 +97,7 @@ class ModelConfig:
 _LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
 
 PRESETS: dict[str, ModelConfig] = {
-    # ~40k parameters: unit tests and smoke runs.
+    # ~50k parameters: unit tests and smoke runs.
     "tiny": ModelConfig(vocab_size=512, block_size=32, n_layers=2, n_heads=2, d_model=32, n_kv_heads=1, **_LLAMA),
     # nanoGPT's CPU recipe (shakespeare_char with its CPU overrides), GPT-2 family.
     "nanogpt-cpu": ModelConfig(vocab_size=65, block_size=64, n_layers=4, n_heads=4, d_model=128),
