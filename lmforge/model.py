@@ -299,6 +299,20 @@ class Transformer(nn.Module):
             if name.endswith(("attention.out.weight", "mlp.down.weight")):
                 nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
 
+    @classmethod
+    def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor]) -> Transformer:
+        """A model that takes over `weights` (our names; a tied head may be left out), skipping random init."""
+        with torch.device("meta"):
+            model = cls(config, init_weights=False)
+        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+        if config.tie_embeddings:
+            missing = [name for name in missing if name != "lm_head.weight"]
+            model.lm_head.weight = model.token_embedding.weight
+        if missing or unexpected:
+            raise ValueError(f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.rebuild_buffers()
+        return model
+
     def rebuild_buffers(self) -> None:
         """(Re)compute the RoPE tables, which are derived rather than saved; needed after building on 'meta'."""
         if self.config.positions == "rope":

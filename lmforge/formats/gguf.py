@@ -1,8 +1,9 @@
 """GGUF (llama.cpp's format): read `llama` and `gpt2` models into our Transformer, write them back.
 
-Parsing and (de)quantisation use the `gguf` package from the llama.cpp project. llama.cpp's
-converter permutes the rows of Q and K for its RoPE layout; we undo that on read and redo it
-on write, so weights stay in the HF (half-split) layout our model uses.
+The header is parsed here (`GGUFFile`, fast on large vocabularies); dequantisation and writing
+use the `gguf` package from the llama.cpp project. llama.cpp's converter permutes the rows of
+Q and K for its RoPE layout; we undo that on read and redo it on write, so weights stay in the
+HF (half-split) layout our model uses.
 """
 
 from __future__ import annotations
@@ -140,10 +141,6 @@ GPT2_BIASES = [
 ]
 
 
-def _field(reader: GGUFFile, key: str, default=None):
-    return reader.fields.get(key, default)
-
-
 def _unpermute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of llama.cpp's `permute`: interleaved rotary pairs back to the half-split layout."""
     rows = weight.shape[0]
@@ -156,31 +153,31 @@ def _permute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def read_config(reader, path: Path) -> ModelConfig:
-    architecture = _field(reader, "general.architecture")
+    architecture = reader.fields.get("general.architecture")
     if architecture not in ("llama", "gpt2"):
         raise LmforgeError(f"{path}: GGUF architecture {architecture!r} is not supported (supported: llama, gpt2)")
     key = lambda name: f"{architecture}.{name}"  # noqa: E731
     tensors = {t.name for t in reader.tensors}
-    vocab_size = _field(reader, key("vocab_size")) or len(reader.fields["tokenizer.ggml.tokens"])
+    vocab_size = reader.fields.get(key("vocab_size")) or len(reader.fields["tokenizer.ggml.tokens"])
     common = dict(
         vocab_size=int(vocab_size),
-        block_size=int(_field(reader, key("context_length"))),
-        n_layers=int(_field(reader, key("block_count"))),
-        n_heads=int(_field(reader, key("attention.head_count"))),
-        d_model=int(_field(reader, key("embedding_length"))),
-        d_mlp=int(_field(reader, key("feed_forward_length"))),
+        block_size=int(reader.fields.get(key("context_length"))),
+        n_layers=int(reader.fields.get(key("block_count"))),
+        n_heads=int(reader.fields.get(key("attention.head_count"))),
+        d_model=int(reader.fields.get(key("embedding_length"))),
+        d_mlp=int(reader.fields.get(key("feed_forward_length"))),
         tie_embeddings="output.weight" not in tensors,
     )
     if architecture == "llama":
         return ModelConfig(
             **common,
-            n_kv_heads=int(_field(reader, key("attention.head_count_kv"), common["n_heads"])),
+            n_kv_heads=int(reader.fields.get(key("attention.head_count_kv"), common["n_heads"])),
             norm="rmsnorm",
             mlp="swiglu",
             positions="rope",
             bias=False,
-            rope_theta=float(_field(reader, key("rope.freq_base"), 10000.0)),
-            norm_eps=float(_field(reader, key("attention.layer_norm_rms_epsilon"), 1e-5)),
+            rope_theta=float(reader.fields.get(key("rope.freq_base"), 10000.0)),
+            norm_eps=float(reader.fields.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
         )
     return ModelConfig(
         **common,
@@ -188,7 +185,7 @@ def read_config(reader, path: Path) -> ModelConfig:
         mlp="gelu_tanh",
         positions="learned",
         bias=True,
-        norm_eps=float(_field(reader, key("attention.layer_norm_epsilon"), 1e-5)),
+        norm_eps=float(reader.fields.get(key("attention.layer_norm_epsilon"), 1e-5)),
     )
 
 
@@ -284,14 +281,14 @@ def read_tokenizer(reader, path: Path) -> Tokenizer:
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    kind = _field(reader, "tokenizer.ggml.model")
+    kind = reader.fields.get("tokenizer.ggml.model")
     tokens = list(reader.fields["tokenizer.ggml.tokens"])
-    token_types = list(_field(reader, "tokenizer.ggml.token_type", [NORMAL] * len(tokens)))
+    token_types = list(reader.fields.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens)))
     vocab = {token: index for index, token in enumerate(tokens)}
     if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+        merges = [tuple(m.split(" ", 1)) for m in reader.fields.get("tokenizer.ggml.merges", [])]
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-        pre = _field(reader, "tokenizer.ggml.pre", "default")
+        pre = reader.fields.get("tokenizer.ggml.pre", "default")
         splits = PRE_TOKENIZER_SPLITS.get(pre, [GPT2_SPLIT])
         hf.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
@@ -299,8 +296,8 @@ def read_tokenizer(reader, path: Path) -> Tokenizer:
         )
         hf.decoder = decoders.ByteLevel()
     elif kind == "llama":
-        add_prefix = bool(_field(reader, "tokenizer.ggml.add_space_prefix", True))
-        scores = list(_field(reader, "tokenizer.ggml.scores", [0.0] * len(tokens)))
+        add_prefix = bool(reader.fields.get("tokenizer.ggml.add_space_prefix", True))
+        scores = list(reader.fields.get("tokenizer.ggml.scores", [0.0] * len(tokens)))
         hf = HFTokenizer(
             models.BPE(
                 vocab=vocab,
@@ -323,13 +320,13 @@ def read_tokenizer(reader, path: Path) -> Tokenizer:
     tokenizer = BPETokenizer(hf, specials)
 
     def token_at(key: str) -> str | None:
-        index = _field(reader, key)
+        index = reader.fields.get(key)
         return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
 
     tokenizer.bos_token = token_at("tokenizer.ggml.bos_token_id")
     tokenizer.eos_token = token_at("tokenizer.ggml.eos_token_id")
     tokenizer.pad_token = token_at("tokenizer.ggml.padding_token_id")
-    tokenizer.chat_template = _field(reader, "tokenizer.chat_template")
+    tokenizer.chat_template = reader.fields.get("tokenizer.chat_template")
     return tokenizer
 
 
@@ -360,13 +357,10 @@ def load_gguf(path: str | Path) -> tuple[Transformer, Tokenizer]:
             f"{path}: not a readable GGUF file ({type(error).__name__}: {error}); it may be truncated or corrupt"
         ) from None
     config = read_config(reader, path)
-    with torch.device("meta"):
-        model = Transformer(config, init_weights=False)
-    weights = read_weights(reader, config, path)
-    model.load_state_dict(weights, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.token_embedding.weight
-    model.rebuild_buffers()
+    try:
+        model = Transformer.from_state_dict(config, read_weights(reader, config, path))
+    except ValueError as error:
+        raise LmforgeError(f"{path}: {error}") from None
     return model.eval(), read_tokenizer(reader, path)
 
 

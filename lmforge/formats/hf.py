@@ -153,12 +153,10 @@ def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer]:
         raise LmforgeError(
             f"{folder}: weight {error.args[0]!r} is missing for a {values['model_type']} model"
         ) from None
-    with torch.device("meta"):
-        model = Transformer(config, init_weights=False)
-    model.load_state_dict(weights, strict=False, assign=True)
-    if config.tie_embeddings:
-        model.lm_head.weight = model.token_embedding.weight
-    model.rebuild_buffers()
+    try:
+        model = Transformer.from_state_dict(config, weights)
+    except ValueError as error:
+        raise LmforgeError(f"{folder}: {error}") from None
 
     tokenizer_path = folder / "tokenizer.json"
     if not tokenizer_path.exists():
