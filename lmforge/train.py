@@ -58,10 +58,6 @@ class TrainConfig:
     progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none
     plot: bool = True  # write loss_curve.png at the end
 
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum_steps * self.model.block_size
-
 
 def train_config_from(values: dict) -> TrainConfig:
     """A TrainConfig from nested values: the model preset first, then everything else."""
