@@ -206,26 +206,25 @@ def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
             "torch_dtype": "float32",
             **ids,
         }
-    if family == "gpt2":
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": config.vocab_size,
-            "n_positions": config.block_size,
-            "n_ctx": config.block_size,
-            "n_layer": config.n_layers,
-            "n_head": config.n_heads,
-            "n_embd": config.d_model,
-            "n_inner": config.mlp_hidden,
-            "layer_norm_epsilon": config.norm_eps,
-            "activation_function": "gelu" if config.mlp == "gelu" else "gelu_new",
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
-            "tie_word_embeddings": config.tie_embeddings,
-            "torch_dtype": "float32",
-            **ids,
-        }
+    return {  # the GPT-2 family
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_layer": config.n_layers,
+        "n_head": config.n_heads,
+        "n_embd": config.d_model,
+        "n_inner": config.mlp_hidden,
+        "layer_norm_epsilon": config.norm_eps,
+        "activation_function": "gelu" if config.mlp == "gelu" else "gelu_new",
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": config.tie_embeddings,
+        "torch_dtype": "float32",
+        **ids,
+    }
 
 
 def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Path:
