@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
 from lmforge.model import ModelConfig, Transformer
+from lmforge.quantize import QuantizedLinear, apply_layout, quantized_layout
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS, CONFIG, STATE, TOKENIZER, LATEST = "model.safetensors", "config.json", "state.pt", "tokenizer.json", "latest"
@@ -49,25 +50,38 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` under `run_dir/checkpoints`, point `latest` at it, prune old ones."""
     checkpoints = Path(run_dir) / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    final = checkpoints / f"step_{step:06d}"
-    temporary = checkpoints / f".step_{step:06d}.tmp"
+    final = save_model(
+        checkpoints / f"step_{step:06d}", model, tokenizer, {"step": step, **(extra_config or {})}, state
+    )
+    write_atomically(checkpoints / LATEST, final.name)
+    if keep > 0:
+        for old in sorted(checkpoints.glob("step_*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_model(
+    folder: str | Path, model: Transformer, tokenizer: Tokenizer, extra_config: dict | None = None, state=None
+) -> Path:
+    """Write a loadable model folder (weights, config, tokenizer[, training state]) atomically:
+    built under a temporary name, then renamed over `folder`."""
+    final = Path(folder)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
     save_file(model_weights(model), str(temporary / WEIGHTS), metadata={"format": "pt"})
-    (temporary / CONFIG).write_text(
-        json.dumps({"model": model.config.to_dict(), "step": step, **(extra_config or {})}, indent=2)
-    )
+    config = {"model": model.config.to_dict(), **(extra_config or {})}
+    layout = quantized_layout(model)
+    if layout:  # which layers hold int8/int4 codes, so loading can rebuild them first
+        config["quantization"] = layout
+    (temporary / CONFIG).write_text(json.dumps(config, indent=2))
     tokenizer.save(temporary / TOKENIZER)
     if state is not None:
         torch.save(state, temporary / STATE)
     if final.exists():
         shutil.rmtree(final)
     os.rename(temporary, final)
-    write_atomically(checkpoints / LATEST, final.name)
-    if keep > 0:
-        for old in sorted(checkpoints.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -88,23 +102,32 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     folder = resolve_checkpoint(path)
     try:
         config = json.loads((folder / CONFIG).read_text())
-        model = Transformer(ModelConfig.from_dict(config["model"]))
-    except (OSError, KeyError, ValueError) as error:
+        model_config = ModelConfig.from_dict(config["model"])
+        if "quantization" in config:
+            with torch.device("meta"):
+                model = apply_layout(Transformer(model_config, init_weights=False), config["quantization"])
+        else:
+            model = Transformer(model_config)
+    except (OSError, KeyError, ValueError, TypeError) as error:
         raise LmforgeError(f"{folder / CONFIG}: unreadable model config ({error})") from None
-    load_weights(model, folder)
+    load_weights(model, folder, assign="quantization" in config)
     model.to(device).eval()
     return model, load_tokenizer(folder / TOKENIZER), config
 
 
-def load_weights(model: Transformer, folder: Path) -> None:
+def load_weights(model: Transformer, folder: Path, assign: bool = False) -> None:
     """Fill `model` with a checkpoint's weights; every weight must be there (the tied head excepted)."""
     try:
         weights = load_file(str(folder / WEIGHTS))
     except (OSError, SafetensorError) as error:
         raise LmforgeError(f"{folder / WEIGHTS}: cannot read weights ({error}); the file may be truncated") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=assign)
     if model.config.tie_embeddings:
         missing = [m for m in missing if m != "lm_head.weight"]
+        if assign and type(model.lm_head) is not QuantizedLinear:
+            model.lm_head.weight = model.token_embedding.weight
+    if assign:
+        model.rebuild_buffers()
     if missing or unexpected:
         raise LmforgeError(
             f"{folder / WEIGHTS}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"

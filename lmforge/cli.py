@@ -131,6 +131,32 @@ def command_chat(args, extra) -> int:
     return 0
 
 
+def command_quantize(args, extra) -> int:
+    from lmforge.quantize import KL_WARNING, quantize_and_save
+
+    if extra:
+        raise LmforgeError(f"unexpected arguments {extra}")
+    eval_text = Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else None
+    print(f"quantising {args.model} to int{args.bits} ...", file=sys.stderr, flush=True)
+    report = quantize_and_save(args.model, args.out, args.bits, args.group_size, eval_text, args.eval_tokens)
+    layout = f"groups of {report['group_size']} columns" + ("; LM head int8" if args.bits == 4 else "")
+    print(
+        f"{args.out}: int{args.bits} ({layout}), "
+        f"{report['fp32_megabytes']:.0f} MB -> {report['quantized_megabytes']:.0f} MB of weights\n"
+        f"perplexity fp32 {report['perplexity_reference']:.3f} -> int{args.bits} {report['perplexity_quantized']:.3f} "
+        f"| mean KL {report['mean_kl']:.5f} nats/token over {report['tokens']} tokens"
+    )
+    if report["warning"]:
+        print(
+            f"warning: mean KL {report['mean_kl']:.3f} is above {KL_WARNING}; the quantised model's answers will "
+            f"differ noticeably (try --bits 8 or a smaller --group-size)",
+            file=sys.stderr,
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
 def command_export(args, extra) -> int:
     from lmforge.formats.gguf import save_gguf
     from lmforge.formats.hf import save_hf
@@ -240,6 +266,26 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder (hf) or .gguf file")
     export.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF weight type (default f16)")
     export.set_defaults(handler=command_export)
+
+    quantize = verbs.add_parser(
+        "quantize",
+        help="int8/int4 weight-only quantisation with a perplexity/KL quality report",
+        description="Quantise every Linear layer (and the LM head) of a model and save a checkpoint folder "
+        "that loads directly. Prints perplexity and mean KL divergence vs the fp32 model on held-out text.",
+    )
+    quantize.add_argument("model", help="model name, .gguf file, HF folder or lmforge checkpoint")
+    quantize.add_argument("--out", required=True, help="folder to write the quantised checkpoint to")
+    quantize.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    quantize.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="columns per scale (multiple of 32; default 32 for int4, a whole row for int8)",
+    )
+    quantize.add_argument("--eval-text", help="text file for the quality report (default: held-out Shakespeare)")
+    quantize.add_argument("--eval-tokens", type=int, default=2048, help="tokens of it to score")
+    quantize.add_argument("--json", help="also write the report here")
+    quantize.set_defaults(handler=command_quantize)
 
     quick = verbs.add_parser(
         "quickstart",

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge import engine
 from lmforge.model import KVCache, Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -53,14 +54,43 @@ def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: t
     return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
+def next_token_logits(
+    model: Transformer,
+    tokens: torch.Tensor,
+    cache: KVCache | None,
+    positions: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+    last: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits (B, vocab) at each row's last position (or at index `last` per row), running the
+    LM head on those positions only: during prefill it would otherwise be the biggest matmul."""
+    if tokens.shape[1] == 1 and cache is not None and last is None and engine.supports(model):
+        return engine.decode_step(model, tokens, cache, positions, slots)
+    hidden = model.hidden_states(tokens, cache, positions, slots)
+    if last is None:
+        hidden = hidden[:, -1]
+    else:
+        hidden = hidden[torch.arange(hidden.shape[0]), last]
+    return model.lm_head(hidden).float()
+
+
+def _adjust_logits(logits: torch.Tensor, history: list[list[int]], sampling: SamplingConfig) -> torch.Tensor:
+    if sampling.repetition_penalty == 1.0:
+        return logits
+    rows = [apply_repetition_penalty(logits[i : i + 1], torch.tensor([sorted(set(seen))]), sampling.repetition_penalty)
+            for i, seen in enumerate(history)]  # fmt: skip
+    return torch.cat(rows)
+
+
+@torch.inference_mode()
 def generate_tokens(
     model: Transformer, prompt_ids: list[int], sampling: SamplingConfig, use_cache: bool = True
 ) -> Iterator[int]:
     """Yield new token ids one at a time (batch of one), stopping after max_new_tokens.
 
-    With the cache, each step feeds only the new token. Once the context fills the model's
-    block, both paths recompute over the last block_size tokens, so they agree exactly.
+    With the cache, the prompt is prefilled in one pass and each step feeds only the new token.
+    Once the context fills the model's block, both paths recompute over the last block_size
+    tokens, so they agree exactly.
     """
     device = next(model.parameters()).device
     block_size = model.config.block_size
@@ -79,15 +109,70 @@ def generate_tokens(
             cache.reset()
             pending = tokens[-block_size:]
         inputs = torch.tensor([pending if cache is not None else tokens[-block_size:]], device=device)
-        logits, _ = model(inputs, cache=cache)
-        logits = logits[:, -1, :].float()
-        if sampling.repetition_penalty != 1.0:
-            seen = torch.tensor([sorted(set(tokens))], device=device)
-            logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
+        logits = _adjust_logits(next_token_logits(model, inputs, cache), [tokens], sampling)
         token = int(pick_next_token(logits, sampling, generator)[0])
         tokens.append(token)
         pending = [token]
         yield token
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: Transformer, prompts: list[list[int]], sampling: SamplingConfig, stop_token_ids: set[int] | None = None
+) -> list[list[int]]:
+    """New token ids for several prompts of different lengths, decoded together.
+
+    Each row keeps its own positions in a shared cache (no left padding, so results match
+    one-at-a-time generation); a row that emits a stop token leaves the batch, and the next
+    steps run on the remaining rows only. With a seed, row i samples from generator seed + i.
+    """
+    if not prompts or any(not prompt for prompt in prompts):
+        raise ValueError("generate_batch needs at least one prompt, and no empty prompt")
+    device = next(model.parameters()).device
+    lengths = [len(prompt) for prompt in prompts]
+    capacity = max(lengths) + sampling.max_new_tokens
+    if capacity > model.config.block_size:
+        raise ValueError(
+            f"longest prompt ({max(lengths)} tokens) + max_new_tokens ({sampling.max_new_tokens}) "
+            f"exceeds the model's context of {model.config.block_size}"
+        )
+    generators = [None] * len(prompts)
+    if sampling.seed is not None:
+        generators = [torch.Generator(device=device).manual_seed(sampling.seed + i) for i in range(len(prompts))]
+    cache = KVCache(model.config, len(prompts), capacity, device=device, dtype=next(model.parameters()).dtype)
+    # Prefill: right-pad to the longest prompt. A row's padding writes cache entries past its
+    # length, which its own later tokens overwrite before any query can see them.
+    padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        padded[row, : len(prompt)] = torch.tensor(prompt)
+    zeros = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    logits = next_token_logits(model, padded, cache, positions=zeros, last=torch.tensor(lengths, device=device) - 1)
+    histories = [list(prompt) for prompt in prompts]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    stop_ids = stop_token_ids or set()
+    for step in range(sampling.max_new_tokens):
+        logits = _adjust_logits(logits, [histories[row] for row in active], sampling)
+        if generators[0] is None:
+            picked = pick_next_token(logits, sampling, None).tolist()
+        else:
+            picked = [
+                int(pick_next_token(logits[i : i + 1], sampling, generators[row])[0]) for i, row in enumerate(active)
+            ]
+        still_active = []
+        for token, row in zip(picked, active):
+            histories[row].append(token)
+            outputs[row].append(token)
+            if token not in stop_ids:
+                still_active.append(row)
+        active = still_active
+        if not active or step == sampling.max_new_tokens - 1:
+            break
+        slots = torch.tensor(active, device=device)
+        inputs = torch.tensor([[histories[row][-1]] for row in active], device=device)
+        positions = torch.tensor([len(histories[row]) - 1 for row in active], device=device)
+        logits = next_token_logits(model, inputs, cache, positions=positions, slots=slots)
+    return outputs
 
 
 def generate(

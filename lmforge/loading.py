@@ -31,16 +31,21 @@ def builtin_model_path(name: str) -> Path:
     return path
 
 
-def load(name_or_path: str | Path, device: str = "cpu") -> tuple[Transformer, Tokenizer]:
-    """Model (eval mode) and tokenizer from a built-in name, a .gguf file, an HF folder or an lmforge checkpoint."""
+def load(name_or_path: str | Path, device: str = "cpu", keep_quantized: bool = True) -> tuple[Transformer, Tokenizer]:
+    """Model (eval mode) and tokenizer from a built-in name, a .gguf file, an HF folder or an lmforge checkpoint.
+
+    Q4_0/Q4_1/Q8_0 GGUF weights stay quantised unless keep_quantized=False (then all fp32).
+    On CPU, fp32 Linear layers decode through the native kernels (`lmforge.quantize.use_native_kernels`).
+    """
     from lmforge.checkpoint import load_model
     from lmforge.formats.gguf import load_gguf
     from lmforge.formats.hf import load_hf
+    from lmforge.quantize import use_native_kernels
 
     name = str(name_or_path)
     path = builtin_model_path(name) if name in BUILTIN_MODELS else Path(name)
     if path.is_file() and path.suffix == ".gguf":
-        model, tokenizer = load_gguf(path)
+        model, tokenizer = load_gguf(path, keep_quantized=keep_quantized and device == "cpu")
     elif path.is_dir() and (path / "config.json").exists() and "model_type" in (path / "config.json").read_text():
         model, tokenizer = load_hf(path)
     elif path.exists():
@@ -50,4 +55,6 @@ def load(name_or_path: str | Path, device: str = "cpu") -> tuple[Transformer, To
             f"{name}: not a known model name ({', '.join(BUILTIN_MODELS)}), "
             f"nor an existing .gguf file, HF folder or lmforge checkpoint"
         )
+    if device == "cpu":
+        use_native_kernels(model)
     return model.to(device), tokenizer

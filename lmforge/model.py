@@ -164,7 +164,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys and values of every layer, for incremental decoding.
 
-    `length` is how many positions are filled; the model appends and advances it.
+    Two ways to fill it. Aligned: every row continues at `length`, which the model advances
+    (one-prompt generation). Per row: the caller passes each row's start position and,
+    optionally, which cache rows (`slots`) the batch's rows use, so sequences of different
+    lengths share one cache (batched generation, a server's continuous batching).
     """
 
     def __init__(
@@ -180,9 +183,58 @@ class KVCache:
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
         self.length = 0
+        self._step: tuple | None = None
 
     def reset(self) -> None:
         self.length = 0
+
+    def begin(self, batch: int, length: int, positions: torch.Tensor | None, slots: torch.Tensor | None) -> None:
+        """Work out, once per forward pass, where new keys go and which keys each query sees."""
+        if positions is None:  # aligned
+            past = self.length
+            if past + length > self.max_length:
+                raise ValueError(f"cache holds {self.max_length} positions; {past} used + {length} new do not fit")
+            if past == 0 or length == 1:
+                mask, is_causal = None, past == 0 and length > 1
+            else:
+                keys_seen = torch.arange(past + length, device=self.keys[0].device)
+                mask, is_causal = (
+                    keys_seen[None, :] <= past + torch.arange(length, device=keys_seen.device)[:, None],
+                    False,
+                )
+            self._step = ("aligned", slice(past, past + length), past + length, mask, is_causal)
+            return
+        device = self.keys[0].device
+        query_positions = positions[:, None] + torch.arange(length, device=device)  # (B, T)
+        seen = int(query_positions.max()) + 1
+        if seen > self.max_length:
+            raise ValueError(f"cache holds {self.max_length} positions; position {seen - 1} does not fit")
+        rows = torch.arange(batch, device=device) if slots is None else slots
+        # Key j is visible to the query at position p iff j <= p: causal within each row's own sequence.
+        mask = (torch.arange(seen, device=device)[None, None, :] <= query_positions[:, :, None])[:, None]
+        self._step = ("rows", (rows[:, None].expand(batch, length), query_positions), seen, mask, False, slots)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store this layer's new k, v (B, kv_heads, T, head_dim); all keys/values to attend over, mask, is_causal."""
+        kind, where, seen, mask, is_causal = self._step[:5]
+        keys, values = self.keys[layer], self.values[layer]
+        batch = k.shape[0]
+        if kind == "aligned":
+            keys[:batch, :, where] = k
+            values[:batch, :, where] = v
+            return keys[:batch, :, :seen], values[:batch, :, :seen], mask, is_causal
+        rows, positions = where
+        keys[rows, :, positions] = k.transpose(1, 2)
+        values[rows, :, positions] = v.transpose(1, 2)
+        slots = self._step[5]
+        if slots is None:
+            return keys[:batch, :, :seen], values[:batch, :, :seen], mask, False
+        return keys[slots, :, :seen], values[slots, :, :seen], mask, False
+
+    def finish(self, length: int) -> None:
+        if self._step is not None and self._step[0] == "aligned":
+            self.length += length
+        self._step = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -208,25 +260,14 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        past = 0
-        if cache is not None:
-            past = cache.length
-            cache.keys[self.layer_index][:, :, past : past + length] = k
-            cache.values[self.layer_index][:, :, past : past + length] = v
-            k = cache.keys[self.layer_index][:, :, : past + length]
-            v = cache.values[self.layer_index][:, :, : past + length]
+        mask, is_causal = None, length > 1
+        if cache is not None:  # attend over everything cached so far, this step included
+            k, v, mask, is_causal = cache.update(self.layer_index, k, v)
         if self.n_kv_heads != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
 
-        # softmax(q k^T / sqrt(head_dim)) v, causal: query i sees keys 0..past+i.
-        if past == 0:
-            mask, is_causal = None, length > 1
-        elif length == 1:
-            mask, is_causal = None, False
-        else:
-            positions = torch.arange(past + length, device=x.device)
-            mask, is_causal = positions[None, :] <= (past + torch.arange(length, device=x.device))[:, None], False
+        # softmax(q k^T / sqrt(head_dim)) v, causal: a query sees its own and earlier positions.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
         )
@@ -328,33 +369,58 @@ class Transformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(
-        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for `tokens` (B, T), and the mean cross-entropy if `targets` are given.
 
-        With a cache, `tokens` continue the sequence the cache holds. Targets equal to -100 are ignored.
+        With a cache, `tokens` continue what it holds: at `cache.length`, or at each row's own
+        start `positions` (B,) in cache rows `slots` (B,). Targets equal to -100 are ignored.
         """
-        length = tokens.shape[1]
-        start = cache.length if cache is not None else 0
-        if start + length > self.config.block_size:
-            raise ValueError(f"sequence of {start + length} tokens exceeds block_size={self.config.block_size}")
+        logits = self.lm_head(self.hidden_states(tokens, cache, positions, slots))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm outputs (B, T, d_model): what the LM head reads (an engine applies it to last positions only)."""
+        batch, length = tokens.shape
+        start = cache.length if cache is not None and positions is None else 0
+        if positions is None:
+            if start + length > self.config.block_size:
+                raise ValueError(f"sequence of {start + length} tokens exceeds block_size={self.config.block_size}")
+            where = slice(start, start + length)
+        else:
+            where = positions[:, None] + torch.arange(length, device=tokens.device)
+            if int(where.max()) >= self.config.block_size:
+                raise ValueError(f"position {int(where.max())} exceeds block_size={self.config.block_size}")
+        if cache is not None:
+            cache.begin(batch, length, positions, slots)
         x = self.token_embedding(tokens)
         rope = None
         if self.config.positions == "learned":
-            x = x + self.position_embedding.weight[start : start + length]
+            x = x + self.position_embedding.weight[where]
         else:
-            rope = (self.rope_cos[start : start + length], self.rope_sin[start : start + length])
+            rope = (self.rope_cos[where], self.rope_sin[where])
+            if positions is not None:  # (B, T, head_dim) → broadcast over heads
+                rope = (rope[0][:, None], rope[1][:, None])
         x = F.dropout(x, self.config.dropout, self.training)
         for block in self.blocks:
             x = block(x, rope, cache)
         if cache is not None:
-            cache.length += length
-        x = self.final_norm(x)
-        if targets is None:
-            return self.lm_head(x), None
-        logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+            cache.finish(length)
+        return self.final_norm(x)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; tied weights counted once."""

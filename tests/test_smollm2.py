@@ -26,7 +26,26 @@ def smollm2():
         builtin_model_path("smollm2-135m-instruct")
     except Exception as error:  # the wheel is installed by `make setup`
         pytest.skip(str(error))
+    return load("smollm2-135m-instruct", keep_quantized=False)
+
+
+@pytest.fixture(scope="module")
+def smollm2_quantized(smollm2):
+    """As `lmforge chat` loads it: Q4_1 / Q8_0 blocks kept, decoded by the native kernels."""
     return load("smollm2-135m-instruct")
+
+
+def test_kept_quantized_model_matches_the_dequantized_one(smollm2, smollm2_quantized):
+    """Same blocks, two code paths (dequantise then matmul; kernels on the codes): same predictions."""
+    model, tokenizer = smollm2
+    quantized, _ = smollm2_quantized
+    assert type(quantized.lm_head).__name__ == "QuantizedLinear" and quantized.lm_head.bits == 8
+    assert quantized.blocks[0].mlp.up.bits == 4
+    ids = tokenizer.encode(PROMPT)[:48]
+    with torch.no_grad():
+        assert (model(torch.tensor([ids]))[0] - quantized(torch.tensor([ids]))[0]).abs().max() < 1e-3
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0)
+    assert list(generate_tokens(quantized, ids, sampling)) == list(generate_tokens(model, ids, sampling))
 
 
 def test_config_matches_the_preset(smollm2):
@@ -45,8 +64,8 @@ def test_its_own_chat_template(smollm2):
     )
 
 
-def test_chat_answers_the_capital_of_france(smollm2):
-    session = ChatSession(*smollm2)
+def test_chat_answers_the_capital_of_france(smollm2_quantized):
+    session = ChatSession(*smollm2_quantized)
     session.sampling = SamplingConfig(max_new_tokens=24, temperature=0)
     assert "Paris" in "".join(session.reply("What is the capital of France?"))
 

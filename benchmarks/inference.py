@@ -1,0 +1,276 @@
+"""CPU inference of SmolLM2-135M-Instruct: lmforge (fp32, int8, int4, the GGUF's own Q4_1, compiled
+prefill) vs HF transformers (fp32, same weights) and llama-cpp-python (same GGUF) in the same run.
+
+Each engine runs in its own process (clean load time and peak RSS): load time, prefill tok/s of
+a 512-token prompt, decode tok/s of 128 greedy tokens after a chat prompt, peak RSS. Rounds are
+interleaved and the best of each metric kept, since this machine is shared and noisy. Prints a
+table and the ratios the inference issue sets targets for; writes benchmarks/results/inference.json.
+
+    python benchmarks/inference.py [--rounds 2] [--skip-hf] [--threads 2]
+
+llama-cpp-python is optional; it compiles llama.cpp from source (~15-20 min on 2 cores):
+    pip install llama-cpp-python==0.3.36
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "inference.json"
+NEW_TOKENS, PREFILL_TOKENS = 128, 512
+CHAT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
+# The same conversation through SmolLM2's chat template, for the llama.cpp worker (which imports no lmforge)
+CHAT_TEXT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    f"<|im_start|>user\n{CHAT[0]['content']}<|im_end|>\n<|im_start|>assistant\n"
+)
+FILLER = (
+    "The history of the Roman Empire is long and complicated. It began when Augustus became the first emperor, "
+    "and in the west it lasted for five centuries, shaping law, language and roads across Europe. "
+)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Not getrusage: Linux carries ru_maxrss over exec, so a
+    worker would inherit its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
+    import torch
+
+    from lmforge.chat import render_chat
+    from lmforge.generate import SamplingConfig, generate_tokens, next_token_logits
+    from lmforge.loading import load
+    from lmforge.model import KVCache
+
+    start = time.perf_counter()
+    if variant in ("fp32", "fp32-compiled"):
+        model, tokenizer = load("smollm2-135m-instruct", keep_quantized=False)
+    elif variant == "gguf-q4_1":
+        model, tokenizer = load("smollm2-135m-instruct")
+    else:
+        model, tokenizer = load(checkpoint)
+    load_seconds = time.perf_counter() - start
+
+    hidden_states = model.hidden_states
+    if variant == "fp32-compiled":
+        model.hidden_states = torch.compile(hidden_states, dynamic=True)
+    prefill_ids = tokenizer.encode(FILLER * 40)[:PREFILL_TOKENS]
+    with torch.inference_mode():
+        for _ in range(2):  # the first call of a compiled model compiles it
+            cache = KVCache(model.config, 1, PREFILL_TOKENS)
+            start = time.perf_counter()
+            next_token_logits(model, torch.tensor([prefill_ids]), cache)
+            prefill_seconds = time.perf_counter() - start
+    chat_ids = tokenizer.encode(render_chat(CHAT, tokenizer.chat_template))
+    tokens = generate_tokens(model, chat_ids, SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0))
+    next(tokens)  # prefill + first token
+    start = time.perf_counter()
+    rest = list(tokens)
+    decode_seconds = time.perf_counter() - start
+    return {
+        "load_s": load_seconds,
+        "prefill_tok_s": PREFILL_TOKENS / prefill_seconds,
+        "decode_tok_s": len(rest) / decode_seconds,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def transformers_worker() -> dict:
+    import torch
+    import transformers
+
+    from lmforge.loading import builtin_model_path
+
+    path = builtin_model_path("smollm2-135m-instruct")
+    start = time.perf_counter()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    load_seconds = time.perf_counter() - start
+    prefill_ids = torch.tensor([tokenizer.encode(FILLER * 40, add_special_tokens=False)[:PREFILL_TOKENS]])
+    with torch.inference_mode():
+        for _ in range(2):
+            start = time.perf_counter()
+            model(prefill_ids)
+            prefill_seconds = time.perf_counter() - start
+        chat_text = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+        chat_ids = torch.tensor([tokenizer.encode(chat_text, add_special_tokens=False)])
+        start = time.perf_counter()
+        model.generate(chat_ids, max_new_tokens=1, do_sample=False)
+        first_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(chat_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+        total_seconds = time.perf_counter() - start
+    generated = out.shape[1] - chat_ids.shape[1]
+    return {
+        "load_s": load_seconds,
+        "prefill_tok_s": PREFILL_TOKENS / prefill_seconds,
+        "decode_tok_s": (generated - 1) / (total_seconds - first_seconds),
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def llama_cpp_worker(gguf_path: str, threads: int) -> dict:
+    """No torch or lmforge import here, so the peak RSS is llama.cpp's (plus Python's ~10 MB)."""
+    import llama_cpp
+
+    start = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=1024, n_batch=PREFILL_TOKENS, n_threads=threads, verbose=False)
+    load_seconds = time.perf_counter() - start
+    prefill_ids = llm.tokenize((FILLER * 40).encode(), add_bos=False)[:PREFILL_TOKENS]
+    for _ in range(2):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prefill_ids)
+        prefill_seconds = time.perf_counter() - start
+    chat_ids = llm.tokenize(CHAT_TEXT.encode(), add_bos=False, special=True)
+    generated = 0
+    for _ in llm.generate(chat_ids, temp=0.0, top_k=1, reset=True):
+        if generated == 0:
+            start = time.perf_counter()
+        generated += 1
+        if generated == NEW_TOKENS:
+            break
+    decode_seconds = time.perf_counter() - start
+    return {
+        "load_s": load_seconds,
+        "prefill_tok_s": PREFILL_TOKENS / prefill_seconds,
+        "decode_tok_s": (generated - 1) / decode_seconds,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def run_worker(engine: str, checkpoint: str | None, threads: int) -> dict | None:
+    command = [sys.executable, __file__, "--worker", engine, "--threads", str(threads)]
+    if checkpoint:
+        command += ["--checkpoint", checkpoint]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if result.returncode != 0:
+        print(f"  {engine}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-hf", action="store_true", help="leave out HF transformers (slow to load)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "llama.cpp":
+        print(json.dumps(llama_cpp_worker(args.checkpoint, args.threads)))
+        return
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        if args.worker == "transformers":
+            result = transformers_worker()
+        else:
+            result = lmforge_worker(args.worker.removeprefix("lmforge-"), args.checkpoint)
+        print(json.dumps(result))
+        return
+
+    from lmforge.chat import render_chat
+    from lmforge.loading import builtin_model_path, load
+    from lmforge.quantize import quantize_and_save
+
+    tokenizer = load("smollm2-135m-instruct")[1]
+    assert render_chat(CHAT, tokenizer.chat_template) == CHAT_TEXT, "CHAT_TEXT no longer matches the template"
+
+    engines = ["lmforge-fp32", "lmforge-fp32-compiled", "lmforge-int8", "lmforge-int4", "lmforge-gguf-q4_1"]
+    if not args.skip_hf:
+        engines.append("transformers")
+    try:
+        import llama_cpp  # noqa: F401
+
+        engines.append("llama.cpp")
+    except ImportError:
+        print("llama-cpp-python is not installed: its rows are left out (see this file's docstring)")
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        checkpoints = {"llama.cpp": str(builtin_model_path("smollm2-135m-instruct"))}
+        for bits in (8, 4):
+            print(f"quantising to int{bits} ...", flush=True)
+            checkpoints[f"lmforge-int{bits}"] = str(Path(scratch) / f"int{bits}")
+            quality = quantize_and_save("smollm2-135m-instruct", checkpoints[f"lmforge-int{bits}"], bits)
+            results.setdefault(f"lmforge-int{bits}", {})["quality"] = quality
+        for round_index in range(args.rounds):
+            for engine in engines:
+                print(f"round {round_index + 1}/{args.rounds}: {engine}", flush=True)
+                measured = run_worker(engine, checkpoints.get(engine), args.threads)
+                if measured is None:
+                    continue
+                best = results.setdefault(engine, {})
+                for key, value in measured.items():
+                    if not isinstance(value, float):
+                        best[key] = value
+                    elif key.endswith("tok_s"):
+                        best[key] = max(best.get(key, 0.0), value)
+                    else:
+                        best[key] = min(best.get(key, float("inf")), value)
+
+    print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, best of {args.rounds} rounds")
+    print(f"{'engine':<24}{'load s':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
+    for engine, row in results.items():
+        if "decode_tok_s" in row:
+            print(
+                f"{engine:<24}{row['load_s']:>8.2f}{row['prefill_tok_s']:>15.1f}"
+                f"{row['decode_tok_s']:>14.1f}{row['peak_rss_mb']:>13.0f}"
+            )
+    ratios = {}
+    hf, llama = results.get("transformers", {}), results.get("llama.cpp", {})
+    if "decode_tok_s" in hf:
+        ratios["fp32_decode_vs_transformers"] = results["lmforge-fp32"]["decode_tok_s"] / hf["decode_tok_s"]
+    if "decode_tok_s" in llama:
+        for engine in ("lmforge-int4", "lmforge-gguf-q4_1"):
+            ratios[f"{engine}_decode_vs_llama_cpp"] = results[engine]["decode_tok_s"] / llama["decode_tok_s"]
+        best_prefill = max(
+            results[e]["prefill_tok_s"] for e in results if e.startswith("lmforge") and "prefill_tok_s" in results[e]
+        )
+        ratios["best_lmforge_prefill_vs_llama_cpp"] = best_prefill / llama["prefill_tok_s"]
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x")
+    for bits in (8, 4):
+        quality = results[f"lmforge-int{bits}"]["quality"]
+        print(
+            f"int{bits} quality: perplexity {quality['perplexity_reference']:.3f} -> "
+            f"{quality['perplexity_quantized']:.3f}, mean KL {quality['mean_kl']:.5f}"
+        )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
+                "torch": torch.__version__,
+                "new_tokens": NEW_TOKENS,
+                "prefill_tokens": PREFILL_TOKENS,
+                "rounds": args.rounds,
+                "results": results,
+                "ratios": ratios,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

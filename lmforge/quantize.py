@@ -1,0 +1,415 @@
+"""Weight-only quantisation for CPU inference: int8 and group-wise int4 Linear layers.
+
+The model stays a plain `Transformer`; `quantize_model` swaps its Linear layers (and a tied
+embedding) for ones that keep int8 or packed int4 codes with float scales. Few-row inputs
+(decoding) go through the native kernels in `lmforge.kernels`, which dequantise in registers;
+many-row inputs (prefill) dequantise the weight once and use PyTorch's matmul. The PyTorch
+path is also the reference the kernels are tested against.
+
+Formats (the GGUF block layouts Q8_0 / Q4_1 map onto them without requantising):
+  int8: codes (N, K) int8, scale (N, K/G); w = scale * code, symmetric. G = K by default.
+  int4: codes (N, K/2) uint8, scale and offset (N, K/G); w = scale * code + offset with
+        code in 0..15 (min-max, like Q4_1). In each run of 32 weights the low nibbles of 16
+        bytes hold weights 0-15 and the high nibbles weights 16-31.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge import kernels
+from lmforge.model import ModelConfig, Transformer
+
+NATIVE_MAX_ROWS = 16  # above this many rows a dequantise + BLAS matmul is faster than the matvec kernels
+
+
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes and scales per group of `group_size` columns (default: per row)."""
+    rows, columns = weight.shape
+    group_size = group_size or columns
+    groups = weight.float().reshape(rows, columns // group_size, group_size)
+    scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+    codes = torch.round(groups / scale).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(rows, columns), scale.squeeze(-1)
+
+
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    group_size = codes.shape[1] // scale.shape[1]
+    return (codes.float().reshape(*scale.shape, group_size) * scale.unsqueeze(-1)).reshape(codes.shape)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in 0..15 → (N, K/2) bytes, 32-weight runs split low/high nibble (GGUF layout)."""
+    rows, columns = codes.shape
+    runs = codes.to(torch.uint8).reshape(rows, columns // 32, 2, 16)
+    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(rows, columns // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    rows = packed.shape[0]
+    runs = packed.reshape(rows, -1, 16)
+    return torch.stack([runs & 0x0F, runs >> 4], dim=2).reshape(rows, -1)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min-max 4-bit codes (packed), scales and offsets per group of `group_size` columns."""
+    rows, columns = weight.shape
+    groups = weight.float().reshape(rows, columns // group_size, group_size)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-12)
+    codes = torch.round((groups - low) / scale).clamp(0, 15)
+    return pack_int4(codes.reshape(rows, columns)), scale.squeeze(-1), low.squeeze(-1)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    codes = unpack_int4(packed).float()
+    group_size = codes.shape[1] // scale.shape[1]
+    grouped = codes.reshape(*scale.shape, group_size) * scale.unsqueeze(-1) + offset.unsqueeze(-1)
+    return grouped.reshape(codes.shape)
+
+
+@dataclass
+class QuantizedTensor:
+    """A weight matrix still in quantised form (e.g. read from GGUF blocks), before it becomes a layer."""
+
+    bits: int
+    group_size: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        if self.bits == 8:
+            return dequantize_int8(self.codes, self.scale)
+        return dequantize_int4(self.codes, self.scale, self.offset)
+
+    def index_rows(self, order: torch.Tensor) -> QuantizedTensor:
+        offset = None if self.offset is None else self.offset[order]
+        return QuantizedTensor(self.bits, self.group_size, self.codes[order], self.scale[order], offset)
+
+    @staticmethod
+    def cat(parts: list) -> QuantizedTensor | torch.Tensor:
+        """Stack row blocks; if their formats differ, as fp32."""
+        first = parts[0]
+        same = all(
+            isinstance(p, QuantizedTensor) and (p.bits, p.group_size) == (first.bits, first.group_size) for p in parts
+        )
+        if not same:
+            return torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts])
+        offset = None if first.offset is None else torch.cat([p.offset for p in parts])
+        return QuantizedTensor(
+            first.bits,
+            first.group_size,
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            offset,
+        )
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W held as int8 or packed int4 codes and float scales."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        if in_features % group_size or group_size % 32:
+            raise ValueError(
+                f"group size {group_size} must divide the {in_features} input features and be a multiple of 32"
+            )
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        # Decode kernels round x to int8 (fast, ~0.5% error) unless exact: set for the LM head,
+        # whose logits pick tokens directly and where that error flips greedy near-ties.
+        self.exact_activations = False
+        groups = in_features // group_size
+        if bits == 8:
+            self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8))
+        else:
+            self.register_buffer("codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("offset", torch.zeros(out_features, groups))
+        self.register_buffer("scale", torch.ones(out_features, groups))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> QuantizedLinear:
+        in_features = linear.in_features
+        group_size = group_size or default_group_size(in_features, bits)
+        layer = cls(in_features, linear.out_features, bits, group_size, linear.bias is not None)
+        layer.set_weight(linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        if self.bits == 8:
+            self.codes, self.scale = quantize_int8(weight, self.group_size)
+        else:
+            self.codes, self.scale, self.offset = quantize_int4(weight, self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        if self.bits == 8:
+            return dequantize_int8(self.codes, self.scale)
+        return dequantize_int4(self.codes, self.scale, self.offset)
+
+    def native_ok(self, rows: int) -> bool:
+        return rows <= NATIVE_MAX_ROWS and kernels.available() and self.in_features % 32 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if x.dtype == torch.float32 and not x.requires_grad and self.native_ok(flat.shape[0]):
+            flat = flat.contiguous()
+            compiling = torch.compiler.is_compiling()
+            if self.bits == 8 and self.exact_activations:
+                matvec = kernels.matvec_q8_exact_op if compiling else kernels.matvec_q8_exact
+                out = matvec(flat, self.codes, self.scale, self.group_size, self.bias)
+            elif self.bits == 8:
+                matvec = kernels.matvec_q8_op if compiling else kernels.matvec_q8
+                out = matvec(flat, self.codes, self.scale, self.group_size, self.bias)
+            else:
+                matvec = kernels.matvec_q4_op if compiling else kernels.matvec_q4
+                out = matvec(flat, self.codes, self.scale, self.offset, self.group_size, self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token lookup that dequantises only the rows it needs, from the LM head it is tied to."""
+
+    def __init__(self, head: QuantizedLinear):
+        super().__init__()
+        self.head = [head]  # a list, so the tied codes are not registered (and saved) twice
+
+    @property
+    def weight(self) -> torch.Tensor:  # the full table, for code that reads the embedding matrix
+        return self.head[0].dequantize()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        head = self.head[0]
+        flat = tokens.reshape(-1)
+        scale = head.scale[flat]
+        if head.bits == 8:
+            rows = dequantize_int8(head.codes[flat], scale)
+        else:
+            rows = dequantize_int4(head.codes[flat], scale, head.offset[flat])
+        return rows.reshape(*tokens.shape, head.in_features)
+
+
+class FastLinear(nn.Linear):
+    """An fp32 Linear whose few-row, no-grad products (decoding) use the native matvec kernel.
+
+    A subclass, swapped in by changing the class of an existing nn.Linear: weights, state-dict
+    names and training behaviour stay exactly those of nn.Linear.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if (
+            x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and flat.shape[0] <= NATIVE_MAX_ROWS
+            and x.device.type == "cpu"
+            and kernels.available()
+        ):
+            bias = None if self.bias is None else self.bias.detach()
+            matvec = kernels.matvec_f32_op if torch.compiler.is_compiling() else kernels.matvec_f32
+            out = matvec(flat.contiguous(), self.weight.detach(), bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_native_kernels(model: nn.Module) -> nn.Module:
+    """Let every fp32 Linear of `model` decode through the native kernel (in place; nothing else changes)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FastLinear
+    return model
+
+
+def _linear_layers(model: Transformer) -> list[tuple[nn.Module, str, nn.Linear, str]]:
+    """(parent, attribute name, layer, full dotted name) of every Linear."""
+    return [
+        (parent, name, child, f"{parent_name}.{name}".lstrip("."))
+        for parent_name, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
+
+
+def quantize_model(
+    model: Transformer, bits: int, group_size: int | None = None, head_bits: int | None = None
+) -> Transformer:
+    """Swap every Linear (LM head included) for a QuantizedLinear, in place; a tied embedding
+    then reads from the quantised head. Layers left in fp32 (all of them with bits=32) use
+    the native fp32 decode kernel.
+
+    The LM head gets `head_bits` (default: 8 when bits=4, as llama.cpp keeps its output
+    matrix at higher precision; at 4 bits it alone adds most of the KL). Groups are multiples
+    of 32 columns. A layer whose input width the group size does not divide gets one group
+    per row (int8, width a multiple of 32) or stays fp32, so any model can be quantised.
+    """
+    if bits not in (4, 8, 32):
+        raise ValueError(f"bits must be 4, 8 or 32, not {bits}")
+    head_bits = head_bits or (8 if bits == 4 else bits)
+    for parent, name, linear, full_name in _linear_layers(model):
+        layer_bits = head_bits if full_name == "lm_head" else bits
+        if layer_bits == 32:
+            continue
+        size = (group_size if layer_bits == bits else None) or default_group_size(linear.in_features, layer_bits)
+        if linear.in_features % size or size % 32:
+            if layer_bits == 4 or linear.in_features % 32:
+                continue  # stays fp32
+            size = linear.in_features
+        setattr(parent, name, QuantizedLinear.from_linear(linear, layer_bits, size))
+    return _wire_head(model)
+
+
+def _wire_head(model: Transformer) -> Transformer:
+    """A quantised LM head keeps exact activations and feeds a tied embedding; fp32 layers get the native kernel."""
+    if isinstance(model.lm_head, QuantizedLinear):
+        model.lm_head.exact_activations = True
+        if model.config.tie_embeddings:
+            model.token_embedding = QuantizedEmbedding(model.lm_head)
+    return use_native_kernels(model)
+
+
+def default_group_size(in_features: int, bits: int) -> int:
+    """int8: one scale per row; int4: 32 columns (GGUF's block size: a Q4 GGUF re-quantises losslessly)."""
+    return in_features if bits == 8 else 32
+
+
+def quantized_layout(model: Transformer) -> dict[str, dict]:
+    """Per-layer bits and group size, saved with a checkpoint so it can be rebuilt before loading."""
+    return {
+        name: {"bits": module.bits, "group_size": module.group_size}
+        for name, module in model.named_modules()
+        if isinstance(module, QuantizedLinear)
+    }
+
+
+def apply_layout(model: Transformer, layout: dict[str, dict]) -> Transformer:
+    """Give `model` empty quantised layers in the places `layout` names (for loading saved codes)."""
+    for parent, name, linear, full_name in _linear_layers(model):
+        spec = layout.get(full_name)
+        if spec is None:
+            continue
+        layer = QuantizedLinear(
+            linear.in_features, linear.out_features, spec["bits"], spec["group_size"], linear.bias is not None
+        )
+        setattr(parent, name, layer)
+    return _wire_head(model)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers, each tensor counted once."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def kl_divergence_report(
+    reference: Transformer, quantized: Transformer, tokens: torch.Tensor, window: int = 256
+) -> dict[str, float]:
+    """llama.cpp's quality check: perplexity of both models and the mean KL(reference || quantized)
+    of their next-token distributions over `tokens` (1-D), scored in windows."""
+    window = min(window, reference.config.block_size)
+    total_kl, nll_reference, nll_quantized, count = 0.0, 0.0, 0.0, 0
+    with torch.no_grad():
+        for start in range(0, tokens.numel() - 1, window):
+            chunk = tokens[start : start + window + 1]
+            if chunk.numel() < 2:
+                break
+            inputs, targets = chunk[:-1][None], chunk[1:]
+            log_p = F.log_softmax(reference(inputs)[0][0].float(), dim=-1)
+            log_q = F.log_softmax(quantized(inputs)[0][0].float(), dim=-1)
+            total_kl += (log_p.exp() * (log_p - log_q)).sum().item()
+            nll_reference -= log_p.gather(-1, targets[:, None]).sum().item()
+            nll_quantized -= log_q.gather(-1, targets[:, None]).sum().item()
+            count += targets.numel()
+    return {
+        "tokens": count,
+        "perplexity_reference": math.exp(nll_reference / count),
+        "perplexity_quantized": math.exp(nll_quantized / count),
+        "mean_kl": total_kl / count,
+    }
+
+
+def model_from_weights(config: ModelConfig, weights: dict[str, torch.Tensor | QuantizedTensor]) -> Transformer:
+    """A model whose Linear layers stay quantised wherever `weights` hold a QuantizedTensor
+    (a tied embedding in quantised form becomes the quantised LM head it shares)."""
+    weights = dict(weights)
+    embedding = weights.get("token_embedding.weight")
+    if config.tie_embeddings and isinstance(embedding, QuantizedTensor):
+        weights["lm_head.weight"] = weights.pop("token_embedding.weight")
+    layout, state = {}, {}
+    for name, value in weights.items():
+        if not isinstance(value, QuantizedTensor):
+            state[name] = value
+            continue
+        module = name.removesuffix(".weight")
+        layout[module] = {"bits": value.bits, "group_size": value.group_size}
+        state[f"{module}.codes"], state[f"{module}.scale"] = value.codes, value.scale
+        if value.offset is not None:
+            state[f"{module}.offset"] = value.offset
+    with torch.device("meta"):
+        model = apply_layout(Transformer(config, init_weights=False), layout)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings and not layout.get("lm_head"):
+        missing = [name for name in missing if name != "lm_head.weight"]
+        model.lm_head.weight = model.token_embedding.weight
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.rebuild_buffers()
+    return model
+
+
+KL_WARNING = 0.1  # mean KL (nats/token) above which answers visibly change; llama.cpp's Q4_0 on 7B models is ~0.03
+
+
+def quantize_and_save(
+    source: str,
+    out: str,
+    bits: int,
+    group_size: int | None = None,
+    eval_text: str | None = None,
+    eval_tokens: int = 2048,
+) -> dict:
+    """Quantise a model (a name, .gguf, HF folder or checkpoint), save it as a checkpoint folder
+    that `lmforge.load` reads directly, and report its quality against the fp32 original on
+    `eval_text` (default: held-out Shakespeare) as perplexities and mean KL divergence."""
+    import copy
+
+    from lmforge.checkpoint import save_model
+    from lmforge.loading import load
+
+    reference, tokenizer = load(source, keep_quantized=False)
+    quantized = quantize_model(copy.deepcopy(reference), bits, group_size)
+    save_model(out, quantized, tokenizer, {"quantized_from": str(source)})
+    if eval_text is None:
+        from lmforge.recipes import shakespeare_corpus
+
+        text = shakespeare_corpus().read_text(encoding="utf-8")
+        eval_text = text[len(text) * 9 // 10 :]  # the tail: text quantisation did not look at
+    tokens = torch.tensor(tokenizer.encode(eval_text)[:eval_tokens])
+    if tokens.numel() < 2:
+        raise ValueError("the evaluation text is too short to score (fewer than 2 tokens)")
+    report = kl_divergence_report(reference, quantized, tokens)
+    report.update(
+        bits=bits,
+        group_size=group_size or default_group_size(reference.config.d_model, bits),
+        fp32_megabytes=weight_bytes(reference) / 1e6,
+        quantized_megabytes=weight_bytes(quantized) / 1e6,
+        warning=report["mean_kl"] > KL_WARNING,
+    )
+    return report
