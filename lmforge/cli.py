@@ -157,6 +157,17 @@ def command_quantize(args, extra) -> int:
     return 0
 
 
+def command_serve(args, extra) -> int:
+    from lmforge.config import apply_values
+    from lmforge.serve import ServeConfig, serve
+
+    values = config_values(args.config, extra)
+    if args.model:
+        values["model"] = args.model
+    serve(apply_values(ServeConfig(), values))
+    return 0
+
+
 def command_export(args, extra) -> int:
     from lmforge.formats.gguf import save_gguf
     from lmforge.formats.hf import save_hf
@@ -186,6 +197,7 @@ MODEL_HELP = "a model name (smollm2-135m-instruct), a .gguf file, an HF folder, 
 def build_parser() -> argparse.ArgumentParser:
     from lmforge.generate import SamplingConfig
     from lmforge.loading import DEFAULT_CHAT_MODEL
+    from lmforge.serve import ServeConfig
     from lmforge.train import TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -255,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chat in the terminal; replies stream as they are generated.",
         epilog="In the chat: /reset, /system TEXT, /exit; Ctrl-C stops a reply.\n\n" + config_help(SamplingConfig),
     )
-    chat.add_argument("model", nargs="?", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP)
+    # `lmforge chat MODEL` works too: main() turns a bare MODEL into --model MODEL.
+    chat.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP + " (may be given bare: chat MODEL)")
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--config", help="YAML or JSON sampling config")
     chat.set_defaults(handler=command_chat)
@@ -266,6 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder (hf) or .gguf file")
     export.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF weight type (default f16)")
     export.set_defaults(handler=command_export)
+
+    serve_parser = verbs.add_parser(
+        "serve",
+        help="OpenAI-compatible API server with a web chat page (default: SmolLM2-135M-Instruct)",
+        formatter_class=formatter,
+        description="Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/embeddings, "
+        "/v1/models, /health, /metrics, and a chat page at /. Requests are batched continuously.",
+        epilog=config_help(ServeConfig),
+    )
+    serve_parser.add_argument(
+        "--model", help=MODEL_HELP + " (default smollm2-135m-instruct; may be given bare: serve MODEL)"
+    )
+    serve_parser.add_argument("--config", help="YAML or JSON server config")
+    serve_parser.set_defaults(handler=command_serve)
 
     quantize = verbs.add_parser(
         "quantize",
@@ -299,9 +326,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def model_argument_as_option(argv: list[str]) -> list[str]:
+    """For verbs taking an optional bare MODEL among free `--key value` overrides (chat, serve):
+    turn MODEL into `--model MODEL`, since argparse would take an override's value for it
+    (`lmforge serve --port 8001 model.gguf`)."""
+    if not argv or argv[0] not in ("chat", "serve"):
+        return argv
+    rest, index = argv[1:], 0
+    while index < len(rest):
+        token = rest[index]
+        if token.startswith("-"):
+            takes_value = token.startswith("--") and "=" not in token and token != "--help"
+            index += 2 if takes_value and index + 1 < len(rest) and not rest[index + 1].startswith("--") else 1
+            continue
+        return [argv[0], *rest[:index], "--model", token, *rest[index + 1 :]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    args, extra = parser.parse_known_args(model_argument_as_option(list(sys.argv[1:] if argv is None else argv)))
     if args.verb is None:
         parser.print_help()
         return 0

@@ -55,18 +55,21 @@ def decode_step(
         raise ValueError(f"position {int(positions.max())} does not fit the cache/context of {position_limit}")
     positions, slots = positions.contiguous(), slots.contiguous()
     x = model.token_embedding(tokens.reshape(batch)).contiguous()
-    for layer, block in enumerate(model.blocks):
+    blocks = model.blocks
+    # Modules' forward() is called directly: nn.Module.__call__'s hook handling costs more
+    # than some of these kernels.
+    h = kernels.rms_norm(x, blocks[0].attention_norm.weight, blocks[0].attention_norm.eps)
+    for layer, block in enumerate(blocks):
         attention = block.attention
-        h = kernels.rms_norm(x, block.attention_norm.weight, block.attention_norm.eps)
-        qkv = attention.qkv(h)
+        qkv = attention.qkv.forward(h)
         y = kernels.attention_decode(
             qkv, config.n_heads, config.kv_heads, slots, positions, cache.keys[layer], cache.values[layer],
             model.rope_cos, model.rope_sin,
         )  # fmt: skip
-        x = x + attention.out(y)
-        h = kernels.rms_norm(x, block.mlp_norm.weight, block.mlp_norm.eps)
-        x = x + block.mlp.down(kernels.silu_mul(block.mlp.up(h)))
+        h = kernels.add_rms_norm(x, attention.out.forward(y), block.mlp_norm.weight, block.mlp_norm.eps)
+        down = block.mlp.down.forward(kernels.silu_mul(block.mlp.up.forward(h)))
+        following = blocks[layer + 1].attention_norm if layer + 1 < len(blocks) else model.final_norm
+        h = kernels.add_rms_norm(x, down, following.weight, following.eps)
     if aligned:
         cache.length += 1
-    h = kernels.rms_norm(x, model.final_norm.weight, model.final_norm.eps)
     return model.lm_head(h).float()

@@ -175,6 +175,52 @@ def generate_batch(
     return outputs
 
 
+class TextStream:
+    """Generated token ids → text pieces to show, honouring stop strings.
+
+    Text that could still become a stop string, and an incomplete UTF-8 character at the
+    end, is held back until it is decided.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None):
+        self.tokenizer, self.stop = tokenizer, [s for s in (stop or []) if s]
+        self.tokens: list[int] = []
+        self.emitted = 0  # characters of the decoded text already handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that is now safe to show. Sets `stopped` at a stop string."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        emitted = self.emitted
+        found = (text.find(s, max(emitted - len(s), 0)) for s in self.stop)
+        cut = min((i for i in found if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self.emitted = max(cut, emitted)
+            return text[emitted:cut] if cut > emitted else ""
+        safe = len(text)
+        while safe > emitted and text[safe - 1] == "\ufffd":
+            safe -= 1  # a multi-byte character may still be arriving
+        for stop in self.stop:
+            for size in range(min(len(stop) - 1, safe), 0, -1):
+                if text[safe - size : safe] == stop[:size]:
+                    safe -= size
+                    break
+        if safe <= emitted:
+            return ""
+        self.emitted = safe
+        return text[emitted:safe]
+
+    def flush(self) -> str:
+        """What was held back, once generation has ended without a stop string."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.tokens)
+        rest, self.emitted = text[self.emitted :], len(text)
+        return rest
+
+
 def generate(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -184,11 +230,7 @@ def generate(
     stop_token_ids: set[int] | None = None,
 ) -> Iterator[str]:
     """Stream the completion of `prompt` as text pieces, honouring stop strings and end-of-text
-    (and any of `stop_token_ids`).
-
-    Text that could still become a stop string, and incomplete UTF-8 at the end, is held
-    back until it is decided.
-    """
+    (and any of `stop_token_ids`)."""
     sampling = sampling or SamplingConfig()
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids and tokenizer.bos_id is not None:
@@ -196,29 +238,15 @@ def generate(
     stop_ids = set(stop_token_ids or ())
     if stop_at_eos and tokenizer.eos_id is not None:
         stop_ids.add(tokenizer.eos_id)
-    generated: list[int] = []
-    emitted = 0
+    stream = TextStream(tokenizer, sampling.stop)
     for token in generate_tokens(model, prompt_ids, sampling):
         if token in stop_ids:
             break
-        generated.append(token)
-        text = tokenizer.decode(generated)
-        cut = min((i for i in (text.find(s, max(emitted - len(s), 0)) for s in sampling.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            if cut > emitted:
-                yield text[emitted:cut]
+        piece = stream.push(token)
+        if piece:
+            yield piece
+        if stream.stopped:
             return
-        safe = len(text)
-        while safe > emitted and text[safe - 1] == "\ufffd":
-            safe -= 1  # a multi-byte character may still be arriving
-        for stop in sampling.stop:
-            for size in range(min(len(stop) - 1, safe), 0, -1):
-                if text[safe - size : safe] == stop[:size]:
-                    safe -= size
-                    break
-        if safe > emitted:
-            yield text[emitted:safe]
-            emitted = safe
-    text = tokenizer.decode(generated)
-    if len(text) > emitted:
-        yield text[emitted:]
+    rest = stream.flush()
+    if rest:
+        yield rest

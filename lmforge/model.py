@@ -34,9 +34,12 @@ class ModelConfig:
     bias: bool = True  # biases in Linear and LayerNorm layers
     tie_embeddings: bool = True
     dropout: float = 0.0
+    causal: bool = True  # False: every position sees every other (encoders such as BERT)
+    norm_position: str = "pre"  # "pre": x + f(norm(x)) (GPT-2, Llama); "post": norm(x + f(x)) (BERT)
 
     def __post_init__(self) -> None:
         choices = {
+            "norm_position": ("pre", "post"),
             "norm": ("layernorm", "rmsnorm"),
             "mlp": ("gelu", "gelu_tanh", "swiglu"),
             "positions": ("learned", "rope"),
@@ -67,6 +70,8 @@ class ModelConfig:
     def family(self) -> str | None:
         """'llama' or 'gpt2' when the switches match that published family (what the export
         formats can express), else None."""
+        if not self.causal or self.norm_position != "pre":
+            return None
         if (self.norm, self.mlp, self.positions, self.bias) == ("rmsnorm", "swiglu", "rope", False):
             return "llama"
         if (self.norm, self.positions, self.bias) == ("layernorm", "learned", True) and self.mlp != "swiglu":
@@ -246,10 +251,16 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.kv_heads) * config.head_dim, bias=config.bias)
         self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = config.dropout
+        self.causal = config.causal
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`padding_mask` (B, 1, 1, T), True where a key is real: for batches of padded, non-causal inputs."""
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
@@ -260,7 +271,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        mask, is_causal = None, length > 1
+        mask, is_causal = padding_mask, self.causal and length > 1
         if cache is not None:  # attend over everything cached so far, this step included
             k, v, mask, is_causal = cache.update(self.layer_index, k, v)
         if self.n_kv_heads != self.n_heads:
@@ -296,7 +307,8 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+    """Residual block. Pre-norm: x + attention(norm(x)), then x + mlp(norm(x)).
+    Post-norm (the original Transformer, BERT): norm(x + attention(x)), then norm(x + mlp(x))."""
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -304,9 +316,13 @@ class Block(nn.Module):
         self.attention = CausalSelfAttention(config, layer_index)
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
+        self.post_norm = config.norm_position == "post"
 
-    def forward(self, x, rope, cache):
-        x = x + self.attention(self.attention_norm(x), rope, cache)
+    def forward(self, x, rope, cache, padding_mask=None):
+        if self.post_norm:
+            x = self.attention_norm(x + self.attention(x, rope, cache, padding_mask))
+            return self.mlp_norm(x + self.mlp(x))
+        x = x + self.attention(self.attention_norm(x), rope, cache, padding_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 

@@ -1,8 +1,16 @@
 import pytest
 import torch
 
-from lmforge.generate import SamplingConfig, apply_repetition_penalty, generate, generate_tokens, pick_next_token
-from lmforge.model import ModelConfig, Transformer
+from lmforge import engine
+from lmforge.generate import (
+    SamplingConfig,
+    apply_repetition_penalty,
+    generate,
+    generate_batch,
+    generate_tokens,
+    pick_next_token,
+)
+from lmforge.model import KVCache, ModelConfig, Transformer
 from lmforge.tokenizer import CharTokenizer
 
 
@@ -89,3 +97,54 @@ def test_stop_strings_cut_the_text(model, tokenizer):
         generate(model, tokenizer, "ab", SamplingConfig(**{**sampling.__dict__, "stop": [stop]}), stop_at_eos=False)
     )
     assert cut == full[: full.find(stop)]
+
+
+def gpt2_model(vocab_size: int) -> Transformer:
+    torch.manual_seed(1)
+    return Transformer(ModelConfig(vocab_size=vocab_size, block_size=40, n_layers=2, n_heads=2, d_model=32)).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_batched_generation_equals_one_prompt_at_a_time(model, tokenizer, family):
+    """Prompts of different lengths share one cache with per-row positions (no padding in the cache):
+    each row must produce exactly what it produces alone. Llama runs the native decode step, GPT-2
+    the model's own forward with per-row positions and cache slots."""
+    model = model if family == "llama" else gpt2_model(tokenizer.vocab_size)
+    prompts = [[3, 4, 5], [7], [9, 10, 11, 12, 13, 14, 15], [2, 2]]
+    sampling = SamplingConfig(max_new_tokens=9, temperature=0)
+    alone = [list(generate_tokens(model, prompt, sampling)) for prompt in prompts]
+    assert generate_batch(model, prompts, sampling) == alone
+    # a row that hits a stop token leaves the batch; the others carry on unchanged
+    stop = alone[1][2]
+    stopped = generate_batch(model, prompts, sampling, stop_token_ids={stop})
+    for row, tokens in enumerate(alone):
+        expected = tokens[: tokens.index(stop) + 1] if stop in tokens else tokens
+        assert stopped[row] == expected
+
+
+def test_batched_sampling_is_reproducible_per_row(model):
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, seed=5)
+    assert generate_batch(model, [[1, 2], [3]], sampling) == generate_batch(model, [[1, 2], [3]], sampling)
+
+
+def test_batched_generation_rejects_prompts_beyond_the_context(model):
+    with pytest.raises(ValueError, match="exceeds the model's context of 24"):
+        generate_batch(model, [[1] * 20], SamplingConfig(max_new_tokens=10))
+
+
+@pytest.mark.skipif(not engine.supports(Transformer(ModelConfig(
+    norm="rmsnorm", mlp="swiglu", positions="rope", bias=False))), reason="native kernels unavailable")  # fmt: skip
+def test_native_decode_step_matches_the_model_forward(model):
+    """Per-row positions in cache slots 1 and 0 against a full forward pass of each sequence."""
+    sequences = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    cache = KVCache(model.config, 2, 16)
+    for row, sequence in zip([1, 0], sequences):
+        model(torch.tensor([sequence[:-1]]), cache=cache, positions=torch.tensor([0]), slots=torch.tensor([row]))
+    logits = engine.decode_step(
+        model, torch.tensor([[sequences[0][-1]], [sequences[1][-1]]]), cache,
+        positions=torch.tensor([5, 2]), slots=torch.tensor([1, 0]),
+    )  # fmt: skip
+    with torch.no_grad():
+        for row, sequence in enumerate(sequences):
+            full = model(torch.tensor([sequence]))[0][0, -1]
+            torch.testing.assert_close(logits[row], full, rtol=1e-4, atol=1e-4)

@@ -63,6 +63,8 @@ def _library() -> ctypes.CDLL | None:
     library.matvec_q8_exact.restype = None
     library.rms_norm.argtypes = [ptr, ptr, ctypes.c_float, i64, i64, ptr]
     library.silu_mul.argtypes = [ptr, i64, i64, ptr]
+    library.add_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr]
+    library.add_rms_norm.restype = None
     library.attention_decode.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, threads]
     for function in (library.matvec_f32, library.matvec_q8, library.matvec_q4, library.rms_norm, library.silu_mul):
         function.restype = None
@@ -155,6 +157,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight over the last dimension of a contiguous (rows, D) tensor."""
     out = torch.empty_like(x)
     _library().rms_norm(x.data_ptr(), weight.data_ptr(), eps, x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x += delta (in place), then return rms_norm(x): a residual add and the next norm in one call."""
+    out = torch.empty_like(x)
+    _library().add_rms_norm(
+        x.data_ptr(), delta.data_ptr(), weight.data_ptr(), eps, x.shape[0], x.shape[1], out.data_ptr()
+    )
     return out
 
 

@@ -270,6 +270,12 @@ void rms_norm(const float *x, const float *weight, float eps, int64_t rows, int6
     }
 }
 
+/* x += delta, then out = rms_norm(x): the residual add and the next norm in one pass. */
+void add_rms_norm(float *x, const float *delta, const float *weight, float eps, int64_t rows, int64_t D, float *out) {
+    for (int64_t i = 0; i < rows * D; i++) x[i] += delta[i];
+    rms_norm(x, weight, eps, rows, D, out);
+}
+
 /* out (rows, H) = silu(gate) * up, where each row of gate_up (rows, 2H) is [gate | up]. */
 void silu_mul(const float *gate_up, int64_t rows, int64_t H, float *out) {
     for (int64_t r = 0; r < rows; r++)

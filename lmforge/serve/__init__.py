@@ -1,0 +1,75 @@
+"""`lmforge serve`: any lmforge model behind an OpenAI-compatible HTTP API, with a chat page."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+from lmforge.errors import LmforgeError
+
+
+@dataclass
+class ServeConfig:
+    """What `lmforge serve` serves and how."""
+
+    model: str = "smollm2-135m-instruct"  # name, .gguf, HF folder or checkpoint
+    model_name: str | None = None  # the id clients send; default: the model argument
+    embedding_model: str = "all-minilm-l6-v2"  # "none" to serve no /v1/embeddings
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # default: $LMFORGE_API_KEY; unset means no key required
+    max_batch: int = 8  # sequences decoded together (KV-cache slots)
+    max_context: int = 2048  # tokens per sequence (prompt + completion), capped by the model's context
+    max_tokens: int = 2048  # largest max_tokens a request may ask for
+    max_body_bytes: int = 1_000_000
+    cors_origins: list[str] = field(default_factory=list)
+    drain_seconds: float = 10.0  # on SIGTERM, how long running requests may finish before being cancelled
+
+
+def build_app(config: ServeConfig):
+    """The FastAPI app for `config` (model loaded, scheduler ready to start with the app)."""
+    from lmforge.encoder import SentenceEmbedder
+    from lmforge.loading import load
+    from lmforge.serve.app import ServedModels, ServeLimits, create_app
+    from lmforge.serve.scheduler import Scheduler
+
+    if config.max_batch < 1 or config.max_context < 2:
+        raise LmforgeError("max_batch must be >= 1 and max_context >= 2")
+    model, tokenizer = load(config.model)
+    scheduler = Scheduler(model, tokenizer, max_batch=config.max_batch, max_context=config.max_context)
+    scheduler.drain_seconds = config.drain_seconds
+    embedder = None
+    if config.embedding_model.lower() != "none":
+        try:
+            embedder = SentenceEmbedder(config.embedding_model)
+        except LmforgeError as error:
+            print(f"no embeddings endpoint: {error}", file=sys.stderr)
+    served = ServedModels(
+        name=config.model_name or os.path.basename(str(config.model).rstrip("/")),
+        scheduler=scheduler,
+        embedding_name=config.embedding_model if embedder else None,
+        embedder=embedder,
+    )
+    limits = ServeLimits(
+        max_tokens=config.max_tokens,
+        max_body_bytes=config.max_body_bytes,
+        api_key=config.api_key or os.environ.get("LMFORGE_API_KEY") or None,
+        cors_origins=config.cors_origins,
+    )
+    return create_app(served, limits)
+
+
+def serve(config: ServeConfig) -> None:
+    """Run the server until SIGINT/SIGTERM; then stop accepting, drain, and exit."""
+    import uvicorn
+
+    app = build_app(config)
+    print(f"serving {config.model} on http://{config.host}:{config.port} (chat page at /)", file=sys.stderr)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(config.drain_seconds) + 5,
+    )

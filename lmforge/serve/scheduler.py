@@ -1,0 +1,210 @@
+"""Continuous batching: one thread runs the model; requests join and leave the running batch between steps.
+
+Each running sequence owns a row ("slot") of one shared KV cache and its own position, so
+sequences of any length decode together in one batched step (`next_token_logits` with
+per-row positions). A request that arrives while others decode is prefilled between two
+steps and joins the next one; a finished or cancelled request frees its slot at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lmforge.generate import SamplingConfig, TextStream, next_token_logits, pick_next_token
+from lmforge.model import KVCache, Transformer
+from lmforge.tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationRequest:
+    """One sequence to generate. `emit` receives events from the scheduler thread:
+    ("text", piece, token_id) as tokens arrive, then ("done", finish_reason, usage) or ("error", message, None)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    emit: Callable[[tuple], None]
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0))
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_ids: frozenset[int] = frozenset()
+    cancelled: bool = False  # set by the client side (disconnect); the scheduler frees the slot next step
+    submitted_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Running:
+    request: GenerationRequest
+    slot: int
+    stream: TextStream
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    counts: collections.Counter = field(default_factory=collections.Counter)
+
+
+class Scheduler:
+    """Owns the model and a KV cache of `max_batch` slots; serves requests from a background thread."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, max_context: int | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch = max_batch
+        self.context = min(model.config.block_size, max_context or model.config.block_size)
+        dtype = next(model.parameters(), torch.empty(0)).dtype
+        self.cache = KVCache(
+            model.config, max_batch, self.context, dtype=dtype if dtype.is_floating_point else torch.float32
+        )
+        self.free_slots = list(range(max_batch - 1, -1, -1))
+        self.waiting: collections.deque[GenerationRequest] = collections.deque()
+        self.running: list[_Running] = []
+        self.condition = threading.Condition()
+        self.accepting = True
+        self.stopping = False
+        self.metrics = collections.Counter()
+        self.thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
+
+    # ---- client side -------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, request: GenerationRequest) -> None:
+        if len(request.prompt_ids) + request.max_tokens > self.context:
+            raise ValueError(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
+                f"context of {self.context} tokens"
+            )
+        with self.condition:
+            if not self.accepting:
+                raise RuntimeError("the server is shutting down")
+            self.waiting.append(request)
+            self.metrics["requests_total"] += 1
+            self.condition.notify()
+
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def active_sequences(self) -> int:
+        return len(self.running)
+
+    def shutdown(self, drain_seconds: float = 10.0) -> None:
+        """Stop taking requests; let running ones finish for up to `drain_seconds`, then cancel the rest."""
+        with self.condition:
+            self.accepting = False
+            self.condition.notify()
+        deadline = time.monotonic() + drain_seconds
+        while (self.running or self.waiting) and time.monotonic() < deadline and self.thread.is_alive():
+            time.sleep(0.02)
+        with self.condition:
+            self.stopping = True
+            self.condition.notify()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+        for request in list(self.waiting) + [running.request for running in self.running]:
+            request.emit(("done", "cancelled", self._usage(request, 0)))
+        self.waiting.clear()
+        self.running.clear()
+
+    # ---- scheduler thread --------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self.condition:
+                    while not self.stopping and not self.waiting and not self.running:
+                        self.condition.wait()
+                    if self.stopping:
+                        return
+                    admitted = []
+                    while self.waiting and self.free_slots:
+                        request = self.waiting.popleft()
+                        if not request.cancelled:
+                            admitted.append(request)
+                for request in admitted:
+                    self._run_safely(lambda request=request: self._prefill(request), [request])
+                if self.running:
+                    self._run_safely(self._decode_step, [running.request for running in self.running])
+
+    def _run_safely(self, step: Callable[[], None], requests: list[GenerationRequest]) -> None:
+        """A failure in one step fails the requests in it, never the scheduler."""
+        try:
+            step()
+        except Exception as error:  # noqa: BLE001 - report to the client and keep serving
+            self.metrics["errors_total"] += 1
+            for request in requests:
+                request.emit(("error", f"generation failed: {type(error).__name__}: {error}", None))
+            self.running = [running for running in self.running if running.request not in requests]
+            self.free_slots = sorted(set(range(self.max_batch)) - {r.slot for r in self.running}, reverse=True)
+
+    def _prefill(self, request: GenerationRequest) -> None:
+        slot = self.free_slots.pop()
+        seed = request.sampling.seed
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        running = _Running(request, slot, TextStream(self.tokenizer, request.sampling.stop), generator)
+        self.running.append(running)
+        logits = next_token_logits(
+            self.model, torch.tensor([request.prompt_ids]), self.cache,
+            positions=torch.tensor([0]), slots=torch.tensor([slot]),
+        )  # fmt: skip
+        self.metrics["prompt_tokens_total"] += len(request.prompt_ids)
+        self._accept(running, logits[0])
+
+    def _decode_step(self) -> None:
+        rows = [running for running in self.running if not running.request.cancelled]
+        for running in list(self.running):
+            if running.request.cancelled:
+                self._finish(running, "cancelled")
+        if not rows:
+            return
+        tokens = torch.tensor([[running.generated[-1]] for running in rows])
+        positions = torch.tensor([len(running.request.prompt_ids) + len(running.generated) - 1 for running in rows])
+        slots = torch.tensor([running.slot for running in rows])
+        logits = next_token_logits(self.model, tokens, self.cache, positions=positions, slots=slots)
+        for index, running in enumerate(rows):
+            self._accept(running, logits[index])
+
+    def _accept(self, running: _Running, logits: torch.Tensor) -> None:
+        """Sample this sequence's next token from its logits, stream it, and retire the sequence if done."""
+        request = running.request
+        if running.counts and (request.presence_penalty or request.frequency_penalty):
+            # OpenAI's definition: subtract frequency * count + presence * [count > 0] for tokens generated so far.
+            ids = torch.tensor(list(running.counts))
+            counts = torch.tensor([running.counts[i] for i in running.counts], dtype=logits.dtype)
+            logits = logits.clone()
+            logits[ids] -= request.frequency_penalty * counts + request.presence_penalty
+        token = int(pick_next_token(logits[None], request.sampling, running.generator)[0])
+        running.generated.append(token)
+        running.counts[token] += 1
+        self.metrics["completion_tokens_total"] += 1
+        if token in request.stop_ids:
+            self._finish(running, "stop")
+            return
+        piece = running.stream.push(token)
+        if piece:
+            request.emit(("text", piece, token))
+        used = len(request.prompt_ids) + len(running.generated)
+        if running.stream.stopped:
+            self._finish(running, "stop")
+        elif len(running.generated) >= request.max_tokens or used >= self.context:
+            self._finish(running, "length")
+
+    def _finish(self, running: _Running, reason: str) -> None:
+        if reason != "stop" or not running.stream.stopped:
+            rest = running.stream.flush()
+            if rest and reason != "cancelled":
+                running.request.emit(("text", rest, None))
+        self.running.remove(running)
+        self.free_slots.append(running.slot)
+        self.metrics[f"finished_{reason}_total"] += 1
+        running.request.emit(("done", reason, self._usage(running.request, len(running.generated))))
+
+    @staticmethod
+    def _usage(request: GenerationRequest, completion_tokens: int) -> dict:
+        prompt = len(request.prompt_ids)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt + completion_tokens,
+        }
