@@ -20,6 +20,8 @@ from lmforge.generate import SamplingConfig, TextStream, next_token_logits, pick
 from lmforge.model import KVCache, Transformer
 from lmforge.tokenizer import Tokenizer
 
+PREFILL_TOKENS = 4096  # padded prompt tokens per batched prefill pass (bounds its attention-mask memory)
+
 
 @dataclass
 class GenerationRequest:
@@ -122,8 +124,8 @@ class Scheduler:
                         request = self.waiting.popleft()
                         if not request.cancelled:
                             admitted.append(request)
-                for request in admitted:
-                    self._run_safely(lambda request=request: self._prefill(request), [request])
+                for group in self._prefill_groups(admitted):
+                    self._run_safely(lambda group=group: self._prefill(group), group)
                 if self.running:
                     self._run_safely(self._decode_step, [running.request for running in self.running])
 
@@ -138,18 +140,44 @@ class Scheduler:
             self.running = [running for running in self.running if running.request not in requests]
             self.free_slots = sorted(set(range(self.max_batch)) - {r.slot for r in self.running}, reverse=True)
 
-    def _prefill(self, request: GenerationRequest) -> None:
-        slot = self.free_slots.pop()
-        seed = request.sampling.seed
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        running = _Running(request, slot, TextStream(self.tokenizer, request.sampling.stop), generator)
-        self.running.append(running)
+    @staticmethod
+    def _prefill_groups(requests: list[GenerationRequest]) -> list[list[GenerationRequest]]:
+        """Newly admitted requests, grouped so each group's padded prompt batch stays under PREFILL_TOKENS."""
+        groups, current, longest = [], [], 0
+        for request in requests:
+            longest_with = max(longest, len(request.prompt_ids))
+            if current and longest_with * (len(current) + 1) > PREFILL_TOKENS:
+                groups.append(current)
+                current, longest_with = [], len(request.prompt_ids)
+            current.append(request)
+            longest = longest_with
+        return groups + [current] if current else groups
+
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        """Run the prompts of newly admitted requests in one batched pass (right-padded; each row
+        writes its own cache slot from position 0) and sample each one's first token."""
+        started = []
+        for request in requests:
+            seed = request.sampling.seed
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            running = _Running(
+                request, self.free_slots.pop(), TextStream(self.tokenizer, request.sampling.stop), generator
+            )
+            self.running.append(running)
+            started.append(running)
+        lengths = [len(request.prompt_ids) for request in requests]
+        padded = torch.zeros(len(requests), max(lengths), dtype=torch.long)
+        for row, request in enumerate(requests):
+            padded[row, : lengths[row]] = torch.tensor(request.prompt_ids)
         logits = next_token_logits(
-            self.model, torch.tensor([request.prompt_ids]), self.cache,
-            positions=torch.tensor([0]), slots=torch.tensor([slot]),
+            self.model, padded, self.cache,
+            positions=torch.zeros(len(requests), dtype=torch.long),
+            slots=torch.tensor([running.slot for running in started]),
+            last=torch.tensor(lengths) - 1,
         )  # fmt: skip
-        self.metrics["prompt_tokens_total"] += len(request.prompt_ids)
-        self._accept(running, logits[0])
+        self.metrics["prompt_tokens_total"] += sum(lengths)
+        for row, running in enumerate(started):
+            self._accept(running, logits[row])
 
     def _decode_step(self) -> None:
         rows = [running for running in self.running if not running.request.cancelled]

