@@ -1,5 +1,5 @@
-"""CPU inference of SmolLM2-135M-Instruct: lmforge (fp32, int8, int4, the GGUF's own Q4_1, compiled
-prefill) vs HF transformers (fp32, same weights) and llama-cpp-python (same GGUF) in the same run.
+"""CPU inference of SmolLM2-135M-Instruct: lmforge (fp32, int8, int4, the GGUF's own Q4_1; native
+decode kernels or torch.compile) vs HF transformers (fp32, same weights) and llama-cpp-python (same GGUF) in the same run.
 
 Each engine runs in its own process (clean load time and peak RSS): load time, prefill tok/s of
 a 512-token prompt, decode tok/s of 128 greedy tokens after a chat prompt, peak RSS. Rounds are
@@ -58,15 +58,14 @@ def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
     start = time.perf_counter()
     if variant in ("fp32", "fp32-compiled"):
         model, tokenizer = load("smollm2-135m-instruct", keep_quantized=False)
-    elif variant == "gguf-q4_1":
+    elif variant.startswith("gguf-q4_1"):
         model, tokenizer = load("smollm2-135m-instruct")
     else:
         model, tokenizer = load(checkpoint)
     load_seconds = time.perf_counter() - start
 
-    hidden_states = model.hidden_states
-    if variant == "fp32-compiled":
-        model.hidden_states = torch.compile(hidden_states, dynamic=True)
+    if variant.endswith("compiled"):  # prefill through a compiled forward too
+        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     prefill_ids = tokenizer.encode(FILLER * 40)[:PREFILL_TOKENS]
     with torch.inference_mode():
         for _ in range(2):  # the first call of a compiled model compiles it
@@ -75,7 +74,11 @@ def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
             next_token_logits(model, torch.tensor([prefill_ids]), cache)
             prefill_seconds = time.perf_counter() - start
     chat_ids = tokenizer.encode(render_chat(CHAT, tokenizer.chat_template))
-    tokens = generate_tokens(model, chat_ids, SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0))
+    compiled = variant.endswith("compiled")
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0)
+    if compiled:  # the first generation compiles the decode step; time the second
+        list(generate_tokens(model, chat_ids, SamplingConfig(max_new_tokens=4, temperature=0), compile=True))
+    tokens = generate_tokens(model, chat_ids, sampling, compile=compiled)
     next(tokens)  # prefill + first token
     start = time.perf_counter()
     rest = list(tokens)
@@ -195,7 +198,10 @@ def main() -> None:
     tokenizer = load("smollm2-135m-instruct")[1]
     assert render_chat(CHAT, tokenizer.chat_template) == CHAT_TEXT, "CHAT_TEXT no longer matches the template"
 
-    engines = ["lmforge-fp32", "lmforge-fp32-compiled", "lmforge-int8", "lmforge-int4", "lmforge-gguf-q4_1"]
+    engines = [
+        "lmforge-fp32", "lmforge-fp32-compiled", "lmforge-int8", "lmforge-int4", "lmforge-gguf-q4_1",
+        "lmforge-gguf-q4_1-compiled",
+    ]  # fmt: skip
     if not args.skip_hf:
         engines.append("transformers")
     try:

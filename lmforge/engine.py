@@ -11,9 +11,11 @@ covers Llama-family models (RMSNorm, RoPE, SwiGLU, no biases) on CPU in fp32 act
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from lmforge import kernels
-from lmforge.model import KVCache, Transformer
+from lmforge.model import KVCache, Transformer, apply_rope
+from lmforge.quantize import QuantizedLinear
 
 
 def supports(model: Transformer) -> bool:
@@ -29,6 +31,92 @@ def supports(model: Transformer) -> bool:
         and model.rope_cos.dtype == torch.float32
         and model.final_norm.weight.dtype == torch.float32
     )
+
+
+class DecodePlan:
+    """Every native call of one decoding step for `batch` rows, prepared once: buffers allocated,
+    pointers and sizes resolved. A step is then ~7 plain ctypes calls per layer; the Python
+    around each call was a quarter of the step when it went through the modules."""
+
+    def __init__(self, model: Transformer, cache: KVCache, batch: int):
+        config = model.config
+        library, threads = kernels.library(), torch.get_num_threads()
+        d, width = config.d_model, (config.n_heads + 2 * config.kv_heads) * config.head_dim
+        buffer = lambda *shape: torch.empty(*shape)  # noqa: E731
+        self.model, self.batch = model, batch
+        self.x, self.h, self.y, self.delta = buffer(batch, d), buffer(batch, d), buffer(batch, d), buffer(batch, d)
+        self.qkv, self.up = buffer(batch, width), buffer(batch, 2 * config.mlp_hidden)
+        self.gated = buffer(batch, config.mlp_hidden)
+        self.logits = buffer(batch, config.vocab_size)
+        self.scores = buffer(batch * config.n_heads * cache.max_length)
+        self.positions, self.slots = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
+        self._keep = []  # scratch tensors whose pointers the calls hold
+        blocks = model.blocks
+        first = blocks[0].attention_norm
+        self.calls = [
+            (library.rms_norm, (self.x.data_ptr(), first.weight.data_ptr(), first.eps, batch, d, self.h.data_ptr()))
+        ]
+        for layer, block in enumerate(blocks):
+            attention = block.attention
+            following = blocks[layer + 1].attention_norm if layer + 1 < len(blocks) else model.final_norm
+            self.calls += [
+                self._matvec(attention.qkv, self.h, self.qkv),
+                (library.attention_decode, (
+                    self.qkv.data_ptr(), batch, config.n_heads, config.kv_heads, config.head_dim,
+                    self.slots.data_ptr(), self.positions.data_ptr(), cache.keys[layer].data_ptr(),
+                    cache.values[layer].data_ptr(), cache.max_length, model.rope_cos.data_ptr(),
+                    model.rope_sin.data_ptr(), self.scores.data_ptr(), self.y.data_ptr(), threads,
+                )),
+                self._matvec(attention.out, self.y, self.delta),
+                (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), block.mlp_norm.weight.data_ptr(),
+                                        block.mlp_norm.eps, batch, d, self.h.data_ptr())),
+                self._matvec(block.mlp.up, self.h, self.up),
+                (library.silu_mul, (self.up.data_ptr(), batch, config.mlp_hidden, self.gated.data_ptr())),
+                self._matvec(block.mlp.down, self.gated, self.delta),
+                (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), following.weight.data_ptr(),
+                                        following.eps, batch, d, self.h.data_ptr())),
+            ]  # fmt: skip
+        self.calls.append(self._matvec(model.lm_head, self.h, self.logits))
+
+    def _matvec(self, layer, x: torch.Tensor, out: torch.Tensor):
+        library, threads = kernels.library(), torch.get_num_threads()
+        rows, inner = x.shape
+        bias = 0 if layer.bias is None else layer.bias.data_ptr()
+        head = (x.data_ptr(), rows, inner)  # every matvec starts with x, its rows and width
+        if not isinstance(layer, QuantizedLinear):
+            tail = (bias, layer.out_features, out.data_ptr(), threads)
+            return library.matvec_f32, (*head, layer.weight.detach().data_ptr(), *tail)
+        codes, scale = layer.codes.data_ptr(), layer.scale.data_ptr()
+        if layer.bits == 8 and layer.exact_activations:
+            tail = (layer.group_size, bias, layer.out_features, out.data_ptr(), threads)
+            return library.matvec_q8_exact, (*head, codes, scale, *tail)
+        scratch = [torch.empty(rows, inner, dtype=torch.int8), torch.empty(rows, inner // 32)]
+        scratch.append(torch.empty(rows, inner // 32))
+        self._keep.append(scratch)
+        tail = (layer.group_size, bias, layer.out_features, out.data_ptr(), *(t.data_ptr() for t in scratch), threads)
+        if layer.bits == 8:
+            return library.matvec_q8, (*head, codes, scale, *tail)
+        return library.matvec_q4, (*head, codes, scale, layer.offset.data_ptr(), *tail)
+
+    @staticmethod
+    def fits(model: Transformer) -> bool:
+        """Every Linear is one the native calls can run (fp32 contiguous, or int8/int4 with 32-column groups)."""
+        for layer in model.modules():
+            if isinstance(layer, QuantizedLinear):
+                if layer.in_features % 32:
+                    return False
+            elif isinstance(layer, nn.Linear):
+                if layer.weight.dtype != torch.float32 or not layer.weight.is_contiguous():
+                    return False
+        return True
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        self.positions.copy_(positions)
+        self.slots.copy_(slots)
+        self.x.copy_(self.model.token_embedding(tokens.reshape(self.batch)))
+        for function, arguments in self.calls:
+            function(*arguments)
+        return self.logits.clone()
 
 
 def decode_step(
@@ -53,11 +141,26 @@ def decode_step(
     position_limit = min(cache.max_length, config.block_size)
     if int(positions.max()) >= position_limit:
         raise ValueError(f"position {int(positions.max())} does not fit the cache/context of {position_limit}")
-    positions, slots = positions.contiguous(), slots.contiguous()
+    plans = cache.__dict__.setdefault("_decode_plans", {})  # per cache: the plan holds its tensors' addresses
+    key = (id(model), batch)
+    if key not in plans:
+        plans[key] = DecodePlan(model, cache, batch) if DecodePlan.fits(model) else None
+    plan = plans[key]
+    if plan is not None:
+        logits = plan.run(tokens, positions, slots)
+    else:
+        logits = _decode_through_modules(model, tokens, cache, positions.contiguous(), slots.contiguous())
+    if aligned:
+        cache.length += 1
+    return logits
+
+
+def _decode_through_modules(model, tokens, cache, positions, slots) -> torch.Tensor:
+    """The same step calling each layer's forward (any Linear type)."""
+    config = model.config
+    batch = tokens.shape[0]
     x = model.token_embedding(tokens.reshape(batch)).contiguous()
     blocks = model.blocks
-    # Modules' forward() is called directly: nn.Module.__call__'s hook handling costs more
-    # than some of these kernels.
     h = kernels.rms_norm(x, blocks[0].attention_norm.weight, blocks[0].attention_norm.eps)
     for layer, block in enumerate(blocks):
         attention = block.attention
@@ -70,6 +173,59 @@ def decode_step(
         down = block.mlp.down.forward(kernels.silu_mul(block.mlp.up.forward(h)))
         following = blocks[layer + 1].attention_norm if layer + 1 < len(blocks) else model.final_norm
         h = kernels.add_rms_norm(x, down, following.weight, following.eps)
-    if aligned:
-        cache.length += 1
     return model.lm_head(h).float()
+
+
+def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, keys: list, values: list):
+    """One token per row (rows 0..B-1 of the cache) in plain PyTorch with shapes that never change:
+    new keys/values are scattered at `positions`, and attention runs over the whole cache with
+    a mask (key position <= row position), so `torch.compile` builds one graph for every step."""
+    import torch.nn.functional as F
+
+    config = model.config
+    batch = tokens.shape[0]
+    capacity = keys[0].shape[2]
+    x = model.token_embedding(tokens)  # (B, 1, d)
+    rope = None
+    if config.positions == "learned":
+        x = x + model.position_embedding(positions)[:, None]
+    else:
+        rope = (model.rope_cos[positions][:, None, None], model.rope_sin[positions][:, None, None])
+    visible = (torch.arange(capacity, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+    rows = torch.arange(batch, device=tokens.device)
+    for layer, block in enumerate(model.blocks):
+        attention = block.attention
+        h = block.attention_norm(x)
+        q, k, v = attention.qkv(h).split(
+            [config.n_heads * config.head_dim, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim],
+            dim=-1,
+        )
+        q = q.view(batch, 1, config.n_heads, config.head_dim).transpose(1, 2)
+        k = k.view(batch, config.kv_heads, config.head_dim)
+        v = v.view(batch, config.kv_heads, config.head_dim)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+            k = apply_rope(k[:, :, None], *rope)[:, :, 0]
+        keys[layer][rows, :, positions] = k
+        values[layer][rows, :, positions] = v
+        y = F.scaled_dot_product_attention(
+            q, keys[layer][:batch], values[layer][:batch], attn_mask=visible,
+            enable_gqa=config.kv_heads != config.n_heads,
+        )  # fmt: skip
+        x = x + attention.out(y.transpose(1, 2).reshape(batch, 1, config.d_model))
+        x = x + block.mlp(block.mlp_norm(x))
+    return model.lm_head(model.final_norm(x)[:, 0]).float()
+
+
+def compiled_decode_step(model: Transformer):
+    """`torch.compile` of the static decode step for `model` (built once per model), or None where
+    compilation is unavailable; `decode_step(..., compiled=...)` then falls back cleanly."""
+    cached = getattr(model, "_compiled_decode", None)
+    if cached is None:
+        kernels.available()  # build/load the kernels now, outside the traced code
+        try:
+            cached = torch.compile(_static_decode, dynamic=False, fullgraph=False)
+        except Exception:  # noqa: BLE001 - no compiler/backend: run uncompiled
+            cached = False
+        model._compiled_decode = cached
+    return cached or None

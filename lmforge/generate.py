@@ -84,13 +84,15 @@ def _adjust_logits(logits: torch.Tensor, history: list[list[int]], sampling: Sam
 
 @torch.inference_mode()
 def generate_tokens(
-    model: Transformer, prompt_ids: list[int], sampling: SamplingConfig, use_cache: bool = True
+    model: Transformer, prompt_ids: list[int], sampling: SamplingConfig, use_cache: bool = True, compile: bool = False
 ) -> Iterator[int]:
     """Yield new token ids one at a time (batch of one), stopping after max_new_tokens.
 
     With the cache, the prompt is prefilled in one pass and each step feeds only the new token.
     Once the context fills the model's block, both paths recompute over the last block_size
-    tokens, so they agree exactly.
+    tokens, so they agree exactly. compile=True decodes with `torch.compile` of a static-shape
+    step (`engine.compiled_decode_step`; the first call compiles, tens of seconds) instead of
+    the native kernels, falling back to them where compilation is unavailable.
     """
     device = next(model.parameters()).device
     block_size = model.config.block_size
@@ -99,9 +101,13 @@ def generate_tokens(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     tokens = list(prompt_ids)
     cache = None
+    compiled = engine.compiled_decode_step(model) if compile and use_cache else None
     if use_cache:
-        # Sized to this request, not the model's whole context (8k positions for SmolLM2).
+        # Sized to this request, not the model's whole context (8k positions for SmolLM2); a compiled
+        # step sees the cache's shape, so round it up to few distinct sizes to reuse its graph.
         capacity = min(block_size, len(tokens) + sampling.max_new_tokens)
+        if compiled is not None:
+            capacity = min(block_size, max(256, 1 << (capacity - 1).bit_length()))
         cache = KVCache(model.config, 1, capacity, device=device, dtype=next(model.parameters()).dtype)
     pending = tokens[-block_size:]  # what the model has not seen yet
     for _ in range(sampling.max_new_tokens):
@@ -109,7 +115,13 @@ def generate_tokens(
             cache.reset()
             pending = tokens[-block_size:]
         inputs = torch.tensor([pending if cache is not None else tokens[-block_size:]], device=device)
-        logits = _adjust_logits(next_token_logits(model, inputs, cache), [tokens], sampling)
+        if compiled is not None and len(pending) == 1:
+            position = torch.tensor([cache.length], device=device)
+            logits = compiled(model, inputs, position, cache.keys, cache.values)
+            cache.length += 1
+        else:
+            logits = next_token_logits(model, inputs, cache)
+        logits = _adjust_logits(logits, [tokens], sampling)
         token = int(pick_next_token(logits, sampling, generator)[0])
         tokens.append(token)
         pending = [token]

@@ -148,3 +148,12 @@ def test_native_decode_step_matches_the_model_forward(model):
         for row, sequence in enumerate(sequences):
             full = model(torch.tensor([sequence]))[0][0, -1]
             torch.testing.assert_close(logits[row], full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens(model):
+    """torch.compile of the static-shape decode step (tens of seconds to compile) agrees with the default path."""
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0)
+    assert list(generate_tokens(model, [3, 4, 5], sampling, compile=True)) == list(
+        generate_tokens(model, [3, 4, 5], sampling)
+    )

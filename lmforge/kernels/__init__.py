@@ -72,9 +72,15 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
+@torch.compiler.assume_constant_result  # so torch.compile folds it instead of tracing the build
 def available() -> bool:
     """Whether the native kernels built and load on this machine."""
     return _library() is not None
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (check `available()` first), for callers that prepare their own calls."""
+    return _library()
 
 
 def _pointer(tensor: torch.Tensor | None) -> int | None:
