@@ -1,5 +1,6 @@
 """CPU inference of SmolLM2-135M-Instruct: lmforge (fp32, int8, int4, the GGUF's own Q4_1; native
-decode kernels or torch.compile) vs HF transformers (fp32, same weights) and llama-cpp-python (same GGUF) in the same run.
+decode kernels or torch.compile) vs HF transformers (fp32, same weights) and llama-cpp-python
+(same GGUF) in the same run.
 
 Each engine runs in its own process (clean load time and peak RSS): load time, prefill tok/s of
 a 512-token prompt, decode tok/s of 128 greedy tokens after a chat prompt, peak RSS. Rounds are

@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -52,6 +53,11 @@ def _library() -> ctypes.CDLL | None:
             built = Path(scratch) / library_path.name
             result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
             if result.returncode != 0:
+                warnings.warn(
+                    f"lmforge: building the native kernels failed, decoding falls back to PyTorch "
+                    f"(slower):\n{result.stderr[-2000:]}",
+                    stacklevel=2,
+                )
                 return None
             os.replace(built, library_path)
     library = ctypes.CDLL(str(library_path))

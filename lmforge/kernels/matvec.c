@@ -18,18 +18,7 @@
 #include <math.h>
 #include <string.h>
 
-#define MAX_ROWS 4 /* rows of x handled per pass over a weight row; more passes for bigger M */
 #define INLINE static inline __attribute__((always_inline))
-
-/* Each kernel's inner tile takes `rows` as a compile-time constant (1..MAX_ROWS, dispatched by
- * TILE) so its accumulators live in registers rather than on the stack. */
-#define TILE(call)           \
-    switch (rows) {          \
-    case 1: call(1); break;  \
-    case 2: call(2); break;  \
-    case 3: call(3); break;  \
-    default: call(4); break; \
-    }
 
 static inline float horizontal_sum(__m256 v) {
     __m128 low = _mm256_castps256_ps128(v), high = _mm256_extractf128_ps(v, 1);
@@ -39,31 +28,57 @@ static inline float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(low);
 }
 
-INLINE void f32_tile(const float *x, int64_t K, const float *w, float bias, int64_t N, float *y, const int rows) {
-    __m256 acc[MAX_ROWS];
-    for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+/* fp32 weights: each row of x keeps four accumulators, so four FMA chains are in flight while
+ * the weights stream in. Two rows of x share each weight load; a lone row uses the same
+ * accumulation order, so a row's result never depends on the rows batched with it. */
+#define F32_STEP(acc, w, x) acc = _mm256_fmadd_ps(_mm256_loadu_ps(w), _mm256_loadu_ps(x), acc)
+
+static float f32_finish(__m256 a0, __m256 a1, __m256 a2, __m256 a3, const float *x, const float *w, int64_t k,
+                        int64_t K) {
+    for (; k + 8 <= K; k += 8) F32_STEP(a0, w + k, x + k);
+    float sum = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    for (; k < K; k++) sum += w[k] * x[k];
+    return sum;
+}
+
+static float f32_row1(const float *x, int64_t K, const float *w) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        __m256 wv = _mm256_loadu_ps(w + k);
-        for (int r = 0; r < rows; r++) acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + r * K + k), acc[r]);
+    for (; k + 32 <= K; k += 32) {
+        F32_STEP(a0, w + k, x + k), F32_STEP(a1, w + k + 8, x + k + 8);
+        F32_STEP(a2, w + k + 16, x + k + 16), F32_STEP(a3, w + k + 24, x + k + 24);
     }
-    for (int r = 0; r < rows; r++) {
-        float sum = horizontal_sum(acc[r]);
-        for (int64_t t = k; t < K; t++) sum += w[t] * x[r * K + t];
-        y[r * N] = sum + bias;
+    return f32_finish(a0, a1, a2, a3, x, w, k, K);
+}
+
+static void f32_rows2(const float *x0, const float *x1, int64_t K, const float *w, float out[2]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k + 8);
+        __m256 w2 = _mm256_loadu_ps(w + k + 16), w3 = _mm256_loadu_ps(w + k + 24);
+        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + k), a0), b0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x1 + k), b0);
+        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x0 + k + 8), a1), b1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + k + 8), b1);
+        a2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x0 + k + 16), a2), b2 = _mm256_fmadd_ps(w2, _mm256_loadu_ps(x1 + k + 16), b2);
+        a3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x0 + k + 24), a3), b3 = _mm256_fmadd_ps(w3, _mm256_loadu_ps(x1 + k + 24), b3);
     }
+    out[0] = f32_finish(a0, a1, a2, a3, x0, w, k, K);
+    out[1] = f32_finish(b0, b1, b2, b3, x1, w, k, K);
 }
 
 void matvec_f32(const float *x, int64_t M, int64_t K, const float *weight, const float *bias, int64_t N, float *y,
                 int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
-        for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
-            int rows = M - m0 < MAX_ROWS ? (int)(M - m0) : MAX_ROWS;
-#define CALL(R) f32_tile(x + m0 * K, K, weight + n * K, bias ? bias[n] : 0.0f, N, y + m0 * N + n, R)
-            TILE(CALL)
-#undef CALL
+        const float *w = weight + n * K;
+        float b = bias ? bias[n] : 0.0f;
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) {
+            float out[2];
+            f32_rows2(x + m * K, x + (m + 1) * K, K, w, out);
+            y[m * N + n] = out[0] + b, y[(m + 1) * N + n] = out[1] + b;
         }
+        if (m < M) y[m * N + n] = f32_row1(x + m * K, K, w) + b;
     }
 }
 
