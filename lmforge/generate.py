@@ -51,7 +51,12 @@ def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: t
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probabilities = logits.softmax(dim=-1)
-    return torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+    # Inverse-CDF sampling: one cumulative sum and a binary search. torch.multinomial took ~5 ms
+    # per row over a 49k vocabulary here, more than a decoding step of the model it samples for.
+    cumulative = probabilities.cumsum(dim=-1)
+    threshold = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device) * cumulative[:, -1:]
+    picked = torch.searchsorted(cumulative, threshold, right=True).squeeze(-1)
+    return picked.clamp(max=logits.shape[-1] - 1)
 
 
 def next_token_logits(

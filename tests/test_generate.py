@@ -157,3 +157,14 @@ def test_compiled_decode_step_gives_the_same_tokens(model):
     assert list(generate_tokens(model, [3, 4, 5], sampling, compile=True)) == list(
         generate_tokens(model, [3, 4, 5], sampling)
     )
+
+
+def test_sampling_follows_the_distribution():
+    """Inverse-CDF sampling: frequencies match softmax(logits / T) and masked tokens never appear."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), 1.5]])
+    generator = torch.Generator().manual_seed(0)
+    sampling = SamplingConfig(temperature=1.0)
+    draws = torch.stack([pick_next_token(logits, sampling, generator) for _ in range(20000)]).flatten()
+    frequencies = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert frequencies[3] == 0
+    torch.testing.assert_close(frequencies, logits.softmax(-1)[0], atol=0.015, rtol=0)
