@@ -26,19 +26,19 @@ serve: setup
 	$(VENV)/bin/lmforge serve
 
 test: setup
-	$(VENV)/bin/ruff check lmforge tests benchmarks
-	$(VENV)/bin/ruff format --check lmforge tests benchmarks
+	$(VENV)/bin/ruff check lmforge tests benchmarks examples
+	$(VENV)/bin/ruff format --check lmforge tests benchmarks examples
 	$(PY) -m pytest -q
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 lint: setup
-	$(VENV)/bin/ruff check lmforge tests benchmarks
+	$(VENV)/bin/ruff check lmforge tests benchmarks examples
 
 format: setup
-	$(VENV)/bin/ruff format lmforge tests benchmarks
-	$(VENV)/bin/ruff check --fix lmforge tests benchmarks
+	$(VENV)/bin/ruff format lmforge tests benchmarks examples
+	$(VENV)/bin/ruff check --fix lmforge tests benchmarks examples
 
 bench: setup
 	$(PY) benchmarks/train_throughput.py

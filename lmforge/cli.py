@@ -168,6 +168,52 @@ def command_serve(args, extra) -> int:
     return 0
 
 
+def command_embed(args, extra) -> int:
+    from lmforge.encoder import SentenceEmbedder
+
+    if extra:
+        raise LmforgeError(f"unexpected arguments {extra}")
+    texts = list(args.texts) or [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not texts:
+        raise LmforgeError("nothing to embed: give texts as arguments or one per line on stdin")
+    vectors = SentenceEmbedder(args.model).embed(texts)
+    print(
+        json.dumps(
+            [
+                {"text": text, "embedding": [round(v, 6) for v in vector]}
+                for text, vector in zip(texts, vectors.tolist())
+            ]
+        )
+    )
+    return 0
+
+
+def command_search(args, extra) -> int:
+    from lmforge.encoder import SentenceEmbedder
+    from lmforge.search import VectorIndex, index_folder
+
+    if extra:
+        raise LmforgeError(f"unexpected arguments {extra}")
+    embedder = SentenceEmbedder(args.model)
+    where = Path(args.source)
+    if (where / "vectors.npy").exists():
+        index = VectorIndex.load(where)
+    elif where.is_dir():
+        print(f"indexing {where} ...", file=sys.stderr, flush=True)
+        index = index_folder(where, embedder, max_chars=args.max_chars)
+        if args.save:
+            index.save(args.save)
+            print(f"saved the index of {len(index.passages)} passages to {args.save}", file=sys.stderr)
+    else:
+        raise LmforgeError(f"{where}: neither a folder of text files nor a saved index (vectors.npy)")
+    for query in args.queries:
+        print(f"\n> {query}")
+        for rank, hit in enumerate(index.search(embedder.embed([query]).numpy(), args.k)[0], 1):
+            snippet = " ".join(hit.passage.text.split())[:160]
+            print(f"{rank}. {hit.score:.3f}  {hit.passage.source}@{hit.passage.start}: {snippet}")
+    return 0
+
+
 def command_export(args, extra) -> int:
     from lmforge.formats.gguf import save_gguf
     from lmforge.formats.hf import save_hf
@@ -293,6 +339,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_parser.add_argument("--config", help="YAML or JSON server config")
     serve_parser.set_defaults(handler=command_serve)
+
+    embed = verbs.add_parser(
+        "embed", help="sentence embeddings (default all-MiniLM-L6-v2) as JSON", description="Embed texts "
+        "(arguments, or one per line on stdin): mean pooling + L2 norm, like sentence-transformers."
+    )  # fmt: skip
+    embed.add_argument("texts", nargs="*")
+    embed.add_argument("--model", default="all-minilm-l6-v2", help="built-in name or HF BERT folder")
+    embed.set_defaults(handler=command_embed)
+
+    search = verbs.add_parser(
+        "search", help="semantic search over a folder of text files",
+        description="Index the .txt/.md/.rst files of a folder by passage (or load a saved index) and print "
+        "the passages nearest to each query (cosine similarity, exact).",
+    )  # fmt: skip
+    search.add_argument("source", help="folder of text files, or a folder saved with --save")
+    search.add_argument("queries", nargs="+", help="what to look for")
+    search.add_argument("-k", type=int, default=5, help="results per query")
+    search.add_argument("--save", help="also save the built index to this folder")
+    search.add_argument("--max-chars", type=int, default=800, help="passage length when indexing")
+    search.add_argument("--model", default="all-minilm-l6-v2", help="built-in name or HF BERT folder")
+    search.set_defaults(handler=command_search)
 
     quantize = verbs.add_parser(
         "quantize",
