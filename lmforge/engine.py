@@ -15,7 +15,7 @@ from torch import nn
 
 from lmforge import kernels
 from lmforge.model import KVCache, Transformer, apply_rope
-from lmforge.quantize import QuantizedLinear
+from lmforge.quantize import FastLinear, QuantizedLinear
 
 
 def supports(model: Transformer) -> bool:
@@ -222,7 +222,12 @@ def compiled_decode_step(model: Transformer):
     compilation is unavailable; `decode_step(..., compiled=...)` then falls back cleanly."""
     cached = getattr(model, "_compiled_decode", None)
     if cached is None:
-        kernels.available()  # build/load the kernels now, outside the traced code
+        native = kernels.available()  # build/load the kernels and register their operators outside the trace
+        if native:
+            kernels.custom_ops()
+        for module in model.modules():
+            if isinstance(module, (QuantizedLinear, FastLinear)):
+                module.native_when_compiled = native
         try:
             cached = torch.compile(_static_decode, dynamic=False, fullgraph=False)
         except Exception:  # noqa: BLE001 - no compiler/backend: run uncompiled

@@ -126,6 +126,9 @@ class QuantizedLinear(nn.Module):
         # Decode kernels round x to int8 (fast, ~0.5% error) unless exact: set for the LM head,
         # whose logits pick tokens directly and where that error flips greedy near-ties.
         self.exact_activations = False
+        # Under torch.compile the kernels' availability must be a plain attribute (a constant to
+        # the compiler); `engine.compiled_decode_step` sets it.
+        self.native_when_compiled = False
         groups = in_features // group_size
         if bits == 8:
             self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8))
@@ -156,22 +159,20 @@ class QuantizedLinear(nn.Module):
             return dequantize_int8(self.codes, self.scale)
         return dequantize_int4(self.codes, self.scale, self.offset)
 
-    def native_ok(self, rows: int) -> bool:
-        return rows <= NATIVE_MAX_ROWS and kernels.available() and self.in_features % 32 == 0
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if x.dtype == torch.float32 and not x.requires_grad and self.native_ok(flat.shape[0]):
+        compiling = torch.compiler.is_compiling()
+        native = self.native_when_compiled if compiling else kernels.available()
+        if x.dtype == torch.float32 and not x.requires_grad and native and flat.shape[0] <= NATIVE_MAX_ROWS:
             flat = flat.contiguous()
-            compiling = torch.compiler.is_compiling()
             if self.bits == 8 and self.exact_activations:
-                matvec = kernels.matvec_q8_exact_op if compiling else kernels.matvec_q8_exact
+                matvec = kernels.custom_ops().matvec_q8_exact if compiling else kernels.matvec_q8_exact
                 out = matvec(flat, self.codes, self.scale, self.group_size, self.bias)
             elif self.bits == 8:
-                matvec = kernels.matvec_q8_op if compiling else kernels.matvec_q8
+                matvec = kernels.custom_ops().matvec_q8 if compiling else kernels.matvec_q8
                 out = matvec(flat, self.codes, self.scale, self.group_size, self.bias)
             else:
-                matvec = kernels.matvec_q4_op if compiling else kernels.matvec_q4
+                matvec = kernels.custom_ops().matvec_q4 if compiling else kernels.matvec_q4
                 out = matvec(flat, self.codes, self.scale, self.offset, self.group_size, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
@@ -209,18 +210,21 @@ class FastLinear(nn.Linear):
     names and training behaviour stay exactly those of nn.Linear.
     """
 
+    native_when_compiled = False  # as on QuantizedLinear
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        compiling = torch.compiler.is_compiling()
         if (
             x.dtype == torch.float32
             and self.weight.dtype == torch.float32
             and not torch.is_grad_enabled()
             and flat.shape[0] <= NATIVE_MAX_ROWS
             and x.device.type == "cpu"
-            and kernels.available()
+            and (self.native_when_compiled if compiling else kernels.available())
         ):
             bias = None if self.bias is None else self.bias.detach()
-            matvec = kernels.matvec_f32_op if torch.compiler.is_compiling() else kernels.matvec_f32
+            matvec = kernels.custom_ops().matvec_f32 if compiling else kernels.matvec_f32
             out = matvec(flat.contiguous(), self.weight.detach(), bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)

@@ -78,7 +78,6 @@ def _library() -> ctypes.CDLL | None:
     return library
 
 
-@torch.compiler.assume_constant_result  # so torch.compile folds it instead of tracing the build
 def available() -> bool:
     """Whether the native kernels built and load on this machine."""
     return _library() is not None
@@ -218,42 +217,36 @@ def attention_decode(
     return out
 
 
-# The same kernels as PyTorch custom operators, so `torch.compile` keeps them as opaque calls
-# inside one graph instead of breaking the graph at each ctypes call.
-@torch.library.custom_op("lmforge::matvec_f32", mutates_args=())
-def matvec_f32_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return matvec_f32(x, weight, bias)
+@functools.cache
+def custom_ops():
+    """The matvec kernels as PyTorch custom operators (registered on first call), so `torch.compile`
+    keeps them as opaque calls inside one graph instead of breaking the graph at each ctypes call.
+    Not done at import: registering pulls in torch's compiler stack (~2 s)."""
+    import types
 
+    @torch.library.custom_op("lmforge::matvec_f32", mutates_args=())
+    def f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return matvec_f32(x, weight, bias)
 
-@torch.library.custom_op("lmforge::matvec_q8", mutates_args=())
-def matvec_q8_op(
-    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size: int, bias: torch.Tensor | None
-) -> torch.Tensor:
-    return matvec_q8(x, codes, scale, group_size, bias)
+    @torch.library.custom_op("lmforge::matvec_q8", mutates_args=())
+    def q8(
+        x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return matvec_q8(x, codes, scale, group_size, bias)
 
+    @torch.library.custom_op("lmforge::matvec_q8_exact", mutates_args=())
+    def q8_exact(
+        x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return matvec_q8_exact(x, codes, scale, group_size, bias)
 
-@torch.library.custom_op("lmforge::matvec_q8_exact", mutates_args=())
-def matvec_q8_exact_op(
-    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, group_size: int, bias: torch.Tensor | None
-) -> torch.Tensor:
-    return matvec_q8_exact(x, codes, scale, group_size, bias)
+    @torch.library.custom_op("lmforge::matvec_q4", mutates_args=())
+    def q4(
+        x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        return matvec_q4(x, packed, scale, offset, group_size, bias)
 
-
-@torch.library.custom_op("lmforge::matvec_q4", mutates_args=())
-def matvec_q4_op(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor,
-    group_size: int,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    return matvec_q4(x, packed, scale, offset, group_size, bias)
-
-
-@matvec_f32_op.register_fake
-@matvec_q8_op.register_fake
-@matvec_q8_exact_op.register_fake
-@matvec_q4_op.register_fake
-def _matvec_shape(x: torch.Tensor, weight: torch.Tensor, *rest) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
+    for op in (f32, q8, q8_exact, q4):
+        op.register_fake(lambda x, weight, *rest: x.new_empty(x.shape[0], weight.shape[0]))
+    return types.SimpleNamespace(matvec_f32=f32, matvec_q8=q8, matvec_q8_exact=q8_exact, matvec_q4=q4)
