@@ -219,15 +219,15 @@ def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Te
 
 def compiled_decode_step(model: Transformer):
     """`torch.compile` of the static decode step for `model` (built once per model), or None where
-    compilation is unavailable; `decode_step(..., compiled=...)` then falls back cleanly."""
+    compilation is unavailable; `generate_tokens(..., compile=True)` then falls back cleanly."""
+    native = kernels.available()  # build/load the kernels and register their operators outside the trace
+    if native:
+        kernels.custom_ops()
+    for module in model.modules():
+        if isinstance(module, (QuantizedLinear, FastLinear)):
+            module.native_when_compiled = native
     cached = getattr(model, "_compiled_decode", None)
     if cached is None:
-        native = kernels.available()  # build/load the kernels and register their operators outside the trace
-        if native:
-            kernels.custom_ops()
-        for module in model.modules():
-            if isinstance(module, (QuantizedLinear, FastLinear)):
-                module.native_when_compiled = native
         try:
             cached = torch.compile(_static_decode, dynamic=False, fullgraph=False)
         except Exception:  # noqa: BLE001 - no compiler/backend: run uncompiled

@@ -162,17 +162,18 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         compiling = torch.compiler.is_compiling()
+        # under compile: the operators `engine.compiled_decode_step` registered (torch.ops.lmforge.*)
         native = self.native_when_compiled if compiling else kernels.available()
         if x.dtype == torch.float32 and not x.requires_grad and native and flat.shape[0] <= NATIVE_MAX_ROWS:
             flat = flat.contiguous()
             if self.bits == 8 and self.exact_activations:
-                matvec = kernels.custom_ops().matvec_q8_exact if compiling else kernels.matvec_q8_exact
+                matvec = torch.ops.lmforge.matvec_q8_exact if compiling else kernels.matvec_q8_exact
                 out = matvec(flat, self.codes, self.scale, self.group_size, self.bias)
             elif self.bits == 8:
-                matvec = kernels.custom_ops().matvec_q8 if compiling else kernels.matvec_q8
+                matvec = torch.ops.lmforge.matvec_q8 if compiling else kernels.matvec_q8
                 out = matvec(flat, self.codes, self.scale, self.group_size, self.bias)
             else:
-                matvec = kernels.custom_ops().matvec_q4 if compiling else kernels.matvec_q4
+                matvec = torch.ops.lmforge.matvec_q4 if compiling else kernels.matvec_q4
                 out = matvec(flat, self.codes, self.scale, self.offset, self.group_size, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
@@ -224,7 +225,7 @@ class FastLinear(nn.Linear):
             and (self.native_when_compiled if compiling else kernels.available())
         ):
             bias = None if self.bias is None else self.bias.detach()
-            matvec = kernels.custom_ops().matvec_f32 if compiling else kernels.matvec_f32
+            matvec = torch.ops.lmforge.matvec_f32 if compiling else kernels.matvec_f32
             out = matvec(flat.contiguous(), self.weight.detach(), bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)

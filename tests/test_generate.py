@@ -151,10 +151,17 @@ def test_native_decode_step_matches_the_model_forward(model):
 
 
 @pytest.mark.slow
-def test_compiled_decode_step_gives_the_same_tokens(model):
-    """torch.compile of the static-shape decode step (tens of seconds to compile) agrees with the default path."""
+@pytest.mark.parametrize("native_layers", [False, True])
+def test_compiled_decode_step_gives_the_same_tokens(model, native_layers):
+    """torch.compile of the static-shape decode step (tens of seconds to compile) agrees with the default
+    path, with plain Linear layers and with layers that call the native kernels as custom operators."""
+    import copy
+
+    from lmforge.quantize import use_native_kernels
+
+    subject = use_native_kernels(copy.deepcopy(model)) if native_layers else model
     sampling = SamplingConfig(max_new_tokens=12, temperature=0)
-    assert list(generate_tokens(model, [3, 4, 5], sampling, compile=True)) == list(
+    assert list(generate_tokens(subject, [3, 4, 5], sampling, compile=True)) == list(
         generate_tokens(model, [3, 4, 5], sampling)
     )
 
