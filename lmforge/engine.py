@@ -146,34 +146,13 @@ def decode_step(
     if key not in plans:
         plans[key] = DecodePlan(model, cache, batch) if DecodePlan.fits(model) else None
     plan = plans[key]
-    if plan is not None:
-        logits = plan.run(tokens, positions, slots)
-    else:
-        logits = _decode_through_modules(model, tokens, cache, positions.contiguous(), slots.contiguous())
+    if plan is None:  # a layer the native calls cannot run (say bf16 weights): the model's own forward
+        hidden = model.hidden_states(tokens, cache, None if aligned else positions, None if aligned else slots)
+        return model.lm_head(hidden[:, -1]).float()
+    logits = plan.run(tokens, positions, slots)
     if aligned:
         cache.length += 1
     return logits
-
-
-def _decode_through_modules(model, tokens, cache, positions, slots) -> torch.Tensor:
-    """The same step calling each layer's forward (any Linear type)."""
-    config = model.config
-    batch = tokens.shape[0]
-    x = model.token_embedding(tokens.reshape(batch)).contiguous()
-    blocks = model.blocks
-    h = kernels.rms_norm(x, blocks[0].attention_norm.weight, blocks[0].attention_norm.eps)
-    for layer, block in enumerate(blocks):
-        attention = block.attention
-        qkv = attention.qkv.forward(h)
-        y = kernels.attention_decode(
-            qkv, config.n_heads, config.kv_heads, slots, positions, cache.keys[layer], cache.values[layer],
-            model.rope_cos, model.rope_sin,
-        )  # fmt: skip
-        h = kernels.add_rms_norm(x, attention.out.forward(y), block.mlp_norm.weight, block.mlp_norm.eps)
-        down = block.mlp.down.forward(kernels.silu_mul(block.mlp.up.forward(h)))
-        following = blocks[layer + 1].attention_norm if layer + 1 < len(blocks) else model.final_norm
-        h = kernels.add_rms_norm(x, down, following.weight, following.eps)
-    return model.lm_head(h).float()
 
 
 def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, keys: list, values: list):

@@ -175,3 +175,15 @@ def test_sampling_follows_the_distribution():
     frequencies = torch.bincount(draws, minlength=5).float() / draws.numel()
     assert frequencies[3] == 0
     torch.testing.assert_close(frequencies, logits.softmax(-1)[0], atol=0.015, rtol=0)
+
+
+def test_decode_step_falls_back_to_the_model_for_layers_it_cannot_run(model):
+    """A non-contiguous weight has no native call: the step runs through the model's forward instead."""
+    import copy
+
+    odd = copy.deepcopy(model)
+    weight = odd.blocks[0].mlp.up.weight
+    odd.blocks[0].mlp.up.weight = torch.nn.Parameter(weight.detach().t().contiguous().t())
+    assert not odd.blocks[0].mlp.up.weight.is_contiguous()
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0)
+    assert list(generate_tokens(odd, [3, 4, 5], sampling)) == list(generate_tokens(model, [3, 4, 5], sampling))
