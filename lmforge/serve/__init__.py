@@ -26,7 +26,7 @@ class ServeConfig:
     max_context: int = 2048  # tokens per sequence (prompt + completion), capped by the model's context
     max_tokens: int = 2048  # largest max_tokens a request may ask for
     max_body_bytes: int = 1_000_000
-    cors_origins: list[str] = field(default_factory=list)
+    cors_origins: list[str] = field(default_factory=list)  # comma-separated on the command line
     drain_seconds: float = 10.0  # on SIGTERM, how long running requests may finish before being cancelled
 
 

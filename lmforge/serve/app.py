@@ -128,6 +128,19 @@ class ApiKeyCheck:
 
 
 @dataclass
+class Submitted:
+    """The sequences of one HTTP request, and the queue their scheduler events arrive on as (index, event)."""
+
+    events: asyncio.Queue
+    requests: list[GenerationRequest]
+
+    def cancel(self) -> None:
+        """Free their slots at the scheduler's next step (finished ones are already gone)."""
+        for request in self.requests:
+            request.cancelled = True
+
+
+@dataclass
 class ServedModels:
     """What the server offers: one chat/completions model (with its scheduler) and optionally an embedder."""
 
@@ -217,7 +230,7 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
             )
         return requested
 
-    async def run(prompt_ids: list[int], body, max_tokens: int, count: int) -> asyncio.Queue:
+    async def run(prompt_ids: list[int], body, max_tokens: int, count: int) -> Submitted:
         """Submit `count` sequences; their events arrive on one queue as (index, event)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -239,10 +252,10 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
             except RuntimeError as error:
                 raise APIError(503, str(error), "server_error") from None
             requests.append(request)
-        events.requests = requests  # so a disconnect can cancel them
-        return events
+        return Submitted(events, requests)
 
-    async def collect(events: asyncio.Queue, count: int) -> tuple[list[str], list[str], dict]:
+    async def collect(submitted: Submitted, count: int) -> tuple[list[str], list[str], dict]:
+        events = submitted.events
         texts, reasons = [""] * count, [None] * count
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         remaining = count
@@ -259,8 +272,7 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
                     usage["completion_tokens"] += extra["completion_tokens"]
                     remaining -= 1
         except asyncio.CancelledError:
-            for request in events.requests:
-                request.cancelled = True
+            submitted.cancel()
             raise
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return texts, reasons, usage
@@ -272,7 +284,8 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
     def sse(payload) -> str:
         return f"data: {payload.model_dump_json(exclude_none=False)}\n\n"
 
-    async def stream(events: asyncio.Queue, count: int, make_chunk, include_usage: bool, start: float):
+    async def stream(submitted: Submitted, count: int, make_chunk, include_usage: bool, start: float):
+        events = submitted.events
         remaining = count
         completion_tokens, prompt_tokens = 0, 0
         try:
@@ -302,8 +315,7 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
             yield "data: [DONE]\n\n"
             record(start)
         finally:  # the client went away (or we finished): free the slots now, not at max_tokens
-            for request in events.requests:
-                request.cancelled = True
+            submitted.cancel()
 
     def streaming_response(generator) -> StreamingResponse:
         return StreamingResponse(
@@ -370,7 +382,7 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return streaming_response(stream(events, body.n, chunk, include_usage, start))
         runs = [await run(ids, body, max_tokens, body.n) for ids, max_tokens in encoded]
-        results = await asyncio.gather(*(collect(events, body.n) for events in runs))
+        results = await asyncio.gather(*(collect(submitted, body.n) for submitted in runs))
         record(start)
         choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for texts, reasons, run_usage in results:
