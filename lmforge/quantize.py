@@ -367,16 +367,7 @@ def model_from_weights(config: ModelConfig, weights: dict[str, torch.Tensor | Qu
         state[f"{module}.codes"], state[f"{module}.scale"] = value.codes, value.scale
         if value.offset is not None:
             state[f"{module}.offset"] = value.offset
-    with torch.device("meta"):
-        model = apply_layout(Transformer(config, init_weights=False), layout)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_embeddings and not layout.get("lm_head"):
-        missing = [name for name in missing if name != "lm_head.weight"]
-        model.lm_head.weight = model.token_embedding.weight
-    if missing or unexpected:
-        raise ValueError(f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.rebuild_buffers()
-    return model
+    return Transformer.from_state_dict(config, state, prepare=lambda model: apply_layout(model, layout))
 
 
 KL_WARNING = 0.1  # mean KL (nats/token) above which answers visibly change; llama.cpp's Q4_0 on 7B models is ~0.03
