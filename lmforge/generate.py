@@ -133,6 +133,24 @@ def generate_tokens(
         yield token
 
 
+def prefill(
+    model: Transformer, prompts: list[list[int]], cache: KVCache, slots: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run several prompts in one pass, each into its cache row (`slots`, default 0..B-1) from
+    position 0; logits (B, vocab) at each prompt's last token.
+
+    The batch is right-padded to the longest prompt. A row's padding writes cache entries past
+    its length, which its own later tokens overwrite before any query can see them.
+    """
+    device = cache.keys[0].device
+    lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
+    padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        padded[row, : len(prompt)] = torch.tensor(prompt)
+    zeros = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    return next_token_logits(model, padded, cache, positions=zeros, slots=slots, last=lengths - 1)
+
+
 @torch.inference_mode()
 def generate_batch(
     model: Transformer, prompts: list[list[int]], sampling: SamplingConfig, stop_token_ids: set[int] | None = None
@@ -157,13 +175,7 @@ def generate_batch(
     if sampling.seed is not None:
         generators = [torch.Generator(device=device).manual_seed(sampling.seed + i) for i in range(len(prompts))]
     cache = KVCache(model.config, len(prompts), capacity, device=device, dtype=next(model.parameters()).dtype)
-    # Prefill: right-pad to the longest prompt. A row's padding writes cache entries past its
-    # length, which its own later tokens overwrite before any query can see them.
-    padded = torch.zeros(len(prompts), max(lengths), dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        padded[row, : len(prompt)] = torch.tensor(prompt)
-    zeros = torch.zeros(len(prompts), dtype=torch.long, device=device)
-    logits = next_token_logits(model, padded, cache, positions=zeros, last=torch.tensor(lengths, device=device) - 1)
+    logits = prefill(model, prompts, cache)
     histories = [list(prompt) for prompt in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))

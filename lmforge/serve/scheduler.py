@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.generate import SamplingConfig, TextStream, next_token_logits, pick_next_token
+from lmforge.generate import SamplingConfig, TextStream, next_token_logits, pick_next_token, prefill
 from lmforge.model import KVCache, Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -165,17 +165,9 @@ class Scheduler:
             )
             self.running.append(running)
             started.append(running)
-        lengths = [len(request.prompt_ids) for request in requests]
-        padded = torch.zeros(len(requests), max(lengths), dtype=torch.long)
-        for row, request in enumerate(requests):
-            padded[row, : lengths[row]] = torch.tensor(request.prompt_ids)
-        logits = next_token_logits(
-            self.model, padded, self.cache,
-            positions=torch.zeros(len(requests), dtype=torch.long),
-            slots=torch.tensor([running.slot for running in started]),
-            last=torch.tensor(lengths) - 1,
-        )  # fmt: skip
-        self.metrics["prompt_tokens_total"] += sum(lengths)
+        prompts = [request.prompt_ids for request in requests]
+        logits = prefill(self.model, prompts, self.cache, torch.tensor([running.slot for running in started]))
+        self.metrics["prompt_tokens_total"] += sum(len(prompt) for prompt in prompts)
         for row, running in enumerate(started):
             self._accept(running, logits[row])
 
