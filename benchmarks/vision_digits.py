@@ -16,15 +16,14 @@ from pathlib import Path
 
 import torch
 
+from lmforge.metrics import confusion_matrix, save_confusion_matrix_png
 from lmforge.vision import (
     MLPClassifier,
     SmallCNN,
     VisionTransformer,
     ViTConfig,
-    confusion_matrix,
     load_digits_split,
     predict,
-    save_confusion_matrix_png,
     save_rollout_png,
     train_classifier,
 )

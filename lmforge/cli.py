@@ -80,7 +80,7 @@ def command_generate(args, extra) -> int:
     from lmforge.loading import load
 
     sampling = apply_values(SamplingConfig(), config_values(args.config, extra))
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, adapter=args.adapter)
     prompt = args.prompt if args.prompt is not None else ""
     sys.stdout.write(prompt)
     for piece in generate(model, tokenizer, prompt, sampling):
@@ -91,31 +91,55 @@ def command_generate(args, extra) -> int:
 
 
 def command_eval(args, extra) -> int:
+    from lmforge import evaluate
     from lmforge.data import TokenDataset
-    from lmforge.evaluate import evaluate_loss
     from lmforge.loading import load
 
     if extra:
         raise LmforgeError(f"unexpected arguments {extra}")
+    if args.compare:
+        print(evaluate.compare_reports(args.compare), end="")
+        return 0
+    if not args.model:
+        raise LmforgeError("eval needs --model (or --compare RESULT RESULT ...)")
+    if not (args.data_dir or args.text or args.task):
+        raise LmforgeError("nothing to evaluate: give --data-dir, --text FILE and/or --task FILE.jsonl")
     model, tokenizer = load(args.model)
-    dataset = TokenDataset(args.data_dir, args.split)
-    data_tokenizer = dataset.tokenizer()
-    if data_tokenizer.vocab_size != tokenizer.vocab_size:
-        raise LmforgeError(
-            f"{args.data_dir} was tokenized with a {data_tokenizer.vocab_size}-token vocabulary but the "
-            f"model has {tokenizer.vocab_size}; prepare the data with the model's tokenizer.json"
+    metrics = {}
+    if args.data_dir:
+        dataset = TokenDataset(args.data_dir, args.split)
+        data_tokenizer = dataset.tokenizer()
+        if data_tokenizer.vocab_size != tokenizer.vocab_size:
+            raise LmforgeError(
+                f"{args.data_dir} was tokenized with a {data_tokenizer.vocab_size}-token vocabulary but the "
+                f"model has {tokenizer.vocab_size}; prepare the data with the model's tokenizer.json"
+            )
+        metrics[args.split] = evaluate.evaluate_loss(
+            model, dataset, tokenizer.token_byte_lengths(), batch_size=args.batch_size, max_tokens=args.max_tokens
         )
-    result = evaluate_loss(
-        model, dataset, tokenizer.token_byte_lengths(), batch_size=args.batch_size, max_tokens=args.max_tokens
-    )
-    result = {"model": str(args.model), "data_dir": str(args.data_dir), "split": args.split, **result}
-    print(
-        f"loss {result['loss']:.4f} | perplexity {result['perplexity']:.3f} | "
-        f"bits/byte {result.get('bits_per_byte', float('nan')):.4f} | {result['tokens']:,} tokens"
-    )
+    for path in args.text or []:
+        text = Path(path).read_text(encoding="utf-8")
+        metrics[Path(path).stem] = evaluate.text_perplexity(model, tokenizer, text, stride=args.stride)
+    for path in args.task or []:
+        metrics[Path(path).stem] = evaluate.run_task(
+            model, tokenizer, path, args.num_fewshot, args.limit, progress=_count_progress(Path(path).stem)
+        )
+    for section, values in metrics.items():
+        shown = [f"{name} {values[name]:.4f}" for name in evaluate.HEADLINE_METRICS if name in values]
+        print(f"{section}: " + " | ".join(shown).replace("bits_per_byte", "bits/byte"))
+    result = {"model": str(args.model), "metrics": metrics}
+    if args.out:
+        paths = evaluate.write_report(result, args.out)
+        print(f"wrote {paths['json']}, {paths['markdown']} and {paths['html']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def _count_progress(name: str):
+    if not sys.stderr.isatty():
+        return None
+    return lambda done, total: print(f"\r{name}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
 
 
 def command_chat(args, extra) -> int:
@@ -124,7 +148,7 @@ def command_chat(args, extra) -> int:
     from lmforge.loading import load
 
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, adapter=args.adapter)
     session = ChatSession(model, tokenizer, system_prompt=args.system)
     session.sampling = apply_values(session.sampling, config_values(args.config, extra))
     chat_loop(session)
@@ -154,6 +178,43 @@ def command_quantize(args, extra) -> int:
         )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def command_finetune(args, extra) -> int:
+    from lmforge.classify import ClassifyConfig, finetune_classifier
+    from lmforge.config import apply_values
+    from lmforge.sft import SFTConfig, finetune_chat
+
+    values = config_values(args.config, extra)
+    if args.task == "classify":
+        result = finetune_classifier(apply_values(ClassifyConfig(), values))
+        print(
+            f"validation accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} "
+            f"on {result['validation_examples']} examples; classifier, metrics.json and confusion_matrix.png "
+            f"in {values.get('out', ClassifyConfig.out)}"
+        )
+    else:
+        result = finetune_chat(apply_values(SFTConfig(), values))
+        print("wrote " + ", ".join(f"{kind} {path}" for kind, path in result["written"].items()))
+    return 0
+
+
+def command_explain(args, extra) -> int:
+    from lmforge.interpret import explain
+    from lmforge.loading import load
+
+    if extra:
+        raise LmforgeError(f"unexpected arguments {extra}")
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load(args.model, keep_quantized=False)  # fp32: attributions need gradients
+    summary = explain(model, tokenizer, args.prompt, args.out, top_k=args.top_k, method=args.method)
+    print(f"next token: {summary['prediction']!r}")
+    print(f"attributions ({args.method}): {summary['terminal'] if sys.stdout.isatty() else summary['tokens']}")
+    lens = " → ".join(repr(row["top_tokens"][0]) for row in summary["logit_lens"][-6:])
+    print(f"logit lens, last layers: {lens}")
+    files = summary["files"]
+    print(f"wrote {files['html']}, {files['logit_lens_png']} and {len(files['attention_pngs'])} attention PNGs")
     return 0
 
 
@@ -238,12 +299,15 @@ def command_quickstart(args, extra) -> int:
 
 
 MODEL_HELP = "a model name (smollm2-135m-instruct), a .gguf file, an HF folder, or an lmforge checkpoint/run folder"
+ADAPTER_HELP = "a LoRA adapter folder (from lmforge finetune --task sft) to apply to the model"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lmforge.classify import ClassifyConfig
     from lmforge.generate import SamplingConfig
     from lmforge.loading import DEFAULT_CHAT_MODEL
     from lmforge.serve import ServeConfig
+    from lmforge.sft import SFTConfig
     from lmforge.train import TrainConfig
 
     parser = argparse.ArgumentParser(
@@ -294,16 +358,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
     generate.add_argument("--prompt", help="text to continue")
+    generate.add_argument("--adapter", help=ADAPTER_HELP)
     generate.add_argument("--config", help="YAML or JSON sampling config")
     generate.set_defaults(handler=command_generate)
 
-    evaluate = verbs.add_parser("eval", help="loss, perplexity and bits-per-byte of a model on a dataset")
-    evaluate.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
-    evaluate.add_argument("--data-dir", "--data_dir", dest="data_dir", required=True, help="prepared dataset folder")
+    evaluate = verbs.add_parser(
+        "eval",
+        help="perplexity / bits-per-byte and multiple-choice or generative tasks; reports; comparisons",
+        formatter_class=formatter,
+        description='Task files are JSONL: {"context", "choices", "label"} lines are scored by '
+        'log-likelihood (acc, acc_norm); {"context", "answer"} lines by greedy generation (exact match).\n\n'
+        "  lmforge eval --model runs/quickstart --data-dir data/shakespeare\n"
+        "  lmforge eval --model smollm2-135m-instruct --text notes.txt --task quiz.jsonl --num-fewshot 3 --out ev1\n"
+        "  lmforge eval --compare ev1 ev2",
+    )
+    evaluate.add_argument("--model", "--checkpoint", dest="model", help=MODEL_HELP)
+    evaluate.add_argument("--data-dir", "--data_dir", dest="data_dir", help="prepared dataset folder")
     evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--text", action="append", help="text file to score (repeatable); sliding window")
+    evaluate.add_argument("--stride", type=int, default=None, help="sliding-window step (default half the context)")
+    evaluate.add_argument("--task", action="append", help="JSONL task file (repeatable)")
+    evaluate.add_argument("--num-fewshot", type=int, default=0, help="solved examples put before each question")
+    evaluate.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
     evaluate.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
     evaluate.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=None)
+    evaluate.add_argument("--out", help="folder for result.json, report.md, report.html (+ accuracy.png)")
     evaluate.add_argument("--json", help="also write the result to this JSON file")
+    evaluate.add_argument("--compare", nargs="+", metavar="RESULT", help="result folders/JSONs to tabulate")
     evaluate.set_defaults(handler=command_eval)
 
     chat = verbs.add_parser(
@@ -316,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     # `lmforge chat MODEL` works too: main() turns a bare MODEL into --model MODEL.
     chat.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP + " (may be given bare: chat MODEL)")
     chat.add_argument("--system", help="system prompt")
+    chat.add_argument("--adapter", help=ADAPTER_HELP)
     chat.add_argument("--config", help="YAML or JSON sampling config")
     chat.set_defaults(handler=command_chat)
 
@@ -325,6 +407,38 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder (hf) or .gguf file")
     export.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF weight type (default f16)")
     export.set_defaults(handler=command_export)
+
+    finetune = verbs.add_parser(
+        "finetune",
+        help="fine-tune: a text classifier (--task classify) or a chat model on conversations (--task sft)",
+        formatter_class=formatter,
+        description="classify: a labelled CSV/TSV/JSONL/Parquet table (text, label) → a classifier folder with "
+        "metrics.json (accuracy, macro-F1) and confusion_matrix.png.\n"
+        'sft: chat JSONL ({"messages": [...]} a line) → LoRA adapter (out/adapter) and/or full model '
+        "(out/model); loss on assistant tokens only, short chats packed into rows.\n\n"
+        "  lmforge finetune --task classify --data reviews.csv --model all-minilm-l6-v2 --out runs/sentiment\n"
+        "  lmforge finetune --task sft --data chats.jsonl --model smollm2-135m-instruct --out runs/sft",
+        epilog="--task classify\n" + config_help(ClassifyConfig) + "\n\n--task sft\n" + config_help(SFTConfig),
+    )
+    finetune.add_argument("--task", choices=("classify", "sft"), required=True)
+    finetune.add_argument("--config", help="YAML or JSON file of the keys below")
+    finetune.set_defaults(handler=command_finetune)
+
+    explain_parser = verbs.add_parser(
+        "explain",
+        help="attention maps, logit lens and token attributions for a prompt's next token",
+        description="Writes OUT/attention/attention_layer_NN.png (every head of every layer), OUT/logit_lens.png, "
+        "OUT/explain.html (one self-contained page: hover a token to see where each head attends) and "
+        "OUT/explain.json.",
+    )
+    explain_parser.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP)
+    explain_parser.add_argument("--prompt", required=True)
+    explain_parser.add_argument("--out", default="explain", help="folder for the PNGs, HTML and JSON")
+    explain_parser.add_argument("--top-k", type=int, default=5, help="predictions per layer in the logit lens")
+    explain_parser.add_argument(
+        "--method", choices=("integrated_gradients", "gradient_x_input"), default="integrated_gradients"
+    )
+    explain_parser.set_defaults(handler=command_explain)
 
     serve_parser = verbs.add_parser(
         "serve",

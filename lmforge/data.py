@@ -4,10 +4,12 @@
 shards (uint16 when the vocabulary fits, else uint32) with a train/val split and a JSON
 manifest. `TokenDataset` samples random windows for pretraining (reproducible from a
 torch.Generator whose state checkpoints save) or walks them in order for evaluation.
+`read_records` / `read_labelled_texts` read the tables (CSV, JSONL, Parquet) fine-tuning learns from.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -110,6 +112,95 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[TextPiece]:
                     f"{path}:{line_number}: field {text_field!r} is {type(text).__name__}, expected a string"
                 )
             yield TextPiece(text, path, len(raw), True)
+
+
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) from a CSV/TSV (header row), JSONL or Parquet file; Parquet rows count from 1."""
+    path = Path(path)
+    if path.suffix not in TABLE_SUFFIXES:
+        raise LmforgeError(f"{path}: expected one of {', '.join(TABLE_SUFFIXES)}")
+    if not path.is_file():
+        raise LmforgeError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as parquet
+        except ImportError:
+            raise LmforgeError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+        try:
+            table = parquet.read_table(path)
+        except Exception as error:  # pyarrow raises its own error types for a bad file
+            raise LmforgeError(f"{path}: not a readable Parquet file ({error})") from None
+        yield from enumerate(table.to_pylist(), start=1)
+    elif path.suffix == ".jsonl":
+        with path.open("rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                line = _decode_line(raw, path, line_number).strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise LmforgeError(
+                        f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})"
+                    ) from None
+                if not isinstance(record, dict):
+                    raise LmforgeError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+                yield line_number, record
+    else:
+        try:
+            with path.open(newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ",")
+                for record in reader:
+                    if None in record:
+                        raise LmforgeError(
+                            f"{path}:{reader.line_num}: more fields than the header's {reader.fieldnames}"
+                        )
+                    yield reader.line_num, record
+        except UnicodeDecodeError as error:
+            raise LmforgeError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start})") from None
+        except csv.Error as error:
+            raise LmforgeError(f"{path}: malformed CSV ({error})") from None
+
+
+@dataclass
+class LabelledTexts:
+    """Texts with class ids; `label_names[i]` is what class i was called in the file."""
+
+    texts: list[str]
+    labels: list[int]
+    label_names: list[str]
+
+
+def read_labelled_texts(
+    path: str | Path, text_field: str = "text", label_field: str = "label", label_names: list[str] | None = None
+) -> LabelledTexts:
+    """Texts and labels from CSV/TSV/JSONL/Parquet. Labels may be names or integers; names are
+    numbered in sorted order unless `label_names` (say, the training set's) fixes the numbering."""
+    texts, raw_labels = [], []
+    for line_number, record in read_records(path):
+        for name in (text_field, label_field):
+            if record.get(name) in (None, ""):
+                raise LmforgeError(f"{path}:{line_number}: missing field {name!r} (fields: {sorted(record)})")
+        if not isinstance(record[text_field], str):
+            raise LmforgeError(
+                f"{path}:{line_number}: field {text_field!r} is {type(record[text_field]).__name__}, expected text"
+            )
+        texts.append(record[text_field])
+        raw_labels.append(str(record[label_field]).strip())
+    if not texts:
+        raise LmforgeError(f"{path}: no records")
+    if label_names is None:
+        names = set(raw_labels)
+        numeric = all(name.lstrip("-").isdigit() for name in names)
+        label_names = sorted(names, key=int) if numeric else sorted(names)
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted(set(raw_labels) - set(index))
+    if unknown:
+        raise LmforgeError(f"{path}: labels {unknown[:5]} are not among the known classes {label_names}")
+    return LabelledTexts(texts, [index[label] for label in raw_labels], list(label_names))
 
 
 def sha256_file(path: Path) -> str:

@@ -35,16 +35,20 @@ def builtin_model_path(name: str) -> Path:
     return installed_package_path(package, filename, pip_name, f"model {name!r}")
 
 
-def load(name_or_path: str | Path, device: str = "cpu", keep_quantized: bool = True) -> tuple[Transformer, Tokenizer]:
+def load(
+    name_or_path: str | Path, device: str = "cpu", keep_quantized: bool = True, adapter: str | Path | None = None
+) -> tuple[Transformer, Tokenizer]:
     """Model (eval mode) and tokenizer from a built-in name, a .gguf file, an HF folder or an lmforge checkpoint.
 
     Q4_0/Q4_1/Q8_0 GGUF weights stay quantised unless keep_quantized=False (then all fp32).
     On CPU, fp32 Linear layers decode through the native kernels (`lmforge.quantize.use_native_kernels`).
+    `adapter`: a LoRA adapter folder (`lmforge finetune --task sft`) applied on top; over fp32
+    weights it is merged in (no cost per token), over quantised ones it runs beside them.
     """
     from lmforge.checkpoint import load_model
     from lmforge.formats.gguf import load_gguf
     from lmforge.formats.hf import load_hf
-    from lmforge.quantize import use_native_kernels
+    from lmforge.quantize import QuantizedLinear, use_native_kernels
 
     name = str(name_or_path)
     path = builtin_model_path(name) if name in BUILTIN_MODELS else Path(name)
@@ -59,6 +63,12 @@ def load(name_or_path: str | Path, device: str = "cpu", keep_quantized: bool = T
             f"{name}: not a known model name ({', '.join(BUILTIN_MODELS)}), "
             f"nor an existing .gguf file, HF folder or lmforge checkpoint"
         )
+    if adapter is not None:
+        from lmforge.lora import load_adapter, remove_lora
+
+        model = load_adapter(model, adapter)
+        if not any(isinstance(module, QuantizedLinear) for module in model.modules()):
+            model = remove_lora(model).eval()
     if device == "cpu":
         use_native_kernels(model)
     return model.to(device), tokenizer

@@ -166,6 +166,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def document_positions_and_mask(document_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) restarting at 0 where the document id changes, and the (B, 1, T, T) attention
+    mask that is causal within each document and closed between documents."""
+    batch, length = document_ids.shape
+    index = torch.arange(length, device=document_ids.device).expand(batch, length)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first_of_document = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    return index - first_of_document, (same_document & causal)[:, None]
+
+
 class KVCache:
     """Preallocated keys and values of every layer, for incremental decoding.
 
@@ -252,6 +265,9 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.causal = config.causal
+        # Interpretability: a list here (set by `lmforge.interpret.recording_attention`) receives each
+        # call's attention weights (B, heads, T, S). None, the default, costs nothing.
+        self.attention_record: list | None = None
 
     def forward(
         self,
@@ -260,7 +276,8 @@ class CausalSelfAttention(nn.Module):
         cache: KVCache | None,
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`padding_mask` (B, 1, 1, T), True where a key is real: for batches of padded, non-causal inputs."""
+        """`padding_mask`, True where attention is allowed: (B, 1, 1, T) for padded non-causal inputs, or
+        (B, 1, T, T) complete with causality (packed documents)."""
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], dim=-1
@@ -271,7 +288,7 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
-        mask, is_causal = padding_mask, self.causal and length > 1
+        mask, is_causal = padding_mask, self.causal and length > 1 and padding_mask is None
         if cache is not None:  # attend over everything cached so far, this step included
             k, v, mask, is_causal = cache.update(self.layer_index, k, v)
         if self.n_kv_heads != self.n_heads:
@@ -279,11 +296,25 @@ class CausalSelfAttention(nn.Module):
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
 
         # softmax(q k^T / sqrt(head_dim)) v, causal: a query sees its own and earlier positions.
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.attention_record is not None:
+            y = self.attention_with_weights(q, k, v, mask, is_causal)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+            )
         y = y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
         return F.dropout(self.out(y), self.dropout, self.training)
+
+    def attention_with_weights(self, q, k, v, mask, is_causal) -> torch.Tensor:
+        """The same attention written out, so the weights can be kept (SDPA never materialises them)."""
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        if is_causal:  # SDPA's convention: query i sees keys 0..i
+            scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).tril().logical_not(), float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        weights = scores.softmax(-1)
+        self.attention_record.append(weights)
+        return weights @ v
 
 
 class MLP(nn.Module):
@@ -394,13 +425,14 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         slots: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for `tokens` (B, T), and the mean cross-entropy if `targets` are given.
 
         With a cache, `tokens` continue what it holds: at `cache.length`, or at each row's own
         start `positions` (B,) in cache rows `slots` (B,). Targets equal to -100 are ignored.
         """
-        logits = self.lm_head(self.hidden_states(tokens, cache, positions, slots))
+        logits = self.lm_head(self.hidden_states(tokens, cache, positions, slots, document_ids))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -412,11 +444,19 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         slots: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm outputs (B, T, d_model): what the LM head reads (an engine applies it to last positions only)."""
+        """Final-norm outputs (B, T, d_model): what the LM head reads (an engine applies it to last positions only).
+
+        `document_ids` (B, T) marks packed training rows: a token attends only to earlier tokens of
+        its own document, and positions count from 0 at each document's start.
+        """
         batch, length = tokens.shape
         start = cache.length if cache is not None and positions is None else 0
-        if positions is None:
+        mask = None
+        if document_ids is not None:
+            where, mask = document_positions_and_mask(document_ids)
+        elif positions is None:
             if start + length > self.config.block_size:
                 raise ValueError(f"sequence of {start + length} tokens exceeds block_size={self.config.block_size}")
             where = slice(start, start + length)
@@ -432,11 +472,11 @@ class Transformer(nn.Module):
             x = x + self.position_embedding.weight[where]
         else:
             rope = (self.rope_cos[where], self.rope_sin[where])
-            if positions is not None:  # (B, T, head_dim) → broadcast over heads
+            if positions is not None or document_ids is not None:  # (B, T, head_dim) → broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
         x = F.dropout(x, self.config.dropout, self.training)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if cache is not None:
             cache.finish(length)
         return self.final_norm(x)

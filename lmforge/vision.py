@@ -214,32 +214,6 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> to
     return torch.cat([model(images[i : i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
 
 
-def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, classes: int) -> torch.Tensor:
-    """(classes, classes) counts: row = true class, column = predicted class."""
-    return torch.bincount(labels * classes + predicted, minlength=classes * classes).reshape(classes, classes)
-
-
-def save_confusion_matrix_png(matrix: torch.Tensor, path: str | Path, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(5, 4.5))
-    axes.imshow(matrix.numpy(), cmap="Blues")
-    for row in range(matrix.shape[0]):
-        for column in range(matrix.shape[1]):
-            if matrix[row, column]:
-                axes.text(column, row, int(matrix[row, column]), ha="center", va="center", fontsize=7)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    axes.set_title(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return Path(path)
-
-
 def save_rollout_png(image: torch.Tensor, rollout: torch.Tensor, path: str | Path) -> Path:
     """An image (C, H, W) beside its attention-rollout map, upsampled to the image's size."""
     import matplotlib

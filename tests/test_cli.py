@@ -34,7 +34,7 @@ def test_end_to_end_prepare_train_resume_generate_eval(tmp_path, corpus_file):
     assert generated.stdout.startswith("KING.") and len(generated.stdout) > len("KING.\n")
     evaluated = lmforge("eval", "--model", run, "--data-dir", data, "--json", tmp_path / "eval.json")
     assert "perplexity" in evaluated.stdout
-    result = json.loads((tmp_path / "eval.json").read_text())
+    result = json.loads((tmp_path / "eval.json").read_text())["metrics"]["val"]
     assert result["bits_per_byte"] > 0 and result["perplexity"] == pytest.approx(2.718281828 ** result["loss"])
 
     lmforge("export", "--model", run, "--format", "hf", "--out", tmp_path / "hf")

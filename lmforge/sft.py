@@ -1,0 +1,233 @@
+"""Supervised fine-tuning on chat conversations: the model's chat template, loss on assistant tokens only, packing.
+
+Data is JSONL, one conversation a line, in OpenAI's format:
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+
+`finetune_chat` is `lmforge finetune --task sft`: LoRA adapters by default (`lora_rank=0`
+trains every weight), trained with `fit`, saved as an adapter folder and/or a full model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmforge.chat import ROLES, render_chat
+from lmforge.data import read_records
+from lmforge.errors import LmforgeError
+from lmforge.fit import EarlyStopping, Fittable, WarmupCosine
+from lmforge.model import Transformer
+from lmforge.tokenizer import Tokenizer
+
+IGNORE = -100  # target id that the loss skips (PyTorch's cross_entropy ignore_index)
+
+
+def read_conversations(path: str | Path) -> list[list[dict]]:
+    """Every `messages` list of a chat JSONL file, checked: roles, string contents, at least one assistant turn."""
+    conversations = []
+    for line_number, record in read_records(path):
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise LmforgeError(f"{path}:{line_number}: needs a non-empty 'messages' list")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ROLES:
+                raise LmforgeError(f"{path}:{line_number}: message {index} needs a role in {ROLES}")
+            if not isinstance(message.get("content"), str):
+                raise LmforgeError(f"{path}:{line_number}: message {index} needs string 'content'")
+        if not any(message["role"] == "assistant" for message in messages):
+            raise LmforgeError(f"{path}:{line_number}: no assistant message to learn from")
+        conversations.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    if not conversations:
+        raise LmforgeError(f"{path}: no conversations")
+    return conversations
+
+
+def tokenize_conversation(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation and, per token, whether an assistant turn wrote it.
+
+    Each assistant turn is found by rendering the conversation up to it twice: with the
+    generation prompt (what the model sees before answering) and with the turn itself; the
+    difference (its text and end-of-turn marker) is what the model must learn to produce.
+    """
+
+    def render(upto: list[dict], add_generation_prompt: bool) -> str:
+        return render_chat(
+            upto, tokenizer.chat_template, add_generation_prompt, tokenizer.bos_token, tokenizer.eos_token
+        )
+
+    ids: list[int] = []
+    is_assistant: list[bool] = []
+    rendered = ""
+
+    def add(text: str, assistant: bool) -> None:
+        pieces = tokenizer.encode(text) if text else []
+        ids.extend(pieces)
+        is_assistant.extend([assistant] * len(pieces))
+
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, through = render(messages[:index], True), render(messages[: index + 1], False)
+        if not (prompt.startswith(rendered) and through.startswith(prompt)):
+            raise LmforgeError("the chat template does not render conversations as growing prefixes; cannot mask")
+        add(prompt[len(rendered) :], False)
+        add(through[len(prompt) :], True)
+        rendered = through
+    whole = render(messages, False)
+    add(whole[len(rendered) :] if whole.startswith(rendered) else "", False)
+    return ids, is_assistant
+
+
+def training_pair(ids: list[int], is_assistant: list[bool]) -> tuple[list[int], list[int]]:
+    """(inputs, targets) for next-token training: a target is the next id if an assistant wrote it, else IGNORE."""
+    return ids[:-1], [token if scored else IGNORE for token, scored in zip(ids[1:], is_assistant[1:])]
+
+
+def pack(
+    pairs: list[tuple[list[int], list[int]]], length: int, pad_id: int, packing: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Rows of `length` tokens: (inputs, targets, document ids, number of examples cut short).
+
+    Packing fills each row with whole examples one after another (no padding wasted on short
+    chats). Document ids (1, 2, ... within a row; 0 for padding) keep the examples apart: the
+    model attends only within a document and restarts positions at each, so a packed example
+    trains exactly as it would alone. An example longer than `length` is cut to fit.
+    """
+    rows: list[tuple[list[int], list[int], list[int]]] = []
+    truncated = 0
+    for inputs, targets in pairs:
+        if len(inputs) > length:
+            inputs, targets, truncated = inputs[:length], targets[:length], truncated + 1
+        if packing and rows and len(rows[-1][0]) + len(inputs) <= length:
+            row = rows[-1]
+            document = row[2][-1] + 1
+            row[0].extend(inputs)
+            row[1].extend(targets)
+            row[2].extend([document] * len(inputs))
+        else:
+            rows.append((list(inputs), list(targets), [1] * len(inputs)))
+    width = length if packing else max(len(inputs) for inputs, _, _ in rows)
+    input_tensor = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    target_tensor = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    document_tensor = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (inputs, targets, documents) in enumerate(rows):
+        input_tensor[i, : len(inputs)] = torch.tensor(inputs)
+        target_tensor[i, : len(targets)] = torch.tensor(targets)
+        document_tensor[i, : len(documents)] = torch.tensor(documents)
+    return input_tensor, target_tensor, document_tensor, truncated
+
+
+class NextTokenModel(Fittable, nn.Module):
+    """A language model seen by `fit`: packed tokens and their document ids in, logits out
+    (the loss is `token_crossentropy`)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, document_ids=document_ids)[0]
+
+
+def conversations_to_rows(
+    tokenizer: Tokenizer, conversations: list[list[dict]], length: int, packing: bool, seed: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor, dict]:
+    """((inputs, document ids), targets, counts) for `fit`, examples in a seeded random order."""
+    pairs = [training_pair(*tokenize_conversation(tokenizer, messages)) for messages in conversations]
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
+    inputs, targets, documents, truncated = pack([pairs[i] for i in order], length, pad_id, packing)
+    scored = int((targets != IGNORE).sum())
+    stats = {"conversations": len(pairs), "rows": len(inputs), "scored_tokens": scored, "truncated": truncated}
+    stats["tokens"] = sum(len(p[0]) for p in pairs)
+    return (inputs, documents), targets, stats
+
+
+@dataclass
+class SFTConfig:
+    """`lmforge finetune --task sft`: which model, which chats, and how to train on them."""
+
+    data: str = ""  # chat JSONL, one {"messages": [...]} a line
+    model: str = "smollm2-135m-instruct"
+    out: str = "runs/sft"
+    validation: str | None = None
+    max_tokens: int = 512  # tokens per training row
+    packing: bool = True
+    epochs: int = 2
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    accumulation_steps: int = 1
+    clip_grad_norm: float = 1.0
+    lora_rank: int = 8  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = field(default=("qkv", "out", "up", "down"))
+    merge: bool = False  # with LoRA: also write the merged full model to out/model
+    seed: int = 0
+
+
+def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
+    """Fine-tune on chat JSONL; writes out/adapter (LoRA) and/or out/model (full or merged) and out/metrics.json."""
+    from lmforge.checkpoint import save_model
+    from lmforge.loading import load
+    from lmforge.lora import LoraConfig, apply_lora, count_trainable, remove_lora, save_adapter
+
+    if not config.data:
+        raise LmforgeError('SFT needs data: a JSONL file of {"messages": [...]} conversations')
+    torch.manual_seed(config.seed)
+    model, tokenizer = load(config.model, keep_quantized=False)
+    length = min(config.max_tokens, model.config.block_size)
+    x, y, stats = conversations_to_rows(tokenizer, read_conversations(config.data), length, config.packing, config.seed)
+    validation = None
+    if config.validation:
+        vx, vy, _ = conversations_to_rows(
+            tokenizer, read_conversations(config.validation), length, config.packing, config.seed
+        )
+        validation = (vx, vy)
+    if config.lora_rank:
+        lora = LoraConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+        apply_lora(model, lora)
+    trainer = NextTokenModel(model)
+    if verbose:
+        print(
+            f"{stats['conversations']} conversations → {stats['rows']} rows of ≤{length} tokens, "
+            f"{stats['scored_tokens']:,} assistant tokens scored"
+            + (f", {stats['truncated']} cut short" if stats["truncated"] else "")
+            + f"; {count_trainable(model):,} of {sum(p.numel() for p in model.parameters()):,} parameters train"
+        )
+    optimizer = lambda parameters: torch.optim.AdamW(  # noqa: E731
+        parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    trainer.compile(
+        optimizer, "token_crossentropy", ["accuracy"], from_logits=True, clip_grad_norm=config.clip_grad_norm
+    )
+    callbacks = [WarmupCosine(config.warmup_steps)]
+    if validation is not None:
+        callbacks.append(EarlyStopping("val_loss", patience=1, restore_best_weights=True))
+    history = trainer.fit(
+        x,
+        y,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        validation_data=validation,
+        callbacks=callbacks,
+        accumulation_steps=config.accumulation_steps,
+        verbose=verbose,
+        seed=config.seed,
+    )
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    if config.lora_rank:
+        written["adapter"] = str(save_adapter(model, out / "adapter", base_model=config.model))
+    if not config.lora_rank or config.merge:
+        written["model"] = str(save_model(out / "model", remove_lora(model), tokenizer, {"base_model": config.model}))
+    result = {**stats, "history": history.history, "written": written}
+    (out / "metrics.json").write_text(json.dumps({**result, "config": asdict(config)}, indent=2) + "\n")
+    return result
