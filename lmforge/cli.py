@@ -206,6 +206,15 @@ def command_explain(args, extra) -> int:
 
     if extra:
         raise LmforgeError(f"unexpected arguments {extra}")
+    if args.classifier:
+        from lmforge.classify import TextClassifier
+        from lmforge.interpret import explain_classification
+
+        summary = explain_classification(TextClassifier(args.classifier), args.prompt, args.out)
+        print(f"label: {summary['label']} ({summary['probabilities'][summary['label']]:.3f})")
+        print(f"attributions: {summary['terminal'] if sys.stdout.isatty() else summary['tokens']}")
+        print(f"wrote {summary['files']['html']}")
+        return 0
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, keep_quantized=False)  # fp32: attributions need gradients
     summary = explain(model, tokenizer, args.prompt, args.out, top_k=args.top_k, method=args.method)
@@ -216,6 +225,46 @@ def command_explain(args, extra) -> int:
     files = summary["files"]
     print(f"wrote {files['html']}, {files['logit_lens_png']} and {len(files['attention_pngs'])} attention PNGs")
     return 0
+
+
+def command_recommend(args, extra) -> int:
+    from lmforge import recommend
+    from lmforge.config import apply_values
+
+    if args.action == "train":
+        if args.folder:
+            raise LmforgeError(f"recommend train takes no folder (got {args.folder!r}); set --out")
+        result = recommend.train_recommender(
+            apply_values(recommend.RecommendConfig(), config_values(args.config, extra))
+        )
+        print(_recommend_table(result))
+        return 0
+    if extra:
+        raise LmforgeError(f"unexpected arguments {extra}")
+    if not args.folder:
+        raise LmforgeError(f"recommend {args.action} needs the FOLDER `lmforge recommend train` wrote")
+    recommender = recommend.Recommender(args.folder)
+    if args.action == "eval":
+        print(_recommend_table(recommender.evaluate()))
+    elif args.action == "top":
+        items = recommender.recommend(args.history.split(",") if args.history else None, args.user, args.k)
+        print(json.dumps([{"item": item, "score": round(score, 4)} for item, score in items]))
+    else:
+        import uvicorn
+
+        uvicorn.run(recommend.build_app(recommender), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _recommend_table(result: dict) -> str:
+    lines = [f"{'ranking':<10}{'model HR@10':>13}{'NDCG@10':>10}{'popularity HR@10':>19}{'NDCG@10':>10}"]
+    for ranking in ("full", "sampled"):
+        model, popular = result[ranking], result[f"popularity_{ranking}"]
+        lines.append(
+            f"{ranking:<10}{model['hr@10']:>13.4f}{model['ndcg@10']:>10.4f}"
+            f"{popular['hr@10']:>19.4f}{popular['ndcg@10']:>10.4f}"
+        )
+    return "\n".join(lines)
 
 
 def command_serve(args, extra) -> int:
@@ -306,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lmforge.classify import ClassifyConfig
     from lmforge.generate import SamplingConfig
     from lmforge.loading import DEFAULT_CHAT_MODEL
+    from lmforge.recommend import RecommendConfig
     from lmforge.serve import ServeConfig
     from lmforge.sft import SFTConfig
     from lmforge.train import TrainConfig
@@ -432,13 +482,38 @@ def build_parser() -> argparse.ArgumentParser:
         "OUT/explain.json.",
     )
     explain_parser.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP)
-    explain_parser.add_argument("--prompt", required=True)
+    explain_parser.add_argument("--prompt", required=True, help="the text (with --classifier: the text to label)")
+    explain_parser.add_argument("--classifier", help="a folder from `finetune --task classify`: explain its label")
     explain_parser.add_argument("--out", default="explain", help="folder for the PNGs, HTML and JSON")
     explain_parser.add_argument("--top-k", type=int, default=5, help="predictions per layer in the logit lens")
     explain_parser.add_argument(
         "--method", choices=("integrated_gradients", "gradient_x_input"), default="integrated_gradients"
     )
     explain_parser.set_defaults(handler=command_explain)
+
+    recommend_parser = verbs.add_parser(
+        "recommend",
+        help="sequential recommendation (SASRec, matrix factorisation): train, eval, top, serve",
+        formatter_class=formatter,
+        description="train: fit a recommender on an interaction log (CSV user,item,timestamp; MovieLens "
+        "ratings.csv / ratings.dat / u.data; or 'synthetic'), leave-one-out HR@10/NDCG@10 vs popularity.\n"
+        "eval: re-score a saved recommender. top: top-k items for --user or --history a,b,c. "
+        'serve: POST /v1/recommend {"history": [...]} or {"user": ...}.\n\n'
+        "  lmforge recommend train --data ratings.csv --model sasrec --out runs/rec\n"
+        "  lmforge recommend eval runs/rec\n"
+        "  lmforge recommend top runs/rec --history 1,2,3 -k 5\n"
+        "  lmforge recommend serve runs/rec --port 8010",
+        epilog="train keys:\n" + config_help(RecommendConfig),
+    )
+    recommend_parser.add_argument("action", choices=("train", "eval", "top", "serve"))
+    recommend_parser.add_argument("folder", nargs="?", help="a saved recommender (eval, top, serve)")
+    recommend_parser.add_argument("--config", help="YAML or JSON training config (train)")
+    recommend_parser.add_argument("--user", help="a user id from the training log (top)")
+    recommend_parser.add_argument("--history", help="comma-separated item ids, oldest first (top)")
+    recommend_parser.add_argument("-k", type=int, default=10)
+    recommend_parser.add_argument("--host", default="127.0.0.1")
+    recommend_parser.add_argument("--port", type=int, default=8010)
+    recommend_parser.set_defaults(handler=command_recommend)
 
     serve_parser = verbs.add_parser(
         "serve",

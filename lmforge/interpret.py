@@ -467,3 +467,57 @@ def explain(
     (out / "explain.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     summary["terminal"] = attributions_terminal(labels, scores)
     return summary
+
+
+CLASSIFIER_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>lmforge explain: __TITLE__</title>
+<style>
+body { font: 14px/1.6 system-ui, sans-serif; margin: 24px; max-width: 900px; }
+.tok { white-space: pre; padding: 2px 1px; border-radius: 3px; font-family: ui-monospace, monospace; }
+td, th { border: 1px solid #ddd; padding: 3px 8px; } table { border-collapse: collapse; }
+</style></head><body>
+<h1>__TITLE__</h1>
+<table><tr><th>class</th><th>probability</th></tr>__ROWS__</table>
+<p>Integrated gradients of the <b>__LABEL__</b> logit for each token; green pushes towards it, red away.</p>
+<div>__SPANS__</div>
+</body></html>
+"""
+
+
+def explain_classification(classifier, text: str, out: str | Path) -> dict:
+    """Why a saved `TextClassifier` labels `text` as it does: explain.html and explain.json in `out`."""
+    from lmforge.classify import pad_id_of, tokenize_texts
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens, _ = tokenize_texts(classifier.tokenizer, [text], classifier.max_tokens, pad_id_of(classifier.tokenizer))
+    tokens = tokens[0]
+    probabilities = classifier.probabilities([text])[0]
+    label = int(probabilities.argmax())
+    scores = classifier_attributions(classifier.model, tokens, label)
+    ids = tokens.tolist()
+    decode = getattr(classifier.tokenizer, "id_to_token", None)
+    labels = [decode(i) for i in ids] if decode else [classifier.tokenizer.decode([i]) for i in ids]
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{p:.4f}</td></tr>"
+        for name, p in zip(classifier.label_names, probabilities.tolist())
+    )
+    page = out / "explain.html"
+    page.write_text(
+        CLASSIFIER_PAGE.replace("__TITLE__", html.escape(text[:80]))
+        .replace("__ROWS__", rows)
+        .replace("__LABEL__", html.escape(classifier.label_names[label]))
+        .replace("__SPANS__", _attribution_spans([f"{t} " for t in labels], scores)),
+        encoding="utf-8",
+    )
+    summary = {
+        "text": text,
+        "label": classifier.label_names[label],
+        "probabilities": dict(zip(classifier.label_names, probabilities.tolist())),
+        "tokens": labels,
+        "attributions": scores.tolist(),
+        "files": {"html": str(page)},
+    }
+    (out / "explain.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    summary["terminal"] = attributions_terminal([f"{t} " for t in labels], scores)
+    return summary

