@@ -45,6 +45,7 @@ bench: setup
 	$(PY) benchmarks/inference.py
 	$(PY) benchmarks/serve.py
 	$(PY) benchmarks/serve.py --fp32
+	$(PY) benchmarks/recommend_synthetic.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -39,6 +39,24 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def write_files_atomically(folder: str | Path, writers: dict) -> Path:
+    """Write each `name: write(path)` into a temporary folder, then move them into `folder` in order.
+
+    A crash leaves either the old file or the new one under each name, never half a file; put
+    the file that marks a complete folder (its config) last.
+    """
+    folder = Path(folder)
+    temporary = folder / ".writing.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for name, write in writers.items():
+        write(temporary / name)
+    for name in writers:
+        os.replace(temporary / name, folder / name)
+    temporary.rmdir()
+    return folder
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,

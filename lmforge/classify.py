@@ -8,9 +8,7 @@ that `TextClassifier` reads back.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmforge.checkpoint import write_files_atomically
 from lmforge.data import read_labelled_texts
 from lmforge.encoder import BUILTIN_ENCODERS, Encoder, load_encoder
 from lmforge.errors import LmforgeError
@@ -274,10 +273,6 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
 
 def save_classifier(folder, classifier: SequenceClassifier, tokenizer, label_names, max_tokens: int, base_model: str):
     """A folder `TextClassifier` reads: classifier.json, model.safetensors, tokenizer.json; replaced atomically."""
-    final = Path(folder)
-    temporary = final / ".classifier.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
     backbone = classifier.backbone
     document = {
         "backbone": "encoder" if isinstance(backbone, Encoder) else "decoder",
@@ -288,13 +283,14 @@ def save_classifier(folder, classifier: SequenceClassifier, tokenizer, label_nam
         "max_tokens": max_tokens,
         "base_model": base_model,
     }
-    save_weights(classifier, temporary / CLASSIFIER_WEIGHTS)
-    tokenizer.save(str(temporary / CLASSIFIER_TOKENIZER))
-    (temporary / CLASSIFIER_CONFIG).write_text(json.dumps(document, indent=2) + "\n")
-    for name in (CLASSIFIER_WEIGHTS, CLASSIFIER_TOKENIZER, CLASSIFIER_CONFIG):  # config last: it marks a whole folder
-        os.replace(temporary / name, final / name)
-    temporary.rmdir()
-    return final
+    return write_files_atomically(
+        folder,
+        {
+            CLASSIFIER_WEIGHTS: lambda path: save_weights(classifier, path),
+            CLASSIFIER_TOKENIZER: lambda path: tokenizer.save(str(path)),
+            CLASSIFIER_CONFIG: lambda path: path.write_text(json.dumps(document, indent=2) + "\n"),
+        },
+    )
 
 
 class TextClassifier:

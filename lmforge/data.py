@@ -92,7 +92,8 @@ def read_pieces(files: list[Path], text_field: str = "text", chunk_bytes: int = 
             yield TextPiece("".join(lines), path, size, first)
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[TextPiece]:
+def _jsonl_objects(path: Path) -> Iterator[tuple[int, int, dict]]:
+    """(line number, bytes of the line, object) for each non-blank line of a JSONL file."""
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             line = _decode_line(raw, path, line_number).strip()
@@ -104,14 +105,21 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[TextPiece]:
                 raise LmforgeError(
                     f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})"
                 ) from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise LmforgeError(f"{path}:{line_number}: record has no field {text_field!r}")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise LmforgeError(
-                    f"{path}:{line_number}: field {text_field!r} is {type(text).__name__}, expected a string"
-                )
-            yield TextPiece(text, path, len(raw), True)
+            if not isinstance(record, dict):
+                raise LmforgeError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            yield line_number, len(raw), record
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[TextPiece]:
+    for line_number, size, record in _jsonl_objects(path):
+        if text_field not in record:
+            raise LmforgeError(f"{path}:{line_number}: record has no field {text_field!r}")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise LmforgeError(
+                f"{path}:{line_number}: field {text_field!r} is {type(text).__name__}, expected a string"
+            )
+        yield TextPiece(text, path, size, True)
 
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
@@ -135,20 +143,7 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
             raise LmforgeError(f"{path}: not a readable Parquet file ({error})") from None
         yield from enumerate(table.to_pylist(), start=1)
     elif path.suffix == ".jsonl":
-        with path.open("rb") as handle:
-            for line_number, raw in enumerate(handle, start=1):
-                line = _decode_line(raw, path, line_number).strip()
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise LmforgeError(
-                        f"{path}:{line_number}: invalid JSON ({error.msg} at column {error.colno})"
-                    ) from None
-                if not isinstance(record, dict):
-                    raise LmforgeError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-                yield line_number, record
+        yield from ((line_number, record) for line_number, _, record in _jsonl_objects(path))
     else:
         try:
             with path.open(newline="", encoding="utf-8") as handle:

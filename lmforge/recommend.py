@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import random
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -312,13 +310,9 @@ def evaluate_recommender(model, kind: str, histories, targets, n_items: int, max
 
 def save_recommender(model: nn.Module, config: RecommendConfig, data: Interactions, result: dict) -> Path:
     """out/recommender.json (config, item ids, histories, metrics) + out/model.safetensors, replaced atomically."""
+    from lmforge.checkpoint import write_files_atomically
     from lmforge.fit import save_weights
 
-    out = Path(config.out)
-    temporary = out / ".recommender.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    save_weights(model, temporary / "model.safetensors")
     document = {
         "config": asdict(config),
         "model_config": model.config.to_dict() if isinstance(model, SASRec) else None,
@@ -327,11 +321,13 @@ def save_recommender(model: nn.Module, config: RecommendConfig, data: Interactio
         "histories": data.sequences,
         "metrics": result,
     }
-    (temporary / "recommender.json").write_text(json.dumps(document) + "\n")
-    for name in ("model.safetensors", "recommender.json"):
-        os.replace(temporary / name, out / name)
-    temporary.rmdir()
-    return out
+    return write_files_atomically(
+        config.out,
+        {
+            "model.safetensors": lambda path: save_weights(model, path),
+            "recommender.json": lambda path: path.write_text(json.dumps(document) + "\n"),
+        },
+    )
 
 
 class Recommender:

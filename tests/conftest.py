@@ -1,4 +1,6 @@
+import contextlib
 import random
+import shutil
 
 import pytest
 import torch
@@ -39,3 +41,23 @@ def char_dataset(tmp_path_factory, corpus_file):
     out = tmp_path_factory.mktemp("data_char")
     prepare([corpus_file], out, tokenizer="char", val_fraction=0.1)
     return out
+
+
+@contextlib.contextmanager
+def chromium_page():
+    """(page, errors) in Debian's headless chromium via Playwright; `errors` collects console errors and
+    uncaught exceptions. Skips the test where playwright or chromium is missing."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser_path is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    errors: list[str] = []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.on("console", lambda message: message.type == "error" and errors.append(message.text))
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        try:
+            yield page, errors
+        finally:
+            browser.close()

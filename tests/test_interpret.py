@@ -2,7 +2,6 @@
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -22,6 +21,8 @@ from lmforge.interpret import (
 )
 from lmforge.model import ModelConfig, Transformer, apply_rope
 from lmforge.tokenizer import CharTokenizer
+
+from .conftest import chromium_page
 
 TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
 LLAMA = ModelConfig(
@@ -134,16 +135,7 @@ def test_explain_writes_pngs_json_and_a_page_that_works_in_chromium(tmp_path):
     assert saved["tokens"] == list("the cat sat") and len(saved["attributions"]["scores"]) == 11
     assert saved["prediction"] == summary["prediction"] and len(saved["logit_lens"]) == 3
 
-    sync_api = pytest.importorskip("playwright.sync_api")
-    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser_path is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    errors = []
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        page = browser.new_page()
-        page.on("console", lambda message: message.type == "error" and errors.append(message.text))
-        page.on("pageerror", lambda error: errors.append(str(error)))
+    with chromium_page() as (page, errors):
         page.goto((out / "explain.html").as_uri())
         assert page.locator("#heads .head-row").count() == 4  # one line per head of layer 0
         assert page.locator("#lens tr").count() == 1 + 3  # header + one row per layer
@@ -153,7 +145,6 @@ def test_explain_writes_pngs_json_and_a_page_that_works_in_chromium(tmp_path):
         assert before != after
         page.select_option("#layer", "1")
         page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
-        browser.close()
     assert not errors, errors
     assert (tmp_path / "explain.png").stat().st_size > 5_000
 
@@ -173,19 +164,9 @@ def test_explain_smollm2_from_the_command_line(tmp_path):
     assert len(list((out / "attention").glob("*.png"))) == 30 and (out / "logit_lens.png").exists()
     assert summary["logit_lens"][-1]["top_tokens"][0] == " Paris"
 
-    sync_api = pytest.importorskip("playwright.sync_api")
-    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser_path is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    errors = []
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-        page = browser.new_page()
-        page.on("console", lambda message: message.type == "error" and errors.append(message.text))
-        page.on("pageerror", lambda error: errors.append(str(error)))
+    with chromium_page() as (page, errors):
         page.goto((out / "explain.html").as_uri())
-        assert page.locator("#heads .head-row").count() == 9 and page.locator("#lens tr").count() == 31
+        assert page.locator("#heads .head-row").count() == 9 and page.locator("#lens tr").count() == 1 + 31
         page.locator("#tokens .tok").nth(1).hover()
         page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
-        browser.close()
     assert not errors, errors

@@ -19,6 +19,8 @@ from lmforge.serve.app import ServedModels, ServeLimits, create_app
 from lmforge.serve.scheduler import GenerationRequest, Scheduler
 from lmforge.tokenizer import CharTokenizer
 
+from .conftest import chromium_page
+
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -305,22 +307,11 @@ def test_shutdown_stops_accepting_and_ends_every_request():
 
 def test_chat_page_streams_a_reply_in_headless_chromium(tmp_path):
     """The page at / in a real browser: pick up the model list, send a message, see a streamed reply."""
-    import shutil
-
-    sync_api = pytest.importorskip("playwright.sync_api")
-    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser_path is None:
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     model, tokenizer = tiny_chat_model()
     app = create_app(ServedModels("tiny", Scheduler(model, tokenizer, max_batch=2, max_context=CONTEXT)))
     server = LiveServer(app)
-    errors = []
     try:
-        with sync_api.sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
-            page = browser.new_page()
-            page.on("console", lambda message: message.type == "error" and errors.append(message.text))
-            page.on("pageerror", lambda error: errors.append(str(error)))
+        with chromium_page() as (page, errors):
             page.goto(f"http://127.0.0.1:{server.port}/")
             page.wait_for_function("document.querySelectorAll('#model option').length > 0")
             assert page.locator("#model").input_value() == "tiny"
@@ -332,7 +323,6 @@ def test_chat_page_streams_a_reply_in_headless_chromium(tmp_path):
             reply = page.locator(".message.assistant").inner_text()
             assert "pieces in" in reply and len(reply.split("pieces in")[0].strip()) > 0
             page.screenshot(path=str(tmp_path / "chat.png"))
-            browser.close()
     finally:
         server.stop()
     assert not errors, errors
