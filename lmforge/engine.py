@@ -100,14 +100,20 @@ class DecodePlan:
 
     @staticmethod
     def fits(model: Transformer) -> bool:
-        """Every Linear is one the native calls can run (fp32 contiguous, or int8/int4 with 32-column groups)."""
-        for layer in model.modules():
+        """Every Linear is one the native calls can run (fp32 contiguous, or int8/int4 with 32-column groups);
+        anything else in their place (a LoRA wrapper, say) leaves decoding to the model's own forward."""
+        linears = [model.lm_head]
+        for block in model.blocks:
+            linears += [block.attention.qkv, block.attention.out, block.mlp.up, block.mlp.down]
+        for layer in linears:
             if isinstance(layer, QuantizedLinear):
                 if layer.in_features % 32:
                     return False
             elif isinstance(layer, nn.Linear):
                 if layer.weight.dtype != torch.float32 or not layer.weight.is_contiguous():
                     return False
+            else:
+                return False
         return True
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

@@ -126,3 +126,20 @@ def test_bad_configs_are_named():
     model = apply_lora(base_model(), LoraConfig())
     with pytest.raises(LmforgeError, match="already has LoRA"):
         apply_lora(model, LoraConfig())
+
+
+def test_generation_over_a_quantized_base_with_an_adapter_matches_the_plain_forward():
+    from lmforge.engine import DecodePlan
+    from lmforge.generate import SamplingConfig, generate_tokens
+
+    model = quantize_model(base_model(), bits=8)
+    apply_lora(model, LoraConfig(rank=4))
+    randomize_adapters(model)
+    assert not DecodePlan.fits(model)  # the native step cannot run LoRA wrappers: the model's forward does
+    prompt = TOKENS[0, :5].tolist()
+    produced = list(generate_tokens(model, prompt, SamplingConfig(max_new_tokens=6, temperature=0.0)))
+    expected = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):
+            expected.append(int(model(torch.tensor([expected]))[0][0, -1].argmax()))
+    assert produced == expected[5:]
