@@ -250,14 +250,14 @@ def _format_logs(logs: dict) -> str:
 class ProgressBar:
     """Keras's per-epoch bar: `12/40 ━━━━━━━━━━━━━━━━━━━━ 3s 80ms/step - loss: 0.3909 - accuracy: 0.8129`.
 
-    On a terminal the line redraws in place (at most 10 times a second); in a log or pipe
-    only the finished line of each epoch is written.
+    On a terminal the line redraws in place (at most 10 times a second); in a log or pipe a
+    line is written every `log_seconds` of a long epoch, and the finished line at its end.
     """
 
     width = 20
 
-    def __init__(self, steps: int, stream=None):
-        self.steps, self.stream = steps, stream or sys.stdout
+    def __init__(self, steps: int, stream=None, log_seconds: float = 30.0):
+        self.steps, self.stream, self.log_seconds = steps, stream or sys.stdout, log_seconds
         self.live = getattr(self.stream, "isatty", lambda: False)()
         self.start = self.last_draw = time.perf_counter()
 
@@ -278,6 +278,10 @@ class ProgressBar:
         now = time.perf_counter()
         if self.live and now - self.last_draw >= 0.1:
             self.stream.write("\r" + self.line(step, logs) + "\033[K")
+            self.stream.flush()
+            self.last_draw = now
+        elif not self.live and step < self.steps and now - self.last_draw >= self.log_seconds:
+            self.stream.write(self.line(step, logs) + "\n")
             self.stream.flush()
             self.last_draw = now
 

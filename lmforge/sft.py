@@ -19,7 +19,7 @@ from torch import nn
 from lmforge.chat import ROLES, render_chat
 from lmforge.data import read_records
 from lmforge.errors import LmforgeError
-from lmforge.fit import EarlyStopping, Fittable, WarmupCosine
+from lmforge.fit import Callback, EarlyStopping, Fittable, WarmupCosine
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -147,6 +147,18 @@ def conversations_to_rows(
     return (inputs, documents), targets, stats
 
 
+class SaveAdapterEachEpoch(Callback):
+    """Write the LoRA adapter (atomically) at the end of every epoch."""
+
+    def __init__(self, folder: Path, base_model: str):
+        self.folder, self.base_model = folder, base_model
+
+    def on_epoch_end(self, epoch, logs):
+        from lmforge.lora import save_adapter
+
+        save_adapter(self.model.model, self.folder, base_model=self.base_model)
+
+
 @dataclass
 class SFTConfig:
     """`lmforge finetune --task sft`: which model, which chats, and how to train on them."""
@@ -207,7 +219,10 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
     trainer.compile(
         optimizer, "token_crossentropy", ["accuracy"], from_logits=True, clip_grad_norm=config.clip_grad_norm
     )
+    out = Path(config.out)
     callbacks = [WarmupCosine(config.warmup_steps)]
+    if config.lora_rank:  # the adapter is megabytes: keep the latest epoch's, so a crash loses at most one
+        callbacks.append(SaveAdapterEachEpoch(out / "adapter", config.model))
     if validation is not None:
         callbacks.append(EarlyStopping("val_loss", patience=1, restore_best_weights=True))
     history = trainer.fit(
@@ -221,7 +236,6 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
         verbose=verbose,
         seed=config.seed,
     )
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     if config.lora_rank:

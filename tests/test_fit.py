@@ -78,6 +78,16 @@ def test_live_bar_redraws_in_place_on_a_terminal():
     assert text.endswith("\n") and "\r40/40 ━━━━━━━━━━━━━━━━━━━━" in text
 
 
+def test_a_long_epoch_in_a_log_writes_progress_lines():
+    stream = io.StringIO()  # not a terminal
+    bar = ProgressBar(100, stream, log_seconds=0.0)
+    bar.update(30, {"loss": 0.5})
+    bar.update(60, {"loss": 0.4})
+    bar.finish({"loss": 0.3})
+    lines = stream.getvalue().splitlines()
+    assert [line.split()[0] for line in lines] == ["30/100", "60/100", "100/100"] and "\r" not in stream.getvalue()
+
+
 def test_binary_crossentropy_matches_the_formula():
     p, y = torch.tensor([0.9, 0.2, 0.6]), torch.tensor([1, 0, 0])
     expected = -(y * p.log() + (1 - y) * (1 - p).log())
