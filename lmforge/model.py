@@ -8,6 +8,7 @@ switches on one config (norm, mlp, positions, n_kv_heads), not subclasses.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 
 import torch
@@ -177,6 +178,19 @@ def document_positions_and_mask(document_ids: torch.Tensor) -> tuple[torch.Tenso
     causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
     same_document = document_ids[:, :, None] == document_ids[:, None, :]
     return index - first_of_document, (same_document & causal)[:, None]
+
+
+@contextmanager
+def uninitialized_layers():
+    """Inside, nn.Linear and nn.Embedding skip their random init: their weights are allocations never
+    written, so not yet resident, for a loader to replace. (Building on the meta device instead runs
+    each op through torch._refs, which imports torch._dynamo: ~2 s and ~70 MB for a loader.)"""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
 class KVCache:
@@ -391,7 +405,7 @@ class Transformer(nn.Module):
     def from_state_dict(cls, config: ModelConfig, weights: dict[str, torch.Tensor], prepare=None) -> Transformer:
         """A model that takes over `weights` (our names; a tied head may be left out), skipping random init.
         `prepare(model)`, if given, may swap layers (say, quantised ones) before the weights go in."""
-        with torch.device("meta"):
+        with uninitialized_layers():
             model = cls(config, init_weights=False)
             if prepare is not None:
                 model = prepare(model)

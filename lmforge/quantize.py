@@ -130,12 +130,14 @@ class QuantizedLinear(nn.Module):
         # the compiler); `engine.compiled_decode_step` sets it.
         self.native_when_compiled = False
         groups = in_features // group_size
+        # Placeholders that loading or `set_weight` always replaces; empty (never written) means they
+        # take no resident memory meanwhile: ~100 MB of peak RSS for a 135M model.
         if bits == 8:
-            self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("codes", torch.empty(out_features, in_features, dtype=torch.int8))
         else:
-            self.register_buffer("codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-            self.register_buffer("offset", torch.zeros(out_features, groups))
-        self.register_buffer("scale", torch.ones(out_features, groups))
+            self.register_buffer("codes", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("offset", torch.empty(out_features, groups))
+        self.register_buffer("scale", torch.empty(out_features, groups))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod

@@ -187,3 +187,24 @@ def test_decode_step_falls_back_to_the_model_for_layers_it_cannot_run(model):
     assert not odd.blocks[0].mlp.up.weight.is_contiguous()
     sampling = SamplingConfig(max_new_tokens=10, temperature=0)
     assert list(generate_tokens(odd, [3, 4, 5], sampling)) == list(generate_tokens(model, [3, 4, 5], sampling))
+
+
+def test_a_long_prompt_prefilled_in_chunks_gives_the_same_logits():
+    from lmforge import generate as generate_module
+    from lmforge.generate import next_token_logits
+    from lmforge.model import KVCache
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50, block_size=64, n_layers=2, n_heads=2, d_model=16)
+    model = Transformer(config).eval()
+    tokens = torch.randint(0, 50, (1, 40))
+    with torch.no_grad():
+        whole = model(tokens)[0][:, -1]
+        chunk = generate_module.PREFILL_CHUNK
+        generate_module.PREFILL_CHUNK = 16  # 40 tokens: passes of 16, 16 and 8
+        try:
+            cache = KVCache(config, 1)
+            chunked = next_token_logits(model, tokens, cache)
+        finally:
+            generate_module.PREFILL_CHUNK = chunk
+    assert cache.length == 40 and torch.allclose(chunked, whole, atol=1e-5)

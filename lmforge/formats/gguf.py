@@ -8,6 +8,7 @@ HF (half-split) layout our model uses.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,7 @@ class GGUFFile:
 
         self.path = path
         raw = np.memmap(path, dtype=np.uint8, mode="r")
+        self._raw = raw
         self._buffer = memoryview(raw)
         self._offset = 0
         if bytes(self._buffer[:4]) != b"GGUF":
@@ -103,6 +105,17 @@ class GGUFFile:
             else:
                 data = raw[start : start + size].reshape(*reversed(dims[1:]), dims[0] // block * block_bytes)
             self.tensors.append(GGUFTensor(name, dims, tensor_type, data))
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop a tensor's pages from this process's resident memory once it has been copied out; the
+        file still backs them, so reading the tensor again stays correct. Loading then peaks at about
+        the model's size instead of the model plus the whole file."""
+        mapping = getattr(self._raw, "_mmap", None)
+        if mapping is None or not hasattr(mmap, "MADV_DONTNEED") or tensor.data.nbytes == 0:
+            return
+        start = tensor.data.ctypes.data - self._raw.ctypes.data
+        begin = start // mmap.PAGESIZE * mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, begin, start + tensor.data.nbytes - begin)
 
     def _read(self, fmt: str):
         (value,) = struct.unpack_from(fmt, self._buffer, self._offset)
@@ -269,6 +282,8 @@ def read_weights(
                 raw[tensor.name] = _as_quantized(tensor)
             else:
                 raw[tensor.name] = _dequantize(tensor)
+            if hasattr(reader, "release"):
+                reader.release(tensor)
         except (NotImplementedError, ValueError) as error:
             raise LmforgeError(
                 f"{path}: cannot dequantise tensor {tensor.name} ({tensor.tensor_type.name}): {error}"
