@@ -366,7 +366,7 @@ def _accuracy_chart(values: dict[str, float], path: Path) -> Path | None:
 
 def compare_reports(paths: list[str | Path]) -> str:
     """A Markdown table: one column per result.json (or folder holding one), one row per metric."""
-    results = []
+    results, labels = [], []
     for path in paths:
         path = Path(path)
         path = path / "result.json" if path.is_dir() else path
@@ -374,9 +374,12 @@ def compare_reports(paths: list[str | Path]) -> str:
             results.append(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError) as error:
             raise LmforgeError(f"{path}: not an lmforge eval result ({error})") from None
+        # The model alone can repeat (one model, two settings): name the column by its result too.
+        where = path.parent.name if path.name == "result.json" else path.stem
+        labels.append(f"{results[-1]['model']} ({where})")
     tables = [headline(result) for result in results]
     names = sorted({name for table in tables for name in table})
-    header = "| metric | " + " | ".join(str(result["model"]) for result in results) + " |"
+    header = "| metric | " + " | ".join(labels) + " |"
     lines = [header, "| --- |" + " --- |" * len(results)]
     for name in names:
         cells = [f"{table[name]:.4f}" if name in table else "-" for table in tables]

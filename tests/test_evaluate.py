@@ -205,3 +205,10 @@ def test_lm_evaluation_harness_scores_like_lmforge(tmp_path, monkeypatch):
     assert finished.returncode == 0, finished.stderr[-2000:]
     (written,) = (tmp_path / "out").rglob("results_*.json")
     assert json.loads(written.read_text())["results"]["lmforge_toy"]["acc,none"] == pytest.approx(ours)
+
+
+def test_the_shipped_example_task_is_well_formed():
+    from pathlib import Path
+
+    examples = read_task(Path(__file__).parent.parent / "examples" / "tasks" / "capitals.jsonl")
+    assert len(examples) == 20 and all(len(e.choices) == 4 and e.choices[e.label].strip() for e in examples)
