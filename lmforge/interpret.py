@@ -79,26 +79,25 @@ def logit_lens(model: Transformer, tokens: torch.Tensor, top_k: int = 5) -> list
     return rows
 
 
-def _next_token_logit(model: Transformer, target: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function of input embeddings (1, T, d) → the logit of `target` at the last position."""
+def with_input_embeddings(output: Callable[[], torch.Tensor], embedding: torch.nn.Module):
+    """f(embeddings): `output()` computed by the model's own forward, with `embedding`'s output replaced
+    by `embeddings` (1, T, d). Attributions differentiate this; no second copy of the forward pass."""
 
-    def forward(embeddings: torch.Tensor) -> torch.Tensor:
-        return model.lm_head(_hidden_from_embeddings(model, embeddings)[:, -1])[:, target]
+    def function(embeddings: torch.Tensor) -> torch.Tensor:
+        handle = embedding.register_forward_hook(lambda module, inputs, result: embeddings)
+        try:
+            return output()
+        finally:
+            handle.remove()
 
-    return forward
+    return function
 
 
-def _hidden_from_embeddings(model: Transformer, x: torch.Tensor) -> torch.Tensor:
-    """`Transformer.hidden_states` from the token embeddings on (what attributions differentiate)."""
-    length = x.shape[1]
-    rope = None
-    if model.config.positions == "learned":
-        x = x + model.position_embedding.weight[:length]
-    else:
-        rope = (model.rope_cos[:length], model.rope_sin[:length])
-    for block in model.blocks:
-        x = block(x, rope, None)
-    return model.final_norm(x)
+def _next_token_logit(model: Transformer, tokens: torch.Tensor, target: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function of input embeddings (1, T, d) → the logit of `target` after `tokens` (T,)."""
+    return with_input_embeddings(
+        lambda: model.lm_head(model.hidden_states(tokens[None])[:, -1])[:, target], model.token_embedding
+    )
 
 
 def gradient_x_input(function: Callable[[torch.Tensor], torch.Tensor], embeddings: torch.Tensor) -> torch.Tensor:
@@ -156,7 +155,7 @@ def next_token_attributions(
         logits, _ = model(tokens[None])
     target = int(logits[0, -1].argmax()) if target is None else target
     embeddings = model.token_embedding(tokens[None]).detach().float()
-    function = _next_token_logit(model, target)
+    function = _next_token_logit(model, tokens, target)
     with torch.enable_grad():
         if method == "gradient_x_input":
             return gradient_x_input(function, embeddings), target
@@ -169,23 +168,9 @@ def next_token_attributions(
 def classifier_attributions(classifier, tokens: torch.Tensor, label: int, steps: int = 32) -> torch.Tensor:
     """Integrated-gradients attribution (T,) of a `SequenceClassifier` logit for `label` over one text's
     tokens (T,), from `mean_embedding_baseline`."""
-    from lmforge.encoder import Encoder
-
     backbone = classifier.backbone
-
-    def function(embeddings: torch.Tensor) -> torch.Tensor:
-        if isinstance(backbone, Encoder):
-            length = embeddings.shape[1]
-            x = embeddings + backbone.position_embedding.weight[:length]
-            x = backbone.embedding_norm(x + backbone.token_type_embedding.weight[0])
-            for block in backbone.blocks:
-                x = block(x, None, None, None)
-            hidden = x
-        else:
-            hidden = _hidden_from_embeddings(backbone, embeddings)
-        pooled = {"last": hidden[:, -1], "mean": hidden.mean(1), "first": hidden[:, 0]}[classifier.pooling]
-        return classifier.head(pooled)[:, label]
-
+    mask = torch.ones(1, len(tokens), dtype=torch.long)
+    function = with_input_embeddings(lambda: classifier(tokens[None], mask)[:, label], backbone.token_embedding)
     classifier.eval()
     embeddings = backbone.token_embedding(tokens[None]).detach().float()
     baseline = mean_embedding_baseline(backbone.token_embedding, len(tokens))

@@ -1,5 +1,6 @@
 """Interpretability: attention maps from the model's own code, the logit lens, attributions, the explain page."""
 
+import copy
 import json
 import math
 
@@ -89,18 +90,29 @@ def test_logit_lens_last_layer_is_the_models_own_prediction():
     assert all(row["top_probabilities"] == sorted(row["top_probabilities"], reverse=True) for row in rows)
 
 
+def embedding_all_mean(embedding: torch.nn.Embedding) -> torch.nn.Embedding:
+    """An embedding table whose every row is the mean row: the model's plain forward then sees the baseline."""
+    mean = embedding.weight.detach().mean(0, keepdim=True).expand_as(embedding.weight).clone()
+    return torch.nn.Embedding.from_pretrained(mean)
+
+
 def test_integrated_gradients_are_complete():
     model = model_of()
     target = 7
     attributions, chosen = next_token_attributions(model, TOKENS, target=target)
     assert chosen == target
     with torch.no_grad():
-        embeddings = model.token_embedding(TOKENS[None])
-        function = _next_token_logit(model, target)
-        baseline = mean_embedding_baseline(model.token_embedding, len(TOKENS))
-        difference = float(function(embeddings) - function(baseline))
+        logit = model(TOKENS[None])[0][0, -1, target]
+        baseline_model = copy.deepcopy(model)
+        baseline_model.token_embedding = embedding_all_mean(model.token_embedding)  # the LM head keeps its weights
+        baseline = baseline_model(TOKENS[None])[0][0, -1, target]
+        # The function attributions differentiate is that same logit, seen from the input embeddings.
+        function = _next_token_logit(model, TOKENS, target)
+        start = mean_embedding_baseline(model.token_embedding, len(TOKENS))
+        assert torch.allclose(function(model.token_embedding(TOKENS[None]))[0], logit, atol=1e-5)
+        assert torch.allclose(function(start)[0], baseline, atol=1e-5)
     # Sundararajan et al.'s completeness axiom: the attributions add up to f(x) - f(baseline).
-    assert float(attributions.sum()) == pytest.approx(difference, rel=0.02, abs=1e-3)
+    assert float(attributions.sum()) == pytest.approx(float(logit - baseline), rel=0.02, abs=1e-3)
 
 
 def test_gradient_x_input_is_exact_for_a_linear_function():
@@ -112,16 +124,16 @@ def test_gradient_x_input_is_exact_for_a_linear_function():
 
 
 def test_classifier_attributions_are_complete():
-    from lmforge.interpret import _hidden_from_embeddings
-
     torch.manual_seed(0)
     classifier = SequenceClassifier(model_of(), classes=2).eval()
     tokens = torch.tensor(TOKENIZER.encode("good film"))
     scores = classifier_attributions(classifier, tokens, label=1, steps=64)
+    mask = torch.ones(1, len(tokens), dtype=torch.long)
     with torch.no_grad():
-        logit = classifier(tokens[None], torch.ones(1, len(tokens), dtype=torch.long))[0, 1]
-        start = mean_embedding_baseline(classifier.backbone.token_embedding, len(tokens))
-        baseline = classifier.head(_hidden_from_embeddings(classifier.backbone, start)[:, -1])[0, 1]
+        logit = classifier(tokens[None], mask)[0, 1]
+        baseline_classifier = copy.deepcopy(classifier)
+        baseline_classifier.backbone.token_embedding = embedding_all_mean(classifier.backbone.token_embedding)
+        baseline = baseline_classifier(tokens[None], mask)[0, 1]
     assert float(scores.sum()) == pytest.approx(float(logit - baseline), rel=0.02, abs=1e-3)
 
 
