@@ -116,7 +116,7 @@ def pad_id_of(tokenizer) -> int:
 
     if isinstance(tokenizer, HFTokenizer):
         return tokenizer.token_to_id("[PAD]") or 0
-    return next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
+    return tokenizer.padding_id
 
 
 def load_backbone(name_or_path: str) -> tuple[Transformer | Encoder, object, int]:
@@ -182,13 +182,8 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
     train = read_labelled_texts(config.data, config.text_field, config.label_field)
     if config.validation:
         validation = read_labelled_texts(config.validation, config.text_field, config.label_field, train.label_names)
-        (train_texts, train_labels), (val_texts, val_labels) = (
-            (train.texts, train.labels),
-            (
-                validation.texts,
-                validation.labels,
-            ),
-        )
+        train_texts, train_labels = train.texts, train.labels
+        val_texts, val_labels = validation.texts, validation.labels
     else:
         (train_texts, train_labels), (val_texts, val_labels) = train_test_split(
             train.texts, train.labels, config.validation_split, config.seed

@@ -51,7 +51,7 @@ def evaluate_loss(
     total_nats, total_tokens, total_bytes = 0.0, 0, 0
     byte_lengths = torch.from_numpy(token_byte_lengths) if token_byte_lengths is not None else None
     for inputs, targets in dataset.iterate(block_size, batch_size, max_tokens):
-        inputs, targets = inputs.to(next(model.parameters()).device), targets
+        inputs = inputs.to(_device(model))
         with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
             logits, _ = model(inputs)
         losses = F.cross_entropy(logits.float().flatten(0, 1), targets.to(logits.device).flatten(), reduction="sum")
@@ -108,7 +108,7 @@ def text_perplexity(
 ) -> dict:
     """Loss, perplexity and bits-per-byte of `text` (a document separator is put in front, so every token of
     the text is predicted). Bits-per-byte divides by the UTF-8 bytes of the text: comparable across tokenizers."""
-    start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
+    start = tokenizer.document_start_id
     tokens = ([start] if start is not None else []) + tokenizer.encode(text)
     if len(tokens) < 2:
         raise LmforgeError("the text is too short to score (needs at least 2 tokens)")
@@ -199,7 +199,7 @@ def continuation_log_likelihood(model: Transformer, tokenizer: Tokenizer, contex
     whole = tokenizer.encode(context + continuation)
     if whole[: len(context_ids)] != context_ids:  # the boundary merged into one token: encode apart
         whole = context_ids + tokenizer.encode(continuation)
-    start = tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.bos_id
+    start = tokenizer.document_start_id
     if not context_ids and start is not None:
         whole, context_ids = [start] + whole, [start]
     continuation_count = len(whole) - len(context_ids)

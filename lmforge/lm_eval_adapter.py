@@ -14,7 +14,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from lmforge.evaluate import continuation_log_likelihood, token_log_probabilities
+from lmforge.evaluate import continuation_log_likelihood, text_perplexity
 from lmforge.generate import SamplingConfig, generate
 
 
@@ -39,15 +39,12 @@ class LmforgeLM(LM):
             results.append((log_likelihood, greedy))
         return results
 
-    @torch.no_grad()
     def loglikelihood_rolling(self, requests) -> list[float]:
-        """Whole-text log-likelihood (perplexity tasks), with the sliding window of `token_log_probabilities`."""
-        start = self.tokenizer.eos_id if self.tokenizer.eos_id is not None else self.tokenizer.bos_id
+        """Whole-text log-likelihood (perplexity tasks): `text_perplexity`'s sliding window, as a sum."""
         results = []
         for request in requests:
-            (text,) = request.args[:1]
-            tokens = [start] + self.tokenizer.encode(text)
-            results.append(float(token_log_probabilities(self.model, tokens).sum()))
+            scored = text_perplexity(self.model, self.tokenizer, request.args[0])
+            results.append(-scored["loss"] * scored["tokens"])
         return results
 
     def generate_until(self, requests) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.checkpoint import write_files_atomically
 from lmforge.errors import LmforgeError
 from lmforge.quantize import QuantizedLinear
 
@@ -183,15 +183,15 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str | None = 
         raise LmforgeError("the model has no LoRA adapters to save (apply_lora first)")
     if any(layer.merged for _, layer in lora_layers(model)):
         raise LmforgeError("unmerge the adapters before saving them")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(adapter_state_dict(model), str(temporary))
-    os.replace(temporary, folder / ADAPTER_WEIGHTS)
     document = {**asdict(model.__dict__["lora_config"]), "base_model": base_model}
-    (folder / (ADAPTER_CONFIG + ".tmp")).write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(folder / (ADAPTER_CONFIG + ".tmp"), folder / ADAPTER_CONFIG)
-    return folder
+    weights = adapter_state_dict(model)
+    return write_files_atomically(
+        folder,
+        {
+            ADAPTER_WEIGHTS: lambda path: save_file(weights, str(path)),
+            ADAPTER_CONFIG: lambda path: path.write_text(json.dumps(document, indent=2) + "\n"),
+        },
+    )
 
 
 def read_adapter_config(folder: str | Path) -> tuple[LoraConfig, str | None]:

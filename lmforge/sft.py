@@ -139,8 +139,7 @@ def conversations_to_rows(
     """((inputs, document ids), targets, counts) for `fit`, examples in a seeded random order."""
     pairs = [training_pair(*tokenize_conversation(tokenizer, messages)) for messages in conversations]
     order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    pad_id = next((i for i in (tokenizer.pad_id, tokenizer.eos_id) if i is not None), 0)
-    inputs, targets, documents, truncated = pack([pairs[i] for i in order], length, pad_id, packing)
+    inputs, targets, documents, truncated = pack([pairs[i] for i in order], length, tokenizer.padding_id, packing)
     scored = int((targets != IGNORE).sum())
     stats = {"conversations": len(pairs), "rows": len(inputs), "scored_tokens": scored, "truncated": truncated}
     stats["tokens"] = sum(len(p[0]) for p in pairs)

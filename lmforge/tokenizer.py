@@ -64,6 +64,17 @@ class Tokenizer:
     def pad_id(self) -> int | None:
         return self.token_to_id(self.pad_token) if self.pad_token else None
 
+    @property
+    def padding_id(self) -> int:
+        """What fills a batch's short rows: the pad token, else end-of-text, else 0 (never attended to or scored)."""
+        return next((i for i in (self.pad_id, self.eos_id) if i is not None), 0)
+
+    @property
+    def document_start_id(self) -> int | None:
+        """The token put before a text so that its first token is predicted too: end-of-text (which separates
+        documents in training data), else beginning-of-text."""
+        return self.eos_id if self.eos_id is not None else self.bos_id
+
     def save(self, path: str | Path) -> None:
         """Write the tokenizer as one JSON file."""
         document = {

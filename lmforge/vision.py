@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge import fit
 from lmforge.errors import LmforgeError
 from lmforge.fit import Fittable
 from lmforge.model import Block, ModelConfig, make_norm
@@ -209,10 +210,9 @@ def train_classifier(
     return history
 
 
-@torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(images[i : i + batch_size]).argmax(-1) for i in range(0, len(images), batch_size)])
+    """Predicted class ids of `images`."""
+    return fit.predict(model, images, batch_size).argmax(-1)
 
 
 def save_rollout_png(image: torch.Tensor, rollout: torch.Tensor, path: str | Path) -> Path:

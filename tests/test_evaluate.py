@@ -198,6 +198,17 @@ def test_lm_evaluation_harness_scores_like_lmforge(tmp_path, monkeypatch):
     ours = run_task(model.model, model.tokenizer, tmp_path / "toy.jsonl")["acc"]
     assert theirs == pytest.approx(ours)
 
+    # Rolling log-likelihood (perplexity tasks) = the summed log-probabilities of one plain forward.
+    from types import SimpleNamespace
+
+    text = "abba\nab"
+    ids = torch.tensor([[TOKENIZER.document_start_id] + TOKENIZER.encode(text)])
+    with torch.no_grad():
+        log_probabilities = F.log_softmax(model.model(ids[:, :-1])[0][0], -1)
+    expected = float(log_probabilities.gather(-1, ids[0, 1:, None]).sum())
+    (rolling,) = model.loglikelihood_rolling([SimpleNamespace(args=(text,))])
+    assert rolling == pytest.approx(expected, rel=1e-5)
+
     command = [sys.executable, "-m", "lmforge.lm_eval_adapter", "--model", "lmforge"]
     command += ["--model_args", f"pretrained={tmp_path / 'model'}", "--tasks", "lmforge_toy"]
     command += ["--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")]

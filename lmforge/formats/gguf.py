@@ -264,7 +264,7 @@ def _as_quantized(tensor) -> QuantizedTensor:
 
 
 def read_weights(
-    reader, config: ModelConfig, path: Path, keep_quantized: bool = False
+    reader: GGUFFile, config: ModelConfig, path: Path, keep_quantized: bool = False
 ) -> dict[str, torch.Tensor | QuantizedTensor]:
     """Our state dict from GGUF tensors: fp32, or with keep_quantized, Q4_0/Q4_1/Q8_0 matrices as
     QuantizedTensor (kernels for them read the blocks as they are)."""
@@ -282,8 +282,7 @@ def read_weights(
                 raw[tensor.name] = _as_quantized(tensor)
             else:
                 raw[tensor.name] = _dequantize(tensor)
-            if hasattr(reader, "release"):
-                reader.release(tensor)
+            reader.release(tensor)
         except (NotImplementedError, ValueError) as error:
             raise LmforgeError(
                 f"{path}: cannot dequantise tensor {tensor.name} ({tensor.tensor_type.name}): {error}"
