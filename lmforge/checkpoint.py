@@ -121,11 +121,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
     try:
         config = json.loads((folder / CONFIG).read_text())
         model_config = ModelConfig.from_dict(config["model"])
-        if "quantization" in config:
-            with uninitialized_layers():
-                model = apply_layout(Transformer(model_config, init_weights=False), config["quantization"])
-        else:
-            model = Transformer(model_config)
+        # No random init: load_weights fills every weight (or names the missing ones).
+        with uninitialized_layers():
+            model = Transformer(model_config, init_weights=False)
+            if "quantization" in config:
+                model = apply_layout(model, config["quantization"])
     except (OSError, KeyError, ValueError, TypeError) as error:
         raise LmforgeError(f"{folder / CONFIG}: unreadable model config ({error})") from None
     load_weights(model, folder, assign="quantization" in config)

@@ -486,7 +486,7 @@ class Transformer(nn.Module):
             x = x + self.position_embedding.weight[where]
         else:
             rope = (self.rope_cos[where], self.rope_sin[where])
-            if positions is not None or document_ids is not None:  # (B, T, head_dim) → broadcast over heads
+            if not isinstance(where, slice):  # per-row positions: (B, T, head_dim) → broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
         x = F.dropout(x, self.config.dropout, self.training)
         for block in self.blocks:
