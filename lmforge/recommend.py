@@ -166,9 +166,9 @@ class MatrixFactorization(Fittable, nn.Module):
 # --- evaluation --------------------------------------------------------------------------
 
 
-def split_leave_one_out(sequences: list[list[int]]) -> tuple[list[list[int]], list[int], list[int]]:
-    """(training histories, validation items, test items): the last item tests, the one before validates."""
-    return [s[:-2] for s in sequences], [s[-2] for s in sequences], [s[-1] for s in sequences]
+def leave_one_out(sequences: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """(known histories, test items): each user's last item is held out; everything before it is known."""
+    return [s[:-1] for s in sequences], [s[-1] for s in sequences]
 
 
 def rank_metrics(scores: torch.Tensor, histories: list[list[int]], targets: list[int], negatives: int, seed: int = 0):
@@ -254,52 +254,53 @@ def load_data(config: RecommendConfig) -> Interactions:
 
 
 def train_recommender(config: RecommendConfig, verbose: int = 1) -> dict:
-    """Train on everything but each user's last two items; report validation and test HR@10/NDCG@10; save."""
+    """Train on all but each user's last item (the one before it, the validation item in the leave-one-out
+    protocol, is trained on too); report test HR@10/NDCG@10 beside popularity; save."""
     torch.manual_seed(config.seed)
     data = load_data(config)
-    train, validation, test = split_leave_one_out(data.sequences)
-    if min(len(h) for h in train) < 1:
+    if min(len(sequence) for sequence in data.sequences) < 3:
         raise LmforgeError(f"every user needs at least 3 interactions (min_items={config.min_items})")
+    known, test = leave_one_out(data.sequences)
     model = _build(config.model, config, len(data.sequences), data.n_items)
     if config.model == "sasrec":
-        # Next-item prediction at every position of each training history: a language model over items.
-        rows = pad_histories([h + [v] for h, v in zip(train, validation)], config.max_length + 1)
+        # Next-item prediction at every position of each known history: a language model over items.
+        rows = pad_histories(known, config.max_length + 1)
         x, y = rows[:, :-1], rows[:, 1:].masked_fill(rows[:, 1:] == PAD, -100)
         loss = "token_crossentropy"
     else:
-        pairs = [(u, item) for u, history in enumerate(train) for item in history]
-        pairs += [(u, item) for u, item in enumerate(validation)]  # as SASRec above: train on the validation item too
+        pairs = [(user, item) for user, history in enumerate(known) for item in history]
         x, y = torch.tensor([u for u, _ in pairs]), torch.tensor([i for _, i in pairs])
         loss = "sparse_categorical_crossentropy"
     optimizer = lambda parameters: torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.01)  # noqa: E731
     model.compile(optimizer, loss, from_logits=True)
     history = model.fit(x, y, epochs=config.epochs, batch_size=config.batch_size, callbacks=[WarmupCosine(20)],
                         verbose=verbose, seed=config.seed)  # fmt: skip
-    known = [h + [v] for h, v in zip(train, validation)]
     result = {
         "model": config.model,
         "users": len(data.sequences),
         "items": data.n_items,
         "loss": history.history["loss"],
-        **evaluate_recommender(model, config.model, known, test, data.n_items, config.max_length),
+        **evaluate_recommender(model, known, test, data.n_items, config.max_length),
     }
     save_recommender(model, config, data, result)
     return result
 
 
 @torch.no_grad()
-def scores_for(model: nn.Module, kind: str, histories: list[list[int]], max_length: int, users=None) -> torch.Tensor:
+def scores_for(model: nn.Module, histories: list[list[int]], max_length: int, users=None) -> torch.Tensor:
+    """(len(histories), n_items + 1) scores: SASRec reads the histories, matrix factorisation the users
+    (default: rows 0..N-1, the users the histories belong to)."""
     model.eval()
-    if kind == "mf":
+    if isinstance(model, MatrixFactorization):
         return model(torch.tensor(users if users is not None else range(len(histories))))
     return torch.cat(
         [model.scores(pad_histories(histories[i : i + 256], max_length)) for i in range(0, len(histories), 256)]
     )
 
 
-def evaluate_recommender(model, kind: str, histories, targets, n_items: int, max_length: int) -> dict:
+def evaluate_recommender(model, histories, targets, n_items: int, max_length: int) -> dict:
     """HR@10 / NDCG@10, full and sampled (100 negatives), for the model and the popularity baseline."""
-    scores = scores_for(model, kind, histories, max_length)
+    scores = scores_for(model, histories, max_length)
     popular = popularity_scores(histories, n_items, len(histories))
     result = {}
     for name, negatives in (("full", 0), ("sampled", 100)):
@@ -355,10 +356,8 @@ class Recommender:
 
     def evaluate(self) -> dict:
         """HR@10 / NDCG@10 (full and sampled) on each user's last item, beside the popularity baseline."""
-        known, targets = [h[:-1] for h in self.histories], [h[-1] for h in self.histories]
-        return evaluate_recommender(
-            self.model, self.config.model, known, targets, len(self.item_ids), self.config.max_length
-        )
+        known, targets = leave_one_out(self.histories)
+        return evaluate_recommender(self.model, known, targets, len(self.item_ids), self.config.max_length)
 
     def recommend(
         self, history: list[str] | None = None, user: str | None = None, k: int = 10
@@ -375,14 +374,9 @@ class Recommender:
             if not history:
                 raise LmforgeError("give a history of item ids or a known user")
             indices, row = [self.index[item] for item in history], None
-        if self.config.model == "mf":
-            if row is None:
-                raise LmforgeError(
-                    "matrix factorisation recommends for known users only; use a sasrec model for histories"
-                )
-            scores = scores_for(self.model, "mf", [indices], self.config.max_length, [row])[0]
-        else:
-            scores = scores_for(self.model, "sasrec", [indices], self.config.max_length)[0]
+        if row is None and isinstance(self.model, MatrixFactorization):
+            raise LmforgeError("matrix factorisation recommends for known users only; use a sasrec model for histories")
+        scores = scores_for(self.model, [indices], self.config.max_length, [row])[0]
         scores[indices] = float("-inf")  # not what the user already has
         top = scores.topk(min(k, len(self.item_ids) - len(set(indices))))
         return [(self.item_ids[i - 1], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
