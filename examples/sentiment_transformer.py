@@ -57,8 +57,13 @@ def main() -> dict:
         epochs, learning_rate = args.epochs or 1, 5e-5
 
     model = SequenceClassifier(backbone, classes=2, pooling="mean")
-    optimizer = lambda parameters: torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.01)  # noqa: E731
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"], from_logits=True)
+    model.compile(
+        optimizer="adamw",  # weight decay 0.01
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        from_logits=True,
+        learning_rate=learning_rate,
+    )
     history = model.fit(
         encode(train_texts),
         y_train,

@@ -213,10 +213,14 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
             f"{len(train_texts):,} training / {len(val_texts):,} validation texts, {classes} classes; "
             f"{count_trainable(classifier):,} of {sum(p.numel() for p in classifier.parameters()):,} parameters train"
         )
-    optimizer = lambda parameters: torch.optim.AdamW(  # noqa: E731
-        parameters, lr=config.learning_rate, weight_decay=config.weight_decay
+    classifier.compile(
+        "adamw",
+        "sparse_categorical_crossentropy",
+        ["accuracy", "macro_f1"],
+        from_logits=True,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
     )
-    classifier.compile(optimizer, "sparse_categorical_crossentropy", ["accuracy", "macro_f1"], from_logits=True)
     class_weight = None
     if config.balanced_class_weights:  # scikit-learn's "balanced": n / (classes * count of the class)
         counts = torch.bincount(y_train, minlength=classes).clamp(min=1)

@@ -130,17 +130,23 @@ class MacroF1(Metric):
 METRICS = {"accuracy": Accuracy, "acc": Accuracy, "macro_f1": MacroF1, "f1": MacroF1}
 
 
-def make_optimizer(spec, parameters: list[nn.Parameter], learning_rate: float | None) -> torch.optim.Optimizer:
-    """An optimizer from a name (Keras's defaults: adam 1e-3, sgd 1e-2), a factory `params → optimizer`, or itself."""
+def make_optimizer(
+    spec, parameters: list[nn.Parameter], learning_rate: float | None, weight_decay: float | None = None
+) -> torch.optim.Optimizer:
+    """An optimizer from a name (Keras's defaults: adam 1e-3, sgd 1e-2; adamw decays 0.01 unless told),
+    a factory `params → optimizer`, or itself."""
     if isinstance(spec, torch.optim.Optimizer):
         return spec
     if callable(spec):
         return spec(parameters)
+    decay = weight_decay or 0.0
     builders = {
-        "adam": lambda lr: torch.optim.Adam(parameters, lr=lr or 1e-3),
-        "adamw": lambda lr: torch.optim.AdamW(parameters, lr=lr or 1e-3, weight_decay=0.01),
-        "sgd": lambda lr: torch.optim.SGD(parameters, lr=lr or 1e-2),
-        "rmsprop": lambda lr: torch.optim.RMSprop(parameters, lr=lr or 1e-3, alpha=0.9),
+        "adam": lambda lr: torch.optim.Adam(parameters, lr=lr or 1e-3, weight_decay=decay),
+        "adamw": lambda lr: torch.optim.AdamW(
+            parameters, lr=lr or 1e-3, weight_decay=0.01 if weight_decay is None else weight_decay
+        ),
+        "sgd": lambda lr: torch.optim.SGD(parameters, lr=lr or 1e-2, weight_decay=decay),
+        "rmsprop": lambda lr: torch.optim.RMSprop(parameters, lr=lr or 1e-3, alpha=0.9, weight_decay=decay),
     }
     if spec not in builders:
         raise LmforgeError(f"unknown optimizer {spec!r}; known: {sorted(builders)}, or an optimizer instance")
@@ -167,6 +173,7 @@ def compile(
     from_logits: bool = False,
     learning_rate: float | None = None,
     clip_grad_norm: float | None = None,
+    weight_decay: float | None = None,
 ) -> None:
     """Fix the optimizer (over the parameters that require grad), the loss and the metrics for `fit`."""
     if isinstance(loss, str):
@@ -182,7 +189,7 @@ def compile(
     if not trainable:
         raise LmforgeError("the model has no trainable parameters (all have requires_grad=False)")
     model.__dict__["training_setup"] = TrainingSetup(
-        optimizer=make_optimizer(optimizer, trainable, learning_rate),
+        optimizer=make_optimizer(optimizer, trainable, learning_rate, weight_decay),
         loss=loss_function,
         loss_name=loss_name,
         metrics=[METRICS[name]() for name in metrics or []],

@@ -271,8 +271,7 @@ def train_recommender(config: RecommendConfig, verbose: int = 1) -> dict:
         pairs = [(user, item) for user, history in enumerate(known) for item in history]
         x, y = torch.tensor([u for u, _ in pairs]), torch.tensor([i for _, i in pairs])
         loss = "sparse_categorical_crossentropy"
-    optimizer = lambda parameters: torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=0.01)  # noqa: E731
-    model.compile(optimizer, loss, from_logits=True)
+    model.compile("adamw", loss, from_logits=True, learning_rate=config.learning_rate, weight_decay=0.01)
     history = model.fit(x, y, epochs=config.epochs, batch_size=config.batch_size, callbacks=[WarmupCosine(20)],
                         verbose=verbose, seed=config.seed)  # fmt: skip
     result = {

@@ -212,11 +212,14 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
             + (f", {stats['truncated']} cut short" if stats["truncated"] else "")
             + f"; {count_trainable(model):,} of {sum(p.numel() for p in model.parameters()):,} parameters train"
         )
-    optimizer = lambda parameters: torch.optim.AdamW(  # noqa: E731
-        parameters, lr=config.learning_rate, weight_decay=config.weight_decay
-    )
     trainer.compile(
-        optimizer, "token_crossentropy", ["accuracy"], from_logits=True, clip_grad_norm=config.clip_grad_norm
+        "adamw",
+        "token_crossentropy",
+        ["accuracy"],
+        from_logits=True,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        clip_grad_norm=config.clip_grad_norm,
     )
     out = Path(config.out)
     callbacks = [WarmupCosine(config.warmup_steps)]
@@ -240,7 +243,8 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
     if config.lora_rank:
         written["adapter"] = str(save_adapter(model, out / "adapter", base_model=config.model))
     if not config.lora_rank or config.merge:
-        written["model"] = str(save_model(out / "model", remove_lora(model), tokenizer, {"base_model": config.model}))
+        merged = remove_lora(model) if config.lora_rank else model
+        written["model"] = str(save_model(out / "model", merged, tokenizer, {"base_model": config.model}))
     result = {**stats, "history": history.history, "written": written}
     (out / "metrics.json").write_text(json.dumps({**result, "config": asdict(config)}, indent=2) + "\n")
     return result

@@ -239,3 +239,15 @@ def test_macro_f1_matches_scikit_learn():
     assert macro_f1(confusion_matrix(predicted, labels, 4)) == pytest.approx(
         f1_score(labels.numpy(), predicted.numpy(), average="macro")
     )
+
+
+def test_named_optimizers_take_learning_rate_and_weight_decay():
+    model = Logistic()
+    model.compile("adamw", "binary_crossentropy", learning_rate=0.02, weight_decay=0.1)
+    group = model.training_setup.optimizer.param_groups[0]
+    assert isinstance(model.training_setup.optimizer, torch.optim.AdamW) and (group["lr"], group["weight_decay"]) == (
+        0.02,
+        0.1,
+    )
+    model.compile("adamw", "binary_crossentropy")
+    assert model.training_setup.optimizer.param_groups[0]["weight_decay"] == 0.01  # Keras's AdamW default
