@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.classify import SequenceClassifier, WordVocabulary, pad_id_of, tokenize_texts, train_test_split
+from lmforge.classify import SequenceClassifier, WordVocabulary, tokenize_texts, train_test_split
 from lmforge.data import read_labelled_texts
 from lmforge.encoder import Encoder, load_encoder
 from lmforge.fit import EarlyStopping, WarmupCosine
@@ -53,7 +53,7 @@ def main() -> dict:
         epochs, learning_rate = args.epochs or 10, 5e-4
     else:
         backbone, tokenizer, _ = load_encoder(args.backbone)
-        encode = lambda texts: tokenize_texts(tokenizer, texts, SEQUENCE_LENGTH, pad_id_of(tokenizer))  # noqa: E731
+        encode = lambda texts: tokenize_texts(tokenizer, texts, SEQUENCE_LENGTH)  # noqa: E731
         epochs, learning_rate = args.epochs or 1, 5e-5
 
     model = SequenceClassifier(backbone, classes=2, pooling="mean")

@@ -69,8 +69,9 @@ class SequenceClassifier(Fittable, nn.Module):
         return self.head(self.dropout(pooled))
 
 
-def tokenize_texts(tokenizer, texts: list[str], max_tokens: int, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens, attention_mask), both (N, longest ≤ max_tokens), right-padded, from an lmforge or HF tokenizer."""
+def tokenize_texts(tokenizer, texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens, attention_mask), both (N, longest ≤ max_tokens), right-padded with the tokenizer's padding
+    id, from an lmforge or HF tokenizer."""
     from tokenizers import Tokenizer as HFTokenizer
 
     if isinstance(tokenizer, HFTokenizer):  # a BERT tokenizer adds [CLS] ... [SEP] and truncates to keep [SEP]
@@ -80,7 +81,7 @@ def tokenize_texts(tokenizer, texts: list[str], max_tokens: int, pad_id: int = 0
     else:
         rows = [tokenizer.encode(text)[:max_tokens] for text in texts]
     longest = max(1, max(len(row) for row in rows))
-    tokens = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    tokens = torch.full((len(rows), longest), pad_id_of(tokenizer), dtype=torch.long)
     mask = torch.zeros((len(rows), longest), dtype=torch.long)
     for i, row in enumerate(rows):
         tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
@@ -196,9 +197,8 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
     pooling = config.pooling or ("mean" if isinstance(backbone, Encoder) else "last")
     classifier = SequenceClassifier(backbone, classes, pooling)
     max_tokens = min(config.max_tokens, backbone_tokens)
-    pad_id = pad_id_of(tokenizer)
-    x_train = tokenize_texts(tokenizer, train_texts, max_tokens, pad_id)
-    x_val = tokenize_texts(tokenizer, val_texts, max_tokens, pad_id)
+    x_train = tokenize_texts(tokenizer, train_texts, max_tokens)
+    x_val = tokenize_texts(tokenizer, val_texts, max_tokens)
     y_train, y_val = torch.tensor(train_labels), torch.tensor(val_labels)
 
     if config.lora_rank:
@@ -322,7 +322,7 @@ class TextClassifier:
 
     @torch.no_grad()
     def probabilities(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:
-        tokens, mask = tokenize_texts(self.tokenizer, list(texts), self.max_tokens, pad_id_of(self.tokenizer))
+        tokens, mask = tokenize_texts(self.tokenizer, list(texts), self.max_tokens)
         return self.model.predict((tokens, mask), batch_size).softmax(-1)
 
     def predict(self, texts: list[str]) -> list[str]:

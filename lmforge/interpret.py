@@ -471,11 +471,11 @@ td, th { border: 1px solid #ddd; padding: 3px 8px; } table { border-collapse: co
 
 def explain_classification(classifier, text: str, out: str | Path) -> dict:
     """Why a saved `TextClassifier` labels `text` as it does: explain.html and explain.json in `out`."""
-    from lmforge.classify import pad_id_of, tokenize_texts
+    from lmforge.classify import tokenize_texts
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokens, _ = tokenize_texts(classifier.tokenizer, [text], classifier.max_tokens, pad_id_of(classifier.tokenizer))
+    tokens, _ = tokenize_texts(classifier.tokenizer, [text], classifier.max_tokens)
     tokens = tokens[0]
     probabilities = classifier.probabilities([text])[0]
     label = int(probabilities.argmax())
