@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 from pathlib import Path
 
@@ -71,4 +72,17 @@ def load(
             model = remove_lora(model).eval()
     if device == "cpu":
         use_native_kernels(model)
+    release_freed_memory()
     return model.to(device), tokenizer
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages that loading freed (parsed headers, placeholders, conversion buffers)
+    back to the OS. glibc keeps them resident otherwise: ~30 MB of a quantised 135M model's RSS."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to do
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)

@@ -16,6 +16,7 @@ Formats (the GGUF block layouts Q8_0 / Q4_1 map onto them without requantising):
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -57,19 +58,26 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Min-max 4-bit codes (packed), scales and offsets per group of `group_size` columns."""
+    """Min-max 4-bit codes (packed), and fp16 scales and offsets per group of `group_size` columns.
+
+    fp16, as GGUF's Q4 blocks store them: in fp32 they would be a third of an int4 model's
+    memory at group 32. Codes are rounded against the fp16 values, the ones dequantisation uses.
+    """
     rows, columns = weight.shape
     groups = weight.float().reshape(rows, columns // group_size, group_size)
     low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
-    scale = ((high - low) / 15).clamp(min=1e-12)
-    codes = torch.round((groups - low) / scale).clamp(0, 15)
+    scale = ((high - low) / 15).clamp(min=1e-7).half()
+    low = low.half()
+    if not (torch.isfinite(scale).all() and torch.isfinite(low).all()):
+        raise ValueError(f"weights up to {groups.abs().max().item():.3g} are out of fp16 range for int4 scales")
+    codes = torch.round((groups - low.float()) / scale.float()).clamp(0, 15)
     return pack_int4(codes.reshape(rows, columns)), scale.squeeze(-1), low.squeeze(-1)
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     codes = unpack_int4(packed).float()
     group_size = codes.shape[1] // scale.shape[1]
-    grouped = codes.reshape(*scale.shape, group_size) * scale.unsqueeze(-1) + offset.unsqueeze(-1)
+    grouped = codes.reshape(*scale.shape, group_size) * scale.float().unsqueeze(-1) + offset.float().unsqueeze(-1)
     return grouped.reshape(codes.shape)
 
 
@@ -111,6 +119,17 @@ class QuantizedTensor:
         )
 
 
+_scratch = threading.local()
+
+
+def _dequantization_buffer(size: int) -> torch.Tensor:
+    """This thread's buffer for a dequantised weight, grown to the largest layer seen."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        _scratch.buffer = buffer = torch.empty(size)
+    return buffer[:size]
+
+
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with W held as int8 or packed int4 codes and float scales."""
 
@@ -136,8 +155,8 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("codes", torch.empty(out_features, in_features, dtype=torch.int8))
         else:
             self.register_buffer("codes", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
-            self.register_buffer("offset", torch.empty(out_features, groups))
-        self.register_buffer("scale", torch.empty(out_features, groups))
+            self.register_buffer("offset", torch.empty(out_features, groups, dtype=torch.float16))
+        self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16 if bits == 4 else None))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
     @classmethod
@@ -156,9 +175,23 @@ class QuantizedLinear(nn.Module):
         else:
             self.codes, self.scale, self.offset = quantize_int4(weight, self.group_size)
 
-    def dequantize(self) -> torch.Tensor:
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # int4 checkpoints written before scales moved to fp16 hold fp32 ones; the kernels read fp16
+        for name in ("scale", "offset"):
+            value = state_dict.get(prefix + name)
+            if value is not None and value.dtype != getattr(self, name).dtype:
+                state_dict[prefix + name] = value.to(getattr(self, name).dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def dequantize(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The fp32 weight; with the native kernels, written into `out` if given."""
+        native = kernels.available() and not torch.compiler.is_compiling()
         if self.bits == 8:
+            if native:
+                return kernels.dequantize_q8(self.codes, self.scale, self.group_size, out)
             return dequantize_int8(self.codes, self.scale)
+        if native:
+            return kernels.dequantize_q4(self.codes, self.scale, self.offset, self.group_size, out)
         return dequantize_int4(self.codes, self.scale, self.offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +211,11 @@ class QuantizedLinear(nn.Module):
                 matvec = torch.ops.lmforge.matvec_q4 if compiling else kernels.matvec_q4
                 out = matvec(flat, self.codes, self.scale, self.offset, self.group_size, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
+        if x.dtype == torch.float32 and not torch.is_grad_enabled() and native and not compiling:
+            # Many rows (prefill): every layer dequantises into one shared buffer. A fresh weight-sized
+            # allocation per layer would leave glibc's heap ~25 MB bigger after a long prompt.
+            weight = _dequantization_buffer(self.out_features * self.in_features).view(self.out_features, -1)
+            return F.linear(x, self.dequantize(out=weight), self.bias)
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:

@@ -53,6 +53,18 @@ def test_quantized_matvecs_match_the_dequantized_product(rows, group_size):
     assert relative_error(kernels.matvec_q4(x, packed, scale, offset, group_size, bias), reference) < 0.015
 
 
+@pytest.mark.parametrize("group_size", [32, 64, 192])
+@needs_kernels
+def test_native_dequantisation_equals_the_pytorch_reference(group_size):
+    weight = torch.randn(70, 384)
+    packed, scale, offset = quantize_int4(weight, group_size)
+    assert torch.equal(kernels.dequantize_q4(packed, scale, offset, group_size), dequantize_int4(packed, scale, offset))
+    codes, scale8 = quantize_int8(weight, group_size)
+    assert torch.equal(kernels.dequantize_q8(codes, scale8, group_size), dequantize_int8(codes, scale8))
+    with pytest.raises(TypeError, match="float16"):  # fp32 bits read as halves would be silent garbage
+        kernels.dequantize_q4(packed, scale.float(), offset.float(), group_size)
+
+
 @needs_kernels
 def test_each_row_of_a_batch_gets_exactly_its_single_row_result():
     """Batched decoding must equal one-at-a-time decoding, so the multi-row tiles may not change the sums."""

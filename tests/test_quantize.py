@@ -56,8 +56,11 @@ def test_quantisation_error_is_at_most_half_a_step():
     step = scale.repeat_interleave(32, dim=1)
     assert ((dequantize_int8(codes, scale) - weight).abs() <= step / 2 + 1e-6).all()
     packed, scale, offset = quantize_int4(weight, 64)
-    step = scale.repeat_interleave(64, dim=1)
-    assert ((dequantize_int4(packed, scale, offset) - weight).abs() <= step / 2 + 1e-6).all()
+    assert scale.dtype == offset.dtype == torch.float16
+    step = scale.float().repeat_interleave(64, dim=1)
+    # plus fp16's rounding of the offset and of the top of the range, at the ends of each group
+    fp16_rounding = 2**-10 * weight.abs().amax()
+    assert ((dequantize_int4(packed, scale, offset) - weight).abs() <= step / 2 + fp16_rounding).all()
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -101,6 +104,23 @@ def test_quantized_checkpoint_loads_directly_with_the_same_outputs(tmp_path):
     loaded, _ = load(tmp_path / "q4")
     assert isinstance(loaded.blocks[1].attention.qkv, QuantizedLinear) and loaded.blocks[1].attention.qkv.bits == 4
     tokens = torch.randint(0, 96, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(model(tokens)[0], loaded(tokens)[0])
+
+
+def test_int4_checkpoints_with_fp32_scales_load_as_fp16(tmp_path):
+    """Checkpoints written before int4 scales moved to fp16 hold fp32 ones; loading converts them."""
+    from safetensors.torch import load_file, save_file
+
+    model = quantize_model(llama_model(), 4, 32)
+    save_model(tmp_path / "q4", model, CharTokenizer("".join(chr(c) for c in range(32, 32 + 90))))
+    weights = load_file(tmp_path / "q4" / "model.safetensors")
+    old = {name: value.float() if name.endswith((".scale", ".offset")) else value for name, value in weights.items()}
+    save_file(old, tmp_path / "q4" / "model.safetensors")
+    loaded, _ = load(tmp_path / "q4")
+    layer = loaded.blocks[0].mlp.up
+    assert layer.scale.dtype == layer.offset.dtype == torch.float16
+    tokens = torch.randint(0, 96, (1, 12))
     with torch.no_grad():
         assert torch.equal(model(tokens)[0], loaded(tokens)[0])
 

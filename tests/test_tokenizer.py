@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -56,6 +58,16 @@ def test_save_load_round_trip(tmp_path, kind):
     assert loaded.encode(TRAINING_TEXT) == tokenizer.encode(TRAINING_TEXT)
     assert (loaded.bos_id, loaded.eos_id, loaded.pad_id) == (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     assert loaded.chat_template == "{{ messages }}"
+
+
+def test_bpe_files_with_the_hf_json_nested_as_an_object_still_load(tmp_path):
+    tokenizer = train_tokenizer("bpe", [TRAINING_TEXT], vocab_size=300)
+    tokenizer.save(tmp_path / "tok.json")
+    document = json.loads((tmp_path / "tok.json").read_text())
+    assert isinstance(document["hf_tokenizer"], str)  # one string: parsed in Rust, not as Python objects
+    document["hf_tokenizer"] = json.loads(document["hf_tokenizer"])  # the layout files had before
+    (tmp_path / "old.json").write_text(json.dumps(document))
+    assert load_tokenizer(tmp_path / "old.json").encode(TRAINING_TEXT) == tokenizer.encode(TRAINING_TEXT)
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])

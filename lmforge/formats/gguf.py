@@ -253,13 +253,13 @@ def _as_quantized(tensor) -> QuantizedTensor:
     header = 4 if type_name == "Q4_1" else 2
     size = header + (32 if type_name == "Q8_0" else 16)
     blocks = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(rows, columns // 32, size)
-    scale = blocks[..., :2].contiguous().view(torch.float16).float().squeeze(-1)
+    scale = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # int4 keeps fp16 scales, int8 fp32
     codes = blocks[..., header:].reshape(rows, -1).contiguous()
     if type_name == "Q8_0":
-        return QuantizedTensor(8, 32, codes.view(torch.int8), scale)
-    if type_name == "Q4_0":  # w = d * (q - 8)
+        return QuantizedTensor(8, 32, codes.view(torch.int8), scale.float())
+    if type_name == "Q4_0":  # w = d * (q - 8); exact in fp16 (a power-of-two multiple)
         return QuantizedTensor(4, 32, codes, scale, -8 * scale)
-    offset = blocks[..., 2:4].contiguous().view(torch.float16).float().squeeze(-1)
+    offset = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1)
     return QuantizedTensor(4, 32, codes, scale, offset)
 
 

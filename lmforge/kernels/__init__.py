@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("matvec.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _cpu_has_avx2() -> bool:
@@ -29,7 +29,7 @@ def _cpu_has_avx2() -> bool:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return " avx2" in flags and " fma" in flags
+    return " avx2" in flags and " fma" in flags and " f16c" in flags
 
 
 def _cache_dir() -> Path:
@@ -71,8 +71,13 @@ def _library() -> ctypes.CDLL | None:
     library.silu_mul.argtypes = [ptr, i64, i64, ptr]
     library.add_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr]
     library.add_rms_norm.restype = None
+    library.dequantize_q8.argtypes = [ptr, ptr, i64, i64, i64, ptr, threads]
+    library.dequantize_q4.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, threads]
     library.attention_decode.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, threads]
-    for function in (library.matvec_f32, library.matvec_q8, library.matvec_q4, library.rms_norm, library.silu_mul):
+    for function in (
+        library.matvec_f32, library.matvec_q8, library.matvec_q4, library.rms_norm, library.silu_mul,
+        library.dequantize_q8, library.dequantize_q4,
+    ):  # fmt: skip
         function.restype = None
     library.attention_decode.restype = None
     return library
@@ -101,6 +106,11 @@ def matvec_f32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
         torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def _check_half(*tensors: torch.Tensor) -> None:
+    if any(t.dtype != torch.float16 for t in tensors):  # the kernel would read fp32 bits as halves
+        raise TypeError(f"int4 scales and offsets must be float16, not {[str(t.dtype) for t in tensors]}")
 
 
 def _activation_scratch(rows: int, inner: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,14 +161,43 @@ def matvec_q4(
     group_size: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """x (M, K) times 4-bit codes packed two per byte (N, K/2): w = scale * code + offset per group.
+    """x (M, K) times 4-bit codes packed two per byte (N, K/2): w = scale * code + offset per group
+    (scale and offset float16).
     x is rounded to int8 per run of 32 values, as in `matvec_q8`."""
+    _check_half(scale, offset)
     rows, inner = x.shape
     out = torch.empty(rows, packed.shape[0])
     xq, xscale, xsum = _activation_scratch(rows, inner)
     _library().matvec_q4(
         x.data_ptr(), rows, inner, packed.data_ptr(), scale.data_ptr(), offset.data_ptr(), group_size,
         _pointer(bias), packed.shape[0], out.data_ptr(), xq.data_ptr(), xscale.data_ptr(), xsum.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def dequantize_q8(
+    codes: torch.Tensor, scale: torch.Tensor, group_size: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The fp32 weight of int8 codes (N, K) with scales (N, K/group_size); equals `quantize.dequantize_int8`.
+    `out`: a contiguous fp32 (N, K) tensor to write it into."""
+    rows, inner = codes.shape
+    out = torch.empty(rows, inner) if out is None else out
+    _library().dequantize_q8(
+        codes.data_ptr(), scale.data_ptr(), rows, inner, group_size, out.data_ptr(), torch.get_num_threads()
+    )
+    return out
+
+
+def dequantize_q4(
+    packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, group_size: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The fp32 weight of packed 4-bit codes (N, K/2); equals `quantize.dequantize_int4`. `out` as for q8."""
+    _check_half(scale, offset)
+    rows, inner = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty(rows, inner) if out is None else out
+    _library().dequantize_q4(
+        packed.data_ptr(), scale.data_ptr(), offset.data_ptr(), rows, inner, group_size, out.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
     return out

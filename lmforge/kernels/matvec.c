@@ -9,7 +9,7 @@
  *   x      (M, K) float32 activations; y (M, N) float32 outputs; bias (N) or NULL
  *   f32    weight (N, K) float32
  *   q8     weight (N, K) int8, scale (N, K/G): w = scale * q (GGUF Q8_0 is G = 32; per-row is G = K)
- *   q4     weight (N, K/2) uint8, scale and offset (N, K/G): w = scale * q + offset, q in 0..15.
+ *   q4     weight (N, K/2) uint8, scale and offset (N, K/G) float16: w = scale * q + offset, q in 0..15.
  *          Each run of 32 weights is 16 bytes: low nibbles hold weights 0..15, high nibbles
  *          16..31 (GGUF's Q4_0/Q4_1 block layout, so those blocks map over unchanged).
  */
@@ -150,31 +150,35 @@ static void q8_rows4(const int8_t *xq[4], const float *xscale[4], int64_t K, con
 }
 
 static float q4_row1(const int8_t *xq, const float *xscale, const float *xsum, int64_t K, const uint8_t *w,
-                     const float *scale, const float *offset, int64_t G) {
+                     const uint16_t *scale, const uint16_t *offset, int64_t G) {
     __m256 acc = _mm256_setzero_ps();
     float offset_sum = 0.0f; /* sum over blocks of offset * sum(x over the block) */
-    for (int64_t g = 0, b = 0; g < K / G; g++)
+    for (int64_t g = 0, b = 0; g < K / G; g++) {
+        float group_scale = _cvtsh_ss(scale[g]), group_offset = _cvtsh_ss(offset[g]);
         for (int64_t end = b + G / 32; b < end; b++) {
             __m256 dot = dot_u8_s8(unpack_nibbles(w + b * 16), _mm256_loadu_si256((const __m256i *)(xq + b * 32)));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(scale[g] * xscale[b]), dot, acc);
-            offset_sum += offset[g] * xsum[b];
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(group_scale * xscale[b]), dot, acc);
+            offset_sum += group_offset * xsum[b];
         }
+    }
     return horizontal_sum(acc) + offset_sum;
 }
 
 static void q4_rows4(const int8_t *xq[4], const float *xscale[4], const float *xsum[4], int64_t K, const uint8_t *w,
-                     const float *scale, const float *offset, int64_t G, float out[4]) {
+                     const uint16_t *scale, const uint16_t *offset, int64_t G, float out[4]) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     float offset_sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int64_t g = 0, b = 0; g < K / G; g++)
+    for (int64_t g = 0, b = 0; g < K / G; g++) {
+        float group_scale = _cvtsh_ss(scale[g]), group_offset = _cvtsh_ss(offset[g]);
         for (int64_t end = b + G / 32; b < end; b++) {
             __m256i codes = unpack_nibbles(w + b * 16);
             for (int r = 0; r < 4; r++) { /* constant trip count: unrolled, acc stays in registers */
                 __m256 dot = dot_u8_s8(codes, _mm256_loadu_si256((const __m256i *)(xq[r] + b * 32)));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[g] * xscale[r][b]), dot, acc[r]);
-                offset_sum[r] += offset[g] * xsum[r][b];
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(group_scale * xscale[r][b]), dot, acc[r]);
+                offset_sum[r] += group_offset * xsum[r][b];
             }
         }
+    }
     for (int r = 0; r < 4; r++) out[r] = horizontal_sum(acc[r]) + offset_sum[r];
 }
 
@@ -210,7 +214,7 @@ void matvec_q8(const float *x, int64_t M, int64_t K, const int8_t *weight, const
 }
 
 /* K and G must be multiples of 32, G dividing K. Scratch as for matvec_q8. */
-void matvec_q4(const float *x, int64_t M, int64_t K, const uint8_t *weight, const float *scale, const float *offset,
+void matvec_q4(const float *x, int64_t M, int64_t K, const uint8_t *weight, const uint16_t *scale, const uint16_t *offset,
                int64_t G, const float *bias, int64_t N, float *y, int8_t *xq, float *xscale, float *xsum,
                int threads) {
     int64_t groups = K / G, blocks = K / 32;
@@ -218,7 +222,7 @@ void matvec_q4(const float *x, int64_t M, int64_t K, const uint8_t *weight, cons
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *w = weight + n * (K / 2);
-        const float *row_scale = scale + n * groups, *row_offset = offset + n * groups;
+        const uint16_t *row_scale = scale + n * groups, *row_offset = offset + n * groups;
         float b = bias ? bias[n] : 0.0f;
         if (M == 1) {
             y[n] = q4_row1(xq, xscale, xsum, K, w, row_scale, row_offset, G) + b;
@@ -235,6 +239,35 @@ void matvec_q4(const float *x, int64_t M, int64_t K, const uint8_t *weight, cons
             for (int r = 0; r < 4 && m0 + r < M; r++) y[(m0 + r) * N + n] = out[r] + b;
         }
     }
+}
+
+/* Whole-matrix dequantisation for many-row products (prefill): written straight into `out`
+ * (N, K) fp32, so a layer's product needs one weight-sized buffer and no temporaries. Same
+ * arithmetic as the PyTorch reference (code * scale, then + offset), rounded the same way: no
+ * fused multiply-add contraction here. */
+#define NO_FMA __attribute__((optimize("fp-contract=off")))
+
+NO_FMA void dequantize_q8(const int8_t *weight, const float *scale, int64_t N, int64_t K, int64_t G, float *out,
+                   int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++) out[n * K + k] = (float)weight[n * K + k] * scale[n * (K / G) + k / G];
+}
+
+NO_FMA void dequantize_q4(const uint8_t *weight, const uint16_t *scale, const uint16_t *offset, int64_t N, int64_t K,
+                          int64_t G, float *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t b = 0; b < K / 32; b++) {
+            const uint8_t *bytes = weight + n * (K / 2) + b * 16;
+            int64_t group = n * (K / G) + b * 32 / G;
+            float s = _cvtsh_ss(scale[group]), o = _cvtsh_ss(offset[group]);
+            float *row = out + n * K + b * 32;
+            for (int i = 0; i < 16; i++) {
+                row[i] = (float)(bytes[i] & 0x0F) * s + o;
+                row[i + 16] = (float)(bytes[i] >> 4) * s + o;
+            }
+        }
 }
 
 /* int8 weights times fp32 x without rounding x: for the LM head, whose logits pick tokens
