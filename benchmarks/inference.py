@@ -1,6 +1,6 @@
 """CPU inference of SmolLM2-135M-Instruct: lmforge (fp32, int8, int4, the GGUF's own Q4_1; native
-decode kernels or torch.compile) vs HF transformers (fp32, same weights) and llama-cpp-python
-(same GGUF) in the same run.
+decode kernels or torch.compile; fp32 with speculative decoding, the Q4_1 weights drafting) vs HF
+transformers (fp32, same weights) and llama-cpp-python (same GGUF) in the same run.
 
 Each engine runs in its own process (clean load time and peak RSS): load time, prefill tok/s of
 a 512-token prompt, decode tok/s of 128 greedy tokens after a chat prompt, peak RSS. Rounds are
@@ -55,10 +55,14 @@ def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
     from lmforge.generate import SamplingConfig, generate_tokens, next_token_logits
     from lmforge.loading import load
     from lmforge.model import KVCache
+    from lmforge.speculative import SpeculationStats, speculative_generate
 
     start = time.perf_counter()
-    if variant in ("fp32", "fp32-compiled"):
+    draft = None
+    if variant in ("fp32", "fp32-compiled", "fp32-speculative"):
         model, tokenizer = load("smollm2-135m-instruct", keep_quantized=False)
+        if variant == "fp32-speculative":  # the GGUF's own Q4_1 weights as the draft
+            draft = load("smollm2-135m-instruct")[0]
     elif variant.startswith("gguf-q4_1"):
         model, tokenizer = load("smollm2-135m-instruct")
     else:
@@ -80,11 +84,25 @@ def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0)
     if compiled:  # the first generation compiles the decode step; time the second
         list(generate_tokens(model, chat_ids, SamplingConfig(max_new_tokens=4, temperature=0), compile=True))
-    tokens = generate_tokens(model, chat_ids, sampling, compile=compiled)
+    stats = SpeculationStats()
+    if draft is None:
+        tokens = generate_tokens(model, chat_ids, sampling, compile=compiled)
+    else:
+        tokens = speculative_generate(model, draft, chat_ids, NEW_TOKENS, draft_tokens=4, stats=stats)
     next(tokens)  # prefill + first token
     start = time.perf_counter()
     rest = list(tokens)
     decode_seconds = time.perf_counter() - start
+    if draft is not None:  # speculation must not change the text: the same tokens as plain fp32 greedy
+        plain = list(generate_tokens(model, chat_ids, sampling))
+        assert plain[1:] == rest, "speculative decoding changed the greedy output"
+        return {
+            "load_s": load_seconds,
+            "prefill_tok_s": PREFILL_TOKENS / prefill_seconds,
+            "decode_tok_s": len(rest) / decode_seconds,
+            "peak_rss_mb": peak_rss_mb(),
+            "acceptance_rate": stats.acceptance_rate,
+        }
     return {
         "load_s": load_seconds,
         "prefill_tok_s": PREFILL_TOKENS / prefill_seconds,
@@ -201,8 +219,8 @@ def main() -> None:
     assert render_chat(CHAT, tokenizer.chat_template) == CHAT_TEXT, "CHAT_TEXT no longer matches the template"
 
     engines = [
-        "lmforge-fp32", "lmforge-fp32-compiled", "lmforge-int8", "lmforge-int4", "lmforge-gguf-q4_1",
-        "lmforge-gguf-q4_1-compiled",
+        "lmforge-fp32", "lmforge-fp32-speculative", "lmforge-fp32-compiled", "lmforge-int8", "lmforge-int4",
+        "lmforge-gguf-q4_1", "lmforge-gguf-q4_1-compiled",
     ]  # fmt: skip
     if not args.skip_hf:
         engines.append("transformers")
@@ -247,6 +265,9 @@ def main() -> None:
     hf, llama = results.get("transformers", {}), results.get("llama.cpp", {})
     if "decode_tok_s" in hf:
         ratios["fp32_decode_vs_transformers"] = results["lmforge-fp32"]["decode_tok_s"] / hf["decode_tok_s"]
+        if "decode_tok_s" in results.get("lmforge-fp32-speculative", {}):
+            speculative = results["lmforge-fp32-speculative"]["decode_tok_s"]
+            ratios["fp32_speculative_decode_vs_transformers"] = speculative / hf["decode_tok_s"]
     if "decode_tok_s" in llama:
         for engine in ("lmforge-int4", "lmforge-gguf-q4_1"):
             ratios[f"{engine}_decode_vs_llama_cpp"] = results[engine]["decode_tok_s"] / llama["decode_tok_s"]

@@ -79,11 +79,23 @@ def command_generate(args, extra) -> int:
     from lmforge.generate import SamplingConfig, generate
     from lmforge.loading import load
 
-    sampling = apply_values(SamplingConfig(), config_values(args.config, extra))
+    values = config_values(args.config, extra)
+    if args.draft:  # speculative decoding is greedy; say so rather than ignore a temperature
+        if float(values.get("temperature", 0)) != 0:
+            raise LmforgeError(f"--draft decodes greedily; drop temperature={values['temperature']}")
+        values["temperature"] = 0
+    sampling = apply_values(SamplingConfig(), values)
     model, tokenizer = load(args.model, adapter=args.adapter)
+    draft = None
+    if args.draft:
+        draft, draft_tokenizer = load(args.draft)
+        sample = "Hello, world"
+        same_tokens = draft_tokenizer.encode(sample) == tokenizer.encode(sample)
+        if draft_tokenizer.vocab_size != tokenizer.vocab_size or not same_tokens:
+            raise LmforgeError(f"--draft {args.draft} does not share {args.model}'s tokenizer")
     prompt = args.prompt if args.prompt is not None else ""
     sys.stdout.write(prompt)
-    for piece in generate(model, tokenizer, prompt, sampling):
+    for piece in generate(model, tokenizer, prompt, sampling, draft=draft, draft_tokens=args.draft_tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -410,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", help="text to continue")
     generate.add_argument("--adapter", help=ADAPTER_HELP)
     generate.add_argument("--config", help="YAML or JSON sampling config")
+    generate.add_argument(
+        "--draft",
+        help="speculative decoding: a cheaper model with the same tokenizer proposes tokens, --model checks them "
+        "(greedy; same text). E.g. an fp32 model with its own int4 copy",
+    )
+    generate.add_argument("--draft-tokens", "--draft_tokens", dest="draft_tokens", type=int, default=4,
+                          help="tokens the draft proposes per step")  # fmt: skip
     generate.set_defaults(handler=command_generate)
 
     evaluate = verbs.add_parser(

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge import engine
+from lmforge.errors import LmforgeError
 from lmforge.model import KVCache, Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -266,10 +267,18 @@ def generate(
     sampling: SamplingConfig | None = None,
     stop_at_eos: bool = True,
     stop_token_ids: set[int] | None = None,
+    draft: Transformer | None = None,
+    draft_tokens: int = 4,
 ) -> Iterator[str]:
     """Stream the completion of `prompt` as text pieces, honouring stop strings and end-of-text
-    (and any of `stop_token_ids`)."""
+    (and any of `stop_token_ids`). With a `draft` model (same tokenizer), decoding is speculative
+    (`lmforge.speculative`): greedy only, the same text, faster when the draft is much cheaper."""
     sampling = sampling or SamplingConfig()
+    if draft is not None and (sampling.temperature != 0 or sampling.repetition_penalty != 1.0):
+        raise LmforgeError(
+            f"speculative decoding with a draft model is greedy: temperature must be 0 (not {sampling.temperature}) "
+            f"and repetition_penalty 1 (not {sampling.repetition_penalty})"
+        )
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids and tokenizer.bos_id is not None:
         prompt_ids = [tokenizer.bos_id]
@@ -277,7 +286,13 @@ def generate(
     if stop_at_eos and tokenizer.eos_id is not None:
         stop_ids.add(tokenizer.eos_id)
     stream = TextStream(tokenizer, sampling.stop)
-    for token in generate_tokens(model, prompt_ids, sampling):
+    if draft is None:
+        tokens = generate_tokens(model, prompt_ids, sampling)
+    else:
+        from lmforge.speculative import speculative_generate
+
+        tokens = speculative_generate(model, draft, prompt_ids, sampling.max_new_tokens, draft_tokens)
+    for token in tokens:
         if token in stop_ids:
             break
         piece = stream.push(token)

@@ -47,6 +47,10 @@ def test_end_to_end_prepare_train_resume_generate_eval(tmp_path, corpus_file):
     )
     run_greedy = lmforge("generate", "--model", run, "--prompt", "KING.", "--max_new_tokens=20", "--temperature=0")
     assert hf_greedy.stdout == run_greedy.stdout
+    # speculative decoding with the exported int8 GGUF as the draft: the same greedy text
+    speculative = lmforge("generate", "--model", run, "--draft", tmp_path / "m.gguf", "--prompt", "KING.",
+                          "--max_new_tokens=20")  # fmt: skip
+    assert speculative.stdout == run_greedy.stdout
 
 
 @pytest.mark.parametrize("verb", [None, "prepare", "train", "generate", "eval", "quickstart"])
