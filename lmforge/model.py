@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# SDPA takes grouped-query k/v as they are from torch 2.5 (enable_gqa); before, they are repeated per query head.
+SDPA_GROUPS_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 @dataclass
 class ModelConfig:
@@ -305,16 +308,20 @@ class CausalSelfAttention(nn.Module):
         mask, is_causal = padding_mask, self.causal and length > 1 and padding_mask is None
         if cache is not None:  # attend over everything cached so far, this step included
             k, v, mask, is_causal = cache.update(self.layer_index, k, v)
-        if self.n_kv_heads != self.n_heads:
+        grouped = self.n_kv_heads != self.n_heads
+        if grouped and (self.attention_record is not None or not SDPA_GROUPS_HEADS):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            grouped = False
 
         # softmax(q k^T / sqrt(head_dim)) v, causal: a query sees its own and earlier positions.
         if self.attention_record is not None:
             y = self.attention_with_weights(q, k, v, mask, is_causal)
         else:
+            # grouped: each k/v head serves n_heads / n_kv_heads query heads, without copies of it
+            gqa = {"enable_gqa": True} if grouped else {}
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0, **gqa
             )
         y = y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
         return F.dropout(self.out(y), self.dropout, self.training)
