@@ -4,8 +4,8 @@ checks them all in one forward pass, and the tokens it agrees with are kept.
 On a CPU, decoding is bound by how fast the weights stream from memory; checking k proposals
 reads the target's weights once instead of k times. Greedy decoding only: the output is exactly
 the target's own greedy output (a proposal is kept only where it equals the target's argmax),
-whatever the draft. A good draft for an fp32 model is its own int4 copy (same tokenizer, ~1% of
-tokens disagree); `lmforge generate --draft`.
+whatever the draft. A good draft for an fp32 model is its own int4 copy (same tokenizer; SmolLM2's
+Q4_1 weights get ~93% of their proposals accepted); `lmforge generate --draft`.
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ def speculative_generate(
         accepted = 0
         while accepted < len(proposals) and proposals[accepted] == choices[accepted]:
             accepted += 1
-        stats.rounds, stats.proposed, stats.accepted = (
-            stats.rounds + 1, stats.proposed + len(proposals), stats.accepted + accepted
-        )  # fmt: skip
+        stats.rounds += 1
+        stats.proposed += len(proposals)
+        stats.accepted += accepted
         # Keep the cache entries of accepted tokens only; the draft never read its last proposal.
         target_cache.length += 1 + accepted
         draft_cache.length = target_cache.length - 1 if accepted == len(proposals) else target_cache.length
