@@ -50,6 +50,8 @@ def speculative_generate(
             f"draft and target vocabularies differ ({draft.config.vocab_size} vs {target.config.vocab_size}); "
             "the draft must share the target's tokenizer"
         )
+    if not prompt_ids:
+        raise LmforgeError("speculative decoding needs a prompt of at least one token")
     if draft_tokens < 1:
         raise LmforgeError(f"draft_tokens must be at least 1, not {draft_tokens}")
     capacity = len(prompt_ids) + max_new_tokens + draft_tokens + 1

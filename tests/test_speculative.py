@@ -70,6 +70,8 @@ def test_mismatched_vocabularies_and_greedy_only_are_errors():
     other = Transformer(ModelConfig(vocab_size=50, block_size=64, n_layers=1, n_heads=2, d_model=32))
     with pytest.raises(LmforgeError, match="vocabularies differ"):
         list(speculative_generate(target, other, [1, 2], 5))
+    with pytest.raises(LmforgeError, match="at least one token"):
+        list(speculative_generate(target, target, [], 5))
     tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
     with pytest.raises(LmforgeError, match="greedy"):
         list(generate(target, tokenizer, "abc", SamplingConfig(temperature=0.8), draft=target))
