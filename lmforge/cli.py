@@ -76,15 +76,15 @@ def command_train(args, extra) -> int:
 
 def command_generate(args, extra) -> int:
     from lmforge.config import apply_values
-    from lmforge.generate import SamplingConfig, generate
+    from lmforge.generate import SamplingConfig, check_greedy_for_draft, generate
     from lmforge.loading import load
 
     values = config_values(args.config, extra)
-    if args.draft:  # speculative decoding is greedy; say so rather than ignore a temperature
-        if float(values.get("temperature", 0)) != 0:
-            raise LmforgeError(f"--draft decodes greedily; drop temperature={values['temperature']}")
-        values["temperature"] = 0
+    if args.draft:  # speculative decoding is greedy: the default, and an error (before any output) otherwise
+        values.setdefault("temperature", 0)
     sampling = apply_values(SamplingConfig(), values)
+    if args.draft:
+        check_greedy_for_draft(sampling)
     model, tokenizer = load(args.model, adapter=args.adapter)
     draft = None
     if args.draft:

@@ -260,6 +260,15 @@ class TextStream:
         return rest
 
 
+def check_greedy_for_draft(sampling: SamplingConfig) -> None:
+    """Speculative decoding keeps the target's argmax: refuse settings it would silently ignore."""
+    if sampling.temperature != 0 or sampling.repetition_penalty != 1.0:
+        raise LmforgeError(
+            f"speculative decoding with a draft model is greedy: temperature must be 0 (not {sampling.temperature}) "
+            f"and repetition_penalty 1 (not {sampling.repetition_penalty})"
+        )
+
+
 def generate(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -274,11 +283,8 @@ def generate(
     (and any of `stop_token_ids`). With a `draft` model (same tokenizer), decoding is speculative
     (`lmforge.speculative`): greedy only, the same text, faster when the draft is much cheaper."""
     sampling = sampling or SamplingConfig()
-    if draft is not None and (sampling.temperature != 0 or sampling.repetition_penalty != 1.0):
-        raise LmforgeError(
-            f"speculative decoding with a draft model is greedy: temperature must be 0 (not {sampling.temperature}) "
-            f"and repetition_penalty 1 (not {sampling.repetition_penalty})"
-        )
+    if draft is not None:
+        check_greedy_for_draft(sampling)
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids and tokenizer.bos_id is not None:
         prompt_ids = [tokenizer.bos_id]
