@@ -2,7 +2,7 @@
 
 Plain C called through ctypes rather than a PyTorch C++ extension: it builds in about a
 second instead of a minute, and needs no Python or PyTorch headers. Where there is no
-compiler or no AVX2, `available()` is False and callers use their PyTorch path; set
+compiler or no AVX2 (with FMA and F16C), `available()` is False and callers use their PyTorch path; set
 LMFORGE_NATIVE=0 to force that.
 """
 
@@ -24,7 +24,7 @@ SOURCE = Path(__file__).with_name("matvec.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 
 
-def _cpu_has_avx2() -> bool:
+def _cpu_supports_kernels() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -38,7 +38,7 @@ def _cache_dir() -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("LMFORGE_NATIVE", "1") == "0" or not _cpu_has_avx2():
+    if os.environ.get("LMFORGE_NATIVE", "1") == "0" or not _cpu_supports_kernels():
         return None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
