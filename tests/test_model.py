@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lmforge.model import KVCache, ModelConfig, Transformer, apply_rope, preset, rope_tables
+from lmforge.model import KVCache, ModelConfig, Transformer, apply_rope, preset, rope_tables, zeroed_from_os
 
 
 def gpt2_small(**overrides):
@@ -53,6 +53,26 @@ def test_cached_decoding_matches_full_forward(make_config):
         pieces.append(model(tokens[:, position : position + 1], cache=cache)[0])
     assert cache.length == 20
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_inference_mlp_in_place_equals_the_autograd_one():
+    torch.manual_seed(0)
+    model = Transformer(llama_small()).eval()
+    tokens = torch.randint(0, 97, (2, 20))
+    with torch.enable_grad():
+        expected, _ = model(tokens)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens)[0], expected)
+
+
+def test_cache_memory_starts_zeroed_and_is_separate_per_tensor():
+    first, second = zeroed_from_os((2, 3, 5), "cpu", torch.float32), zeroed_from_os((2, 3, 5), "cpu", torch.float32)
+    assert first.shape == (2, 3, 5) and first.dtype == torch.float32 and not first.any()
+    first.fill_(1.5)
+    assert not second.any() and first.sum() == 1.5 * 30
+    assert zeroed_from_os((0, 4), "cpu", torch.float16).shape == (0, 4)
+    cache = KVCache(preset("tiny"), batch_size=1, max_length=8)
+    assert all(not tensor.any() for tensor in cache.keys + cache.values)
 
 
 def test_attention_equals_manual_softmax_formula():
