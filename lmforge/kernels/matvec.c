@@ -241,8 +241,8 @@ void matvec_q4(const float *x, int64_t M, int64_t K, const uint8_t *weight, cons
     }
 }
 
-/* Whole-matrix dequantisation for many-row products (prefill): written straight into `out`
- * (N, K) fp32, so a layer's product needs one weight-sized buffer and no temporaries. Same
+/* Dequantisation for many-row products (prefill): N rows (the caller passes a slab of a weight)
+ * written straight into `out` (N, K) fp32, a reused buffer, so no temporaries. Same
  * arithmetic as the PyTorch reference (code * scale, then + offset), rounded the same way: no
  * fused multiply-add contraction here. */
 #define NO_FMA __attribute__((optimize("fp-contract=off")))
