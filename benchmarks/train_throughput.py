@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from functools import partial
@@ -81,31 +82,34 @@ def make_batches(shape: dict, seed: int = 0):
     return batch
 
 
-def time_interleaved(steps: dict, shape: dict, seconds: float, rounds: int = 5) -> dict[str, float]:
-    """Median seconds per optimizer step of each candidate, measured in alternating rounds.
+def time_round_robin(steps: dict, shape: dict, seconds: float) -> dict[str, list[float]]:
+    """Seconds per optimizer step of each candidate, taken in turns: each candidate takes two steps
+    and the second is timed (the first brings its weights and optimizer state back into cache,
+    where they stay in a real run).
 
-    Alternating means a burst of load from a neighbour on a shared machine hits every
-    candidate alike instead of whichever happened to be running, so the ratios hold.
+    On a shared machine a neighbour's load comes and goes within seconds, and rounds of a few
+    seconds per candidate left ratios moving by ±10%. Turns this short put every candidate under
+    the same load, and a ratio of steps from the same turn cancels most of it.
     """
     batch = make_batches(shape)
     for step in steps.values():
         for _ in range(5):  # warm-up, compilation included
             step(*batch())
     timings: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or len(next(iter(timings.values()))) < 8:
         for name, step in steps.items():
-            started = time.perf_counter()
-            while time.perf_counter() - started < seconds / rounds or len(timings[name]) < 2:
-                inputs, targets = batch()
-                start = time.perf_counter()
-                step(inputs, targets)
-                timings[name].append(time.perf_counter() - start)
-    return {name: sorted(values)[len(values) // 2] for name, values in timings.items()}
+            step(*batch())
+            inputs, targets = batch()
+            start = time.perf_counter()
+            step(inputs, targets)
+            timings[name].append(time.perf_counter() - start)
+    return timings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per row")
+    parser.add_argument("--seconds", type=float, default=10.0, help="seconds per row, half of them timed")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
@@ -128,18 +132,21 @@ def main() -> None:
             }
             for name, build in builds.items():
                 steps[(name, mode)], flops[(name, mode)] = build()
-        seconds = time_interleaved(steps, shape, args.seconds * len(steps))
-        peer_eager = tokens_per_step / seconds[("nanoGPT-style peer", "eager")]
-        for (name, mode), seconds_per_step in seconds.items():
+        timings = time_round_robin(steps, shape, args.seconds * len(steps))
+        peer_timings = timings[("nanoGPT-style peer", "eager")]
+        for (name, mode), values in timings.items():
+            seconds_per_step = statistics.median(values)
             tokens_per_second = tokens_per_step / seconds_per_step
             row = {
                 "shape": shape_name,
                 "implementation": name,
                 "mode": mode,
+                "steps_timed": len(values),
                 "ms_per_step": seconds_per_step * 1e3,
                 "tokens_per_second": tokens_per_second,
                 "mfu": tokens_per_second * flops[(name, mode)] / peak,
-                "vs_peer_eager": tokens_per_second / peer_eager,
+                # the median over turns of (peer's step time / this step time) in the same turn
+                "vs_peer_eager": statistics.median(p / v for p, v in zip(peer_timings, values)),
             }
             rows.append(row)
             print(
