@@ -82,6 +82,9 @@ def make_batches(shape: dict, seed: int = 0):
     return batch
 
 
+MIN_TURNS = 8  # the 6-layer shape's steps take ~1.5 s: its seconds alone would give it ~3 turns
+
+
 def time_round_robin(steps: dict, shape: dict, seconds: float) -> dict[str, list[float]]:
     """Seconds per optimizer step of each candidate, taken in turns: each candidate takes two steps
     and the second is timed (the first brings its weights and optimizer state back into cache,
@@ -96,8 +99,9 @@ def time_round_robin(steps: dict, shape: dict, seconds: float) -> dict[str, list
         for _ in range(5):  # warm-up, compilation included
             step(*batch())
     timings: dict[str, list[float]] = {name: [] for name in steps}
-    started = time.perf_counter()
-    while time.perf_counter() - started < seconds or len(next(iter(timings.values()))) < 8:
+    started, turns = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds or turns < MIN_TURNS:
+        turns += 1
         for name, step in steps.items():
             step(*batch())
             inputs, targets = batch()
