@@ -1,9 +1,10 @@
 """Training throughput: tokens/s, ms/step and MFU, lmforge vs a nanoGPT-style peer in the same run.
 
-Two shapes: nanoGPT's CPU recipe (4 layers, 4 heads, d=128, block 64, batch 12, 65-char vocab)
-and a 6-layer d=384 block-256 model. Each runs eager and torch.compile'd. MFU uses a peak
-fp32 matmul rate the benchmark measures itself. Prints a table; writes
-benchmarks/results/train_throughput.json.
+Two shapes: nanoGPT's CPU recipe (4 layers, 4 heads, d=128, block 64, batch 12, 65-char vocab,
+no biases) and a 6-layer d=384 block-256 model. Three implementations of each: the peer,
+lmforge's GPT-2 layout (the peer's architecture, no biases) and lmforge's Llama family, each
+eager and torch.compile'd. MFU uses a peak fp32 matmul rate the benchmark measures itself.
+Prints a table; writes benchmarks/results/train_throughput.json.
 
     python benchmarks/train_throughput.py [--seconds 10] [--no-compile]
 """
@@ -24,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from peers.nanogpt_style import NanoGPTStyle  # noqa: E402
 
-from lmforge.model import Transformer, preset  # noqa: E402
+from lmforge.model import ModelConfig, Transformer, preset  # noqa: E402
 from lmforge.train import TrainConfig, make_optimizer, measure_matmul_flops  # noqa: E402
 
 SHAPES = {
@@ -50,13 +51,17 @@ def peer_step(shape: dict, compiled: bool):
     return step, model.flops_per_token()
 
 
-def lmforge_step(shape: dict, compiled: bool, family: str):
-    sizes = {k: v for k, v in shape.items() if k != "batch_size"}
+def lmforge_config(shape: dict, family: str) -> ModelConfig:
+    """The shape as lmforge builds it: no biases, as nanoGPT's recipe (and Llama) has none."""
+    sizes = {k: v for k, v in shape.items() if k != "batch_size"} | dict(bias=False)
     if family == "llama":
-        sizes |= dict(
-            norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, d_mlp=int(8 * shape["d_model"] / 3) // 8 * 8
-        )  # SwiGLU width at equal parameters
-    model = Transformer(preset("nanogpt-cpu", **sizes))
+        # SwiGLU's width at equal parameters (8d/3), rounded up to a multiple of 8: never fewer FLOPs than the peer
+        sizes |= dict(norm="rmsnorm", mlp="swiglu", positions="rope", d_mlp=-(-8 * shape["d_model"] // 24) * 8)
+    return preset("nanogpt-cpu", **sizes)
+
+
+def lmforge_step(shape: dict, compiled: bool, family: str):
+    model = Transformer(lmforge_config(shape, family))
     optimizer = make_optimizer(model, TrainConfig(learning_rate=1e-3, beta2=0.99), "cpu")
     forward = torch.compile(model) if compiled else model
 
@@ -131,7 +136,7 @@ def main() -> None:
             mode = "compiled" if compiled else "eager"
             builds = {
                 "nanoGPT-style peer": partial(peer_step, shape, compiled),
-                "lmforge gpt2 family": partial(lmforge_step, shape, compiled, "gpt2"),
+                "lmforge gpt2 layout": partial(lmforge_step, shape, compiled, "gpt2"),
                 "lmforge llama family": partial(lmforge_step, shape, compiled, "llama"),
             }
             for name, build in builds.items():

@@ -109,7 +109,8 @@ _LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
 PRESETS: dict[str, ModelConfig] = {
     # ~50k parameters: unit tests and smoke runs.
     "tiny": ModelConfig(vocab_size=512, block_size=32, n_layers=2, n_heads=2, d_model=32, n_kv_heads=1, **_LLAMA),
-    # nanoGPT's CPU recipe (shakespeare_char with its CPU overrides), GPT-2 family.
+    # nanoGPT's CPU recipe (shakespeare_char with its CPU overrides) as a GPT-2 family model. nanoGPT
+    # runs it without biases (model.bias=false here), which the GPT-2 export formats cannot express.
     "nanogpt-cpu": ModelConfig(vocab_size=65, block_size=64, n_layers=4, n_heads=4, d_model=128),
     # What `lmforge quickstart` trains: Llama family, sized for a few minutes on 2 CPU cores.
     "quickstart": ModelConfig(

@@ -1,9 +1,13 @@
 """A nanoGPT-style GPT, written from its published design, as the throughput peer.
 
-Matches nanoGPT's model as its CPU recipe runs it: learned positions, LayerNorm with
-bias, fused c_attn projection, exact GELU, scaled_dot_product_attention(is_causal=True),
-tied LM head, AdamW with foreach (nanoGPT uses fused only on CUDA), betas (0.9, 0.99),
-weight decay 0.1 on 2-D parameters, gradient clipping at 1.0.
+Matches nanoGPT's model as its CPU recipe runs it (train.py's defaults, shakespeare_char's
+config, the README's CPU overrides): learned positions; no biases, in LayerNorm or Linear
+(train.py's `bias = False`, which that config keeps); fused c_attn projection; exact GELU;
+scaled_dot_product_attention(is_causal=True); tied LM head; betas (0.9, 0.99); weight decay
+0.1 on 2-D parameters; gradient clipping at 1.0; dropout 0, which is the identity.
+
+AdamW gets the arguments nanoGPT gives it off CUDA: none beyond lr and betas. On CPU PyTorch
+then picks its per-parameter loop, not the foreach or fused kernels.
 """
 
 import torch
@@ -15,8 +19,8 @@ class SelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
         self.n_heads = n_heads
-        self.c_attn = nn.Linear(d_model, 3 * d_model)
-        self.c_proj = nn.Linear(d_model, d_model)
+        self.c_attn = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.c_proj = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x):
         batch, length, width = x.shape
@@ -29,12 +33,12 @@ class SelfAttention(nn.Module):
 class Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(d_model)
+        self.ln_1 = nn.LayerNorm(d_model, bias=False)
         self.attn = SelfAttention(d_model, n_heads)
-        self.ln_2 = nn.LayerNorm(d_model)
-        self.c_fc = nn.Linear(d_model, 4 * d_model)
+        self.ln_2 = nn.LayerNorm(d_model, bias=False)
+        self.c_fc = nn.Linear(d_model, 4 * d_model, bias=False)
         self.gelu = nn.GELU()
-        self.c_proj = nn.Linear(4 * d_model, d_model)
+        self.c_proj = nn.Linear(4 * d_model, d_model, bias=False)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -47,7 +51,7 @@ class NanoGPTStyle(nn.Module):
         self.wte = nn.Embedding(vocab_size, d_model)
         self.wpe = nn.Embedding(block_size, d_model)
         self.h = nn.ModuleList(Block(d_model, n_heads) for _ in range(n_layers))
-        self.ln_f = nn.LayerNorm(d_model)
+        self.ln_f = nn.LayerNorm(d_model, bias=False)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         self.wte.weight = self.lm_head.weight
 
@@ -69,4 +73,4 @@ class NanoGPTStyle(nn.Module):
         decay = [p for p in self.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), foreach=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))

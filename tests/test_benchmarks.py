@@ -1,0 +1,66 @@
+"""The throughput benchmark compares like with like: its peer is nanoGPT's CPU recipe, and lmforge's
+GPT-2 layout of that shape is the same network."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import train_throughput  # noqa: E402
+from peers.nanogpt_style import NanoGPTStyle  # noqa: E402
+
+from lmforge.model import Transformer  # noqa: E402
+
+SHAPE = train_throughput.SHAPES["nanogpt-cpu"]
+
+
+def peer() -> NanoGPTStyle:
+    return NanoGPTStyle(SHAPE["vocab_size"], SHAPE["block_size"], SHAPE["n_layers"], SHAPE["n_heads"], SHAPE["d_model"])
+
+
+def test_peer_has_nanogpt_cpu_recipe_size_and_no_biases():
+    model = peer()
+    # nanoGPT's count for this recipe (bias=False): 4 * 12 * 128^2 + 9 LayerNorm weights + tied 65x128 head.
+    non_embedding = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    assert non_embedding == 4 * 12 * 128**2 + 9 * 128 + 65 * 128
+    assert not [name for name, _ in model.named_parameters() if name.endswith("bias")]
+
+
+def test_peer_optimizer_is_what_nanogpt_gets_on_cpu():
+    optimizer = peer().configure_optimizer()
+    for group in optimizer.param_groups:
+        assert group["foreach"] is None and group["fused"] is None  # PyTorch's default: its per-parameter loop
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
+
+
+def test_lmforge_gpt2_layout_is_the_peers_network():
+    model = Transformer(train_throughput.lmforge_config(SHAPE, "gpt2"))
+    reference = peer()
+    assert model.num_parameters() == sum(p.numel() for p in reference.parameters())
+    assert model.flops_per_token() == reference.flops_per_token()
+    shapes = sorted(tuple(p.shape) for p in model.parameters())
+    assert shapes == sorted(tuple(p.shape) for p in reference.parameters())
+
+
+def test_lmforge_llama_layout_does_at_least_the_peers_work():
+    for shape in train_throughput.SHAPES.values():
+        reference = NanoGPTStyle(
+            shape["vocab_size"], shape["block_size"], shape["n_layers"], shape["n_heads"], shape["d_model"]
+        ).flops_per_token()
+        llama = Transformer(train_throughput.lmforge_config(shape, "llama")).flops_per_token()
+        assert reference <= llama < 1.01 * reference
+
+
+def test_round_robin_times_every_candidate_in_every_turn():
+    calls = {"a": 0, "b": 0}
+
+    def counting(name):
+        def step(inputs, targets):
+            assert inputs.shape == targets.shape == (SHAPE["batch_size"], SHAPE["block_size"])
+            calls[name] += 1
+
+        return step
+
+    timings = train_throughput.time_round_robin({"a": counting("a"), "b": counting("b")}, SHAPE, seconds=0.0)
+    assert len(timings["a"]) == len(timings["b"]) == train_throughput.MIN_TURNS
+    assert calls["a"] == calls["b"] == 5 + 2 * train_throughput.MIN_TURNS  # warm-up, then two per turn
+    assert all(t >= 0 for t in timings["a"] + timings["b"])
