@@ -2,8 +2,9 @@
 
 nanoGPT's CPU recipe (shakespeare_char with its README's CPU overrides): char-level, 4 layers,
 4 heads, d=128, no biases, block 64, batch 12, 2000 iterations, lr 1e-3 → 1e-4, warmup 100,
-beta2 0.99, dropout 0. It runs first; its wall time becomes the quickstart's budget. Both are scored on
-the whole validation split. Prints a table, writes benchmarks/results/quickstart_quality.json.
+beta2 0.99, dropout 0. It runs first; its wall time becomes the quickstart's budget. Both are
+scored on the whole validation split. Prints a table, writes
+benchmarks/results/quickstart_quality.json.
 
     python benchmarks/quickstart_quality.py [--steps 2000]
 """

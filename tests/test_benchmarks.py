@@ -13,8 +13,8 @@ from lmforge.model import Transformer  # noqa: E402
 SHAPE = train_throughput.SHAPES["nanogpt-cpu"]
 
 
-def peer() -> NanoGPTStyle:
-    return NanoGPTStyle(SHAPE["vocab_size"], SHAPE["block_size"], SHAPE["n_layers"], SHAPE["n_heads"], SHAPE["d_model"])
+def peer(shape: dict = SHAPE) -> NanoGPTStyle:
+    return NanoGPTStyle(shape["vocab_size"], shape["block_size"], shape["n_layers"], shape["n_heads"], shape["d_model"])
 
 
 def test_peer_has_nanogpt_cpu_recipe_size_and_no_biases():
@@ -43,9 +43,7 @@ def test_lmforge_gpt2_layout_is_the_peers_network():
 
 def test_lmforge_llama_layout_does_at_least_the_peers_work():
     for shape in train_throughput.SHAPES.values():
-        reference = NanoGPTStyle(
-            shape["vocab_size"], shape["block_size"], shape["n_layers"], shape["n_heads"], shape["d_model"]
-        ).flops_per_token()
+        reference = peer(shape).flops_per_token()
         llama = Transformer(train_throughput.lmforge_config(shape, "llama")).flops_per_token()
         assert reference <= llama < 1.01 * reference
 
