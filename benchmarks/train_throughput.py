@@ -34,10 +34,12 @@ SHAPES = {
 }
 
 
+def peer_model(shape: dict) -> NanoGPTStyle:
+    return NanoGPTStyle(shape["vocab_size"], shape["block_size"], shape["n_layers"], shape["n_heads"], shape["d_model"])
+
+
 def peer_step(shape: dict, compiled: bool):
-    model = NanoGPTStyle(
-        shape["vocab_size"], shape["block_size"], shape["n_layers"], shape["n_heads"], shape["d_model"]
-    )
+    model = peer_model(shape)
     optimizer = model.configure_optimizer()
     forward = torch.compile(model) if compiled else model
 

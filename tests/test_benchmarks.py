@@ -6,19 +6,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import train_throughput  # noqa: E402
-from peers.nanogpt_style import NanoGPTStyle  # noqa: E402
+from train_throughput import peer_model  # noqa: E402
 
 from lmforge.model import Transformer  # noqa: E402
 
 SHAPE = train_throughput.SHAPES["nanogpt-cpu"]
 
 
-def peer(shape: dict = SHAPE) -> NanoGPTStyle:
-    return NanoGPTStyle(shape["vocab_size"], shape["block_size"], shape["n_layers"], shape["n_heads"], shape["d_model"])
-
-
 def test_peer_has_nanogpt_cpu_recipe_size_and_no_biases():
-    model = peer()
+    model = peer_model(SHAPE)
     # nanoGPT's count for this recipe (bias=False): 4 * 12 * 128^2 + 9 LayerNorm weights + tied 65x128 head.
     non_embedding = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
     assert non_embedding == 4 * 12 * 128**2 + 9 * 128 + 65 * 128
@@ -26,7 +22,7 @@ def test_peer_has_nanogpt_cpu_recipe_size_and_no_biases():
 
 
 def test_peer_optimizer_is_what_nanogpt_gets_on_cpu():
-    optimizer = peer().configure_optimizer()
+    optimizer = peer_model(SHAPE).configure_optimizer()
     for group in optimizer.param_groups:
         assert group["foreach"] is None and group["fused"] is None  # PyTorch's default: its per-parameter loop
     assert [group["weight_decay"] for group in optimizer.param_groups] == [0.1, 0.0]
@@ -34,7 +30,7 @@ def test_peer_optimizer_is_what_nanogpt_gets_on_cpu():
 
 def test_lmforge_gpt2_layout_is_the_peers_network():
     model = Transformer(train_throughput.lmforge_config(SHAPE, "gpt2"))
-    reference = peer()
+    reference = peer_model(SHAPE)
     assert model.num_parameters() == sum(p.numel() for p in reference.parameters())
     assert model.flops_per_token() == reference.flops_per_token()
     shapes = sorted(tuple(p.shape) for p in model.parameters())
@@ -43,7 +39,7 @@ def test_lmforge_gpt2_layout_is_the_peers_network():
 
 def test_lmforge_llama_layout_does_at_least_the_peers_work():
     for shape in train_throughput.SHAPES.values():
-        reference = peer(shape).flops_per_token()
+        reference = peer_model(shape).flops_per_token()
         llama = Transformer(train_throughput.lmforge_config(shape, "llama")).flops_per_token()
         assert reference <= llama < 1.01 * reference
 
