@@ -51,7 +51,7 @@ def peak_rss_mb() -> float:
 def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
     import torch
 
-    from lmforge.chat import render_chat
+    from lmforge.chat import encode_chat
     from lmforge.generate import SamplingConfig, generate_tokens, next_token_logits
     from lmforge.loading import load
     from lmforge.model import KVCache
@@ -79,7 +79,7 @@ def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
             next_token_logits(model, torch.tensor([prefill_ids]), cache)
             prefill_seconds = time.perf_counter() - start
             del cache  # one cache at a time, as in serving (the peak RSS would count two)
-    chat_ids = tokenizer.encode(render_chat(CHAT, tokenizer.chat_template))
+    chat_ids = encode_chat(tokenizer, CHAT)
     compiled = variant.endswith("compiled")
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0)
     if compiled:  # the first generation compiles the decode step; time the second

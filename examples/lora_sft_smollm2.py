@@ -18,7 +18,7 @@ import random
 import time
 from pathlib import Path
 
-from lmforge.chat import render_chat, stop_token_ids
+from lmforge.chat import encode_chat, stop_token_ids
 from lmforge.generate import SamplingConfig, generate
 from lmforge.loading import load
 from lmforge.sft import SFTConfig, finetune_chat
@@ -103,9 +103,7 @@ def ask(model, tokenizer, questions: list[str]) -> list[str]:
     stops = stop_token_ids(tokenizer)
     replies = []
     for question in questions:
-        prompt = render_chat(
-            [{"role": "user", "content": question}], tokenizer.chat_template, True, tokenizer.bos_token
-        )
+        prompt = encode_chat(tokenizer, [{"role": "user", "content": question}])
         replies.append("".join(generate(model, tokenizer, prompt, sampling, stop_token_ids=stops)).strip())
     return replies
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import re
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingConfig, generate
@@ -20,6 +25,114 @@ CHATML_TEMPLATE = (
 ROLES = ("system", "user", "assistant", "tool")
 
 
+MAX_TEMPLATE_SECONDS = 2.0  # real chat templates render in milliseconds
+MAX_RENDERED_CHARS = 4_000_000  # what a rendering (or any string a template builds) may reach
+MAX_TEMPLATE_NUMBER = 100_000  # the largest count, width or exponent a template may pass (jinja's own range limit)
+
+
+_PADDING_METHODS = {"ljust", "rjust", "center", "zfill", "expandtabs"}  # str methods that allocate their argument
+
+
+class TemplateLimitError(LmforgeError):
+    pass
+
+
+def _check_numbers(values) -> None:
+    for value in values:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_TEMPLATE_NUMBER:
+            raise TemplateLimitError(f"chat template: the number {value} is beyond the limit of {MAX_TEMPLATE_NUMBER}")
+
+
+def _bounded_filter(function):
+    # The value filtered comes first (after the context or environment, for filters that take one).
+    options_from = 2 if getattr(function, "jinja_pass_arg", None) else 1
+
+    @functools.wraps(function)  # keeps jinja's pass_context/pass_environment marks
+    def bounded(*args, **kwargs):
+        _check_numbers(args[options_from:])
+        _check_numbers(kwargs.values())
+        return function(*args, **kwargs)
+
+    return bounded
+
+
+class BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox (no Python internals, no mutation) with bounds on what a template
+    may allocate: a chat template comes with a downloaded model and runs on every request.
+
+    Intercepted operators are also never folded at compile time, so `'x' * 10**9` is refused, not built.
+    """
+
+    intercepted_binops = frozenset({"*", "**", "%", "+"})
+
+    def __init__(self):
+        super().__init__(trim_blocks=True, lstrip_blocks=True)
+        self.filters = {name: _bounded_filter(function) for name, function in self.filters.items()}
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*" and isinstance(left, int | float) and isinstance(right, str | list | tuple):
+            left, right = right, left
+        if operator == "*" and isinstance(left, str | list | tuple) and isinstance(right, int):
+            if len(left) * right > MAX_RENDERED_CHARS:
+                raise TemplateLimitError(f"chat template: a repeated value would exceed {MAX_RENDERED_CHARS} items")
+        elif operator == "**":
+            _check_numbers([right])
+        elif operator == "%" and isinstance(left, str):
+            # printf widths and precisions allocate in C before anything can stop them
+            specs = re.findall(r"%[-#0 +]*(\d*)(?:\.(\d*))?", left)
+            _check_numbers(int(number) for spec in specs for number in spec if number)
+            if "%*" in left or ".*" in left:
+                raise TemplateLimitError("chat template: '*' widths are not allowed in % formatting")
+        result = super().call_binop(context, operator, left, right)
+        if operator == "+" and isinstance(result, str | list | tuple) and len(result) > MAX_RENDERED_CHARS:
+            raise TemplateLimitError(f"chat template: a value would exceed {MAX_RENDERED_CHARS} items")
+        return result
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
+        if getattr(__obj, "__name__", None) in _PADDING_METHODS:
+            _check_numbers(args)
+            _check_numbers(kwargs.values())
+        return super().call(__context, __obj, *args, **kwargs)
+
+
+def _raise_exception(text: str):
+    raise LmforgeError(f"chat template: {text}")
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str):
+    environment = BoundedSandbox()
+    environment.globals.update(raise_exception=_raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return environment.from_string(template)
+
+
+def _render_bounded(template, variables: dict) -> str:
+    """Render with a deadline (a line-trace on the template's own code, so loops that neither call
+    nor print are stopped too) and a cap on the output."""
+    deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
+
+    def on_line(frame, event, arg):
+        if time.monotonic() > deadline:
+            raise TemplateLimitError(f"chat template: rendering took longer than {MAX_TEMPLATE_SECONDS:g} s")
+        return on_line
+
+    def on_call(frame, event, arg):
+        return on_line if frame.f_code.co_filename == "<template>" else None
+
+    chunks, size = [], 0
+    previous = sys.gettrace()
+    sys.settrace(on_call)
+    try:
+        for chunk in template.generate(**variables):
+            size += len(chunk)
+            if size > MAX_RENDERED_CHARS:
+                raise TemplateLimitError(f"chat template: the rendered prompt exceeds {MAX_RENDERED_CHARS} characters")
+            chunks.append(chunk)
+    finally:
+        sys.settrace(previous)
+    return "".join(chunks)
+
+
 def render_chat(
     messages: list[dict],
     template: str | None = None,
@@ -28,9 +141,6 @@ def render_chat(
     eos_token: str | None = None,
 ) -> str:
     """The prompt text for `messages` ({'role', 'content'} dicts), as HF's apply_chat_template renders it."""
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     for index, message in enumerate(messages):
         if (
             not isinstance(message, dict)
@@ -38,22 +148,74 @@ def render_chat(
             or not isinstance(message.get("content"), str)
         ):
             raise LmforgeError(f"message {index}: needs a role in {ROLES} and string content, got {message!r}")
-
-    def raise_exception(text: str):
-        raise LmforgeError(f"chat template: {text}")
-
-    # Sandboxed: a template comes with a downloaded model and must not reach Python internals.
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    environment.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    variables = dict(
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token or "",
+        eos_token=eos_token or "",
+    )
     try:
-        return environment.from_string(template or CHATML_TEMPLATE).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token or "",
-            eos_token=eos_token or "",
-        )
-    except TemplateError as error:
-        raise LmforgeError(f"chat template failed: {error}") from None
+        return _render_bounded(_compiled(template or CHATML_TEMPLATE), variables)
+    except LmforgeError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a downloaded template does wrong is its error, not ours
+        raise LmforgeError(f"chat template failed: {type(error).__name__}: {error}") from None
+
+
+_CONTENT_MARK = "\ue000{}\ue001"  # private-use characters: a message's place in a rendering
+_CONTENT_MARK_PATTERN = re.compile("\ue000(\\d+)\ue001")
+
+
+def chat_pieces(
+    tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True
+) -> list[tuple[str, bool]]:
+    """The rendered prompt as (text, is_markup) pieces: the template's markup, and each message's
+    content as the user wrote it, so that only markup may hold special tokens.
+
+    The template is rendered a second time with each content replaced by a mark; the marks give
+    where each content sits, checked by putting the contents back (as written, or stripped, as
+    templates that `trim` them do) and comparing with the real rendering.
+    """
+    render = functools.partial(
+        render_chat,
+        template=tokenizer.chat_template,
+        add_generation_prompt=add_generation_prompt,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+    )
+    rendered = render(messages)
+    try:
+        skeleton = render([{**message, "content": _CONTENT_MARK.format(i)} for i, message in enumerate(messages)])
+    except LmforgeError:
+        skeleton = None  # the template looks inside contents; fall through to the check below
+    for transform in (str, str.strip):
+        if skeleton is None:
+            break
+        pieces, last = [], 0
+        for match in _CONTENT_MARK_PATTERN.finditer(skeleton):
+            index = int(match.group(1))
+            if index >= len(messages):
+                continue
+            pieces += [(skeleton[last : match.start()], True), (transform(messages[index]["content"]), False)]
+            last = match.end()
+        pieces.append((skeleton[last:], True))
+        if "".join(text for text, _ in pieces) == rendered:
+            return [piece for piece in pieces if piece[0]]
+    for index, message in enumerate(messages):
+        forged = next((token for token in tokenizer.special_tokens if token and token in message["content"]), None)
+        if forged is not None:
+            raise LmforgeError(
+                f"message {index}: its content contains the control token {forged!r}, and this model's chat "
+                "template changes message text in a way that cannot be told apart from its own markup; "
+                "remove the token from the message"
+            )
+    return [(rendered, True)]
+
+
+def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Prompt ids of a conversation: special tokens from the template's markup only, message
+    contents as plain text (a user cannot forge a turn by typing '<|im_end|>')."""
+    return tokenizer.encode_marked(chat_pieces(tokenizer, messages, add_generation_prompt))
 
 
 def stop_token_ids(tokenizer: Tokenizer) -> set[int]:
@@ -81,9 +243,7 @@ class ChatSession:
     def reply(self, user_text: str):
         """Stream the assistant's reply to `user_text`; the turn joins the history as far as it got."""
         self.history.append({"role": "user", "content": user_text})
-        prompt = render_chat(
-            self.messages(), self.tokenizer.chat_template, True, self.tokenizer.bos_token, self.tokenizer.eos_token
-        )
+        prompt = encode_chat(self.tokenizer, self.messages())
         pieces: list[str] = []
         try:
             for piece in generate(

@@ -136,6 +136,10 @@ class SentenceEmbedder:
         self.batch_size = batch_size
         self.dimensions = self.encoder.config.d_model
 
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model reads for `texts` (after truncation): a request's work, known before doing it."""
+        return sum(sum(encoding.attention_mask) for encoding in self.tokenizer.encode_batch(texts))
+
     @torch.inference_mode()
     def embed_with_counts(self, texts: list[str]) -> tuple[torch.Tensor, int]:
         """(len(texts), dimensions) embeddings and the number of tokens read."""

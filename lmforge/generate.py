@@ -272,20 +272,21 @@ def check_greedy_for_draft(sampling: SamplingConfig) -> None:
 def generate(
     model: Transformer,
     tokenizer: Tokenizer,
-    prompt: str,
+    prompt: str | list[int],
     sampling: SamplingConfig | None = None,
     stop_at_eos: bool = True,
     stop_token_ids: set[int] | None = None,
     draft: Transformer | None = None,
     draft_tokens: int = 4,
 ) -> Iterator[str]:
-    """Stream the completion of `prompt` as text pieces, honouring stop strings and end-of-text
-    (and any of `stop_token_ids`). With a `draft` model (same tokenizer), decoding is speculative
-    (`lmforge.speculative`): greedy only, the same text, faster when the draft is much cheaper."""
+    """Stream the completion of `prompt` (plain text, or token ids such as `encode_chat` gives) as
+    text pieces, honouring stop strings and end-of-text (and any of `stop_token_ids`). With a `draft`
+    model (same tokenizer), decoding is speculative (`lmforge.speculative`): greedy only, the same
+    text, faster when the draft is much cheaper."""
     sampling = sampling or SamplingConfig()
     if draft is not None:
         check_greedy_for_draft(sampling)
-    prompt_ids = tokenizer.encode(prompt)
+    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not prompt_ids and tokenizer.bos_id is not None:
         prompt_ids = [tokenizer.bos_id]
     stop_ids = set(stop_token_ids or ())

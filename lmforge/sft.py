@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.chat import ROLES, render_chat
+from lmforge.chat import ROLES, chat_pieces
 from lmforge.data import read_records
 from lmforge.errors import LmforgeError
 from lmforge.fit import Callback, EarlyStopping, Fittable, WarmupCosine
@@ -54,31 +54,38 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: list[dict]) -> tuple[l
     difference (its text and end-of-turn marker) is what the model must learn to produce.
     """
 
-    def render(upto: list[dict], add_generation_prompt: bool) -> str:
-        return render_chat(
-            upto, tokenizer.chat_template, add_generation_prompt, tokenizer.bos_token, tokenizer.eos_token
-        )
-
     ids: list[int] = []
     is_assistant: list[bool] = []
     rendered = ""
 
-    def add(text: str, assistant: bool) -> None:
-        pieces = tokenizer.encode(text) if text else []
-        ids.extend(pieces)
-        is_assistant.extend([assistant] * len(pieces))
+    def add(pieces: list[tuple[str, bool]], start: int, assistant: bool) -> None:
+        """Encode `pieces` from character `start` on (markup keeps its special tokens, contents stay text)."""
+        tail, offset = [], 0
+        for text, is_markup in pieces:
+            if offset + len(text) > start:
+                tail.append((text[max(0, start - offset) :], is_markup))
+            offset += len(text)
+        encoded = tokenizer.encode_marked(tail)
+        ids.extend(encoded)
+        is_assistant.extend([assistant] * len(encoded))
+
+    def text_of(pieces: list[tuple[str, bool]]) -> str:
+        return "".join(text for text, _ in pieces)
 
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt, through = render(messages[:index], True), render(messages[: index + 1], False)
+        prompt_pieces = chat_pieces(tokenizer, messages[:index], True)
+        through_pieces = chat_pieces(tokenizer, messages[: index + 1], False)
+        prompt, through = text_of(prompt_pieces), text_of(through_pieces)
         if not (prompt.startswith(rendered) and through.startswith(prompt)):
             raise LmforgeError("the chat template does not render conversations as growing prefixes; cannot mask")
-        add(prompt[len(rendered) :], False)
-        add(through[len(prompt) :], True)
+        add(prompt_pieces, len(rendered), False)
+        add(through_pieces, len(prompt), True)
         rendered = through
-    whole = render(messages, False)
-    add(whole[len(rendered) :] if whole.startswith(rendered) else "", False)
+    whole_pieces = chat_pieces(tokenizer, messages, False)
+    if text_of(whole_pieces).startswith(rendered):
+        add(whole_pieces, len(rendered), False)
     return ids, is_assistant
 
 

@@ -6,7 +6,9 @@ Both encode any Unicode string and decode it back exactly, carry the same specia
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -38,6 +40,37 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token strings in text are encoded as plain text."""
         raise NotImplementedError
+
+    def encode_marked(self, pieces: Iterable[tuple[str, bool]]) -> list[int]:
+        """Token ids of the concatenated `pieces` ((text, is_markup) pairs): special-token strings
+        become their ids only inside markup; anywhere else they are plain text.
+
+        The text is split at those special tokens and each stretch between them encoded as plain
+        text, which is how HF `tokenizers` treats added tokens, so an honest prompt gets exactly
+        the ids it would get with special-token parsing on.
+        """
+        ids: list[int] = []
+        stretch: list[str] = []
+        for text, is_markup in pieces:
+            if not is_markup:
+                stretch.append(text)
+                continue
+            last = 0
+            for match in _special_token_pattern(tuple(self.special_tokens)).finditer(text):
+                stretch.append(text[last : match.start()])
+                ids.extend(self.encode("".join(stretch)) if any(stretch) else [])
+                stretch.clear()
+                ids.append(self.token_to_id(match.group()))
+                last = match.end()
+            stretch.append(text[last:])
+        if any(stretch):
+            ids.extend(self.encode("".join(stretch)))
+        return ids
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """Token ids of trusted text (a chat template's markup, a prompt written by the operator)
+        in which special-token strings stand for their tokens."""
+        return self.encode_marked([(text, True)])
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
@@ -92,6 +125,13 @@ class Tokenizer:
     def _load_common(self, document: dict) -> None:
         for name in ("bos_token", "eos_token", "pad_token", "chat_template"):
             setattr(self, name, document.get(name))
+
+
+@functools.lru_cache(maxsize=16)
+def _special_token_pattern(special_tokens: tuple[str, ...]) -> re.Pattern:
+    # Longest first, so a token that is a prefix of another never wins.
+    alternatives = sorted((re.escape(token) for token in special_tokens if token), key=len, reverse=True)
+    return re.compile("|".join(alternatives) or r"(?!)")
 
 
 class CharTokenizer(Tokenizer):
@@ -185,6 +225,9 @@ class BPETokenizer(Tokenizer):
 
     def __init__(self, hf_tokenizer, special_tokens: Iterable[str] = DEFAULT_SPECIAL_TOKENS):
         self.hf = hf_tokenizer
+        # `encode` takes untrusted text: a typed "<|im_end|>" must stay text (transformers'
+        # split_special_tokens=True, llama.cpp's parse_special=false); markup goes through encode_marked.
+        self.hf.encode_special_tokens = True
         self.special_tokens = list(special_tokens)
 
     @classmethod

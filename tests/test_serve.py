@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from lmforge.chat import render_chat, stop_token_ids
+from lmforge.chat import encode_chat, stop_token_ids
 from lmforge.generate import SamplingConfig, generate
 from lmforge.model import ModelConfig, Transformer
 from lmforge.serve.app import ServedModels, ServeLimits, create_app
@@ -97,7 +97,7 @@ def raw(port, method, path, body=b"", headers=None, key=API_KEY):
 
 
 def expected_reply(model, tokenizer, messages, max_tokens, stop=None):
-    prompt = render_chat(messages, tokenizer.chat_template)
+    prompt = encode_chat(tokenizer, messages)
     sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=0, stop=stop or [])
     return "".join(generate(model, tokenizer, prompt, sampling, stop_token_ids=stop_token_ids(tokenizer)))
 
@@ -110,7 +110,7 @@ def test_chat_completion_matches_local_generation(served, client):
     reply = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=24, temperature=0)
     assert reply.choices[0].message.content == expected_reply(model, tokenizer, MESSAGES, 24)
     assert reply.choices[0].finish_reason == "length"
-    prompt_tokens = len(tokenizer.encode(render_chat(MESSAGES, tokenizer.chat_template)))
+    prompt_tokens = len(encode_chat(tokenizer, MESSAGES))
     assert reply.usage.prompt_tokens == prompt_tokens
     assert reply.usage.completion_tokens == 24 and reply.usage.total_tokens == prompt_tokens + 24
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,12 +24,16 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # default: $LMFORGE_API_KEY; unset means no key required
-    max_batch: int = 8  # sequences decoded together (KV-cache slots)
+    max_batch: int = 8  # sequences decoded together (KV-cache slots); also the most one request may ask for
+    max_queue: int = 64  # sequences waiting for a slot; beyond it, 429 with Retry-After
     max_context: int = 2048  # tokens per sequence (prompt + completion), capped by the model's context
     max_tokens: int = 2048  # largest max_tokens a request may ask for
     max_body_bytes: int = 1_000_000
+    max_prompt_tokens_per_request: int = 16384  # over all of a request's prompts x n
+    max_embedding_tokens_per_request: int = 16384  # over all of an embeddings request's inputs
+    allow_special_tokens_in_prompts: bool = False  # let /v1/completions prompts write special tokens as text
     cors_origins: list[str] = field(default_factory=list)  # comma-separated on the command line
-    drain_seconds: float = 10.0  # on SIGTERM, how long running requests may finish before being cancelled
+    drain_seconds: float = 10.0  # on SIGTERM, how long requests may go on; then each ends with finish_reason "length"
 
 
 def build_app(config: ServeConfig):
@@ -38,11 +43,12 @@ def build_app(config: ServeConfig):
     from lmforge.serve.app import ServedModels, ServeLimits, create_app
     from lmforge.serve.scheduler import Scheduler
 
-    if config.max_batch < 1 or config.max_context < 2:
-        raise LmforgeError("max_batch must be >= 1 and max_context >= 2")
+    if config.max_batch < 1 or config.max_context < 2 or config.max_queue < 1 or config.drain_seconds < 0:
+        raise LmforgeError("max_batch and max_queue must be >= 1, max_context >= 2, drain_seconds >= 0")
     model, tokenizer = load(config.model, keep_quantized=config.keep_quantized, adapter=config.adapter)
-    scheduler = Scheduler(model, tokenizer, max_batch=config.max_batch, max_context=config.max_context)
-    scheduler.drain_seconds = config.drain_seconds
+    scheduler = Scheduler(
+        model, tokenizer, max_batch=config.max_batch, max_context=config.max_context, max_queue=config.max_queue
+    )
     embedder = None
     if config.embedding_model.lower() != "none":
         try:
@@ -60,8 +66,11 @@ def build_app(config: ServeConfig):
         max_body_bytes=config.max_body_bytes,
         api_key=config.api_key or os.environ.get("LMFORGE_API_KEY") or None,
         cors_origins=config.cors_origins,
+        max_prompt_tokens_per_request=config.max_prompt_tokens_per_request,
+        max_embedding_tokens_per_request=config.max_embedding_tokens_per_request,
+        allow_special_tokens_in_prompts=config.allow_special_tokens_in_prompts,
     )
-    return create_app(served, limits)
+    return create_app(served, limits, drain_seconds=config.drain_seconds)
 
 
 def serve(config: ServeConfig) -> None:
@@ -73,11 +82,24 @@ def serve(config: ServeConfig) -> None:
     # client measured 27.6 -> 36.8 tok/s on 2 cores). Read when the kernels load, so set it first.
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     app = build_app(config)
+    scheduler = app.state.scheduler
+
+    class DrainingServer(uvicorn.Server):
+        # uvicorn waits for open connections before it runs the app's shutdown, so the drain must
+        # start at the signal: then every stream ends (with [DONE]) by the deadline and uvicorn's
+        # wait ends with it.
+        def handle_exit(self, sig, frame):
+            scheduler.begin_drain(config.drain_seconds)
+            super().handle_exit(sig, frame)
+
     print(f"serving {config.model} on http://{config.host}:{config.port} (chat page at /)", file=sys.stderr)
-    uvicorn.run(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level="warning",
-        timeout_graceful_shutdown=int(config.drain_seconds) + 5,
+    server = DrainingServer(
+        uvicorn.Config(
+            app,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            timeout_graceful_shutdown=math.ceil(config.drain_seconds) + 1,  # a backstop; the drain ends first
+        )
     )
+    server.run()

@@ -17,16 +17,16 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.chat import render_chat, stop_token_ids
+from lmforge.chat import encode_chat, stop_token_ids
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingConfig
-from lmforge.serve.scheduler import GenerationRequest, Scheduler
+from lmforge.serve.scheduler import GenerationRequest, QueueFull, Scheduler
 from lmforge.serve.schemas import (
     ChatChoice,
     ChatChunkChoice,
@@ -40,6 +40,7 @@ from lmforge.serve.schemas import (
     EmbeddingItem,
     EmbeddingList,
     EmbeddingRequest,
+    InvalidText,
     ModelCard,
     ModelList,
     ResponseMessage,
@@ -55,17 +56,35 @@ class ServeLimits:
     max_body_bytes: int = 1_000_000
     api_key: str | None = None
     cors_origins: list[str] = field(default_factory=list)
+    max_prompt_tokens_per_request: int = 16384  # prompt tokens over all of a request's sequences (prompts x n)
+    max_embedding_tokens_per_request: int = 16384  # tokens over all inputs, after the model's truncation
+    allow_special_tokens_in_prompts: bool = False  # /v1/completions: may "<|im_start|>" in a prompt be the token?
+    retry_after_seconds: int = 1  # what a 429 (queue full) tells the client to wait
+
+
+DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.kind, self.param = status, message, kind, param
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
 
 
-def error_body(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+def error_body(
+    status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
     code = {401: "invalid_api_key", 404: "not_found", 413: "request_too_large", 429: "rate_limited"}.get(status)
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status, headers=headers
+    )
 
 
 class BodyLimit:
@@ -151,7 +170,7 @@ class ServedModels:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastAPI:
+def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_seconds: float = 10.0) -> FastAPI:
     limits = limits or ServeLimits()
     scheduler = models.scheduler
     tokenizer = scheduler.tokenizer
@@ -162,9 +181,10 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
     async def lifespan(app):
         scheduler.start()
         yield
-        await asyncio.to_thread(scheduler.shutdown, getattr(scheduler, "drain_seconds", 10.0))
+        await asyncio.to_thread(scheduler.shutdown, drain_seconds)
 
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.scheduler = scheduler
     if limits.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=limits.cors_origins, allow_methods=["*"], allow_headers=["*"])
     if limits.api_key:
@@ -173,14 +193,19 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
 
     @app.exception_handler(APIError)
     async def api_error(_, error: APIError):
-        return error_body(error.status, error.message, error.kind, error.param)
+        scheduler.metrics["errors_total"] += 1
+        return error_body(error.status, error.message, error.kind, error.param, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_, error: RequestValidationError):
+        scheduler.metrics["errors_total"] += 1
         problems = error.errors()
         first = problems[0] if problems else {}
         if first.get("type") == "json_invalid":
             return error_body(400, f"request body is not valid JSON: {first.get('msg', '')}", "invalid_request_error")
+        invalid_text = (first.get("ctx") or {}).get("error")
+        if isinstance(invalid_text, InvalidText):
+            return error_body(400, f"invalid request: {invalid_text}", "invalid_request_error", invalid_text.field)
         location = ".".join(str(part) for part in first.get("loc", ())[1:])
         detail = "; ".join(
             f"{'.'.join(str(p) for p in problem.get('loc', ())[1:]) or 'body'}: {problem.get('msg')}"
@@ -190,6 +215,7 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, error: StarletteHTTPException):
+        scheduler.metrics["errors_total"] += 1
         return error_body(error.status_code, str(error.detail), "invalid_request_error")
 
     def check_model(requested: str | None, kind: str) -> str:
@@ -230,50 +256,85 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
             )
         return requested
 
-    async def run(prompt_ids: list[int], body, max_tokens: int, count: int) -> Submitted:
-        """Submit `count` sequences; their events arrive on one queue as (index, event)."""
+    def check_work(prompts: list[list[int]], count: int) -> None:
+        """Refuse a request whose sequences could never run together, or whose prompts are too much work."""
+        sequences = len(prompts) * count
+        if sequences > scheduler.max_batch:
+            raise APIError(
+                400,
+                f"this request needs {sequences} sequences ({len(prompts)} prompt(s) x n={count}); this server "
+                f"decodes at most {scheduler.max_batch} at once (--max-batch)",
+                param="n",
+            )
+        prompt_tokens = sum(len(ids) for ids in prompts) * count
+        if prompt_tokens > limits.max_prompt_tokens_per_request:
+            raise APIError(
+                400,
+                f"this request has {prompt_tokens} prompt tokens (over all prompts x n={count}); the limit is "
+                f"{limits.max_prompt_tokens_per_request} (--max-prompt-tokens-per-request)",
+                param="prompt",
+            )
+
+    async def run(prompts: list[tuple[list[int], int]], body, count: int) -> Submitted:
+        """Submit `count` sequences per (prompt ids, max_tokens), all or none; their events arrive on
+        one queue as (index, event), index = prompt number * count + choice."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         requests = []
-        for index in range(count):
-            request = GenerationRequest(
-                prompt_ids=prompt_ids,
-                max_tokens=max_tokens,
-                emit=lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event)),
-                sampling=sampling_for(body, max_tokens, index),
-                presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty,
-                stop_ids=stop_ids,
-            )
-            try:
-                scheduler.submit(request)
-            except ValueError as error:
-                raise APIError(400, str(error), param="max_tokens") from None
-            except RuntimeError as error:
-                raise APIError(503, str(error), "server_error") from None
-            requests.append(request)
+        for prompt_index, (prompt_ids, max_tokens) in enumerate(prompts):
+            for choice in range(count):
+                index = prompt_index * count + choice
+                requests.append(
+                    GenerationRequest(
+                        prompt_ids=prompt_ids,
+                        max_tokens=max_tokens,
+                        emit=lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event)),
+                        sampling=sampling_for(body, max_tokens, choice),
+                        presence_penalty=body.presence_penalty,
+                        frequency_penalty=body.frequency_penalty,
+                        stop_ids=stop_ids,
+                    )
+                )
+        try:
+            scheduler.submit_all(requests)
+        except ValueError as error:
+            raise APIError(400, str(error), param="max_tokens") from None
+        except QueueFull as error:
+            raise APIError(
+                429, str(error), "rate_limit_error", headers={"Retry-After": str(limits.retry_after_seconds)}
+            ) from None
+        except RuntimeError as error:
+            raise APIError(503, str(error), "server_error") from None
         return Submitted(events, requests)
 
-    async def collect(submitted: Submitted, count: int) -> tuple[list[str], list[str], dict]:
-        events = submitted.events
+    async def collect(submitted: Submitted, choices: int, http_request: Request) -> tuple[list[str], list[str], dict]:
+        """Gather every sequence's text; a client that leaves cancels them (checked every DISCONNECT_POLL_SECONDS)."""
+        count = len(submitted.requests)
         texts, reasons = [""] * count, [None] * count
-        usage = {"prompt_tokens": 0, "completion_tokens": 0}
+        # as OpenAI counts: each prompt once, however many choices it has
+        prompt_tokens = sum(len(request.prompt_ids) for request in submitted.requests[::choices])
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
         remaining = count
         try:
             while remaining:
-                index, (kind, value, extra) = await events.get()
+                try:
+                    index, (kind, value, extra) = await asyncio.wait_for(
+                        submitted.events.get(), DISCONNECT_POLL_SECONDS
+                    )
+                except asyncio.TimeoutError:
+                    if await http_request.is_disconnected():
+                        raise APIError(499, "the client disconnected") from None
+                    continue
                 if kind == "text":
                     texts[index] += value
                 elif kind == "error":
                     raise APIError(500, value, "server_error")
                 else:
                     reasons[index] = value
-                    usage["prompt_tokens"] = extra["prompt_tokens"]
                     usage["completion_tokens"] += extra["completion_tokens"]
                     remaining -= 1
-        except asyncio.CancelledError:
+        finally:  # on an error or a disconnect, the other sequences stop at the next step
             submitted.cancel()
-            raise
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return texts, reasons, usage
 
@@ -323,17 +384,17 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
         )
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, http_request: Request):
         start = time.monotonic()
         name = check_model(body.model, "chat")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        try:
-            prompt = render_chat(messages, tokenizer.chat_template)
+        try:  # off the event loop: a model's template may take up to its render limit
+            prompt_ids = await asyncio.to_thread(encode_chat, tokenizer, messages)
         except LmforgeError as error:
             raise APIError(400, str(error), param="messages") from None
-        prompt_ids = tokenizer.encode(prompt)
+        check_work([prompt_ids], body.n)
         max_tokens = budget(prompt_ids, body.max_completion_tokens or body.max_tokens)
-        events = await run(prompt_ids, body, max_tokens, body.n)
+        submitted = await run([(prompt_ids, max_tokens)], body, body.n)
         response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
@@ -343,8 +404,8 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
                 choices = [] if index is None else [ChatChunkChoice(index=index, delta=delta, finish_reason=finish)]
                 return ChatCompletionChunk(id=response_id, created=created, model=name, choices=choices, usage=usage)
 
-            return streaming_response(stream(events, body.n, chunk, include_usage, start))
-        texts, reasons, usage = await collect(events, body.n)
+            return streaming_response(stream(submitted, body.n, chunk, include_usage, start))
+        texts, reasons, usage = await collect(submitted, body.n, http_request)
         record(start)
         choices = [
             ChatChoice(index=i, message=ResponseMessage(content=text), finish_reason=reason)
@@ -352,8 +413,13 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
         ]
         return ChatCompletion(id=response_id, created=created, model=name, choices=choices, usage=Usage(**usage))
 
+    def encode_prompt(prompt: str) -> list[int]:
+        if limits.allow_special_tokens_in_prompts:
+            return tokenizer.encode_with_special_tokens(prompt)
+        return tokenizer.encode(prompt)
+
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, http_request: Request):
         start = time.monotonic()
         name = check_model(body.model, "chat")
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -361,15 +427,16 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
             raise APIError(400, "stream=true takes a single prompt", param="prompt")
         encoded = []
         for prompt in prompts:
-            ids = tokenizer.encode(prompt)
+            ids = encode_prompt(prompt)
             if not ids:
                 if tokenizer.bos_id is None:
                     raise APIError(400, "the prompt is empty", param="prompt")
                 ids = [tokenizer.bos_id]
-            encoded.append((ids, budget(ids, body.max_tokens)))
+            encoded.append(ids)
+        check_work(encoded, body.n)
+        submitted = await run([(ids, budget(ids, body.max_tokens)) for ids in encoded], body, body.n)
         response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
-            events = await run(encoded[0][0], body, encoded[0][1], body.n)
 
             def chunk(index, text, finish, role=False, usage=None):
                 if role:
@@ -380,22 +447,28 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
                 return Completion(id=response_id, created=created, model=name, choices=choices, usage=usage)
 
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return streaming_response(stream(events, body.n, chunk, include_usage, start))
-        runs = [await run(ids, body, max_tokens, body.n) for ids, max_tokens in encoded]
-        results = await asyncio.gather(*(collect(submitted, body.n) for submitted in runs))
+            return streaming_response(stream(submitted, body.n, chunk, include_usage, start))
+        texts, reasons, usage = await collect(submitted, body.n, http_request)
         record(start)
-        choices, usage = [], {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        for texts, reasons, run_usage in results:
-            for text, reason in zip(texts, reasons):
-                choices.append(CompletionChoice(index=len(choices), text=text, finish_reason=reason))
-            for key in usage:
-                usage[key] += run_usage[key]
+        choices = [
+            CompletionChoice(index=index, text=text, finish_reason=reason)
+            for index, (text, reason) in enumerate(zip(texts, reasons))
+        ]
         return Completion(id=response_id, created=created, model=name, choices=choices, usage=Usage(**usage))
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         name = check_model(body.model, "embedding")
         texts = [body.input] if isinstance(body.input, str) else body.input
+        token_count = models.embedder.count_tokens(texts)
+        if token_count > limits.max_embedding_tokens_per_request:
+            raise APIError(
+                400,
+                f"the inputs have {token_count} tokens (after truncation to the model's "
+                f"{models.embedder.max_tokens} per input); the limit is {limits.max_embedding_tokens_per_request} "
+                "per request (--max-embedding-tokens-per-request)",
+                param="input",
+            )
         vectors, token_count = await asyncio.to_thread(models.embedder.embed_with_counts, texts)
         data = []
         for index, vector in enumerate(vectors.tolist()):
@@ -433,6 +506,8 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None) -> FastA
             f"lmforge_completion_tokens_total {counters['completion_tokens_total']}",
             "# TYPE lmforge_errors_total counter",
             f"lmforge_errors_total {counters['errors_total']}",
+            "# TYPE lmforge_rejected_queue_full_total counter",
+            f"lmforge_rejected_queue_full_total {counters['rejected_queue_full_total']}",
             "# TYPE lmforge_queue_depth gauge",
             f"lmforge_queue_depth {scheduler.queue_depth()}",
             "# TYPE lmforge_running_sequences gauge",

@@ -23,6 +23,10 @@ from lmforge.tokenizer import Tokenizer
 PREFILL_TOKENS = 4096  # padded prompt tokens per batched prefill pass (bounds its attention-mask memory)
 
 
+class QueueFull(Exception):
+    """The waiting queue has no room for a request's sequences; the client should retry later."""
+
+
 @dataclass
 class GenerationRequest:
     """One sequence to generate. `emit` receives events from the scheduler thread:
@@ -52,9 +56,16 @@ class _Running:
 class Scheduler:
     """Owns the model and a KV cache of `max_batch` slots; serves requests from a background thread."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_batch: int = 8, max_context: int | None = None):
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        max_context: int | None = None,
+        max_queue: int = 64,
+    ):
         self.model, self.tokenizer = model, tokenizer
-        self.max_batch = max_batch
+        self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(model.config.block_size, max_context or model.config.block_size)
         dtype = next(model.parameters(), torch.empty(0)).dtype
         self.cache = KVCache(
@@ -65,6 +76,7 @@ class Scheduler:
         self.running: list[_Running] = []
         self.condition = threading.Condition()
         self.accepting = True
+        self.drain_deadline: float | None = None  # when draining, the time left running sequences end
         self.stopping = False
         self.metrics = collections.Counter()
         self.thread = threading.Thread(target=self._loop, name="lmforge-scheduler", daemon=True)
@@ -74,15 +86,31 @@ class Scheduler:
         self.thread.start()
 
     def submit(self, request: GenerationRequest) -> None:
-        if len(request.prompt_ids) + request.max_tokens > self.context:
+        self.submit_all([request])
+
+    def submit_all(self, requests: list[GenerationRequest]) -> None:
+        """Queue the sequences of one client request, all or none: ValueError if one cannot fit
+        the context or they outnumber the slots, QueueFull if the queue has no room for them."""
+        for request in requests:
+            if len(request.prompt_ids) + request.max_tokens > self.context:
+                raise ValueError(
+                    f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
+                    f"context of {self.context} tokens"
+                )
+        if len(requests) > self.max_batch:
             raise ValueError(
-                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
-                f"context of {self.context} tokens"
+                f"this request needs {len(requests)} sequences (prompts x n); the server decodes at most "
+                f"{self.max_batch} at once (--max-batch)"
             )
         with self.condition:
             if not self.accepting:
                 raise RuntimeError("the server is shutting down")
-            self.waiting.append(request)
+            if len(self.waiting) + len(requests) > self.max_queue:
+                self.metrics["rejected_queue_full_total"] += 1
+                raise QueueFull(
+                    f"the queue is full ({len(self.waiting)} sequences waiting, limit {self.max_queue}); retry shortly"
+                )
+            self.waiting.extend(requests)
             self.metrics["requests_total"] += 1
             self.condition.notify()
 
@@ -92,13 +120,19 @@ class Scheduler:
     def active_sequences(self) -> int:
         return len(self.running)
 
-    def shutdown(self, drain_seconds: float = 10.0) -> None:
-        """Stop taking requests; let running ones finish for up to `drain_seconds`, then cancel the rest."""
+    def begin_drain(self, drain_seconds: float) -> None:
+        """Stop taking requests; queued and running ones go on for `drain_seconds`, then each still
+        unfinished ends with finish_reason "length" (its text so far kept)."""
         with self.condition:
             self.accepting = False
+            deadline = time.monotonic() + drain_seconds
+            self.drain_deadline = min(self.drain_deadline or deadline, deadline)
             self.condition.notify()
-        deadline = time.monotonic() + drain_seconds
-        while (self.running or self.waiting) and time.monotonic() < deadline and self.thread.is_alive():
+
+    def shutdown(self, drain_seconds: float = 10.0) -> None:
+        """Drain (see `begin_drain`; a drain already under way keeps its deadline), then stop the thread."""
+        self.begin_drain(drain_seconds)
+        while (self.running or self.waiting) and self.thread.is_alive() and time.monotonic() < self.drain_deadline + 1:
             time.sleep(0.02)
         with self.condition:
             self.stopping = True
@@ -106,7 +140,7 @@ class Scheduler:
         if self.thread.is_alive():
             self.thread.join(timeout=5)
         for request in list(self.waiting) + [running.request for running in self.running]:
-            request.emit(("done", "cancelled", self._usage(request, 0)))
+            request.emit(("done", "length", self._usage(request, 0)))
         self.waiting.clear()
         self.running.clear()
 
@@ -119,8 +153,11 @@ class Scheduler:
                         self.condition.wait()
                     if self.stopping:
                         return
+                    if self.drain_deadline is not None and time.monotonic() >= self.drain_deadline:
+                        self._end_drain()
+                        continue
                     admitted = []
-                    while self.waiting and self.free_slots:
+                    while self.waiting and len(admitted) < len(self.free_slots):
                         request = self.waiting.popleft()
                         if not request.cancelled:
                             admitted.append(request)
@@ -128,6 +165,15 @@ class Scheduler:
                     self._run_safely(lambda group=group: self._prefill(group), group)
                 if self.running:
                     self._run_safely(self._decode_step, [running.request for running in self.running])
+
+    def _end_drain(self) -> None:
+        """The drain time is up: end every sequence where it is."""
+        for running in list(self.running):
+            self._finish(running, "length")
+        while self.waiting:
+            request = self.waiting.popleft()
+            self.metrics["finished_length_total"] += 1
+            request.emit(("done", "length", self._usage(request, 0)))
 
     def _run_safely(self, step: Callable[[], None], requests: list[GenerationRequest]) -> None:
         """A failure in one step fails the requests in it, never the scheduler."""

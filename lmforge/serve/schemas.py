@@ -4,16 +4,46 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI allows
 MAX_BATCH_INPUTS = 256  # prompts per /v1/completions or inputs per /v1/embeddings request
 
 
+class InvalidText(ValueError):
+    """A string in the request that is not valid Unicode; `field` is its dotted path."""
+
+    def __init__(self, field: str, position: int):
+        super().__init__(f"{field}: a lone UTF-16 surrogate at character {position}; send valid Unicode text")
+        self.field = field
+
+
+def _check_unicode(value, path: str) -> None:
+    # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer can take.
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise InvalidText(path or "body", error.start) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, f"{path}.{key!r}" if path else repr(key))
+            _check_unicode(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_unicode(item, f"{path}.{index}" if path else str(index))
+
+
 class _Request(BaseModel):
     # Unknown fields (logit_bias, logprobs, user, ...) are accepted and ignored, as clients send them.
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, values):
+        _check_unicode(values, "")
+        return values
 
 
 class TextPart(BaseModel):
