@@ -50,7 +50,10 @@ class DecodePlan:
         self.logits = buffer(batch, config.vocab_size)
         self.scores = buffer(batch * config.n_heads * cache.max_length)
         self.positions, self.slots = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
-        self._keep = []  # scratch tensors whose pointers the calls hold
+        # scratch tensors whose pointers the calls hold, and the RoPE tables as they are now: the model
+        # may grow (replace) its own later, and this plan's positions never pass the cache's length
+        rope_cos, rope_sin = model.rope_for(min(cache.max_length, config.block_size))
+        self._keep = [rope_cos, rope_sin]
         blocks = model.blocks
         first = blocks[0].attention_norm
         self.calls = [
@@ -64,8 +67,8 @@ class DecodePlan:
                 (library.attention_decode, (
                     self.qkv.data_ptr(), batch, config.n_heads, config.kv_heads, config.head_dim,
                     self.slots.data_ptr(), self.positions.data_ptr(), cache.keys[layer].data_ptr(),
-                    cache.values[layer].data_ptr(), cache.max_length, model.rope_cos.data_ptr(),
-                    model.rope_sin.data_ptr(), self.scores.data_ptr(), self.y.data_ptr(), threads,
+                    cache.values[layer].data_ptr(), cache.max_length, rope_cos.data_ptr(),
+                    rope_sin.data_ptr(), self.scores.data_ptr(), self.y.data_ptr(), threads,
                 )),
                 self._matvec(attention.out, self.y, self.delta),
                 (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), block.mlp_norm.weight.data_ptr(),
@@ -175,6 +178,7 @@ def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Te
     if config.positions == "learned":
         x = x + model.position_embedding(positions)[:, None]
     else:
+        # `compiled_decode_step` grew the tables to the cache's length before this graph runs
         rope = (model.rope_cos[positions][:, None, None], model.rope_sin[positions][:, None, None])
     visible = (torch.arange(capacity, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
     rows = torch.arange(batch, device=tokens.device)
@@ -218,4 +222,12 @@ def compiled_decode_step(model: Transformer):
         except Exception:  # noqa: BLE001 - no compiler/backend: run uncompiled
             cached = False
         model._compiled_decode = cached
-    return cached or None
+    if not cached:
+        return None
+
+    def step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, keys: list, values: list):
+        if model.config.positions == "rope":  # grown outside the graph, which then only reads the tables
+            model.rope_for(keys[0].shape[2])
+        return cached(model, tokens, positions, keys, values)
+
+    return step

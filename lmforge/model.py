@@ -52,10 +52,16 @@ class ModelConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        for name in ("vocab_size", "block_size", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_mlp"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"model.{name}={value}: must be at least 1")
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"model.head_dim={self.head_dim} (d_model / n_heads) must be even for rope")
 
     @property
     def head_dim(self) -> int:
@@ -79,11 +85,19 @@ class ModelConfig:
             return None
         if (self.norm, self.mlp, self.positions, self.bias) == ("rmsnorm", "swiglu", "rope", False):
             return "llama"
-        if (self.norm, self.positions, self.bias) == ("layernorm", "learned", True) and self.mlp != "swiglu":
+        # GPT-2 has no grouped-query attention: its formats give k and v as many heads as q
+        gpt2_like = (self.norm, self.positions, self.bias) == ("layernorm", "learned", True) and self.mlp != "swiglu"
+        if gpt2_like and self.kv_heads == self.n_heads:
             return "gpt2"
         return None
 
     def require_family(self, what: str) -> str:
+        if self.family is None and self.norm == "layernorm" and self.positions == "learned" and self.bias:
+            raise ValueError(
+                f"{what}: the GPT-2 family has no grouped-query attention, and this model has n_kv_heads="
+                f"{self.n_kv_heads} < n_heads={self.n_heads}; no HF or GGUF reader would load it. Train it with "
+                f"n_kv_heads unset, or as the Llama family (norm=rmsnorm, mlp=swiglu, positions=rope, bias=false)"
+            )
         if self.family is None:
             raise ValueError(
                 f"{what} supports the Llama family (rmsnorm, swiglu, rope, no bias) and the GPT-2 family "
@@ -155,6 +169,12 @@ def make_norm(config: ModelConfig) -> nn.Module:
     if config.norm == "rmsnorm":
         return RMSNorm(config.d_model, config.norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+# Positions a model's RoPE tables start with; they double when a sequence needs more (up to block_size).
+# Tables for a file's whole declared context would cost 8 * head_dim bytes per position whatever the
+# request: 4 MB for SmolLM2's 8k; for a (hostile) context_length of 4e9, 32 GB in the first temporary.
+ROPE_INITIAL_POSITIONS = 4096
 
 
 def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,6 +451,14 @@ class Transformer(nn.Module):
             model = cls(config, init_weights=False)
             if prepare is not None:
                 model = prepare(model)
+        expected = model.state_dict()
+        wrong = [
+            f"{name} {tuple(weight.shape)} (the config needs {tuple(expected[name].shape)})"
+            for name, weight in weights.items()
+            if name in expected and weight.shape != expected[name].shape
+        ]
+        if wrong:
+            raise ValueError(f"weights do not match the config: {', '.join(wrong[:3])}")
         missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
         if config.tie_embeddings and isinstance(model.lm_head, nn.Linear):
             missing = [name for name in missing if name != "lm_head.weight"]
@@ -441,11 +469,21 @@ class Transformer(nn.Module):
         return model
 
     def rebuild_buffers(self) -> None:
-        """(Re)compute the RoPE tables, which are derived rather than saved; needed after building on 'meta'."""
+        """(Re)compute the RoPE tables, which are derived rather than saved, at their starting size."""
         if self.config.positions == "rope":
             self.rope_cos, self.rope_sin = rope_tables(
-                self.config.head_dim, self.config.block_size, self.config.rope_theta
+                self.config.head_dim, min(self.config.block_size, ROPE_INITIAL_POSITIONS), self.config.rope_theta
             )
+
+    def rope_for(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables covering at least `positions` positions, grown by doubling (capped at block_size),
+        so decoding token by token rebuilds them a handful of times, not once per token."""
+        if self.rope_cos.shape[0] < positions:
+            size = min(self.config.block_size, max(positions, 2 * self.rope_cos.shape[0]))
+            cos, sin = rope_tables(self.config.head_dim, size, self.config.rope_theta)
+            self.rope_cos = cos.to(self.rope_cos.device, self.rope_cos.dtype)
+            self.rope_sin = sin.to(self.rope_sin.device, self.rope_sin.dtype)
+        return self.rope_cos, self.rope_sin
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -492,14 +530,17 @@ class Transformer(nn.Module):
         mask = None
         if document_ids is not None:
             where, mask = document_positions_and_mask(document_ids)
+            positions_seen = length
         elif positions is None:
             if start + length > self.config.block_size:
                 raise ValueError(f"sequence of {start + length} tokens exceeds block_size={self.config.block_size}")
             where = slice(start, start + length)
+            positions_seen = start + length
         else:
             where = positions[:, None] + torch.arange(length, device=tokens.device)
-            if int(where.max()) >= self.config.block_size:
-                raise ValueError(f"position {int(where.max())} exceeds block_size={self.config.block_size}")
+            positions_seen = int(where.max()) + 1
+            if positions_seen > self.config.block_size:
+                raise ValueError(f"position {positions_seen - 1} exceeds block_size={self.config.block_size}")
         if cache is not None:
             cache.begin(batch, length, positions, slots)
         x = self.token_embedding(tokens)
@@ -507,7 +548,8 @@ class Transformer(nn.Module):
         if self.config.positions == "learned":
             x = x + self.position_embedding.weight[where]
         else:
-            rope = (self.rope_cos[where], self.rope_sin[where])
+            cos, sin = self.rope_for(positions_seen)
+            rope = (cos[where], sin[where])
             if not isinstance(where, slice):  # per-row positions: (B, T, head_dim) → broadcast over heads
                 rope = (rope[0][:, None], rope[1][:, None])
         x = F.dropout(x, self.config.dropout, self.training)

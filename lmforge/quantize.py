@@ -94,6 +94,12 @@ class QuantizedTensor:
     scale: torch.Tensor
     offset: torch.Tensor | None = None
 
+    @property
+    def shape(self) -> torch.Size:
+        """(rows, columns) of the weight it holds; int4 packs two columns a byte."""
+        rows, width = self.codes.shape
+        return torch.Size((rows, 2 * width if self.bits == 4 else width))
+
     def dequantize(self) -> torch.Tensor:
         if self.bits == 8:
             return dequantize_int8(self.codes, self.scale)
@@ -423,6 +429,33 @@ def model_from_weights(config: ModelConfig, weights: dict[str, torch.Tensor | Qu
         if value.offset is not None:
             state[f"{module}.offset"] = value.offset
     return Transformer.from_state_dict(config, state, prepare=lambda model: apply_layout(model, layout))
+
+
+def model_weights(model: Transformer) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """The inverse of `model_from_weights`: our state dict with each quantised layer's weight as a
+    QuantizedTensor under `<layer>.weight` (a quantised tied embedding: its LM head's), for exporters."""
+    quantized = {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+    weights = {}
+    for name, value in model.state_dict().items():
+        layer, _, field = name.rpartition(".")
+        if layer not in quantized:
+            weights[name] = value
+        elif field == "bias":
+            weights[name] = value.detach()
+        elif field == "codes":
+            module = quantized[layer]
+            offset = module.offset if module.bits == 4 else None
+            weights[f"{layer}.weight"] = QuantizedTensor(
+                module.bits, module.group_size, module.codes, module.scale, offset
+            )
+    if isinstance(model.token_embedding, QuantizedEmbedding):
+        weights["token_embedding.weight"] = weights["lm_head.weight"]
+    return weights
+
+
+def as_float(weight: torch.Tensor | QuantizedTensor) -> torch.Tensor:
+    """A weight in fp32, dequantised if it is quantised."""
+    return weight.dequantize() if isinstance(weight, QuantizedTensor) else weight.detach().float()
 
 
 KL_WARNING = 0.1  # mean KL (nats/token) above which answers visibly change; llama.cpp's Q4_0 on 7B models is ~0.03

@@ -8,6 +8,7 @@ HF (half-split) layout our model uses.
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.formats.metadata import check_dimensions, check_memory, integer, model_config, positive_number
 from lmforge.model import ModelConfig, Transformer
-from lmforge.quantize import QuantizedTensor, model_from_weights
+from lmforge.quantize import QuantizedTensor, as_float, model_from_weights, model_weights
 from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 # llama.cpp token types
@@ -169,45 +171,67 @@ def _unpermute_rope(weight, n_heads: int):
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _permute_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+def _permute_rope(weight, n_heads: int):
+    """llama.cpp's `permute`: half-split rotary pairs to its interleaved layout (whole rows of a quantised weight)."""
+    if isinstance(weight, QuantizedTensor):
+        return weight.index_rows(_permute_rope(torch.arange(weight.codes.shape[0]), n_heads))
     rows = weight.shape[0]
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+def size_keys(architecture: str) -> dict[str, str]:
+    """The GGUF key that holds each of our config's sizes."""
+    keys = dict(
+        vocab_size="vocab_size",
+        block_size="context_length",
+        n_layers="block_count",
+        n_heads="attention.head_count",
+        n_kv_heads="attention.head_count_kv",
+        d_model="embedding_length",
+        d_mlp="feed_forward_length",
+    )
+    return {ours: f"{architecture}.{theirs}" for ours, theirs in keys.items()}
+
+
 def read_config(reader, path: Path) -> ModelConfig:
+    """Our config from the GGUF metadata, every field checked (type, range, divisibility) before use."""
     architecture = reader.fields.get("general.architecture")
     if architecture not in ("llama", "gpt2"):
         raise LmforgeError(f"{path}: GGUF architecture {architecture!r} is not supported (supported: llama, gpt2)")
+    fields, names = reader.fields, size_keys(architecture)
     key = lambda name: f"{architecture}.{name}"  # noqa: E731
-    tensors = {t.name for t in reader.tensors}
-    vocab_size = reader.fields.get(key("vocab_size")) or len(reader.fields["tokenizer.ggml.tokens"])
-    common = dict(
-        vocab_size=int(vocab_size),
-        block_size=int(reader.fields.get(key("context_length"))),
-        n_layers=int(reader.fields.get(key("block_count"))),
-        n_heads=int(reader.fields.get(key("attention.head_count"))),
-        d_model=int(reader.fields.get(key("embedding_length"))),
-        d_mlp=int(reader.fields.get(key("feed_forward_length"))),
-        tie_embeddings="output.weight" not in tensors,
-    )
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(token, str) for token in tokens):
+        raise LmforgeError(f"{path}: tokenizer.ggml.tokens is missing or not a list of strings")
+    sizes = {
+        ours: integer(fields, theirs, path)
+        for ours, theirs in names.items()
+        if ours not in ("vocab_size", "n_kv_heads")
+    }
+    sizes["vocab_size"] = integer(fields, names["vocab_size"], path, default=len(tokens))
+    common = dict(**sizes, tie_embeddings="output.weight" not in {t.name for t in reader.tensors})
     if architecture == "llama":
-        return ModelConfig(
+        return model_config(
+            path,
+            names,
             **common,
-            n_kv_heads=int(reader.fields.get(key("attention.head_count_kv"), common["n_heads"])),
+            n_kv_heads=integer(fields, names["n_kv_heads"], path, default=sizes["n_heads"]),
             norm="rmsnorm",
             mlp="swiglu",
             positions="rope",
             bias=False,
-            rope_theta=float(reader.fields.get(key("rope.freq_base"), 10000.0)),
-            norm_eps=float(reader.fields.get(key("attention.layer_norm_rms_epsilon"), 1e-5)),
+            rope_theta=positive_number(fields, key("rope.freq_base"), path, 10000.0),
+            norm_eps=positive_number(fields, key("attention.layer_norm_rms_epsilon"), path, 1e-5),
         )
-    return ModelConfig(
+    return model_config(
+        path,
+        names,
         **common,
         norm="layernorm",
         mlp="gelu_tanh",
         positions="learned",
         bias=True,
-        norm_eps=float(reader.fields.get(key("attention.layer_norm_epsilon"), 1e-5)),
+        norm_eps=positive_number(fields, key("attention.layer_norm_epsilon"), path, 1e-5),
     )
 
 
@@ -263,6 +287,22 @@ def _as_quantized(tensor) -> QuantizedTensor:
     return QuantizedTensor(4, 32, codes, scale, offset)
 
 
+def _stays_quantized(tensor: GGUFTensor, config: ModelConfig) -> bool:
+    """Whether a tensor can load as its blocks: a Q4_0/Q4_1/Q8_0 matrix that becomes a Linear layer.
+    Embedding tables are looked up, not multiplied (a tied one is the LM head's matrix)."""
+    looked_up = ["position_embd.weight"] + ([] if config.tie_embeddings else ["token_embd.weight"])
+    embedding = tensor.name in looked_up
+    return tensor.tensor_type.name in ("Q4_0", "Q4_1", "Q8_0") and len(tensor.shape) == 2 and not embedding
+
+
+def resident_bytes(reader: GGUFFile, config: ModelConfig, keep_quantized: bool) -> int:
+    """Memory the loaded weights take, from the tensor shapes in the header: blocks as they are, the rest fp32."""
+    return sum(
+        tensor.data.nbytes if keep_quantized and _stays_quantized(tensor, config) else 4 * math.prod(tensor.shape)
+        for tensor in reader.tensors
+    )
+
+
 def read_weights(
     reader: GGUFFile, config: ModelConfig, path: Path, keep_quantized: bool = False
 ) -> dict[str, torch.Tensor | QuantizedTensor]:
@@ -278,7 +318,7 @@ def read_weights(
     )
     for tensor in tensors:
         try:
-            if keep_quantized and tensor.tensor_type.name in ("Q4_0", "Q4_1", "Q8_0") and len(tensor.shape) == 2:
+            if keep_quantized and _stays_quantized(tensor, config):
                 raw[tensor.name] = _as_quantized(tensor)
             else:
                 raw[tensor.name] = _dequantize(tensor)
@@ -326,11 +366,18 @@ def read_tokenizer(reader, path: Path) -> Tokenizer:
     from tokenizers import Tokenizer as HFTokenizer
 
     kind = reader.fields.get("tokenizer.ggml.model")
-    tokens = list(reader.fields["tokenizer.ggml.tokens"])
-    token_types = list(reader.fields.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens)))
+    tokens = list(reader.fields["tokenizer.ggml.tokens"])  # read_config checked it: a list of strings
+    token_types = reader.fields.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
+    scores = reader.fields.get("tokenizer.ggml.scores", [0.0] * len(tokens))
+    merge_list = reader.fields.get("tokenizer.ggml.merges", [])
+    for name, values in (("token_type", token_types), ("scores", scores)):
+        if not isinstance(values, list) or len(values) != len(tokens):
+            raise LmforgeError(f"{path}: tokenizer.ggml.{name} should hold one value per token ({len(tokens)})")
+    if not isinstance(merge_list, list) or not all(isinstance(m, str) and " " in m for m in merge_list):
+        raise LmforgeError(f"{path}: tokenizer.ggml.merges should be a list of 'left right' strings")
     vocab = {token: index for index, token in enumerate(tokens)}
     if kind == "gpt2":
-        merges = [tuple(m.split(" ", 1)) for m in reader.fields.get("tokenizer.ggml.merges", [])]
+        merges = [tuple(m.split(" ", 1)) for m in merge_list]
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
         pre = reader.fields.get("tokenizer.ggml.pre", "default")
         splits = PRE_TOKENIZER_SPLITS.get(pre, [GPT2_SPLIT])
@@ -341,7 +388,6 @@ def read_tokenizer(reader, path: Path) -> Tokenizer:
         hf.decoder = decoders.ByteLevel()
     elif kind == "llama":
         add_prefix = bool(reader.fields.get("tokenizer.ggml.add_space_prefix", True))
-        scores = list(reader.fields.get("tokenizer.ggml.scores", [0.0] * len(tokens)))
         hf = HFTokenizer(
             models.BPE(
                 vocab=vocab,
@@ -402,17 +448,24 @@ def load_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[Transform
             f"{path}: not a readable GGUF file ({type(error).__name__}: {error}); it may be truncated or corrupt"
         ) from None
     config = read_config(reader, path)
+    check_memory(resident_bytes(reader, config, keep_quantized), path)
+    weights = read_weights(reader, config, path, keep_quantized)
+    check_dimensions(config, weights, path, size_keys(config.family))
     try:
-        model = model_from_weights(config, read_weights(reader, config, path, keep_quantized))
+        model = model_from_weights(config, weights)
     except ValueError as error:
         raise LmforgeError(f"{path}: {error}") from None
     return model.eval(), read_tokenizer(reader, path)
 
 
 def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype: str = "f16") -> Path:
-    """Write `model` and its tokenizer as GGUF; dtype is f32, f16 or q8_0 (norms and biases stay f32)."""
+    """Write `model` and its tokenizer as GGUF; dtype is f32, f16, q8_0 or q4_1 (norms and biases stay f32).
+
+    A quantised model's layers are dequantised for f32/f16. For q8_0 and q4_1, int8/int4 layers in
+    32-column groups are written as their own blocks (Q8_0 / Q4_1, unchanged); with q4_1, layers the
+    model keeps at 8 bits (the LM head after `lmforge quantize --bits 4`) stay 8-bit, as Q8_0.
+    """
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
-    from gguf.quants import quantize
 
     config = model.config
     try:
@@ -424,6 +477,7 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
         "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
         "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
         "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+        "q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1),
     }
     if dtype not in types:
         raise LmforgeError(f"GGUF dtype {dtype!r} is not supported; choose one of {sorted(types)}")
@@ -447,16 +501,11 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
         writer.add_layer_norm_eps(config.norm_eps)
     _write_tokenizer(writer, tokenizer, config.vocab_size)
 
-    def add(name: str, tensor: torch.Tensor) -> None:
-        array = tensor.detach().float().cpu().numpy()
-        if array.ndim == 1 or matrix_type == GGMLQuantizationType.F32:
-            writer.add_tensor(name, array.astype(np.float32))
-        elif matrix_type == GGMLQuantizationType.F16:
-            writer.add_tensor(name, array.astype(np.float16))
-        else:
-            writer.add_tensor(name, quantize(array, matrix_type), raw_dtype=matrix_type)
+    def add(name: str, weight: torch.Tensor | QuantizedTensor) -> None:
+        data, raw_dtype = _gguf_tensor(weight, matrix_type)
+        writer.add_tensor(name, data, raw_dtype=raw_dtype)
 
-    state = {k: v for k, v in model.state_dict().items()}
+    state = model_weights(model)
     add("token_embd.weight", state["token_embedding.weight"])
     if gpt2_like:
         add("position_embd.weight", state["position_embedding.weight"])
@@ -465,13 +514,12 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
         add(theirs + "attn_norm.weight", state[ours + "attention_norm.weight"])
         qkv = state[ours + "attention.qkv.weight"]
         if llama_like:
-            q, k, v = qkv.split(
-                [config.n_heads * config.head_dim, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim]
-            )
+            kv_rows = config.kv_heads * config.head_dim
+            q, k, v = _split_rows(qkv, [config.n_heads * config.head_dim, kv_rows, kv_rows])
             add(theirs + "attn_q.weight", _permute_rope(q, config.n_heads))
             add(theirs + "attn_k.weight", _permute_rope(k, config.kv_heads))
             add(theirs + "attn_v.weight", v)
-            gate, up = state[ours + "mlp.up.weight"].chunk(2)
+            gate, up = _split_rows(state[ours + "mlp.up.weight"], [config.mlp_hidden, config.mlp_hidden])
             add(theirs + "ffn_gate.weight", gate)
             add(theirs + "ffn_up.weight", up)
         else:
@@ -494,6 +542,47 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def _split_rows(weight: torch.Tensor | QuantizedTensor, sizes: list[int]) -> list:
+    """Row blocks of a fused matrix (q/k/v, gate/up), quantised or not."""
+    if not isinstance(weight, QuantizedTensor):
+        return list(weight.split(sizes))
+    starts = np.cumsum([0, *sizes])
+    return [weight.index_rows(torch.arange(start, stop)) for start, stop in zip(starts[:-1], starts[1:])]
+
+
+def _gguf_tensor(weight: torch.Tensor | QuantizedTensor, matrix_type) -> tuple:
+    """(data, raw_dtype) for GGUFWriter.add_tensor: a quantised layer's blocks as they are where the
+    type allows, else its values in the requested type (vectors, and rows not made of whole 32-weight
+    blocks, in f32 / f16 as llama.cpp's converter does)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    q8_0, q4_1 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1
+    quantized = isinstance(weight, QuantizedTensor)
+    if quantized and weight.bits == 8 and matrix_type == q4_1:
+        matrix_type = q8_0  # a layer the model keeps at 8 bits stays 8-bit
+    if quantized and weight.group_size == 32 and (weight.bits, matrix_type) in ((8, q8_0), (4, q4_1)):
+        return _as_blocks(weight).numpy(), matrix_type
+    array = as_float(weight).cpu().numpy()
+    if array.ndim == 1 or matrix_type == GGMLQuantizationType.F32:
+        return array.astype(np.float32), None
+    if matrix_type == GGMLQuantizationType.F16 or array.shape[-1] % 32:
+        return array.astype(np.float16), None
+    return quantize(array, matrix_type), matrix_type
+
+
+def _as_blocks(weight: QuantizedTensor) -> torch.Tensor:
+    """The inverse of `_as_quantized`: rows of Q8_0 (int8) or Q4_1 (int4) blocks of 32 weights."""
+    rows, groups = weight.scale.shape
+    scale = weight.scale.half().contiguous().view(torch.uint8).reshape(rows, groups, 2)
+    if weight.bits == 8:
+        codes = weight.codes.contiguous().view(torch.uint8).reshape(rows, groups, 32)
+        return torch.cat([scale, codes], dim=-1).reshape(rows, -1)
+    offset = weight.offset.half().contiguous().view(torch.uint8).reshape(rows, groups, 2)
+    codes = weight.codes.reshape(rows, groups, 16)
+    return torch.cat([scale, offset, codes], dim=-1).reshape(rows, -1)
 
 
 def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:

@@ -7,82 +7,149 @@ so `transformers.AutoModelForCausalLM.from_pretrained` loads what we export.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
+from lmforge.formats.metadata import (
+    MISSING,
+    boolean,
+    check_dimensions,
+    check_memory,
+    integer,
+    model_config,
+    positive_number,
+    read_json_object,
+)
 from lmforge.model import ModelConfig, Transformer
+from lmforge.quantize import as_float, model_weights
 from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 LLAMA_TYPES = ("llama", "mistral")
 
 
+LLAMA_KEYS = dict(
+    vocab_size="vocab_size",
+    block_size="max_position_embeddings",
+    n_layers="num_hidden_layers",
+    n_heads="num_attention_heads",
+    n_kv_heads="num_key_value_heads",
+    d_model="hidden_size",
+    d_mlp="intermediate_size",
+)
+GPT2_KEYS = dict(
+    vocab_size="vocab_size",
+    block_size="n_positions",
+    n_layers="n_layer",
+    n_heads="n_head",
+    n_kv_heads="n_head",
+    d_model="n_embd",
+    d_mlp="n_inner",
+)
+
+
 def read_config(values: dict, path: Path) -> ModelConfig:
+    """Our config from config.json's values, every field checked (type, range, divisibility) before use."""
     model_type = values.get("model_type")
     if model_type in LLAMA_TYPES:
         rope = values.get("rope_parameters") or {}
-        scaling = values.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        scaling = values.get("rope_scaling")
+        if not isinstance(rope, dict) or not isinstance(scaling, (dict, type(None))):
+            raise LmforgeError(f"{path}: rope_parameters and rope_scaling must be JSON objects")
+        scaling = scaling or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling:
             raise LmforgeError(f"{path}: rope scaling {scaling} is not supported")
         if values.get("attention_bias") or values.get("mlp_bias"):
             raise LmforgeError(f"{path}: Llama models with attention/MLP biases are not supported")
-        heads = values["num_attention_heads"]
-        if values.get("head_dim") not in (None, values["hidden_size"] // heads):
+        sizes = {
+            ours: integer(values, theirs, path, default=2048 if ours == "block_size" else MISSING)
+            for ours, theirs in LLAMA_KEYS.items()
+            if ours != "n_kv_heads"
+        }
+        sizes["n_kv_heads"] = integer(values, "num_key_value_heads", path, default=sizes["n_heads"])
+        if (
+            values.get("head_dim") is not None
+            and integer(values, "head_dim", path) != sizes["d_model"] / sizes["n_heads"]
+        ):
             raise LmforgeError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
-        return ModelConfig(
-            vocab_size=values["vocab_size"],
-            block_size=values.get("max_position_embeddings", 2048),
-            n_layers=values["num_hidden_layers"],
-            n_heads=heads,
-            n_kv_heads=values.get("num_key_value_heads") or heads,
-            d_model=values["hidden_size"],
-            d_mlp=values["intermediate_size"],
+        theta = positive_number(rope, "rope_theta", path, positive_number(values, "rope_theta", path, 10000.0))
+        return model_config(
+            path,
+            LLAMA_KEYS,
+            **sizes,
             norm="rmsnorm",
-            norm_eps=values.get("rms_norm_eps", 1e-6),
+            norm_eps=positive_number(values, "rms_norm_eps", path, 1e-6),
             mlp="swiglu",
             positions="rope",
-            rope_theta=float(rope.get("rope_theta", values.get("rope_theta", 10000.0))),
+            rope_theta=theta,
             bias=False,
-            tie_embeddings=bool(values.get("tie_word_embeddings", False)),
+            tie_embeddings=boolean(values, "tie_word_embeddings", path, False),
         )
     if model_type == "gpt2":
         activation = values.get("activation_function", "gelu_new")
         if activation not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
             raise LmforgeError(f"{path}: GPT-2 activation {activation!r} is not supported")
-        return ModelConfig(
-            vocab_size=values["vocab_size"],
-            block_size=values.get("n_positions", 1024),
-            n_layers=values["n_layer"],
-            n_heads=values["n_head"],
-            d_model=values["n_embd"],
-            d_mlp=values.get("n_inner") or 4 * values["n_embd"],
+        sizes = {
+            ours: integer(values, theirs, path, default=1024 if ours == "block_size" else MISSING)
+            for ours, theirs in GPT2_KEYS.items()
+            if ours not in ("n_kv_heads", "d_mlp")
+        }
+        return model_config(
+            path,
+            GPT2_KEYS,
+            **sizes,
+            d_mlp=integer(values, "n_inner", path, default=4 * sizes["d_model"]),
             norm="layernorm",
-            norm_eps=values.get("layer_norm_epsilon", 1e-5),
+            norm_eps=positive_number(values, "layer_norm_epsilon", path, 1e-5),
             mlp="gelu" if activation == "gelu" else "gelu_tanh",
             positions="learned",
             bias=True,
-            tie_embeddings=bool(values.get("tie_word_embeddings", True)),
+            tie_embeddings=boolean(values, "tie_word_embeddings", path, True),
         )
     raise LmforgeError(f"{path}: model_type {model_type!r} is not supported (supported: llama, mistral, gpt2)")
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every weight of the folder's safetensors file(s), as fp32, after checking that they fit in memory."""
     index = folder / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    )
+    files = ["model.safetensors"]
+    if index.exists():
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+            raise LmforgeError(f"{index}: weight_map should map weight names to file names")
+        files = sorted(set(weight_map.values()))
     weights: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
+    needed, name = 0, files[0]
+    try:
+        for name in files:
+            needed += _loaded_bytes(folder / name)
+        check_memory(needed, folder)
+        for name in files:
             weights.update(load_file(str(folder / name)))
-        except (OSError, SafetensorError) as error:
-            raise LmforgeError(
-                f"{folder / name}: cannot read weights ({error}); the file may be missing or truncated"
-            ) from None
+    except (OSError, SafetensorError) as error:
+        raise LmforgeError(
+            f"{folder / name}: cannot read weights ({error}); the file may be missing or truncated"
+        ) from None
     return {k: v.float() for k, v in weights.items()}
+
+
+SAFETENSORS_ITEM_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
+
+
+def _loaded_bytes(path: Path) -> int:
+    """Memory `read_safetensors` takes for one file, from the shapes in its header: each tensor as
+    stored, plus an fp32 copy of those stored in other types."""
+    total = 0
+    with safe_open(str(path), framework="pt") as file:
+        for name in file.keys():
+            part = file.get_slice(name)
+            elements, dtype = math.prod(part.get_shape()), part.get_dtype()
+            total += elements * (SAFETENSORS_ITEM_BYTES.get(dtype, 1) + (0 if dtype == "F32" else 4))
+    return total
 
 
 def _llama_weights(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -144,7 +211,7 @@ def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer]:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise LmforgeError(f"{folder}: no config.json; not an HF model folder")
-    values = json.loads(config_path.read_text())
+    values = read_json_object(config_path)
     config = read_config(values, config_path)
     hf = read_safetensors(folder)
     try:
@@ -153,6 +220,7 @@ def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer]:
         raise LmforgeError(
             f"{folder}: weight {error.args[0]!r} is missing for a {values['model_type']} model"
         ) from None
+    check_dimensions(config, weights, config_path, LLAMA_KEYS if config.positions == "rope" else GPT2_KEYS)
     try:
         model = Transformer.from_state_dict(config, weights)
     except ValueError as error:
@@ -161,14 +229,17 @@ def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer]:
     tokenizer_path = folder / "tokenizer.json"
     if not tokenizer_path.exists():
         raise LmforgeError(f"{folder}: no tokenizer.json")
-    hf_tokenizer = HFTokenizer.from_file(str(tokenizer_path))
+    try:
+        hf_tokenizer = HFTokenizer.from_file(str(tokenizer_path))
+    except Exception as error:  # the tokenizers library raises a bare Exception on a bad file
+        raise LmforgeError(f"{tokenizer_path}: not a readable tokenizer ({error})") from None
     specials = [t.content for t in hf_tokenizer.get_added_tokens_decoder().values() if t.special]
     tokenizer = BPETokenizer(hf_tokenizer, specials)
     settings_path = folder / "tokenizer_config.json"
-    settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+    settings = read_json_object(settings_path) if settings_path.exists() else {}
     for name in ("bos_token", "eos_token", "pad_token"):
         token = settings.get(name)
-        setattr(tokenizer, name, token["content"] if isinstance(token, dict) else token)
+        setattr(tokenizer, name, token.get("content") if isinstance(token, dict) else token)
     tokenizer.chat_template = settings.get("chat_template")
     if tokenizer.chat_template is None and (folder / "chat_template.jinja").exists():
         tokenizer.chat_template = (folder / "chat_template.jinja").read_text()
@@ -231,7 +302,7 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
     """Write an HF folder: config.json, model.safetensors, tokenizer.json, tokenizer_config.json."""
     config = model.config
     values = hf_config(config, tokenizer)
-    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    state = {name: as_float(weight).contiguous() for name, weight in model_weights(model).items()}
     weights: dict[str, torch.Tensor] = {}
     if values["model_type"] == "llama":
         weights["model.embed_tokens.weight"] = state["token_embedding.weight"]
