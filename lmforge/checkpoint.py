@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lmforge.errors import LmforgeError
@@ -73,7 +77,8 @@ def save_checkpoint(
     )
     write_atomically(checkpoints / LATEST, final.name)
     if keep > 0:
-        for old in sorted(checkpoints.glob("step_*"))[:-keep]:
+        # Only written folders count: an empty step folder someone made must not push a real one out.
+        for old in [folder for folder in step_folders(checkpoints) if (folder / CONFIG).exists()][keep:]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -103,15 +108,39 @@ def save_model(
     return final
 
 
+class DamagedLatest(LmforgeError):
+    """`checkpoints/latest` is missing, unreadable, or names no checkpoint folder inside `checkpoints/`."""
+
+
+def latest_folder(checkpoints: Path) -> Path:
+    """The step folder `checkpoints/latest` names; DamagedLatest unless it is a non-empty folder right inside."""
+    latest = checkpoints / LATEST
+    try:
+        name = latest.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise DamagedLatest(f"{latest} is missing") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DamagedLatest(f"{latest} is unreadable ({error})") from None
+    if not name:
+        raise DamagedLatest(f"{latest} is empty")
+    folder = checkpoints / name
+    if Path(name).name != name or name in (".", "..") or folder.resolve().parent != checkpoints.resolve():
+        raise DamagedLatest(f"{latest} names {name!r}, which is outside {checkpoints}")
+    if not folder.is_dir():
+        raise DamagedLatest(f"{latest} names {name!r}, which does not exist")
+    if not any(folder.iterdir()):
+        raise DamagedLatest(f"{latest} names {name!r}, which is empty")
+    return folder
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from itself, a run folder, or a run's checkpoints folder."""
     path = Path(path)
     if (path / WEIGHTS).exists():
         return path
     for checkpoints in (path / "checkpoints", path):
-        latest = checkpoints / LATEST
-        if latest.exists():
-            return checkpoints / latest.read_text().strip()
+        if (checkpoints / LATEST).exists():
+            return latest_folder(checkpoints)
     raise LmforgeError(f"{path}: no checkpoint here (expected {WEIGHTS} or checkpoints/{LATEST})")
 
 
@@ -152,6 +181,101 @@ def load_weights(model: Transformer, folder: Path, assign: bool = False) -> None
         )
 
 
-def load_training_state(folder: Path) -> dict:
+STATE_TYPES = {"step": int, "optimizer": dict, "torch_rng": torch.Tensor, "data_rng": torch.Tensor}
+
+
+@dataclass
+class TrainingCheckpoint:
+    """What resuming reads from a checkpoint folder, loaded and checked; the weights are checked, not loaded."""
+
+    folder: Path
+    model: dict  # the run's ModelConfig fields
+    state: dict  # STATE_TYPES' keys, plus cuda_rng from CUDA runs
+    latest_problem: str | None = None  # set when `latest` was damaged and this is the newest complete folder
+
+
+def load_training_state(path: Path) -> dict:
     """Optimizer, RNG and data state; weights_only so a checkpoint can never run code."""
-    return torch.load(folder / STATE, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols just before refusing them
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LmforgeError(f"{path}: missing; this folder holds a model, not a training state to resume") from None
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, i.e. running whatever code the file holds.
+        raise LmforgeError(
+            f"{path}: holds objects other than tensors and plain values, so it is not a training state "
+            f"lmforge wrote; refused to unpickle it"
+        ) from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, ... for a damaged file
+        reason = str(error).split(". ")[0] or type(error).__name__
+        raise LmforgeError(f"{path}: unreadable, probably truncated ({reason})") from None
+    wrong = [
+        key for key, kind in STATE_TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(key), kind)
+    ]
+    if wrong:
+        raise LmforgeError(f"{path}: not a training state (missing or malformed: {', '.join(wrong)})")
+    return state
+
+
+def load_training_checkpoint(folder: Path) -> TrainingCheckpoint:
+    """A checkpoint folder's model config and training state, with its weights file checked whole."""
+    try:
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"{folder / CONFIG}: missing") from None
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or UTF-8, as when the file is truncated
+        raise LmforgeError(f"{folder / CONFIG}: unreadable, probably truncated ({error})") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise LmforgeError(f"{folder / CONFIG}: no 'model' object holding the model config")
+    state = load_training_state(folder / STATE)
+    try:
+        with safe_open(str(folder / WEIGHTS), "pt"):  # reads the header, which covers the file
+            pass
+    except (OSError, SafetensorError) as error:
+        raise LmforgeError(f"{folder / WEIGHTS}: cannot read weights ({error}); the file may be truncated") from None
+    return TrainingCheckpoint(folder, model, state)
+
+
+def step_folders(checkpoints: Path) -> list[Path]:
+    """`checkpoints/step_N` folders, newest first."""
+    found = [p for p in checkpoints.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len("step_") :]), reverse=True)
+
+
+def newest_complete_checkpoint(checkpoints: Path, skip: Path | None = None) -> TrainingCheckpoint | None:
+    """The newest step folder (other than `skip`) that holds everything resuming needs and loads."""
+    for folder in step_folders(checkpoints):
+        if folder != skip:
+            try:
+                return load_training_checkpoint(folder)
+            except LmforgeError:
+                continue
+    return None
+
+
+def load_resume_checkpoint(run_dir: str | Path) -> TrainingCheckpoint:
+    """The checkpoint `run_dir/checkpoints/latest` names, loaded for resuming. If `latest` itself is
+    damaged, the newest complete step folder instead, with `latest_problem` saying what was wrong."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    if not checkpoints.is_dir():
+        raise LmforgeError(f"{run_dir}: no checkpoints to resume from (no {checkpoints} folder)")
+    try:
+        folder = latest_folder(checkpoints)
+    except DamagedLatest as problem:
+        fallback = newest_complete_checkpoint(checkpoints)
+        if fallback is None:
+            raise LmforgeError(f"{problem}, and {checkpoints} holds no complete checkpoint to resume from") from None
+        fallback.latest_problem = str(problem)
+        return fallback
+    try:
+        return load_training_checkpoint(folder)
+    except LmforgeError as error:
+        older = newest_complete_checkpoint(checkpoints, skip=folder)
+        if older is None:
+            raise
+        raise LmforgeError(
+            f"{error}\n  {older.folder} is complete: move {folder} out of {checkpoints} to resume from it"
+        ) from None

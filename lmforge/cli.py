@@ -623,6 +623,23 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(model_argument_as_option(list(sys.argv[1:] if argv is None else argv)))
     if args.verb is None:
         parser.print_help()
+# What a user can cause with a path they give (an --out folder taken by a file, a missing input),
+# for every verb at once.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def path_error_advice(error: OSError) -> str:
+    if isinstance(error, FileNotFoundError):
+        return "no such file or folder"
+    if isinstance(error, PermissionError):
+        return "permission denied; choose another path or fix its permissions"
+    if isinstance(error, IsADirectoryError):
+        return "is a folder, not a file; choose a file path"
+    if isinstance(error, NotADirectoryError) or Path(error.filename).is_file():
+        return "a file is in the way (a folder is needed here); choose another path or remove the file"
+    return "already exists; choose another path or remove it"
+
+
         return 0
     try:
         return args.handler(args, extra)
@@ -634,5 +651,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+    except PATH_ERRORS as error:
+        if error.filename is None:
+            raise
+        print(f"error: {error.filename}: {path_error_advice(error)}", file=sys.stderr)
+        return 2
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lmforge import distributed
-from lmforge.checkpoint import load_training_state, load_weights, resolve_checkpoint, save_checkpoint
+from lmforge.checkpoint import CONFIG, STATE, load_resume_checkpoint, load_weights, save_checkpoint
 from lmforge.config import apply_values
 from lmforge.data import TokenDataset
 from lmforge.errors import LmforgeError
@@ -96,10 +96,11 @@ def measure_matmul_flops(
 ) -> float:
     """Peak fp32 matmul FLOP/s of this device at the current thread count: the best of short trials,
     since shared machines only ever make a trial slower."""
+    generator = torch.Generator(device=device).manual_seed(0)  # the global RNG belongs to training
     best = 0.0
     for size in sizes:
-        a = torch.randn(size, size, device=device)
-        b = torch.randn(size, size, device=device)
+        a = torch.randn(size, size, device=device, generator=generator)
+        b = torch.randn(size, size, device=device, generator=generator)
         a @ b
         for _ in range(trials):
             count, start = 0, time.perf_counter()
@@ -125,6 +126,21 @@ def autocast_for(device: torch.device):
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return nullcontext()
+
+
+def rng_states(device: torch.device, data_generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every random state a training step draws from: dropout (CPU or CUDA) and the batch sampler."""
+    states = {"torch_rng": torch.get_rng_state(), "data_rng": data_generator.get_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict, device: torch.device, data_generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch_rng"])
+    data_generator.set_state(states["data_rng"])
+    if device.type == "cuda" and "cuda_rng" in states:
+        torch.cuda.set_rng_state(states["cuda_rng"], device)
 
 
 class TrainingDiverged(LmforgeError):
@@ -207,27 +223,37 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     tokenizer = train_data.tokenizer()
     global_batch = config.batch_size * config.grad_accum_steps * group.world_size
 
-    start_step, state = 0, None
-    checkpoint_folder = None
+    start_step, resumed = 0, None
     if config.resume:
-        checkpoint_folder = resolve_checkpoint(out_dir)
-        saved = json.loads((checkpoint_folder / "config.json").read_text())
-        config = apply_values(config, {"model": saved["model"]})
-        state = load_training_state(checkpoint_folder)
-        start_step = int(state["step"])
+        resumed = load_resume_checkpoint(out_dir)
+        if resumed.latest_problem and group.is_main:
+            print(
+                f"warning: {resumed.latest_problem}; resuming from {resumed.folder}, the newest complete checkpoint",
+                file=sys.stderr,
+            )
+        try:
+            config = apply_values(config, {"model": resumed.model})
+        except LmforgeError as error:
+            raise LmforgeError(f"{resumed.folder / CONFIG}: {error}") from None
+        start_step = resumed.state["step"]
     config = apply_values(config, {"model": {"vocab_size": tokenizer.vocab_size}})
+    if group.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)  # before the model, so an out_dir taken by a file fails at once
 
     torch.manual_seed(config.seed)
     model = Transformer(config.model)
-    if checkpoint_folder is not None:
-        load_weights(model, checkpoint_folder)
+    if resumed is not None:
+        load_weights(model, resumed.folder)
     model.to(device)
     optimizer = make_optimizer(model, config, device.type)
     data_generator = torch.Generator().manual_seed(config.seed)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        data_generator.set_state(state["data_rng"])
+    if resumed is not None:
+        try:
+            optimizer.load_state_dict(resumed.state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise LmforgeError(
+                f"{resumed.folder / STATE}: the optimizer state does not fit this model ({error})"
+            ) from None
 
     step_model = distributed.wrap_model(model, group)
     if config.compile:
@@ -240,7 +266,6 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     flops_per_token = model.flops_per_token()
 
     if group.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     reporter = ProgressReporter(config, start_step, out_dir / "metrics.jsonl", group.is_main)
     reporter.message(
@@ -249,19 +274,16 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
         + (f" | resumed at step {start_step}" if start_step else "")
     )
 
-    def checkpoint_state(step: int, rng: tuple[torch.Tensor, torch.Tensor] | None) -> dict:
-        torch_rng, data_rng = rng or (torch.get_rng_state(), data_generator.get_state())
-        return {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch_rng, "data_rng": data_rng}
-
-    def write_checkpoint(step: int, rng: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path | None:
+    def write_checkpoint(step: int, rng: dict[str, torch.Tensor] | None = None) -> Path | None:
         if not group.is_main:
             return None
+        state = {"step": step, "optimizer": optimizer.state_dict(), **(rng or rng_states(device, data_generator))}
         return save_checkpoint(
             out_dir,
             step,
             model,
             tokenizer,
-            checkpoint_state(step, rng),
+            state,
             {"train": asdict(config)},
             keep=config.keep_checkpoints,
         )
@@ -298,11 +320,14 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     step = start_step
     tokens_per_second = 0.0
     in_step = updating = False
+    if resumed is not None:
+        # Last, right before the first step: nothing in between may draw from the restored states.
+        restore_rng_states(resumed.state, device, data_generator)
     try:
         while step < config.max_steps:
             step_started = time.perf_counter()
             # RNG states as the step begins: what an interrupted step's checkpoint must hold.
-            step_rng = (torch.get_rng_state(), data_generator.get_state())
+            step_rng = rng_states(device, data_generator)
             in_step = True
             lr = learning_rate_at(step, config)
             for group_params in optimizer.param_groups:
