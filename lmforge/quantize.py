@@ -101,9 +101,14 @@ class QuantizedTensor:
         return torch.Size((rows, 2 * width if self.bits == 4 else width))
 
     def dequantize(self) -> torch.Tensor:
+        """The fp32 weight, through the native kernels where they built (an export dequantises every layer)."""
+        codes, scale = self.codes.contiguous(), self.scale.contiguous()
+        native = kernels.available() and codes.device.type == "cpu"
         if self.bits == 8:
-            return dequantize_int8(self.codes, self.scale)
-        return dequantize_int4(self.codes, self.scale, self.offset)
+            return kernels.dequantize_q8(codes, scale, self.group_size) if native else dequantize_int8(codes, scale)
+        if native:
+            return kernels.dequantize_q4(codes, scale, self.offset.contiguous(), self.group_size)
+        return dequantize_int4(codes, scale, self.offset)
 
     def index_rows(self, order: torch.Tensor) -> QuantizedTensor:
         offset = None if self.offset is None else self.offset[order]

@@ -506,20 +506,25 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
         writer.add_tensor(name, data, raw_dtype=raw_dtype)
 
     state = model_weights(model)
+    keeps_blocks = matrix_type in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1)
+
+    def fused(name: str) -> torch.Tensor | QuantizedTensor:
+        """A matrix to split (q/k/v, gate/up): dequantised whole first unless its blocks may be kept."""
+        return state[name] if keeps_blocks else as_float(state[name])
     add("token_embd.weight", state["token_embedding.weight"])
     if gpt2_like:
         add("position_embd.weight", state["position_embedding.weight"])
     for i in range(config.n_layers):
         ours, theirs = f"blocks.{i}.", f"blk.{i}."
         add(theirs + "attn_norm.weight", state[ours + "attention_norm.weight"])
-        qkv = state[ours + "attention.qkv.weight"]
+        qkv = fused(ours + "attention.qkv.weight")
         if llama_like:
             kv_rows = config.kv_heads * config.head_dim
             q, k, v = _split_rows(qkv, [config.n_heads * config.head_dim, kv_rows, kv_rows])
             add(theirs + "attn_q.weight", _permute_rope(q, config.n_heads))
             add(theirs + "attn_k.weight", _permute_rope(k, config.kv_heads))
             add(theirs + "attn_v.weight", v)
-            gate, up = _split_rows(state[ours + "mlp.up.weight"], [config.mlp_hidden, config.mlp_hidden])
+            gate, up = _split_rows(fused(ours + "mlp.up.weight"), [config.mlp_hidden, config.mlp_hidden])
             add(theirs + "ffn_gate.weight", gate)
             add(theirs + "ffn_up.weight", up)
         else:
