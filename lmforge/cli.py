@@ -474,7 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help=MODEL_HELP)
     export.add_argument("--format", choices=["hf", "gguf"], required=True)
     export.add_argument("--out", required=True, help="output folder (hf) or .gguf file")
-    export.add_argument("--dtype", choices=["f32", "f16", "q8_0"], default="f16", help="GGUF weight type (default f16)")
+    export.add_argument(
+        "--dtype",
+        choices=["f32", "f16", "q8_0", "q4_1"],
+        default="f16",
+        help="GGUF weight type (default f16); q8_0/q4_1 keep a quantised model's 32-wide int8/int4 blocks as they are",
+    )
     export.set_defaults(handler=command_export)
 
     finetune = verbs.add_parser(
@@ -618,11 +623,6 @@ def model_argument_as_option(argv: list[str]) -> list[str]:
     return argv
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(model_argument_as_option(list(sys.argv[1:] if argv is None else argv)))
-    if args.verb is None:
-        parser.print_help()
 # What a user can cause with a path they give (an --out folder taken by a file, a missing input),
 # for every verb at once.
 PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -640,21 +640,26 @@ def path_error_advice(error: OSError) -> str:
     return "already exists; choose another path or remove it"
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(model_argument_as_option(list(sys.argv[1:] if argv is None else argv)))
+    if args.verb is None:
+        parser.print_help()
         return 0
     try:
         return args.handler(args, extra)
     except LmforgeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-
-
     except PATH_ERRORS as error:
         if error.filename is None:
             raise
         print(f"error: {error.filename}: {path_error_advice(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
 if __name__ == "__main__":
     sys.exit(main())
