@@ -6,8 +6,10 @@ import http.client
 import json
 import socket
 import struct
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +22,9 @@ from lmforge.serve.scheduler import GenerationRequest, Scheduler
 from lmforge.tokenizer import CharTokenizer
 
 from .conftest import chromium_page
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import hostile_server  # noqa: E402
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -191,55 +196,10 @@ def test_openai_errors_unknown_model_context_and_auth(served, client):
     assert status == 401 and "missing API key" in json.loads(body)["error"]["message"]
 
 
+# The battery's malformed bodies, and one beyond this server's small context.
 BAD_REQUESTS = [
-    ("POST", "/v1/chat/completions", b"{not json"),
-    ("POST", "/v1/chat/completions", b""),
-    ("POST", "/v1/chat/completions", b"[]"),
-    ("POST", "/v1/chat/completions", b'"a string"'),
-    ("POST", "/v1/chat/completions", b"\xff\xfe\x00garbage"),
-    ("POST", "/v1/chat/completions", b'{"messages": "\xc3\x28"}'),
-    ("POST", "/v1/chat/completions", b'{"messages": []}'),
-    ("POST", "/v1/chat/completions", b'{"model": "tiny"}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"content": "hi"}]}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1e400}'),
-    (
-        "POST",
-        "/v1/chat/completions",
-        b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 99999999999999999999}',
-    ),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -1}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 9}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 0}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 0}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 1000}'),
-    (
-        "POST",
-        "/v1/chat/completions",
-        b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["a","b","c","d","e"]}',
-    ),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "stream": "maybe"}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "presence_penalty": 5}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "seed": "x"}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "model": "nope"}'),
+    *hostile_server.BAD_REQUESTS,
     ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "' + b"x" * 300 + b'"}]}'),
-    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "' + b"x" * 200_000 + b'"}]}'),
-    ("POST", "/v1/completions", b'{"prompt": 12}'),
-    ("POST", "/v1/completions", b'{"prompt": []}'),
-    ("POST", "/v1/completions", b'{"prompt": ["a", "b"], "stream": true}'),
-    ("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": null, "n": -3}'),
-    ("POST", "/v1/embeddings", b'{"input": []}'),
-    ("POST", "/v1/embeddings", b'{"input": [""]}'),
-    ("POST", "/v1/embeddings", b'{"input": 3.5}'),
-    ("POST", "/v1/embeddings", b'{"input": "hi", "encoding_format": "png"}'),
-    ("GET", "/v1/chat/completions", b""),
-    ("POST", "/v1/nothing-here", b"{}"),
-    ("DELETE", "/v1/models", b""),
 ]
 
 

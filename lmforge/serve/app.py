@@ -315,15 +315,18 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
         prompt_tokens = sum(len(request.prompt_ids) for request in submitted.requests[::choices])
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
         remaining = count
+        checked = time.monotonic()
         try:
             while remaining:
+                if time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:
+                    if await http_request.is_disconnected():
+                        raise APIError(499, "the client disconnected")
+                    checked = time.monotonic()
                 try:
                     index, (kind, value, extra) = await asyncio.wait_for(
                         submitted.events.get(), DISCONNECT_POLL_SECONDS
                     )
                 except asyncio.TimeoutError:
-                    if await http_request.is_disconnected():
-                        raise APIError(499, "the client disconnected") from None
                     continue
                 if kind == "text":
                     texts[index] += value
@@ -492,6 +495,14 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
             "status": "ok" if scheduler.thread.is_alive() and scheduler.accepting else "unavailable",
             "model": models.name,
             "uptime_seconds": round(time.monotonic() - started, 1),
+            "limits": {
+                "max_batch": scheduler.max_batch,
+                "max_queue": scheduler.max_queue,
+                "context_tokens": scheduler.context,
+                "max_tokens": limits.max_tokens,
+                "max_prompt_tokens_per_request": limits.max_prompt_tokens_per_request,
+                "max_embedding_tokens_per_request": limits.max_embedding_tokens_per_request,
+            },
         }
 
     @app.get("/metrics")
