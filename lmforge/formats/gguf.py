@@ -511,6 +511,7 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
     def fused(name: str) -> torch.Tensor | QuantizedTensor:
         """A matrix to split (q/k/v, gate/up): dequantised whole first unless its blocks may be kept."""
         return state[name] if keeps_blocks else as_float(state[name])
+
     add("token_embd.weight", state["token_embedding.weight"])
     if gpt2_like:
         add("position_embd.weight", state["position_embedding.weight"])

@@ -71,10 +71,9 @@ def read_config(values: dict, path: Path) -> ModelConfig:
             if ours != "n_kv_heads"
         }
         sizes["n_kv_heads"] = integer(values, "num_key_value_heads", path, default=sizes["n_heads"])
-        if (
-            values.get("head_dim") is not None
-            and integer(values, "head_dim", path) != sizes["d_model"] / sizes["n_heads"]
-        ):
+        heads, width = sizes["n_heads"], sizes["d_model"]
+        head_dim = integer(values, "head_dim", path, default=width // heads)
+        if width % heads == 0 and head_dim != width // heads:  # (not divisible: model_config says so)
             raise LmforgeError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
         theta = positive_number(rope, "rope_theta", path, positive_number(values, "rope_theta", path, 10000.0))
         return model_config(

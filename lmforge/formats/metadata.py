@@ -76,9 +76,7 @@ def model_config(where: Path, names: dict[str, str], **values) -> ModelConfig:
     d_model, n_heads = values["d_model"], values["n_heads"]
     kv_heads = values.get("n_kv_heads") or n_heads
     if d_model % n_heads:
-        raise LmforgeError(
-            f"{where}: {names['d_model']}={d_model} is not divisible by {names['n_heads']}={n_heads}"
-        )
+        raise LmforgeError(f"{where}: {names['d_model']}={d_model} is not divisible by {names['n_heads']}={n_heads}")
     if n_heads % kv_heads:
         raise LmforgeError(
             f"{where}: {names['n_heads']}={n_heads} is not divisible by {names['n_kv_heads']}={kv_heads}"
