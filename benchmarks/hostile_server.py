@@ -340,7 +340,31 @@ def run_battery(target: Target) -> list[dict]:
     return rows
 
 
-def start_tiny_server(folder: Path) -> tuple[subprocess.Popen, int]:
+def launch_server(model_folder: Path, *options: str) -> tuple[subprocess.Popen, Target]:
+    """`lmforge serve MODEL_FOLDER OPTIONS...` on a free loopback port, once its /health answers
+    (stderr captured, so a caller can look for tracebacks)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lmforge", "serve", str(model_folder), "--port", str(port), "--embedding-model", "none",
+         *options],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    target = Target("127.0.0.1", port)
+
+    def healthy() -> bool:
+        try:
+            return target.request("GET", "/health", timeout=2)[0] == 200
+        except OSError:
+            assert server.poll() is None, f"the server exited: {server.stderr.read()}"
+            return False
+
+    wait_until(healthy, 60, "the server starting")
+    return server, target
+
+
+def start_tiny_server(folder: Path) -> tuple[subprocess.Popen, Target]:
     """`lmforge serve` on a small random model (slow enough that a 1,000-token stream takes seconds)."""
     import torch
 
@@ -356,24 +380,7 @@ def start_tiny_server(folder: Path) -> tuple[subprocess.Popen, int]:
         norm="rmsnorm", mlp="swiglu", positions="rope", bias=False,
     )  # fmt: skip
     save_model(folder / "tiny", Transformer(config).eval(), tokenizer)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lmforge", "serve", str(folder / "tiny"), "--port", str(port),
-         "--embedding-model", "none", "--max-batch", "4", "--max-context", "1100"],
-    )  # fmt: skip
-    target = Target("127.0.0.1", port)
-
-    def healthy() -> bool:
-        try:
-            return target.request("GET", "/health", timeout=2)[0] == 200
-        except OSError:
-            assert server.poll() is None, "the server exited"
-            return False
-
-    wait_until(healthy, 60, "the server starting")
-    return server, port
+    return launch_server(folder / "tiny", "--max-batch", "4", "--max-context", "1100")
 
 
 def main() -> None:
@@ -390,8 +397,7 @@ def main() -> None:
                 raise SystemExit(f"error: {args.url}: this battery only targets servers on this machine (loopback)")
             target = Target(url.hostname, url.port or 80, args.api_key)
         else:
-            server, port = start_tiny_server(Path(folder))
-            target = Target("127.0.0.1", port)
+            server, target = start_tiny_server(Path(folder))
         try:
             rows = run_battery(target)
         finally:

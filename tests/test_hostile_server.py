@@ -3,7 +3,6 @@ test server, a SIGTERM drain that ends every stream, forged chat turns, bounded 
 
 import http.client
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from .test_serve import LiveServer, embedder_or_none
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import hostile_server  # noqa: E402
-from hostile_server import FORGED, GENUINE, Target, read_stream, wait_until  # noqa: E402
+from hostile_server import FORGED, GENUINE, Target, launch_server, read_stream, wait_until  # noqa: E402
 
 TEXT = "the king my lord good sweet love night day honour blood crown heart speak fair death " * 20
 
@@ -198,25 +197,10 @@ def test_sigterm_drain_ends_every_stream_with_a_reason_and_exits_in_time(tmp_pat
     within drain + 2 s of the signal."""
     drain = 3.0
     save_model(tmp_path / "slow", model_for(bpe_tokenizer, d_model=384, n_layers=6), bpe_tokenizer)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lmforge", "serve", str(tmp_path / "slow"), "--port", str(port),
-         "--embedding-model", "none", "--max-batch", "5", "--max-context", "1100", "--drain-seconds", str(drain)],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    target = Target("127.0.0.1", port)
+    server, target = launch_server(
+        tmp_path / "slow", "--max-batch", "5", "--max-context", "1100", "--drain-seconds", str(drain)
+    )
     try:
-
-        def healthy() -> bool:
-            try:
-                return target.request("GET", "/health", timeout=2)[0] == 200
-            except OSError:
-                assert server.poll() is None, server.stderr.read()
-                return False
-
-        wait_until(healthy, 60, "the server starting")
         streams = [
             target.open_stream("/v1/completions", {"prompt": f"go {i}", "max_tokens": 1000, "temperature": 0})
             for i in range(4)
@@ -250,7 +234,7 @@ def test_sigterm_drain_ends_every_stream_with_a_reason_and_exits_in_time(tmp_pat
     assert exited < drain + 2, f"exited {exited:.1f} s after SIGTERM"
     assert "Traceback" not in server.stderr.read()
     with pytest.raises(OSError):
-        http.client.HTTPConnection("127.0.0.1", port, timeout=2).request("GET", "/health")
+        http.client.HTTPConnection("127.0.0.1", target.port, timeout=2).request("GET", "/health")
 
 
 def test_battery_cli_refuses_targets_off_this_machine():

@@ -293,31 +293,14 @@ def test_sigterm_finishes_running_requests_then_exits(tmp_path):
     """`lmforge serve` in its own process: SIGTERM while a stream runs → the stream still ends with
     [DONE], then the process exits without a traceback and new connections are refused."""
     import signal
-    import subprocess
-    import sys
 
     from lmforge.checkpoint import save_model
 
     model, tokenizer = tiny_chat_model()
     save_model(tmp_path / "tiny", model, tokenizer)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lmforge", "serve", str(tmp_path / "tiny"), "--port", str(port),
-         "--embedding-model", "none", "--max-context", "256", "--drain-seconds", "20"],
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    server, target = hostile_server.launch_server(tmp_path / "tiny", "--max-context", "256", "--drain-seconds", "20")
+    port = target.port
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if raw(port, "GET", "/health", key=None)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
-            time.sleep(0.2)
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         body = json.dumps({"prompt": "abc", "max_tokens": 200, "stream": True, "temperature": 1.0})
         connection.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
