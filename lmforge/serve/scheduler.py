@@ -139,10 +139,7 @@ class Scheduler:
             self.condition.notify()
         if self.thread.is_alive():
             self.thread.join(timeout=5)
-        for request in list(self.waiting) + [running.request for running in self.running]:
-            request.emit(("done", "length", self._usage(request, 0)))
-        self.waiting.clear()
-        self.running.clear()
+        self._end_drain()  # what the thread left (it stopped mid-drain): ended as the drain ends it, usage kept
 
     # ---- scheduler thread --------------------------------------------------------------
     def _loop(self) -> None:
