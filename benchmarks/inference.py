@@ -7,7 +7,12 @@ a 512-token prompt, decode tok/s of 128 greedy tokens after a chat prompt, peak 
 interleaved and the best of each metric kept, since this machine is shared and noisy. Prints a
 table and the ratios the inference issue sets targets for; writes benchmarks/results/inference.json.
 
-    python benchmarks/inference.py [--rounds 2] [--skip-hf] [--threads 2]
+A second table decodes the same GGUF while 0, 1 and 2 other processes keep a core busy each (a
+numpy matmul loop, started and stopped here): lmforge choosing its threads per step (the
+default), lmforge fixed at --threads (what it did before), and llama.cpp at --threads and at one
+thread; the median of the rounds, since the point is what a user sees on a busy machine.
+
+    python benchmarks/inference.py [--rounds 2] [--skip-hf] [--threads 2] [--load-only]
 
 llama-cpp-python is optional; it compiles llama.cpp from source (~15-20 min on 2 cores):
     pip install llama-cpp-python==0.3.36
@@ -17,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,6 +34,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "inference.json"
 NEW_TOKENS, PREFILL_TOKENS = 128, 512
+COMPETING_PROCESSES = (0, 1, 2)
+BUSY_LOOP = "import numpy as np\na = np.random.rand(256, 256)\nwhile True:\n    a = (a @ a) / 256.0\n"
 CHAT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
 # The same conversation through SmolLM2's chat template, for the llama.cpp worker (which imports no lmforge)
 CHAT_TEXT = (
@@ -69,6 +78,10 @@ def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
         model, tokenizer = load(checkpoint)
     load_seconds = time.perf_counter() - start
 
+    if variant.endswith("fixed"):  # every step on all threads: lmforge's decoding before it chose them
+        from lmforge.engine import set_decode_threads
+
+        set_decode_threads(torch.get_num_threads())
     if variant.endswith("compiled"):  # prefill through a compiled forward too
         model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     prefill_ids = tokenizer.encode(FILLER * 40)[:PREFILL_TOKENS]
@@ -183,11 +196,66 @@ def run_worker(engine: str, checkpoint: str | None, threads: int) -> dict | None
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def busy_processes(count: int) -> list[subprocess.Popen]:
+    """`count` processes that each keep one core busy until killed; single-threaded BLAS in each."""
+    environment = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], env=environment) for _ in range(count)]
+
+
+def decode_under_load(threads: int, rounds: int, gguf_path: str, with_llama_cpp: bool) -> dict:
+    """Median decode tok/s per engine and number of competing busy processes."""
+    engines = [("lmforge (threads chosen)", "lmforge-gguf-q4_1", threads),
+               (f"lmforge (fixed {threads})", "lmforge-gguf-q4_1-fixed", threads)]  # fmt: skip
+    if with_llama_cpp:
+        engines += [(f"llama.cpp ({threads} threads)", "llama.cpp", threads), ("llama.cpp (1 thread)", "llama.cpp", 1)]
+    measured: dict[str, dict[int, list[float]]] = {label: {n: [] for n in COMPETING_PROCESSES} for label, *_ in engines}
+    for round_index in range(rounds):
+        for competitors in COMPETING_PROCESSES:
+            busy = busy_processes(competitors)
+            try:
+                time.sleep(1.0)  # let the competitors start before timing
+                for label, worker, worker_threads in engines:
+                    print(f"under load, round {round_index + 1}/{rounds}: {competitors} busy, {label}", flush=True)
+                    checkpoint = gguf_path if worker == "llama.cpp" else None
+                    result = run_worker(worker, checkpoint, worker_threads)
+                    if result is not None:
+                        measured[label][competitors].append(result["decode_tok_s"])
+            finally:
+                for process in busy:
+                    process.kill()
+                    process.wait()
+    return {
+        label: {str(n): statistics.median(values) for n, values in per_load.items() if values}
+        for label, per_load in measured.items()
+    }
+
+
+def print_under_load(table: dict, threads: int) -> dict:
+    """The decode-under-load table and its ratios (lmforge vs the best llama.cpp row; loaded vs idle)."""
+    print(f"\nDecode tok/s (median) with competing busy processes, SmolLM2 Q4_1 GGUF, --threads {threads}")
+    print(f"{'engine':<26}" + "".join(f"{f'{n} busy':>10}" for n in COMPETING_PROCESSES))
+    for label, per_load in table.items():
+        print(f"{label:<26}" + "".join(f"{per_load.get(str(n), float('nan')):>10.1f}" for n in COMPETING_PROCESSES))
+    ratios = {}
+    ours = table["lmforge (threads chosen)"]
+    peers = [row for label, row in table.items() if label.startswith("llama.cpp")]
+    for n in map(str, COMPETING_PROCESSES):
+        best_peer = max((row[n] for row in peers if n in row), default=None)
+        if best_peer and n in ours:
+            ratios[f"decode_{n}_busy_vs_best_llama_cpp"] = ours[n] / best_peer
+    if "0" in ours and "1" in ours:
+        ratios["decode_1_busy_vs_own_idle"] = ours["1"] / ours["0"]
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x")
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-hf", action="store_true", help="leave out HF transformers (slow to load)")
+    parser.add_argument("--load-only", action="store_true", help="only the decode-under-load table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -208,10 +276,34 @@ def main() -> None:
 
     from lmforge.chat import render_chat
     from lmforge.loading import builtin_model_path, load
-    from lmforge.quantize import quantize_and_save
 
     tokenizer = load("smollm2-135m-instruct")[1]
     assert render_chat(CHAT, tokenizer.chat_template) == CHAT_TEXT, "CHAT_TEXT no longer matches the template"
+    try:
+        import llama_cpp  # noqa: F401
+
+        with_llama_cpp = True
+    except ImportError:
+        with_llama_cpp = False
+        print("llama-cpp-python is not installed: its rows are left out (see this file's docstring)")
+    report = json.loads(RESULTS.read_text()) if args.load_only and RESULTS.exists() else {}
+    if not args.load_only:
+        report.update(compare_engines(args, with_llama_cpp))
+    gguf_path = str(builtin_model_path("smollm2-135m-instruct"))
+    under_load = decode_under_load(args.threads, args.rounds, gguf_path, with_llama_cpp)
+    report["under_load"] = {"competing_processes": list(COMPETING_PROCESSES), "decode_tok_s": under_load}
+    report["under_load"]["ratios"] = print_under_load(under_load, args.threads)
+    report["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": args.threads}
+    report["torch"] = torch.__version__
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+def compare_engines(args: argparse.Namespace, with_llama_cpp: bool) -> dict:
+    """The main table: every lmforge variant, transformers and llama.cpp, best of the rounds."""
+    from lmforge.loading import builtin_model_path
+    from lmforge.quantize import quantize_and_save
 
     engines = [
         "lmforge-fp32", "lmforge-fp32-speculative", "lmforge-fp32-compiled", "lmforge-int8", "lmforge-int4",
@@ -219,12 +311,8 @@ def main() -> None:
     ]  # fmt: skip
     if not args.skip_hf:
         engines.append("transformers")
-    try:
-        import llama_cpp  # noqa: F401
-
+    if with_llama_cpp:
         engines.append("llama.cpp")
-    except ImportError:
-        print("llama-cpp-python is not installed: its rows are left out (see this file's docstring)")
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
         checkpoints = {"llama.cpp": str(builtin_model_path("smollm2-135m-instruct"))}
@@ -278,22 +366,13 @@ def main() -> None:
             f"int{bits} quality: perplexity {quality['perplexity_reference']:.3f} -> "
             f"{quality['perplexity_quantized']:.3f}, mean KL {quality['mean_kl']:.5f}"
         )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
-        json.dumps(
-            {
-                "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
-                "torch": torch.__version__,
-                "new_tokens": NEW_TOKENS,
-                "prefill_tokens": PREFILL_TOKENS,
-                "rounds": args.rounds,
-                "results": results,
-                "ratios": ratios,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {RESULTS}")
+    return {
+        "new_tokens": NEW_TOKENS,
+        "prefill_tokens": PREFILL_TOKENS,
+        "rounds": args.rounds,
+        "results": results,
+        "ratios": ratios,
+    }
 
 
 if __name__ == "__main__":

@@ -10,12 +10,121 @@ covers Llama-family models (RMSNorm, RoPE, SwiGLU, no biases) on CPU in fp32 act
 
 from __future__ import annotations
 
+import os
+import time
+import weakref
+
 import torch
 from torch import nn
 
 from lmforge import kernels
+from lmforge.errors import LmforgeError
 from lmforge.model import KVCache, Transformer, apply_rope
 from lmforge.quantize import FastLinear, QuantizedLinear
+
+# Decoding threads. A step is ~150 fork-joins of 10-50 microseconds each, so one thread that the
+# OS parks for a time slice (milliseconds) to run another process stalls every join behind it:
+# SmolLM2 Q4_1 on 2 cores went from 86 tok/s to 31 with one busy process beside it, while one
+# thread kept 83 (decoding is memory-bound; a second thread adds ~15% on an idle machine). So
+# unless told a number, each step's thread count is chosen from measured step times.
+_UNSET = object()
+_fixed_threads: int | None | object = _UNSET  # read from $LMFORGE_THREADS at the first step unless set
+
+
+def set_decode_threads(threads: int | None) -> None:
+    """Fix the threads of every decoding step and PyTorch op (`--threads`), or None to choose them
+    per step from measured speed (the default; `$LMFORGE_THREADS` fixes them too)."""
+    global _fixed_threads
+    if threads is not None:
+        if threads < 1:
+            raise LmforgeError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    _fixed_threads = threads
+
+
+def threads_from_environment() -> int | None:
+    """`$LMFORGE_THREADS` as a number, None when unset or empty."""
+    value = os.environ.get("LMFORGE_THREADS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise LmforgeError(f"LMFORGE_THREADS must be a whole number of threads >= 1, got {value!r}")
+    return int(value)
+
+
+class ThreadChooser:
+    """Picks each decoding step's thread count from the measured time of recent steps.
+
+    Candidates are `most`, most/2, most/4 ... 1. Steps run on the fastest estimate; every
+    `EXPLORE_EVERY` steps two run on a neighbouring count (the first of them pays for waking or
+    parking threads and is not measured), so a change in the machine's load is noticed within
+    a few dozen tokens. The current count's estimate is a moving average of seconds per step; an
+    explored count's is its latest time, since the load may have changed since it last ran."""
+
+    EXPLORE_EVERY = 24
+    SMOOTHING = 0.3
+
+    def __init__(self, most: int):
+        self.candidates = sorted({max(1, most >> shift) for shift in range(most.bit_length())}, reverse=True)
+        self.seconds: dict[int, float] = {}
+        self.current = self.candidates[0]
+        self.steps = 0
+        self._explore_up = False
+
+    def pick(self) -> tuple[int, bool]:
+        """This step's thread count, and whether its time is to be recorded."""
+        self.steps += 1
+        phase = self.steps % self.EXPLORE_EVERY  # steps 1, 2 measure the starting count; 3, 4 explore
+        if len(self.candidates) == 1 or phase not in (3, 4):
+            return self.current, self.steps > 1  # the very first step also starts the thread pool
+        if phase == 3:
+            self._explore_up = not self._explore_up
+        index = self.candidates.index(self.current)  # candidates run from most threads to one
+        fewer_exists, more_exists = index + 1 < len(self.candidates), index > 0
+        more = more_exists and (self._explore_up or not fewer_exists)
+        return self.candidates[index - 1 if more else index + 1], phase == 4
+
+    def record(self, threads: int, seconds: float) -> None:
+        previous = self.seconds.get(threads)
+        if previous is None or threads != self.current:  # an explored count: its freshest time stands
+            self.seconds[threads] = seconds
+        else:
+            self.seconds[threads] = previous + self.SMOOTHING * (seconds - previous)
+        self.current = min(self.seconds, key=self.seconds.__getitem__)
+
+
+_choosers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {batch size: ThreadChooser}
+_most_threads: int | None = None  # PyTorch's thread count before the first chosen step changed it
+
+
+def _chooser(model: Transformer, batch: int) -> ThreadChooser:
+    global _most_threads
+    if _most_threads is None:
+        _most_threads = torch.get_num_threads()
+    per_batch = _choosers.setdefault(model, {})
+    if batch not in per_batch:
+        per_batch[batch] = ThreadChooser(_most_threads)
+    return per_batch[batch]
+
+
+def run_timed_step(model: Transformer, batch: int, step):
+    """`step(threads)` with the thread count fixed by `set_decode_threads`, or else chosen (and then
+    measured) by this model's chooser for `batch` rows; the step's own result. A chosen count is
+    left set for PyTorch too: sampling's ops over the vocabulary between steps fork and join as
+    well, and put back at two threads they cost a busy machine as much as the step saved."""
+    if _fixed_threads is _UNSET:
+        set_decode_threads(threads_from_environment())
+    if _fixed_threads is not None:
+        return step(_fixed_threads)
+    chooser = _chooser(model, batch)
+    threads, measured = chooser.pick()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    result = step(threads)
+    if measured:
+        chooser.record(threads, time.perf_counter() - start)
+    return result
 
 
 def supports(model: Transformer) -> bool:
@@ -34,16 +143,15 @@ def supports(model: Transformer) -> bool:
 
 
 class DecodePlan:
-    """Every native call of one decoding step for `batch` rows, prepared once: buffers allocated,
-    pointers and sizes resolved. A step is then ~7 plain ctypes calls per layer; the Python
-    around each call was a quarter of the step when it went through the modules."""
+    """Every native call of one decoding step for `batch` rows, prepared once per thread count:
+    buffers allocated, pointers and sizes resolved. A step is then ~7 plain ctypes calls per layer;
+    the Python around each call was a quarter of the step when it went through the modules."""
 
     def __init__(self, model: Transformer, cache: KVCache, batch: int):
         config = model.config
-        library, threads = kernels.library(), torch.get_num_threads()
         d, width = config.d_model, (config.n_heads + 2 * config.kv_heads) * config.head_dim
         buffer = lambda *shape: torch.empty(*shape)  # noqa: E731
-        self.model, self.batch = model, batch
+        self.model, self.cache, self.batch = model, cache, batch
         self.x, self.h, self.y, self.delta = buffer(batch, d), buffer(batch, d), buffer(batch, d), buffer(batch, d)
         self.qkv, self.up = buffer(batch, width), buffer(batch, 2 * config.mlp_hidden)
         self.gated = buffer(batch, config.mlp_hidden)
@@ -52,37 +160,46 @@ class DecodePlan:
         self.positions, self.slots = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
         # scratch tensors whose pointers the calls hold, and the RoPE tables as they are now: the model
         # may grow (replace) its own later, and this plan's positions never pass the cache's length
-        rope_cos, rope_sin = model.rope_for(min(cache.max_length, config.block_size))
-        self._keep = [rope_cos, rope_sin]
-        blocks = model.blocks
+        self.rope_cos, self.rope_sin = model.rope_for(min(cache.max_length, config.block_size))
+        self._scratch: list[torch.Tensor] = []
+        self._calls_by_threads: dict[int, list] = {}
+
+    def _calls(self, threads: int) -> list:
+        if threads in self._calls_by_threads:
+            return self._calls_by_threads[threads]
+        library, config, cache, batch = kernels.library(), self.model.config, self.cache, self.batch
+        d = config.d_model
+        blocks = self.model.blocks
         first = blocks[0].attention_norm
-        self.calls = [
+        calls = [
             (library.rms_norm, (self.x.data_ptr(), first.weight.data_ptr(), first.eps, batch, d, self.h.data_ptr()))
         ]
         for layer, block in enumerate(blocks):
             attention = block.attention
-            following = blocks[layer + 1].attention_norm if layer + 1 < len(blocks) else model.final_norm
-            self.calls += [
-                self._matvec(attention.qkv, self.h, self.qkv),
+            following = blocks[layer + 1].attention_norm if layer + 1 < len(blocks) else self.model.final_norm
+            calls += [
+                self._matvec(attention.qkv, self.h, self.qkv, threads),
                 (library.attention_decode, (
                     self.qkv.data_ptr(), batch, config.n_heads, config.kv_heads, config.head_dim,
                     self.slots.data_ptr(), self.positions.data_ptr(), cache.keys[layer].data_ptr(),
-                    cache.values[layer].data_ptr(), cache.max_length, rope_cos.data_ptr(),
-                    rope_sin.data_ptr(), self.scores.data_ptr(), self.y.data_ptr(), threads,
+                    cache.values[layer].data_ptr(), cache.max_length, self.rope_cos.data_ptr(),
+                    self.rope_sin.data_ptr(), self.scores.data_ptr(), self.y.data_ptr(), threads,
                 )),
-                self._matvec(attention.out, self.y, self.delta),
+                self._matvec(attention.out, self.y, self.delta, threads),
                 (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), block.mlp_norm.weight.data_ptr(),
                                         block.mlp_norm.eps, batch, d, self.h.data_ptr())),
-                self._matvec(block.mlp.up, self.h, self.up),
+                self._matvec(block.mlp.up, self.h, self.up, threads),
                 (library.silu_mul, (self.up.data_ptr(), batch, config.mlp_hidden, self.gated.data_ptr())),
-                self._matvec(block.mlp.down, self.gated, self.delta),
+                self._matvec(block.mlp.down, self.gated, self.delta, threads),
                 (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), following.weight.data_ptr(),
                                         following.eps, batch, d, self.h.data_ptr())),
             ]  # fmt: skip
-        self.calls.append(self._matvec(model.lm_head, self.h, self.logits))
+        calls.append(self._matvec(self.model.lm_head, self.h, self.logits, threads))
+        self._calls_by_threads[threads] = calls
+        return calls
 
-    def _matvec(self, layer, x: torch.Tensor, out: torch.Tensor):
-        library, threads = kernels.library(), torch.get_num_threads()
+    def _matvec(self, layer, x: torch.Tensor, out: torch.Tensor, threads: int):
+        library = kernels.library()
         rows, inner = x.shape
         bias = 0 if layer.bias is None else layer.bias.data_ptr()
         head = (x.data_ptr(), rows, inner)  # every matvec starts with x, its rows and width
@@ -95,7 +212,7 @@ class DecodePlan:
             return library.matvec_q8_exact, (*head, codes, scale, *tail)
         scratch = [torch.empty(rows, inner, dtype=torch.int8), torch.empty(rows, inner // 32)]
         scratch.append(torch.empty(rows, inner // 32))
-        self._keep.append(scratch)
+        self._scratch += scratch
         tail = (layer.group_size, bias, layer.out_features, out.data_ptr(), *(t.data_ptr() for t in scratch), threads)
         if layer.bits == 8:
             return library.matvec_q8, (*head, codes, scale, *tail)
@@ -119,11 +236,11 @@ class DecodePlan:
                 return False
         return True
 
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, threads: int) -> torch.Tensor:
         self.positions.copy_(positions)
         self.slots.copy_(slots)
         self.x.copy_(self.model.token_embedding(tokens.reshape(self.batch)))
-        for function, arguments in self.calls:
+        for function, arguments in self._calls(threads):
             function(*arguments)
         return self.logits.clone()
 
@@ -156,12 +273,27 @@ def decode_step(
         plans[key] = DecodePlan(model, cache, batch) if DecodePlan.fits(model) else None
     plan = plans[key]
     if plan is None:  # a layer the native calls cannot run (say bf16 weights): the model's own forward
-        hidden = model.hidden_states(tokens, cache, None if aligned else positions, None if aligned else slots)
-        return model.lm_head(hidden[:, -1]).float()
-    logits = plan.run(tokens, positions, slots)
+        return torch_decode_step(model, tokens, cache, None if aligned else positions, None if aligned else slots)
+    logits = run_timed_step(model, batch, lambda threads: plan.run(tokens, positions, slots, threads))
     if aligned:
         cache.length += 1
     return logits
+
+
+def torch_decode_step(
+    model: Transformer,
+    tokens: torch.Tensor,
+    cache: KVCache,
+    positions: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The model's own forward for one new token per row, on the thread count `run_timed_step` chooses."""
+
+    def step(threads: int) -> torch.Tensor:  # PyTorch's ops run on the count run_timed_step set
+        hidden = model.hidden_states(tokens, cache, positions, slots)
+        return model.lm_head(hidden[:, -1]).float()
+
+    return run_timed_step(model, tokens.shape[0], step)
 
 
 def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, keys: list, values: list):

@@ -73,8 +73,10 @@ def next_token_logits(
 ) -> torch.Tensor:
     """Logits (B, vocab) at each row's last position (or at index `last` per row), running the
     LM head on those positions only: during prefill it would otherwise be the biggest matmul."""
-    if tokens.shape[1] == 1 and cache is not None and last is None and engine.supports(model):
-        return engine.decode_step(model, tokens, cache, positions, slots)
+    if tokens.shape[1] == 1 and cache is not None and last is None:
+        if engine.supports(model):
+            return engine.decode_step(model, tokens, cache, positions, slots)
+        return engine.torch_decode_step(model, tokens, cache, positions, slots)
     if cache is not None and positions is None and last is None:
         # A long prompt goes through in chunks: the cache carries the context between them, and each
         # pass's activations (and dequantised weights) stay a chunk's size, not the prompt's.

@@ -58,3 +58,38 @@ def test_round_robin_times_every_candidate_in_every_turn():
     assert len(timings["a"]) == len(timings["b"]) == train_throughput.MIN_TURNS
     assert calls["a"] == calls["b"] == 5 + 2 * train_throughput.MIN_TURNS  # warm-up, then two per turn
     assert all(t >= 0 for t in timings["a"] + timings["b"])
+
+
+def test_inference_benchmark_competitors_keep_a_core_busy_and_stop():
+    import time
+
+    import inference
+
+    (process,) = inference.busy_processes(1)
+    try:
+        time.sleep(1.5)
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu_seconds = (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
+    finally:
+        process.kill()
+        process.wait()
+    assert cpu_seconds > 0.3  # busy, not sleeping (its start-up alone is ~0.1 s of CPU)
+    assert process.returncode is not None
+
+
+def test_inference_benchmark_under_load_ratios_compare_with_the_best_llama_cpp_row():
+    import inference
+
+    table = {
+        "lmforge (threads chosen)": {"0": 90.0, "1": 60.0, "2": 40.0},
+        "lmforge (fixed 2)": {"0": 90.0, "1": 30.0, "2": 10.0},
+        "llama.cpp (2 threads)": {"0": 80.0, "1": 20.0, "2": 10.0},
+        "llama.cpp (1 thread)": {"0": 60.0, "1": 50.0, "2": 40.0},
+    }
+    ratios = inference.print_under_load(table, threads=2)
+    assert ratios == {
+        "decode_0_busy_vs_best_llama_cpp": 90 / 80,
+        "decode_1_busy_vs_best_llama_cpp": 60 / 50,
+        "decode_2_busy_vs_best_llama_cpp": 1.0,
+        "decode_1_busy_vs_own_idle": 60 / 90,
+    }
