@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, missing_extra
 from lmforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 MANIFEST = "manifest.json"
@@ -136,7 +136,7 @@ def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
         try:
             import pyarrow.parquet as parquet
         except ImportError:
-            raise LmforgeError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+            raise missing_extra(f"{path}: reading Parquet", "pyarrow", "parquet") from None
         try:
             table = parquet.read_table(path)
         except Exception as error:  # pyarrow raises its own error types for a bad file

@@ -11,8 +11,14 @@ every lm_eval option works. From Python: `lm_eval.simple_evaluate(model=LmforgeL
 from __future__ import annotations
 
 import torch
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
+
+from lmforge.errors import missing_extra
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError:
+    raise missing_extra("the lm-evaluation-harness adapter", "lm_eval", "eval") from None
 
 from lmforge.evaluate import continuation_log_likelihood, text_perplexity
 from lmforge.generate import SamplingConfig, generate

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, missing_extra
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 
@@ -69,7 +69,7 @@ class VectorIndex:
             try:
                 import faiss
             except ImportError:
-                raise LmforgeError("use_faiss=True needs the faiss package (pip install faiss-cpu)") from None
+                raise missing_extra("use_faiss=True", "faiss-cpu", "faiss") from None
             self.faiss_index = faiss.IndexFlatIP(self.vectors.shape[1])
             self.faiss_index.add(self.vectors)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge import fit
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, missing_extra
 from lmforge.fit import Fittable
 from lmforge.model import Block, ModelConfig, make_norm
 
@@ -140,7 +140,7 @@ def load_digits_split(test_fraction: float = 0.2, seed: int = 0):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError:
-        raise LmforgeError("the digits dataset ships with scikit-learn: pip install scikit-learn") from None
+        raise missing_extra("the digits dataset", "scikit-learn", "vision") from None
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
     labels = torch.tensor(digits.target)
