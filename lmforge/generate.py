@@ -77,6 +77,7 @@ def next_token_logits(
         if engine.supports(model):
             return engine.decode_step(model, tokens, cache, positions, slots)
         return engine.torch_decode_step(model, tokens, cache, positions, slots)
+    engine.use_prefill_threads(model)
     if cache is not None and positions is None and last is None:
         # A long prompt goes through in chunks: the cache carries the context between them, and each
         # pass's activations (and dequantised weights) stay a chunk's size, not the prompt's.

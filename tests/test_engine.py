@@ -101,3 +101,31 @@ def test_thread_count_does_not_change_the_tokens():
     assert runs[0] == runs[1] == runs[2]
     chooser = engine._choosers[model][1]
     assert chooser.steps >= 79 and set(chooser.seconds) == {1, 2}  # both counts were measured
+
+
+def test_the_first_count_fits_the_cores_other_processes_leave_free():
+    assert engine.ThreadChooser(8, free_cores=3).current == 2
+    assert engine.ThreadChooser(8, free_cores=8).current == 8
+    assert engine.ThreadChooser(2, free_cores=1).current == 1
+    assert engine.ThreadChooser(2, free_cores=None).current == 2
+    free = engine.free_cores()
+    import os
+
+    assert free is None or 1 <= free <= len(os.sched_getaffinity(0))
+
+
+def test_prefill_runs_on_the_count_decoding_found_fastest():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, block_size=64, n_layers=1, n_heads=2, d_model=32)
+    model = Transformer(config).eval()
+    chooser = engine._chooser(model, 1)
+    try:
+        chooser.current = 1
+        list(generate_tokens(model, list(range(20)), SamplingConfig(max_new_tokens=1, temperature=0)))
+        assert torch.get_num_threads() == 1
+        engine.set_decode_threads(2)  # fixed: the chooser is not asked
+        list(generate_tokens(model, list(range(20)), SamplingConfig(max_new_tokens=1, temperature=0)))
+        assert torch.get_num_threads() == 2
+    finally:
+        engine.set_decode_threads(None)
+        torch.set_num_threads(2)
