@@ -275,11 +275,11 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     config = apply_values(config, {"model": {"vocab_size": tokenizer.vocab_size}})
     # Resolved once and recorded, so a resumed run with a longer max_steps keeps the warmup it had.
     config.warmup_steps = warmup_steps_for(config.max_steps, config.warmup_steps)
-    warning = warmup_warning(config.warmup_steps, config.max_steps)
-    if warning and group.is_main:
-        print(warning, file=sys.stderr)
     if group.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)  # before the model, so an out_dir taken by a file fails at once
+        warning = warmup_warning(config.warmup_steps, config.max_steps)
+        if warning:
+            print(warning, file=sys.stderr)
 
     torch.manual_seed(config.seed)
     model = Transformer(config.model)
