@@ -364,8 +364,8 @@ def command_quickstart(args, extra) -> int:
 MODEL_HELP = "a model name (smollm2-135m-instruct), a .gguf file, an HF folder, or an lmforge checkpoint/run folder"
 ADAPTER_HELP = "a LoRA adapter folder (from lmforge finetune --task sft) to apply to the model"
 OVERWRITE_HELP = (
-    "the output folder holds a run: move it into OUT/previous-<date>-<time>/ (nothing is deleted) and start "
-    "afresh; without this (or --resume) a used folder is an error"
+    "if the output folder holds a run, move that run into OUT/previous-<date>-<time>/ (nothing is deleted) "
+    "and start afresh; without --overwrite a used folder is an error"
 )
 
 
@@ -609,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quick.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
     quick.add_argument("--out-dir", "--out_dir", dest="out_dir", default="runs/quickstart")
-    quick.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " (the prepared data is kept)")
+    quick.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " (OUT/data is kept)")
     quick.set_defaults(handler=command_quickstart)
     return parser
 
