@@ -55,7 +55,7 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    resume: bool = False  # continue the run in out_dir (with its recorded settings under these values)
+    resume: bool = False  # continue the run in out_dir (train_config_from fills unset keys from its config.json)
     overwrite: bool = False  # out_dir holds a run: move it into out_dir/previous-<date>-<time>/ first
     peak_flops: float | None = None  # for MFU; measured with a matmul when unset
     progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none
