@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,11 +23,14 @@ from lmforge.errors import LmforgeError
 from lmforge.fit import EarlyStopping, Fittable, ModelCheckpoint, WarmupCosine, save_weights
 from lmforge.metrics import confusion_matrix, macro_f1, save_confusion_matrix_png
 from lmforge.model import ModelConfig, Transformer
+from lmforge.run_folder import claim_run_folder, settings_to_record
 
 POOLINGS = ("last", "mean", "first")
 CLASSIFIER_CONFIG = "classifier.json"
 CLASSIFIER_WEIGHTS = "model.safetensors"
 CLASSIFIER_TOKENIZER = "tokenizer.json"
+# What finetune_classifier writes into `out`.
+RUN_FILES = (CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, CLASSIFIER_TOKENIZER, "metrics.json", "confusion_matrix.png")
 
 
 class SequenceClassifier(Fittable, nn.Module):
@@ -154,7 +157,7 @@ class ClassifyConfig:
     batch_size: int = 16
     learning_rate: float = 5e-5
     weight_decay: float = 0.01
-    warmup_steps: int = 10
+    warmup_steps: int | None = None  # unset: a tenth of the optimizer steps, at most 100
     accumulation_steps: int = 1
     patience: int = 2  # early stopping on validation loss
     balanced_class_weights: bool = False
@@ -163,6 +166,7 @@ class ClassifyConfig:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = field(default=("qkv", "out", "up", "down"))
     seed: int = 0
+    overwrite: bool = False  # `out` holds a classifier: move it into out/previous-<date>-<time>/ first
 
 
 def train_test_split(texts: list[str], labels: list[int], fraction: float, seed: int = 0):
@@ -192,6 +196,10 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
     classes = len(train.label_names)
     if classes < 2:
         raise LmforgeError(f"{config.data}: needs at least 2 classes, found {train.label_names}")
+    out = Path(config.out)
+    archived = claim_run_folder(out, RUN_FILES, config.overwrite, "choose a new --out")
+    if archived is not None and verbose:
+        print(f"--overwrite: moved the previous classifier into {archived}")
 
     backbone, tokenizer, backbone_tokens = load_backbone(config.model)
     pooling = config.pooling or ("mean" if isinstance(backbone, Encoder) else "last")
@@ -206,7 +214,6 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
             classifier,
             LoraConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets, ("head",)),
         )
-    out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if verbose:
         print(
@@ -226,6 +233,7 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         counts = torch.bincount(y_train, minlength=classes).clamp(min=1)
         class_weight = {i: len(y_train) / (classes * int(counts[i])) for i in range(classes)}
     best = out / "best.safetensors"
+    schedule = WarmupCosine(config.warmup_steps)
     history = classifier.fit(
         x_train,
         y_train,
@@ -233,7 +241,7 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         batch_size=config.batch_size,
         validation_data=(x_val, y_val),
         callbacks=[
-            WarmupCosine(config.warmup_steps),
+            schedule,
             EarlyStopping("val_loss", patience=config.patience),
             ModelCheckpoint(best, "val_loss"),
         ],
@@ -258,6 +266,8 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         "label_names": train.label_names,
         "confusion_matrix": matrix.tolist(),
         "history": history.history,
+        "warmup_steps": schedule.warmup_steps,
+        "reached_peak_learning_rate": schedule.reached_peak,
     }
     save_classifier(out, classifier, tokenizer, train.label_names, max_tokens, config.model)
     save_confusion_matrix_png(
@@ -266,7 +276,7 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         f"accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}",
         train.label_names,
     )
-    (out / "metrics.json").write_text(json.dumps({**result, "config": asdict(config)}, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps({**result, "config": settings_to_record(config)}, indent=2) + "\n")
     return result
 
 

@@ -69,6 +69,8 @@ def command_train(args, extra) -> int:
     values = config_values(args.config, extra)
     if args.resume:
         values["resume"] = True
+    if args.overwrite:
+        values["overwrite"] = True
     summary = train(train_config_from(values))
     print(json.dumps(summary, indent=2))
     return 0
@@ -355,12 +357,16 @@ def command_export(args, extra) -> int:
 def command_quickstart(args, extra) -> int:
     from lmforge.quickstart import quickstart
 
-    quickstart(args.out_dir, args.minutes, parse_overrides(extra))
+    quickstart(args.out_dir, args.minutes, parse_overrides(extra), overwrite=args.overwrite)
     return 0
 
 
 MODEL_HELP = "a model name (smollm2-135m-instruct), a .gguf file, an HF folder, or an lmforge checkpoint/run folder"
 ADAPTER_HELP = "a LoRA adapter folder (from lmforge finetune --task sft) to apply to the model"
+OVERWRITE_HELP = (
+    "if the output folder holds a run, move that run into OUT/previous-<date>-<time>/ (nothing is deleted) "
+    "and start afresh; without --overwrite a used folder is an error"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="YAML or JSON config file")
     train.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
+    train.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     train.set_defaults(handler=command_train)
 
     generate = verbs.add_parser(
@@ -602,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quick.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
     quick.add_argument("--out-dir", "--out_dir", dest="out_dir", default="runs/quickstart")
+    quick.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " (OUT/data is kept)")
     quick.set_defaults(handler=command_quickstart)
     return parser
 

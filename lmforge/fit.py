@@ -24,6 +24,7 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.metrics import confusion_matrix, macro_f1
+from lmforge.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
 
 Inputs = torch.Tensor | tuple | list | dict
 
@@ -411,23 +412,31 @@ class LearningRateScheduler(Callback):
 
 
 class WarmupCosine(Callback):
-    """Per optimizer step: linear warm-up over `warmup_steps`, then cosine decay to `min_ratio` x the peak."""
+    """Per optimizer step: linear warm-up over `warmup_steps`, then cosine decay to `min_ratio` x the peak.
 
-    def __init__(self, warmup_steps: int = 0, min_ratio: float = 0.1):
-        self.warmup_steps, self.min_ratio = warmup_steps, min_ratio
+    `warmup_steps` unset: a tenth of the run's optimizer steps, at most 100 (`schedule.warmup_steps_for`).
+    After `fit`, `reached_peak` says whether the run got through its warmup (early stopping may end it sooner).
+    """
+
+    def __init__(self, warmup_steps: int | None = None, min_ratio: float = 0.1):
+        self.requested_warmup_steps, self.min_ratio = warmup_steps, min_ratio
+        self.warmup_steps, self.reached_peak = warmup_steps, False
 
     def on_train_begin(self, logs):
         self.peaks = [group["lr"] for group in _setup(self.model).optimizer.param_groups]
+        total = self.params["optimizer_steps"]
+        self.warmup_steps = warmup_steps_for(total, self.requested_warmup_steps)
+        warning = warmup_warning(self.warmup_steps, total)
+        if warning:
+            print(warning, file=sys.stderr)
 
     def on_batch_begin(self, batch, logs):
-        step, total = self.params["optimizer_step"], max(self.params["optimizer_steps"], 1)
-        if step < self.warmup_steps:
-            factor = (step + 1) / self.warmup_steps
-        else:
-            progress = (step - self.warmup_steps) / max(total - self.warmup_steps, 1)
-            factor = self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        step, total = self.params["optimizer_step"], self.params["optimizer_steps"]
         for group, peak in zip(_setup(self.model).optimizer.param_groups, self.peaks):
-            group["lr"] = peak * factor
+            group["lr"] = warmup_cosine(step, total, self.warmup_steps, peak, peak * self.min_ratio)
+
+    def on_train_end(self, logs):
+        self.reached_peak = reached_peak(self.params["optimizer_step"], self.warmup_steps)
 
 
 class ReduceLROnPlateau(Callback):

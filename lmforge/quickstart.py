@@ -11,7 +11,8 @@ from lmforge.checkpoint import load_model
 from lmforge.data import TokenDataset, load_manifest, prepare, sha256_file
 from lmforge.generate import SamplingConfig, generate
 from lmforge.recipes import shakespeare_corpus
-from lmforge.train import TrainConfig, make_optimizer, train, train_config_from
+from lmforge.run_folder import claim_run_folder
+from lmforge.train import RUN_FILES, TrainConfig, make_optimizer, train, train_config_from
 
 
 def say(text: str) -> None:
@@ -68,19 +69,30 @@ def quickstart(
     samples: int = 3,
     sample_tokens: int = 300,
     log=say,
+    overwrite: bool = False,
 ) -> dict:
-    """Prepare Shakespeare, train the quickstart model for about `minutes`, print samples."""
+    """Prepare Shakespeare, train the quickstart model for about `minutes`, print samples.
+
+    An out_dir holding an earlier run is refused unless `overwrite` (which moves that run into
+    out_dir/previous-<date>-<time>/); the prepared data in out_dir/data is kept and reused.
+    """
     out_dir = Path(out_dir)
-    data_dir = prepare_shakespeare(out_dir / "data", log)
     values = {
-        "data_dir": str(data_dir),
+        "data_dir": str(out_dir / "data"),
         "out_dir": str(out_dir),
         "preset": "quickstart",
         "eval_interval": 250,
         "checkpoint_interval": 250,
+        "overwrite": overwrite,
         **(overrides or {}),
     }
     config = train_config_from(values)
+    if not config.resume:  # before minutes of preparing and calibrating, not after
+        continuing = f"continue it with `lmforge train --out_dir={out_dir} --resume --max_steps=MORE`"
+        archived = claim_run_folder(out_dir, RUN_FILES, config.overwrite, f"{continuing}, choose another --out-dir")
+        if archived is not None:
+            log(f"--overwrite: moved the previous run into {archived}")
+    data_dir = prepare_shakespeare(out_dir / "data", log)
     vocab = TokenDataset(data_dir).tokenizer().vocab_size
     config.model.vocab_size = vocab
     if "max_steps" not in (overrides or {}):
@@ -88,7 +100,6 @@ def quickstart(
         # ~8% of the budget goes to evaluation and checkpoints.
         max_steps = max(50, int(minutes * 60 * 0.92 / per_step))
         config.max_steps = max_steps
-        config.warmup_steps = min(config.warmup_steps, max_steps // 10)
         log(f"calibrated: {per_step * 1000:.0f} ms/step → {max_steps} steps in ~{minutes:g} min")
     summary = train(config)
 

@@ -10,7 +10,7 @@ trains every weight), trained with `fit`, saved as an adapter folder and/or a fu
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,9 +21,11 @@ from lmforge.data import read_records
 from lmforge.errors import LmforgeError
 from lmforge.fit import Callback, EarlyStopping, Fittable, WarmupCosine
 from lmforge.model import Transformer
+from lmforge.run_folder import claim_run_folder, settings_to_record
 from lmforge.tokenizer import Tokenizer
 
 IGNORE = -100  # target id that the loss skips (PyTorch's cross_entropy ignore_index)
+RUN_FILES = ("adapter", "model", "metrics.json")  # what finetune_chat writes into `out`
 
 
 def read_conversations(path: str | Path) -> list[list[dict]]:
@@ -179,7 +181,7 @@ class SFTConfig:
     batch_size: int = 4
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
-    warmup_steps: int = 5
+    warmup_steps: int | None = None  # unset: a tenth of the optimizer steps, at most 100
     accumulation_steps: int = 1
     clip_grad_norm: float = 1.0
     lora_rank: int = 8  # 0: full fine-tuning
@@ -188,6 +190,7 @@ class SFTConfig:
     lora_targets: tuple[str, ...] = field(default=("qkv", "out", "up", "down"))
     merge: bool = False  # with LoRA: also write the merged full model to out/model
     seed: int = 0
+    overwrite: bool = False  # `out` holds a run: move it into out/previous-<date>-<time>/ first
 
 
 def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
@@ -198,6 +201,10 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
 
     if not config.data:
         raise LmforgeError('SFT needs data: a JSONL file of {"messages": [...]} conversations')
+    out = Path(config.out)
+    archived = claim_run_folder(out, RUN_FILES, config.overwrite, "choose a new --out")
+    if archived is not None and verbose:
+        print(f"--overwrite: moved the previous run into {archived}")
     torch.manual_seed(config.seed)
     model, tokenizer = load(config.model, keep_quantized=False)
     length = min(config.max_tokens, model.config.block_size)
@@ -228,8 +235,8 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
         weight_decay=config.weight_decay,
         clip_grad_norm=config.clip_grad_norm,
     )
-    out = Path(config.out)
-    callbacks = [WarmupCosine(config.warmup_steps)]
+    schedule = WarmupCosine(config.warmup_steps)
+    callbacks = [schedule]
     if config.lora_rank:  # the adapter is megabytes: keep the latest epoch's, so a crash loses at most one
         callbacks.append(SaveAdapterEachEpoch(out / "adapter", config.model))
     if validation is not None:
@@ -252,6 +259,12 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
     if not config.lora_rank or config.merge:
         merged = remove_lora(model) if config.lora_rank else model
         written["model"] = str(save_model(out / "model", merged, tokenizer, {"base_model": config.model}))
-    result = {**stats, "history": history.history, "written": written}
-    (out / "metrics.json").write_text(json.dumps({**result, "config": asdict(config)}, indent=2) + "\n")
+    result = {
+        **stats,
+        "history": history.history,
+        "written": written,
+        "warmup_steps": schedule.warmup_steps,
+        "reached_peak_learning_rate": schedule.reached_peak,
+    }
+    (out / "metrics.json").write_text(json.dumps({**result, "config": settings_to_record(config)}, indent=2) + "\n")
     return result

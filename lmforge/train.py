@@ -13,18 +13,20 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lmforge import distributed
 from lmforge.checkpoint import CONFIG, STATE, load_resume_checkpoint, load_weights, save_checkpoint
-from lmforge.config import apply_values
+from lmforge.config import apply_values, merge
 from lmforge.data import TokenDataset
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import evaluate_loss
 from lmforge.model import ModelConfig, Transformer, preset
+from lmforge.run_folder import FOLDER_ACTIONS, claim_run_folder, settings_to_record
+from lmforge.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
 
 
 @dataclass
@@ -40,7 +42,7 @@ class TrainConfig:
     max_steps: int = 2000
     learning_rate: float = 2e-3
     min_learning_rate: float = 2e-4
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # unset: a tenth of max_steps, at most 100
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
@@ -53,15 +55,29 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir (train_config_from fills unset keys from its config.json)
+    overwrite: bool = False  # out_dir holds a run: move it into out_dir/previous-<date>-<time>/ first
     peak_flops: float | None = None  # for MFU; measured with a matmul when unset
     progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none
     plot: bool = True  # write loss_curve.png at the end
 
 
+# What a pretraining run writes into out_dir; a folder holding any of them holds a run.
+RUN_FILES = ("config.json", "metrics.jsonl", "loss_curve.png", "checkpoints")
+
+
 def train_config_from(values: dict) -> TrainConfig:
-    """A TrainConfig from nested values: the model preset first, then everything else."""
-    values = dict(values)
+    """A TrainConfig from nested values: the model preset first, then everything else. Resuming,
+    the run's recorded settings (out_dir/config.json) fill in what `values` leave unset."""
+    config = _config_from_values(values)
+    if config.resume:
+        recorded = recorded_settings(Path(config.out_dir))
+        if recorded is not None:
+            config = _config_from_values(merge(recorded, values))
+    return config
+
+
+def _config_from_values(values: dict) -> TrainConfig:
     preset_name = str(values.get("preset", TrainConfig.preset))
     try:
         config = TrainConfig(preset=preset_name, model=preset(preset_name))
@@ -70,14 +86,25 @@ def train_config_from(values: dict) -> TrainConfig:
     return apply_values(config, values)
 
 
+def recorded_settings(out_dir: Path) -> dict | None:
+    """The settings a run recorded in out_dir/config.json (None when there is none), without the
+    folder actions older versions recorded with them."""
+    path = out_dir / "config.json"
+    if not path.exists():
+        return None
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise LmforgeError(f"{path}: unreadable ({error}); resuming reads the run's settings from it") from None
+    if not isinstance(recorded, dict):
+        raise LmforgeError(f"{path}: not a mapping of settings; resuming reads the run's settings from it")
+    return {key: value for key, value in recorded.items() if key not in FOLDER_ACTIONS}
+
+
 def learning_rate_at(step: int, config: TrainConfig) -> float:
     """Linear warmup to learning_rate, then cosine decay to min_learning_rate at max_steps."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
-    return config.min_learning_rate + 0.5 * (1 + math.cos(math.pi * progress)) * (
-        config.learning_rate - config.min_learning_rate
-    )
+    warmup_steps = warmup_steps_for(config.max_steps, config.warmup_steps)
+    return warmup_cosine(step, config.max_steps, warmup_steps, config.learning_rate, config.min_learning_rate)
 
 
 def make_optimizer(model: Transformer, config: TrainConfig, device_type: str) -> torch.optim.AdamW:
@@ -223,7 +250,12 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     tokenizer = train_data.tokenizer()
     global_batch = config.batch_size * config.grad_accum_steps * group.world_size
 
-    start_step, resumed = 0, None
+    start_step, resumed, archived = 0, None, None
+    if config.resume and config.overwrite:
+        raise LmforgeError(
+            "resume and overwrite contradict each other: resume continues the run in out_dir, overwrite starts "
+            "a new one there; choose one"
+        )
     if config.resume:
         resumed = load_resume_checkpoint(out_dir)
         if resumed.latest_problem and group.is_main:
@@ -236,9 +268,18 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
         except LmforgeError as error:
             raise LmforgeError(f"{resumed.folder / CONFIG}: {error}") from None
         start_step = resumed.state["step"]
+    elif group.is_main or not config.overwrite:  # other processes check, but only the main one moves files
+        archived = claim_run_folder(
+            out_dir, RUN_FILES, config.overwrite, "continue it with --resume, train into a new out_dir"
+        )
     config = apply_values(config, {"model": {"vocab_size": tokenizer.vocab_size}})
+    # Resolved once and recorded, so a resumed run with a longer max_steps keeps the warmup it had.
+    config.warmup_steps = warmup_steps_for(config.max_steps, config.warmup_steps)
     if group.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)  # before the model, so an out_dir taken by a file fails at once
+        warning = warmup_warning(config.warmup_steps, config.max_steps)
+        if warning:
+            print(warning, file=sys.stderr)
 
     torch.manual_seed(config.seed)
     model = Transformer(config.model)
@@ -266,8 +307,10 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     flops_per_token = model.flops_per_token()
 
     if group.is_main:
-        (out_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        (out_dir / "config.json").write_text(json.dumps(settings_to_record(config), indent=2))
     reporter = ProgressReporter(config, start_step, out_dir / "metrics.jsonl", group.is_main)
+    if archived is not None:
+        reporter.message(f"--overwrite: moved the previous run into {archived}")
     reporter.message(
         f"model: {model.num_parameters():,} parameters | {train_data.num_tokens:,} train tokens | "
         f"{global_batch * config.model.block_size:,} tokens/step | device {device}"
@@ -284,7 +327,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
             model,
             tokenizer,
             state,
-            {"train": asdict(config)},
+            {"train": settings_to_record(config)},
             keep=config.keep_checkpoints,
         )
 
@@ -391,6 +434,12 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     plot_path = None
     if group.is_main and config.plot:
         plot_path = plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
+    peaked = reached_peak(step, config.warmup_steps)
+    if not peaked:
+        reporter.message(
+            f"note: the run ended at step {step}, inside its {config.warmup_steps}-step warmup: the learning "
+            f"rate never reached its peak {config.learning_rate:g}"
+        )
     return {
         "step": step,
         "loss": loss_value,
@@ -398,6 +447,8 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
         "checkpoint": str(last_checkpoint),
         "loss_curve": str(plot_path) if plot_path else None,
         "parameters": model.num_parameters(),
+        "warmup_steps": config.warmup_steps,
+        "reached_peak_learning_rate": peaked,
     }
 
 
@@ -417,8 +468,9 @@ def plot_loss_curve(metrics_path: Path, png_path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train_points = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val_points = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    # Keyed by step: the steps a resumed run replays (lost with a crash) replace their first records.
+    train_points = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
+    val_points = sorted({r["step"]: r["val_loss"] for r in records if "val_loss" in r}.items())
     figure, axis = plt.subplots(figsize=(7, 4))
     if train_points:
         axis.plot(*zip(*train_points), label="train", linewidth=1)

@@ -112,6 +112,15 @@ def test_missing_data_and_bad_labels_are_named(tmp_path):
         finetune_classifier(ClassifyConfig(data=str(one_class), model="unused"), verbose=0)
 
 
+def test_a_used_out_folder_is_refused_unless_overwrite(tmp_path):
+    data = sentiment_table(tmp_path / "train.csv")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "metrics.json").write_text("{}")
+    config = ClassifyConfig(data=str(data), model="never loaded", out=str(tmp_path / "out"))
+    with pytest.raises(LmforgeError, match=r"already holds a run \(metrics.json\); choose a new --out.*--overwrite"):
+        finetune_classifier(config, verbose=0)
+
+
 def test_word_vocabulary_keeps_the_most_frequent_words():
     vocabulary = WordVocabulary(["the cat", "the dog", "the cat sat"], size=4)  # 0 pad, 1 unknown, 2 words
     assert vocabulary.index == {"the": 2, "cat": 3}

@@ -73,3 +73,11 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert "no checkpoint here" in capsys.readouterr().err
     assert main(["prepare", "--out", str(tmp_path / "o")]) == 2
     assert "nothing to prepare" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["train", "quickstart"])
+def test_help_explains_overwrite(verb, capsys):
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    out = capsys.readouterr().out
+    assert "--overwrite" in out and "OUT/previous-<date>-<time>/" in out

@@ -195,6 +195,41 @@ def test_schedules_set_the_learning_rate():
     assert all(a >= b for a, b in zip(seen[4:], seen[5:])) and seen[-1] < 0.05  # cosine down towards 0
 
 
+def learning_rates_of_each_step(model, x, y, schedule, **options) -> list[float]:
+    seen = []
+
+    class Record(Callback):
+        def on_batch_end(self, batch, logs):
+            seen.append(model.training_setup.optimizer.param_groups[0]["lr"])
+
+    model.fit(x, y, callbacks=[schedule, Record()], verbose=0, **options)
+    return seen
+
+
+def test_warmup_cosine_default_warmup_is_sized_to_the_run():
+    x, y = separable(40)
+    model = Logistic()
+    model.compile("sgd", "binary_crossentropy", learning_rate=1.0)
+    short = WarmupCosine(min_ratio=0.0)
+    seen = learning_rates_of_each_step(model, x, y, short, epochs=1, batch_size=8)  # 5 optimizer steps
+    assert short.warmup_steps == 0 and short.reached_peak
+    assert seen[0] == pytest.approx(1.0)  # a 5-step run starts at its peak instead of warming up through it
+    model.compile("sgd", "binary_crossentropy", learning_rate=1.0)
+    longer = WarmupCosine(min_ratio=0.0)
+    seen = learning_rates_of_each_step(model, x, y, longer, epochs=10, batch_size=2)  # 200 steps
+    assert longer.warmup_steps == 20 and seen[:2] == pytest.approx([0.05, 0.1]) and seen[19] == pytest.approx(1.0)
+
+
+def test_warmup_longer_than_the_run_warns_and_is_flagged(capsys):
+    x, y = separable(40)
+    model = Logistic()
+    model.compile("sgd", "binary_crossentropy", learning_rate=1.0)
+    schedule = WarmupCosine(warmup_steps=10)
+    seen = learning_rates_of_each_step(model, x, y, schedule, epochs=1, batch_size=8)
+    assert "warmup_steps=10 is longer than the run's 5 optimizer steps" in capsys.readouterr().err
+    assert not schedule.reached_peak and max(seen) == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize(
     "call, message",
     [

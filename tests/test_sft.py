@@ -154,9 +154,9 @@ def test_full_sft_from_the_cli_writes_a_loadable_model(tmp_path, capsys):
     base = tiny_checkpoint(tmp_path / "base")
     data = chat_file(tmp_path / "chats.jsonl", 8)
     args = ["finetune", "--task", "sft", "--data", str(data), "--model", str(base), "--out", str(tmp_path / "full")]
-    assert (
-        main([*args, "--lora_rank=0", "--epochs=4", "--packing=false", "--learning_rate=1e-2", "--batch_size=2"]) == 0
-    )
+    # 16 steps at 1e-2 from a random model: 5 warmup steps (not the default 1) keep the loss from overshooting.
+    settings = ["--lora_rank=0", "--epochs=4", "--packing=false", "--learning_rate=1e-2", "--batch_size=2"]
+    assert main([*args, *settings, "--warmup_steps=5"]) == 0
     assert "wrote model" in capsys.readouterr().out
     model, tokenizer, config = load_model(tmp_path / "full" / "model")
     assert config["base_model"] == str(base) and tokenizer.vocab_size == TOKENIZER.vocab_size
@@ -177,3 +177,29 @@ def test_generate_and_load_apply_an_adapter(tmp_path):
     reference = load_adapter(load_model(base)[0], tmp_path / "out" / "adapter")
     tokens = torch.tensor([TOKENIZER.encode("say aaa")])
     assert torch.allclose(adapted(tokens)[0], reference(tokens)[0], atol=1e-4)
+
+
+def test_a_five_chat_one_epoch_run_trains_at_the_peak_learning_rate(tmp_path):
+    base = tiny_checkpoint(tmp_path / "base")
+    config = SFTConfig(data=str(chat_file(tmp_path / "c.jsonl", 5)), model=str(base), out=str(tmp_path / "out"))
+    config.epochs = 1
+    result = finetune_chat(config, verbose=0)
+    # The five chats pack into one row: one optimizer step, taken at 2e-4 (a fixed 5-step warmup made it 4e-5).
+    assert result["rows"] == 1 and result["warmup_steps"] == 0 and result["reached_peak_learning_rate"]
+    assert result["history"]["learning_rate"] == pytest.approx([config.learning_rate])
+
+
+def test_a_used_out_folder_is_refused_unless_overwrite(tmp_path):
+    base = tiny_checkpoint(tmp_path / "base")
+    out = tmp_path / "out"
+    config = SFTConfig(data=str(chat_file(tmp_path / "c.jsonl", 4)), model=str(base), out=str(out), epochs=1)
+    finetune_chat(config, verbose=0)
+    with pytest.raises(LmforgeError, match=r"already holds a run \(adapter, metrics.json\).*--overwrite"):
+        finetune_chat(config, verbose=0)
+    config.lora_rank, config.overwrite = 0, True  # full fine-tuning: no adapter of the old run may stay beside it
+    result = finetune_chat(config, verbose=0)
+    assert set(result["written"]) == {"model"} and not (out / "adapter").exists()
+    (archive,) = out.glob("previous-*")
+    assert sorted(p.name for p in archive.iterdir()) == ["adapter", "metrics.json"]
+    recorded = json.loads((out / "metrics.json").read_text())
+    assert recorded["written"] == result["written"] and "overwrite" not in recorded["config"]

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from lmforge.checkpoint import load_model, resolve_checkpoint
+from lmforge.cli import main
+from lmforge.errors import LmforgeError
 from lmforge.train import TrainingDiverged, learning_rate_at, read_metrics, train, train_config_from
 
 
@@ -40,6 +42,24 @@ def test_learning_rate_schedule_closed_form():
     assert learning_rate_at(9, config) == pytest.approx(1.0)
     assert learning_rate_at(60, config) == pytest.approx(0.55)  # halfway down the cosine
     assert learning_rate_at(110, config) == pytest.approx(0.1)
+
+
+def test_default_warmup_scales_to_the_run():
+    short = train_config_from({"learning_rate": 1.0, "min_learning_rate": 0.1, "max_steps": 50})
+    assert short.warmup_steps is None  # resolved per run: a tenth of 50 steps
+    assert learning_rate_at(0, short) == pytest.approx(0.2)
+    assert learning_rate_at(4, short) == pytest.approx(1.0)
+    long = train_config_from({"learning_rate": 1.0, "min_learning_rate": 0.1, "max_steps": 5000})
+    assert learning_rate_at(98, long) == pytest.approx(0.99) and learning_rate_at(99, long) == pytest.approx(1.0)
+
+
+def test_summary_says_whether_the_schedule_peaked(char_dataset, tmp_path, capsys):
+    summary = train(tiny_config(char_dataset, tmp_path / "short", max_steps=4, warmup_steps=10, eval_interval=0))
+    assert summary["reached_peak_learning_rate"] is False and summary["warmup_steps"] == 10
+    assert "warmup_steps=10 is longer than the run's 4 optimizer steps" in capsys.readouterr().err
+    summary = train(tiny_config(char_dataset, tmp_path / "default", max_steps=4, warmup_steps=None, eval_interval=0))
+    assert summary["reached_peak_learning_rate"] is True and summary["warmup_steps"] == 0
+    assert json.loads((tmp_path / "default" / "config.json").read_text())["warmup_steps"] == 0
 
 
 def test_training_reduces_loss_and_writes_outputs(char_dataset, tmp_path):
@@ -213,3 +233,52 @@ def test_ddp_two_processes_match_one_process(char_dataset, tmp_path):
         assert abs(one[step] - two[step]) < 1e-4, (step, one[step], two[step])
     config = json.loads((tmp_path / "ddp" / "config.json").read_text())
     assert config["batch_size"] == 4
+
+
+def test_a_second_run_into_a_used_out_dir_is_refused(char_dataset, tmp_path):
+    train(tiny_config(char_dataset, tmp_path, max_steps=3, eval_interval=0))
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(LmforgeError, match=r"already holds a run .*--resume.*new out_dir.*--overwrite"):
+        train(tiny_config(char_dataset, tmp_path, max_steps=3, eval_interval=0))
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    with pytest.raises(LmforgeError, match="choose one"):
+        train(tiny_config(char_dataset, tmp_path, resume=True, overwrite=True))
+    (tmp_path / "empty").mkdir()
+    train(tiny_config(char_dataset, tmp_path / "empty", max_steps=1, eval_interval=0))  # an empty folder is free
+
+
+def test_overwrite_archives_the_previous_run_and_leaves_one_run(char_dataset, tmp_path):
+    train(tiny_config(char_dataset, tmp_path, max_steps=6, checkpoint_interval=3, eval_interval=0))
+    old_metrics = (tmp_path / "metrics.jsonl").read_text()
+    train(tiny_config(char_dataset, tmp_path, max_steps=4, eval_interval=0, plot=True, overwrite=True))
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]  # the new run's steps only
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000004"]
+    (archive,) = tmp_path.glob("previous-*")
+    assert (archive / "metrics.jsonl").read_text() == old_metrics
+    assert sorted(p.name for p in (archive / "checkpoints").iterdir()) == ["latest", "step_000003", "step_000006"]
+    assert resolve_checkpoint(archive).name == "step_000006"  # the old run stays loadable
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "checkpoints", "config.json", "metrics.jsonl", "loss_curve.png", archive.name
+    }  # fmt: skip
+
+
+def test_cli_refuses_a_used_out_dir_and_resume_keeps_the_recorded_settings(char_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--preset=tiny", "--batch_size=4", "--eval_interval=0", "--progress=none", "--plot=false",
+              "--peak_flops=1e11", f"--out_dir={run}"]  # fmt: skip
+    assert main(["train", *common, f"--data_dir={char_dataset}", "--max_steps=3", "--learning_rate=1e-3"]) == 0
+    capsys.readouterr()
+    assert main(["train", *common, f"--data_dir={char_dataset}", "--max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run} already holds a run") and "--resume" in err and "--overwrite" in err
+    # Resuming with neither the data nor the settings given: config.json's are used, and it records them.
+    assert main(["train", f"--out_dir={run}", "--resume", "--max_steps=5", "--progress=none"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 5
+    recorded = json.loads((run / "config.json").read_text())
+    assert "resume" not in recorded and "overwrite" not in recorded
+    assert recorded["learning_rate"] == 1e-3 and recorded["data_dir"] == str(char_dataset)
+    assert recorded["max_steps"] == 5 and recorded["model"]["n_layers"] == load_model(run)[0].config.n_layers
+    checkpoint_config = json.loads((run / "checkpoints" / "step_000005" / "config.json").read_text())
+    assert "resume" not in checkpoint_config["train"]
+    assert main(["train", *common, f"--data_dir={char_dataset}", "--max_steps=2", "--overwrite"]) == 0
+    assert len(list(run.glob("previous-*"))) == 1 and sorted(losses(run)) == [2]  # logged at the last step only
