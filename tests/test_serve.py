@@ -334,6 +334,18 @@ def test_a_request_that_leaves_sampling_out_gets_the_model_defaults():
         assert submitted[-1].max_tokens == 3
 
 
+def test_serve_help_states_the_fallback_defaults(capsys):
+    from lmforge.cli import main
+    from lmforge.generate import describe_sampling, fallback_sampling
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "general.sampling.*" in help_text and "generation_config.json" in help_text
+    for chat_model in (True, False):
+        assert describe_sampling(fallback_sampling(chat_model)) in help_text
+
+
 def test_serve_takes_its_defaults_from_generation_config_json(tmp_path):
     """An HF folder whose generation_config.json says temperature 0: requests that name no
     temperature are greedy, so they agree with each other and with local greedy decoding."""
