@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -84,7 +83,7 @@ def sampling_defaults(name_or_path: str | Path, tokenizer: Tokenizer) -> Samplin
         named, where = read_generation_config(folder), str(folder / GENERATION_CONFIG)
     if not named:
         return fallback
-    return SamplingDefaults(dataclasses.replace(fallback.sampling, **named), f"{where}; the rest {fallback.source}")
+    return SamplingDefaults(replace(fallback.sampling, **named), f"{where}; the rest {fallback.source}")
 
 
 def fallback_defaults(tokenizer: Tokenizer) -> SamplingDefaults:

@@ -258,16 +258,18 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
 
     def sampling_for(body, max_tokens: int, index: int) -> SamplingConfig:
         """The request's settings; a field it leaves out takes the model's default."""
+
+        def given(value, default):
+            return default if value is None else value
+
         seed = None if body.seed is None else (body.seed + index) % 2**63
-        top_k = defaults.top_k if body.top_k is None else (body.top_k if body.top_k > 0 else None)
+        top_k = given(body.top_k, defaults.top_k)
         return SamplingConfig(
             max_new_tokens=max_tokens,
-            temperature=defaults.temperature if body.temperature is None else body.temperature,
-            top_p=defaults.top_p if body.top_p is None else body.top_p,
-            top_k=top_k,
-            repetition_penalty=defaults.repetition_penalty
-            if body.repetition_penalty is None
-            else body.repetition_penalty,
+            temperature=given(body.temperature, defaults.temperature),
+            top_p=given(body.top_p, defaults.top_p),
+            top_k=top_k if top_k is None or top_k > 0 else None,  # 0 and -1 turn it off
+            repetition_penalty=given(body.repetition_penalty, defaults.repetition_penalty),
             stop=body.stop,
             seed=seed,
         )
