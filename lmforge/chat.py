@@ -12,7 +12,7 @@ from datetime import datetime
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import SamplingConfig, generate
+from lmforge.generate import SamplingConfig, fallback_sampling, generate
 from lmforge.model import Transformer
 from lmforge.tokenizer import CHAT_END, Tokenizer
 
@@ -231,9 +231,8 @@ class ChatSession:
     model: Transformer
     tokenizer: Tokenizer
     system_prompt: str | None = None
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=512, temperature=0.2, top_p=0.9, repetition_penalty=1.1)
-    )
+    # `lmforge chat` sets the model's own defaults (`lmforge.loading.sampling_defaults`)
+    sampling: SamplingConfig = field(default_factory=lambda: fallback_sampling(chat_model=True))
     history: list[dict] = field(default_factory=list)
 
     def messages(self) -> list[dict]:
@@ -241,18 +240,18 @@ class ChatSession:
         return system + self.history
 
     def reply(self, user_text: str):
-        """Stream the assistant's reply to `user_text`; the turn joins the history as far as it got."""
-        self.history.append({"role": "user", "content": user_text})
-        prompt = encode_chat(self.tokenizer, self.messages())
+        """Stream the assistant's reply to `user_text`. The exchange joins the history once the reply is
+        complete; one stopped midway (Ctrl-C, or the caller leaving the stream) is dropped, question and
+        half answer both, so the model never takes a cut-off answer for its own."""
+        question = {"role": "user", "content": user_text}
+        prompt = encode_chat(self.tokenizer, self.messages() + [question])
         pieces: list[str] = []
-        try:
-            for piece in generate(
-                self.model, self.tokenizer, prompt, self.sampling, stop_token_ids=stop_token_ids(self.tokenizer)
-            ):
-                pieces.append(piece)
-                yield piece
-        finally:
-            self.history.append({"role": "assistant", "content": "".join(pieces)})
+        for piece in generate(
+            self.model, self.tokenizer, prompt, self.sampling, stop_token_ids=stop_token_ids(self.tokenizer)
+        ):
+            pieces.append(piece)
+            yield piece
+        self.history += [question, {"role": "assistant", "content": "".join(pieces)}]
 
     def reset(self) -> None:
         self.history.clear()
@@ -262,7 +261,8 @@ HELP = "commands: /reset (forget the conversation), /system TEXT (set the system
 
 
 def chat_loop(session: ChatSession, input_fn=input, output=sys.stdout) -> None:
-    """Interactive terminal chat. Ctrl-C stops a reply and keeps the session; Ctrl-D or /exit leaves."""
+    """Interactive terminal chat. Ctrl-C stops a reply (the exchange is not kept) and keeps the session;
+    Ctrl-D or /exit leaves."""
     output.write(f"{HELP}\n")
     while True:
         try:
@@ -293,5 +293,5 @@ def chat_loop(session: ChatSession, input_fn=input, output=sys.stdout) -> None:
                 output.write(piece)
                 output.flush()
         except KeyboardInterrupt:
-            output.write(" [stopped]")
+            output.write(" [stopped; this exchange is not kept]")
         output.write("\n")

@@ -37,6 +37,32 @@ def model_weights(model: Transformer) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().contiguous() for name, tensor in weights.items()}
 
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux reports it (os.umask can only
+    read it by setting it, which would race with files other threads create meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give a written file the mode any new file gets (0644 under umask 022). safetensors writes through
+    a temporary file of its own, created 0600, and renames it into place."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, with the file's mode following the umask."""
+    save_file(tensors, str(path), metadata=metadata)
+    honour_umask(path)
+
+
 def write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
@@ -93,7 +119,7 @@ def save_model(
     temporary = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir()
-    save_file(model_weights(model), str(temporary / WEIGHTS), metadata={"format": "pt"})
+    save_safetensors(model_weights(model), temporary / WEIGHTS, metadata={"format": "pt"})
     config = {"model": model.config.to_dict(), **(extra_config or {})}
     layout = quantized_layout(model)
     if layout:  # which layers hold int8/int4 codes, so loading can rebuild them first

@@ -97,10 +97,15 @@ def command_generate(args, extra) -> int:
             raise LmforgeError(f"--draft {args.draft} does not share {args.model}'s tokenizer")
     prompt = args.prompt if args.prompt is not None else ""
     sys.stdout.write(prompt)
+    wrote_text = False
     for piece in generate(model, tokenizer, prompt, sampling, draft=draft, draft_tokens=args.draft_tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
+        wrote_text = True
     sys.stdout.write("\n")
+    if not wrote_text and sampling.max_new_tokens > 0:
+        ended_by = "end-of-text" + (" or a stop string" if sampling.stop else "")
+        print(f"(the model generated no text: its first token was {ended_by})", file=sys.stderr)
     return 0
 
 
@@ -159,12 +164,19 @@ def _count_progress(name: str):
 def command_chat(args, extra) -> int:
     from lmforge.chat import ChatSession, chat_loop
     from lmforge.config import apply_values
-    from lmforge.loading import load
+    from lmforge.generate import describe_sampling
+    from lmforge.loading import load, sampling_defaults
 
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, adapter=args.adapter)
+    if args.adapter:
+        from lmforge.lora import describe_adapter
+
+        print(describe_adapter(args.adapter), file=sys.stderr)
+    defaults = sampling_defaults(args.model, tokenizer)
     session = ChatSession(model, tokenizer, system_prompt=args.system)
-    session.sampling = apply_values(session.sampling, config_values(args.config, extra))
+    session.sampling = apply_values(defaults.sampling, config_values(args.config, extra))
+    print(f"sampling: {describe_sampling(session.sampling)} (defaults: {defaults.source})", file=sys.stderr)
     chat_loop(session)
     return 0
 
@@ -180,7 +192,8 @@ def command_quantize(args, extra) -> int:
     layout = f"groups of {report['group_size']} columns" + ("; LM head int8" if args.bits == 4 else "")
     print(
         f"{args.out}: int{args.bits} ({layout}), "
-        f"{report['fp32_megabytes']:.0f} MB -> {report['quantized_megabytes']:.0f} MB of weights\n"
+        f"{format_bytes(report['fp32_megabytes'] * 1e6)} -> {format_bytes(report['quantized_megabytes'] * 1e6)} "
+        "of weights\n"
         f"perplexity fp32 {report['perplexity_reference']:.3f} -> int{args.bits} {report['perplexity_quantized']:.3f} "
         f"| mean KL {report['mean_kl']:.5f} nats/token over {report['tokens']} tokens"
     )
@@ -193,6 +206,14 @@ def command_quantize(args, extra) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def format_bytes(size: float) -> str:
+    """A size in the largest decimal unit that keeps it >= 1: '812 B', '45.3 KB', '98.2 MB', '1.4 GB'."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} B"
 
 
 def command_finetune(args, extra) -> int:
@@ -359,6 +380,21 @@ def command_quickstart(args, extra) -> int:
 
     quickstart(args.out_dir, args.minutes, parse_overrides(extra), overwrite=args.overwrite)
     return 0
+
+
+def _sampling_defaults_help() -> str:
+    import textwrap
+
+    from lmforge.generate import describe_sampling, fallback_sampling
+
+    return textwrap.fill(
+        "A request that leaves out temperature, top_p, top_k, repetition_penalty or max_tokens gets the model's "
+        "default: what its file names (a GGUF's general.sampling.*, an HF or checkpoint folder's "
+        "generation_config.json), else for a chat model (one with a chat template) "
+        f"{describe_sampling(fallback_sampling(chat_model=True))}, for a base model "
+        f"{describe_sampling(fallback_sampling(chat_model=False))}. GET /v1/models lists them per model.",
+        width=100,
+    )
 
 
 MODEL_HELP = "a model name (smollm2-135m-instruct), a .gguf file, an HF folder, or an lmforge checkpoint/run folder"
@@ -551,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="OpenAI-compatible API server with a web chat page (default: SmolLM2-135M-Instruct)",
         formatter_class=formatter,
         description="Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/embeddings, "
-        "/v1/models, /health, /metrics, and a chat page at /. Requests are batched continuously.",
+        "/v1/models, /health, /metrics, and a chat page at /. Requests are batched continuously.\n\n"
+        + _sampling_defaults_help(),
         epilog=config_help(ServeConfig),
     )
     serve_parser.add_argument(

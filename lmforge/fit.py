@@ -371,10 +371,13 @@ def save_weights(model: nn.Module, path: str | Path) -> Path:
     """The weights as safetensors, written to a temporary file then renamed: a crash never leaves half a file."""
     from safetensors.torch import save_model
 
+    from lmforge.checkpoint import honour_umask
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
     save_model(model, str(temporary))  # save_model (not save_file) copes with tied weights
+    honour_umask(temporary)
     os.replace(temporary, path)
     return path
 

@@ -29,6 +29,30 @@ class SamplingConfig:
     seed: int | None = None
 
 
+def fallback_sampling(chat_model: bool) -> SamplingConfig:
+    """lmforge's documented defaults for a model whose files name no sampling settings.
+
+    A chat model (one with a chat template) answers at a low temperature with nucleus sampling and a
+    mild repetition penalty: at temperature 1.0 SmolLM2-135M-Instruct answers "What is the capital of
+    France?" with "Rim (V∞55) BugEurope…". A base model continues text with SamplingConfig's own values.
+    """
+    if chat_model:
+        return SamplingConfig(max_new_tokens=512, temperature=0.2, top_p=0.9, repetition_penalty=1.1)
+    return SamplingConfig()
+
+
+def describe_sampling(sampling: SamplingConfig) -> str:
+    """The settings in words: 'temperature 0.2, top_p 0.9, repetition_penalty 1.1, max_new_tokens 512'."""
+    parts = [f"temperature {sampling.temperature:g}"]
+    if sampling.top_k is not None:
+        parts.append(f"top_k {sampling.top_k}")
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        parts.append(f"top_p {sampling.top_p:g}")
+    if sampling.repetition_penalty != 1.0:
+        parts.append(f"repetition_penalty {sampling.repetition_penalty:g}")
+    return ", ".join(parts + [f"max_new_tokens {sampling.max_new_tokens}"])
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL (Keskar et al. 2019): divide positive logits of seen tokens by penalty, multiply negative ones."""
     scores = logits.gather(-1, seen)
@@ -265,11 +289,13 @@ class TextStream:
 
 def check_greedy_for_draft(sampling: SamplingConfig) -> None:
     """Speculative decoding keeps the target's argmax: refuse settings it would silently ignore."""
-    if sampling.temperature != 0 or sampling.repetition_penalty != 1.0:
-        raise LmforgeError(
-            f"speculative decoding with a draft model is greedy: temperature must be 0 (not {sampling.temperature}) "
-            f"and repetition_penalty 1 (not {sampling.repetition_penalty})"
-        )
+    offending = []
+    if sampling.temperature != 0:
+        offending.append(f"temperature must be 0 (not {sampling.temperature:g})")
+    if sampling.repetition_penalty != 1.0:
+        offending.append(f"repetition_penalty must be 1 (not {sampling.repetition_penalty:g})")
+    if offending:
+        raise LmforgeError("speculative decoding with a draft model is greedy: " + " and ".join(offending))
 
 
 def generate(

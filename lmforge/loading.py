@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
+from lmforge.generate import SamplingConfig, fallback_sampling
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -36,6 +38,62 @@ def builtin_model_path(name: str) -> Path:
     return installed_package_path(package, filename, pip_name, f"model {name!r}")
 
 
+def model_location(name_or_path: str | Path) -> tuple[Path, str]:
+    """Where a model's files are and their format: "gguf", "hf" or "checkpoint"."""
+    name = str(name_or_path)
+    path = builtin_model_path(name) if name in BUILTIN_MODELS else Path(name)
+    if path.is_file() and path.suffix == ".gguf":
+        return path, "gguf"
+    if path.is_dir() and (path / "config.json").exists() and "model_type" in (path / "config.json").read_text():
+        return path, "hf"
+    if path.exists():
+        return path, "checkpoint"
+    raise LmforgeError(
+        f"{name}: not a known model name ({', '.join(BUILTIN_MODELS)}), "
+        f"nor an existing .gguf file, HF folder or lmforge checkpoint"
+    )
+
+
+@dataclass
+class SamplingDefaults:
+    """The sampling settings a model uses where a request or chat names none, and where they come from."""
+
+    sampling: SamplingConfig
+    source: str
+
+
+def sampling_defaults(name_or_path: str | Path, tokenizer: Tokenizer) -> SamplingDefaults:
+    """A model's default sampling settings, the one place serve, chat and the chat page take them from.
+
+    The settings the model's files name (a GGUF's `general.sampling.*`; `generation_config.json` in an HF
+    or checkpoint folder) replace lmforge's fallback for its kind, `fallback_sampling`: a model with a chat
+    template is a chat model (temperature 0.2, top_p 0.9, repetition_penalty 1.1, 512 tokens), any other
+    a base model (SamplingConfig's own values: temperature 0.8, 200 tokens).
+    """
+    from lmforge.checkpoint import resolve_checkpoint
+    from lmforge.formats.gguf import read_sampling
+    from lmforge.formats.hf import GENERATION_CONFIG, read_generation_config
+
+    fallback = fallback_defaults(tokenizer)
+    path, kind = model_location(name_or_path)
+    if kind == "gguf":
+        named, where = read_sampling(path), f"{path.name} (general.sampling.*)"
+    else:
+        folder = path if kind == "hf" else resolve_checkpoint(path)
+        named, where = read_generation_config(folder), str(folder / GENERATION_CONFIG)
+    if not named:
+        return fallback
+    return SamplingDefaults(replace(fallback.sampling, **named), f"{where}; the rest {fallback.source}")
+
+
+def fallback_defaults(tokenizer: Tokenizer) -> SamplingDefaults:
+    """lmforge's defaults for a model whose files name no sampling settings: by kind, chat (a chat template) or base."""
+    chat_model = tokenizer.chat_template is not None
+    return SamplingDefaults(
+        fallback_sampling(chat_model), f"lmforge's default for {'chat' if chat_model else 'base'} models"
+    )
+
+
 def load(
     name_or_path: str | Path, device: str = "cpu", keep_quantized: bool = True, adapter: str | Path | None = None
 ) -> tuple[Transformer, Tokenizer]:
@@ -51,19 +109,13 @@ def load(
     from lmforge.formats.hf import load_hf
     from lmforge.quantize import QuantizedLinear, use_native_kernels
 
-    name = str(name_or_path)
-    path = builtin_model_path(name) if name in BUILTIN_MODELS else Path(name)
-    if path.is_file() and path.suffix == ".gguf":
+    path, kind = model_location(name_or_path)
+    if kind == "gguf":
         model, tokenizer = load_gguf(path, keep_quantized=keep_quantized and device == "cpu")
-    elif path.is_dir() and (path / "config.json").exists() and "model_type" in (path / "config.json").read_text():
+    elif kind == "hf":
         model, tokenizer = load_hf(path)
-    elif path.exists():
-        model, tokenizer, _ = load_model(path)
     else:
-        raise LmforgeError(
-            f"{name}: not a known model name ({', '.join(BUILTIN_MODELS)}), "
-            f"nor an existing .gguf file, HF folder or lmforge checkpoint"
-        )
+        model, tokenizer, _ = load_model(path)
     if adapter is not None:
         from lmforge.lora import load_adapter, remove_lora
 

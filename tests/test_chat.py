@@ -79,10 +79,28 @@ def test_terminal_loop_commands_and_ctrl_c(session_parts, monkeypatch):
     chat_loop(session, input_fn=lambda prompt: next(lines), output=output)
     text = output.getvalue()
     assert "system prompt set" in text and "unknown command /bogus" in text and "conversation cleared" in text
-    assert text.count("partial [stopped]") == 2  # Ctrl-C ended each reply, not the session
+    assert text.count("partial [stopped; this exchange is not kept]") == 2  # Ctrl-C ended each reply, not the session
     assert session.system_prompt == "talk like a pirate"
-    assert session.history == [{"role": "user", "content": "second"}, {"role": "assistant", "content": "partial"}]
+    assert session.history == []  # the stopped exchange ("second") was dropped, question and half answer
     assert next(lines) == "never"  # /exit left the loop
+
+
+def test_a_stopped_reply_leaves_the_history_as_it_was(session_parts):
+    session = ChatSession(*session_parts)
+    session.sampling.max_new_tokens, session.sampling.temperature = 4, 0
+    complete = "".join(session.reply("hello"))
+    before = list(session.history)
+    stream = session.reply("tell me more")
+    assert next(stream)  # greedy: this model writes text before any end-of-text
+    stream.close()  # the caller stopped reading: Ctrl-C in the terminal, Stop on the page
+    assert (
+        session.history
+        == before
+        == [
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": complete},
+        ]
+    )
 
 
 def test_end_of_input_leaves_the_loop(session_parts):
@@ -94,3 +112,26 @@ def test_end_of_input_leaves_the_loop(session_parts):
 
 def test_chatml_constant_is_what_smollm_uses():
     assert "<|im_start|>" in CHATML_TEMPLATE and "add_generation_prompt" in CHATML_TEMPLATE
+
+
+def test_chat_command_confirms_the_adapter_and_starts_from_the_model_defaults(tmp_path, monkeypatch, capsys):
+    import json
+
+    from lmforge.checkpoint import save_model
+    from lmforge.cli import main
+    from lmforge.generate import SamplingConfig
+    from lmforge.lora import LoraConfig, apply_lora, save_adapter
+
+    tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz .\n")
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layers=2, n_heads=2, d_model=16))
+    folder = save_model(tmp_path / "model", model, tokenizer)
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.35, "top_k": 7}))
+    save_adapter(apply_lora(model, LoraConfig(rank=2, targets=("qkv", "down"))), tmp_path / "adapter")
+    sessions = []
+    monkeypatch.setattr(chat_module, "chat_loop", sessions.append)
+    assert main(["chat", str(folder), "--adapter", str(tmp_path / "adapter"), "--max_new_tokens=9"]) == 0
+    err = capsys.readouterr().err
+    assert f"applied adapter {tmp_path / 'adapter'}: LoRA rank 2 (alpha 16) on 4 layers (qkv, down)" in err
+    # the file's settings over the base-model fallback (no chat template), then the command line's
+    assert sessions[0].sampling == SamplingConfig(max_new_tokens=9, temperature=0.35, top_k=7)
+    assert "sampling: temperature 0.35, top_k 7, max_new_tokens 9" in err

@@ -208,3 +208,24 @@ def test_a_long_prompt_prefilled_in_chunks_gives_the_same_logits():
         finally:
             generate_module.PREFILL_CHUNK = chunk
     assert cache.length == 40 and torch.allclose(chunked, whole, atol=1e-5)
+
+
+def test_generate_command_says_when_the_model_ends_at_once(tmp_path, capsys):
+    """A model whose every next token is end-of-text writes nothing; the command says why on stderr."""
+    from lmforge.checkpoint import save_model
+    from lmforge.cli import main
+
+    tokenizer = CharTokenizer("abc ")
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=16, n_layers=1, n_heads=2, d_model=8,
+                         norm="layernorm", bias=True, tie_embeddings=False)  # fmt: skip
+    model = Transformer(config).eval()
+    with torch.no_grad():  # the final norm outputs its bias (ones); only end-of-text's row of the head sees it
+        model.final_norm.weight.zero_()
+        model.final_norm.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tokenizer.eos_id] = 1.0
+    save_model(tmp_path / "eos", model, tokenizer)
+    assert main(["generate", "--model", str(tmp_path / "eos"), "--prompt", "ab", "--temperature=0"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "ab\n"
+    assert "generated no text: its first token was end-of-text" in captured.err

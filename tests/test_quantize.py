@@ -150,3 +150,15 @@ def test_quantize_cli_writes_a_checkpoint_and_reports_kl(tmp_path):
     assert "mean KL" in result.stdout and "perplexity" in result.stdout
     loaded, _ = load(tmp_path / "int8")
     assert isinstance(loaded.blocks[0].mlp.down, QuantizedLinear)
+
+
+def test_sizes_are_shown_in_a_unit_that_fits():
+    from lmforge.cli import format_bytes
+
+    # a small model's weights were "0 MB -> 0 MB"
+    assert [format_bytes(size) for size in (812, 45_300, 98_200_000, 1_420_000_000)] == [
+        "812 B",
+        "45.3 KB",
+        "98.2 MB",
+        "1.4 GB",
+    ]

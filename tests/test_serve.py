@@ -16,6 +16,7 @@ import torch
 
 from lmforge.chat import encode_chat, stop_token_ids
 from lmforge.generate import SamplingConfig, generate
+from lmforge.loading import SamplingDefaults
 from lmforge.model import ModelConfig, Transformer
 from lmforge.serve.app import ServedModels, ServeLimits, create_app
 from lmforge.serve.scheduler import GenerationRequest, Scheduler
@@ -196,6 +197,29 @@ def test_openai_errors_unknown_model_context_and_auth(served, client):
     assert status == 401 and "missing API key" in json.loads(body)["error"]["message"]
 
 
+def error_counts(port) -> dict[str, int]:
+    _, body = raw(port, "GET", "/metrics")
+    counts = {}
+    for line in body.decode().splitlines():
+        if line.startswith("lmforge_errors_total{"):
+            counts[line.split('"')[1]] = int(line.split()[1])
+    return counts
+
+
+def test_every_error_response_is_counted_by_status(served, client):
+    port = served[0].port
+    before = error_counts(port)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=MESSAGES, max_tokens=2)
+    assert raw(port, "GET", "/v1/no-such-route")[0] == 404
+    assert raw(port, "POST", "/v1/chat/completions", b"{not json")[0] == 400
+    assert raw(port, "GET", "/v1/models", key="wrong")[0] == 401  # answered by the key check, before any route
+    assert raw(port, "POST", "/v1/completions", b"x" * 200_000)[0] == 413  # by the body limit
+    after = error_counts(port)
+    grown = {status: after[status] - before.get(status, 0) for status in after}
+    assert grown == {"400": 1, "401": 1, "404": 2, "413": 1}
+
+
 # The battery's malformed bodies, and one beyond this server's small context.
 BAD_REQUESTS = [
     *hostile_server.BAD_REQUESTS,
@@ -265,6 +289,86 @@ def test_shutdown_stops_accepting_and_ends_every_request():
         scheduler.submit(GenerationRequest(prompt_ids=[1], max_tokens=1, emit=events.append))
 
 
+def recording(scheduler: Scheduler) -> list[GenerationRequest]:
+    """The requests the app submits to `scheduler`, as they are submitted."""
+    submitted = []
+    submit_all = scheduler.submit_all
+
+    def record(requests):
+        submitted.extend(requests)
+        submit_all(requests)
+
+    scheduler.submit_all = record
+    return submitted
+
+
+def test_a_request_that_leaves_sampling_out_gets_the_model_defaults():
+    from fastapi.testclient import TestClient
+
+    model, tokenizer = tiny_chat_model()
+    scheduler = Scheduler(model, tokenizer, max_batch=2, max_context=CONTEXT)
+    submitted = recording(scheduler)
+    defaults = SamplingConfig(max_new_tokens=7, temperature=0.0, top_k=5, repetition_penalty=1.3)
+    app = create_app(ServedModels("tiny", scheduler, sampling_defaults=SamplingDefaults(defaults, "test defaults")))
+    with TestClient(app) as http:
+        card = http.get("/v1/models").json()["data"][0]
+        assert card["capabilities"] == ["chat", "completions"] and card["sampling_defaults"] == {
+            "temperature": 0.0, "top_p": None, "top_k": 5, "repetition_penalty": 1.3, "max_tokens": 7,
+            "source": "test defaults",
+        }  # fmt: skip
+        reply = http.post("/v1/chat/completions", json={"messages": MESSAGES}).json()
+        used = submitted[-1].sampling
+        assert (used.temperature, used.top_p, used.top_k, used.repetition_penalty) == (0.0, None, 5, 1.3)
+        assert submitted[-1].max_tokens == 7
+        # the scheduler applies the repetition penalty as `generate` does: the same greedy text
+        local = "".join(
+            generate(
+                model, tokenizer, encode_chat(tokenizer, MESSAGES), defaults, stop_token_ids=stop_token_ids(tokenizer)
+            )
+        )
+        assert reply["choices"][0]["message"]["content"] == local
+        explicit = {"temperature": 0.9, "top_p": 0.5, "top_k": 0, "repetition_penalty": 1.0, "max_tokens": 3}
+        http.post("/v1/completions", json={"prompt": "ab", **explicit})
+        used = submitted[-1].sampling
+        assert (used.temperature, used.top_p, used.top_k, used.repetition_penalty) == (0.9, 0.5, None, 1.0)
+        assert submitted[-1].max_tokens == 3
+
+
+def test_serve_help_states_the_fallback_defaults(capsys):
+    from lmforge.cli import main
+    from lmforge.generate import describe_sampling, fallback_sampling
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "general.sampling.*" in help_text and "generation_config.json" in help_text
+    for chat_model in (True, False):
+        assert describe_sampling(fallback_sampling(chat_model)) in help_text
+
+
+def test_serve_takes_its_defaults_from_generation_config_json(tmp_path):
+    """An HF folder whose generation_config.json says temperature 0: requests that name no
+    temperature are greedy, so they agree with each other and with local greedy decoding."""
+    from fastapi.testclient import TestClient
+
+    from lmforge.formats.hf import save_hf
+    from lmforge.loading import load
+    from lmforge.serve import ServeConfig, build_app
+
+    folder = save_hf(*tiny_chat_model(), tmp_path / "hf")
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 12}))
+    app = build_app(ServeConfig(model=str(folder), embedding_model="none", max_context=CONTEXT))
+    with TestClient(app) as http:
+        defaults = http.get("/v1/models").json()["data"][0]["sampling_defaults"]
+        assert defaults["temperature"] == 0.0 and defaults["max_tokens"] == 12
+        assert "generation_config.json" in defaults["source"]
+        texts = [http.post("/v1/completions", json={"prompt": "Once upon a"}).json() for _ in range(2)]
+    model, tokenizer = load(folder)
+    local = "".join(generate(model, tokenizer, "Once upon a", SamplingConfig(max_new_tokens=12, temperature=0)))
+    assert [body["choices"][0]["text"] for body in texts] == [local, local]
+    assert texts[0]["usage"]["completion_tokens"] <= 12
+
+
 def test_chat_page_streams_a_reply_in_headless_chromium(tmp_path):
     """The page at / in a real browser: pick up the model list, send a message, see a streamed reply."""
     model, tokenizer = tiny_chat_model()
@@ -287,6 +391,41 @@ def test_chat_page_streams_a_reply_in_headless_chromium(tmp_path):
         server.stop()
     assert not errors, errors
     assert (tmp_path / "chat.png").stat().st_size > 5_000
+
+
+def test_chat_page_offers_chat_models_uses_their_defaults_and_shows_errors_in_the_bubble():
+    """The picker leaves out the embedding model; until the slider moves, requests name no temperature
+    (the model's default applies); a failed request says why in the reply's own bubble."""
+    from types import SimpleNamespace
+
+    model, tokenizer = tiny_chat_model()
+    scheduler = Scheduler(model, tokenizer, max_batch=2, max_context=CONTEXT)
+    submitted = recording(scheduler)
+    defaults = SamplingDefaults(SamplingConfig(max_new_tokens=20, temperature=0.45), "test defaults")
+    embedder = SimpleNamespace(max_tokens=128)  # listed by /v1/models; never called here
+    models = ServedModels("tiny", scheduler, "an-embedder", embedder, sampling_defaults=defaults)
+    server = LiveServer(create_app(models, ServeLimits(max_tokens=100)))
+    try:
+        with chromium_page() as (page, errors):
+            page.goto(f"http://127.0.0.1:{server.port}/")
+            page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+            assert page.locator("#model option").all_inner_texts() == ["tiny"]
+            assert page.locator("#temperature").input_value() == "0.45"
+            assert page.locator("#max-tokens").input_value() == "20"
+            page.fill("#prompt", "Hello model")
+            page.keyboard.press("Enter")
+            page.wait_for_selector(".message.assistant .meta", timeout=30_000)
+            assert submitted[-1].sampling.temperature == 0.45 and submitted[-1].max_tokens == 20
+            page.fill("#max-tokens", "5000")  # above the server's limit of 100: a 400
+            page.fill("#prompt", "Again")
+            page.keyboard.press("Enter")
+            page.wait_for_selector(".message.assistant.failed .meta", timeout=30_000)
+            failed = page.locator(".message.assistant.failed").inner_text()
+            assert "error: max_tokens is 5000" in failed and "not kept" in failed
+        assert len(submitted) == 1
+    finally:
+        server.stop()
+    assert not [error for error in errors if "400" not in error], errors  # the console logs the 400 itself
 
 
 def test_sigterm_finishes_running_requests_then_exits(tmp_path):

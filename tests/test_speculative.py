@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import SamplingConfig, generate, generate_tokens
+from lmforge.generate import SamplingConfig, check_greedy_for_draft, generate, generate_tokens
 from lmforge.model import ModelConfig, Transformer
 from lmforge.quantize import quantize_model, use_native_kernels
 from lmforge.speculative import SpeculationStats, speculative_generate
@@ -75,3 +75,21 @@ def test_mismatched_vocabularies_and_greedy_only_are_errors():
     tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
     with pytest.raises(LmforgeError, match="greedy"):
         list(generate(target, tokenizer, "abc", SamplingConfig(temperature=0.8), draft=target))
+
+
+@pytest.mark.parametrize(
+    "sampling, named, not_named",
+    [
+        (SamplingConfig(temperature=0.8), "temperature must be 0 (not 0.8)", "repetition_penalty"),
+        (
+            SamplingConfig(temperature=0, repetition_penalty=1.2),
+            "repetition_penalty must be 1 (not 1.2)",
+            "temperature",
+        ),
+    ],
+)
+def test_the_greedy_check_names_only_what_is_wrong(sampling, named, not_named):
+    with pytest.raises(LmforgeError) as error:
+        check_greedy_for_draft(sampling)
+    assert named in str(error.value) and not_named not in str(error.value)
+    check_greedy_for_draft(SamplingConfig(temperature=0))  # greedy: nothing to refuse

@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.formats.metadata import check_dimensions, check_memory, integer, model_config, positive_number
+from lmforge.formats.metadata import (
+    check_dimensions,
+    check_memory,
+    integer,
+    model_config,
+    positive_number,
+    sampling_settings,
+)
 from lmforge.model import ModelConfig, Transformer
 from lmforge.quantize import QuantizedTensor, as_float, model_from_weights, model_weights
 from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
@@ -435,18 +442,39 @@ def _merges_from_scores(tokens: list[str], scores: list[float], token_types: lis
     return [(left, right) for _, _, left, right in sorted(candidates)]
 
 
-def load_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[Transformer, Tokenizer]:
-    """Model (eval mode) and tokenizer from a GGUF file: fp32, or with keep_quantized, Q4_0/Q4_1/Q8_0
-    matrices as int4/int8 layers (4-8x less memory, faster decoding)."""
-    path = Path(path)
+def open_gguf(path: Path) -> GGUFFile:
+    """The file's header parsed (tensors mapped, not read); an LmforgeError for a missing or damaged file."""
     if not path.exists():
         raise LmforgeError(f"{path}: no such file")
     try:
-        reader = GGUFFile(path)
+        return GGUFFile(path)
     except Exception as error:  # the reader raises ValueError, IndexError, ... on damaged files
         raise LmforgeError(
             f"{path}: not a readable GGUF file ({type(error).__name__}: {error}); it may be truncated or corrupt"
         ) from None
+
+
+# llama.cpp's sampling defaults in a file's metadata (gguf.Keys.General.SAMPLING_*), for our fields;
+# min_p, XTC and mirostat have no lmforge equivalent.
+GGUF_SAMPLING_KEYS = dict(
+    temperature="general.sampling.temp",
+    top_k="general.sampling.top_k",
+    top_p="general.sampling.top_p",
+    repetition_penalty="general.sampling.penalty_repeat",
+)
+
+
+def read_sampling(path: str | Path) -> dict:
+    """The sampling settings a GGUF file names (`general.sampling.*`), as SamplingConfig fields."""
+    path = Path(path)
+    return sampling_settings(open_gguf(path).fields, path, GGUF_SAMPLING_KEYS)
+
+
+def load_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[Transformer, Tokenizer]:
+    """Model (eval mode) and tokenizer from a GGUF file: fp32, or with keep_quantized, Q4_0/Q4_1/Q8_0
+    matrices as int4/int8 layers (4-8x less memory, faster decoding)."""
+    path = Path(path)
+    reader = open_gguf(path)
     config = read_config(reader, path)
     check_memory(resident_bytes(reader, config, keep_quantized), path)
     weights = read_weights(reader, config, path, keep_quantized)

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from lmforge.checkpoint import save_safetensors
 from lmforge.errors import LmforgeError
 from lmforge.formats.metadata import (
     MISSING,
+    SAMPLING_FIELDS,
     boolean,
     check_dimensions,
     check_memory,
@@ -24,6 +26,7 @@ from lmforge.formats.metadata import (
     model_config,
     positive_number,
     read_json_object,
+    sampling_settings,
 )
 from lmforge.model import ModelConfig, Transformer
 from lmforge.quantize import as_float, model_weights
@@ -245,6 +248,24 @@ def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer]:
     return model.eval(), tokenizer
 
 
+GENERATION_CONFIG = "generation_config.json"
+GENERATION_SAMPLING_KEYS = {field: field for field in SAMPLING_FIELDS}  # transformers uses our names
+
+
+def read_generation_config(folder: str | Path) -> dict | None:
+    """The sampling settings `folder/generation_config.json` names, as SamplingConfig fields (None
+    without the file). do_sample=false means greedy (temperature 0), as transformers decodes it; sampling
+    values named without do_sample are taken as meant (transformers would warn and decode greedily)."""
+    path = Path(folder) / GENERATION_CONFIG
+    if not path.exists():
+        return None
+    values = read_json_object(path)
+    settings = sampling_settings(values, path, GENERATION_SAMPLING_KEYS)
+    if boolean(values, "do_sample", path, default=True) is False:
+        settings["temperature"] = 0.0
+    return settings
+
+
 def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
     ids = {
         f"{name}_token_id": tokenizer.token_to_id(getattr(tokenizer, f"{name}_token") or "")
@@ -344,8 +365,8 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"}
+    save_safetensors(
+        {k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"}
     )
     (folder / "config.json").write_text(json.dumps(values, indent=2))
     hf_tokenizer = tokenizer.to_hf() if isinstance(tokenizer, CharTokenizer) else tokenizer.hf
@@ -362,5 +383,5 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
         settings["chat_template"] = tokenizer.chat_template
     (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
     generation = {k: values[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if values.get(k) is not None}
-    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    (folder / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
     return folder

@@ -130,3 +130,30 @@ def check_memory(needed_bytes: int, where: Path) -> None:
             f"{where}: loading needs about {needed_bytes / 1e9:.2f} GB of memory for the weights, "
             f"but only {available / 1e9:.2f} GB is available"
         )
+
+
+SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+
+
+def sampling_settings(values: dict, where: Path, names: dict[str, str]) -> dict:
+    """The sampling settings a file names, as SamplingConfig fields, each checked; `names` gives the
+    file's key for each field it can hold. A top_k of 0 (or below) and a top_p of 1 mean "off"."""
+    settings = {}
+    for field, key in names.items():
+        value = values.get(key)
+        if value is None:
+            continue
+        if field in ("top_k", "max_new_tokens"):
+            number = integer(values, key, where, minimum=-1 if field == "top_k" else 1)
+            settings[field] = None if field == "top_k" and number <= 0 else number
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise LmforgeError(f"{where}: {key}={value!r} is not a number")
+        if field == "temperature" and value < 0:
+            raise LmforgeError(f"{where}: {key}={value} is negative (0 means greedy)")
+        if field == "top_p" and not 0 < value <= 1:
+            raise LmforgeError(f"{where}: {key}={value} is out of range (0 < top_p <= 1)")
+        if field == "repetition_penalty" and value <= 0:
+            raise LmforgeError(f"{where}: {key}={value} is not a positive number (1 means no penalty)")
+        settings[field] = None if field == "top_p" and value == 1 else float(value)
+    return settings

@@ -39,13 +39,17 @@ class ServeConfig:
 def build_app(config: ServeConfig):
     """The FastAPI app for `config` (model loaded, scheduler ready to start with the app)."""
     from lmforge.encoder import SentenceEmbedder
-    from lmforge.loading import load
+    from lmforge.loading import load, sampling_defaults
     from lmforge.serve.app import ServedModels, ServeLimits, create_app
     from lmforge.serve.scheduler import Scheduler
 
     if config.max_batch < 1 or config.max_context < 2 or config.max_queue < 1 or config.drain_seconds < 0:
         raise LmforgeError("max_batch and max_queue must be >= 1, max_context >= 2, drain_seconds >= 0")
     model, tokenizer = load(config.model, keep_quantized=config.keep_quantized, adapter=config.adapter)
+    if config.adapter:
+        from lmforge.lora import describe_adapter
+
+        print(describe_adapter(config.adapter), file=sys.stderr)
     scheduler = Scheduler(
         model, tokenizer, max_batch=config.max_batch, max_context=config.max_context, max_queue=config.max_queue
     )
@@ -60,6 +64,7 @@ def build_app(config: ServeConfig):
         scheduler=scheduler,
         embedding_name=config.embedding_model if embedder else None,
         embedder=embedder,
+        sampling_defaults=sampling_defaults(config.model, tokenizer),
     )
     limits = ServeLimits(
         max_tokens=config.max_tokens,
@@ -92,7 +97,11 @@ def serve(config: ServeConfig) -> None:
             scheduler.begin_drain(config.drain_seconds)
             super().handle_exit(sig, frame)
 
+    from lmforge.generate import describe_sampling
+
+    defaults = app.state.sampling_defaults
     print(f"serving {config.model} on http://{config.host}:{config.port} (chat page at /)", file=sys.stderr)
+    print(f"default sampling: {describe_sampling(defaults.sampling)} ({defaults.source})", file=sys.stderr)
     server = DrainingServer(
         uvicorn.Config(
             app,

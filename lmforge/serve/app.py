@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import hmac
 import json
 import struct
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.chat import encode_chat, stop_token_ids
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingConfig
+from lmforge.loading import SamplingDefaults, fallback_defaults
 from lmforge.serve.scheduler import GenerationRequest, QueueFull, Scheduler
 from lmforge.serve.schemas import (
     ChatChoice,
@@ -44,6 +46,7 @@ from lmforge.serve.schemas import (
     ModelCard,
     ModelList,
     ResponseMessage,
+    SamplingDefaultsCard,
     Usage,
 )
 
@@ -146,6 +149,25 @@ class ApiKeyCheck:
         await self.app(scope, receive, send)
 
 
+class ErrorCount:
+    """Count every error response (status >= 400) by status code, whoever sends it: the routes, the
+    validation and HTTP handlers, and the body-limit and API-key checks in front of them."""
+
+    def __init__(self, app, counts: collections.Counter):
+        self.app, self.counts = app, counts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.counts[message["status"]] += 1
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 @dataclass
 class Submitted:
     """The sequences of one HTTP request, and the queue their scheduler events arrive on as (index, event)."""
@@ -168,6 +190,11 @@ class ServedModels:
     embedding_name: str | None = None
     embedder: object | None = None  # lmforge.encoder.SentenceEmbedder
     created: int = field(default_factory=lambda: int(time.time()))
+    sampling_defaults: SamplingDefaults | None = None  # default: lmforge's fallback for the model's kind
+
+    def __post_init__(self):
+        if self.sampling_defaults is None:
+            self.sampling_defaults = fallback_defaults(self.scheduler.tokenizer)
 
 
 def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_seconds: float = 10.0) -> FastAPI:
@@ -176,7 +203,9 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
     tokenizer = scheduler.tokenizer
     started = time.monotonic()
     latency = {"count": 0, "sum": 0.0}
+    error_responses: collections.Counter = collections.Counter()  # status code -> responses sent
     stop_ids = frozenset(stop_token_ids(tokenizer))
+    defaults = models.sampling_defaults.sampling
 
     async def lifespan(app):
         scheduler.start()
@@ -185,20 +214,20 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
 
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.scheduler = scheduler
+    app.state.sampling_defaults = models.sampling_defaults
     if limits.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=limits.cors_origins, allow_methods=["*"], allow_headers=["*"])
     if limits.api_key:
         app.add_middleware(ApiKeyCheck, key=limits.api_key)
     app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    app.add_middleware(ErrorCount, counts=error_responses)  # added last: outermost, so it sees every response
 
     @app.exception_handler(APIError)
     async def api_error(_, error: APIError):
-        scheduler.metrics["errors_total"] += 1
         return error_body(error.status, error.message, error.kind, error.param, error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_, error: RequestValidationError):
-        scheduler.metrics["errors_total"] += 1
         problems = error.errors()
         first = problems[0] if problems else {}
         if first.get("type") == "json_invalid":
@@ -215,7 +244,6 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, error: StarletteHTTPException):
-        scheduler.metrics["errors_total"] += 1
         return error_body(error.status_code, str(error.detail), "invalid_request_error")
 
     def check_model(requested: str | None, kind: str) -> str:
@@ -229,9 +257,21 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
         return served
 
     def sampling_for(body, max_tokens: int, index: int) -> SamplingConfig:
+        """The request's settings; a field it leaves out takes the model's default."""
+
+        def given(value, default):
+            return default if value is None else value
+
         seed = None if body.seed is None else (body.seed + index) % 2**63
+        top_k = given(body.top_k, defaults.top_k)
         return SamplingConfig(
-            max_new_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=body.stop, seed=seed
+            max_new_tokens=max_tokens,
+            temperature=given(body.temperature, defaults.temperature),
+            top_p=given(body.top_p, defaults.top_p),
+            top_k=top_k if top_k is None or top_k > 0 else None,  # 0 and -1 turn it off
+            repetition_penalty=given(body.repetition_penalty, defaults.repetition_penalty),
+            stop=body.stop,
+            seed=seed,
         )
 
     def budget(prompt_ids: list[int], requested: int | None) -> int:
@@ -246,7 +286,7 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
                 raise APIError(
                     400, f"the prompt has {len(prompt_ids)} tokens; the context is {context} tokens", param="messages"
                 )
-            return min(room, limits.max_tokens)
+            return min(room, limits.max_tokens, defaults.max_new_tokens)
         if len(prompt_ids) + requested > context:
             raise APIError(
                 400,
@@ -484,9 +524,32 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
 
     @app.get("/v1/models")
     async def list_models():
-        cards = [ModelCard(id=models.name, created=models.created)]
+        sampling = SamplingDefaultsCard(
+            temperature=defaults.temperature,
+            top_p=defaults.top_p,
+            top_k=defaults.top_k,
+            repetition_penalty=defaults.repetition_penalty,
+            max_tokens=min(defaults.max_new_tokens, limits.max_tokens, scheduler.context - 1),
+            source=models.sampling_defaults.source,
+        )
+        cards = [
+            ModelCard(
+                id=models.name,
+                created=models.created,
+                capabilities=["chat", "completions"],
+                context_tokens=scheduler.context,
+                sampling_defaults=sampling,
+            )
+        ]
         if models.embedder is not None:
-            cards.append(ModelCard(id=models.embedding_name, created=models.created))
+            cards.append(
+                ModelCard(
+                    id=models.embedding_name,
+                    created=models.created,
+                    capabilities=["embeddings"],
+                    context_tokens=models.embedder.max_tokens,
+                )
+            )
         return ModelList(data=cards)
 
     @app.get("/health")
@@ -516,7 +579,12 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
             "# TYPE lmforge_completion_tokens_total counter",
             f"lmforge_completion_tokens_total {counters['completion_tokens_total']}",
             "# TYPE lmforge_errors_total counter",
-            f"lmforge_errors_total {counters['errors_total']}",
+            *(
+                f'lmforge_errors_total{{status="{status}"}} {count}'
+                for status, count in sorted(error_responses.items())
+            ),
+            "# TYPE lmforge_generation_failures_total counter",
+            f"lmforge_generation_failures_total {counters['generation_failures_total']}",
             "# TYPE lmforge_rejected_queue_full_total counter",
             f"lmforge_rejected_queue_full_total {counters['rejected_queue_full_total']}",
             "# TYPE lmforge_queue_depth gauge",

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.generate import SamplingConfig, TextStream, next_token_logits, pick_next_token, prefill
+from lmforge.generate import (
+    SamplingConfig,
+    TextStream,
+    apply_repetition_penalty,
+    next_token_logits,
+    pick_next_token,
+    prefill,
+)
 from lmforge.model import KVCache, Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -51,6 +58,7 @@ class _Running:
     generator: torch.Generator | None
     generated: list[int] = field(default_factory=list)
     counts: collections.Counter = field(default_factory=collections.Counter)
+    seen: set[int] = field(default_factory=set)  # prompt and generated tokens, for the repetition penalty
 
 
 class Scheduler:
@@ -177,7 +185,7 @@ class Scheduler:
         try:
             step()
         except Exception as error:  # noqa: BLE001 - report to the client and keep serving
-            self.metrics["errors_total"] += 1
+            self.metrics["generation_failures_total"] += 1
             for request in requests:
                 request.emit(("error", f"generation failed: {type(error).__name__}: {error}", None))
             self.running = [running for running in self.running if running.request not in requests]
@@ -206,6 +214,7 @@ class Scheduler:
             running = _Running(
                 request, self.free_slots.pop(), TextStream(self.tokenizer, request.sampling.stop), generator
             )
+            running.seen.update(request.prompt_ids)
             self.running.append(running)
             started.append(running)
         prompts = [request.prompt_ids for request in requests]
@@ -231,6 +240,9 @@ class Scheduler:
     def _accept(self, running: _Running, logits: torch.Tensor) -> None:
         """Sample this sequence's next token from its logits, stream it, and retire the sequence if done."""
         request = running.request
+        penalty = request.sampling.repetition_penalty
+        if penalty != 1.0 and running.seen:  # as `generate` applies it: over the prompt and the reply so far
+            logits = apply_repetition_penalty(logits[None], torch.tensor([sorted(running.seen)]), penalty)[0]
         if running.counts and (request.presence_penalty or request.frequency_penalty):
             # OpenAI's definition: subtract frequency * count + presence * [count > 0] for tokens generated so far.
             ids = torch.tensor(list(running.counts))
@@ -240,6 +252,7 @@ class Scheduler:
         token = int(pick_next_token(logits[None], request.sampling, running.generator)[0])
         running.generated.append(token)
         running.counts[token] += 1
+        running.seen.add(token)
         self.metrics["completion_tokens_total"] += 1
         if token in request.stop_ids:
             self._finish(running, "stop")

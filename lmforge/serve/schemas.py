@@ -65,10 +65,14 @@ class ChatMessage(BaseModel):
 
 
 class _Sampling(_Request):
+    # A sampling field left out (None) takes the served model's default (`lmforge.loading.sampling_defaults`).
+    # top_k and repetition_penalty are not OpenAI's; vLLM and llama.cpp's server take them under these names.
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)  # 0 or -1: off
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stop: str | list[str] | None = None
@@ -95,7 +99,6 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] = Field(...)
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
 
     @field_validator("prompt")
     @classmethod
@@ -198,11 +201,26 @@ class EmbeddingList(BaseModel):
     usage: Usage
 
 
+class SamplingDefaultsCard(BaseModel):
+    """What a request that leaves these fields out gets, and where the values come from."""
+
+    temperature: float
+    top_p: float | None
+    top_k: int | None
+    repetition_penalty: float
+    max_tokens: int
+    source: str
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "lmforge"
+    # lmforge's own fields: the routes the model answers, its context and (chat models) its sampling defaults
+    capabilities: list[Literal["chat", "completions", "embeddings"]]
+    context_tokens: int | None = None
+    sampling_defaults: SamplingDefaultsCard | None = None
 
 
 class ModelList(BaseModel):
