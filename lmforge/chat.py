@@ -14,6 +14,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingConfig, generate
 from lmforge.model import Transformer
+from lmforge.settings import chat_sampling
 from lmforge.tokenizer import CHAT_END, Tokenizer
 
 CHATML_TEMPLATE = (
@@ -231,9 +232,7 @@ class ChatSession:
     model: Transformer
     tokenizer: Tokenizer
     system_prompt: str | None = None
-    sampling: SamplingConfig = field(
-        default_factory=lambda: SamplingConfig(max_new_tokens=512, temperature=0.2, top_p=0.9, repetition_penalty=1.1)
-    )
+    sampling: SamplingConfig = field(default_factory=chat_sampling)
     history: list[dict] = field(default_factory=list)
 
     def messages(self) -> list[dict]:

@@ -6,27 +6,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
 from lmforge import engine
 from lmforge.errors import LmforgeError
 from lmforge.model import KVCache, Transformer
+from lmforge.settings import SamplingConfig
 from lmforge.tokenizer import Tokenizer
-
-
-@dataclass
-class SamplingConfig:
-    """How to pick each next token. temperature=0 means greedy."""
-
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

