@@ -12,8 +12,9 @@ from datetime import datetime
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import SamplingConfig, fallback_sampling, generate
+from lmforge.generate import generate
 from lmforge.model import Transformer
+from lmforge.settings import SamplingConfig, fallback_sampling
 from lmforge.tokenizer import CHAT_END, Tokenizer
 
 CHATML_TEMPLATE = (

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ from lmforge.fit import EarlyStopping, Fittable, ModelCheckpoint, WarmupCosine, 
 from lmforge.metrics import confusion_matrix, macro_f1, save_confusion_matrix_png
 from lmforge.model import ModelConfig, Transformer
 from lmforge.run_folder import claim_run_folder, settings_to_record
+from lmforge.settings import ClassifyConfig
 
 POOLINGS = ("last", "mean", "first")
 CLASSIFIER_CONFIG = "classifier.json"
@@ -138,35 +138,6 @@ def _is_bert(folder: str) -> bool:
         return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "bert"
     except (OSError, json.JSONDecodeError):
         return False
-
-
-@dataclass
-class ClassifyConfig:
-    """`lmforge finetune --task classify`: what to fine-tune, on which table, and how."""
-
-    data: str = ""  # CSV/TSV/JSONL/Parquet with a text and a label column
-    model: str = "all-minilm-l6-v2"  # a built-in encoder, or any model `lmforge.loading.load` reads
-    out: str = "runs/classify"
-    validation: str | None = None
-    validation_split: float = 0.1  # held out of `data` when no `validation` file is given
-    text_field: str = "text"
-    label_field: str = "label"
-    pooling: str | None = None  # default: "mean" for encoders, "last" for decoders
-    max_tokens: int = 128
-    epochs: int = 3
-    batch_size: int = 16
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_steps: int | None = None  # unset: a tenth of the optimizer steps, at most 100
-    accumulation_steps: int = 1
-    patience: int = 2  # early stopping on validation loss
-    balanced_class_weights: bool = False
-    lora_rank: int = 0  # 0: every weight trains
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = field(default=("qkv", "out", "up", "down"))
-    seed: int = 0
-    overwrite: bool = False  # `out` holds a classifier: move it into out/previous-<date>-<time>/ first
 
 
 def train_test_split(texts: list[str], labels: list[int], fraction: float, seed: int = 0):

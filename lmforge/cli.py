@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -11,12 +12,20 @@ from lmforge.config import describe, merge, parse_overrides, read_config_file
 from lmforge.errors import LmforgeError
 
 
-def config_help(cls) -> str:
-    rows = describe(cls)
+def config_help(config, title: str = "config keys") -> str:
+    """`--help`'s table of a config's keys, types and values; `config` is the very instance the verb
+    starts from, so the defaults shown are the ones used."""
+    rows = [(dashed(key), type_name, default) for key, type_name, default in describe(config)]
     width = max(len(key) for key, _, _ in rows)
-    return "config keys (set in --config FILE or as --key=value):\n" + "\n".join(
+    return f"{title} (--key value or --key=value; in a --config file, key: value with underscores):\n" + "\n".join(
         f"  --{key:<{width}}  {type_name:<14} default {default}" for key, type_name, default in rows
     )
+
+
+def dashed(name: str) -> str:
+    """Options are shown with dashes (`--max-batch`); underscores (`--max_batch`, the config-file
+    spelling) are accepted too: `main` turns them into dashes before parsing."""
+    return name.replace("_", "-")
 
 
 def config_values(config_file: str | None, extra: list[str]) -> dict:
@@ -28,8 +37,6 @@ def command_prepare(args, extra) -> int:
     from lmforge.data import prepare
     from lmforge.recipes import RECIPES
 
-    if extra:
-        raise LmforgeError(f"unexpected arguments {extra}")
     sources = list(args.sources)
     if args.recipe:
         if args.recipe not in RECIPES:
@@ -64,29 +71,42 @@ def _byte_progress():
 
 
 def command_train(args, extra) -> int:
-    from lmforge.train import train, train_config_from
+    from lmforge.settings import train_config_from
 
     values = config_values(args.config, extra)
     if args.resume:
         values["resume"] = True
     if args.overwrite:
         values["overwrite"] = True
-    summary = train(train_config_from(values))
+    config = train_config_from(values)
+    from lmforge.train import train  # torch: once the config is known to be valid
+
+    summary = train(config)
     print(json.dumps(summary, indent=2))
     return 0
 
 
+def use_threads(threads: int | None) -> None:
+    """`--threads`, else $LMFORGE_THREADS (checked now, before a model loads), else chosen while decoding."""
+    from lmforge.engine import set_decode_threads, threads_from_environment
+
+    set_decode_threads(threads or threads_from_environment())
+
+
 def command_generate(args, extra) -> int:
     from lmforge.config import apply_values
-    from lmforge.generate import SamplingConfig, check_greedy_for_draft, generate
-    from lmforge.loading import load
+    from lmforge.settings import SamplingConfig
 
     values = config_values(args.config, extra)
     if args.draft:  # speculative decoding is greedy: the default, and an error (before any output) otherwise
         values.setdefault("temperature", 0)
     sampling = apply_values(SamplingConfig(), values)
+    from lmforge.generate import check_greedy_for_draft, generate  # torch: once the settings are known to be valid
+    from lmforge.loading import load
+
     if args.draft:
         check_greedy_for_draft(sampling)
+    use_threads(args.threads)
     model, tokenizer = load(args.model, adapter=args.adapter)
     draft = None
     if args.draft:
@@ -114,8 +134,6 @@ def command_eval(args, extra) -> int:
     from lmforge.data import TokenDataset
     from lmforge.loading import load
 
-    if extra:
-        raise LmforgeError(f"unexpected arguments {extra}")
     if args.compare:
         print(evaluate.compare_reports(args.compare), end="")
         return 0
@@ -139,9 +157,11 @@ def command_eval(args, extra) -> int:
     for path in args.text or []:
         text = Path(path).read_text(encoding="utf-8")
         metrics[Path(path).stem] = evaluate.text_perplexity(model, tokenizer, text, stride=args.stride)
+    progress = progress_bars()
     for path in args.task or []:
-        metrics[Path(path).stem] = evaluate.run_task(
-            model, tokenizer, path, args.num_fewshot, args.limit, progress=_count_progress(Path(path).stem)
+        name = Path(path).stem
+        metrics[name] = evaluate.run_task(
+            model, tokenizer, path, args.num_fewshot, args.limit, progress=functools.partial(progress, name)
         )
     for section, values in metrics.items():
         shown = [f"{name} {values[name]:.4f}" for name in evaluate.HEADLINE_METRICS if name in values]
@@ -155,18 +175,36 @@ def command_eval(args, extra) -> int:
     return 0
 
 
-def _count_progress(name: str):
-    if not sys.stderr.isatty():
-        return None
-    return lambda done, total: print(f"\r{name}: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
+def progress_bars():
+    """A `progress(stage, done, total)` callback for long library calls: the progress bar `fit` draws
+    (`fit.ProgressBar`), one per stage, on stderr under the stage's name. Live on a terminal;
+    elsewhere a line every 30 s and one at the end of each stage."""
+    from lmforge.fit import ProgressBar
+
+    bars = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if stage not in bars:
+            print(stage, file=sys.stderr, flush=True)
+            bars[stage] = ProgressBar(total, sys.stderr)
+        if done < total:
+            bars[stage].update(done, {})
+        else:
+            bars[stage].finish({})
+
+    return progress
 
 
 def command_chat(args, extra) -> int:
-    from lmforge.chat import ChatSession, chat_loop
     from lmforge.config import apply_values
-    from lmforge.generate import describe_sampling
+    from lmforge.settings import describe_sampling, fallback_sampling
+
+    overrides = config_values(args.config, extra)
+    apply_values(fallback_sampling(chat_model=True), overrides)  # a bad key is an error before torch loads
+    from lmforge.chat import ChatSession, chat_loop
     from lmforge.loading import load, sampling_defaults
 
+    use_threads(args.threads)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, adapter=args.adapter)
     if args.adapter:
@@ -175,7 +213,7 @@ def command_chat(args, extra) -> int:
         print(describe_adapter(args.adapter), file=sys.stderr)
     defaults = sampling_defaults(args.model, tokenizer)
     session = ChatSession(model, tokenizer, system_prompt=args.system)
-    session.sampling = apply_values(defaults.sampling, config_values(args.config, extra))
+    session.sampling = apply_values(defaults.sampling, overrides)
     print(f"sampling: {describe_sampling(session.sampling)} (defaults: {defaults.source})", file=sys.stderr)
     chat_loop(session)
     return 0
@@ -184,11 +222,11 @@ def command_chat(args, extra) -> int:
 def command_quantize(args, extra) -> int:
     from lmforge.quantize import KL_WARNING, quantize_and_save
 
-    if extra:
-        raise LmforgeError(f"unexpected arguments {extra}")
     eval_text = Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else None
     print(f"quantising {args.model} to int{args.bits} ...", file=sys.stderr, flush=True)
-    report = quantize_and_save(args.model, args.out, args.bits, args.group_size, eval_text, args.eval_tokens)
+    report = quantize_and_save(
+        args.model, args.out, args.bits, args.group_size, eval_text, args.eval_tokens, progress=progress_bars()
+    )
     layout = f"groups of {report['group_size']} columns" + ("; LM head int8" if args.bits == 4 else "")
     print(
         f"{args.out}: int{args.bits} ({layout}), "
@@ -217,20 +255,24 @@ def format_bytes(size: float) -> str:
 
 
 def command_finetune(args, extra) -> int:
-    from lmforge.classify import ClassifyConfig, finetune_classifier
     from lmforge.config import apply_values
-    from lmforge.sft import SFTConfig, finetune_chat
+    from lmforge.settings import ClassifyConfig, SFTConfig
 
     values = config_values(args.config, extra)
+    config = apply_values(ClassifyConfig() if args.task == "classify" else SFTConfig(), values)
     if args.task == "classify":
-        result = finetune_classifier(apply_values(ClassifyConfig(), values))
+        from lmforge.classify import finetune_classifier
+
+        result = finetune_classifier(config)
         print(
             f"validation accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} "
             f"on {result['validation_examples']} examples; classifier, metrics.json and confusion_matrix.png "
             f"in {values.get('out', ClassifyConfig.out)}"
         )
     else:
-        result = finetune_chat(apply_values(SFTConfig(), values))
+        from lmforge.sft import finetune_chat
+
+        result = finetune_chat(config)
         print("wrote " + ", ".join(f"{kind} {path}" for kind, path in result["written"].items()))
     return 0
 
@@ -239,22 +281,22 @@ def command_explain(args, extra) -> int:
     from lmforge.interpret import explain
     from lmforge.loading import load
 
-    if extra:
-        raise LmforgeError(f"unexpected arguments {extra}")
     if args.classifier:
         from lmforge.classify import TextClassifier
         from lmforge.interpret import explain_classification
 
         summary = explain_classification(TextClassifier(args.classifier), args.prompt, args.out)
         print(f"label: {summary['label']} ({summary['probabilities'][summary['label']]:.3f})")
-        print(f"attributions: {summary['terminal'] if sys.stdout.isatty() else summary['tokens']}")
+        print(f"attributions: {summary['terminal'] if sys.stdout.isatty() else summary['plain']}")
         print(f"wrote {summary['files']['html']}")
         return 0
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, keep_quantized=False)  # fp32: attributions need gradients
-    summary = explain(model, tokenizer, args.prompt, args.out, top_k=args.top_k, method=args.method)
+    summary = explain(
+        model, tokenizer, args.prompt, args.out, top_k=args.top_k, method=args.method, progress=progress_bars()
+    )
     print(f"next token: {summary['prediction']!r}")
-    print(f"attributions ({args.method}): {summary['terminal'] if sys.stdout.isatty() else summary['tokens']}")
+    print(f"attributions ({args.method}): {summary['terminal'] if sys.stdout.isatty() else summary['plain']}")
     lens = " → ".join(repr(row["top_tokens"][0]) for row in summary["logit_lens"][-6:])
     print(f"logit lens, last layers: {lens}")
     files = summary["files"]
@@ -263,21 +305,24 @@ def command_explain(args, extra) -> int:
 
 
 def command_recommend(args, extra) -> int:
-    from lmforge import recommend
     from lmforge.config import apply_values
+    from lmforge.settings import RecommendConfig
 
     if args.action == "train":
         if args.folder:
             raise LmforgeError(f"recommend train takes no folder (got {args.folder!r}); set --out")
-        result = recommend.train_recommender(
-            apply_values(recommend.RecommendConfig(), config_values(args.config, extra))
-        )
-        print(_recommend_table(result))
+        config = apply_values(RecommendConfig(), config_values(args.config, extra))
+        from lmforge.recommend import train_recommender  # torch: once the config is known to be valid
+
+        print(_recommend_table(train_recommender(config)))
         return 0
     if extra:
-        raise LmforgeError(f"unexpected arguments {extra}")
+        raise LmforgeError(f"unexpected arguments {extra}; config keys go with recommend train")
     if not args.folder:
         raise LmforgeError(f"recommend {args.action} needs the FOLDER `lmforge recommend train` wrote")
+    from lmforge import recommend
+
+    print(f"loading {args.folder} ...", file=sys.stderr, flush=True)
     recommender = recommend.Recommender(args.folder)
     if args.action == "eval":
         print(_recommend_table(recommender.evaluate()))
@@ -287,7 +332,9 @@ def command_recommend(args, extra) -> int:
     else:
         import uvicorn
 
-        uvicorn.run(recommend.build_app(recommender), host=args.host, port=args.port, log_level="warning")
+        app = recommend.build_app(recommender)
+        print(f"serving {args.folder} on http://{args.host}:{args.port} (POST /v1/recommend)", file=sys.stderr)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -316,8 +363,6 @@ def command_serve(args, extra) -> int:
 def command_embed(args, extra) -> int:
     from lmforge.encoder import SentenceEmbedder
 
-    if extra:
-        raise LmforgeError(f"unexpected arguments {extra}")
     texts = list(args.texts) or [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not texts:
         raise LmforgeError("nothing to embed: give texts as arguments or one per line on stdin")
@@ -337,8 +382,6 @@ def command_search(args, extra) -> int:
     from lmforge.encoder import SentenceEmbedder
     from lmforge.search import VectorIndex, index_folder
 
-    if extra:
-        raise LmforgeError(f"unexpected arguments {extra}")
     embedder = SentenceEmbedder(args.model)
     where = Path(args.source)
     if (where / "vectors.npy").exists():
@@ -364,8 +407,6 @@ def command_export(args, extra) -> int:
     from lmforge.formats.hf import save_hf
     from lmforge.loading import load
 
-    if extra:
-        raise LmforgeError(f"unexpected arguments {extra}")
     model, tokenizer = load(args.model)
     if args.format == "hf":
         written = save_hf(model, tokenizer, args.out)
@@ -376,16 +417,20 @@ def command_export(args, extra) -> int:
 
 
 def command_quickstart(args, extra) -> int:
+    from lmforge.settings import train_config_from
+
+    overrides = parse_overrides(extra)
+    train_config_from(overrides)  # a mistyped key fails now, not after the data is prepared
     from lmforge.quickstart import quickstart
 
-    quickstart(args.out_dir, args.minutes, parse_overrides(extra), overwrite=args.overwrite)
+    quickstart(args.out_dir, args.minutes, overrides, overwrite=args.overwrite)
     return 0
 
 
 def _sampling_defaults_help() -> str:
     import textwrap
 
-    from lmforge.generate import describe_sampling, fallback_sampling
+    from lmforge.settings import describe_sampling, fallback_sampling
 
     return textwrap.fill(
         "A request that leaves out temperature, top_p, top_k, repetition_penalty or max_tokens gets the model's "
@@ -399,6 +444,10 @@ def _sampling_defaults_help() -> str:
 
 MODEL_HELP = "a model name (smollm2-135m-instruct), a .gguf file, an HF folder, or an lmforge checkpoint/run folder"
 ADAPTER_HELP = "a LoRA adapter folder (from lmforge finetune --task sft) to apply to the model"
+THREADS_HELP = (
+    "threads for decoding and PyTorch (default: $LMFORGE_THREADS, else chosen per decoding step from measured "
+    "speed, fewer while other processes keep the cores busy)"
+)
 OVERWRITE_HELP = (
     "if the output folder holds a run, move that run into OUT/previous-<date>-<time>/ (nothing is deleted) "
     "and start afresh; without --overwrite a used folder is an error"
@@ -406,18 +455,23 @@ OVERWRITE_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lmforge.classify import ClassifyConfig
-    from lmforge.generate import SamplingConfig
+    # Settings only (no torch): `--help` and argument errors come back at once.
     from lmforge.loading import DEFAULT_CHAT_MODEL
-    from lmforge.recommend import RecommendConfig
     from lmforge.serve import ServeConfig
-    from lmforge.sft import SFTConfig
-    from lmforge.train import TrainConfig
+    from lmforge.settings import (
+        PRESETS,
+        ClassifyConfig,
+        RecommendConfig,
+        SamplingConfig,
+        SFTConfig,
+        TrainConfig,
+        fallback_sampling,
+    )
 
     parser = argparse.ArgumentParser(
         prog="lmforge", description="Train, fine-tune, evaluate and serve GPT-style models."
     )
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", help="what to do; lmforge VERB --help for its options")
     formatter = argparse.RawDescriptionHelpFormatter
 
     prepare = verbs.add_parser(
@@ -429,17 +483,11 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--recipe", help="a built-in corpus: shakespeare")
     prepare.add_argument("--out", required=True, help="output folder")
     prepare.add_argument("--tokenizer", default="char", help="char, bpe, or a tokenizer JSON path (default char)")
+    prepare.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
     prepare.add_argument(
-        "--vocab-size", "--vocab_size", dest="vocab_size", type=int, default=None, help="BPE vocabulary size"
+        "--val-fraction", type=float, default=0.1, help="share of the tokens held out for validation (default 0.1)"
     )
-    prepare.add_argument("--val-fraction", "--val_fraction", dest="val_fraction", type=float, default=0.1)
-    prepare.add_argument(
-        "--text-field",
-        "--text_field",
-        dest="text_field",
-        default="text",
-        help="JSONL field holding the text (default text)",
-    )
+    prepare.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
     prepare.set_defaults(handler=command_prepare)
 
     train = verbs.add_parser(
@@ -447,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="pretrain a model on prepared data",
         formatter_class=formatter,
         description="Pretrain (or --resume) a model.",
-        epilog=config_help(TrainConfig),
+        epilog=config_help(TrainConfig())
+        + f"\n\nmodel.* defaults are the {TrainConfig.preset} preset's; --preset NAME starts from another "
+        f"({', '.join(PRESETS)}).\nmodel.vocab-size always comes from the prepared data's tokenizer.",
     )
     train.add_argument("--config", help="YAML or JSON config file")
     train.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
@@ -459,19 +509,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample text from a model",
         formatter_class=formatter,
         description="Stream a completion of --prompt.",
-        epilog=config_help(SamplingConfig),
+        epilog=config_help(SamplingConfig()),
     )
     generate.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
     generate.add_argument("--prompt", help="text to continue")
     generate.add_argument("--adapter", help=ADAPTER_HELP)
+    generate.add_argument("--threads", type=int, help=THREADS_HELP)
     generate.add_argument("--config", help="YAML or JSON sampling config")
     generate.add_argument(
         "--draft",
         help="speculative decoding: a cheaper model with the same tokenizer proposes tokens, --model checks them "
         "(greedy; same text). E.g. an fp32 model with its own int4 copy",
     )
-    generate.add_argument("--draft-tokens", "--draft_tokens", dest="draft_tokens", type=int, default=4,
-                          help="tokens the draft proposes per step")  # fmt: skip
+    generate.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
     generate.set_defaults(handler=command_generate)
 
     evaluate = verbs.add_parser(
@@ -485,15 +535,19 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmforge eval --compare ev1 ev2",
     )
     evaluate.add_argument("--model", "--checkpoint", dest="model", help=MODEL_HELP)
-    evaluate.add_argument("--data-dir", "--data_dir", dest="data_dir", help="prepared dataset folder")
-    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--data-dir", help="prepared dataset folder")
+    evaluate.add_argument(
+        "--split", choices=("train", "val"), default="val", help="which split of --data-dir to score (default val)"
+    )
     evaluate.add_argument("--text", action="append", help="text file to score (repeatable); sliding window")
     evaluate.add_argument("--stride", type=int, default=None, help="sliding-window step (default half the context)")
     evaluate.add_argument("--task", action="append", help="JSONL task file (repeatable)")
     evaluate.add_argument("--num-fewshot", type=int, default=0, help="solved examples put before each question")
     evaluate.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
-    evaluate.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=8)
-    evaluate.add_argument("--max-tokens", "--max_tokens", dest="max_tokens", type=int, default=None)
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass on --data-dir")
+    evaluate.add_argument(
+        "--max-tokens", type=int, default=None, help="score at most this many tokens of --data-dir (default all)"
+    )
     evaluate.add_argument("--out", help="folder for result.json, report.md, report.html (+ accuracy.png)")
     evaluate.add_argument("--json", help="also write the result to this JSON file")
     evaluate.add_argument("--compare", nargs="+", metavar="RESULT", help="result folders/JSONs to tabulate")
@@ -504,18 +558,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="interactive chat with a model (default: SmolLM2-135M-Instruct)",
         formatter_class=formatter,
         description="Chat in the terminal; replies stream as they are generated.",
-        epilog="In the chat: /reset, /system TEXT, /exit; Ctrl-C stops a reply.\n\n" + config_help(SamplingConfig),
+        epilog="In the chat: /reset, /system TEXT, /exit; Ctrl-C stops a reply and drops that exchange.\n\n"
+        "Sampling starts from the model's own defaults where its file names them (a GGUF's general.sampling.*,\n"
+        "a folder's generation_config.json), else from the values below; --key=value overrides either.\n\n"
+        + config_help(fallback_sampling(chat_model=True)),
     )
     # `lmforge chat MODEL` works too: main() turns a bare MODEL into --model MODEL.
     chat.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP + " (may be given bare: chat MODEL)")
     chat.add_argument("--system", help="system prompt")
     chat.add_argument("--adapter", help=ADAPTER_HELP)
+    chat.add_argument("--threads", type=int, help=THREADS_HELP)
     chat.add_argument("--config", help="YAML or JSON sampling config")
     chat.set_defaults(handler=command_chat)
 
-    export = verbs.add_parser("export", help="write a model as an HF folder or a GGUF file")
+    export = verbs.add_parser(
+        "export",
+        help="write a model as an HF folder or a GGUF file",
+        description="Write a model as an HF folder (config.json, model.safetensors, tokenizer.json, "
+        "tokenizer_config.json) for transformers, or as one GGUF file for llama.cpp.",
+    )
     export.add_argument("--model", required=True, help=MODEL_HELP)
-    export.add_argument("--format", choices=["hf", "gguf"], required=True)
+    export.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf: an HF folder; gguf: a .gguf file")
     export.add_argument("--out", required=True, help="output folder (hf) or .gguf file")
     export.add_argument(
         "--dtype",
@@ -535,9 +598,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(out/model); loss on assistant tokens only, short chats packed into rows.\n\n"
         "  lmforge finetune --task classify --data reviews.csv --model all-minilm-l6-v2 --out runs/sentiment\n"
         "  lmforge finetune --task sft --data chats.jsonl --model smollm2-135m-instruct --out runs/sft",
-        epilog="--task classify\n" + config_help(ClassifyConfig) + "\n\n--task sft\n" + config_help(SFTConfig),
+        epilog=config_help(ClassifyConfig(), "--task classify keys")
+        + "\n\n"
+        + config_help(SFTConfig(), "--task sft keys"),
     )
-    finetune.add_argument("--task", choices=("classify", "sft"), required=True)
+    finetune.add_argument(
+        "--task", choices=("classify", "sft"), required=True, help="classify: a text classifier; sft: a chat model"
+    )
     finetune.add_argument("--config", help="YAML or JSON file of the keys below")
     finetune.set_defaults(handler=command_finetune)
 
@@ -554,7 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
     explain_parser.add_argument("--out", default="explain", help="folder for the PNGs, HTML and JSON")
     explain_parser.add_argument("--top-k", type=int, default=5, help="predictions per layer in the logit lens")
     explain_parser.add_argument(
-        "--method", choices=("integrated_gradients", "gradient_x_input"), default="integrated_gradients"
+        "--method",
+        choices=("integrated_gradients", "gradient_x_input"),
+        default="integrated_gradients",
+        help="how tokens are credited for the prediction (default integrated_gradients: 32 gradient passes)",
     )
     explain_parser.set_defaults(handler=command_explain)
 
@@ -570,16 +640,16 @@ def build_parser() -> argparse.ArgumentParser:
         "  lmforge recommend eval runs/rec\n"
         "  lmforge recommend top runs/rec --history 1,2,3 -k 5\n"
         "  lmforge recommend serve runs/rec --port 8010",
-        epilog="train keys:\n" + config_help(RecommendConfig),
+        epilog=config_help(RecommendConfig(), "train keys"),
     )
-    recommend_parser.add_argument("action", choices=("train", "eval", "top", "serve"))
+    recommend_parser.add_argument("action", choices=("train", "eval", "top", "serve"), help="what to do (above)")
     recommend_parser.add_argument("folder", nargs="?", help="a saved recommender (eval, top, serve)")
     recommend_parser.add_argument("--config", help="YAML or JSON training config (train)")
     recommend_parser.add_argument("--user", help="a user id from the training log (top)")
     recommend_parser.add_argument("--history", help="comma-separated item ids, oldest first (top)")
-    recommend_parser.add_argument("-k", type=int, default=10)
-    recommend_parser.add_argument("--host", default="127.0.0.1")
-    recommend_parser.add_argument("--port", type=int, default=8010)
+    recommend_parser.add_argument("-k", type=int, default=10, help="how many items to recommend (top; default 10)")
+    recommend_parser.add_argument("--host", default="127.0.0.1", help="address to listen on (serve; default 127.0.0.1)")
+    recommend_parser.add_argument("--port", type=int, default=8010, help="port to listen on (serve; default 8010)")
     recommend_parser.set_defaults(handler=command_recommend)
 
     serve_parser = verbs.add_parser(
@@ -589,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/embeddings, "
         "/v1/models, /health, /metrics, and a chat page at /. Requests are batched continuously.\n\n"
         + _sampling_defaults_help(),
-        epilog=config_help(ServeConfig),
+        epilog=config_help(ServeConfig()),
     )
     serve_parser.add_argument(
         "--model", help=MODEL_HELP + " (default smollm2-135m-instruct; may be given bare: serve MODEL)"
@@ -601,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
         "embed", help="sentence embeddings (default all-MiniLM-L6-v2) as JSON", description="Embed texts "
         "(arguments, or one per line on stdin): mean pooling + L2 norm, like sentence-transformers."
     )  # fmt: skip
-    embed.add_argument("texts", nargs="*")
+    embed.add_argument("texts", nargs="*", help="texts to embed (default: one per line on stdin)")
     embed.add_argument("--model", default="all-minilm-l6-v2", help="built-in name or HF BERT folder")
     embed.set_defaults(handler=command_embed)
 
@@ -626,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quantize.add_argument("model", help="model name, .gguf file, HF folder or lmforge checkpoint")
     quantize.add_argument("--out", required=True, help="folder to write the quantised checkpoint to")
-    quantize.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    quantize.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per weight (default 4)")
     quantize.add_argument(
         "--group-size",
         type=int,
@@ -641,11 +711,13 @@ def build_parser() -> argparse.ArgumentParser:
     quick = verbs.add_parser(
         "quickstart",
         help="train a small GPT on Shakespeare in minutes and sample from it",
-        formatter_class=formatter,
-        epilog="Any train config key may follow as --key=value.",
+        description="Tokenize the built-in Shakespeare by character, train the quickstart preset for about "
+        "--minutes (the step count is calibrated from a few timed steps), then print samples, the validation "
+        "loss and where the checkpoint and loss curve are.",
+        epilog="Any train config key may follow as --key=value (see lmforge train --help).",
     )
     quick.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
-    quick.add_argument("--out-dir", "--out_dir", dest="out_dir", default="runs/quickstart")
+    quick.add_argument("--out-dir", default="runs/quickstart", help="run folder (default runs/quickstart)")
     quick.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " (OUT/data is kept)")
     quick.set_defaults(handler=command_quickstart)
     return parser
@@ -685,13 +757,35 @@ def path_error_advice(error: OSError) -> str:
     return "already exists; choose another path or remove it"
 
 
+def options_with_dashes(argv: list[str]) -> list[str]:
+    """`--max_batch 8` → `--max-batch 8`, `--model.n_layers=2` → `--model.n-layers=2`: options are
+    defined and shown with dashes, and the config-file spelling with underscores works too."""
+    converted = []
+    for index, token in enumerate(argv):
+        if token == "--":  # what follows is positional text
+            return converted + argv[index:]
+        if token.startswith("--"):
+            name, equals, value = token.partition("=")
+            token = dashed(name) + equals + value
+        converted.append(token)
+    return converted
+
+
+# Verbs whose unknown `--key value` arguments are config overrides. On the others they are mistakes,
+# reported before the verb imports torch or loads a model.
+VERBS_WITH_OVERRIDES = ("train", "generate", "chat", "finetune", "recommend", "serve", "quickstart")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(model_argument_as_option(list(sys.argv[1:] if argv is None else argv)))
+    argv = options_with_dashes(model_argument_as_option(list(sys.argv[1:] if argv is None else argv)))
+    args, extra = parser.parse_known_args(argv)
     if args.verb is None:
         parser.print_help()
         return 0
     try:
+        if extra and args.verb not in VERBS_WITH_OVERRIDES:
+            raise LmforgeError(f"unexpected arguments {extra}; see lmforge {args.verb} --help")
         return args.handler(args, extra)
     except LmforgeError as error:
         print(f"error: {error}", file=sys.stderr)

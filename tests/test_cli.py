@@ -1,10 +1,21 @@
+import argparse
+import ast
 import json
+import re
 import subprocess
 import sys
+from dataclasses import fields, is_dataclass
 
 import pytest
 
-from lmforge.cli import main
+from lmforge.chat import ChatSession
+from lmforge.classify import ClassifyConfig
+from lmforge.cli import build_parser, main, options_with_dashes, progress_bars
+from lmforge.generate import SamplingConfig
+from lmforge.recommend import RecommendConfig
+from lmforge.serve import ServeConfig
+from lmforge.sft import SFTConfig
+from lmforge.train import train_config_from
 
 
 def lmforge(*args, check=True):
@@ -61,7 +72,7 @@ def test_help_for_every_verb(verb, capsys):
     out = capsys.readouterr().out
     assert "usage: lmforge" in out
     if verb == "train":
-        assert "--model.n_kv_heads" in out and "--learning_rate" in out
+        assert "--model.n-kv-heads" in out and "--learning-rate" in out
 
 
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
@@ -81,3 +92,171 @@ def test_help_explains_overwrite(verb, capsys):
         main([verb, "--help"])
     out = capsys.readouterr().out
     assert "--overwrite" in out and "OUT/previous-<date>-<time>/" in out
+
+
+def help_of(verb: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    return capsys.readouterr().out
+
+
+def config_tables(help_text: str) -> dict[str, dict]:
+    """The key tables of a `--help` page: {title: {key: default}}, the defaults read back as Python values."""
+    tables, rows = {}, None
+    for line in help_text.splitlines():
+        heading = re.match(r"^(\S.*?) \(--key value", line)
+        row = re.match(r"^  --(\S+)\s+.+? default (.+)$", line)
+        if heading:
+            rows = tables[heading.group(1)] = {}
+        elif row and rows is not None:
+            rows[row.group(1)] = ast.literal_eval(row.group(2))
+        elif not line.strip():
+            rows = None
+    return tables
+
+
+def values_by_option(config, prefix: str = "") -> dict:
+    values = {}
+    for field in fields(config):
+        value = getattr(config, field.name)
+        if is_dataclass(value):
+            values.update(values_by_option(value, f"{prefix}{field.name}."))
+        else:
+            values[f"{prefix}{field.name}".replace("_", "-")] = value
+    return values
+
+
+@pytest.mark.parametrize(
+    "verb, title, used",
+    [
+        # what each verb really starts from: the chat session's own sampling, train's config builder, ...
+        ("chat", "config keys", lambda: ChatSession(model=None, tokenizer=None).sampling),
+        ("generate", "config keys", SamplingConfig),
+        ("train", "config keys", lambda: train_config_from({})),
+        ("serve", "config keys", ServeConfig),
+        ("recommend", "train keys", RecommendConfig),
+        ("finetune", "--task classify keys", ClassifyConfig),
+        ("finetune", "--task sft keys", SFTConfig),
+    ],
+)
+def test_help_shows_the_defaults_each_verb_uses(verb, title, used, capsys):
+    tables = config_tables(help_of(verb, capsys))
+    assert tables[title] == values_by_option(used())
+
+
+def test_help_defaults_are_the_ones_the_issue_found_wrong(capsys):
+    chat = config_tables(help_of("chat", capsys))["config keys"]
+    assert (chat["temperature"], chat["max-new-tokens"], chat["repetition-penalty"], chat["top-p"]) == (
+        0.2, 512, 1.1, 0.9,
+    )  # fmt: skip
+    train = config_tables(help_of("train", capsys))["config keys"]
+    assert [train[f"model.{key}"] for key in ("norm", "mlp", "positions", "d-model", "bias")] == [
+        "rmsnorm", "swiglu", "rope", 192, False,
+    ]  # fmt: skip
+
+
+def test_every_verb_and_option_says_what_it_does():
+    parser = build_parser()
+    (verbs,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    assert verbs.help
+    undescribed = [verb for verb, verb_parser in verbs.choices.items() if not verb_parser.description]
+    unexplained = [
+        f"{verb} {'/'.join(action.option_strings) or action.dest}"
+        for verb, verb_parser in verbs.choices.items()
+        for action in verb_parser._actions
+        if not action.help
+    ]
+    assert (undescribed, unexplained) == ([], [])
+
+
+def test_options_show_dashes_and_take_underscores_too(corpus_file, tmp_path, capsys):
+    parser = build_parser()
+    (verbs,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    for verb in verbs.choices:
+        assert not re.findall(r"--[\w.-]*_", help_of(verb, capsys)), verb
+    given = ["serve", "--max_batch", "4", "--model.n_layers=2", "--prompt=--a_b", "--", "--x_y"]
+    assert options_with_dashes(given) == [
+        "serve",
+        "--max-batch",
+        "4",
+        "--model.n-layers=2",
+        "--prompt=--a_b",
+        "--",
+        "--x_y",
+    ]
+    validation_tokens = []
+    for spelling in ("--val-fraction", "--val_fraction"):
+        out = tmp_path / spelling
+        assert main(["prepare", str(corpus_file), "--out", str(out), spelling, "0.5"]) == 0
+        splits = json.loads((out / "manifest.json").read_text())["splits"]
+        validation_tokens.append(splits["val"]["tokens"])
+        assert splits["val"]["tokens"] == pytest.approx(splits["train"]["tokens"], rel=0.05)
+    assert validation_tokens[0] == validation_tokens[1]
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_the_cli_imports_no_torch():
+    result = run_python("import lmforge.cli, sys; print('torch' in sys.modules)")
+    assert result.stdout.strip() == "False", result.stderr
+    lazy = run_python(
+        "import sys, lmforge; config = lmforge.preset('tiny'); print('torch' in sys.modules); "
+        "lmforge.Transformer(config); print('torch' in sys.modules, lmforge.load.__module__)"
+    )
+    assert lazy.stdout.split() == ["False", "True", "lmforge.loading"], lazy.stderr
+
+
+def test_help_and_argument_errors_come_before_torch_and_any_model():
+    result = run_python(
+        """
+import sys
+from lmforge.cli import build_parser, main
+
+parser = build_parser()
+(verbs,) = [action for action in parser._actions if hasattr(action, "choices") and action.dest == "verb"]
+pages = [verb_parser.format_help() for verb_parser in verbs.choices.values()]
+codes = [
+    main(["chat", "--bogus-option"]),
+    main(["chat", "--max-new-tokens=many"]),
+    main(["train", "--max_stpes=3"]),
+    main(["finetune", "--task", "sft", "--epoch=2"]),
+    main(["recommend", "train", "--epoch=2"]),
+    main(["quickstart", "--max-stpes=3"]),
+    main(["explain", "--prompt", "hi", "--bogus"]),
+    main(["quantize", "smollm2-135m-instruct", "--out", "x", "--bogus"]),
+]
+print(len(pages), codes, "torch" in sys.modules)
+"""
+    )
+    assert result.stdout.split("\n")[0] == f"14 {[2] * 8} False", result.stderr
+    errors = result.stderr.splitlines()
+    assert errors[0].startswith("error: unknown config key 'bogus_option'")
+    assert errors[1] == "error: max_new_tokens: expected an integer, got 'many'"
+    assert "did you mean 'max_steps'" in errors[2] and "did you mean 'epochs'" in errors[3] + errors[4]
+    assert "did you mean 'max_steps'" in errors[5]
+    assert errors[6:] == [
+        "error: unexpected arguments ['--bogus']; see lmforge explain --help",
+        "error: unexpected arguments ['--bogus']; see lmforge quantize --help",
+    ]
+
+
+def test_progress_bars_draw_fits_bar_for_each_stage_on_stderr(capsys):
+    progress = progress_bars()
+    for done in range(4):
+        progress("scoring", done, 3)
+    progress("writing", 0, 2)
+    progress("writing", 2, 2)
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == "" and lines[0] == "scoring" and lines[1].startswith("3/3 ━")
+    assert lines[2] == "writing" and lines[3].startswith("2/2 ━") and len(lines) == 4
+
+
+@pytest.mark.parametrize("verb", ["chat", "generate"])
+def test_decoding_verbs_take_threads_and_check_lmforge_threads_before_loading(verb, monkeypatch, capsys):
+    assert "--threads" in help_of(verb, capsys)
+    monkeypatch.setenv("LMFORGE_THREADS", "lots")
+    assert main([verb, "--model", "no-such-model-file.gguf"]) == 2
+    assert "LMFORGE_THREADS must be a whole number" in capsys.readouterr().err  # not the missing model

@@ -1,6 +1,6 @@
 import pytest
 
-from lmforge.config import apply_values, parse_overrides, read_config_file
+from lmforge.config import apply_values, describe, parse_overrides, read_config_file
 from lmforge.errors import LmforgeError
 from lmforge.generate import SamplingConfig
 from lmforge.train import TrainConfig, train_config_from
@@ -65,3 +65,10 @@ def test_yaml_and_json_files(tmp_path):
 
 def test_default_train_config_is_the_quickstart_model():
     assert TrainConfig().model == train_config_from({}).model
+
+
+def test_describe_reads_the_instance_nested_configs_included():
+    rows = {key: default for key, _, default in describe(TrainConfig())}
+    assert rows["model.norm"] == "'rmsnorm'" and rows["model.d_model"] == "192"  # the quickstart preset's
+    rows = {key: default for key, _, default in describe(train_config_from({"preset": "nanogpt-cpu"}))}
+    assert rows["preset"] == "'nanogpt-cpu'" and rows["model.norm"] == "'layernorm'"

@@ -161,6 +161,22 @@ def test_explain_writes_pngs_json_and_a_page_that_works_in_chromium(tmp_path):
     assert (tmp_path / "explain.png").stat().st_size > 5_000
 
 
+def test_explain_off_a_terminal_prints_each_tokens_score_and_shows_progress(tmp_path, capsys):
+    from lmforge.checkpoint import save_model
+    from lmforge.cli import main
+
+    save_model(tmp_path / "model", model_of(), TOKENIZER)
+    out = tmp_path / "out"
+    assert main(["explain", "--model", str(tmp_path / "model"), "--prompt", "the cat sat", "--out", str(out)]) == 0
+    captured = capsys.readouterr()  # stdout and stderr are pipes here, not terminals
+    saved = json.loads((out / "explain.json").read_text())
+    (line,) = [line for line in captured.out.splitlines() if line.startswith("attributions")]
+    assert line.endswith(", ".join(f"{t!r} {s:+.4f}" for t, s in zip(saved["tokens"], saved["attributions"]["scores"])))
+    progress = captured.err.splitlines()
+    passes, pngs = progress.index("integrated_gradients passes"), progress.index("attention PNGs, one per layer")
+    assert progress[passes + 1].startswith("32/32 ━") and progress[pngs + 1].startswith("2/2 ━")
+
+
 @pytest.mark.slow
 def test_explain_smollm2_from_the_command_line(tmp_path):
     """The acceptance run: `lmforge explain --model smollm2-135m-instruct --prompt "The capital of France is"`."""

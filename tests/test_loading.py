@@ -71,7 +71,7 @@ def tiny_llama():
 def test_generation_config_of_an_hf_folder_gives_the_sampling_defaults(tmp_path):
     import json
 
-    from lmforge.generate import SamplingConfig, fallback_sampling
+    from lmforge.settings import SamplingConfig, fallback_sampling
 
     model, tokenizer = tiny_llama()
     folder = save_hf(model, tokenizer, tmp_path / "hf")

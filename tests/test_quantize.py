@@ -17,6 +17,7 @@ from lmforge.quantize import (
     dequantize_int4,
     dequantize_int8,
     kl_divergence_report,
+    leading_tokens,
     pack_int4,
     quantize_int4,
     quantize_int8,
@@ -24,7 +25,9 @@ from lmforge.quantize import (
     unpack_int4,
     weight_bytes,
 )
-from lmforge.tokenizer import CharTokenizer
+from lmforge.tokenizer import BPETokenizer, CharTokenizer
+
+from .conftest import make_corpus
 
 
 def llama_model(seed: int = 0, d_model: int = 64) -> Transformer:
@@ -148,6 +151,11 @@ def test_quantize_cli_writes_a_checkpoint_and_reports_kl(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "mean KL" in result.stdout and "perplexity" in result.stdout
+    progress = (
+        result.stderr.splitlines()
+    )  # fit's progress bar, one per slow stage (2 blocks x 4 + head layers; 15 windows of 64 tokens)
+    layers, scoring = progress.index("quantising layers"), progress.index("scoring both models on 900 tokens")
+    assert progress[layers + 1].startswith("9/9 ━") and progress[scoring + 1].startswith("15/15 ━")
     loaded, _ = load(tmp_path / "int8")
     assert isinstance(loaded.blocks[0].mlp.down, QuantizedLinear)
 
@@ -162,3 +170,14 @@ def test_sizes_are_shown_in_a_unit_that_fits():
         "98.2 MB",
         "1.4 GB",
     ]
+
+
+def test_leading_tokens_are_the_texts_first_tokens_from_a_short_prefix():
+    text = make_corpus(2000)
+    tokenizer = BPETokenizer.train([make_corpus(100)], vocab_size=300)
+    encoded = []
+    original = tokenizer.encode
+    tokenizer.encode = lambda part: encoded.append(len(part)) or original(part)
+    assert leading_tokens(tokenizer, text, 500) == original(text)[:500]
+    assert max(encoded) < len(text) // 10
+    assert leading_tokens(tokenizer, "short text", 500) == original("short text")

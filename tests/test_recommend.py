@@ -109,7 +109,7 @@ def test_both_models_beat_popularity_by_a_margin(synthetic_log, tmp_path):
     assert sasrec["sampled"]["hr@10"] >= sasrec["popularity_sampled"]["hr@10"] + 0.3
 
 
-def test_train_eval_top_and_serve_from_the_cli(synthetic_log, tmp_path, capsys):
+def test_train_eval_top_and_serve_from_the_cli(synthetic_log, tmp_path, capsys, monkeypatch):
     out = tmp_path / "rec"
     args = ["recommend", "train", "--data", str(synthetic_log), "--out", str(out), "--epochs=8", "--d_model=32"]
     assert main([*args, "--n_layers=1"]) == 0
@@ -120,6 +120,18 @@ def test_train_eval_top_and_serve_from_the_cli(synthetic_log, tmp_path, capsys):
     assert main(["recommend", "top", str(out), "--history", "i0,i1,i2", "-k", "3"]) == 0
     top = json.loads(capsys.readouterr().out)
     assert len(top) == 3 and not {"i0", "i1", "i2"} & {row["item"] for row in top}
+
+    import uvicorn
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
+    assert main(["recommend", "serve", str(out), "--port", "8123"]) == 0
+    assert started == [{"host": "127.0.0.1", "port": 8123, "log_level": "warning"}]
+    # uvicorn logs only warnings: without these lines, start-up is silent until the first request
+    assert capsys.readouterr().err.splitlines() == [
+        f"loading {out} ...",
+        f"serving {out} on http://127.0.0.1:8123 (POST /v1/recommend)",
+    ]
 
     recommender = Recommender(out)
     server = LiveServer(build_app(recommender))

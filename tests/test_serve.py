@@ -336,7 +336,7 @@ def test_a_request_that_leaves_sampling_out_gets_the_model_defaults():
 
 def test_serve_help_states_the_fallback_defaults(capsys):
     from lmforge.cli import main
-    from lmforge.generate import describe_sampling, fallback_sampling
+    from lmforge.settings import describe_sampling, fallback_sampling
 
     with pytest.raises(SystemExit):
         main(["serve", "--help"])

@@ -1,5 +1,7 @@
 """Vision Transformer on the core blocks: shapes, attention maps, a learned task, image folders."""
 
+import io
+
 import pytest
 import torch
 
@@ -81,3 +83,12 @@ def test_vision_models_take_the_keras_style_fit():
     model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"], from_logits=True, learning_rate=3e-3)
     history = model.fit(train_x, train_y, epochs=8, batch_size=64, validation_data=(test_x, test_y), verbose=0)
     assert history.history["val_accuracy"][-1] > 0.9
+
+
+def test_train_classifier_shows_fits_progress_bar_unless_told_not_to():
+    images, labels = torch.randn(40, 1, 8, 8), torch.randint(0, 3, (40,))
+    shown, silent = io.StringIO(), io.StringIO()
+    losses = train_classifier(SmallCNN(1, 3, 8), images, labels, epochs=2, batch_size=16, stream=shown)
+    train_classifier(SmallCNN(1, 3, 8), images, labels, epochs=2, batch_size=16, stream=silent, verbose=0)
+    assert shown.getvalue().startswith("6/6 ━") and shown.getvalue().endswith(f"loss: {losses[-1]:.4f}\n")
+    assert silent.getvalue() == ""

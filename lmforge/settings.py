@@ -1,0 +1,344 @@
+"""The settings of lmforge's verbs, as dataclasses with their defaults: model shapes and presets,
+pretraining, sampling (and the terminal chat's), fine-tuning and recommendation.
+
+They live apart from the code that uses them, in a module free of torch, because `--help` lists
+them and `--key=value` overrides are checked against them before torch loads (3-9 s on a busy
+CPU). Each module that uses one imports it from here; `lmforge serve`'s settings are in
+`lmforge.serve`, also free of torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from lmforge.config import apply_values, merge
+from lmforge.errors import LmforgeError
+from lmforge.run_folder import FOLDER_ACTIONS
+
+# --- the model: shape, family switches and named presets ---------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Shape and family switches of a decoder-only Transformer."""
+
+    vocab_size: int = 512
+    block_size: int = 256  # longest context the model attends over
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # < n_heads means grouped-query attention
+    d_model: int = 128
+    d_mlp: int | None = None  # hidden width of the MLP; default 4 * d_model
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # "gelu" | "gelu_tanh" | "swiglu"
+    positions: str = "learned"  # "learned" | "rope"
+    rope_theta: float = 10000.0
+    bias: bool = True  # biases in Linear and LayerNorm layers
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    causal: bool = True  # False: every position sees every other (encoders such as BERT)
+    norm_position: str = "pre"  # "pre": x + f(norm(x)) (GPT-2, Llama); "post": norm(x + f(x)) (BERT)
+
+    def __post_init__(self) -> None:
+        choices = {
+            "norm_position": ("pre", "post"),
+            "norm": ("layernorm", "rmsnorm"),
+            "mlp": ("gelu", "gelu_tanh", "swiglu"),
+            "positions": ("learned", "rope"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        for name in ("vocab_size", "block_size", "n_layers", "n_heads", "n_kv_heads", "d_model", "d_mlp"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"model.{name}={value}: must be at least 1")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"model.head_dim={self.head_dim} (d_model / n_heads) must be even for rope")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads in use: n_kv_heads, or n_heads when unset (plain multi-head attention)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """MLP hidden width in use: d_mlp, or 4 * d_model when unset."""
+        return self.d_mlp or 4 * self.d_model
+
+    @property
+    def family(self) -> str | None:
+        """'llama' or 'gpt2' when the switches match that published family (what the export
+        formats can express), else None."""
+        if not self.causal or self.norm_position != "pre":
+            return None
+        if (self.norm, self.mlp, self.positions, self.bias) == ("rmsnorm", "swiglu", "rope", False):
+            return "llama"
+        # GPT-2 has no grouped-query attention: its formats give k and v as many heads as q
+        gpt2_like = (self.norm, self.positions, self.bias) == ("layernorm", "learned", True) and self.mlp != "swiglu"
+        if gpt2_like and self.kv_heads == self.n_heads:
+            return "gpt2"
+        return None
+
+    def require_family(self, what: str) -> str:
+        if self.family is None and self.norm == "layernorm" and self.positions == "learned" and self.bias:
+            raise ValueError(
+                f"{what}: the GPT-2 family has no grouped-query attention, and this model has n_kv_heads="
+                f"{self.n_kv_heads} < n_heads={self.n_heads}; no HF or GGUF reader would load it. Train it with "
+                f"n_kv_heads unset, or as the Llama family (norm=rmsnorm, mlp=swiglu, positions=rope, bias=false)"
+            )
+        if self.family is None:
+            raise ValueError(
+                f"{what} supports the Llama family (rmsnorm, swiglu, rope, no bias) and the GPT-2 family "
+                f"(layernorm, gelu, learned positions, bias); this model has norm={self.norm}, mlp={self.mlp}, "
+                f"positions={self.positions}, bias={self.bias}"
+            )
+        return self.family
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+
+_LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+
+PRESETS: dict[str, ModelConfig] = {
+    # ~50k parameters: unit tests and smoke runs.
+    "tiny": ModelConfig(vocab_size=512, block_size=32, n_layers=2, n_heads=2, d_model=32, n_kv_heads=1, **_LLAMA),
+    # nanoGPT's CPU recipe (shakespeare_char with its CPU overrides) as a GPT-2 family model. nanoGPT
+    # runs it without biases (model.bias=false here), which the GPT-2 export formats cannot express.
+    "nanogpt-cpu": ModelConfig(vocab_size=65, block_size=64, n_layers=4, n_heads=4, d_model=128),
+    # What `lmforge quickstart` trains: Llama family, sized for a few minutes on 2 CPU cores.
+    "quickstart": ModelConfig(
+        vocab_size=512, block_size=128, n_layers=4, n_heads=4, d_model=192, d_mlp=512, norm_eps=1e-6, **_LLAMA
+    ),
+    "gpt2-124m": ModelConfig(vocab_size=50257, block_size=1024, n_layers=12, n_heads=12, d_model=768, mlp="gelu_tanh"),
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152,
+        block_size=8192,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        d_model=576,
+        d_mlp=1536,
+        rope_theta=100000.0,
+        norm_eps=1e-5,
+        **_LLAMA,
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A copy of the named preset with `overrides` applied."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# --- pretraining -------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pretraining run needs; YAML/JSON files and --key=value map onto it."""
+
+    data_dir: str = "data/shakespeare"
+    out_dir: str = "runs/default"
+    preset: str = "quickstart"  # model preset; `model.*` keys override its fields
+    model: ModelConfig = field(default_factory=lambda: preset("quickstart"))
+    batch_size: int = 16  # sequences per micro-step per process
+    grad_accum_steps: int = 1
+    max_steps: int = 2000
+    learning_rate: float = 2e-3
+    min_learning_rate: float = 2e-4
+    warmup_steps: int | None = None  # unset: a tenth of max_steps, at most 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0  # 0 disables clipping
+    eval_interval: int = 250
+    eval_tokens: int = 65536  # validation tokens per evaluation
+    log_interval: int = 10
+    checkpoint_interval: int = 500  # also written at the end and after each evaluation
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    resume: bool = False  # continue the run in out_dir (train_config_from fills unset keys from its config.json)
+    overwrite: bool = False  # out_dir holds a run: move it into out_dir/previous-<date>-<time>/ first
+    peak_flops: float | None = None  # for MFU; measured with a matmul when unset
+    progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none
+    plot: bool = True  # write loss_curve.png at the end
+
+
+def train_config_from(values: dict) -> TrainConfig:
+    """A TrainConfig from nested values: the model preset first, then everything else. Resuming,
+    the run's recorded settings (out_dir/config.json) fill in what `values` leave unset."""
+    config = _config_from_values(values)
+    if config.resume:
+        recorded = recorded_settings(Path(config.out_dir))
+        if recorded is not None:
+            config = _config_from_values(merge(recorded, values))
+    return config
+
+
+def _config_from_values(values: dict) -> TrainConfig:
+    preset_name = str(values.get("preset", TrainConfig.preset))
+    try:
+        config = TrainConfig(preset=preset_name, model=preset(preset_name))
+    except ValueError as error:
+        raise LmforgeError(str(error)) from None
+    return apply_values(config, values)
+
+
+def recorded_settings(out_dir: Path) -> dict | None:
+    """The settings a run recorded in out_dir/config.json (None when there is none), without the
+    folder actions older versions recorded with them."""
+    path = out_dir / "config.json"
+    if not path.exists():
+        return None
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise LmforgeError(f"{path}: unreadable ({error}); resuming reads the run's settings from it") from None
+    if not isinstance(recorded, dict):
+        raise LmforgeError(f"{path}: not a mapping of settings; resuming reads the run's settings from it")
+    return {key: value for key, value in recorded.items() if key not in FOLDER_ACTIONS}
+
+
+# --- sampling ----------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token. temperature=0 means greedy."""
+
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+def fallback_sampling(chat_model: bool) -> SamplingConfig:
+    """lmforge's documented defaults for a model whose files name no sampling settings.
+
+    A chat model (one with a chat template) answers at a low temperature with nucleus sampling and a
+    mild repetition penalty: at temperature 1.0 SmolLM2-135M-Instruct answers "What is the capital of
+    France?" with "Rim (V∞55) BugEurope…". A base model continues text with SamplingConfig's own values.
+    """
+    if chat_model:
+        return SamplingConfig(max_new_tokens=512, temperature=0.2, top_p=0.9, repetition_penalty=1.1)
+    return SamplingConfig()
+
+
+def describe_sampling(sampling: SamplingConfig) -> str:
+    """The settings in words: 'temperature 0.2, top_p 0.9, repetition_penalty 1.1, max_new_tokens 512'."""
+    parts = [f"temperature {sampling.temperature:g}"]
+    if sampling.top_k is not None:
+        parts.append(f"top_k {sampling.top_k}")
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        parts.append(f"top_p {sampling.top_p:g}")
+    if sampling.repetition_penalty != 1.0:
+        parts.append(f"repetition_penalty {sampling.repetition_penalty:g}")
+    return ", ".join(parts + [f"max_new_tokens {sampling.max_new_tokens}"])
+
+
+# --- fine-tuning -------------------------------------------------------------------------
+
+
+@dataclass
+class ClassifyConfig:
+    """`lmforge finetune --task classify`: what to fine-tune, on which table, and how."""
+
+    data: str = ""  # CSV/TSV/JSONL/Parquet with a text and a label column
+    model: str = "all-minilm-l6-v2"  # a built-in encoder, or any model `lmforge.loading.load` reads
+    out: str = "runs/classify"
+    validation: str | None = None
+    validation_split: float = 0.1  # held out of `data` when no `validation` file is given
+    text_field: str = "text"
+    label_field: str = "label"
+    pooling: str | None = None  # default: "mean" for encoders, "last" for decoders
+    max_tokens: int = 128
+    epochs: int = 3
+    batch_size: int = 16
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_steps: int | None = None  # unset: a tenth of the optimizer steps, at most 100
+    accumulation_steps: int = 1
+    patience: int = 2  # early stopping on validation loss
+    balanced_class_weights: bool = False
+    lora_rank: int = 0  # 0: every weight trains
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = field(default=("qkv", "out", "up", "down"))
+    seed: int = 0
+    overwrite: bool = False  # `out` holds a classifier: move it into out/previous-<date>-<time>/ first
+
+
+@dataclass
+class SFTConfig:
+    """`lmforge finetune --task sft`: which model, which chats, and how to train on them."""
+
+    data: str = ""  # chat JSONL, one {"messages": [...]} a line
+    model: str = "smollm2-135m-instruct"
+    out: str = "runs/sft"
+    validation: str | None = None
+    max_tokens: int = 512  # tokens per training row
+    packing: bool = True
+    epochs: int = 2
+    batch_size: int = 4
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int | None = None  # unset: a tenth of the optimizer steps, at most 100
+    accumulation_steps: int = 1
+    clip_grad_norm: float = 1.0
+    lora_rank: int = 8  # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = field(default=("qkv", "out", "up", "down"))
+    merge: bool = False  # with LoRA: also write the merged full model to out/model
+    seed: int = 0
+    overwrite: bool = False  # `out` holds a run: move it into out/previous-<date>-<time>/ first
+
+
+# --- recommendation ----------------------------------------------------------------------
+
+
+@dataclass
+class RecommendConfig:
+    """`lmforge recommend train`: which model, on which log, and how to train it."""
+
+    data: str = ""  # CSV user,item,timestamp or a MovieLens ratings file; "synthetic" for the generator
+    out: str = "runs/recommend"
+    model: str = "sasrec"  # "sasrec" | "mf"
+    max_length: int = 50  # items of history the sequence model reads
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    dropout: float = 0.2
+    epochs: int = 30
+    batch_size: int = 128
+    learning_rate: float = 3e-3
+    min_items: int = 3
+    seed: int = 0
