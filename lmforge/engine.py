@@ -52,56 +52,14 @@ def threads_from_environment() -> int | None:
     return int(value)
 
 
-class ThreadChooser:
-    """Picks each decoding step's thread count from the measured time of recent steps.
-
-    Candidates are `most`, most/2, most/4 ... 1. Steps run on the fastest estimate; every
-    `EXPLORE_EVERY` steps two run on a neighbouring count (the first of them pays for waking or
-    parking threads and is not measured), so a change in the machine's load is noticed within
-    a few dozen tokens. The current count's estimate is a moving average of seconds per step; an
-    explored count's is its latest time, since the load may have changed since it last ran."""
-
-    EXPLORE_EVERY = 24
-    SMOOTHING = 0.3
-
-    def __init__(self, most: int, free_cores: int | None = None):
-        self.candidates = sorted({max(1, most >> shift) for shift in range(most.bit_length())}, reverse=True)
-        self.seconds: dict[int, float] = {}
-        # start from the most threads that fit the cores other processes leave free
-        self.current = next((n for n in self.candidates if n <= (free_cores or most)), 1)
-        self.steps = 0
-        self._explore_up = False
-
-    def pick(self) -> tuple[int, bool]:
-        """This step's thread count, and whether its time is to be recorded."""
-        self.steps += 1
-        phase = self.steps % self.EXPLORE_EVERY  # steps 1, 2 measure the starting count; 3, 4 explore
-        if len(self.candidates) == 1 or phase not in (3, 4):
-            return self.current, self.steps > 1  # the very first step also starts the thread pool
-        if phase == 3:
-            self._explore_up = not self._explore_up
-        index = self.candidates.index(self.current)  # candidates run from most threads to one
-        fewer_exists, more_exists = index + 1 < len(self.candidates), index > 0
-        more = more_exists and (self._explore_up or not fewer_exists)
-        return self.candidates[index - 1 if more else index + 1], phase == 4
-
-    def record(self, threads: int, seconds: float) -> None:
-        previous = self.seconds.get(threads)
-        if previous is None or threads != self.current:  # an explored count: its freshest time stands
-            self.seconds[threads] = seconds
-        else:
-            self.seconds[threads] = previous + self.SMOOTHING * (seconds - previous)
-        self.current = min(self.seconds, key=self.seconds.__getitem__)
-
-
-def free_cores() -> int | None:
+def free_cores(looks: int = 3) -> int | None:
     """Cores this process may use that no other runnable task wants right now: the kernel's count of
     runnable tasks (/proc/loadavg, which counts this reader too), the least of a few looks 2 ms
     apart since one look can catch a thread on its way to sleep. None where it cannot be read."""
     try:
         usable = len(os.sched_getaffinity(0))
         running = []
-        for look in range(3):
+        for look in range(looks):
             if look:
                 time.sleep(0.002)
             with open("/proc/loadavg") as loadavg:
@@ -109,6 +67,70 @@ def free_cores() -> int | None:
     except (OSError, AttributeError, ValueError, IndexError):
         return None
     return max(1, usable - (min(running) - 1))
+
+
+class ThreadChooser:
+    """Picks each decoding step's thread count from the measured time of recent steps.
+
+    Candidates are `most`, most/2, most/4 ... 1. Steps run on the current count, whose estimate is a
+    moving average of seconds per step. Every `EXPLORE_EVERY` steps two steps run on a neighbouring
+    count (the first pays for waking or parking threads and is not timed), and the current count
+    moves there if the second was faster. More threads are tried only when that many cores look
+    free (`cores_free_now`), and each such try that loses doubles the wait before the next, up to
+    `EXPLORE_AT_MOST_EVERY` steps: on 2 cores beside 2 busy processes one two-thread step took 1.2 s,
+    waiting for its second thread to be scheduled, where one-thread steps took 10-30 ms. Fewer
+    threads cost little to try (~15% for two steps on an idle machine) and are tried every time."""
+
+    EXPLORE_EVERY = 24
+    EXPLORE_AT_MOST_EVERY = 24 * 16
+    SMOOTHING = 0.3
+
+    def __init__(self, most: int, free: int | None = None, cores_free_now=lambda: free_cores(looks=1)):
+        self.candidates = sorted({max(1, most >> shift) for shift in range(most.bit_length())}, reverse=True)
+        self.seconds: dict[int, float] = {}
+        # start from the most threads that fit the cores other processes leave free
+        self.current = next((n for n in self.candidates if n <= (free or most)), 1)
+        self.cores_free_now = cores_free_now
+        self.steps = 0
+        self.exploring: int | None = None
+        self._explore_up = False
+        self._wait_up, self._next_up = self.EXPLORE_EVERY, 0
+
+    def pick(self) -> tuple[int, bool]:
+        """This step's thread count, and whether its time is to be recorded."""
+        self.steps += 1
+        if self.exploring is not None:
+            return self.exploring, True  # the second, timed step of an exploration
+        # steps 1 and 2 time the starting count; explorations begin at step 3
+        if self.steps % self.EXPLORE_EVERY == 3 and len(self.candidates) > 1:
+            self.exploring = self._neighbour()
+            if self.exploring is not None:
+                return self.exploring, False
+        return self.current, self.steps > 1  # the very first step also starts the thread pool
+
+    def _neighbour(self) -> int | None:
+        """A count next to the current one, alternately more and fewer threads where both may be tried."""
+        index = self.candidates.index(self.current)  # candidates run from most threads to one
+        more = self.candidates[index - 1] if index > 0 else None
+        fewer = self.candidates[index + 1] if index + 1 < len(self.candidates) else None
+        if more is not None and (self.steps < self._next_up or (self.cores_free_now() or more) < more):
+            more = None
+        self._explore_up = not self._explore_up
+        return (more or fewer) if self._explore_up else (fewer or more)
+
+    def record(self, threads: int, seconds: float) -> None:
+        if threads != self.exploring:
+            previous = self.seconds.get(threads)
+            self.seconds[threads] = seconds if previous is None else previous + self.SMOOTHING * (seconds - previous)
+            return
+        self.exploring = None
+        self.seconds[threads] = seconds
+        won = seconds < self.seconds.get(self.current, float("inf"))
+        if threads > self.current:
+            self._wait_up = self.EXPLORE_EVERY if won else min(2 * self._wait_up, self.EXPLORE_AT_MOST_EVERY)
+            self._next_up = self.steps + self._wait_up
+        if won:
+            self.current = threads
 
 
 _choosers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {batch size: ThreadChooser}
@@ -121,7 +143,7 @@ def _chooser(model: Transformer, batch: int) -> ThreadChooser:
         _most_threads = torch.get_num_threads()
     per_batch = _choosers.setdefault(model, {})
     if batch not in per_batch:
-        per_batch[batch] = ThreadChooser(_most_threads, free_cores())
+        per_batch[batch] = ThreadChooser(_most_threads, free=free_cores())
     return per_batch[batch]
 
 

@@ -9,15 +9,19 @@ from lmforge.generate import SamplingConfig, generate_tokens
 from lmforge.model import ModelConfig, Transformer
 
 
-def drive(chooser: engine.ThreadChooser, seconds_for, steps: int) -> list[int]:
-    """Run `steps` picks against step times `seconds_for(step, threads)`; the thread count of each step."""
+def drive(most: int, seconds_for, steps: int, free_cores_at=lambda step: None):
+    """A chooser over `steps` steps whose times are `seconds_for(step, threads)` and whose free cores are
+    `free_cores_at(step)`; (the chooser, the thread count of each step)."""
+    clock = {"step": 0}
+    chooser = engine.ThreadChooser(most, cores_free_now=lambda: free_cores_at(clock["step"]))
     used = []
     for step in range(steps):
+        clock["step"] = step
         threads, measured = chooser.pick()
         used.append(threads)
         if measured:
             chooser.record(threads, seconds_for(step, threads))
-    return used
+    return chooser, used
 
 
 def test_candidates_halve_from_the_most_threads_down_to_one():
@@ -27,32 +31,39 @@ def test_candidates_halve_from_the_most_threads_down_to_one():
 
 
 def test_an_idle_machine_keeps_every_thread():
-    chooser = engine.ThreadChooser(2)
-    used = drive(chooser, lambda step, threads: {2: 0.010, 1: 0.012}[threads], 240)
+    chooser, used = drive(2, lambda step, threads: {2: 0.010, 1: 0.012}[threads], 240, lambda step: 2)
     assert chooser.current == 2
-    # only the exploring pairs leave the best count: steps 3 and 4 of every EXPLORE_EVERY
-    exploring = [step for step in range(1, 241) if step % engine.ThreadChooser.EXPLORE_EVERY in (3, 4)]
-    assert used.count(1) == len(exploring) == 20
+    # only the explorations leave the best count: two steps from step 3 of every EXPLORE_EVERY
+    explorations = [step for step in range(1, 241) if step % engine.ThreadChooser.EXPLORE_EVERY == 3]
+    assert used.count(1) == 2 * len(explorations) == 20
 
 
-def test_a_busy_machine_moves_to_fewer_threads_within_the_first_steps():
-    chooser = engine.ThreadChooser(2)
-    used = drive(chooser, lambda step, threads: {2: 0.030, 1: 0.012}[threads], 100)
+def test_a_busy_machine_moves_to_fewer_threads_and_does_not_try_more_without_free_cores():
+    chooser, used = drive(2, lambda step, threads: {2: 0.030, 1: 0.012}[threads], 200, lambda step: 1)
     assert chooser.current == 1
-    assert used[:2] == [2, 2] and used[4:].count(2) <= 2 * (100 // engine.ThreadChooser.EXPLORE_EVERY)
+    assert used[:2] == [2, 2] and used[2:4] == [1, 1] and used[4:].count(2) == 0
+
+
+def test_more_threads_that_keep_losing_are_tried_less_and_less_often():
+    # cores that look free but are not (the count is one look at a moment): each lost try doubles the wait
+    chooser, used = drive(2, lambda step, threads: {2: 0.500, 1: 0.012}[threads], 3000, lambda step: 2)
+    tries = [step for step in range(1, len(used)) if used[step] == 2 and used[step - 1] == 1]
+    gaps = [later - earlier for earlier, later in zip(tries, tries[1:])]
+    assert chooser.current == 1 and gaps == sorted(gaps) and gaps[-1] >= engine.ThreadChooser.EXPLORE_AT_MOST_EVERY
+    assert len(tries) <= 10  # of 3000 steps, about 20 spent on a lost cause
 
 
 def test_load_that_comes_and_goes_is_followed_both_ways():
-    chooser = engine.ThreadChooser(4)  # candidates 4, 2, 1
+    def busy(step):
+        return 100 <= step < 300
 
     def seconds(step, threads):
-        busy = 100 <= step < 300
-        return {4: 0.040 if busy else 0.008, 2: 0.020 if busy else 0.010, 1: 0.014 if busy else 0.016}[threads]
+        return {4: 0.040, 2: 0.020, 1: 0.014}[threads] if busy(step) else {4: 0.008, 2: 0.010, 1: 0.016}[threads]
 
-    used = drive(chooser, seconds, 500)
-    assert used[90:100].count(4) >= 8  # idle: all four threads
-    assert used[280:300].count(1) >= 17  # busy: down to one, a neighbour at a time
-    assert used[480:500].count(4) >= 17  # idle again: back up
+    chooser, used = drive(4, seconds, 500, lambda step: 1 if busy(step) else 4)  # candidates 4, 2, 1
+    assert used[80:100].count(4) >= 18  # idle: all four threads
+    assert used[250:300].count(1) >= 46  # busy: down to one, a neighbour at a time
+    assert used[450:500].count(4) >= 46  # idle again: back up
     assert chooser.current == 4
 
 
@@ -104,10 +115,10 @@ def test_thread_count_does_not_change_the_tokens():
 
 
 def test_the_first_count_fits_the_cores_other_processes_leave_free():
-    assert engine.ThreadChooser(8, free_cores=3).current == 2
-    assert engine.ThreadChooser(8, free_cores=8).current == 8
-    assert engine.ThreadChooser(2, free_cores=1).current == 1
-    assert engine.ThreadChooser(2, free_cores=None).current == 2
+    assert engine.ThreadChooser(8, free=3).current == 2
+    assert engine.ThreadChooser(8, free=8).current == 8
+    assert engine.ThreadChooser(2, free=1).current == 1
+    assert engine.ThreadChooser(2, free=None).current == 2
     free = engine.free_cores()
     import os
 
