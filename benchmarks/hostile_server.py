@@ -368,7 +368,7 @@ def start_tiny_server(folder: Path) -> tuple[subprocess.Popen, Target]:
     """`lmforge serve` on a small random model (slow enough that a 1,000-token stream takes seconds)."""
     import torch
 
-    from lmforge.checkpoint import save_model
+    from lmforge.formats.checkpoint import save_model
     from lmforge.model import ModelConfig, Transformer
     from lmforge.tokenizer import BPETokenizer
 

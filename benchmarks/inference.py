@@ -60,11 +60,11 @@ def peak_rss_mb() -> float:
 def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
     import torch
 
-    from lmforge.chat import encode_chat
-    from lmforge.generate import SamplingConfig, generate_tokens, next_token_logits
-    from lmforge.loading import load
+    from lmforge.formats.loading import load
+    from lmforge.inference.chat import encode_chat
+    from lmforge.inference.generate import SamplingConfig, generate_tokens, next_token_logits
+    from lmforge.inference.speculative import SpeculationStats, speculative_generate
     from lmforge.model import KVCache
-    from lmforge.speculative import SpeculationStats, speculative_generate
 
     start = time.perf_counter()
     draft = None
@@ -79,7 +79,7 @@ def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
     load_seconds = time.perf_counter() - start
 
     if variant.endswith("fixed"):  # every step on all threads: lmforge's decoding before it chose them
-        from lmforge.engine import set_decode_threads
+        from lmforge.inference.engine import set_decode_threads
 
         set_decode_threads(torch.get_num_threads())
     if variant.endswith("compiled"):  # prefill through a compiled forward too
@@ -123,7 +123,7 @@ def transformers_worker() -> dict:
     import torch
     import transformers
 
-    from lmforge.loading import builtin_model_path
+    from lmforge.formats.loading import builtin_model_path
 
     path = builtin_model_path("smollm2-135m-instruct")
     start = time.perf_counter()
@@ -274,8 +274,8 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from lmforge.chat import render_chat
-    from lmforge.loading import builtin_model_path, load
+    from lmforge.formats.loading import builtin_model_path, load
+    from lmforge.inference.chat import render_chat
 
     tokenizer = load("smollm2-135m-instruct")[1]
     assert render_chat(CHAT, tokenizer.chat_template) == CHAT_TEXT, "CHAT_TEXT no longer matches the template"
@@ -302,8 +302,8 @@ def main() -> None:
 
 def compare_engines(args: argparse.Namespace, with_llama_cpp: bool) -> dict:
     """The main table: every lmforge variant, transformers and llama.cpp, best of the rounds."""
-    from lmforge.loading import builtin_model_path
-    from lmforge.quantize import quantize_and_save
+    from lmforge.formats.loading import builtin_model_path
+    from lmforge.inference.quantize import quantize_and_save
 
     engines = [
         "lmforge-fp32", "lmforge-fp32-speculative", "lmforge-fp32-compiled", "lmforge-int8", "lmforge-int4",

@@ -17,11 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmforge.checkpoint import load_model
-from lmforge.data import TokenDataset
-from lmforge.evaluate import evaluate_loss
-from lmforge.quickstart import prepare_shakespeare, quickstart
-from lmforge.train import train, train_config_from
+from lmforge.evaluation.evaluate import evaluate_loss
+from lmforge.formats.checkpoint import load_model
+from lmforge.training.data import TokenDataset
+from lmforge.training.pretrain import train, train_config_from
+from lmforge.training.quickstart import prepare_shakespeare, quickstart
 
 NANOGPT_RECIPE = {
     "preset": "nanogpt-cpu",

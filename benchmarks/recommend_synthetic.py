@@ -1,7 +1,7 @@
 """Sequential recommendation on the synthetic log: SASRec vs matrix factorisation vs popularity.
 
 600 users, 600 items in 6 groups; each user stays in one group and mostly steps to its next
-item (`lmforge.recommend.synthetic_interactions`). Leave-one-out: each user's last item is the
+item (`lmforge.apps.recommend.synthetic_interactions`). Leave-one-out: each user's last item is the
 test, the one before is trained on as the validation item. Prints HR@10 and NDCG@10 with full
 ranking (all unseen items) and sampled ranking (100 unseen negatives), and training time, and
 writes benchmarks/results/recommend_synthetic.json. A MovieLens ratings file works the same way:
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmforge.recommend import RecommendConfig, train_recommender
+from lmforge.apps.recommend import RecommendConfig, train_recommender
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from peers.nanogpt_style import NanoGPTStyle  # noqa: E402
 
 from lmforge.model import ModelConfig, Transformer, preset  # noqa: E402
-from lmforge.train import TrainConfig, make_optimizer, measure_matmul_flops  # noqa: E402
+from lmforge.training.pretrain import TrainConfig, make_optimizer, measure_matmul_flops  # noqa: E402
 
 SHAPES = {
     "nanogpt-cpu": dict(vocab_size=65, block_size=64, n_layers=4, n_heads=4, d_model=128, batch_size=12),

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.metrics import confusion_matrix, save_confusion_matrix_png
-from lmforge.vision import (
+from lmforge.apps.vision import (
     MLPClassifier,
     SmallCNN,
     VisionTransformer,
@@ -27,6 +26,7 @@ from lmforge.vision import (
     save_rollout_png,
     train_classifier,
 )
+from lmforge.evaluation.metrics import confusion_matrix, save_confusion_matrix_png
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -18,10 +18,10 @@ import random
 import time
 from pathlib import Path
 
-from lmforge.chat import encode_chat, stop_token_ids
-from lmforge.generate import SamplingConfig, generate
-from lmforge.loading import load
-from lmforge.sft import SFTConfig, finetune_chat
+from lmforge.finetune.sft import SFTConfig, finetune_chat
+from lmforge.formats.loading import load
+from lmforge.inference.chat import encode_chat, stop_token_ids
+from lmforge.inference.generate import SamplingConfig, generate
 
 BASE = "smollm2-135m-instruct"
 CAPITALS = {

@@ -11,15 +11,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lmforge.encoder import SentenceEmbedder
-from lmforge.search import index_folder
+from lmforge.apps.encoder import SentenceEmbedder
+from lmforge.apps.search import index_folder
 
 
 def main() -> None:
     if len(sys.argv) >= 3:
         folder, queries = Path(sys.argv[1]), sys.argv[2:]
     else:
-        from lmforge.recipes import shakespeare_plays
+        from lmforge.training.recipes import shakespeare_plays
 
         # The plays the questions are about (one file each, so a hit names its play).
         folder = Path(tempfile.mkdtemp())

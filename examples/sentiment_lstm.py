@@ -4,7 +4,7 @@
     model.fit(x_train, y_train, epochs=10, batch_size=32, validation_split=0.1)
 
 Data: 10,568 movie-review sentences rated by people (VADER's ground truth, fetched once from
-the vaderSentiment sdist on PyPI; see `lmforge.recipes.movie_reviews`). 20% is held out as
+the vaderSentiment sdist on PyPI; see `lmforge.training.recipes.movie_reviews`). 20% is held out as
 the test set. Run: `python examples/sentiment_lstm.py [--epochs 10]`.
 """
 
@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.classify import WordVocabulary, train_test_split
-from lmforge.data import read_labelled_texts
-from lmforge.fit import EarlyStopping, Fittable
-from lmforge.recipes import movie_reviews
+from lmforge.finetune.classify import WordVocabulary, train_test_split
+from lmforge.training.data import read_labelled_texts
+from lmforge.training.fit import EarlyStopping, Fittable
+from lmforge.training.recipes import movie_reviews
 
 VOCABULARY, SEQUENCE_LENGTH = 10_000, 64
 

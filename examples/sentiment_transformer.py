@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from lmforge.classify import SequenceClassifier, WordVocabulary, tokenize_texts, train_test_split
-from lmforge.data import read_labelled_texts
-from lmforge.encoder import Encoder, load_encoder
-from lmforge.fit import EarlyStopping, WarmupCosine
+from lmforge.apps.encoder import Encoder, load_encoder
+from lmforge.finetune.classify import SequenceClassifier, WordVocabulary, tokenize_texts, train_test_split
 from lmforge.model import ModelConfig
-from lmforge.recipes import movie_reviews
+from lmforge.training.data import read_labelled_texts
+from lmforge.training.fit import EarlyStopping, WarmupCosine
+from lmforge.training.recipes import movie_reviews
 
 SEQUENCE_LENGTH = 64
 

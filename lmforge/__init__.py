@@ -12,7 +12,7 @@ __all__ = ["LmforgeError", "load", "KVCache", "ModelConfig", "Transformer", "pre
 # Imported on first use (PEP 562): the model pulls in torch (3-9 s on a busy CPU), which
 # `lmforge --help`, argument errors and the torch-free modules (cli, config, settings) must not wait for.
 _LAZY = {
-    "load": "lmforge.loading",
+    "load": "lmforge.formats.loading",
     "KVCache": "lmforge.model",
     "ModelConfig": "lmforge.settings",
     "Transformer": "lmforge.model",

@@ -34,8 +34,8 @@ def config_values(config_file: str | None, extra: list[str]) -> dict:
 
 
 def command_prepare(args, extra) -> int:
-    from lmforge.data import prepare
-    from lmforge.recipes import RECIPES
+    from lmforge.training.data import prepare
+    from lmforge.training.recipes import RECIPES
 
     sources = list(args.sources)
     if args.recipe:
@@ -79,7 +79,7 @@ def command_train(args, extra) -> int:
     if args.overwrite:
         values["overwrite"] = True
     config = train_config_from(values)
-    from lmforge.train import train  # torch: once the config is known to be valid
+    from lmforge.training.pretrain import train  # torch: once the config is known to be valid
 
     summary = train(config)
     print(json.dumps(summary, indent=2))
@@ -88,7 +88,7 @@ def command_train(args, extra) -> int:
 
 def use_threads(threads: int | None) -> None:
     """`--threads`, else $LMFORGE_THREADS (checked now, before a model loads), else chosen while decoding."""
-    from lmforge.engine import set_decode_threads, threads_from_environment
+    from lmforge.inference.engine import set_decode_threads, threads_from_environment
 
     set_decode_threads(threads or threads_from_environment())
 
@@ -101,8 +101,11 @@ def command_generate(args, extra) -> int:
     if args.draft:  # speculative decoding is greedy: the default, and an error (before any output) otherwise
         values.setdefault("temperature", 0)
     sampling = apply_values(SamplingConfig(), values)
-    from lmforge.generate import check_greedy_for_draft, generate  # torch: once the settings are known to be valid
-    from lmforge.loading import load
+    from lmforge.formats.loading import load
+    from lmforge.inference.generate import (  # torch: once the settings are known to be valid
+        check_greedy_for_draft,
+        generate,
+    )
 
     if args.draft:
         check_greedy_for_draft(sampling)
@@ -130,9 +133,9 @@ def command_generate(args, extra) -> int:
 
 
 def command_eval(args, extra) -> int:
-    from lmforge import evaluate
-    from lmforge.data import TokenDataset
-    from lmforge.loading import load
+    from lmforge.evaluation import evaluate
+    from lmforge.formats.loading import load
+    from lmforge.training.data import TokenDataset
 
     if args.compare:
         print(evaluate.compare_reports(args.compare), end="")
@@ -179,7 +182,7 @@ def progress_bars():
     """A `progress(stage, done, total)` callback for long library calls: the progress bar `fit` draws
     (`fit.ProgressBar`), one per stage, on stderr under the stage's name. Live on a terminal;
     elsewhere a line every 30 s and one at the end of each stage."""
-    from lmforge.fit import ProgressBar
+    from lmforge.training.fit import ProgressBar
 
     bars = {}
 
@@ -201,14 +204,14 @@ def command_chat(args, extra) -> int:
 
     overrides = config_values(args.config, extra)
     apply_values(fallback_sampling(chat_model=True), overrides)  # a bad key is an error before torch loads
-    from lmforge.chat import ChatSession, chat_loop
-    from lmforge.loading import load, sampling_defaults
+    from lmforge.formats.loading import load, sampling_defaults
+    from lmforge.inference.chat import ChatSession, chat_loop
 
     use_threads(args.threads)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, adapter=args.adapter)
     if args.adapter:
-        from lmforge.lora import describe_adapter
+        from lmforge.finetune.lora import describe_adapter
 
         print(describe_adapter(args.adapter), file=sys.stderr)
     defaults = sampling_defaults(args.model, tokenizer)
@@ -220,7 +223,7 @@ def command_chat(args, extra) -> int:
 
 
 def command_quantize(args, extra) -> int:
-    from lmforge.quantize import KL_WARNING, quantize_and_save
+    from lmforge.inference.quantize import KL_WARNING, quantize_and_save
 
     eval_text = Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else None
     print(f"quantising {args.model} to int{args.bits} ...", file=sys.stderr, flush=True)
@@ -261,7 +264,7 @@ def command_finetune(args, extra) -> int:
     values = config_values(args.config, extra)
     config = apply_values(ClassifyConfig() if args.task == "classify" else SFTConfig(), values)
     if args.task == "classify":
-        from lmforge.classify import finetune_classifier
+        from lmforge.finetune.classify import finetune_classifier
 
         result = finetune_classifier(config)
         print(
@@ -270,7 +273,7 @@ def command_finetune(args, extra) -> int:
             f"in {values.get('out', ClassifyConfig.out)}"
         )
     else:
-        from lmforge.sft import finetune_chat
+        from lmforge.finetune.sft import finetune_chat
 
         result = finetune_chat(config)
         print("wrote " + ", ".join(f"{kind} {path}" for kind, path in result["written"].items()))
@@ -278,12 +281,12 @@ def command_finetune(args, extra) -> int:
 
 
 def command_explain(args, extra) -> int:
-    from lmforge.interpret import explain
-    from lmforge.loading import load
+    from lmforge.evaluation.interpret import explain
+    from lmforge.formats.loading import load
 
     if args.classifier:
-        from lmforge.classify import TextClassifier
-        from lmforge.interpret import explain_classification
+        from lmforge.evaluation.interpret import explain_classification
+        from lmforge.finetune.classify import TextClassifier
 
         summary = explain_classification(TextClassifier(args.classifier), args.prompt, args.out)
         print(f"label: {summary['label']} ({summary['probabilities'][summary['label']]:.3f})")
@@ -312,7 +315,7 @@ def command_recommend(args, extra) -> int:
         if args.folder:
             raise LmforgeError(f"recommend train takes no folder (got {args.folder!r}); set --out")
         config = apply_values(RecommendConfig(), config_values(args.config, extra))
-        from lmforge.recommend import train_recommender  # torch: once the config is known to be valid
+        from lmforge.apps.recommend import train_recommender  # torch: once the config is known to be valid
 
         print(_recommend_table(train_recommender(config)))
         return 0
@@ -320,7 +323,7 @@ def command_recommend(args, extra) -> int:
         raise LmforgeError(f"unexpected arguments {extra}; config keys go with recommend train")
     if not args.folder:
         raise LmforgeError(f"recommend {args.action} needs the FOLDER `lmforge recommend train` wrote")
-    from lmforge import recommend
+    from lmforge.apps import recommend
 
     print(f"loading {args.folder} ...", file=sys.stderr, flush=True)
     recommender = recommend.Recommender(args.folder)
@@ -361,7 +364,7 @@ def command_serve(args, extra) -> int:
 
 
 def command_embed(args, extra) -> int:
-    from lmforge.encoder import SentenceEmbedder
+    from lmforge.apps.encoder import SentenceEmbedder
 
     texts = list(args.texts) or [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not texts:
@@ -379,8 +382,8 @@ def command_embed(args, extra) -> int:
 
 
 def command_search(args, extra) -> int:
-    from lmforge.encoder import SentenceEmbedder
-    from lmforge.search import VectorIndex, index_folder
+    from lmforge.apps.encoder import SentenceEmbedder
+    from lmforge.apps.search import VectorIndex, index_folder
 
     embedder = SentenceEmbedder(args.model)
     where = Path(args.source)
@@ -405,7 +408,7 @@ def command_search(args, extra) -> int:
 def command_export(args, extra) -> int:
     from lmforge.formats.gguf import save_gguf
     from lmforge.formats.hf import save_hf
-    from lmforge.loading import load
+    from lmforge.formats.loading import load
 
     model, tokenizer = load(args.model)
     if args.format == "hf":
@@ -421,7 +424,7 @@ def command_quickstart(args, extra) -> int:
 
     overrides = parse_overrides(extra)
     train_config_from(overrides)  # a mistyped key fails now, not after the data is prepared
-    from lmforge.quickstart import quickstart
+    from lmforge.training.quickstart import quickstart
 
     quickstart(args.out_dir, args.minutes, overrides, overwrite=args.overwrite)
     return 0
@@ -456,7 +459,7 @@ OVERWRITE_HELP = (
 
 def build_parser() -> argparse.ArgumentParser:
     # Settings only (no torch): `--help` and argument errors come back at once.
-    from lmforge.loading import DEFAULT_CHAT_MODEL
+    from lmforge.formats.loading import DEFAULT_CHAT_MODEL
     from lmforge.serve import ServeConfig
     from lmforge.settings import (
         PRESETS,

@@ -184,7 +184,7 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.causal = config.causal
-        # Interpretability: a list here (set by `lmforge.interpret.recording_attention`) receives each
+        # Interpretability: a list here (set by `lmforge.evaluation.interpret.recording_attention`) receives each
         # call's attention weights (B, heads, T, S). None, the default, costs nothing.
         self.attention_record: list | None = None
 

@@ -15,7 +15,10 @@ from pathlib import Path
 
 from lmforge.config import apply_values, merge
 from lmforge.errors import LmforgeError
-from lmforge.run_folder import FOLDER_ACTIONS
+
+# Config fields that say what to do with the output folder, not how the run trains: a run's
+# recorded settings leave them out (a config.json saying "resume": true describes no run).
+FOLDER_ACTIONS = ("resume", "overwrite")
 
 # --- the model: shape, family switches and named presets ---------------------------------
 
@@ -272,7 +275,7 @@ class ClassifyConfig:
     """`lmforge finetune --task classify`: what to fine-tune, on which table, and how."""
 
     data: str = ""  # CSV/TSV/JSONL/Parquet with a text and a label column
-    model: str = "all-minilm-l6-v2"  # a built-in encoder, or any model `lmforge.loading.load` reads
+    model: str = "all-minilm-l6-v2"  # a built-in encoder, or any model `lmforge.formats.loading.load` reads
     out: str = "runs/classify"
     validation: str | None = None
     validation_split: float = 0.1  # held out of `data` when no `validation` file is given

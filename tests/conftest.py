@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from lmforge.data import prepare
+from lmforge.training.data import prepare
 
 WORDS = (
     "the king my lord good sweet love night day honour blood crown heart speak fair death "

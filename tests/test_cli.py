@@ -8,14 +8,14 @@ from dataclasses import fields, is_dataclass
 
 import pytest
 
-from lmforge.chat import ChatSession
-from lmforge.classify import ClassifyConfig
+from lmforge.apps.recommend import RecommendConfig
 from lmforge.cli import build_parser, main, options_with_dashes, progress_bars
-from lmforge.generate import SamplingConfig
-from lmforge.recommend import RecommendConfig
+from lmforge.finetune.classify import ClassifyConfig
+from lmforge.finetune.sft import SFTConfig
+from lmforge.inference.chat import ChatSession
+from lmforge.inference.generate import SamplingConfig
 from lmforge.serve import ServeConfig
-from lmforge.sft import SFTConfig
-from lmforge.train import train_config_from
+from lmforge.training.pretrain import train_config_from
 
 
 def lmforge(*args, check=True):
@@ -205,7 +205,7 @@ def test_the_cli_imports_no_torch():
         "import sys, lmforge; config = lmforge.preset('tiny'); print('torch' in sys.modules); "
         "lmforge.Transformer(config); print('torch' in sys.modules, lmforge.load.__module__)"
     )
-    assert lazy.stdout.split() == ["False", "True", "lmforge.loading"], lazy.stderr
+    assert lazy.stdout.split() == ["False", "True", "lmforge.formats.loading"], lazy.stderr
 
 
 def test_help_and_argument_errors_come_before_torch_and_any_model():

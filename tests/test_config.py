@@ -2,8 +2,8 @@ import pytest
 
 from lmforge.config import apply_values, describe, parse_overrides, read_config_file
 from lmforge.errors import LmforgeError
-from lmforge.generate import SamplingConfig
-from lmforge.train import TrainConfig, train_config_from
+from lmforge.inference.generate import SamplingConfig
+from lmforge.training.pretrain import TrainConfig, train_config_from
 
 
 def test_overrides_parse_nested_keys_and_flags():

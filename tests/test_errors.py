@@ -21,7 +21,7 @@ def without(monkeypatch):
 
 
 def test_digits_name_the_vision_extra(without):
-    from lmforge.vision import load_digits_split
+    from lmforge.apps.vision import load_digits_split
 
     without("sklearn", "sklearn.datasets", "sklearn.model_selection")
     with pytest.raises(LmforgeError, match=r"scikit-learn .* pip install 'lmforge\[vision\]'"):
@@ -29,7 +29,7 @@ def test_digits_name_the_vision_extra(without):
 
 
 def test_parquet_names_the_parquet_extra(without, tmp_path):
-    from lmforge.data import read_records
+    from lmforge.training.data import read_records
 
     path = tmp_path / "reviews.parquet"
     path.write_bytes(b"PAR1")
@@ -39,7 +39,7 @@ def test_parquet_names_the_parquet_extra(without, tmp_path):
 
 
 def test_faiss_names_the_faiss_extra(without):
-    from lmforge.search import Passage, VectorIndex
+    from lmforge.apps.search import Passage, VectorIndex
 
     without("faiss")
     with pytest.raises(LmforgeError, match=r"faiss-cpu .*lmforge\[faiss\]"):
@@ -47,7 +47,7 @@ def test_faiss_names_the_faiss_extra(without):
 
 
 def test_lm_eval_adapter_names_the_eval_extra(without, monkeypatch):
-    monkeypatch.delitem(sys.modules, "lmforge.lm_eval_adapter", raising=False)
+    monkeypatch.delitem(sys.modules, "lmforge.evaluation.lm_eval_adapter", raising=False)
     without("lm_eval", "lm_eval.api", "lm_eval.api.model", "lm_eval.api.registry")
     with pytest.raises(LmforgeError, match=r"lm_eval .*lmforge\[eval\]"):
-        importlib.import_module("lmforge.lm_eval_adapter")
+        importlib.import_module("lmforge.evaluation.lm_eval_adapter")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lmforge.chat import ChatSession, render_chat
-from lmforge.generate import SamplingConfig, generate_tokens
-from lmforge.loading import builtin_model_path, load
+from lmforge.formats.loading import builtin_model_path, load
+from lmforge.inference.chat import ChatSession, render_chat
+from lmforge.inference.generate import SamplingConfig, generate_tokens
 
 PROMPT = (
     "The history of the Roman Empire is long and complicated. It began when Augustus became the first "

@@ -26,8 +26,8 @@ from lmforge.formats.metadata import (
     positive_number,
     sampling_settings,
 )
+from lmforge.inference.quantize import QuantizedTensor, as_float, model_from_weights, model_weights
 from lmforge.model import ModelConfig, Transformer
-from lmforge.quantize import QuantizedTensor, as_float, model_from_weights, model_weights
 from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 # llama.cpp token types

@@ -14,8 +14,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from lmforge.checkpoint import save_safetensors
 from lmforge.errors import LmforgeError
+from lmforge.formats.checkpoint import save_safetensors
 from lmforge.formats.metadata import (
     MISSING,
     SAMPLING_FIELDS,
@@ -28,8 +28,8 @@ from lmforge.formats.metadata import (
     read_json_object,
     sampling_settings,
 )
+from lmforge.inference.quantize import as_float, model_weights
 from lmforge.model import ModelConfig, Transformer
-from lmforge.quantize import as_float, model_weights
 from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 LLAMA_TYPES = ("llama", "mistral")

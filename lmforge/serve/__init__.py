@@ -39,8 +39,8 @@ class ServeConfig:
 
 def build_app(config: ServeConfig):
     """The FastAPI app for `config` (model loaded, scheduler ready to start with the app)."""
-    from lmforge.encoder import SentenceEmbedder
-    from lmforge.loading import load, sampling_defaults
+    from lmforge.apps.encoder import SentenceEmbedder
+    from lmforge.formats.loading import load, sampling_defaults
     from lmforge.serve.app import ServedModels, ServeLimits, create_app
     from lmforge.serve.scheduler import Scheduler
 
@@ -48,7 +48,7 @@ def build_app(config: ServeConfig):
         raise LmforgeError("max_batch and max_queue must be >= 1, max_context >= 2, drain_seconds >= 0")
     model, tokenizer = load(config.model, keep_quantized=config.keep_quantized, adapter=config.adapter)
     if config.adapter:
-        from lmforge.lora import describe_adapter
+        from lmforge.finetune.lora import describe_adapter
 
         print(describe_adapter(config.adapter), file=sys.stderr)
     scheduler = Scheduler(
@@ -87,7 +87,7 @@ def serve(config: ServeConfig) -> None:
     # all a process does; here they would take CPU from the HTTP thread on a small machine (one
     # client measured 27.6 -> 36.8 tok/s on 2 cores). Read when the kernels load, so set it first.
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-    from lmforge.engine import set_decode_threads, threads_from_environment
+    from lmforge.inference.engine import set_decode_threads, threads_from_environment
 
     set_decode_threads(config.threads or threads_from_environment())
     app = build_app(config)

@@ -24,10 +24,10 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.chat import encode_chat, stop_token_ids
 from lmforge.errors import LmforgeError
-from lmforge.generate import SamplingConfig
-from lmforge.loading import SamplingDefaults, fallback_defaults
+from lmforge.formats.loading import SamplingDefaults, fallback_defaults
+from lmforge.inference.chat import encode_chat, stop_token_ids
+from lmforge.inference.generate import SamplingConfig
 from lmforge.serve.scheduler import GenerationRequest, QueueFull, Scheduler
 from lmforge.serve.schemas import (
     ChatChoice,
@@ -188,7 +188,7 @@ class ServedModels:
     name: str
     scheduler: Scheduler
     embedding_name: str | None = None
-    embedder: object | None = None  # lmforge.encoder.SentenceEmbedder
+    embedder: object | None = None  # lmforge.apps.encoder.SentenceEmbedder
     created: int = field(default_factory=lambda: int(time.time()))
     sampling_defaults: SamplingDefaults | None = None  # default: lmforge's fallback for the model's kind
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.generate import (
+from lmforge.inference.generate import (
     SamplingConfig,
     TextStream,
     apply_repetition_penalty,

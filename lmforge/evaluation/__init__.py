@@ -1,0 +1,1 @@
+"""Evaluation and interpretability: perplexity and tasks, lm-evaluation-harness, metrics, attention maps."""

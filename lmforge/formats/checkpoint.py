@@ -1,0 +1,307 @@
+"""Checkpoints: weights as safetensors, training state as a weights-only torch file.
+
+A checkpoint is a folder `checkpoints/step_NNNNNN/` holding model.safetensors,
+config.json, tokenizer.json and (for training runs) state.pt. It is written under a
+temporary name and renamed into place, and `checkpoints/latest` names the newest, so a
+crash at any moment leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from lmforge.errors import LmforgeError
+from lmforge.inference.quantize import QuantizedLinear, apply_layout, quantized_layout
+from lmforge.model import ModelConfig, Transformer, uninitialized_layers
+from lmforge.tokenizer import Tokenizer, load_tokenizer
+
+WEIGHTS, CONFIG, STATE, TOKENIZER, LATEST = "model.safetensors", "config.json", "state.pt", "tokenizer.json", "latest"
+
+
+def model_weights(model: Transformer) -> dict[str, torch.Tensor]:
+    """State dict without the tied LM head (safetensors stores each tensor once)."""
+    weights = model.state_dict()
+    if model.config.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+    return {name: tensor.detach().contiguous() for name, tensor in weights.items()}
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux reports it (os.umask can only
+    read it by setting it, which would race with files other threads create meanwhile)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | Path) -> None:
+    """Give a written file the mode any new file gets (0644 under umask 022). safetensors writes through
+    a temporary file of its own, created 0600, and renames it into place."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, with the file's mode following the umask."""
+    save_file(tensors, str(path), metadata=metadata)
+    honour_umask(path)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_files_atomically(folder: str | Path, writers: dict) -> Path:
+    """Write each `name: write(path)` into a temporary folder, then move them into `folder` in order.
+
+    A crash leaves either the old file or the new one under each name, never half a file; put
+    the file that marks a complete folder (its config) last.
+    """
+    folder = Path(folder)
+    temporary = folder / ".writing.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for name, write in writers.items():
+        write(temporary / name)
+    for name in writers:
+        os.replace(temporary / name, folder / name)
+    temporary.rmdir()
+    return folder
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    state: dict | None = None,
+    extra_config: dict | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` under `run_dir/checkpoints`, point `latest` at it, prune old ones."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    final = save_model(
+        checkpoints / f"step_{step:06d}", model, tokenizer, {"step": step, **(extra_config or {})}, state
+    )
+    write_atomically(checkpoints / LATEST, final.name)
+    if keep > 0:
+        # Only written folders count: an empty step folder someone made must not push a real one out.
+        for old in [folder for folder in step_folders(checkpoints) if (folder / CONFIG).exists()][keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_model(
+    folder: str | Path, model: Transformer, tokenizer: Tokenizer, extra_config: dict | None = None, state=None
+) -> Path:
+    """Write a loadable model folder (weights, config, tokenizer[, training state]) atomically:
+    built under a temporary name, then renamed over `folder`."""
+    final = Path(folder)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    save_safetensors(model_weights(model), temporary / WEIGHTS, metadata={"format": "pt"})
+    config = {"model": model.config.to_dict(), **(extra_config or {})}
+    layout = quantized_layout(model)
+    if layout:  # which layers hold int8/int4 codes, so loading can rebuild them first
+        config["quantization"] = layout
+    (temporary / CONFIG).write_text(json.dumps(config, indent=2))
+    tokenizer.save(temporary / TOKENIZER)
+    if state is not None:
+        torch.save(state, temporary / STATE)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(temporary, final)
+    return final
+
+
+class DamagedLatest(LmforgeError):
+    """`checkpoints/latest` is missing, unreadable, or names no checkpoint folder inside `checkpoints/`."""
+
+
+def latest_folder(checkpoints: Path) -> Path:
+    """The step folder `checkpoints/latest` names; DamagedLatest unless it is a non-empty folder right inside."""
+    latest = checkpoints / LATEST
+    try:
+        name = latest.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise DamagedLatest(f"{latest} is missing") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DamagedLatest(f"{latest} is unreadable ({error})") from None
+    if not name:
+        raise DamagedLatest(f"{latest} is empty")
+    folder = checkpoints / name
+    if Path(name).name != name or name in (".", "..") or folder.resolve().parent != checkpoints.resolve():
+        raise DamagedLatest(f"{latest} names {name!r}, which is outside {checkpoints}")
+    if not folder.is_dir():
+        raise DamagedLatest(f"{latest} names {name!r}, which does not exist")
+    if not any(folder.iterdir()):
+        raise DamagedLatest(f"{latest} names {name!r}, which is empty")
+    return folder
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from itself, a run folder, or a run's checkpoints folder."""
+    path = Path(path)
+    if (path / WEIGHTS).exists():
+        return path
+    for checkpoints in (path / "checkpoints", path):
+        if (checkpoints / LATEST).exists():
+            return latest_folder(checkpoints)
+    raise LmforgeError(f"{path}: no checkpoint here (expected {WEIGHTS} or checkpoints/{LATEST})")
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
+    """Model (in eval mode), tokenizer and config dict of a checkpoint."""
+    folder = resolve_checkpoint(path)
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+        model_config = ModelConfig.from_dict(config["model"])
+        # No random init: load_weights fills every weight (or names the missing ones).
+        with uninitialized_layers():
+            model = Transformer(model_config, init_weights=False)
+            if "quantization" in config:
+                model = apply_layout(model, config["quantization"])
+    except (OSError, KeyError, ValueError, TypeError) as error:
+        raise LmforgeError(f"{folder / CONFIG}: unreadable model config ({error})") from None
+    load_weights(model, folder, assign="quantization" in config)
+    model.to(device).eval()
+    return model, load_tokenizer(folder / TOKENIZER), config
+
+
+def load_weights(model: Transformer, folder: Path, assign: bool = False) -> None:
+    """Fill `model` with a checkpoint's weights; every weight must be there (the tied head excepted)."""
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+    except (OSError, SafetensorError) as error:
+        raise LmforgeError(f"{folder / WEIGHTS}: cannot read weights ({error}); the file may be truncated") from None
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=assign)
+    if model.config.tie_embeddings:
+        missing = [m for m in missing if m != "lm_head.weight"]
+        if assign and type(model.lm_head) is not QuantizedLinear:
+            model.lm_head.weight = model.token_embedding.weight
+    if assign:
+        model.rebuild_buffers()
+    if missing or unexpected:
+        raise LmforgeError(
+            f"{folder / WEIGHTS}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+
+
+STATE_TYPES = {"step": int, "optimizer": dict, "torch_rng": torch.Tensor, "data_rng": torch.Tensor}
+
+
+@dataclass
+class TrainingCheckpoint:
+    """What resuming reads from a checkpoint folder, loaded and checked; the weights are checked, not loaded."""
+
+    folder: Path
+    model: dict  # the run's ModelConfig fields
+    state: dict  # STATE_TYPES' keys, plus cuda_rng from CUDA runs
+    latest_problem: str | None = None  # set when `latest` was damaged and this is the newest complete folder
+
+
+def load_training_state(path: Path) -> dict:
+    """Optimizer, RNG and data state; weights_only so a checkpoint can never run code."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols just before refusing them
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise LmforgeError(f"{path}: missing; this folder holds a model, not a training state to resume") from None
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, i.e. running whatever code the file holds.
+        raise LmforgeError(
+            f"{path}: holds objects other than tensors and plain values, so it is not a training state "
+            f"lmforge wrote; refused to unpickle it"
+        ) from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, ... for a damaged file
+        reason = str(error).split(". ")[0] or type(error).__name__
+        raise LmforgeError(f"{path}: unreadable, probably truncated ({reason})") from None
+    wrong = [
+        key for key, kind in STATE_TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(key), kind)
+    ]
+    if wrong:
+        raise LmforgeError(f"{path}: not a training state (missing or malformed: {', '.join(wrong)})")
+    return state
+
+
+def load_training_checkpoint(folder: Path) -> TrainingCheckpoint:
+    """A checkpoint folder's model config and training state, with its weights file checked whole."""
+    try:
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"{folder / CONFIG}: missing") from None
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or UTF-8, as when the file is truncated
+        raise LmforgeError(f"{folder / CONFIG}: unreadable, probably truncated ({error})") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict):
+        raise LmforgeError(f"{folder / CONFIG}: no 'model' object holding the model config")
+    state = load_training_state(folder / STATE)
+    try:
+        with safe_open(str(folder / WEIGHTS), "pt"):  # reads the header, which covers the file
+            pass
+    except (OSError, SafetensorError) as error:
+        raise LmforgeError(f"{folder / WEIGHTS}: cannot read weights ({error}); the file may be truncated") from None
+    return TrainingCheckpoint(folder, model, state)
+
+
+def step_folders(checkpoints: Path) -> list[Path]:
+    """`checkpoints/step_N` folders, newest first."""
+    found = [p for p in checkpoints.glob("step_*") if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name[len("step_") :]), reverse=True)
+
+
+def newest_complete_checkpoint(checkpoints: Path, skip: Path | None = None) -> TrainingCheckpoint | None:
+    """The newest step folder (other than `skip`) that holds everything resuming needs and loads."""
+    for folder in step_folders(checkpoints):
+        if folder != skip:
+            try:
+                return load_training_checkpoint(folder)
+            except LmforgeError:
+                continue
+    return None
+
+
+def load_resume_checkpoint(run_dir: str | Path) -> TrainingCheckpoint:
+    """The checkpoint `run_dir/checkpoints/latest` names, loaded for resuming. If `latest` itself is
+    damaged, the newest complete step folder instead, with `latest_problem` saying what was wrong."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    if not checkpoints.is_dir():
+        raise LmforgeError(f"{run_dir}: no checkpoints to resume from (no {checkpoints} folder)")
+    try:
+        folder = latest_folder(checkpoints)
+    except DamagedLatest as problem:
+        fallback = newest_complete_checkpoint(checkpoints)
+        if fallback is None:
+            raise LmforgeError(f"{problem}, and {checkpoints} holds no complete checkpoint to resume from") from None
+        fallback.latest_problem = str(problem)
+        return fallback
+    try:
+        return load_training_checkpoint(folder)
+    except LmforgeError as error:
+        older = newest_complete_checkpoint(checkpoints, skip=folder)
+        if older is None:
+            raise
+        raise LmforgeError(
+            f"{error}\n  {older.folder} is complete: move {folder} out of {checkpoints} to resume from it"
+        ) from None

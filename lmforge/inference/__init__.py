@@ -1,0 +1,1 @@
+"""Generation: sampling, the native decoding step and its kernels, speculative decoding, quantised layers, chat."""

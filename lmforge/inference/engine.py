@@ -1,0 +1,417 @@
+"""The decoding step on CPU: one new token per sequence through native kernels.
+
+`model.forward` stays the reference and does prefill (many tokens: PyTorch's batched
+matmuls are the right tool). Decoding feeds one token per sequence, where PyTorch spends
+more time dispatching ~40 small operators per layer than computing; `decode_step` runs the
+same maths as `Transformer.hidden_states` + LM head with a few native calls per layer. It
+covers Llama-family models (RMSNorm, RoPE, SwiGLU, no biases) on CPU in fp32 activations;
+`supports` says when, and callers fall back to the model itself otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import weakref
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.inference import kernels
+from lmforge.inference.quantize import FastLinear, QuantizedLinear
+from lmforge.model import KVCache, Transformer, apply_rope
+
+# Decoding threads. A step is ~150 fork-joins of 10-50 microseconds each, so one thread that the
+# OS parks for a time slice (milliseconds) to run another process stalls every join behind it:
+# SmolLM2 Q4_1 on 2 cores went from 86 tok/s to 31 with one busy process beside it, while one
+# thread kept 83 (decoding is memory-bound; a second thread adds ~15% on an idle machine). So
+# unless told a number, each step's thread count is chosen from measured step times.
+_UNSET = object()
+_fixed_threads: int | None | object = _UNSET  # read from $LMFORGE_THREADS at the first step unless set
+
+
+def set_decode_threads(threads: int | None) -> None:
+    """Fix the threads of every decoding step and PyTorch op (`--threads`), or None to choose them
+    per step from measured speed (the default; `$LMFORGE_THREADS` fixes them too)."""
+    global _fixed_threads
+    if threads is not None:
+        if threads < 1:
+            raise LmforgeError(f"threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    _fixed_threads = threads
+
+
+def threads_from_environment() -> int | None:
+    """`$LMFORGE_THREADS` as a number, None when unset or empty."""
+    value = os.environ.get("LMFORGE_THREADS", "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise LmforgeError(f"LMFORGE_THREADS must be a whole number of threads >= 1, got {value!r}")
+    return int(value)
+
+
+def free_cores(looks: int = 3) -> int | None:
+    """Cores this process may use that no other runnable task wants right now: the kernel's count of
+    runnable tasks (/proc/loadavg, which counts this reader too), the least of a few looks 2 ms
+    apart since one look can catch a thread on its way to sleep. None where it cannot be read."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+        running = []
+        for look in range(looks):
+            if look:
+                time.sleep(0.002)
+            with open("/proc/loadavg") as loadavg:
+                running.append(int(loadavg.read().split()[3].split("/")[0]))
+    except (OSError, AttributeError, ValueError, IndexError):
+        return None
+    return max(1, usable - (min(running) - 1))
+
+
+class ThreadChooser:
+    """Picks each decoding step's thread count from the measured time of recent steps.
+
+    Candidates are `most`, most/2, most/4 ... 1. Steps run on the current count, whose estimate is a
+    moving average of seconds per step. Every `EXPLORE_EVERY` steps two steps run on a neighbouring
+    count (the first pays for waking or parking threads and is not timed), and the current count
+    moves there if the second was faster. More threads are tried only when that many cores look
+    free (`cores_free_now`), and each such try that loses doubles the wait before the next, up to
+    `EXPLORE_AT_MOST_EVERY` steps: on 2 cores beside 2 busy processes one two-thread step took 1.2 s,
+    waiting for its second thread to be scheduled, where one-thread steps took 10-30 ms. Fewer
+    threads cost little to try (~15% for two steps on an idle machine) and are tried every time."""
+
+    EXPLORE_EVERY = 24
+    EXPLORE_AT_MOST_EVERY = 24 * 16
+    SMOOTHING = 0.3
+
+    def __init__(self, most: int, free: int | None = None, cores_free_now=lambda: free_cores(looks=1)):
+        self.candidates = sorted({max(1, most >> shift) for shift in range(most.bit_length())}, reverse=True)
+        self.seconds: dict[int, float] = {}
+        # start from the most threads that fit the cores other processes leave free
+        self.current = next((n for n in self.candidates if n <= (free or most)), 1)
+        self.cores_free_now = cores_free_now
+        self.steps = 0
+        self.exploring: int | None = None
+        self._explore_up = False
+        self._wait_up, self._next_up = self.EXPLORE_EVERY, 0
+
+    def pick(self) -> tuple[int, bool]:
+        """This step's thread count, and whether its time is to be recorded."""
+        self.steps += 1
+        if self.exploring is not None:
+            return self.exploring, True  # the second, timed step of an exploration
+        # steps 1 and 2 time the starting count; explorations begin at step 3
+        if self.steps % self.EXPLORE_EVERY == 3 and len(self.candidates) > 1:
+            self.exploring = self._neighbour()
+            if self.exploring is not None:
+                return self.exploring, False
+        return self.current, self.steps > 1  # the very first step also starts the thread pool
+
+    def _neighbour(self) -> int | None:
+        """A count next to the current one, alternately more and fewer threads where both may be tried."""
+        index = self.candidates.index(self.current)  # candidates run from most threads to one
+        more = self.candidates[index - 1] if index > 0 else None
+        fewer = self.candidates[index + 1] if index + 1 < len(self.candidates) else None
+        if more is not None and (self.steps < self._next_up or (self.cores_free_now() or more) < more):
+            more = None
+        self._explore_up = not self._explore_up
+        return (more or fewer) if self._explore_up else (fewer or more)
+
+    def record(self, threads: int, seconds: float) -> None:
+        if threads != self.exploring:
+            previous = self.seconds.get(threads)
+            self.seconds[threads] = seconds if previous is None else previous + self.SMOOTHING * (seconds - previous)
+            return
+        self.exploring = None
+        self.seconds[threads] = seconds
+        won = seconds < self.seconds.get(self.current, float("inf"))
+        if threads > self.current:
+            self._wait_up = self.EXPLORE_EVERY if won else min(2 * self._wait_up, self.EXPLORE_AT_MOST_EVERY)
+            self._next_up = self.steps + self._wait_up
+        if won:
+            self.current = threads
+
+
+_choosers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {batch size: ThreadChooser}
+_most_threads: int | None = None  # PyTorch's thread count before the first chosen step changed it
+
+
+def _chooser(model: Transformer, batch: int) -> ThreadChooser:
+    global _most_threads
+    if _most_threads is None:
+        _most_threads = torch.get_num_threads()
+    per_batch = _choosers.setdefault(model, {})
+    if batch not in per_batch:
+        per_batch[batch] = ThreadChooser(_most_threads, free=free_cores())
+    return per_batch[batch]
+
+
+def use_prefill_threads(model: Transformer) -> None:
+    """Set PyTorch's threads for a prompt's prefill: the count decoding last found fastest for one
+    row, or at first the cores free now. Prefill's matmuls fork and join too: SmolLM2's 512-token
+    prefill ran at 213 tok/s on one thread and 16 on two beside other busy processes."""
+    if _fixed_threads is _UNSET:
+        set_decode_threads(threads_from_environment())
+    if _fixed_threads is None:
+        threads = _chooser(model, 1).current
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def run_timed_step(model: Transformer, batch: int, step):
+    """`step(threads)` with the thread count fixed by `set_decode_threads`, or else chosen (and then
+    measured) by this model's chooser for `batch` rows; the step's own result. A chosen count is
+    left set for PyTorch too: sampling's ops over the vocabulary between steps fork and join as
+    well, and put back at two threads they cost a busy machine as much as the step saved."""
+    if _fixed_threads is _UNSET:
+        set_decode_threads(threads_from_environment())
+    if _fixed_threads is not None:
+        return step(_fixed_threads)
+    chooser = _chooser(model, batch)
+    threads, measured = chooser.pick()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    result = step(threads)
+    if measured:
+        chooser.record(threads, time.perf_counter() - start)
+    return result
+
+
+def supports(model: Transformer) -> bool:
+    config = model.config
+    return (
+        kernels.available()
+        and config.norm == "rmsnorm"
+        and config.positions == "rope"
+        and config.mlp == "swiglu"
+        and not config.bias
+        and config.n_heads % config.kv_heads == 0
+        and model.rope_cos.device.type == "cpu"
+        and model.rope_cos.dtype == torch.float32
+        and model.final_norm.weight.dtype == torch.float32
+    )
+
+
+class DecodePlan:
+    """Every native call of one decoding step for `batch` rows, prepared once per thread count:
+    buffers allocated, pointers and sizes resolved. A step is then ~7 plain ctypes calls per layer;
+    the Python around each call was a quarter of the step when it went through the modules."""
+
+    def __init__(self, model: Transformer, cache: KVCache, batch: int):
+        config = model.config
+        d, width = config.d_model, (config.n_heads + 2 * config.kv_heads) * config.head_dim
+        buffer = lambda *shape: torch.empty(*shape)  # noqa: E731
+        self.model, self.cache, self.batch = model, cache, batch
+        self.x, self.h, self.y, self.delta = buffer(batch, d), buffer(batch, d), buffer(batch, d), buffer(batch, d)
+        self.qkv, self.up = buffer(batch, width), buffer(batch, 2 * config.mlp_hidden)
+        self.gated = buffer(batch, config.mlp_hidden)
+        self.logits = buffer(batch, config.vocab_size)
+        self.scores = buffer(batch * config.n_heads * cache.max_length)
+        self.positions, self.slots = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
+        # scratch tensors whose pointers the calls hold, and the RoPE tables as they are now: the model
+        # may grow (replace) its own later, and this plan's positions never pass the cache's length
+        self.rope_cos, self.rope_sin = model.rope_for(min(cache.max_length, config.block_size))
+        self._scratch: list[torch.Tensor] = []
+        self._calls_by_threads: dict[int, list] = {}
+
+    def _calls(self, threads: int) -> list:
+        if threads in self._calls_by_threads:
+            return self._calls_by_threads[threads]
+        library, config, cache, batch = kernels.library(), self.model.config, self.cache, self.batch
+        d = config.d_model
+        blocks = self.model.blocks
+        first = blocks[0].attention_norm
+        calls = [
+            (library.rms_norm, (self.x.data_ptr(), first.weight.data_ptr(), first.eps, batch, d, self.h.data_ptr()))
+        ]
+        for layer, block in enumerate(blocks):
+            attention = block.attention
+            following = blocks[layer + 1].attention_norm if layer + 1 < len(blocks) else self.model.final_norm
+            calls += [
+                self._matvec(attention.qkv, self.h, self.qkv, threads),
+                (library.attention_decode, (
+                    self.qkv.data_ptr(), batch, config.n_heads, config.kv_heads, config.head_dim,
+                    self.slots.data_ptr(), self.positions.data_ptr(), cache.keys[layer].data_ptr(),
+                    cache.values[layer].data_ptr(), cache.max_length, self.rope_cos.data_ptr(),
+                    self.rope_sin.data_ptr(), self.scores.data_ptr(), self.y.data_ptr(), threads,
+                )),
+                self._matvec(attention.out, self.y, self.delta, threads),
+                (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), block.mlp_norm.weight.data_ptr(),
+                                        block.mlp_norm.eps, batch, d, self.h.data_ptr())),
+                self._matvec(block.mlp.up, self.h, self.up, threads),
+                (library.silu_mul, (self.up.data_ptr(), batch, config.mlp_hidden, self.gated.data_ptr())),
+                self._matvec(block.mlp.down, self.gated, self.delta, threads),
+                (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), following.weight.data_ptr(),
+                                        following.eps, batch, d, self.h.data_ptr())),
+            ]  # fmt: skip
+        calls.append(self._matvec(self.model.lm_head, self.h, self.logits, threads))
+        self._calls_by_threads[threads] = calls
+        return calls
+
+    def _matvec(self, layer, x: torch.Tensor, out: torch.Tensor, threads: int):
+        library = kernels.library()
+        rows, inner = x.shape
+        bias = 0 if layer.bias is None else layer.bias.data_ptr()
+        head = (x.data_ptr(), rows, inner)  # every matvec starts with x, its rows and width
+        if not isinstance(layer, QuantizedLinear):
+            tail = (bias, layer.out_features, out.data_ptr(), threads)
+            return library.matvec_f32, (*head, layer.weight.detach().data_ptr(), *tail)
+        codes, scale = layer.codes.data_ptr(), layer.scale.data_ptr()
+        if layer.bits == 8 and layer.exact_activations:
+            tail = (layer.group_size, bias, layer.out_features, out.data_ptr(), threads)
+            return library.matvec_q8_exact, (*head, codes, scale, *tail)
+        scratch = [torch.empty(rows, inner, dtype=torch.int8), torch.empty(rows, inner // 32)]
+        scratch.append(torch.empty(rows, inner // 32))
+        self._scratch += scratch
+        tail = (layer.group_size, bias, layer.out_features, out.data_ptr(), *(t.data_ptr() for t in scratch), threads)
+        if layer.bits == 8:
+            return library.matvec_q8, (*head, codes, scale, *tail)
+        return library.matvec_q4, (*head, codes, scale, layer.offset.data_ptr(), *tail)
+
+    @staticmethod
+    def fits(model: Transformer) -> bool:
+        """Every Linear is one the native calls can run (fp32 contiguous, or int8/int4 with 32-column groups);
+        anything else in their place (a LoRA wrapper, say) leaves decoding to the model's own forward."""
+        linears = [model.lm_head]
+        for block in model.blocks:
+            linears += [block.attention.qkv, block.attention.out, block.mlp.up, block.mlp.down]
+        for layer in linears:
+            if isinstance(layer, QuantizedLinear):
+                if layer.in_features % 32:
+                    return False
+            elif isinstance(layer, nn.Linear):
+                if layer.weight.dtype != torch.float32 or not layer.weight.is_contiguous():
+                    return False
+            else:
+                return False
+        return True
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, threads: int) -> torch.Tensor:
+        self.positions.copy_(positions)
+        self.slots.copy_(slots)
+        self.x.copy_(self.model.token_embedding(tokens.reshape(self.batch)))
+        for function, arguments in self._calls(threads):
+            function(*arguments)
+        return self.logits.clone()
+
+
+def decode_step(
+    model: Transformer,
+    tokens: torch.Tensor,
+    cache: KVCache,
+    positions: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Next-token logits (B, vocab) for one new token per row, tokens (B, 1).
+
+    Positions and cache rows as in `Transformer.forward`: aligned at `cache.length` when
+    `positions` is None (and the cache then advances), else per row.
+    """
+    config = model.config
+    batch = tokens.shape[0]
+    aligned = positions is None
+    if aligned:
+        positions = torch.full((batch,), cache.length, dtype=torch.long)
+    if slots is None:
+        slots = torch.arange(batch)
+    position_limit = min(cache.max_length, config.block_size)
+    if int(positions.max()) >= position_limit:
+        raise ValueError(f"position {int(positions.max())} does not fit the cache/context of {position_limit}")
+    plans = cache.__dict__.setdefault("_decode_plans", {})  # per cache: the plan holds its tensors' addresses
+    key = (id(model), batch)
+    if key not in plans:
+        plans[key] = DecodePlan(model, cache, batch) if DecodePlan.fits(model) else None
+    plan = plans[key]
+    if plan is None:  # a layer the native calls cannot run (say bf16 weights): the model's own forward
+        return torch_decode_step(model, tokens, cache, None if aligned else positions, None if aligned else slots)
+    logits = run_timed_step(model, batch, lambda threads: plan.run(tokens, positions, slots, threads))
+    if aligned:
+        cache.length += 1
+    return logits
+
+
+def torch_decode_step(
+    model: Transformer,
+    tokens: torch.Tensor,
+    cache: KVCache,
+    positions: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The model's own forward for one new token per row, on the thread count `run_timed_step` chooses."""
+
+    def step(threads: int) -> torch.Tensor:  # PyTorch's ops run on the count run_timed_step set
+        hidden = model.hidden_states(tokens, cache, positions, slots)
+        return model.lm_head(hidden[:, -1]).float()
+
+    return run_timed_step(model, tokens.shape[0], step)
+
+
+def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, keys: list, values: list):
+    """One token per row (rows 0..B-1 of the cache) in plain PyTorch with shapes that never change:
+    new keys/values are scattered at `positions`, and attention runs over the whole cache with
+    a mask (key position <= row position), so `torch.compile` builds one graph for every step."""
+    import torch.nn.functional as F
+
+    config = model.config
+    batch = tokens.shape[0]
+    capacity = keys[0].shape[2]
+    x = model.token_embedding(tokens)  # (B, 1, d)
+    rope = None
+    if config.positions == "learned":
+        x = x + model.position_embedding(positions)[:, None]
+    else:
+        # `compiled_decode_step` grew the tables to the cache's length before this graph runs
+        rope = (model.rope_cos[positions][:, None, None], model.rope_sin[positions][:, None, None])
+    visible = (torch.arange(capacity, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+    rows = torch.arange(batch, device=tokens.device)
+    for layer, block in enumerate(model.blocks):
+        attention = block.attention
+        h = block.attention_norm(x)
+        q, k, v = attention.qkv(h).split(
+            [config.n_heads * config.head_dim, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim],
+            dim=-1,
+        )
+        q = q.view(batch, 1, config.n_heads, config.head_dim).transpose(1, 2)
+        k = k.view(batch, config.kv_heads, config.head_dim)
+        v = v.view(batch, config.kv_heads, config.head_dim)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+            k = apply_rope(k[:, :, None], *rope)[:, :, 0]
+        keys[layer][rows, :, positions] = k
+        values[layer][rows, :, positions] = v
+        y = F.scaled_dot_product_attention(
+            q, keys[layer][:batch], values[layer][:batch], attn_mask=visible,
+            enable_gqa=config.kv_heads != config.n_heads,
+        )  # fmt: skip
+        x = x + attention.out(y.transpose(1, 2).reshape(batch, 1, config.d_model))
+        x = x + block.mlp(block.mlp_norm(x))
+    return model.lm_head(model.final_norm(x)[:, 0]).float()
+
+
+def compiled_decode_step(model: Transformer):
+    """`torch.compile` of the static decode step for `model` (built once per model), or None where
+    compilation is unavailable; `generate_tokens(..., compile=True)` then falls back cleanly."""
+    native = kernels.available()  # build/load the kernels and register their operators outside the trace
+    if native:
+        kernels.custom_ops()
+    for module in model.modules():
+        if isinstance(module, (QuantizedLinear, FastLinear)):
+            module.native_when_compiled = native
+    cached = getattr(model, "_compiled_decode", None)
+    if cached is None:
+        try:
+            cached = torch.compile(_static_decode, dynamic=False, fullgraph=False)
+        except Exception:  # noqa: BLE001 - no compiler/backend: run uncompiled
+            cached = False
+        model._compiled_decode = cached
+    if not cached:
+        return None
+
+    def step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, keys: list, values: list):
+        if model.config.positions == "rope":  # grown outside the graph, which then only reads the tables
+            model.rope_for(keys[0].shape[2])
+        return cached(model, tokens, positions, keys, values)
+
+    return step

@@ -1,0 +1,304 @@
+"""Sampling from a model: temperature, top-k, top-p, repetition penalty, stop strings, streaming.
+
+`generate_tokens` yields token ids using the KV cache; `generate` wraps it to stream text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.inference import engine
+from lmforge.model import KVCache, Transformer
+from lmforge.settings import SamplingConfig
+from lmforge.tokenizer import Tokenizer
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL (Keskar et al. 2019): divide positive logits of seen tokens by penalty, multiply negative ones."""
+    scores = logits.gather(-1, seen)
+    scores = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return logits.scatter(-1, seen, scores)
+
+
+def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, vocab)."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token once the tokens before it already cover top_p; the first always stays.
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= sampling.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probabilities = logits.softmax(dim=-1)
+    # Inverse-CDF sampling: one cumulative sum and a binary search. torch.multinomial took ~5 ms
+    # per row over a 49k vocabulary here, more than a decoding step of the model it samples for.
+    cumulative = probabilities.cumsum(dim=-1)
+    threshold = torch.rand(logits.shape[0], 1, generator=generator, device=logits.device) * cumulative[:, -1:]
+    picked = torch.searchsorted(cumulative, threshold, right=True).squeeze(-1)
+    return picked.clamp(max=logits.shape[-1] - 1)
+
+
+PREFILL_CHUNK = 256  # prompt tokens per pass of a single-row prefill
+
+
+def next_token_logits(
+    model: Transformer,
+    tokens: torch.Tensor,
+    cache: KVCache | None,
+    positions: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+    last: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits (B, vocab) at each row's last position (or at index `last` per row), running the
+    LM head on those positions only: during prefill it would otherwise be the biggest matmul."""
+    if tokens.shape[1] == 1 and cache is not None and last is None:
+        if engine.supports(model):
+            return engine.decode_step(model, tokens, cache, positions, slots)
+        return engine.torch_decode_step(model, tokens, cache, positions, slots)
+    engine.use_prefill_threads(model)
+    if cache is not None and positions is None and last is None:
+        # A long prompt goes through in chunks: the cache carries the context between them, and each
+        # pass's activations (and dequantised weights) stay a chunk's size, not the prompt's.
+        while tokens.shape[1] > PREFILL_CHUNK:
+            model.hidden_states(tokens[:, :PREFILL_CHUNK], cache)
+            tokens = tokens[:, PREFILL_CHUNK:]
+    hidden = model.hidden_states(tokens, cache, positions, slots)
+    if last is None:
+        hidden = hidden[:, -1]
+    else:
+        hidden = hidden[torch.arange(hidden.shape[0]), last]
+    return model.lm_head(hidden).float()
+
+
+def _adjust_logits(logits: torch.Tensor, history: list[list[int]], sampling: SamplingConfig) -> torch.Tensor:
+    if sampling.repetition_penalty == 1.0:
+        return logits
+    rows = [apply_repetition_penalty(logits[i : i + 1], torch.tensor([sorted(set(seen))]), sampling.repetition_penalty)
+            for i, seen in enumerate(history)]  # fmt: skip
+    return torch.cat(rows)
+
+
+@torch.inference_mode()
+def generate_tokens(
+    model: Transformer, prompt_ids: list[int], sampling: SamplingConfig, use_cache: bool = True, compile: bool = False
+) -> Iterator[int]:
+    """Yield new token ids one at a time (batch of one), stopping after max_new_tokens.
+
+    With the cache, the prompt is prefilled in one pass and each step feeds only the new token.
+    Once the context fills the model's block, both paths recompute over the last block_size
+    tokens, so they agree exactly. compile=True decodes with `torch.compile` of a static-shape
+    step (`engine.compiled_decode_step`; the first call compiles, tens of seconds) instead of
+    the native kernels, falling back to them where compilation is unavailable.
+    """
+    device = next(model.parameters()).device
+    block_size = model.config.block_size
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(sampling.seed)
+    tokens = list(prompt_ids)
+    cache = None
+    compiled = engine.compiled_decode_step(model) if compile and use_cache else None
+    if use_cache:
+        # Sized to this request, not the model's whole context (8k positions for SmolLM2); a compiled
+        # step sees the cache's shape, so round it up to few distinct sizes to reuse its graph.
+        capacity = min(block_size, len(tokens) + sampling.max_new_tokens)
+        if compiled is not None:
+            capacity = min(block_size, max(256, 1 << (capacity - 1).bit_length()))
+        cache = KVCache(model.config, 1, capacity, device=device, dtype=next(model.parameters()).dtype)
+    pending = tokens[-block_size:]  # what the model has not seen yet
+    for _ in range(sampling.max_new_tokens):
+        if cache is not None and cache.length + len(pending) > cache.max_length:
+            cache.reset()
+            pending = tokens[-block_size:]
+        inputs = torch.tensor([pending if cache is not None else tokens[-block_size:]], device=device)
+        if compiled is not None and len(pending) == 1:
+            position = torch.tensor([cache.length], device=device)
+            logits = compiled(model, inputs, position, cache.keys, cache.values)
+            cache.length += 1
+        else:
+            logits = next_token_logits(model, inputs, cache)
+        logits = _adjust_logits(logits, [tokens], sampling)
+        token = int(pick_next_token(logits, sampling, generator)[0])
+        tokens.append(token)
+        pending = [token]
+        yield token
+
+
+def prefill(
+    model: Transformer, prompts: list[list[int]], cache: KVCache, slots: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run several prompts in one pass, each into its cache row (`slots`, default 0..B-1) from
+    position 0; logits (B, vocab) at each prompt's last token.
+
+    The batch is right-padded to the longest prompt. A row's padding writes cache entries past
+    its length, which its own later tokens overwrite before any query can see them.
+    """
+    device = cache.keys[0].device
+    lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
+    padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        padded[row, : len(prompt)] = torch.tensor(prompt)
+    zeros = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    return next_token_logits(model, padded, cache, positions=zeros, slots=slots, last=lengths - 1)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: Transformer, prompts: list[list[int]], sampling: SamplingConfig, stop_token_ids: set[int] | None = None
+) -> list[list[int]]:
+    """New token ids for several prompts of different lengths, decoded together.
+
+    Each row keeps its own positions in a shared cache (no left padding, so results match
+    one-at-a-time generation); a row that emits a stop token leaves the batch, and the next
+    steps run on the remaining rows only. With a seed, row i samples from generator seed + i.
+    """
+    if not prompts or any(not prompt for prompt in prompts):
+        raise ValueError("generate_batch needs at least one prompt, and no empty prompt")
+    device = next(model.parameters()).device
+    lengths = [len(prompt) for prompt in prompts]
+    capacity = max(lengths) + sampling.max_new_tokens
+    if capacity > model.config.block_size:
+        raise ValueError(
+            f"longest prompt ({max(lengths)} tokens) + max_new_tokens ({sampling.max_new_tokens}) "
+            f"exceeds the model's context of {model.config.block_size}"
+        )
+    generators = [None] * len(prompts)
+    if sampling.seed is not None:
+        generators = [torch.Generator(device=device).manual_seed(sampling.seed + i) for i in range(len(prompts))]
+    cache = KVCache(model.config, len(prompts), capacity, device=device, dtype=next(model.parameters()).dtype)
+    logits = prefill(model, prompts, cache)
+    histories = [list(prompt) for prompt in prompts]
+    outputs: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    stop_ids = stop_token_ids or set()
+    for step in range(sampling.max_new_tokens):
+        logits = _adjust_logits(logits, [histories[row] for row in active], sampling)
+        if generators[0] is None:
+            picked = pick_next_token(logits, sampling, None).tolist()
+        else:
+            picked = [
+                int(pick_next_token(logits[i : i + 1], sampling, generators[row])[0]) for i, row in enumerate(active)
+            ]
+        still_active = []
+        for token, row in zip(picked, active):
+            histories[row].append(token)
+            outputs[row].append(token)
+            if token not in stop_ids:
+                still_active.append(row)
+        active = still_active
+        if not active or step == sampling.max_new_tokens - 1:
+            break
+        slots = torch.tensor(active, device=device)
+        inputs = torch.tensor([[histories[row][-1]] for row in active], device=device)
+        positions = torch.tensor([len(histories[row]) - 1 for row in active], device=device)
+        logits = next_token_logits(model, inputs, cache, positions=positions, slots=slots)
+    return outputs
+
+
+class TextStream:
+    """Generated token ids → text pieces to show, honouring stop strings.
+
+    Text that could still become a stop string, and an incomplete UTF-8 character at the
+    end, is held back until it is decided.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None):
+        self.tokenizer, self.stop = tokenizer, [s for s in (stop or []) if s]
+        self.tokens: list[int] = []
+        self.emitted = 0  # characters of the decoded text already handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the text that is now safe to show. Sets `stopped` at a stop string."""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        emitted = self.emitted
+        found = (text.find(s, max(emitted - len(s), 0)) for s in self.stop)
+        cut = min((i for i in found if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self.emitted = max(cut, emitted)
+            return text[emitted:cut] if cut > emitted else ""
+        safe = len(text)
+        while safe > emitted and text[safe - 1] == "\ufffd":
+            safe -= 1  # a multi-byte character may still be arriving
+        for stop in self.stop:
+            for size in range(min(len(stop) - 1, safe), 0, -1):
+                if text[safe - size : safe] == stop[:size]:
+                    safe -= size
+                    break
+        if safe <= emitted:
+            return ""
+        self.emitted = safe
+        return text[emitted:safe]
+
+    def flush(self) -> str:
+        """What was held back, once generation has ended without a stop string."""
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.tokens)
+        rest, self.emitted = text[self.emitted :], len(text)
+        return rest
+
+
+def check_greedy_for_draft(sampling: SamplingConfig) -> None:
+    """Speculative decoding keeps the target's argmax: refuse settings it would silently ignore."""
+    offending = []
+    if sampling.temperature != 0:
+        offending.append(f"temperature must be 0 (not {sampling.temperature:g})")
+    if sampling.repetition_penalty != 1.0:
+        offending.append(f"repetition_penalty must be 1 (not {sampling.repetition_penalty:g})")
+    if offending:
+        raise LmforgeError("speculative decoding with a draft model is greedy: " + " and ".join(offending))
+
+
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str | list[int],
+    sampling: SamplingConfig | None = None,
+    stop_at_eos: bool = True,
+    stop_token_ids: set[int] | None = None,
+    draft: Transformer | None = None,
+    draft_tokens: int = 4,
+) -> Iterator[str]:
+    """Stream the completion of `prompt` (plain text, or token ids such as `encode_chat` gives) as
+    text pieces, honouring stop strings and end-of-text (and any of `stop_token_ids`). With a `draft`
+    model (same tokenizer), decoding is speculative (`lmforge.inference.speculative`): greedy only, the same
+    text, faster when the draft is much cheaper."""
+    sampling = sampling or SamplingConfig()
+    if draft is not None:
+        check_greedy_for_draft(sampling)
+    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not prompt_ids and tokenizer.bos_id is not None:
+        prompt_ids = [tokenizer.bos_id]
+    stop_ids = set(stop_token_ids or ())
+    if stop_at_eos and tokenizer.eos_id is not None:
+        stop_ids.add(tokenizer.eos_id)
+    stream = TextStream(tokenizer, sampling.stop)
+    if draft is None:
+        tokens = generate_tokens(model, prompt_ids, sampling)
+    else:
+        from lmforge.inference.speculative import speculative_generate
+
+        tokens = speculative_generate(model, draft, prompt_ids, sampling.max_new_tokens, draft_tokens)
+    for token in tokens:
+        if token in stop_ids:
+            break
+        piece = stream.push(token)
+        if piece:
+            yield piece
+        if stream.stopped:
+            return
+    rest = stream.flush()
+    if rest:
+        yield rest

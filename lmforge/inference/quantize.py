@@ -1,0 +1,541 @@
+"""Weight-only quantisation for CPU inference: int8 and group-wise int4 Linear layers.
+
+The model stays a plain `Transformer`; `quantize_model` swaps its Linear layers (and a tied
+embedding) for ones that keep int8 or packed int4 codes with float scales. Few-row inputs
+(decoding) go through the native kernels in `lmforge.inference.kernels`, which dequantise in registers;
+many-row inputs (prefill) dequantise the weight once and use PyTorch's matmul. The PyTorch
+path is also the reference the kernels are tested against.
+
+Formats (the GGUF block layouts Q8_0 / Q4_1 map onto them without requantising):
+  int8: codes (N, K) int8, scale (N, K/G); w = scale * code, symmetric. G = K by default.
+  int4: codes (N, K/2) uint8, scale and offset (N, K/G); w = scale * code + offset with
+        code in 0..15 (min-max, like Q4_1). In each run of 32 weights the low nibbles of 16
+        bytes hold weights 0-15 and the high nibbles weights 16-31.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.inference import kernels
+from lmforge.model import ModelConfig, Transformer
+
+NATIVE_MAX_ROWS = 16  # above this many rows a dequantise + BLAS matmul is faster than the matvec kernels
+# Prefill dequantises this many weights (1 MB of fp32) at a time: a whole up-projection would be 7 MB
+# of peak RSS for SmolLM2, and BLAS is as fast on 256-row slabs as on the whole matrix.
+PREFILL_SLAB_ELEMENTS = 256 * 1024
+
+
+def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes and scales per group of `group_size` columns (default: per row)."""
+    rows, columns = weight.shape
+    group_size = group_size or columns
+    groups = weight.float().reshape(rows, columns // group_size, group_size)
+    scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127
+    codes = torch.round(groups / scale).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(rows, columns), scale.squeeze(-1)
+
+
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    group_size = codes.shape[1] // scale.shape[1]
+    return (codes.float().reshape(*scale.shape, group_size) * scale.unsqueeze(-1)).reshape(codes.shape)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes in 0..15 → (N, K/2) bytes, 32-weight runs split low/high nibble (GGUF layout)."""
+    rows, columns = codes.shape
+    runs = codes.to(torch.uint8).reshape(rows, columns // 32, 2, 16)
+    return (runs[:, :, 0] | (runs[:, :, 1] << 4)).reshape(rows, columns // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    rows = packed.shape[0]
+    runs = packed.reshape(rows, -1, 16)
+    return torch.stack([runs & 0x0F, runs >> 4], dim=2).reshape(rows, -1)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Min-max 4-bit codes (packed), and fp16 scales and offsets per group of `group_size` columns.
+
+    fp16, as GGUF's Q4 blocks store them: in fp32 they would be a third of an int4 model's
+    memory at group 32. Codes are rounded against the fp16 values, the ones dequantisation uses.
+    """
+    rows, columns = weight.shape
+    groups = weight.float().reshape(rows, columns // group_size, group_size)
+    low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-7).half()
+    low = low.half()
+    if not (torch.isfinite(scale).all() and torch.isfinite(low).all()):
+        raise ValueError(f"weights up to {groups.abs().max().item():.3g} are out of fp16 range for int4 scales")
+    codes = torch.round((groups - low.float()) / scale.float()).clamp(0, 15)
+    return pack_int4(codes.reshape(rows, columns)), scale.squeeze(-1), low.squeeze(-1)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    codes = unpack_int4(packed).float()
+    group_size = codes.shape[1] // scale.shape[1]
+    grouped = codes.reshape(*scale.shape, group_size) * scale.float().unsqueeze(-1) + offset.float().unsqueeze(-1)
+    return grouped.reshape(codes.shape)
+
+
+@dataclass
+class QuantizedTensor:
+    """A weight matrix still in quantised form (e.g. read from GGUF blocks), before it becomes a layer."""
+
+    bits: int
+    group_size: int
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        """(rows, columns) of the weight it holds; int4 packs two columns a byte."""
+        rows, width = self.codes.shape
+        return torch.Size((rows, 2 * width if self.bits == 4 else width))
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight, through the native kernels where they built (an export dequantises every layer)."""
+        codes, scale = self.codes.contiguous(), self.scale.contiguous()
+        native = kernels.available() and codes.device.type == "cpu"
+        if self.bits == 8:
+            return kernels.dequantize_q8(codes, scale, self.group_size) if native else dequantize_int8(codes, scale)
+        if native:
+            return kernels.dequantize_q4(codes, scale, self.offset.contiguous(), self.group_size)
+        return dequantize_int4(codes, scale, self.offset)
+
+    def index_rows(self, order: torch.Tensor) -> QuantizedTensor:
+        offset = None if self.offset is None else self.offset[order]
+        return QuantizedTensor(self.bits, self.group_size, self.codes[order], self.scale[order], offset)
+
+    @staticmethod
+    def cat(parts: list) -> QuantizedTensor | torch.Tensor:
+        """Stack row blocks; if their formats differ, as fp32."""
+        first = parts[0]
+        same = all(
+            isinstance(p, QuantizedTensor) and (p.bits, p.group_size) == (first.bits, first.group_size) for p in parts
+        )
+        if not same:
+            return torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts])
+        offset = None if first.offset is None else torch.cat([p.offset for p in parts])
+        return QuantizedTensor(
+            first.bits,
+            first.group_size,
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            offset,
+        )
+
+
+_scratch = threading.local()
+
+
+def _dequantization_buffer(size: int) -> torch.Tensor:
+    """This thread's buffer for a slab of dequantised weight rows, grown to the largest slab seen."""
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < size:
+        _scratch.buffer = buffer = torch.empty(size)
+    return buffer[:size]
+
+
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b with W held as int8 or packed int4 codes and float scales."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, not {bits}")
+        if in_features % group_size or group_size % 32:
+            raise ValueError(
+                f"group size {group_size} must divide the {in_features} input features and be a multiple of 32"
+            )
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        # Decode kernels round x to int8 (fast, ~0.5% error) unless exact: set for the LM head,
+        # whose logits pick tokens directly and where that error flips greedy near-ties.
+        self.exact_activations = False
+        # Under torch.compile the kernels' availability must be a plain attribute (a constant to
+        # the compiler); `engine.compiled_decode_step` sets it.
+        self.native_when_compiled = False
+        groups = in_features // group_size
+        # Placeholders that loading or `set_weight` always replaces; empty (never written) means they
+        # take no resident memory meanwhile: ~100 MB of peak RSS for a 135M model.
+        if bits == 8:
+            self.register_buffer("codes", torch.empty(out_features, in_features, dtype=torch.int8))
+        else:
+            self.register_buffer("codes", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("offset", torch.empty(out_features, groups, dtype=torch.float16))
+        self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16 if bits == 4 else None))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> QuantizedLinear:
+        in_features = linear.in_features
+        group_size = group_size or default_group_size(in_features, bits)
+        layer = cls(in_features, linear.out_features, bits, group_size, linear.bias is not None)
+        layer.set_weight(linear.weight.detach())
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        return layer
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        if self.bits == 8:
+            self.codes, self.scale = quantize_int8(weight, self.group_size)
+        else:
+            self.codes, self.scale, self.offset = quantize_int4(weight, self.group_size)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # int4 checkpoints written before scales moved to fp16 hold fp32 ones; the kernels read fp16
+        for name in ("scale", "offset"):
+            value = state_dict.get(prefix + name)
+            if value is not None and value.dtype != getattr(self, name).dtype:
+                state_dict[prefix + name] = value.to(getattr(self, name).dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def dequantize(self, out: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """The fp32 weight, or its `rows`; with the native kernels, written into `out` if given."""
+        native = kernels.available() and not torch.compiler.is_compiling()
+        codes, scale = self.codes[rows], self.scale[rows]
+        if self.bits == 8:
+            if native:
+                return kernels.dequantize_q8(codes, scale, self.group_size, out)
+            return dequantize_int8(codes, scale)
+        if native:
+            return kernels.dequantize_q4(codes, scale, self.offset[rows], self.group_size, out)
+        return dequantize_int4(codes, scale, self.offset[rows])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        compiling = torch.compiler.is_compiling()
+        # under compile: the operators `engine.compiled_decode_step` registered (torch.ops.lmforge.*)
+        native = self.native_when_compiled if compiling else kernels.available()
+        if x.dtype == torch.float32 and not x.requires_grad and native and flat.shape[0] <= NATIVE_MAX_ROWS:
+            flat = flat.contiguous()
+            if self.bits == 8 and self.exact_activations:
+                matvec = torch.ops.lmforge.matvec_q8_exact if compiling else kernels.matvec_q8_exact
+                out = matvec(flat, self.codes, self.scale, self.group_size, self.bias)
+            elif self.bits == 8:
+                matvec = torch.ops.lmforge.matvec_q8 if compiling else kernels.matvec_q8
+                out = matvec(flat, self.codes, self.scale, self.group_size, self.bias)
+            else:
+                matvec = torch.ops.lmforge.matvec_q4 if compiling else kernels.matvec_q4
+                out = matvec(flat, self.codes, self.scale, self.offset, self.group_size, self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        if x.dtype == torch.float32 and not torch.is_grad_enabled() and native and not compiling:
+            # Many rows (prefill): a slab of weight rows at a time is dequantised into one shared buffer
+            # and multiplied straight into its columns of the output. A fresh weight-sized allocation
+            # per layer would leave glibc's heap ~25 MB bigger after a long prompt.
+            out = flat.new_empty(flat.shape[0], self.out_features)
+            slab = max(1, min(self.out_features, PREFILL_SLAB_ELEMENTS // self.in_features))
+            buffer = _dequantization_buffer(slab * self.in_features)
+            for first in range(0, self.out_features, slab):
+                rows = slice(first, min(first + slab, self.out_features))
+                slab_buffer = buffer[: (rows.stop - first) * self.in_features].view(-1, self.in_features)
+                weight = self.dequantize(slab_buffer, rows)
+                if self.bias is None:
+                    torch.mm(flat, weight.T, out=out[:, rows])
+                else:
+                    torch.addmm(self.bias[rows], flat, weight.T, out=out[:, rows])
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """Token lookup that dequantises only the rows it needs, from the LM head it is tied to."""
+
+    def __init__(self, head: QuantizedLinear):
+        super().__init__()
+        self.head = [head]  # a list, so the tied codes are not registered (and saved) twice
+
+    @property
+    def weight(self) -> torch.Tensor:  # the full table, for code that reads the embedding matrix
+        return self.head[0].dequantize()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        head = self.head[0]
+        flat = tokens.reshape(-1)
+        scale = head.scale[flat]
+        if head.bits == 8:
+            rows = dequantize_int8(head.codes[flat], scale)
+        else:
+            rows = dequantize_int4(head.codes[flat], scale, head.offset[flat])
+        return rows.reshape(*tokens.shape, head.in_features)
+
+
+class FastLinear(nn.Linear):
+    """An fp32 Linear whose few-row, no-grad products (decoding) use the native matvec kernel.
+
+    A subclass, swapped in by changing the class of an existing nn.Linear: weights, state-dict
+    names and training behaviour stay exactly those of nn.Linear.
+    """
+
+    native_when_compiled = False  # as on QuantizedLinear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        compiling = torch.compiler.is_compiling()
+        if (
+            x.dtype == torch.float32
+            and self.weight.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and flat.shape[0] <= NATIVE_MAX_ROWS
+            and x.device.type == "cpu"
+            and (self.native_when_compiled if compiling else kernels.available())
+        ):
+            bias = None if self.bias is None else self.bias.detach()
+            matvec = torch.ops.lmforge.matvec_f32 if compiling else kernels.matvec_f32
+            out = matvec(flat.contiguous(), self.weight.detach(), bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_native_kernels(model: nn.Module) -> nn.Module:
+    """Let every fp32 Linear of `model` decode through the native kernel (in place; nothing else changes)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = FastLinear
+    return model
+
+
+def _linear_layers(model: Transformer) -> list[tuple[nn.Module, str, nn.Linear, str]]:
+    """(parent, attribute name, layer, full dotted name) of every Linear."""
+    return [
+        (parent, name, child, f"{parent_name}.{name}".lstrip("."))
+        for parent_name, parent in model.named_modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear)
+    ]
+
+
+def quantize_model(
+    model: Transformer,
+    bits: int,
+    group_size: int | None = None,
+    head_bits: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Transformer:
+    """Swap every Linear (LM head included) for a QuantizedLinear, in place; a tied embedding
+    then reads from the quantised head. Layers left in fp32 (all of them with bits=32) use
+    the native fp32 decode kernel.
+
+    The LM head gets `head_bits` (default: 8 when bits=4, as llama.cpp keeps its output
+    matrix at higher precision; at 4 bits it alone adds most of the KL). Groups are multiples
+    of 32 columns. A layer whose input width the group size does not divide gets one group
+    per row (int8, width a multiple of 32) or stays fp32, so any model can be quantised.
+    `progress(done, total)` counts the layers done.
+    """
+    if bits not in (4, 8, 32):
+        raise ValueError(f"bits must be 4, 8 or 32, not {bits}")
+    head_bits = head_bits or (8 if bits == 4 else bits)
+    layers = _linear_layers(model)
+    for done, (parent, name, linear, full_name) in enumerate(layers):
+        if progress:
+            progress(done, len(layers))
+        layer_bits = head_bits if full_name == "lm_head" else bits
+        if layer_bits == 32:
+            continue
+        size = (group_size if layer_bits == bits else None) or default_group_size(linear.in_features, layer_bits)
+        if linear.in_features % size or size % 32:
+            if layer_bits == 4 or linear.in_features % 32:
+                continue  # stays fp32
+            size = linear.in_features
+        setattr(parent, name, QuantizedLinear.from_linear(linear, layer_bits, size))
+    if progress:
+        progress(len(layers), len(layers))
+    return _wire_head(model)
+
+
+def _wire_head(model: Transformer) -> Transformer:
+    """A quantised LM head keeps exact activations and feeds a tied embedding; fp32 layers get the native kernel."""
+    if isinstance(model.lm_head, QuantizedLinear):
+        model.lm_head.exact_activations = True
+        if model.config.tie_embeddings:
+            model.token_embedding = QuantizedEmbedding(model.lm_head)
+    return use_native_kernels(model)
+
+
+def default_group_size(in_features: int, bits: int) -> int:
+    """int8: one scale per row; int4: 32 columns (GGUF's block size: a Q4 GGUF re-quantises losslessly)."""
+    return in_features if bits == 8 else 32
+
+
+def quantized_layout(model: Transformer) -> dict[str, dict]:
+    """Per-layer bits and group size, saved with a checkpoint so it can be rebuilt before loading."""
+    return {
+        name: {"bits": module.bits, "group_size": module.group_size}
+        for name, module in model.named_modules()
+        if isinstance(module, QuantizedLinear)
+    }
+
+
+def apply_layout(model: Transformer, layout: dict[str, dict]) -> Transformer:
+    """Give `model` empty quantised layers in the places `layout` names (for loading saved codes)."""
+    for parent, name, linear, full_name in _linear_layers(model):
+        spec = layout.get(full_name)
+        if spec is None:
+            continue
+        layer = QuantizedLinear(
+            linear.in_features, linear.out_features, spec["bits"], spec["group_size"], linear.bias is not None
+        )
+        setattr(parent, name, layer)
+    return _wire_head(model)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers, each tensor counted once."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def kl_divergence_report(
+    reference: Transformer,
+    quantized: Transformer,
+    tokens: torch.Tensor,
+    window: int = 256,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, float]:
+    """llama.cpp's quality check: perplexity of both models and the mean KL(reference || quantized)
+    of their next-token distributions over `tokens` (1-D), scored in windows; `progress(done, total)`
+    after each window (~15 s each for SmolLM2 on a busy 2-core CPU)."""
+    window = min(window, reference.config.block_size)
+    starts = range(0, tokens.numel() - 1, window)
+    total_kl, nll_reference, nll_quantized, count = 0.0, 0.0, 0.0, 0
+    with torch.no_grad():
+        for done, start in enumerate(starts, 1):
+            chunk = tokens[start : start + window + 1]
+            if chunk.numel() < 2:
+                break
+            inputs, targets = chunk[:-1][None], chunk[1:]
+            log_p = F.log_softmax(reference(inputs)[0][0].float(), dim=-1)
+            log_q = F.log_softmax(quantized(inputs)[0][0].float(), dim=-1)
+            total_kl += (log_p.exp() * (log_p - log_q)).sum().item()
+            nll_reference -= log_p.gather(-1, targets[:, None]).sum().item()
+            nll_quantized -= log_q.gather(-1, targets[:, None]).sum().item()
+            count += targets.numel()
+            if progress:
+                progress(done, len(starts))
+    return {
+        "tokens": count,
+        "perplexity_reference": math.exp(nll_reference / count),
+        "perplexity_quantized": math.exp(nll_quantized / count),
+        "mean_kl": total_kl / count,
+    }
+
+
+def model_from_weights(config: ModelConfig, weights: dict[str, torch.Tensor | QuantizedTensor]) -> Transformer:
+    """A model whose Linear layers stay quantised wherever `weights` hold a QuantizedTensor
+    (a tied embedding in quantised form becomes the quantised LM head it shares)."""
+    weights = dict(weights)
+    embedding = weights.get("token_embedding.weight")
+    if config.tie_embeddings and isinstance(embedding, QuantizedTensor):
+        weights["lm_head.weight"] = weights.pop("token_embedding.weight")
+    layout, state = {}, {}
+    for name, value in weights.items():
+        if not isinstance(value, QuantizedTensor):
+            state[name] = value
+            continue
+        module = name.removesuffix(".weight")
+        layout[module] = {"bits": value.bits, "group_size": value.group_size}
+        state[f"{module}.codes"], state[f"{module}.scale"] = value.codes, value.scale
+        if value.offset is not None:
+            state[f"{module}.offset"] = value.offset
+    return Transformer.from_state_dict(config, state, prepare=lambda model: apply_layout(model, layout))
+
+
+def model_weights(model: Transformer) -> dict[str, torch.Tensor | QuantizedTensor]:
+    """The inverse of `model_from_weights`: our state dict with each quantised layer's weight as a
+    QuantizedTensor under `<layer>.weight` (a quantised tied embedding: its LM head's), for exporters."""
+    quantized = {name: module for name, module in model.named_modules() if isinstance(module, QuantizedLinear)}
+    weights = {}
+    for name, value in model.state_dict().items():
+        layer, _, field = name.rpartition(".")
+        if layer not in quantized:
+            weights[name] = value
+        elif field == "bias":
+            weights[name] = value.detach()
+        elif field == "codes":
+            module = quantized[layer]
+            offset = module.offset if module.bits == 4 else None
+            weights[f"{layer}.weight"] = QuantizedTensor(
+                module.bits, module.group_size, module.codes, module.scale, offset
+            )
+    if isinstance(model.token_embedding, QuantizedEmbedding):
+        weights["token_embedding.weight"] = weights["lm_head.weight"]
+    return weights
+
+
+def as_float(weight: torch.Tensor | QuantizedTensor) -> torch.Tensor:
+    """A weight in fp32, dequantised if it is quantised."""
+    return weight.dequantize() if isinstance(weight, QuantizedTensor) else weight.detach().float()
+
+
+def leading_tokens(tokenizer, text: str, count: int) -> list[int]:
+    """The first `count` tokens of `text`, encoding only as much of it as they need: a whole book
+    takes minutes (107 KB of Shakespeare: 9 s with SmolLM2's tokenizer on a busy 2-core CPU)."""
+    chars = 8 * count  # most tokens are shorter; grown until the prefix holds enough
+    while True:
+        ids = tokenizer.encode(text[:chars])
+        # a margin past `count`: cutting the text changes only the tokens of its last word
+        if len(ids) >= count + 16 or chars >= len(text):
+            return ids[:count]
+        chars *= 2
+
+
+KL_WARNING = 0.1  # mean KL (nats/token) above which answers visibly change; llama.cpp's Q4_0 on 7B models is ~0.03
+
+
+def quantize_and_save(
+    source: str,
+    out: str,
+    bits: int,
+    group_size: int | None = None,
+    eval_text: str | None = None,
+    eval_tokens: int = 2048,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict:
+    """Quantise a model (a name, .gguf, HF folder or checkpoint), save it as a checkpoint folder
+    that `lmforge.load` reads directly, and report its quality against the fp32 original on
+    `eval_text` (default: held-out Shakespeare) as perplexities and mean KL divergence.
+    `progress(stage, done, total)` follows the two slow stages: quantising and scoring."""
+    import copy
+
+    from lmforge.formats.checkpoint import save_model
+    from lmforge.formats.loading import load
+
+    stage = (lambda name: functools.partial(progress, name)) if progress else (lambda name: None)
+    reference, tokenizer = load(source, keep_quantized=False)
+    quantized = quantize_model(copy.deepcopy(reference), bits, group_size, progress=stage("quantising layers"))
+    save_model(out, quantized, tokenizer, {"quantized_from": str(source)})
+    if eval_text is None:
+        from lmforge.training.recipes import shakespeare_corpus
+
+        text = shakespeare_corpus().read_text(encoding="utf-8")
+        eval_text = text[len(text) * 9 // 10 :]  # the tail: text quantisation did not look at
+    tokens = torch.tensor(leading_tokens(tokenizer, eval_text, eval_tokens))
+    if tokens.numel() < 2:
+        raise ValueError("the evaluation text is too short to score (fewer than 2 tokens)")
+    report = kl_divergence_report(
+        reference, quantized, tokens, progress=stage(f"scoring both models on {tokens.numel()} tokens")
+    )
+    report.update(
+        bits=bits,
+        group_size=group_size or default_group_size(reference.config.d_model, bits),
+        fp32_megabytes=weight_bytes(reference) / 1e6,
+        quantized_megabytes=weight_bytes(quantized) / 1e6,
+        warning=report["mean_kl"] > KL_WARNING,
+    )
+    return report

@@ -1,0 +1,671 @@
+"""Keras-style training for task models: `compile`, `fit` with a progress bar and callbacks, `evaluate`, `predict`.
+
+    model.compile(optimizer="adam", loss="binary_crossentropy", metrics=["accuracy"])
+    history = model.fit(x, y, epochs=10, batch_size=32, validation_split=0.2)
+
+Any `nn.Module` can use the functions here (`fit(model, x, y, ...)`); task models inherit
+`Fittable` to get them as methods. `x` is a tensor, a tuple of tensors (positional inputs) or
+a dict of tensors (keyword inputs), all with the examples along dimension 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.evaluation.metrics import confusion_matrix, macro_f1
+from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
+
+Inputs = torch.Tensor | tuple | list | dict
+
+
+# Losses: (outputs, targets, from_logits) → one loss per example (per token for sequences),
+# so class weights can scale each example before the mean.
+def binary_crossentropy(outputs: torch.Tensor, targets: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    outputs, targets = outputs.reshape(len(outputs), -1).squeeze(-1), targets.reshape(len(targets), -1).squeeze(-1)
+    if from_logits:
+        return F.binary_cross_entropy_with_logits(outputs, targets.float(), reduction="none")
+    # Keras clips probabilities by 1e-7 the same way, so a confident wrong answer costs ~16, not inf.
+    return F.binary_cross_entropy(outputs.clamp(1e-7, 1 - 1e-7), targets.float(), reduction="none")
+
+
+def sparse_categorical_crossentropy(outputs: torch.Tensor, targets: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    log_probabilities = F.log_softmax(outputs, -1) if from_logits else outputs.clamp_min(1e-7).log()
+    return F.nll_loss(log_probabilities, targets.long(), reduction="none")
+
+
+def categorical_crossentropy(outputs: torch.Tensor, targets: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    log_probabilities = F.log_softmax(outputs, -1) if from_logits else outputs.clamp_min(1e-7).log()
+    return -(targets * log_probabilities).sum(-1)
+
+
+def mean_squared_error(outputs: torch.Tensor, targets: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    return (outputs.reshape(targets.shape) - targets.float()).pow(2).reshape(len(targets), -1).mean(-1)
+
+
+def token_crossentropy(outputs: torch.Tensor, targets: torch.Tensor, from_logits: bool = True) -> torch.Tensor:
+    """Next-token loss for (B, T, vocab) logits: one loss per scored token; targets of -100 are not scored."""
+    scored = targets != -100
+    return F.cross_entropy(outputs[scored].float(), targets[scored])
+
+
+LOSSES: dict[str, Callable] = {
+    "binary_crossentropy": binary_crossentropy,
+    "sparse_categorical_crossentropy": sparse_categorical_crossentropy,
+    "categorical_crossentropy": categorical_crossentropy,
+    "mse": mean_squared_error,
+    "mean_squared_error": mean_squared_error,
+    "token_crossentropy": token_crossentropy,
+}
+PER_EXAMPLE_LOSSES = {binary_crossentropy, sparse_categorical_crossentropy, categorical_crossentropy}
+
+
+def predicted_classes(outputs: torch.Tensor, targets: torch.Tensor, from_logits: bool) -> torch.Tensor:
+    """Class ids from outputs: a threshold for one output per example (binary), argmax otherwise."""
+    if outputs.dim() == targets.dim() + 1 and outputs.shape[-1] > 1:
+        return outputs.argmax(-1)
+    return (outputs.reshape(targets.shape) > (0.0 if from_logits else 0.5)).long()
+
+
+class Metric:
+    """Accumulates over an epoch's batches; `result()` is the value over everything seen."""
+
+    name: str
+
+    def reset(self) -> None:
+        raise NotImplementedError
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor, from_logits: bool) -> None:
+        raise NotImplementedError
+
+    def result(self) -> float:
+        raise NotImplementedError
+
+
+class Accuracy(Metric):
+    """Share of correct predictions; for token targets, of the scored (not -100) tokens."""
+
+    name = "accuracy"
+
+    def reset(self) -> None:
+        self.correct, self.total = 0, 0
+
+    def update(self, outputs, targets, from_logits) -> None:
+        if targets.is_floating_point() and targets.shape == outputs.shape and outputs.shape[-1] > 1:
+            targets = targets.argmax(-1)  # one-hot (categorical_crossentropy)
+        predicted = predicted_classes(outputs, targets, from_logits)
+        scored = targets != -100
+        self.correct += int((predicted[scored] == targets[scored].long()).sum())
+        self.total += int(scored.sum())
+
+    def result(self) -> float:
+        return self.correct / max(self.total, 1)
+
+
+class MacroF1(Metric):
+    name = "macro_f1"
+
+    def reset(self) -> None:
+        self.predicted, self.targets = [], []
+
+    def update(self, outputs, targets, from_logits) -> None:
+        self.predicted.append(predicted_classes(outputs, targets, from_logits).flatten())
+        self.targets.append(targets.long().flatten())
+
+    def result(self) -> float:
+        predicted, targets = torch.cat(self.predicted), torch.cat(self.targets)
+        classes = int(max(predicted.max(), targets.max())) + 1
+        return macro_f1(confusion_matrix(predicted, targets, classes))
+
+
+METRICS = {"accuracy": Accuracy, "acc": Accuracy, "macro_f1": MacroF1, "f1": MacroF1}
+
+
+def make_optimizer(
+    spec, parameters: list[nn.Parameter], learning_rate: float | None, weight_decay: float | None = None
+) -> torch.optim.Optimizer:
+    """An optimizer from a name (Keras's defaults: adam 1e-3, sgd 1e-2; adamw decays 0.01 unless told),
+    a factory `params → optimizer`, or itself."""
+    if isinstance(spec, torch.optim.Optimizer):
+        return spec
+    if callable(spec):
+        return spec(parameters)
+    decay = weight_decay or 0.0
+    builders = {
+        "adam": lambda lr: torch.optim.Adam(parameters, lr=lr or 1e-3, weight_decay=decay),
+        "adamw": lambda lr: torch.optim.AdamW(
+            parameters, lr=lr or 1e-3, weight_decay=0.01 if weight_decay is None else weight_decay
+        ),
+        "sgd": lambda lr: torch.optim.SGD(parameters, lr=lr or 1e-2, weight_decay=decay),
+        "rmsprop": lambda lr: torch.optim.RMSprop(parameters, lr=lr or 1e-3, alpha=0.9, weight_decay=decay),
+    }
+    if spec not in builders:
+        raise LmforgeError(f"unknown optimizer {spec!r}; known: {sorted(builders)}, or an optimizer instance")
+    return builders[spec](learning_rate)
+
+
+@dataclass
+class TrainingSetup:
+    """What `compile` fixed: how `fit` updates the model and what it reports."""
+
+    optimizer: torch.optim.Optimizer
+    loss: Callable
+    loss_name: str
+    metrics: list[Metric]
+    from_logits: bool
+    clip_grad_norm: float | None
+
+
+def compile(
+    model: nn.Module,
+    optimizer="adam",
+    loss="sparse_categorical_crossentropy",
+    metrics: list[str] | None = None,
+    from_logits: bool = False,
+    learning_rate: float | None = None,
+    clip_grad_norm: float | None = None,
+    weight_decay: float | None = None,
+) -> None:
+    """Fix the optimizer (over the parameters that require grad), the loss and the metrics for `fit`."""
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise LmforgeError(f"unknown loss {loss!r}; known: {sorted(LOSSES)}, or a callable")
+        loss_function, loss_name = LOSSES[loss], loss
+    else:
+        loss_function, loss_name = loss, getattr(loss, "__name__", "loss")
+    unknown = [name for name in metrics or [] if name not in METRICS]
+    if unknown:
+        raise LmforgeError(f"unknown metrics {unknown}; known: {sorted(METRICS)}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise LmforgeError("the model has no trainable parameters (all have requires_grad=False)")
+    model.__dict__["training_setup"] = TrainingSetup(
+        optimizer=make_optimizer(optimizer, trainable, learning_rate, weight_decay),
+        loss=loss_function,
+        loss_name=loss_name,
+        metrics=[METRICS[name]() for name in metrics or []],
+        from_logits=from_logits,
+        clip_grad_norm=clip_grad_norm,
+    )
+
+
+def _setup(model: nn.Module) -> TrainingSetup:
+    if "training_setup" not in model.__dict__:
+        raise LmforgeError("call compile(...) before fit/evaluate")
+    return model.__dict__["training_setup"]
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+def _count(x: Inputs) -> int:
+    if isinstance(x, torch.Tensor):
+        return len(x)
+    values = list(x.values()) if isinstance(x, dict) else list(x)
+    counts = {len(v) for v in values}
+    if len(counts) != 1:
+        raise LmforgeError(f"inputs disagree on the number of examples: {sorted(counts)}")
+    return counts.pop()
+
+
+def _take(x: Inputs, index) -> Inputs:
+    if isinstance(x, torch.Tensor):
+        return x[index]
+    if isinstance(x, dict):
+        return {key: value[index] for key, value in x.items()}
+    return tuple(value[index] for value in x)
+
+
+def _to(x: Inputs, device: torch.device) -> Inputs:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {key: value.to(device) for key, value in x.items()}
+    return tuple(value.to(device) for value in x)
+
+
+def _call(model: nn.Module, x: Inputs) -> torch.Tensor:
+    if isinstance(x, dict):
+        return model(**x)
+    return model(*x) if isinstance(x, tuple) else model(x)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+# --- progress bar ------------------------------------------------------------------------
+
+
+def _format_duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 60 else f"{int(seconds // 60)}m {int(seconds % 60)}s"
+
+
+def _format_logs(logs: dict) -> str:
+    return " - ".join(f"{key}: {value:.4f}" for key, value in logs.items())
+
+
+class ProgressBar:
+    """Keras's per-epoch bar: `12/40 ━━━━━━━━━━━━━━━━━━━━ 3s 80ms/step - loss: 0.3909 - accuracy: 0.8129`.
+
+    On a terminal the line redraws in place (at most 10 times a second); in a log or pipe a
+    line is written every `log_seconds` of a long epoch, and the finished line at its end.
+    """
+
+    width = 20
+
+    def __init__(self, steps: int, stream=None, log_seconds: float = 30.0):
+        self.steps, self.stream, self.log_seconds = steps, stream or sys.stdout, log_seconds
+        self.live = getattr(self.stream, "isatty", lambda: False)()
+        self.start = self.last_draw = time.perf_counter()
+
+    def line(self, step: int, logs: dict) -> str:
+        elapsed = time.perf_counter() - self.start
+        per_step = elapsed / max(step, 1)
+        done = round(self.width * step / self.steps)
+        bar = "━" * done + "─" * (self.width - done)
+        timing = (
+            f"{_format_duration(elapsed)} {per_step * 1000:.0f}ms/step"
+            if step >= self.steps
+            else f"{_format_duration(per_step * (self.steps - step))} {per_step * 1000:.0f}ms/step"
+        )
+        text = f"{step}/{self.steps} {bar} {timing}"
+        return f"{text} - {_format_logs(logs)}" if logs else text
+
+    def update(self, step: int, logs: dict) -> None:
+        now = time.perf_counter()
+        if self.live and now - self.last_draw >= 0.1:
+            self.stream.write("\r" + self.line(step, logs) + "\033[K")
+            self.stream.flush()
+            self.last_draw = now
+        elif not self.live and step < self.steps and now - self.last_draw >= self.log_seconds:
+            self.stream.write(self.line(step, logs) + "\n")
+            self.stream.flush()
+            self.last_draw = now
+
+    def finish(self, logs: dict) -> None:
+        self.stream.write(("\r" if self.live else "") + self.line(self.steps, logs) + "\n")
+        self.stream.flush()
+
+
+# --- callbacks ---------------------------------------------------------------------------
+
+
+class Callback:
+    """Hooks into `fit`. `self.model` is the model being fitted and `self.params` holds epochs and steps."""
+
+    model: nn.Module
+    params: dict
+
+    def on_train_begin(self, logs: dict) -> None: ...
+    def on_epoch_begin(self, epoch: int, logs: dict) -> None: ...
+    def on_batch_begin(self, batch: int, logs: dict) -> None: ...
+    def on_batch_end(self, batch: int, logs: dict) -> None: ...
+    def on_epoch_end(self, epoch: int, logs: dict) -> None: ...
+    def on_train_end(self, logs: dict) -> None: ...
+
+
+def _mode(monitor: str, mode: str) -> str:
+    if mode != "auto":
+        return mode
+    return "max" if any(word in monitor for word in ("acc", "f1", "auc")) else "min"
+
+
+def _improved(value: float, best: float | None, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def _monitored(logs: dict, monitor: str, who: str) -> float:
+    if monitor not in logs:
+        raise LmforgeError(f"{who}: monitored value {monitor!r} is not in the logs {sorted(logs)}")
+    return logs[monitor]
+
+
+class EarlyStopping(Callback):
+    """Stop when `monitor` has not improved by `min_delta` for `patience` epochs; can restore the best weights."""
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        patience: int = 0,
+        min_delta: float = 0.0,
+        mode: str = "auto",
+        restore_best_weights: bool = False,
+    ):
+        self.monitor, self.patience, self.min_delta = monitor, patience, abs(min_delta)
+        self.mode, self.restore_best_weights = _mode(monitor, mode), restore_best_weights
+
+    def on_train_begin(self, logs):
+        self.best, self.best_epoch, self.wait, self.stopped_epoch, self.best_weights = None, 0, 0, None, None
+
+    def on_epoch_end(self, epoch, logs):
+        value = _monitored(logs, self.monitor, "EarlyStopping")
+        if _improved(value, self.best, self.mode, self.min_delta):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights:
+                self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            self.stopped_epoch = epoch
+            self.model.__dict__["stop_training"] = True
+
+    def on_train_end(self, logs):
+        if self.restore_best_weights and self.best_weights is not None and self.stopped_epoch is not None:
+            self.model.load_state_dict(self.best_weights)
+
+
+def save_weights(model: nn.Module, path: str | Path) -> Path:
+    """The weights as safetensors, written to a temporary file then renamed: a crash never leaves half a file."""
+    from safetensors.torch import save_model
+
+    from lmforge.formats.checkpoint import honour_umask
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    save_model(model, str(temporary))  # save_model (not save_file) copes with tied weights
+    honour_umask(temporary)
+    os.replace(temporary, path)
+    return path
+
+
+class ModelCheckpoint(Callback):
+    """Save the weights after each epoch, or only when `monitor` improves (`save_best_only`).
+
+    `path` may contain `{epoch}` and any logged value, e.g. `ckpt-{epoch:02d}-{val_loss:.3f}.safetensors`.
+    """
+
+    def __init__(self, path: str | Path, monitor: str = "val_loss", save_best_only: bool = True, mode: str = "auto"):
+        self.path, self.monitor, self.save_best_only = str(path), monitor, save_best_only
+        self.mode = _mode(monitor, mode)
+        self.best: float | None = None
+        self.saved: list[Path] = []
+
+    def on_epoch_end(self, epoch, logs):
+        if self.save_best_only:
+            value = _monitored(logs, self.monitor, "ModelCheckpoint")
+            if not _improved(value, self.best, self.mode, 0.0):
+                return
+            self.best = value
+        self.saved.append(save_weights(self.model, self.path.format(epoch=epoch + 1, **logs)))
+
+
+class LearningRateScheduler(Callback):
+    """Set the learning rate at the start of each epoch to `schedule(epoch, current_lr)`."""
+
+    def __init__(self, schedule: Callable[[int, float], float]):
+        self.schedule = schedule
+
+    def on_epoch_begin(self, epoch, logs):
+        for group in _setup(self.model).optimizer.param_groups:
+            group["lr"] = float(self.schedule(epoch, group["lr"]))
+
+
+class WarmupCosine(Callback):
+    """Per optimizer step: linear warm-up over `warmup_steps`, then cosine decay to `min_ratio` x the peak.
+
+    `warmup_steps` unset: a tenth of the run's optimizer steps, at most 100 (`schedule.warmup_steps_for`).
+    After `fit`, `reached_peak` says whether the run got through its warmup (early stopping may end it sooner).
+    """
+
+    def __init__(self, warmup_steps: int | None = None, min_ratio: float = 0.1):
+        self.requested_warmup_steps, self.min_ratio = warmup_steps, min_ratio
+        self.warmup_steps, self.reached_peak = warmup_steps, False
+
+    def on_train_begin(self, logs):
+        self.peaks = [group["lr"] for group in _setup(self.model).optimizer.param_groups]
+        total = self.params["optimizer_steps"]
+        self.warmup_steps = warmup_steps_for(total, self.requested_warmup_steps)
+        warning = warmup_warning(self.warmup_steps, total)
+        if warning:
+            print(warning, file=sys.stderr)
+
+    def on_batch_begin(self, batch, logs):
+        step, total = self.params["optimizer_step"], self.params["optimizer_steps"]
+        for group, peak in zip(_setup(self.model).optimizer.param_groups, self.peaks):
+            group["lr"] = warmup_cosine(step, total, self.warmup_steps, peak, peak * self.min_ratio)
+
+    def on_train_end(self, logs):
+        self.reached_peak = reached_peak(self.params["optimizer_step"], self.warmup_steps)
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiply the learning rate by `factor` when `monitor` has not improved for `patience` epochs."""
+
+    def __init__(self, monitor="val_loss", factor=0.1, patience=2, min_lr=0.0, mode="auto"):
+        self.monitor, self.factor, self.patience, self.min_lr = monitor, factor, patience, min_lr
+        self.mode = _mode(monitor, mode)
+
+    def on_train_begin(self, logs):
+        self.best, self.wait = None, 0
+
+    def on_epoch_end(self, epoch, logs):
+        value = _monitored(logs, self.monitor, "ReduceLROnPlateau")
+        if _improved(value, self.best, self.mode, 0.0):
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait >= self.patience:
+            for group in _setup(self.model).optimizer.param_groups:
+                group["lr"] = max(group["lr"] * self.factor, self.min_lr)
+            self.wait = 0
+
+
+@dataclass
+class History:
+    """What `fit` returns: per-epoch logs (`history["loss"]`, `history["val_accuracy"]`, ...)."""
+
+    history: dict[str, list[float]] = field(default_factory=dict)
+    epoch: list[int] = field(default_factory=list)
+
+    def record(self, epoch: int, logs: dict) -> None:
+        self.epoch.append(epoch)
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(value)
+
+
+# --- the loops ---------------------------------------------------------------------------
+
+
+def _batch_loss(setup: TrainingSetup, outputs, targets, weights) -> torch.Tensor:
+    losses = setup.loss(outputs, targets, setup.from_logits)
+    if weights is None or losses.dim() == 0:
+        return losses.mean()
+    return (losses * weights).mean()  # Keras's sum-over-batch-size: a batch of weight-0 examples costs 0
+
+
+def _class_weights(class_weight: dict | None, targets: torch.Tensor, setup: TrainingSetup) -> torch.Tensor | None:
+    if class_weight is None:
+        return None
+    if setup.loss not in PER_EXAMPLE_LOSSES:
+        raise LmforgeError(f"class_weight needs a classification loss, not {setup.loss_name!r}")
+    labels = targets.argmax(-1) if targets.is_floating_point() and targets.dim() > 1 else targets.long().flatten()
+    missing = sorted(set(labels.unique().tolist()) - set(class_weight))
+    if missing:
+        raise LmforgeError(f"class_weight has no weight for classes {missing}")
+    table = torch.zeros(int(labels.max()) + 1)
+    for label, weight in class_weight.items():
+        if label < len(table):
+            table[label] = float(weight)
+    return table[labels]
+
+
+def fit(
+    model: nn.Module,
+    x: Inputs,
+    y: torch.Tensor,
+    epochs: int = 1,
+    batch_size: int = 32,
+    validation_data: tuple[Inputs, torch.Tensor] | None = None,
+    validation_split: float = 0.0,
+    callbacks: list[Callback] | None = None,
+    class_weight: dict[int, float] | None = None,
+    shuffle: bool = True,
+    accumulation_steps: int = 1,
+    verbose: int = 1,
+    seed: int | None = 0,
+    stream=None,
+) -> History:
+    """Train for `epochs` passes over (x, y) in shuffled mini-batches; returns the per-epoch History.
+
+    `validation_split` holds out the last fraction of the examples (before shuffling, as Keras
+    does). `accumulation_steps` sums gradients over that many batches per optimizer step.
+    `verbose`: 0 silent, 1 progress bar, 2 one line per epoch.
+    """
+    setup = _setup(model)
+    count = _count(x)
+    if len(y) != count:
+        raise LmforgeError(f"x has {count} examples but y has {len(y)}")
+    if count == 0:
+        raise LmforgeError("no training examples")
+    if not 0 <= validation_split < 1:
+        raise LmforgeError(f"validation_split must be in [0, 1), got {validation_split}")
+    if validation_split and validation_data is None:
+        keep = count - math.ceil(count * validation_split)
+        if keep < 1:
+            raise LmforgeError(f"validation_split={validation_split} leaves no training examples out of {count}")
+        validation_data = (_take(x, slice(keep, None)), y[keep:])
+        x, y, count = _take(x, slice(0, keep)), y[:keep], keep
+    weights = _class_weights(class_weight, y, setup)
+    steps = math.ceil(count / batch_size)
+    optimizer_steps_per_epoch = math.ceil(steps / accumulation_steps)
+    callbacks = list(callbacks or [])
+    params = {"epochs": epochs, "steps": steps, "optimizer_steps": epochs * optimizer_steps_per_epoch}
+    params["optimizer_step"] = 0
+    for callback in callbacks:
+        callback.model, callback.params = model, params
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    device = _device(model)
+    history = History()
+    model.__dict__["stop_training"] = False
+    for callback in callbacks:
+        callback.on_train_begin({})
+    for epoch in range(epochs):
+        model.train()
+        for metric in setup.metrics:
+            metric.reset()
+        for callback in callbacks:
+            callback.on_epoch_begin(epoch, {})
+        if verbose:
+            print(f"Epoch {epoch + 1}/{epochs}", file=stream or sys.stdout, flush=True)
+        bar = ProgressBar(steps, stream) if verbose == 1 else None
+        order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+        loss_sum, seen = 0.0, 0
+        setup.optimizer.zero_grad(set_to_none=True)
+        for step in range(steps):
+            index = order[step * batch_size : (step + 1) * batch_size]
+            for callback in callbacks:
+                callback.on_batch_begin(step, {})
+            inputs, targets = _to(_take(x, index), device), y[index].to(device)
+            outputs = _call(model, inputs)
+            loss = _batch_loss(setup, outputs, targets, None if weights is None else weights[index].to(device))
+            if not torch.isfinite(loss):
+                raise LmforgeError(
+                    f"epoch {epoch + 1}, batch {step + 1}: loss is {loss.item()}; lower the learning rate"
+                )
+            # The last group of an epoch may hold fewer batches than accumulation_steps.
+            group = min(accumulation_steps, steps - (step // accumulation_steps) * accumulation_steps)
+            (loss / group).backward()
+            if (step + 1) % accumulation_steps == 0 or step + 1 == steps:
+                if setup.clip_grad_norm:
+                    nn.utils.clip_grad_norm_(
+                        [p for g in setup.optimizer.param_groups for p in g["params"]], setup.clip_grad_norm
+                    )
+                setup.optimizer.step()
+                setup.optimizer.zero_grad(set_to_none=True)
+                params["optimizer_step"] += 1
+            loss_sum, seen = loss_sum + loss.item() * len(index), seen + len(index)
+            with torch.no_grad():
+                for metric in setup.metrics:
+                    metric.update(outputs.detach(), targets, setup.from_logits)
+            logs = {"loss": loss_sum / seen, **{m.name: m.result() for m in setup.metrics}}
+            for callback in callbacks:
+                callback.on_batch_end(step, logs)
+            if bar is not None:
+                bar.update(step + 1, logs)
+        if validation_data is not None:
+            results = evaluate(model, *validation_data, batch_size=batch_size)
+            logs.update({f"val_{key}": value for key, value in results.items()})
+        logs["learning_rate"] = setup.optimizer.param_groups[0]["lr"]
+        if bar is not None:
+            bar.finish({k: v for k, v in logs.items() if k != "learning_rate"})
+        elif verbose == 2:
+            print(_format_logs(logs), file=stream or sys.stdout, flush=True)
+        history.record(epoch, logs)
+        for callback in callbacks:
+            callback.on_epoch_end(epoch, logs)
+        if model.__dict__["stop_training"]:
+            break
+    for callback in callbacks:
+        callback.on_train_end(logs)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Inputs, y: torch.Tensor, batch_size: int = 32) -> dict[str, float]:
+    """Loss and metrics over (x, y), in eval mode, without changing the model."""
+    setup = _setup(model)
+    count, device, was_training = _count(x), _device(model), model.training
+    if len(y) != count:
+        raise LmforgeError(f"x has {count} examples but y has {len(y)}")
+    model.eval()
+    metrics = [type(metric)() for metric in setup.metrics]
+    for metric in metrics:
+        metric.reset()
+    loss_sum = 0.0
+    for start in range(0, count, batch_size):
+        index = slice(start, start + batch_size)
+        targets = y[index].to(device)
+        outputs = _call(model, _to(_take(x, index), device))
+        loss_sum += _batch_loss(setup, outputs, targets, None).item() * len(targets)
+        for metric in metrics:
+            metric.update(outputs, targets, setup.from_logits)
+    model.train(was_training)
+    return {"loss": loss_sum / max(count, 1), **{metric.name: metric.result() for metric in metrics}}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Inputs, batch_size: int = 32) -> torch.Tensor:
+    """The model's outputs for every example of x, batch by batch, in eval mode."""
+    device, was_training = _device(model), model.training
+    model.eval()
+    outputs = [
+        _call(model, _to(_take(x, slice(start, start + batch_size)), device)).cpu()
+        for start in range(0, _count(x), batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(outputs)
+
+
+class Fittable:
+    """Mixin for an `nn.Module`: `compile`, `fit`, `evaluate` and `predict` as methods.
+
+    Listed before `nn.Module` in the bases, its `compile` (Keras's) replaces `nn.Module.compile`
+    (torch.compile in place); call `torch.compile(model)` for that.
+    """
+
+    def compile(self, optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None, **options) -> None:
+        compile(self, optimizer, loss, metrics, **options)
+
+    def fit(self, x, y, **options) -> History:
+        return fit(self, x, y, **options)
+
+    def evaluate(self, x, y, batch_size: int = 32) -> dict[str, float]:
+        return evaluate(self, x, y, batch_size)
+
+    def predict(self, x, batch_size: int = 32) -> torch.Tensor:
+        return predict(self, x, batch_size)

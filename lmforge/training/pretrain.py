@@ -1,0 +1,417 @@
+"""Pretraining loop: AdamW, warmup + cosine schedule, accumulation, DDP, checkpoints, resume.
+
+`train(config)` runs unchanged alone or under `torchrun --nproc_per_node=N`. Every rank
+draws the same global batch of window starts from one seeded generator and takes its own
+slice, so N processes see exactly the batch one process would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from lmforge.config import apply_values
+from lmforge.errors import LmforgeError
+from lmforge.evaluation.evaluate import evaluate_loss
+from lmforge.formats.checkpoint import CONFIG, STATE, load_resume_checkpoint, load_weights, save_checkpoint
+from lmforge.model import Transformer
+from lmforge.settings import TrainConfig, recorded_settings, train_config_from  # noqa: F401 (importable from here too)
+from lmforge.training import distributed
+from lmforge.training.data import TokenDataset
+from lmforge.training.run_folder import claim_run_folder, settings_to_record
+from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
+
+# What a pretraining run writes into out_dir; a folder holding any of them holds a run.
+RUN_FILES = ("config.json", "metrics.jsonl", "loss_curve.png", "checkpoints")
+
+
+def learning_rate_at(step: int, config: TrainConfig) -> float:
+    """Linear warmup to learning_rate, then cosine decay to min_learning_rate at max_steps."""
+    warmup_steps = warmup_steps_for(config.max_steps, config.warmup_steps)
+    return warmup_cosine(step, config.max_steps, warmup_steps, config.learning_rate, config.min_learning_rate)
+
+
+def make_optimizer(model: Transformer, config: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms, biases); fused kernel where available."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), foreach=True)
+
+
+def measure_matmul_flops(
+    device: str = "cpu", sizes: tuple[int, ...] = (512, 1024), trials: int = 3, seconds: float = 0.15
+) -> float:
+    """Peak fp32 matmul FLOP/s of this device at the current thread count: the best of short trials,
+    since shared machines only ever make a trial slower."""
+    generator = torch.Generator(device=device).manual_seed(0)  # the global RNG belongs to training
+    best = 0.0
+    for size in sizes:
+        a = torch.randn(size, size, device=device, generator=generator)
+        b = torch.randn(size, size, device=device, generator=generator)
+        a @ b
+        for _ in range(trials):
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds or count < 2:
+                a @ b
+                count += 1
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            best = max(best, 2 * size**3 * count / (time.perf_counter() - start))
+    return best
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LmforgeError(f"device={name!r} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device):
+    # bf16 on GPUs; on CPUs without bf16 units a bf16 matmul is ~100x slower, so stay in fp32.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def rng_states(device: torch.device, data_generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Every random state a training step draws from: dropout (CPU or CUDA) and the batch sampler."""
+    states = {"torch_rng": torch.get_rng_state(), "data_rng": data_generator.get_state()}
+    if device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict, device: torch.device, data_generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch_rng"])
+    data_generator.set_state(states["data_rng"])
+    if device.type == "cuda" and "cuda_rng" in states:
+        torch.cuda.set_rng_state(states["cuda_rng"], device)
+
+
+class TrainingDiverged(LmforgeError):
+    """The loss became NaN or infinite."""
+
+
+class ProgressReporter:
+    """A live bar on a terminal, plain log lines elsewhere, and metrics.jsonl always."""
+
+    def __init__(self, config: TrainConfig, start_step: int, metrics_path: Path, enabled: bool):
+        self.config, self.metrics_path, self.enabled = config, metrics_path, enabled
+        mode = config.progress
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "plain"
+        self.mode = mode if enabled else "none"
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=config.max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.start_time = time.perf_counter()
+        self.start_step = start_step
+
+    def record(self, values: dict) -> None:
+        if not self.enabled:
+            return
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(values) + "\n")
+
+    def step(self, step: int, loss: float, lr: float, tokens_per_second: float, mfu: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix_str(
+                f"loss {loss:.4f} lr {lr:.2e} {tokens_per_second:,.0f} tok/s MFU {mfu:.1%}", refresh=False
+            )
+        elif self.mode == "plain" and (step % self.config.log_interval == 0 or step == self.config.max_steps):
+            elapsed = time.perf_counter() - self.start_time
+            remaining = elapsed / max(1, step - self.start_step) * (self.config.max_steps - step)
+            print(
+                f"step {step}/{self.config.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
+                f"{tokens_per_second:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_seconds(remaining)}",
+                flush=True,
+            )
+
+    def message(self, text: str) -> None:
+        if self.mode == "none":
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Run (or resume) pretraining; returns a summary with the final losses and checkpoint path.
+
+    `on_step(step, loss)` is called after every optimizer step (tests use it to interrupt a run).
+    """
+    device = resolve_device(config.device)
+    group = distributed.init_process_group(device.type)
+    try:
+        return _train(config, device, group, on_step)
+    finally:
+        distributed.shutdown(group)
+
+
+def _train(config: TrainConfig, device: torch.device, group: distributed.ProcessGroup, on_step) -> dict:
+    out_dir = Path(config.out_dir)
+    train_data = TokenDataset(config.data_dir, "train")
+    val_data = TokenDataset(config.data_dir, "val") if train_data.manifest["splits"]["val"]["tokens"] else None
+    tokenizer = train_data.tokenizer()
+    global_batch = config.batch_size * config.grad_accum_steps * group.world_size
+
+    start_step, resumed, archived = 0, None, None
+    if config.resume and config.overwrite:
+        raise LmforgeError(
+            "resume and overwrite contradict each other: resume continues the run in out_dir, overwrite starts "
+            "a new one there; choose one"
+        )
+    if config.resume:
+        resumed = load_resume_checkpoint(out_dir)
+        if resumed.latest_problem and group.is_main:
+            print(
+                f"warning: {resumed.latest_problem}; resuming from {resumed.folder}, the newest complete checkpoint",
+                file=sys.stderr,
+            )
+        try:
+            config = apply_values(config, {"model": resumed.model})
+        except LmforgeError as error:
+            raise LmforgeError(f"{resumed.folder / CONFIG}: {error}") from None
+        start_step = resumed.state["step"]
+    elif group.is_main or not config.overwrite:  # other processes check, but only the main one moves files
+        archived = claim_run_folder(
+            out_dir, RUN_FILES, config.overwrite, "continue it with --resume, train into a new out_dir"
+        )
+    config = apply_values(config, {"model": {"vocab_size": tokenizer.vocab_size}})
+    # Resolved once and recorded, so a resumed run with a longer max_steps keeps the warmup it had.
+    config.warmup_steps = warmup_steps_for(config.max_steps, config.warmup_steps)
+    if group.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)  # before the model, so an out_dir taken by a file fails at once
+        warning = warmup_warning(config.warmup_steps, config.max_steps)
+        if warning:
+            print(warning, file=sys.stderr)
+
+    torch.manual_seed(config.seed)
+    model = Transformer(config.model)
+    if resumed is not None:
+        load_weights(model, resumed.folder)
+    model.to(device)
+    optimizer = make_optimizer(model, config, device.type)
+    data_generator = torch.Generator().manual_seed(config.seed)
+    if resumed is not None:
+        try:
+            optimizer.load_state_dict(resumed.state["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise LmforgeError(
+                f"{resumed.folder / STATE}: the optimizer state does not fit this model ({error})"
+            ) from None
+
+    step_model = distributed.wrap_model(model, group)
+    if config.compile:
+        try:
+            step_model = torch.compile(step_model)
+        except Exception as error:  # compile support varies by platform; eager always works
+            print(f"torch.compile unavailable ({error}); training eagerly", file=sys.stderr)
+    autocast = autocast_for(device)
+    peak_flops = config.peak_flops or measure_matmul_flops(device=str(device))
+    flops_per_token = model.flops_per_token()
+
+    if group.is_main:
+        (out_dir / "config.json").write_text(json.dumps(settings_to_record(config), indent=2))
+    reporter = ProgressReporter(config, start_step, out_dir / "metrics.jsonl", group.is_main)
+    if archived is not None:
+        reporter.message(f"--overwrite: moved the previous run into {archived}")
+    reporter.message(
+        f"model: {model.num_parameters():,} parameters | {train_data.num_tokens:,} train tokens | "
+        f"{global_batch * config.model.block_size:,} tokens/step | device {device}"
+        + (f" | resumed at step {start_step}" if start_step else "")
+    )
+
+    def write_checkpoint(step: int, rng: dict[str, torch.Tensor] | None = None) -> Path | None:
+        if not group.is_main:
+            return None
+        state = {"step": step, "optimizer": optimizer.state_dict(), **(rng or rng_states(device, data_generator))}
+        return save_checkpoint(
+            out_dir,
+            step,
+            model,
+            tokenizer,
+            state,
+            {"train": settings_to_record(config)},
+            keep=config.keep_checkpoints,
+        )
+
+    def run_eval(step: int) -> dict | None:
+        if val_data is None:
+            return None
+        result = evaluate_loss(
+            model,
+            val_data,
+            tokenizer.token_byte_lengths(),
+            config.model.block_size,
+            config.batch_size,
+            config.eval_tokens,
+            autocast,
+        )
+        record = {
+            "step": step,
+            "val_loss": result["loss"],
+            "val_perplexity": result["perplexity"],
+            "val_bits_per_byte": result.get("bits_per_byte"),
+        }
+        reporter.record(record)
+        reporter.message(
+            f"step {step}: val loss {result['loss']:.4f} | perplexity {result['perplexity']:.2f}"
+            + (f" | bpb {result['bits_per_byte']:.3f}" if "bits_per_byte" in result else "")
+        )
+        return result
+
+    model.train()
+    last_checkpoint = None
+    loss_value = float("nan")
+    val_result = None
+    step = start_step
+    tokens_per_second = 0.0
+    in_step = updating = False
+    if resumed is not None:
+        # Last, right before the first step: nothing in between may draw from the restored states.
+        restore_rng_states(resumed.state, device, data_generator)
+    try:
+        while step < config.max_steps:
+            step_started = time.perf_counter()
+            # RNG states as the step begins: what an interrupted step's checkpoint must hold.
+            step_rng = rng_states(device, data_generator)
+            in_step = True
+            lr = learning_rate_at(step, config)
+            for group_params in optimizer.param_groups:
+                group_params["lr"] = lr
+            starts = train_data.sample_starts(global_batch, config.model.block_size, data_generator)
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(config.grad_accum_steps):
+                first = (micro * group.world_size + group.rank) * config.batch_size
+                inputs, targets = train_data.gather(starts[first : first + config.batch_size], config.model.block_size)
+                inputs, targets = inputs.to(device), targets.to(device)
+                with distributed.no_gradient_sync(step_model, micro < config.grad_accum_steps - 1), autocast:
+                    _, loss = step_model(inputs, targets)
+                    (loss / config.grad_accum_steps).backward()
+                loss_sum += loss.detach().float()
+            loss_value = distributed.mean_across_processes(loss_sum / config.grad_accum_steps, group).item()
+            if not math.isfinite(loss_value):
+                where = (
+                    f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+                )
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at step {step + 1}; training stopped and {where}. "
+                    f"Resume with --resume and a lower learning_rate."
+                )
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            updating = True  # weights and optimizer state change together: no checkpoint in between
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            in_step = updating = False
+
+            measured = global_batch * config.model.block_size / (time.perf_counter() - step_started)
+            # Smoothed over ~10 steps so the bar does not flicker with scheduler noise.
+            tokens_per_second = measured if not tokens_per_second else 0.9 * tokens_per_second + 0.1 * measured
+            mfu = tokens_per_second * flops_per_token / (peak_flops * group.world_size)
+            reporter.step(step, loss_value, lr, tokens_per_second, mfu)
+            if step % config.log_interval == 0 or step == config.max_steps:
+                reporter.record(
+                    {"step": step, "loss": loss_value, "lr": lr, "tokens_per_second": tokens_per_second, "mfu": mfu}
+                )
+            if config.eval_interval and (step % config.eval_interval == 0 or step == config.max_steps):
+                val_result = run_eval(step)
+                last_checkpoint = write_checkpoint(step) or last_checkpoint
+            elif config.checkpoint_interval and step % config.checkpoint_interval == 0:
+                last_checkpoint = write_checkpoint(step) or last_checkpoint
+            if on_step is not None:
+                on_step(step, loss_value)
+        if last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}"):
+            last_checkpoint = write_checkpoint(step) or last_checkpoint
+    except KeyboardInterrupt:
+        # Ctrl-C keeps the work done: save the last completed step (unless it is saved already).
+        unsaved = last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}")
+        if group.is_main and not updating and step > start_step and unsaved:
+            reporter.message(f"interrupted: saving step {step} ...")
+            saved = write_checkpoint(step, step_rng if in_step else None)
+            reporter.message(f"saved {saved}; continue with --resume")
+        raise
+    finally:
+        reporter.close()
+
+    plot_path = None
+    if group.is_main and config.plot:
+        plot_path = plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss_curve.png")
+    peaked = reached_peak(step, config.warmup_steps)
+    if not peaked:
+        reporter.message(
+            f"note: the run ended at step {step}, inside its {config.warmup_steps}-step warmup: the learning "
+            f"rate never reached its peak {config.learning_rate:g}"
+        )
+    return {
+        "step": step,
+        "loss": loss_value,
+        "val": val_result,
+        "checkpoint": str(last_checkpoint),
+        "loss_curve": str(plot_path) if plot_path else None,
+        "parameters": model.num_parameters(),
+        "warmup_steps": config.warmup_steps,
+        "reached_peak_learning_rate": peaked,
+    }
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path) -> Path | None:
+    """Train and validation loss against step, as a PNG."""
+    records = read_metrics(metrics_path)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # Keyed by step: the steps a resumed run replays (lost with a crash) replace their first records.
+    train_points = sorted({r["step"]: r["loss"] for r in records if "loss" in r}.items())
+    val_points = sorted({r["step"]: r["val_loss"] for r in records if "val_loss" in r}.items())
+    figure, axis = plt.subplots(figsize=(7, 4))
+    if train_points:
+        axis.plot(*zip(*train_points), label="train", linewidth=1)
+    if val_points:
+        axis.plot(*zip(*val_points), label="validation", marker="o")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss (nats/token)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
+    return png_path

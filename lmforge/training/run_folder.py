@@ -1,0 +1,45 @@
+"""One run per output folder: a second run into a folder that holds one is refused, unless it
+resumes that run or is told to `overwrite` it, which moves the old run into
+`FOLDER/previous-<date>-<time>/` first (nothing is deleted). Without this, two runs mix: metrics
+appended to the old ones, old checkpoints beside new ones, one loss curve zig-zagging through both.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from lmforge.errors import LmforgeError
+from lmforge.settings import FOLDER_ACTIONS
+
+ARCHIVE_PREFIX = "previous-"
+
+
+def settings_to_record(config) -> dict:
+    """A run config as it is recorded beside the run (config.json, metrics.json): without FOLDER_ACTIONS."""
+    return {key: value for key, value in asdict(config).items() if key not in FOLDER_ACTIONS}
+
+
+def claim_run_folder(folder: str | Path, run_files: tuple[str, ...], overwrite: bool, alternatives: str) -> Path | None:
+    """Make `folder` free for a new run: refused (LmforgeError) while it holds `run_files` of an
+    earlier run, unless `overwrite`; then those files move into `folder/previous-<date>-<time>/`,
+    which is returned. `alternatives` completes the refusal: what else the user can do."""
+    folder = Path(folder)
+    found = [name for name in run_files if (folder / name).exists()]
+    if not found:
+        return None
+    if not overwrite:
+        raise LmforgeError(
+            f"{folder} already holds a run ({', '.join(found)}); {alternatives}, or pass --overwrite to move "
+            f"the old run into {folder / (ARCHIVE_PREFIX + '<date>-<time>')} and start afresh"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    archive, copies = folder / f"{ARCHIVE_PREFIX}{stamp}", 1
+    while archive.exists():  # two overwrites within a second
+        copies += 1
+        archive = folder / f"{ARCHIVE_PREFIX}{stamp}-{copies}"
+    archive.mkdir()
+    for name in found:
+        (folder / name).rename(archive / name)
+    return archive

@@ -1,0 +1,200 @@
+"""Interpretability: attention maps from the model's own code, the logit lens, attributions, the explain page."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from lmforge.evaluation.interpret import (
+    _next_token_logit,
+    attention_maps,
+    classifier_attributions,
+    explain,
+    gradient_x_input,
+    integrated_gradients,
+    logit_lens,
+    mean_embedding_baseline,
+    next_token_attributions,
+    recording_attention,
+)
+from lmforge.finetune.classify import SequenceClassifier
+from lmforge.model import ModelConfig, Transformer, apply_rope
+from lmforge.tokenizer import CharTokenizer
+
+from ..conftest import chromium_page
+
+TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
+LLAMA = ModelConfig(
+    vocab_size=TOKENIZER.vocab_size, block_size=64, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32,
+    norm="rmsnorm", mlp="swiglu", positions="rope", bias=False,
+)  # fmt: skip
+TOKENS = torch.tensor(TOKENIZER.encode("the cat sat"))
+
+
+def model_of(config=LLAMA, seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(config).eval()
+    with torch.no_grad():  # livelier than GPT-2's 0.02 init: attention patterns worth looking at
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, 0.3)
+    return model
+
+
+def test_attention_rows_are_distributions_and_causal():
+    maps = attention_maps(model_of(), TOKENS)
+    length = len(TOKENS)
+    assert maps.shape == (2, 4, length, length)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 4, length), atol=1e-5)
+    assert (maps.triu(diagonal=1) == 0).all()
+
+
+def test_recorded_maps_equal_a_manual_softmax_of_q_k():
+    model = model_of()
+    maps = attention_maps(model, TOKENS)
+    attention = model.blocks[0].attention
+    with torch.no_grad():
+        x = model.blocks[0].attention_norm(model.token_embedding(TOKENS[None]))
+        q, k, _ = attention.qkv(x).split([4 * 8, 2 * 8, 2 * 8], dim=-1)
+        length = len(TOKENS)
+        q = q.view(1, length, 4, 8).transpose(1, 2)
+        k = k.view(1, length, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+        rope = (model.rope_cos[:length], model.rope_sin[:length])
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(8)
+        scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+        expected = scores.softmax(-1)[0]
+    assert torch.allclose(maps[0], expected, atol=1e-5)
+
+
+def test_recording_changes_no_output_and_is_off_afterwards():
+    model = model_of()
+    with torch.no_grad():
+        plain = model(TOKENS[None])[0]
+        with recording_attention(model) as records:
+            recorded = model(TOKENS[None])[0]
+    assert torch.allclose(plain, recorded, atol=1e-5) and len(records) == 2 and len(records[0]) == 1
+    assert all(block.attention.attention_record is None for block in model.blocks)
+
+
+def test_logit_lens_last_layer_is_the_models_own_prediction():
+    model = model_of()
+    rows = logit_lens(model, TOKENS, top_k=3)
+    assert [row["layer"] for row in rows] == [0, 1, 2]
+    with torch.no_grad():
+        probabilities = model(TOKENS[None])[0][0, -1].softmax(-1)
+    assert rows[-1]["top_ids"][0] == int(probabilities.argmax())
+    assert rows[-1]["final_choice_probability"] == pytest.approx(float(probabilities.max()), rel=1e-4)
+    assert all(row["top_probabilities"] == sorted(row["top_probabilities"], reverse=True) for row in rows)
+
+
+def embedding_all_mean(embedding: torch.nn.Embedding) -> torch.nn.Embedding:
+    """An embedding table whose every row is the mean row: the model's plain forward then sees the baseline."""
+    mean = embedding.weight.detach().mean(0, keepdim=True).expand_as(embedding.weight).clone()
+    return torch.nn.Embedding.from_pretrained(mean)
+
+
+def test_integrated_gradients_are_complete():
+    model = model_of()
+    target = 7
+    attributions, chosen = next_token_attributions(model, TOKENS, target=target)
+    assert chosen == target
+    with torch.no_grad():
+        logit = model(TOKENS[None])[0][0, -1, target]
+        baseline_model = copy.deepcopy(model)
+        baseline_model.token_embedding = embedding_all_mean(model.token_embedding)  # the LM head keeps its weights
+        baseline = baseline_model(TOKENS[None])[0][0, -1, target]
+        # The function attributions differentiate is that same logit, seen from the input embeddings.
+        function = _next_token_logit(model, TOKENS, target)
+        start = mean_embedding_baseline(model.token_embedding, len(TOKENS))
+        assert torch.allclose(function(model.token_embedding(TOKENS[None]))[0], logit, atol=1e-5)
+        assert torch.allclose(function(start)[0], baseline, atol=1e-5)
+    # Sundararajan et al.'s completeness axiom: the attributions add up to f(x) - f(baseline).
+    assert float(attributions.sum()) == pytest.approx(float(logit - baseline), rel=0.02, abs=1e-3)
+
+
+def test_gradient_x_input_is_exact_for_a_linear_function():
+    weights = torch.randn(5, 4)
+    embeddings = torch.randn(1, 5, 4)
+    function = lambda e: (e[0] * weights).sum()[None]  # noqa: E731
+    assert torch.allclose(gradient_x_input(function, embeddings), (embeddings[0] * weights).sum(-1))
+    assert torch.allclose(integrated_gradients(function, embeddings, steps=4), (embeddings[0] * weights).sum(-1))
+
+
+def test_classifier_attributions_are_complete():
+    torch.manual_seed(0)
+    classifier = SequenceClassifier(model_of(), classes=2).eval()
+    tokens = torch.tensor(TOKENIZER.encode("good film"))
+    scores = classifier_attributions(classifier, tokens, label=1, steps=64)
+    mask = torch.ones(1, len(tokens), dtype=torch.long)
+    with torch.no_grad():
+        logit = classifier(tokens[None], mask)[0, 1]
+        baseline_classifier = copy.deepcopy(classifier)
+        baseline_classifier.backbone.token_embedding = embedding_all_mean(classifier.backbone.token_embedding)
+        baseline = baseline_classifier(tokens[None], mask)[0, 1]
+    assert float(scores.sum()) == pytest.approx(float(logit - baseline), rel=0.02, abs=1e-3)
+
+
+def test_explain_writes_pngs_json_and_a_page_that_works_in_chromium(tmp_path):
+    model = model_of()
+    summary = explain(model, TOKENIZER, "the cat sat", tmp_path / "out", top_k=3)
+    out = tmp_path / "out"
+    assert len(list((out / "attention").glob("attention_layer_*.png"))) == 2
+    assert (out / "logit_lens.png").stat().st_size > 2_000
+    saved = json.loads((out / "explain.json").read_text())
+    assert saved["tokens"] == list("the cat sat") and len(saved["attributions"]["scores"]) == 11
+    assert saved["prediction"] == summary["prediction"] and len(saved["logit_lens"]) == 3
+
+    with chromium_page() as (page, errors):
+        page.goto((out / "explain.html").as_uri())
+        assert page.locator("#heads .head-row").count() == 4  # one line per head of layer 0
+        assert page.locator("#lens tr").count() == 1 + 3  # header + one row per layer
+        before = page.locator("#heads .head-row").first.inner_html()
+        page.locator("#tokens .tok").nth(4).hover()  # "c": it attends over "the c", not the last token's view
+        after = page.locator("#heads .head-row").first.inner_html()
+        assert before != after
+        page.select_option("#layer", "1")
+        page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
+    assert not errors, errors
+    assert (tmp_path / "explain.png").stat().st_size > 5_000
+
+
+def test_explain_off_a_terminal_prints_each_tokens_score_and_shows_progress(tmp_path, capsys):
+    from lmforge.cli import main
+    from lmforge.formats.checkpoint import save_model
+
+    save_model(tmp_path / "model", model_of(), TOKENIZER)
+    out = tmp_path / "out"
+    assert main(["explain", "--model", str(tmp_path / "model"), "--prompt", "the cat sat", "--out", str(out)]) == 0
+    captured = capsys.readouterr()  # stdout and stderr are pipes here, not terminals
+    saved = json.loads((out / "explain.json").read_text())
+    (line,) = [line for line in captured.out.splitlines() if line.startswith("attributions")]
+    assert line.endswith(", ".join(f"{t!r} {s:+.4f}" for t, s in zip(saved["tokens"], saved["attributions"]["scores"])))
+    progress = captured.err.splitlines()
+    passes, pngs = progress.index("integrated_gradients passes"), progress.index("attention PNGs, one per layer")
+    assert progress[passes + 1].startswith("32/32 ━") and progress[pngs + 1].startswith("2/2 ━")
+
+
+@pytest.mark.slow
+def test_explain_smollm2_from_the_command_line(tmp_path):
+    """The acceptance run: `lmforge explain --model smollm2-135m-instruct --prompt "The capital of France is"`."""
+    from lmforge.cli import main
+
+    out = tmp_path / "explain"
+    assert (
+        main(["explain", "--model", "smollm2-135m-instruct", "--prompt", "The capital of France is", "--out", str(out)])
+        == 0
+    )
+    summary = json.loads((out / "explain.json").read_text())
+    assert summary["prediction"] == " Paris"
+    assert len(list((out / "attention").glob("*.png"))) == 30 and (out / "logit_lens.png").exists()
+    assert summary["logit_lens"][-1]["top_tokens"][0] == " Paris"
+
+    with chromium_page() as (page, errors):
+        page.goto((out / "explain.html").as_uri())
+        assert page.locator("#heads .head-row").count() == 9 and page.locator("#lens tr").count() == 1 + 31
+        page.locator("#tokens .tok").nth(1).hover()
+        page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
+    assert not errors, errors

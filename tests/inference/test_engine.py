@@ -1,0 +1,143 @@
+"""The decoding step's thread count: chosen from measured step times, or fixed by --threads / $LMFORGE_THREADS."""
+
+import pytest
+import torch
+
+from lmforge.errors import LmforgeError
+from lmforge.inference import engine
+from lmforge.inference.generate import SamplingConfig, generate_tokens
+from lmforge.model import ModelConfig, Transformer
+
+
+def drive(most: int, seconds_for, steps: int, free_cores_at=lambda step: None):
+    """A chooser over `steps` steps whose times are `seconds_for(step, threads)` and whose free cores are
+    `free_cores_at(step)`; (the chooser, the thread count of each step)."""
+    clock = {"step": 0}
+    chooser = engine.ThreadChooser(most, cores_free_now=lambda: free_cores_at(clock["step"]))
+    used = []
+    for step in range(steps):
+        clock["step"] = step
+        threads, measured = chooser.pick()
+        used.append(threads)
+        if measured:
+            chooser.record(threads, seconds_for(step, threads))
+    return chooser, used
+
+
+def test_candidates_halve_from_the_most_threads_down_to_one():
+    assert engine.ThreadChooser(8).candidates == [8, 4, 2, 1]
+    assert engine.ThreadChooser(6).candidates == [6, 3, 1]
+    assert engine.ThreadChooser(1).candidates == [1]
+
+
+def test_an_idle_machine_keeps_every_thread():
+    chooser, used = drive(2, lambda step, threads: {2: 0.010, 1: 0.012}[threads], 240, lambda step: 2)
+    assert chooser.current == 2
+    # only the explorations leave the best count: two steps from step 3 of every EXPLORE_EVERY
+    explorations = [step for step in range(1, 241) if step % engine.ThreadChooser.EXPLORE_EVERY == 3]
+    assert used.count(1) == 2 * len(explorations) == 20
+
+
+def test_a_busy_machine_moves_to_fewer_threads_and_does_not_try_more_without_free_cores():
+    chooser, used = drive(2, lambda step, threads: {2: 0.030, 1: 0.012}[threads], 200, lambda step: 1)
+    assert chooser.current == 1
+    assert used[:2] == [2, 2] and used[2:4] == [1, 1] and used[4:].count(2) == 0
+
+
+def test_more_threads_that_keep_losing_are_tried_less_and_less_often():
+    # cores that look free but are not (the count is one look at a moment): each lost try doubles the wait
+    chooser, used = drive(2, lambda step, threads: {2: 0.500, 1: 0.012}[threads], 3000, lambda step: 2)
+    tries = [step for step in range(1, len(used)) if used[step] == 2 and used[step - 1] == 1]
+    gaps = [later - earlier for earlier, later in zip(tries, tries[1:])]
+    assert chooser.current == 1 and gaps == sorted(gaps) and gaps[-1] >= engine.ThreadChooser.EXPLORE_AT_MOST_EVERY
+    assert len(tries) <= 10  # of 3000 steps, about 20 spent on a lost cause
+
+
+def test_load_that_comes_and_goes_is_followed_both_ways():
+    def busy(step):
+        return 100 <= step < 300
+
+    def seconds(step, threads):
+        return {4: 0.040, 2: 0.020, 1: 0.014}[threads] if busy(step) else {4: 0.008, 2: 0.010, 1: 0.016}[threads]
+
+    chooser, used = drive(4, seconds, 500, lambda step: 1 if busy(step) else 4)  # candidates 4, 2, 1
+    assert used[80:100].count(4) >= 18  # idle: all four threads
+    assert used[250:300].count(1) >= 46  # busy: down to one, a neighbour at a time
+    assert used[450:500].count(4) >= 46  # idle again: back up
+    assert chooser.current == 4
+
+
+def test_fixed_threads_bypass_the_chooser_and_set_pytorch(monkeypatch):
+    seen = []
+    try:
+        engine.set_decode_threads(1)
+        assert torch.get_num_threads() == 1
+        engine.run_timed_step(object(), 1, seen.append)
+        engine.run_timed_step(object(), 1, seen.append)
+    finally:
+        engine.set_decode_threads(None)
+    assert seen == [1, 1]
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-3", "1.5"])
+def test_a_bad_lmforge_threads_is_an_error_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv("LMFORGE_THREADS", value)
+    with pytest.raises(LmforgeError, match="LMFORGE_THREADS must be a whole number"):
+        engine.threads_from_environment()
+
+
+def test_lmforge_threads_is_read(monkeypatch):
+    monkeypatch.setenv("LMFORGE_THREADS", " 3 ")
+    assert engine.threads_from_environment() == 3
+    monkeypatch.setenv("LMFORGE_THREADS", "")
+    assert engine.threads_from_environment() is None
+
+
+def test_thread_count_does_not_change_the_tokens(monkeypatch):
+    """Chosen per step or fixed at one or two threads: every row of every kernel is summed by one
+    thread in one order, so greedy decoding gives the same tokens (native kernels or PyTorch)."""
+    monkeypatch.setattr(engine, "free_cores", lambda looks=3: 2)  # as on an idle machine, whatever runs beside
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, block_size=96, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64,
+                         norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)  # fmt: skip
+    model = Transformer(config).eval()
+    sampling = SamplingConfig(max_new_tokens=80, temperature=0)
+    runs = []
+    try:
+        for threads in (None, 1, 2):
+            engine.set_decode_threads(threads)
+            runs.append(list(generate_tokens(model, [1, 2, 3], sampling)))
+    finally:
+        engine.set_decode_threads(None)
+        torch.set_num_threads(2)
+    assert runs[0] == runs[1] == runs[2]
+    chooser = engine._choosers[model][1]
+    assert chooser.steps >= 79 and set(chooser.seconds) == {1, 2}  # both counts were measured
+
+
+def test_the_first_count_fits_the_cores_other_processes_leave_free():
+    assert engine.ThreadChooser(8, free=3).current == 2
+    assert engine.ThreadChooser(8, free=8).current == 8
+    assert engine.ThreadChooser(2, free=1).current == 1
+    assert engine.ThreadChooser(2, free=None).current == 2
+    free = engine.free_cores()
+    import os
+
+    assert free is None or 1 <= free <= len(os.sched_getaffinity(0))
+
+
+def test_prefill_runs_on_the_count_decoding_found_fastest():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, block_size=64, n_layers=1, n_heads=2, d_model=32)
+    model = Transformer(config).eval()
+    chooser = engine._chooser(model, 1)
+    try:
+        chooser.current = 1
+        list(generate_tokens(model, list(range(20)), SamplingConfig(max_new_tokens=1, temperature=0)))
+        assert torch.get_num_threads() == 1
+        engine.set_decode_threads(2)  # fixed: the chooser is not asked
+        list(generate_tokens(model, list(range(20)), SamplingConfig(max_new_tokens=1, temperature=0)))
+        assert torch.get_num_threads() == 2
+    finally:
+        engine.set_decode_threads(None)
+        torch.set_num_threads(2)
