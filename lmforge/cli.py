@@ -223,7 +223,7 @@ def command_chat(args, extra) -> int:
 
 
 def command_quantize(args, extra) -> int:
-    from lmforge.inference.quantize import KL_WARNING, quantize_and_save
+    from lmforge.evaluation.quantization import KL_WARNING, quantize_and_save
 
     eval_text = Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else None
     print(f"quantising {args.model} to int{args.bits} ...", file=sys.stderr, flush=True)

@@ -348,6 +348,56 @@ def torch_decode_step(
     return run_timed_step(model, tokens.shape[0], step)
 
 
+PREFILL_CHUNK = 256  # prompt tokens per pass of a single-row prefill
+
+
+def next_token_logits(
+    model: Transformer,
+    tokens: torch.Tensor,
+    cache: KVCache | None,
+    positions: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+    last: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits (B, vocab) at each row's last position (or at index `last` per row), running the
+    LM head on those positions only: during prefill it would otherwise be the biggest matmul."""
+    if tokens.shape[1] == 1 and cache is not None and last is None:
+        if supports(model):
+            return decode_step(model, tokens, cache, positions, slots)
+        return torch_decode_step(model, tokens, cache, positions, slots)
+    use_prefill_threads(model)
+    if cache is not None and positions is None and last is None:
+        # A long prompt goes through in chunks: the cache carries the context between them, and each
+        # pass's activations (and dequantised weights) stay a chunk's size, not the prompt's.
+        while tokens.shape[1] > PREFILL_CHUNK:
+            model.hidden_states(tokens[:, :PREFILL_CHUNK], cache)
+            tokens = tokens[:, PREFILL_CHUNK:]
+    hidden = model.hidden_states(tokens, cache, positions, slots)
+    if last is None:
+        hidden = hidden[:, -1]
+    else:
+        hidden = hidden[torch.arange(hidden.shape[0]), last]
+    return model.lm_head(hidden).float()
+
+
+def prefill(
+    model: Transformer, prompts: list[list[int]], cache: KVCache, slots: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run several prompts in one pass, each into its cache row (`slots`, default 0..B-1) from
+    position 0; logits (B, vocab) at each prompt's last token.
+
+    The batch is right-padded to the longest prompt. A row's padding writes cache entries past
+    its length, which its own later tokens overwrite before any query can see them.
+    """
+    device = cache.keys[0].device
+    lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
+    padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        padded[row, : len(prompt)] = torch.tensor(prompt)
+    zeros = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    return next_token_logits(model, padded, cache, positions=zeros, slots=slots, last=lengths - 1)
+
+
 def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, keys: list, values: list):
     """One token per row (rows 0..B-1 of the cache) in plain PyTorch with shapes that never change:
     new keys/values are scattered at `positions`, and attention runs over the whole cache with
