@@ -321,7 +321,14 @@ class Transformer(nn.Module):
             model = cls(config, init_weights=False)
             if prepare is not None:
                 model = prepare(model)
-        expected = model.state_dict()
+        model.load_weights(weights, assign=True)
+        return model
+
+    def load_weights(self, weights: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Fill the model with `weights` (our names; a tied head may be left out) and tie the LM head to
+        the embedding iff `config.tie_embeddings`; ValueError naming what does not fit. `assign` takes
+        the tensors over (their dtype and storage) instead of copying into the model's own."""
+        expected = self.state_dict()
         wrong = [
             f"{name} {tuple(weight.shape)} (the config needs {tuple(expected[name].shape)})"
             for name, weight in weights.items()
@@ -329,14 +336,17 @@ class Transformer(nn.Module):
         ]
         if wrong:
             raise ValueError(f"weights do not match the config: {', '.join(wrong[:3])}")
-        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-        if config.tie_embeddings and isinstance(model.lm_head, nn.Linear):
+        missing, unexpected = self.load_state_dict(weights, strict=False, assign=assign)
+        if self.config.tie_embeddings:
             missing = [name for name in missing if name != "lm_head.weight"]
-            model.lm_head.weight = model.token_embedding.weight
+            # assign replaced the embedding's Parameter, so the head must point at the new one; a
+            # quantised head (from a quantised tied embedding) holds its own codes instead.
+            if isinstance(self.lm_head, nn.Linear):
+                self.lm_head.weight = self.token_embedding.weight
         if missing or unexpected:
             raise ValueError(f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        model.rebuild_buffers()
-        return model
+        if assign:
+            self.rebuild_buffers()
 
     def rebuild_buffers(self) -> None:
         """(Re)compute the RoPE tables, which are derived rather than saved, at their starting size."""

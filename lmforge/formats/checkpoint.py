@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from lmforge.atomic import write_folder_atomically, write_text_atomically
 from lmforge.errors import LmforgeError
-from lmforge.inference.quantize import QuantizedLinear, apply_layout, quantized_layout
+from lmforge.inference.quantize import apply_layout, quantized_layout
 from lmforge.model import ModelConfig, Transformer, uninitialized_layers
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
@@ -138,17 +138,10 @@ def load_weights(model: Transformer, folder: Path, assign: bool = False) -> None
         weights = load_file(str(folder / WEIGHTS))
     except (OSError, SafetensorError) as error:
         raise LmforgeError(f"{folder / WEIGHTS}: cannot read weights ({error}); the file may be truncated") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=assign)
-    if model.config.tie_embeddings:
-        missing = [m for m in missing if m != "lm_head.weight"]
-        if assign and type(model.lm_head) is not QuantizedLinear:
-            model.lm_head.weight = model.token_embedding.weight
-    if assign:
-        model.rebuild_buffers()
-    if missing or unexpected:
-        raise LmforgeError(
-            f"{folder / WEIGHTS}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+    try:
+        model.load_weights(weights, assign=assign)
+    except ValueError as error:
+        raise LmforgeError(f"{folder / WEIGHTS}: {error}") from None
 
 
 STATE_TYPES = {"step": int, "optimizer": dict, "torch_rng": torch.Tensor, "data_rng": torch.Tensor}
