@@ -75,7 +75,11 @@ def write_atomically(path: str | Path, write: Callable[[Path], object], concurre
             old = path.with_name(f".{path.name}.old")
             remove(old)
             os.rename(path, old)
-            os.rename(temporary, path)
+            try:
+                os.rename(temporary, path)
+            except OSError:
+                os.rename(old, path)
+                raise
             remove(old)
         else:
             os.replace(temporary, path)
