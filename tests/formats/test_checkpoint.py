@@ -76,3 +76,20 @@ def test_weights_of_the_wrong_shape_are_named(tmp_path):
         match=r"model\.safetensors: weights do not match the config: .*\(16, 16\) \(the config needs \(32, 32\)\)",
     ):
         load_weights(wider, tmp_path / "checkpoint")
+
+
+def test_a_save_that_fails_midway_leaves_the_old_checkpoint_loadable(tmp_path, monkeypatch):
+    old = trained_looking_model(True)
+    folder = save_model(tmp_path / "checkpoint", old, TOKENIZER)
+
+    def disk_full(path):
+        path.write_text("{")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(TOKENIZER, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_model(folder, trained_looking_model(False), TOKENIZER)
+    assert [path.name for path in tmp_path.iterdir()] == ["checkpoint"]
+    loaded = load_model(folder)[0]
+    assert loaded.config.tie_embeddings
+    torch.testing.assert_close(loaded.token_embedding.weight, old.token_embedding.weight)
