@@ -293,7 +293,7 @@ def evaluate_recommender(model, histories, targets, n_items: int, max_length: in
 
 def save_recommender(model: nn.Module, config: RecommendConfig, data: Interactions, result: dict) -> Path:
     """out/recommender.json (config, item ids, histories, metrics) + out/model.safetensors, replaced atomically."""
-    from lmforge.formats.checkpoint import write_files_atomically
+    from lmforge.atomic import write_files_atomically
     from lmforge.training.fit import save_weights
 
     document = {

@@ -81,7 +81,9 @@ def generate_tokens(
         capacity = min(block_size, len(tokens) + sampling.max_new_tokens)
         if compiled is not None:
             capacity = min(block_size, max(256, 1 << (capacity - 1).bit_length()))
-        cache = KVCache(model.config, 1, capacity, device=device, dtype=next(model.parameters()).dtype)
+        cache = KVCache(
+            model.config, 1, capacity, device=device, dtype=next(model.parameters()).dtype, static=compiled is not None
+        )
     pending = tokens[-block_size:]  # what the model has not seen yet
     for _ in range(sampling.max_new_tokens):
         if cache is not None and cache.length + len(pending) > cache.max_length:
@@ -90,7 +92,7 @@ def generate_tokens(
         inputs = torch.tensor([pending if cache is not None else tokens[-block_size:]], device=device)
         if compiled is not None and len(pending) == 1:
             position = torch.tensor([cache.length], device=device)
-            logits = compiled(model, inputs, position, cache.keys, cache.values)
+            logits = compiled(model, inputs, position, cache)
             cache.length += 1
         else:
             logits = next_token_logits(model, inputs, cache)

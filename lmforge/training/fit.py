@@ -11,7 +11,6 @@ a dict of tensors (keyword inputs), all with the examples along dimension 0.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -368,18 +367,13 @@ class EarlyStopping(Callback):
 
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
-    """The weights as safetensors, written to a temporary file then renamed: a crash never leaves half a file."""
+    """The weights as safetensors, through the atomic writer: a crash never leaves half a file."""
     from safetensors.torch import save_model
 
-    from lmforge.formats.checkpoint import honour_umask
+    from lmforge.atomic import write_atomically
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    save_model(model, str(temporary))  # save_model (not save_file) copes with tied weights
-    honour_umask(temporary)
-    os.replace(temporary, path)
-    return path
+    # save_model (not save_file) copes with tied weights
+    return write_atomically(path, lambda temporary: save_model(model, str(temporary)))
 
 
 class ModelCheckpoint(Callback):
