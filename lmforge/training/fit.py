@@ -24,6 +24,7 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.metrics import confusion_matrix, macro_f1
+from lmforge.training.optim import OPTIMIZERS, build_optimizer
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
 
 Inputs = torch.Tensor | tuple | list | dict
@@ -131,27 +132,27 @@ class MacroF1(Metric):
 METRICS = {"accuracy": Accuracy, "acc": Accuracy, "macro_f1": MacroF1, "f1": MacroF1}
 
 
+# Keras's defaults for the named optimizers: the learning rate, and options beyond torch's defaults.
+DEFAULT_LEARNING_RATES = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
+DEFAULT_OPTIONS = {"rmsprop": {"alpha": 0.9}}
+
+
 def make_optimizer(
-    spec, parameters: list[nn.Parameter], learning_rate: float | None, weight_decay: float | None = None
+    spec, model: nn.Module, learning_rate: float | None, weight_decay: float | None = None
 ) -> torch.optim.Optimizer:
-    """An optimizer from a name (Keras's defaults: adam 1e-3, sgd 1e-2; adamw decays 0.01 unless told),
-    a factory `params → optimizer`, or itself."""
+    """An optimizer from a name (`optim.build_optimizer`, with Keras's defaults: adam 1e-3, sgd 1e-2;
+    adamw decays 0.01 unless told), a factory `trainable params → optimizer`, or itself."""
     if isinstance(spec, torch.optim.Optimizer):
         return spec
     if callable(spec):
-        return spec(parameters)
-    decay = weight_decay or 0.0
-    builders = {
-        "adam": lambda lr: torch.optim.Adam(parameters, lr=lr or 1e-3, weight_decay=decay),
-        "adamw": lambda lr: torch.optim.AdamW(
-            parameters, lr=lr or 1e-3, weight_decay=0.01 if weight_decay is None else weight_decay
-        ),
-        "sgd": lambda lr: torch.optim.SGD(parameters, lr=lr or 1e-2, weight_decay=decay),
-        "rmsprop": lambda lr: torch.optim.RMSprop(parameters, lr=lr or 1e-3, alpha=0.9, weight_decay=decay),
-    }
-    if spec not in builders:
-        raise LmforgeError(f"unknown optimizer {spec!r}; known: {sorted(builders)}, or an optimizer instance")
-    return builders[spec](learning_rate)
+        return spec([p for p in model.parameters() if p.requires_grad])
+    if spec not in OPTIMIZERS:
+        raise LmforgeError(f"unknown optimizer {spec!r}; known: {sorted(OPTIMIZERS)}, or an optimizer instance")
+    if weight_decay is None:
+        weight_decay = 0.01 if spec == "adamw" else 0.0
+    return build_optimizer(
+        model, learning_rate or DEFAULT_LEARNING_RATES[spec], weight_decay, spec, **DEFAULT_OPTIONS.get(spec, {})
+    )
 
 
 @dataclass
@@ -190,7 +191,7 @@ def compile(
     if not trainable:
         raise LmforgeError("the model has no trainable parameters (all have requires_grad=False)")
     model.__dict__["training_setup"] = TrainingSetup(
-        optimizer=make_optimizer(optimizer, trainable, learning_rate, weight_decay),
+        optimizer=make_optimizer(optimizer, model, learning_rate, weight_decay),
         loss=loss_function,
         loss_name=loss_name,
         metrics=[METRICS[name]() for name in metrics or []],

@@ -25,6 +25,7 @@ from lmforge.model import Transformer
 from lmforge.settings import TrainConfig, recorded_settings, train_config_from  # noqa: F401 (importable from here too)
 from lmforge.training import distributed
 from lmforge.training.data import TokenDataset
+from lmforge.training.optim import build_optimizer
 from lmforge.training.run_folder import claim_run_folder, settings_to_record
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
 
@@ -36,17 +37,6 @@ def learning_rate_at(step: int, config: TrainConfig) -> float:
     """Linear warmup to learning_rate, then cosine decay to min_learning_rate at max_steps."""
     warmup_steps = warmup_steps_for(config.max_steps, config.warmup_steps)
     return warmup_cosine(step, config.max_steps, warmup_steps, config.learning_rate, config.min_learning_rate)
-
-
-def make_optimizer(model: Transformer, config: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms, biases); fused kernel where available."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), foreach=True)
 
 
 def measure_matmul_flops(
@@ -217,7 +207,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     if resumed is not None:
         load_weights(model, resumed.folder)
     model.to(device)
-    optimizer = make_optimizer(model, config, device.type)
+    optimizer = build_optimizer(model, config.learning_rate, config.weight_decay, betas=(config.beta1, config.beta2))
     data_generator = torch.Generator().manual_seed(config.seed)
     if resumed is not None:
         try:

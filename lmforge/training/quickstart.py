@@ -10,7 +10,8 @@ import torch
 from lmforge.formats.checkpoint import load_model
 from lmforge.inference.generate import SamplingConfig, generate
 from lmforge.training.data import TokenDataset, load_manifest, prepare, sha256_file
-from lmforge.training.pretrain import RUN_FILES, TrainConfig, make_optimizer, train, train_config_from
+from lmforge.training.optim import build_optimizer
+from lmforge.training.pretrain import RUN_FILES, TrainConfig, train, train_config_from
 from lmforge.training.recipes import shakespeare_corpus
 from lmforge.training.run_folder import claim_run_folder
 
@@ -45,7 +46,7 @@ def seconds_per_step(config: TrainConfig, steps: int = 10, warmup_steps: int = 1
 
     data = TokenDataset(config.data_dir, "train")
     model = Transformer(config.model)
-    optimizer = make_optimizer(model, config, "cpu")
+    optimizer = build_optimizer(model, config.learning_rate, config.weight_decay, betas=(config.beta1, config.beta2))
     generator = torch.Generator().manual_seed(0)
     timings = []
     for _ in range(warmup_steps + steps):
