@@ -21,6 +21,7 @@ from lmforge.errors import LmforgeError, missing_extra
 from lmforge.model import Block, ModelConfig, make_norm
 from lmforge.training import fit
 from lmforge.training.fit import Fittable
+from lmforge.training.progress import ProgressBar
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -185,7 +186,7 @@ class ProgressOverAllSteps(fit.Callback):
         self.stream = stream
 
     def on_train_begin(self, logs):
-        self.bar, self.done = fit.ProgressBar(self.params["epochs"] * self.params["steps"], self.stream), 0
+        self.bar, self.done = ProgressBar(self.params["epochs"] * self.params["steps"], self.stream), 0
 
     def on_batch_end(self, batch, logs):
         self.done += 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.metrics import confusion_matrix, macro_f1
 from lmforge.training.optim import OPTIMIZERS, build_optimizer
+from lmforge.training.progress import ProgressBar, format_logs
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
 
 Inputs = torch.Tensor | tuple | list | dict
@@ -243,60 +243,6 @@ def _call(model: nn.Module, x: Inputs) -> torch.Tensor:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-# --- progress bar ------------------------------------------------------------------------
-
-
-def _format_duration(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 60 else f"{int(seconds // 60)}m {int(seconds % 60)}s"
-
-
-def _format_logs(logs: dict) -> str:
-    return " - ".join(f"{key}: {value:.4f}" for key, value in logs.items())
-
-
-class ProgressBar:
-    """Keras's per-epoch bar: `12/40 ━━━━━━━━━━━━━━━━━━━━ 3s 80ms/step - loss: 0.3909 - accuracy: 0.8129`.
-
-    On a terminal the line redraws in place (at most 10 times a second); in a log or pipe a
-    line is written every `log_seconds` of a long epoch, and the finished line at its end.
-    """
-
-    width = 20
-
-    def __init__(self, steps: int, stream=None, log_seconds: float = 30.0):
-        self.steps, self.stream, self.log_seconds = steps, stream or sys.stdout, log_seconds
-        self.live = getattr(self.stream, "isatty", lambda: False)()
-        self.start = self.last_draw = time.perf_counter()
-
-    def line(self, step: int, logs: dict) -> str:
-        elapsed = time.perf_counter() - self.start
-        per_step = elapsed / max(step, 1)
-        done = round(self.width * step / self.steps)
-        bar = "━" * done + "─" * (self.width - done)
-        timing = (
-            f"{_format_duration(elapsed)} {per_step * 1000:.0f}ms/step"
-            if step >= self.steps
-            else f"{_format_duration(per_step * (self.steps - step))} {per_step * 1000:.0f}ms/step"
-        )
-        text = f"{step}/{self.steps} {bar} {timing}"
-        return f"{text} - {_format_logs(logs)}" if logs else text
-
-    def update(self, step: int, logs: dict) -> None:
-        now = time.perf_counter()
-        if self.live and now - self.last_draw >= 0.1:
-            self.stream.write("\r" + self.line(step, logs) + "\033[K")
-            self.stream.flush()
-            self.last_draw = now
-        elif not self.live and step < self.steps and now - self.last_draw >= self.log_seconds:
-            self.stream.write(self.line(step, logs) + "\n")
-            self.stream.flush()
-            self.last_draw = now
-
-    def finish(self, logs: dict) -> None:
-        self.stream.write(("\r" if self.live else "") + self.line(self.steps, logs) + "\n")
-        self.stream.flush()
 
 
 # --- callbacks ---------------------------------------------------------------------------
@@ -604,7 +550,7 @@ def fit(
         if bar is not None:
             bar.finish({k: v for k, v in logs.items() if k != "learning_rate"})
         elif verbose == 2:
-            print(_format_logs(logs), file=stream or sys.stdout, flush=True)
+            print(format_logs(logs), file=stream or sys.stdout, flush=True)
         history.record(epoch, logs)
         for callback in callbacks:
             callback.on_epoch_end(epoch, logs)

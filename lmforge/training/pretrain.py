@@ -26,6 +26,7 @@ from lmforge.settings import TrainConfig, recorded_settings, train_config_from  
 from lmforge.training import distributed
 from lmforge.training.data import TokenDataset
 from lmforge.training.optim import build_optimizer
+from lmforge.training.progress import ProgressBar, format_duration
 from lmforge.training.run_folder import claim_run_folder, settings_to_record
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
 
@@ -96,7 +97,7 @@ class TrainingDiverged(LmforgeError):
 
 
 class ProgressReporter:
-    """A live bar on a terminal, plain log lines elsewhere, and metrics.jsonl always."""
+    """The progress bar (`progress.ProgressBar`) on a terminal, plain log lines elsewhere, and metrics.jsonl always."""
 
     def __init__(self, config: TrainConfig, start_step: int, metrics_path: Path, enabled: bool):
         self.config, self.metrics_path, self.enabled = config, metrics_path, enabled
@@ -104,13 +105,10 @@ class ProgressReporter:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "plain"
         self.mode = mode if enabled else "none"
-        self.bar = None
-        if self.mode == "bar":
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=config.max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.bar = ProgressBar(config.max_steps, sys.stderr, initial=start_step) if self.mode == "bar" else None
         self.start_time = time.perf_counter()
         self.start_step = start_step
+        self.last_step, self.last_logs = start_step, {}
 
     def record(self, values: dict) -> None:
         if not self.enabled:
@@ -120,16 +118,20 @@ class ProgressReporter:
 
     def step(self, step: int, loss: float, lr: float, tokens_per_second: float, mfu: float) -> None:
         if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(
-                f"loss {loss:.4f} lr {lr:.2e} {tokens_per_second:,.0f} tok/s MFU {mfu:.1%}", refresh=False
-            )
+            self.last_step = step
+            self.last_logs = {
+                "loss": loss,
+                "lr": f"{lr:.2e}",
+                "tok/s": f"{tokens_per_second:,.0f}",
+                "MFU": f"{mfu:.1%}",
+            }
+            self.bar.update(step, self.last_logs)
         elif self.mode == "plain" and (step % self.config.log_interval == 0 or step == self.config.max_steps):
             elapsed = time.perf_counter() - self.start_time
             remaining = elapsed / max(1, step - self.start_step) * (self.config.max_steps - step)
             print(
                 f"step {step}/{self.config.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                f"{tokens_per_second:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_seconds(remaining)}",
+                f"{tokens_per_second:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_duration(remaining)}",
                 flush=True,
             )
 
@@ -137,18 +139,12 @@ class ProgressReporter:
         if self.mode == "none":
             return
         if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
+            self.bar.clear()
+        print(text, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
-
-
-def format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+            self.bar.finish(self.last_logs, self.last_step)
 
 
 def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
