@@ -12,7 +12,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,6 +28,7 @@ from lmforge.training.optim import build_optimizer
 from lmforge.training.progress import ProgressBar, format_duration
 from lmforge.training.run_folder import claim_run_folder, settings_to_record
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
+from lmforge.training.step import apply_gradients, autocast_for, forward_backward, next_token_forward
 
 # What a pretraining run writes into out_dir; a folder holding any of them holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "loss_curve.png", "checkpoints")
@@ -68,13 +68,6 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LmforgeError(f"device={name!r} but CUDA is not available on this machine")
     return torch.device(name)
-
-
-def autocast_for(device: torch.device):
-    # bf16 on GPUs; on CPUs without bf16 units a bf16 matmul is ~100x slower, so stay in fp32.
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def rng_states(device: torch.device, data_generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -298,10 +291,10 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
                 first = (micro * group.world_size + group.rank) * config.batch_size
                 inputs, targets = train_data.gather(starts[first : first + config.batch_size], config.model.block_size)
                 inputs, targets = inputs.to(device), targets.to(device)
-                with distributed.no_gradient_sync(step_model, micro < config.grad_accum_steps - 1), autocast:
-                    _, loss = step_model(inputs, targets)
-                    (loss / config.grad_accum_steps).backward()
-                loss_sum += loss.detach().float()
+                with distributed.no_gradient_sync(step_model, micro < config.grad_accum_steps - 1):
+                    forward = next_token_forward(step_model, inputs, targets)
+                    loss, _ = forward_backward(forward, config.grad_accum_steps, autocast)
+                loss_sum += loss.float()
             loss_value = distributed.mean_across_processes(loss_sum / config.grad_accum_steps, group).item()
             if not math.isfinite(loss_value):
                 where = (
@@ -311,11 +304,8 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
                     f"loss became {loss_value} at step {step + 1}; training stopped and {where}. "
                     f"Resume with --resume and a lower learning_rate."
                 )
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             updating = True  # weights and optimizer state change together: no checkpoint in between
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(optimizer, config.grad_clip)
             step += 1
             in_step = updating = False
 

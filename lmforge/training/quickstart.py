@@ -14,6 +14,7 @@ from lmforge.training.optim import build_optimizer
 from lmforge.training.pretrain import RUN_FILES, TrainConfig, train, train_config_from
 from lmforge.training.recipes import shakespeare_corpus
 from lmforge.training.run_folder import claim_run_folder
+from lmforge.training.step import apply_gradients, autocast_for, forward_backward, next_token_forward
 
 
 def say(text: str) -> None:
@@ -38,7 +39,8 @@ def prepare_shakespeare(data_dir: Path, log=say) -> Path:
 
 
 def seconds_per_step(config: TrainConfig, steps: int = 10, warmup_steps: int = 12) -> float:
-    """Time a few optimizer steps of a throwaway copy of the model, to fit the run into a time budget.
+    """Time a few training steps (`step.forward_backward` + `step.apply_gradients`, as pretraining runs
+    them on the CPU) of a throwaway copy of the model, to fit the run into a time budget.
 
     The first dozen steps run up to 2x slower (allocator and page warm-up) and are not counted.
     """
@@ -54,10 +56,8 @@ def seconds_per_step(config: TrainConfig, steps: int = 10, warmup_steps: int = 1
         inputs, targets = data.gather(
             data.sample_starts(config.batch_size, config.model.block_size, generator), config.model.block_size
         )
-        _, loss = model(inputs, targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        forward_backward(next_token_forward(model, inputs, targets), 1, autocast_for(torch.device("cpu")))
+        apply_gradients(optimizer, config.grad_clip)
         timings.append(time.perf_counter() - start)
     timings = sorted(timings[warmup_steps:])
     return timings[len(timings) // 2]
