@@ -10,6 +10,7 @@ a dict of tensors (keyword inputs), all with the examples along dimension 0.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -26,6 +27,7 @@ from lmforge.evaluation.metrics import confusion_matrix, macro_f1
 from lmforge.training.optim import OPTIMIZERS, build_optimizer
 from lmforge.training.progress import ProgressBar, format_logs
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
+from lmforge.training.step import apply_gradients, autocast_for, forward_backward
 
 Inputs = torch.Tensor | tuple | list | dict
 
@@ -190,7 +192,7 @@ def compile(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise LmforgeError("the model has no trainable parameters (all have requires_grad=False)")
-    model.__dict__["training_setup"] = TrainingSetup(
+    model.training_setup = TrainingSetup(
         optimizer=make_optimizer(optimizer, model, learning_rate, weight_decay),
         loss=loss_function,
         loss_name=loss_name,
@@ -201,9 +203,10 @@ def compile(
 
 
 def _setup(model: nn.Module) -> TrainingSetup:
-    if "training_setup" not in model.__dict__:
+    setup = getattr(model, "training_setup", None)  # declared on Fittable; a plain module has it after compile
+    if setup is None:
         raise LmforgeError("call compile(...) before fit/evaluate")
-    return model.__dict__["training_setup"]
+    return setup
 
 
 # --- data --------------------------------------------------------------------------------
@@ -307,7 +310,7 @@ class EarlyStopping(Callback):
         self.wait += 1
         if self.wait >= self.patience:
             self.stopped_epoch = epoch
-            self.model.__dict__["stop_training"] = True
+            self.model.stop_training = True
 
     def on_train_end(self, logs):
         if self.restore_best_weights and self.best_weights is not None and self.stopped_epoch is not None:
@@ -434,6 +437,11 @@ def _batch_loss(setup: TrainingSetup, outputs, targets, weights) -> torch.Tensor
     return (losses * weights).mean()  # Keras's sum-over-batch-size: a batch of weight-0 examples costs 0
 
 
+def _loss_and_outputs(model: nn.Module, setup: TrainingSetup, inputs: Inputs, targets, weights):
+    outputs = _call(model, inputs)
+    return _batch_loss(setup, outputs, targets, weights), outputs
+
+
 def _class_weights(class_weight: dict | None, targets: torch.Tensor, setup: TrainingSetup) -> torch.Tensor | None:
     if class_weight is None:
         return None
@@ -496,8 +504,9 @@ def fit(
         callback.model, callback.params = model, params
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     device = _device(model)
+    autocast = autocast_for(device)
     history = History()
-    model.__dict__["stop_training"] = False
+    model.stop_training = False
     for callback in callbacks:
         callback.on_train_begin({})
     for epoch in range(epochs):
@@ -517,22 +526,17 @@ def fit(
             for callback in callbacks:
                 callback.on_batch_begin(step, {})
             inputs, targets = _to(_take(x, index), device), y[index].to(device)
-            outputs = _call(model, inputs)
-            loss = _batch_loss(setup, outputs, targets, None if weights is None else weights[index].to(device))
-            if not torch.isfinite(loss):
+            batch_weights = None if weights is None else weights[index].to(device)
+            # The last group of an epoch may hold fewer batches than accumulation_steps.
+            group = min(accumulation_steps, steps - (step // accumulation_steps) * accumulation_steps)
+            forward = functools.partial(_loss_and_outputs, model, setup, inputs, targets, batch_weights)
+            loss, outputs = forward_backward(forward, group, autocast)
+            if not torch.isfinite(loss):  # before the update: the weights stay those of the last good batch
                 raise LmforgeError(
                     f"epoch {epoch + 1}, batch {step + 1}: loss is {loss.item()}; lower the learning rate"
                 )
-            # The last group of an epoch may hold fewer batches than accumulation_steps.
-            group = min(accumulation_steps, steps - (step // accumulation_steps) * accumulation_steps)
-            (loss / group).backward()
             if (step + 1) % accumulation_steps == 0 or step + 1 == steps:
-                if setup.clip_grad_norm:
-                    nn.utils.clip_grad_norm_(
-                        [p for g in setup.optimizer.param_groups for p in g["params"]], setup.clip_grad_norm
-                    )
-                setup.optimizer.step()
-                setup.optimizer.zero_grad(set_to_none=True)
+                apply_gradients(setup.optimizer, setup.clip_grad_norm)
                 params["optimizer_step"] += 1
             loss_sum, seen = loss_sum + loss.item() * len(index), seen + len(index)
             with torch.no_grad():
@@ -554,7 +558,7 @@ def fit(
         history.record(epoch, logs)
         for callback in callbacks:
             callback.on_epoch_end(epoch, logs)
-        if model.__dict__["stop_training"]:
+        if model.stop_training:
             break
     for callback in callbacks:
         callback.on_train_end(logs)
@@ -602,8 +606,19 @@ class Fittable:
     """Mixin for an `nn.Module`: `compile`, `fit`, `evaluate` and `predict` as methods.
 
     Listed before `nn.Module` in the bases, its `compile` (Keras's) replaces `nn.Module.compile`
-    (torch.compile in place); call `torch.compile(model)` for that.
+    (torch.compile in place); `torch.compile(model)` or `nn.Module.compile(model)` reach that.
     """
+
+    # Keras's names, declared and typed instead of set on the fly: what `compile` fixed (None until
+    # then), and the flag a callback sets to end `fit` after the current epoch (EarlyStopping does).
+    training_setup: TrainingSetup | None = None
+    stop_training: bool = False
+
+    # Deliberately shadows nn.Module.compile: the Keras face (`model.compile(optimizer=..., loss=...)`)
+    # is what SFT, classification, recommendation and vision users write, and renaming it would break
+    # every Keras habit and README snippet. torch's graph compiler stays one call away: the function
+    # `torch.compile(model)` wraps the module without calling this method, and
+    # `nn.Module.compile(model)` compiles in place (both tested in tests/training/test_fit.py).
 
     def compile(self, optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None, **options) -> None:
         compile(self, optimizer, loss, metrics, **options)
