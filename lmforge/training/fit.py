@@ -439,7 +439,10 @@ def _batch_loss(setup: TrainingSetup, outputs, targets, weights) -> torch.Tensor
 
 def _loss_and_outputs(model: nn.Module, setup: TrainingSetup, inputs: Inputs, targets, weights):
     outputs = _call(model, inputs)
-    return _batch_loss(setup, outputs, targets, weights), outputs
+    # The loss in fp32, outside the step's autocast (bf16 on CUDA): bf16 outputs would round the loss,
+    # and binary_cross_entropy refuses to run under autocast at all.
+    with torch.autocast(outputs.device.type, enabled=False):
+        return _batch_loss(setup, outputs.float(), targets, weights), outputs
 
 
 def _class_weights(class_weight: dict | None, targets: torch.Tensor, setup: TrainingSetup) -> torch.Tensor | None:
