@@ -139,7 +139,7 @@ DEFAULT_LEARNING_RATES = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-2, "rmsprop": 1
 DEFAULT_OPTIONS = {"rmsprop": {"alpha": 0.9}}
 
 
-def make_optimizer(
+def resolve_optimizer(
     spec, model: nn.Module, learning_rate: float | None, weight_decay: float | None = None
 ) -> torch.optim.Optimizer:
     """An optimizer from a name (`optim.build_optimizer`, with Keras's defaults: adam 1e-3, sgd 1e-2;
@@ -193,7 +193,7 @@ def compile(
     if not trainable:
         raise LmforgeError("the model has no trainable parameters (all have requires_grad=False)")
     model.training_setup = TrainingSetup(
-        optimizer=make_optimizer(optimizer, model, learning_rate, weight_decay),
+        optimizer=resolve_optimizer(optimizer, model, learning_rate, weight_decay),
         loss=loss_function,
         loss_name=loss_name,
         metrics=[METRICS[name]() for name in metrics or []],
