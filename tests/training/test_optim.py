@@ -7,7 +7,6 @@ from torch import nn
 from lmforge.training import fit, pretrain
 from lmforge.training.optim import build_optimizer
 
-from ..apps.test_recommend import synthetic_interactions, write_interactions
 from ..finetune.test_classify import TOKENIZER as CLASSIFY_TOKENIZER
 from ..finetune.test_classify import sentiment_table, tiny_decoder
 from ..finetune.test_sft import chat_file, tiny_checkpoint
@@ -45,7 +44,7 @@ def run_classify(tmp_path, char_dataset):
 
 
 def run_recommend(tmp_path, char_dataset):
-    from lmforge.apps.recommend import RecommendConfig, train_recommender
+    from lmforge.apps.recommend import RecommendConfig, synthetic_interactions, train_recommender, write_interactions
 
     log = write_interactions(synthetic_interactions(users=20, items=20, clusters=2, seed=0), tmp_path / "log.csv")
     train_recommender(RecommendConfig(data=str(log), out=str(tmp_path / "out"), d_model=16, n_layers=1), verbose=0)
