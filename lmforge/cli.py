@@ -180,9 +180,9 @@ def command_eval(args, extra) -> int:
 
 def progress_bars():
     """A `progress(stage, done, total)` callback for long library calls: the progress bar `fit` draws
-    (`fit.ProgressBar`), one per stage, on stderr under the stage's name. Live on a terminal;
+    (`progress.ProgressBar`), one per stage, on stderr under the stage's name. Live on a terminal;
     elsewhere a line every 30 s and one at the end of each stage."""
-    from lmforge.training.fit import ProgressBar
+    from lmforge.training.progress import ProgressBar
 
     bars = {}
 

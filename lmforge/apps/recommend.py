@@ -255,7 +255,8 @@ def train_recommender(config: RecommendConfig, verbose: int = 1) -> dict:
         x, y = torch.tensor([u for u, _ in pairs]), torch.tensor([i for _, i in pairs])
         loss = "sparse_categorical_crossentropy"
     model.compile("adamw", loss, from_logits=True, learning_rate=config.learning_rate, weight_decay=0.01)
-    history = model.fit(x, y, epochs=config.epochs, batch_size=config.batch_size, callbacks=[WarmupCosine(20)],
+    # The warmup is sized to the run (a tenth, at most 100 steps) as in every trainer, not a fixed 20 steps.
+    history = model.fit(x, y, epochs=config.epochs, batch_size=config.batch_size, callbacks=[WarmupCosine()],
                         verbose=verbose, seed=config.seed)  # fmt: skip
     result = {
         "model": config.model,
