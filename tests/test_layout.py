@@ -6,9 +6,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "lmforge"
 # The core every part builds on; it imports nothing from the parts (training/, inference/, ...).
-CORE = {
-    "lmforge", "lmforge.errors", "lmforge.config", "lmforge.settings", "lmforge.tokenizer", "lmforge.model", "lmforge.atomic",
-}  # fmt: skip
+CORE = {"lmforge", "lmforge.errors", "lmforge.config", "lmforge.settings", "lmforge.tokenizer", "lmforge.model"}
+CORE |= {"lmforge.atomic"}
 
 
 def module_name(path: Path) -> str:
