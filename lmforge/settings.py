@@ -297,6 +297,8 @@ class ClassifyConfig:
     lora_targets: tuple[str, ...] = field(default=("qkv", "out", "up", "down"))
     seed: int = 0
     overwrite: bool = False  # `out` holds a classifier: move it into out/previous-<date>-<time>/ first
+    resume: bool = False  # continue the run in `out` from its training state (written as below and on Ctrl-C)
+    checkpoint_interval: int = 50  # optimizer steps between training states (also at each epoch's end)
 
 
 @dataclass
@@ -323,6 +325,8 @@ class SFTConfig:
     merge: bool = False  # with LoRA: also write the merged full model to out/model
     seed: int = 0
     overwrite: bool = False  # `out` holds a run: move it into out/previous-<date>-<time>/ first
+    resume: bool = False  # continue the run in `out` from its training state (written as below and on Ctrl-C)
+    checkpoint_interval: int = 50  # optimizer steps between training states (also at each epoch's end)
 
 
 # --- recommendation ----------------------------------------------------------------------

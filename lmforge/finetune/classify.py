@@ -22,7 +22,14 @@ from lmforge.evaluation.metrics import confusion_matrix, macro_f1, save_confusio
 from lmforge.model import ModelConfig, Transformer
 from lmforge.settings import ClassifyConfig
 from lmforge.training.data import read_labelled_texts
-from lmforge.training.fit import EarlyStopping, Fittable, ModelCheckpoint, WarmupCosine, save_weights
+from lmforge.training.fit import (
+    TRAINING_STATE,
+    EarlyStopping,
+    Fittable,
+    ModelCheckpoint,
+    WarmupCosine,
+    save_weights,
+)
 from lmforge.training.run_folder import claim_run_folder, settings_to_record
 
 POOLINGS = ("last", "mean", "first")
@@ -31,6 +38,7 @@ CLASSIFIER_WEIGHTS = "model.safetensors"
 CLASSIFIER_TOKENIZER = "tokenizer.json"
 # What finetune_classifier writes into `out`.
 RUN_FILES = (CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, CLASSIFIER_TOKENIZER, "metrics.json", "confusion_matrix.png")
+RUN_FILES += (TRAINING_STATE,)
 
 
 class SequenceClassifier(Fittable, nn.Module):
@@ -168,9 +176,12 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
     if classes < 2:
         raise LmforgeError(f"{config.data}: needs at least 2 classes, found {train.label_names}")
     out = Path(config.out)
-    archived = claim_run_folder(out, RUN_FILES, config.overwrite, "choose a new --out")
-    if archived is not None and verbose:
-        print(f"--overwrite: moved the previous classifier into {archived}")
+    if not config.resume:
+        archived = claim_run_folder(
+            out, RUN_FILES, config.overwrite, "choose a new --out, or resume it with --resume=true"
+        )
+        if archived is not None and verbose:
+            print(f"--overwrite: moved the previous classifier into {archived}")
 
     backbone, tokenizer, backbone_tokens = load_backbone(config.model)
     pooling = config.pooling or ("mean" if isinstance(backbone, Encoder) else "last")
@@ -220,6 +231,9 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         accumulation_steps=config.accumulation_steps,
         verbose=verbose,
         seed=config.seed,
+        checkpoint=out / TRAINING_STATE,
+        checkpoint_every=config.checkpoint_interval,
+        resume=config.resume,
     )
     from safetensors.torch import load_model
 
@@ -248,6 +262,7 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         train.label_names,
     )
     (out / "metrics.json").write_text(json.dumps({**result, "config": settings_to_record(config)}, indent=2) + "\n")
+    (out / TRAINING_STATE).unlink(missing_ok=True)  # the run is complete: nothing left to resume
     return result
 
 

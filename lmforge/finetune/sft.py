@@ -21,11 +21,11 @@ from lmforge.model import Transformer
 from lmforge.settings import SFTConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.training.data import read_records
-from lmforge.training.fit import Callback, EarlyStopping, Fittable, WarmupCosine
+from lmforge.training.fit import TRAINING_STATE, Callback, EarlyStopping, Fittable, WarmupCosine
 from lmforge.training.run_folder import claim_run_folder, settings_to_record
 
 IGNORE = -100  # target id that the loss skips (PyTorch's cross_entropy ignore_index)
-RUN_FILES = ("adapter", "model", "metrics.json")  # what finetune_chat writes into `out`
+RUN_FILES = ("adapter", "model", "metrics.json", TRAINING_STATE)  # what finetune_chat writes into `out`
 
 
 def read_conversations(path: str | Path) -> list[list[dict]]:
@@ -176,9 +176,12 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
     if not config.data:
         raise LmforgeError('SFT needs data: a JSONL file of {"messages": [...]} conversations')
     out = Path(config.out)
-    archived = claim_run_folder(out, RUN_FILES, config.overwrite, "choose a new --out")
-    if archived is not None and verbose:
-        print(f"--overwrite: moved the previous run into {archived}")
+    if not config.resume:
+        archived = claim_run_folder(
+            out, RUN_FILES, config.overwrite, "choose a new --out, or resume it with --resume=true"
+        )
+        if archived is not None and verbose:
+            print(f"--overwrite: moved the previous run into {archived}")
     torch.manual_seed(config.seed)
     model, tokenizer = load(config.model, keep_quantized=False)
     length = min(config.max_tokens, model.config.block_size)
@@ -225,6 +228,9 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
         accumulation_steps=config.accumulation_steps,
         verbose=verbose,
         seed=config.seed,
+        checkpoint=out / TRAINING_STATE,
+        checkpoint_every=config.checkpoint_interval,
+        resume=config.resume,
     )
     out.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -241,4 +247,5 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
         "reached_peak_learning_rate": schedule.reached_peak,
     }
     (out / "metrics.json").write_text(json.dumps({**result, "config": settings_to_record(config)}, indent=2) + "\n")
+    (out / TRAINING_STATE).unlink(missing_ok=True)  # the run is complete: nothing left to resume
     return result

@@ -159,12 +159,24 @@ class TrainingCheckpoint:
 
 def load_training_state(path: Path) -> dict:
     """Optimizer, RNG and data state; weights_only so a checkpoint can never run code."""
+    state = load_torch_file(path, "this folder holds a model, not a training state to resume")
+    wrong = [
+        key for key, kind in STATE_TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(key), kind)
+    ]
+    if wrong:
+        raise LmforgeError(f"{path}: not a training state (missing or malformed: {', '.join(wrong)})")
+    return state
+
+
+def load_torch_file(path: Path, when_missing: str) -> object:
+    """A torch file of tensors and plain values (weights_only: it can never run code); a missing,
+    damaged or hostile file is an LmforgeError naming it (`when_missing` says what a missing one means)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols just before refusing them
             state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise LmforgeError(f"{path}: missing; this folder holds a model, not a training state to resume") from None
+        raise LmforgeError(f"{path}: missing; {when_missing}") from None
     except pickle.UnpicklingError:
         # torch's own message suggests weights_only=False, i.e. running whatever code the file holds.
         raise LmforgeError(
@@ -174,11 +186,6 @@ def load_training_state(path: Path) -> dict:
     except Exception as error:  # torch raises RuntimeError, EOFError, ... for a damaged file
         reason = str(error).split(". ")[0] or type(error).__name__
         raise LmforgeError(f"{path}: unreadable, probably truncated ({reason})") from None
-    wrong = [
-        key for key, kind in STATE_TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(key), kind)
-    ]
-    if wrong:
-        raise LmforgeError(f"{path}: not a training state (missing or malformed: {', '.join(wrong)})")
     return state
 
 

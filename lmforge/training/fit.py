@@ -10,6 +10,7 @@ a dict of tensors (keyword inputs), all with the examples along dimension 0.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -263,6 +264,14 @@ class Callback:
     def on_epoch_end(self, epoch: int, logs: dict) -> None: ...
     def on_train_end(self, logs: dict) -> None: ...
 
+    # What a resumed `fit` needs to go on as if never stopped (plain values and tensors); a callback
+    # whose decisions depend on what it saw (the best loss so far, a schedule's peak) returns it here.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        vars(self).update(state)
+
 
 def _mode(monitor: str, mode: str) -> str:
     if mode != "auto":
@@ -315,6 +324,9 @@ class EarlyStopping(Callback):
         if self.restore_best_weights and self.best_weights is not None and self.stopped_epoch is not None:
             self.model.load_state_dict(self.best_weights)
 
+    def state_dict(self) -> dict:
+        return {key: getattr(self, key) for key in ("best", "best_epoch", "wait", "stopped_epoch", "best_weights")}
+
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
     """The weights as safetensors, through the atomic writer: a crash never leaves half a file."""
@@ -345,6 +357,12 @@ class ModelCheckpoint(Callback):
                 return
             self.best = value
         self.saved.append(save_weights(self.model, self.path.format(epoch=epoch + 1, **logs)))
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "saved": [str(path) for path in self.saved]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.saved = state["best"], [Path(path) for path in state["saved"]]
 
 
 class LearningRateScheduler(Callback):
@@ -385,6 +403,9 @@ class WarmupCosine(Callback):
     def on_train_end(self, logs):
         self.reached_peak = reached_peak(self.params["optimizer_step"], self.warmup_steps)
 
+    def state_dict(self) -> dict:  # the peaks as the run began: a resumed optimizer holds a scheduled rate
+        return {"peaks": self.peaks, "warmup_steps": self.warmup_steps}
+
 
 class ReduceLROnPlateau(Callback):
     """Multiply the learning rate by `factor` when `monitor` has not improved for `patience` epochs."""
@@ -406,6 +427,9 @@ class ReduceLROnPlateau(Callback):
             for group in _setup(self.model).optimizer.param_groups:
                 group["lr"] = max(group["lr"] * self.factor, self.min_lr)
             self.wait = 0
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "wait": self.wait}
 
 
 @dataclass
@@ -455,6 +479,64 @@ def _class_weights(class_weight: dict | None, targets: torch.Tensor, setup: Trai
     return table[labels]
 
 
+TRAINING_STATE = "training_state.pt"  # the name the fine-tunes give `fit`'s checkpoint in their folder
+
+
+@dataclass
+class FitPosition:
+    """Where a `fit` run is: the epoch, the batches of it done, and what was summed over them so far."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    optimizer_step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+    metrics: list[dict] = field(default_factory=list)  # each metric's accumulated state
+    rng: torch.Tensor | None = None  # torch's RNG (dropout) right after the last completed step
+    order_rng: torch.Tensor | None = None  # the shuffling RNG as this epoch began, to redraw its order
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a fine-tune changes: parameters that require grad, and buffers. Frozen weights (a LoRA base)
+    come back from where the model was loaded, so a checkpoint of a 135M model's adapter stays small."""
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    trainable |= {name for name, _ in model.named_buffers()}
+    return {name: value.detach().clone() for name, value in model.state_dict().items() if name in trainable}
+
+
+def save_fit_state(path: Path, model: nn.Module, setup: TrainingSetup, position: FitPosition,
+                   history: History, callbacks: list[Callback]) -> None:  # fmt: skip
+    """One file with all a resumed `fit` needs, written atomically; loadable with weights_only=True."""
+    from lmforge.atomic import write_atomically
+
+    state = {
+        "weights": _trainable_state(model),
+        "optimizer": setup.optimizer.state_dict(),
+        "position": vars(position),
+        "history": {"history": history.history, "epoch": history.epoch},
+        "callbacks": [callback.state_dict() for callback in callbacks],
+    }
+    write_atomically(path, lambda temporary: torch.save(state, temporary))
+
+
+def _load_fit_state(path: Path, model, setup, history, callbacks) -> FitPosition:
+    from lmforge.formats.checkpoint import load_torch_file
+
+    state = load_torch_file(path, "resuming needs the training state the run wrote")
+    try:
+        missing = set(_trainable_state(model)) - set(state["weights"])
+        if missing or len(state["callbacks"]) != len(callbacks):
+            raise ValueError(f"it was written for another model or callbacks ({len(missing)} tensors missing)")
+        model.load_state_dict(state["weights"], strict=False)
+        setup.optimizer.load_state_dict(state["optimizer"])
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as error:
+        raise LmforgeError(f"{path}: cannot resume from this training state ({error})") from None
+    history.history, history.epoch = state["history"]["history"], state["history"]["epoch"]
+    for callback, callback_state in zip(callbacks, state["callbacks"]):
+        callback.load_state_dict(callback_state)
+    return FitPosition(**state["position"])
+
+
 def fit(
     model: nn.Module,
     x: Inputs,
@@ -470,12 +552,19 @@ def fit(
     verbose: int = 1,
     seed: int | None = 0,
     stream=None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> History:
     """Train for `epochs` passes over (x, y) in shuffled mini-batches; returns the per-epoch History.
 
     `validation_split` holds out the last fraction of the examples (before shuffling, as Keras
     does). `accumulation_steps` sums gradients over that many batches per optimizer step.
     `verbose`: 0 silent, 1 progress bar, 2 one line per epoch.
+
+    With `checkpoint` (a file), the training state is written there at the end of each epoch, every
+    `checkpoint_every` optimizer steps, and on Ctrl-C (the last completed step, then the interrupt
+    goes on); `resume=True` continues from it exactly as the run would have gone on (tested bit-exact).
     """
     setup = _setup(model)
     count = _count(x)
@@ -485,6 +574,8 @@ def fit(
         raise LmforgeError("no training examples")
     if not 0 <= validation_split < 1:
         raise LmforgeError(f"validation_split must be in [0, 1), got {validation_split}")
+    if resume and (checkpoint is None or not Path(checkpoint).is_file()):
+        raise LmforgeError(f"resume=True needs the training state a run wrote; there is none at {checkpoint}")
     if validation_split and validation_data is None:
         keep = count - math.ceil(count * validation_split)
         if keep < 1:
@@ -506,57 +597,107 @@ def fit(
     model.stop_training = False
     for callback in callbacks:
         callback.on_train_begin({})
-    for epoch in range(epochs):
-        model.train()
-        for metric in setup.metrics:
-            metric.reset()
-        for callback in callbacks:
-            callback.on_epoch_begin(epoch, {})
-        if verbose:
-            print(f"Epoch {epoch + 1}/{epochs}", file=stream or sys.stdout, flush=True)
-        bar = ProgressBar(steps, stream) if verbose == 1 else None
-        order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
-        loss_sum, seen = 0.0, 0
-        setup.optimizer.zero_grad(set_to_none=True)
-        for step in range(steps):
-            index = order[step * batch_size : (step + 1) * batch_size]
+    position = FitPosition()
+    if resume:  # after on_train_begin, whose fresh state the saved one replaces
+        position = _load_fit_state(Path(checkpoint), model, setup, history, callbacks)
+        params["optimizer_step"] = position.optimizer_step
+    order_rng = generator if generator is not None else torch.default_generator
+    # The state as of the last completed optimizer step: what Ctrl-C saves when it lands mid-step.
+    completed: FitPosition | None = None
+    logs: dict = {}
+
+    def save(at: FitPosition) -> None:
+        if checkpoint is not None:
+            save_fit_state(Path(checkpoint), model, setup, at, history, callbacks)
+
+    try:
+        for epoch in range(position.epoch, epochs):
+            resuming = epoch == position.epoch and position.order_rng is not None
+            resuming_mid_epoch = resuming and position.batches_done > 0
+            model.train()
+            for metric in setup.metrics:
+                metric.reset()
+            if resuming_mid_epoch:
+                for metric, metric_state in zip(setup.metrics, position.metrics):
+                    vars(metric).update(metric_state)
             for callback in callbacks:
-                callback.on_batch_begin(step, {})
-            inputs, targets = _to(_take(x, index), device), y[index].to(device)
-            batch_weights = None if weights is None else weights[index].to(device)
-            # The last group of an epoch may hold fewer batches than accumulation_steps.
-            group = min(accumulation_steps, steps - (step // accumulation_steps) * accumulation_steps)
-            forward = functools.partial(_loss_and_outputs, model, setup, inputs, targets, batch_weights)
-            loss, outputs = forward_backward(forward, group, autocast)
-            if not torch.isfinite(loss):  # before the update: the weights stay those of the last good batch
-                raise LmforgeError(
-                    f"epoch {epoch + 1}, batch {step + 1}: loss is {loss.item()}; lower the learning rate"
-                )
-            if (step + 1) % accumulation_steps == 0 or step + 1 == steps:
-                apply_gradients(setup.optimizer, setup.clip_grad_norm)
-                params["optimizer_step"] += 1
-            loss_sum, seen = loss_sum + loss.item() * len(index), seen + len(index)
-            with torch.no_grad():
-                for metric in setup.metrics:
-                    metric.update(outputs.detach(), targets, setup.from_logits)
-            logs = {"loss": loss_sum / seen, **{m.name: m.result() for m in setup.metrics}}
-            for callback in callbacks:
-                callback.on_batch_end(step, logs)
+                callback.on_epoch_begin(epoch, {})
+            if verbose:
+                print(f"Epoch {epoch + 1}/{epochs}", file=stream or sys.stdout, flush=True)
+            bar = ProgressBar(steps, stream) if verbose == 1 else None
+            # The RNG states of a resumed run: shuffling's as the epoch began (its order is drawn again),
+            # dropout's as of the resume point, set last; a run is drawing from both as it would have been.
+            if resuming and not resuming_mid_epoch:
+                torch.set_rng_state(position.rng)
+            if resuming:
+                order_rng.set_state(position.order_rng)
+            epoch_order_rng = order_rng.get_state()
+            if not resuming_mid_epoch:
+                completed = FitPosition(epoch, 0, params["optimizer_step"], rng=torch.get_rng_state(),
+                                        order_rng=epoch_order_rng)  # fmt: skip
+            order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+            if resuming_mid_epoch:
+                torch.set_rng_state(position.rng)
+            first = position.batches_done if resuming_mid_epoch else 0
+            loss_sum, seen = (position.loss_sum, position.seen) if resuming_mid_epoch else (0.0, 0)
+            setup.optimizer.zero_grad(set_to_none=True)
+            for step in range(first, steps):
+                index = order[step * batch_size : (step + 1) * batch_size]
+                for callback in callbacks:
+                    callback.on_batch_begin(step, {})
+                inputs, targets = _to(_take(x, index), device), y[index].to(device)
+                batch_weights = None if weights is None else weights[index].to(device)
+                # The last group of an epoch may hold fewer batches than accumulation_steps.
+                group = min(accumulation_steps, steps - (step // accumulation_steps) * accumulation_steps)
+                forward = functools.partial(_loss_and_outputs, model, setup, inputs, targets, batch_weights)
+                loss, outputs = forward_backward(forward, group, autocast)
+                if not torch.isfinite(loss):  # before the update: the weights stay those of the last good batch
+                    raise LmforgeError(
+                        f"epoch {epoch + 1}, batch {step + 1}: loss is {loss.item()}; lower the learning rate"
+                    )
+                loss_sum, seen = loss_sum + loss.item() * len(index), seen + len(index)
+                with torch.no_grad():
+                    for metric in setup.metrics:
+                        metric.update(outputs.detach(), targets, setup.from_logits)
+                if (step + 1) % accumulation_steps == 0 or step + 1 == steps:
+                    completed = None  # an update in progress: nothing consistent to save until it ends
+                    apply_gradients(setup.optimizer, setup.clip_grad_norm)
+                    params["optimizer_step"] += 1
+                    completed = FitPosition(
+                        epoch, step + 1, params["optimizer_step"], loss_sum, seen,
+                        [copy.deepcopy(vars(metric)) for metric in setup.metrics],
+                        torch.get_rng_state(), epoch_order_rng,
+                    )  # fmt: skip
+                    if checkpoint_every and params["optimizer_step"] % checkpoint_every == 0:
+                        save(completed)
+                logs = {"loss": loss_sum / seen, **{m.name: m.result() for m in setup.metrics}}
+                for callback in callbacks:
+                    callback.on_batch_end(step, logs)
+                if bar is not None:
+                    bar.update(step + 1, logs)
+            if validation_data is not None:
+                results = evaluate(model, *validation_data, batch_size=batch_size)
+                logs.update({f"val_{key}": value for key, value in results.items()})
+            logs["learning_rate"] = setup.optimizer.param_groups[0]["lr"]
             if bar is not None:
-                bar.update(step + 1, logs)
-        if validation_data is not None:
-            results = evaluate(model, *validation_data, batch_size=batch_size)
-            logs.update({f"val_{key}": value for key, value in results.items()})
-        logs["learning_rate"] = setup.optimizer.param_groups[0]["lr"]
-        if bar is not None:
-            bar.finish({k: v for k, v in logs.items() if k != "learning_rate"})
-        elif verbose == 2:
-            print(format_logs(logs), file=stream or sys.stdout, flush=True)
-        history.record(epoch, logs)
-        for callback in callbacks:
-            callback.on_epoch_end(epoch, logs)
-        if model.stop_training:
-            break
+                bar.finish({k: v for k, v in logs.items() if k != "learning_rate"})
+            elif verbose == 2:
+                print(format_logs(logs), file=stream or sys.stdout, flush=True)
+            history.record(epoch, logs)
+            for callback in callbacks:
+                callback.on_epoch_end(epoch, logs)
+            # a run that a callback stopped stays stopped when resumed
+            next_epoch = epochs if model.stop_training else epoch + 1
+            completed = FitPosition(next_epoch, 0, params["optimizer_step"], rng=torch.get_rng_state(),
+                                    order_rng=order_rng.get_state())  # fmt: skip
+            save(completed)
+            if model.stop_training:
+                break
+    except KeyboardInterrupt:
+        if checkpoint is not None and completed is not None:
+            save(completed)
+            print(f"\ninterrupted: saved the last completed step to {checkpoint}", file=sys.stderr)
+        raise
     for callback in callbacks:
         callback.on_train_end(logs)
     model.eval()

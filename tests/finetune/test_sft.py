@@ -211,3 +211,44 @@ def test_a_used_out_folder_is_refused_unless_overwrite(tmp_path):
     assert sorted(p.name for p in archive.iterdir()) == ["adapter", "metrics.json"]
     recorded = json.loads((out / "metrics.json").read_text())
     assert recorded["written"] == result["written"] and "overwrite" not in recorded["config"]
+
+
+def test_an_interrupted_sft_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+    """Ctrl-C in the second epoch saves the training state; --resume=true ends with the weights of a run
+    that was never stopped (LoRA with dropout, so the RNG state counts too)."""
+    from lmforge.training import fit as fit_module
+
+    base = tiny_checkpoint(tmp_path / "base")
+    data = chat_file(tmp_path / "chats.jsonl", 8)
+
+    def config(out: str, **changes) -> SFTConfig:
+        return SFTConfig(data=str(data), model=str(base), out=str(tmp_path / out), max_tokens=64, epochs=2,
+                         batch_size=2, learning_rate=1e-2, lora_rank=4, lora_dropout=0.1, packing=False,
+                         **changes)  # fmt: skip
+
+    straight = finetune_chat(config("straight"), verbose=0)
+    forward_backward = fit_module.forward_backward
+    calls = {"count": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["count"] += 1
+        if calls["count"] == 7:  # in the second epoch's third batch (4 batches an epoch), mid-step
+            raise KeyboardInterrupt
+        return forward_backward(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "forward_backward", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_chat(config("stopped"), verbose=0)
+    monkeypatch.setattr(fit_module, "forward_backward", forward_backward)
+    state = torch.load(tmp_path / "stopped" / "training_state.pt", weights_only=True)
+    assert (state["position"]["epoch"], state["position"]["batches_done"]) == (1, 2)  # saved by the Ctrl-C
+    assert (tmp_path / "stopped" / "training_state.pt").is_file()
+    with pytest.raises(LmforgeError, match="already holds a run.*--resume=true"):
+        finetune_chat(config("stopped"), verbose=0)
+    resumed = finetune_chat(config("stopped", resume=True), verbose=0)
+    assert resumed["history"] == straight["history"]
+    straight_adapter = load_adapter(load_model(base)[0], tmp_path / "straight" / "adapter")
+    resumed_adapter = load_adapter(load_model(base)[0], tmp_path / "stopped" / "adapter")
+    for a, b in zip(straight_adapter.state_dict().values(), resumed_adapter.state_dict().values()):
+        assert torch.equal(a, b)
+    assert not (tmp_path / "stopped" / "training_state.pt").exists()  # complete: nothing left to resume
