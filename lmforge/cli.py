@@ -422,6 +422,8 @@ def command_export(args, extra) -> int:
 def command_quickstart(args, extra) -> int:
     from lmforge.settings import train_config_from
 
+    if args.minutes <= 0:
+        raise LmforgeError(f"--minutes {args.minutes:g}: the training time must be positive")
     overrides = parse_overrides(extra)
     train_config_from(overrides)  # a mistyped key fails now, not after the data is prepared
     from lmforge.training.quickstart import quickstart
@@ -457,6 +459,14 @@ OVERWRITE_HELP = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's own errors (a bad choice, a missing required option) in the shape of every other
+    error: one `error: ...` line and exit 2, instead of the usage block first."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Settings only (no torch): `--help` and argument errors come back at once.
     from lmforge.formats.loading import DEFAULT_CHAT_MODEL
@@ -471,9 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
         fallback_sampling,
     )
 
-    parser = argparse.ArgumentParser(
-        prog="lmforge", description="Train, fine-tune, evaluate and serve GPT-style models."
-    )
+    parser = Parser(prog="lmforge", description="Train, fine-tune, evaluate and serve GPT-style models.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", help="what to do; lmforge VERB --help for its options")
     formatter = argparse.RawDescriptionHelpFormatter
 
