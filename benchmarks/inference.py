@@ -62,7 +62,8 @@ def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
 
     from lmforge.formats.loading import load
     from lmforge.inference.chat import encode_chat
-    from lmforge.inference.generate import SamplingConfig, generate_tokens, next_token_logits
+    from lmforge.inference.engine import next_token_logits
+    from lmforge.inference.generate import SamplingConfig, generate_tokens
     from lmforge.inference.speculative import SpeculationStats, speculative_generate
     from lmforge.model import KVCache
 
@@ -302,8 +303,8 @@ def main() -> None:
 
 def compare_engines(args: argparse.Namespace, with_llama_cpp: bool) -> dict:
     """The main table: every lmforge variant, transformers and llama.cpp, best of the rounds."""
+    from lmforge.evaluation.quantization import quantize_and_save
     from lmforge.formats.loading import builtin_model_path
-    from lmforge.inference.quantize import quantize_and_save
 
     engines = [
         "lmforge-fp32", "lmforge-fp32-speculative", "lmforge-fp32-compiled", "lmforge-int8", "lmforge-int4",

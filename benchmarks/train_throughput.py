@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from peers.nanogpt_style import NanoGPTStyle  # noqa: E402
 
 from lmforge.model import ModelConfig, Transformer, preset  # noqa: E402
-from lmforge.training.pretrain import TrainConfig, make_optimizer, measure_matmul_flops  # noqa: E402
+from lmforge.training.optim import build_optimizer  # noqa: E402
+from lmforge.training.pretrain import TrainConfig, measure_matmul_flops  # noqa: E402
 
 SHAPES = {
     "nanogpt-cpu": dict(vocab_size=65, block_size=64, n_layers=4, n_heads=4, d_model=128, batch_size=12),
@@ -64,7 +65,8 @@ def lmforge_config(shape: dict, family: str) -> ModelConfig:
 
 def lmforge_step(shape: dict, compiled: bool, family: str):
     model = Transformer(lmforge_config(shape, family))
-    optimizer = make_optimizer(model, TrainConfig(learning_rate=1e-3, beta2=0.99), "cpu")
+    config = TrainConfig(learning_rate=1e-3, beta2=0.99)
+    optimizer = build_optimizer(model, config.learning_rate, config.weight_decay, betas=(config.beta1, config.beta2))
     forward = torch.compile(model) if compiled else model
 
     def step(inputs, targets):

@@ -182,9 +182,9 @@ def command_eval(args, extra) -> int:
 
 def progress_bars():
     """A `progress(stage, done, total)` callback for long library calls: the progress bar `fit` draws
-    (`fit.ProgressBar`), one per stage, on stderr under the stage's name. Live on a terminal;
+    (`progress.ProgressBar`), one per stage, on stderr under the stage's name. Live on a terminal;
     elsewhere a line every 30 s and one at the end of each stage."""
-    from lmforge.training.fit import ProgressBar
+    from lmforge.training.progress import ProgressBar
 
     bars = {}
 
@@ -225,7 +225,7 @@ def command_chat(args, extra) -> int:
 
 
 def command_quantize(args, extra) -> int:
-    from lmforge.inference.quantize import KL_WARNING, quantize_and_save
+    from lmforge.evaluation.quantization import KL_WARNING, quantize_and_save
 
     eval_text = Path(args.eval_text).read_text(encoding="utf-8") if args.eval_text else None
     print(f"quantising {args.model} to int{args.bits} ...", file=sys.stderr, flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import mmap
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,18 @@ def zeroed_from_os(shape: tuple[int, ...], device: torch.device | str, dtype: to
     return torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype=dtype, count=count).view(shape)
 
 
+@dataclass
+class CacheStep:
+    """Where one forward pass's new keys and values go in a KVCache, and which keys its queries see."""
+
+    rows: torch.Tensor | None  # per row: (B, T) cache row of each new entry; None when aligned
+    positions: slice | torch.Tensor  # aligned: the positions written, alike in every row; per row: (B, T)
+    seen: int  # queries attend over cached positions [0, seen)
+    mask: torch.Tensor | None  # True where a query may see a key; None with is_causal or one query
+    is_causal: bool
+    slots: torch.Tensor | None = None  # per row: the cache rows the batch reads (None: rows 0..B-1)
+
+
 class KVCache:
     """Preallocated keys and values of every layer, for incremental decoding.
 
@@ -105,6 +118,11 @@ class KVCache:
     (one-prompt generation). Per row: the caller passes each row's start position and,
     optionally, which cache rows (`slots`) the batch's rows use, so sequences of different
     lengths share one cache (batched generation, a server's continuous batching).
+
+    `static=True` keeps every per-row step's shapes the same whatever the positions: queries attend
+    over the whole capacity with a mask, and positions are the caller's to check. `torch.compile`
+    then builds one graph for every decoding step; otherwise the attention would cover only the
+    positions seen, a length read from the data, so each step would compile anew.
     """
 
     def __init__(
@@ -114,13 +132,15 @@ class KVCache:
         max_length: int | None = None,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        static: bool = False,
     ):
         self.max_length = max_length or config.block_size
+        self.static = static
         shape = (batch_size, config.kv_heads, self.max_length, config.head_dim)
         self.keys = [zeroed_from_os(shape, device, dtype) for _ in range(config.n_layers)]
         self.values = [zeroed_from_os(shape, device, dtype) for _ in range(config.n_layers)]
         self.length = 0
-        self._step: tuple | None = None
+        self.step: CacheStep | None = None  # set by `begin` for the forward pass under way
 
     def reset(self) -> None:
         self.length = 0
@@ -139,39 +159,38 @@ class KVCache:
                     keys_seen[None, :] <= past + torch.arange(length, device=keys_seen.device)[:, None],
                     False,
                 )
-            self._step = ("aligned", slice(past, past + length), past + length, mask, is_causal)
+            self.step = CacheStep(None, slice(past, past + length), past + length, mask, is_causal)
             return
         device = self.keys[0].device
         query_positions = positions[:, None] + torch.arange(length, device=device)  # (B, T)
-        seen = int(query_positions.max()) + 1
-        if seen > self.max_length:
-            raise ValueError(f"cache holds {self.max_length} positions; position {seen - 1} does not fit")
+        if self.static:
+            seen = self.max_length
+        else:
+            seen = int(query_positions.max()) + 1
+            if seen > self.max_length:
+                raise ValueError(f"cache holds {self.max_length} positions; position {seen - 1} does not fit")
         rows = torch.arange(batch, device=device) if slots is None else slots
         # Key j is visible to the query at position p iff j <= p: causal within each row's own sequence.
         mask = (torch.arange(seen, device=device)[None, None, :] <= query_positions[:, :, None])[:, None]
-        self._step = ("rows", (rows[:, None].expand(batch, length), query_positions), seen, mask, False, slots)
+        self.step = CacheStep(rows[:, None].expand(batch, length), query_positions, seen, mask, False, slots)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this layer's new k, v (B, kv_heads, T, head_dim); all keys/values to attend over, mask, is_causal."""
-        kind, where, seen, mask, is_causal = self._step[:5]
-        keys, values = self.keys[layer], self.values[layer]
+        step, keys, values = self.step, self.keys[layer], self.values[layer]
         batch = k.shape[0]
-        if kind == "aligned":
-            keys[:batch, :, where] = k
-            values[:batch, :, where] = v
-            return keys[:batch, :, :seen], values[:batch, :, :seen], mask, is_causal
-        rows, positions = where
-        keys[rows, :, positions] = k.transpose(1, 2)
-        values[rows, :, positions] = v.transpose(1, 2)
-        slots = self._step[5]
-        if slots is None:
-            return keys[:batch, :, :seen], values[:batch, :, :seen], mask, False
-        return keys[slots, :, :seen], values[slots, :, :seen], mask, False
+        if step.rows is None:  # aligned
+            keys[:batch, :, step.positions] = k
+            values[:batch, :, step.positions] = v
+        else:
+            keys[step.rows, :, step.positions] = k.transpose(1, 2)
+            values[step.rows, :, step.positions] = v.transpose(1, 2)
+        read = slice(None, batch) if step.slots is None else step.slots
+        return keys[read, :, : step.seen], values[read, :, : step.seen], step.mask, step.is_causal
 
     def finish(self, length: int) -> None:
-        if self._step is not None and self._step[0] == "aligned":
+        if self.step is not None and self.step.rows is None:
             self.length += length
-        self._step = None
+        self.step = None
 
 
 class CausalSelfAttention(nn.Module):
@@ -321,7 +340,14 @@ class Transformer(nn.Module):
             model = cls(config, init_weights=False)
             if prepare is not None:
                 model = prepare(model)
-        expected = model.state_dict()
+        model.load_weights(weights, assign=True)
+        return model
+
+    def load_weights(self, weights: dict[str, torch.Tensor], assign: bool = False) -> None:
+        """Fill the model with `weights` (our names; a tied head may be left out) and tie the LM head to
+        the embedding iff `config.tie_embeddings`; ValueError naming what does not fit. `assign` takes
+        the tensors over (their dtype and storage) instead of copying into the model's own."""
+        expected = self.state_dict()
         wrong = [
             f"{name} {tuple(weight.shape)} (the config needs {tuple(expected[name].shape)})"
             for name, weight in weights.items()
@@ -329,14 +355,17 @@ class Transformer(nn.Module):
         ]
         if wrong:
             raise ValueError(f"weights do not match the config: {', '.join(wrong[:3])}")
-        missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
-        if config.tie_embeddings and isinstance(model.lm_head, nn.Linear):
+        missing, unexpected = self.load_state_dict(weights, strict=False, assign=assign)
+        if self.config.tie_embeddings:
             missing = [name for name in missing if name != "lm_head.weight"]
-            model.lm_head.weight = model.token_embedding.weight
+            # assign replaced the embedding's Parameter, so the head must point at the new one; a
+            # quantised head (from a quantised tied embedding) holds its own codes instead.
+            if isinstance(self.lm_head, nn.Linear):
+                self.lm_head.weight = self.token_embedding.weight
         if missing or unexpected:
             raise ValueError(f"weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        model.rebuild_buffers()
-        return model
+        if assign:
+            self.rebuild_buffers()
 
     def rebuild_buffers(self) -> None:
         """(Re)compute the RoPE tables, which are derived rather than saved, at their starting size."""
@@ -408,9 +437,12 @@ class Transformer(nn.Module):
             positions_seen = start + length
         else:
             where = positions[:, None] + torch.arange(length, device=tokens.device)
-            positions_seen = int(where.max()) + 1
-            if positions_seen > self.config.block_size:
-                raise ValueError(f"position {positions_seen - 1} exceeds block_size={self.config.block_size}")
+            if cache is not None and cache.static:  # the caller checks positions (see KVCache)
+                positions_seen = cache.max_length
+            else:
+                positions_seen = int(where.max()) + 1
+                if positions_seen > self.config.block_size:
+                    raise ValueError(f"position {positions_seen - 1} exceeds block_size={self.config.block_size}")
         if cache is not None:
             cache.begin(batch, length, positions, slots)
         x = self.token_embedding(tokens)

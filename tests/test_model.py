@@ -55,6 +55,32 @@ def test_cached_decoding_matches_full_forward(make_config):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("make_config", [gpt2_small, llama_small])
+def test_a_static_cache_attends_over_its_whole_capacity_and_matches_the_full_forward(make_config):
+    """Per-row decoding into a static cache (what the compiled step runs): rows at different positions,
+    keys read over the whole capacity whatever the positions, logits those of the full forward."""
+    torch.manual_seed(0)
+    model = Transformer(make_config()).eval()
+    tokens = torch.randint(0, 97, (2, 12))
+    full, _ = model(tokens)
+    cache = KVCache(model.config, batch_size=2, max_length=16, static=True)
+    model(tokens[:1, :5], cache=cache, positions=torch.tensor([0]), slots=torch.tensor([0]))
+    model(tokens[1:, :9], cache=cache, positions=torch.tensor([0]), slots=torch.tensor([1]))
+    seen, cache_update = [], cache.update
+
+    def recording_update(layer, k, v):
+        keys, values, mask, is_causal = cache_update(layer, k, v)
+        seen.append(keys.shape[2])
+        return keys, values, mask, is_causal
+
+    cache.update = recording_update
+    with torch.no_grad():
+        logits, _ = model(tokens[:, [5, 9]].diagonal()[:, None], cache=cache, positions=torch.tensor([5, 9]))
+    assert set(seen) == {16}
+    torch.testing.assert_close(logits[0, 0], full[0, 5], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits[1, 0], full[1, 9], atol=1e-5, rtol=1e-4)
+
+
 def test_inference_mlp_in_place_equals_the_autograd_one():
     torch.manual_seed(0)
     model = Transformer(llama_small()).eval()

@@ -255,7 +255,8 @@ def train_recommender(config: RecommendConfig, verbose: int = 1) -> dict:
         x, y = torch.tensor([u for u, _ in pairs]), torch.tensor([i for _, i in pairs])
         loss = "sparse_categorical_crossentropy"
     model.compile("adamw", loss, from_logits=True, learning_rate=config.learning_rate, weight_decay=0.01)
-    history = model.fit(x, y, epochs=config.epochs, batch_size=config.batch_size, callbacks=[WarmupCosine(20)],
+    # The warmup is sized to the run (a tenth, at most 100 steps) as in every trainer, not a fixed 20 steps.
+    history = model.fit(x, y, epochs=config.epochs, batch_size=config.batch_size, callbacks=[WarmupCosine()],
                         verbose=verbose, seed=config.seed)  # fmt: skip
     result = {
         "model": config.model,
@@ -293,7 +294,7 @@ def evaluate_recommender(model, histories, targets, n_items: int, max_length: in
 
 def save_recommender(model: nn.Module, config: RecommendConfig, data: Interactions, result: dict) -> Path:
     """out/recommender.json (config, item ids, histories, metrics) + out/model.safetensors, replaced atomically."""
-    from lmforge.formats.checkpoint import write_files_atomically
+    from lmforge.atomic import write_files_atomically
     from lmforge.training.fit import save_weights
 
     document = {

@@ -9,12 +9,12 @@ folder: vectors.npy plus passages.json (text, source file, position).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from lmforge.atomic import write_files_atomically
 from lmforge.errors import LmforgeError, missing_extra
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
@@ -89,13 +89,16 @@ class VectorIndex:
         ]
 
     def save(self, folder: str | Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / "vectors.tmp.npy"
-        np.save(temporary, self.vectors)
-        os.replace(temporary, folder / "vectors.npy")
-        (folder / "passages.json").write_text(json.dumps([asdict(p) for p in self.passages], ensure_ascii=False))
-        return folder
+        """vectors.npy + passages.json in `folder`, replaced atomically."""
+
+        def write_vectors(path: Path) -> None:
+            with path.open("wb") as handle:  # np.save given a path would append ".npy" to the temporary name
+                np.save(handle, self.vectors)
+
+        passages = json.dumps([asdict(p) for p in self.passages], ensure_ascii=False)
+        return write_files_atomically(
+            folder, {"vectors.npy": write_vectors, "passages.json": lambda path: path.write_text(passages)}
+        )
 
     @classmethod
     def load(cls, folder: str | Path, use_faiss: bool = False) -> VectorIndex:

@@ -21,6 +21,7 @@ from lmforge.errors import LmforgeError, missing_extra
 from lmforge.model import Block, ModelConfig, make_norm
 from lmforge.training import fit
 from lmforge.training.fit import Fittable
+from lmforge.training.progress import ProgressBar
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -178,6 +179,23 @@ def load_image_folder(folder: str | Path, image_size: int, grayscale: bool = Fal
     return torch.stack(images), torch.tensor(labels), classes
 
 
+class ProgressOverAllSteps(fit.Callback):
+    """One progress bar over every step of the run (not one per epoch), showing the running loss."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
+
+    def on_train_begin(self, logs):
+        self.bar, self.done = ProgressBar(self.params["epochs"] * self.params["steps"], self.stream), 0
+
+    def on_batch_end(self, batch, logs):
+        self.done += 1
+        self.bar.update(self.done, {"loss": logs["loss"]})
+
+    def on_train_end(self, logs):
+        self.bar.finish({"loss": logs["loss"]})
+
+
 def train_classifier(
     model: nn.Module,
     images: torch.Tensor,
@@ -190,34 +208,16 @@ def train_classifier(
     verbose: int = 1,
     stream=None,
 ) -> list[float]:
-    """AdamW with a cosine schedule over all steps; returns the mean training loss of each epoch.
-
-    `verbose=1` draws `fit`'s progress bar over all steps (on `stream`, default stdout); 0 is silent."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    steps = epochs * math.ceil(len(labels) / batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    bar = fit.ProgressBar(steps, stream) if verbose else None
-    history, step = [], 0
-    model.train()
-    for _ in range(epochs):
-        order, total = torch.randperm(len(labels), generator=generator), 0.0
-        for start in range(0, len(labels), batch_size):
-            batch = order[start : start + batch_size]
-            loss = F.cross_entropy(model(images[batch]), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.item() * len(batch)
-            step += 1
-            if bar:
-                bar.update(step, {"loss": history[-1]} if history else {})
-        history.append(total / len(labels))
-    if bar:
-        bar.finish({"loss": history[-1]})
-    model.eval()
-    return history
+    """`fit` with AdamW and the warmup + cosine schedule over all steps; returns the mean training loss
+    of each epoch. `verbose=1` draws one progress bar over all steps (on `stream`, default stdout)."""
+    fit.compile(
+        model, "adamw", "sparse_categorical_crossentropy", from_logits=True, learning_rate=lr, weight_decay=weight_decay
+    )
+    callbacks = [fit.WarmupCosine(min_ratio=0.0)] + ([ProgressOverAllSteps(stream)] if verbose else [])
+    history = fit.fit(
+        model, images, labels, epochs=epochs, batch_size=batch_size, callbacks=callbacks, verbose=0, seed=seed
+    )
+    return history.history["loss"]
 
 
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from lmforge.apps.encoder import BUILTIN_ENCODERS, Encoder, load_encoder
+from lmforge.atomic import write_files_atomically
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.metrics import confusion_matrix, macro_f1, save_confusion_matrix_png
-from lmforge.formats.checkpoint import write_files_atomically
 from lmforge.model import ModelConfig, Transformer
 from lmforge.settings import ClassifyConfig
 from lmforge.training.data import read_labelled_texts

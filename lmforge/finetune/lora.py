@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.atomic import write_files_atomically
 from lmforge.errors import LmforgeError
-from lmforge.formats.checkpoint import save_safetensors, write_files_atomically
 from lmforge.inference.quantize import QuantizedLinear
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -182,11 +182,13 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str | None = 
     if any(layer.merged for _, layer in lora_layers(model)):
         raise LmforgeError("unmerge the adapters before saving them")
     document = {**asdict(model.__dict__["lora_config"]), "base_model": base_model}
+    from safetensors.torch import save_file
+
     weights = adapter_state_dict(model)
     return write_files_atomically(
         folder,
         {
-            ADAPTER_WEIGHTS: lambda path: save_safetensors(weights, path),
+            ADAPTER_WEIGHTS: lambda path: save_file(weights, str(path)),
             ADAPTER_CONFIG: lambda path: path.write_text(json.dumps(document, indent=2) + "\n"),
         },
     )

@@ -9,7 +9,6 @@ crash at any moment leaves the previous checkpoint whole.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import shutil
@@ -21,8 +20,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from lmforge.atomic import write_folder_atomically, write_text_atomically
 from lmforge.errors import LmforgeError
-from lmforge.inference.quantize import QuantizedLinear, apply_layout, quantized_layout
+from lmforge.inference.quantize import apply_layout, quantized_layout
 from lmforge.model import ModelConfig, Transformer, uninitialized_layers
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
@@ -35,56 +35,6 @@ def model_weights(model: Transformer) -> dict[str, torch.Tensor]:
     if model.config.tie_embeddings:
         weights.pop("lm_head.weight", None)
     return {name: tensor.detach().contiguous() for name, tensor in weights.items()}
-
-
-def current_umask() -> int:
-    """This process's umask, read without changing it where Linux reports it (os.umask can only
-    read it by setting it, which would race with files other threads create meanwhile)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def honour_umask(path: str | Path) -> None:
-    """Give a written file the mode any new file gets (0644 under umask 022). safetensors writes through
-    a temporary file of its own, created 0600, and renames it into place."""
-    os.chmod(path, 0o666 & ~current_umask())
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    """`safetensors.torch.save_file`, with the file's mode following the umask."""
-    save_file(tensors, str(path), metadata=metadata)
-    honour_umask(path)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
-def write_files_atomically(folder: str | Path, writers: dict) -> Path:
-    """Write each `name: write(path)` into a temporary folder, then move them into `folder` in order.
-
-    A crash leaves either the old file or the new one under each name, never half a file; put
-    the file that marks a complete folder (its config) last.
-    """
-    folder = Path(folder)
-    temporary = folder / ".writing.tmp"
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    for name, write in writers.items():
-        write(temporary / name)
-    for name in writers:
-        os.replace(temporary / name, folder / name)
-    temporary.rmdir()
-    return folder
 
 
 def save_checkpoint(
@@ -101,7 +51,7 @@ def save_checkpoint(
     final = save_model(
         checkpoints / f"step_{step:06d}", model, tokenizer, {"step": step, **(extra_config or {})}, state
     )
-    write_atomically(checkpoints / LATEST, final.name)
+    write_text_atomically(checkpoints / LATEST, final.name)
     if keep > 0:
         # Only written folders count: an empty step folder someone made must not push a real one out.
         for old in [folder for folder in step_folders(checkpoints) if (folder / CONFIG).exists()][keep:]:
@@ -114,24 +64,18 @@ def save_model(
 ) -> Path:
     """Write a loadable model folder (weights, config, tokenizer[, training state]) atomically:
     built under a temporary name, then renamed over `folder`."""
-    final = Path(folder)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
-    save_safetensors(model_weights(model), temporary / WEIGHTS, metadata={"format": "pt"})
     config = {"model": model.config.to_dict(), **(extra_config or {})}
     layout = quantized_layout(model)
     if layout:  # which layers hold int8/int4 codes, so loading can rebuild them first
         config["quantization"] = layout
-    (temporary / CONFIG).write_text(json.dumps(config, indent=2))
-    tokenizer.save(temporary / TOKENIZER)
+    writers = {
+        WEIGHTS: lambda path: save_file(model_weights(model), str(path), metadata={"format": "pt"}),
+        CONFIG: lambda path: path.write_text(json.dumps(config, indent=2)),
+        TOKENIZER: lambda path: tokenizer.save(path),
+    }
     if state is not None:
-        torch.save(state, temporary / STATE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(temporary, final)
-    return final
+        writers[STATE] = lambda path: torch.save(state, path)
+    return write_folder_atomically(folder, writers)
 
 
 class DamagedLatest(LmforgeError):
@@ -194,17 +138,10 @@ def load_weights(model: Transformer, folder: Path, assign: bool = False) -> None
         weights = load_file(str(folder / WEIGHTS))
     except (OSError, SafetensorError) as error:
         raise LmforgeError(f"{folder / WEIGHTS}: cannot read weights ({error}); the file may be truncated") from None
-    missing, unexpected = model.load_state_dict(weights, strict=False, assign=assign)
-    if model.config.tie_embeddings:
-        missing = [m for m in missing if m != "lm_head.weight"]
-        if assign and type(model.lm_head) is not QuantizedLinear:
-            model.lm_head.weight = model.token_embedding.weight
-    if assign:
-        model.rebuild_buffers()
-    if missing or unexpected:
-        raise LmforgeError(
-            f"{folder / WEIGHTS}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
-        )
+    try:
+        model.load_weights(weights, assign=assign)
+    except ValueError as error:
+        raise LmforgeError(f"{folder / WEIGHTS}: {error}") from None
 
 
 STATE_TYPES = {"step": int, "optimizer": dict, "torch_rng": torch.Tensor, "data_rng": torch.Tensor}

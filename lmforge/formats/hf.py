@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from lmforge.atomic import write_files_atomically
 from lmforge.errors import LmforgeError
-from lmforge.formats.checkpoint import save_safetensors
 from lmforge.formats.metadata import (
     MISSING,
     SAMPLING_FIELDS,
@@ -363,14 +363,7 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
     if not config.tie_embeddings:
         weights["lm_head.weight"] = state["lm_head.weight"]
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_safetensors(
-        {k: v.contiguous() for k, v in weights.items()}, folder / "model.safetensors", metadata={"format": "pt"}
-    )
-    (folder / "config.json").write_text(json.dumps(values, indent=2))
     hf_tokenizer = tokenizer.to_hf() if isinstance(tokenizer, CharTokenizer) else tokenizer.hf
-    hf_tokenizer.save(str(folder / "tokenizer.json"))
     settings = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": config.block_size,
@@ -381,7 +374,16 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
     }
     if tokenizer.chat_template:
         settings["chat_template"] = tokenizer.chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(settings, indent=2))
     generation = {k: values[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if values.get(k) is not None}
-    (folder / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
-    return folder
+    weights = {k: v.contiguous() for k, v in weights.items()}
+    # config.json last: it is what marks a folder as a model to transformers and to `lmforge.load`.
+    return write_files_atomically(
+        folder,
+        {
+            "model.safetensors": lambda path: save_file(weights, str(path), metadata={"format": "pt"}),
+            "tokenizer.json": lambda path: hf_tokenizer.save(str(path)),
+            "tokenizer_config.json": lambda path: path.write_text(json.dumps(settings, indent=2)),
+            GENERATION_CONFIG: lambda path: path.write_text(json.dumps(generation, indent=2)),
+            "config.json": lambda path: path.write_text(json.dumps(values, indent=2)),
+        },
+    )

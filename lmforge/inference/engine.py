@@ -20,7 +20,7 @@ from torch import nn
 from lmforge.errors import LmforgeError
 from lmforge.inference import kernels
 from lmforge.inference.quantize import FastLinear, QuantizedLinear
-from lmforge.model import KVCache, Transformer, apply_rope
+from lmforge.model import KVCache, Transformer
 
 # Decoding threads. A step is ~150 fork-joins of 10-50 microseconds each, so one thread that the
 # OS parks for a time slice (milliseconds) to run another process stalls every join behind it:
@@ -203,7 +203,8 @@ class DecodePlan:
         config = model.config
         d, width = config.d_model, (config.n_heads + 2 * config.kv_heads) * config.head_dim
         buffer = lambda *shape: torch.empty(*shape)  # noqa: E731
-        self.model, self.cache, self.batch = model, cache, batch
+        self.model, self.batch = model, batch
+        self.keys, self.values, self.capacity = cache.keys, cache.values, cache.max_length
         self.x, self.h, self.y, self.delta = buffer(batch, d), buffer(batch, d), buffer(batch, d), buffer(batch, d)
         self.qkv, self.up = buffer(batch, width), buffer(batch, 2 * config.mlp_hidden)
         self.gated = buffer(batch, config.mlp_hidden)
@@ -219,7 +220,7 @@ class DecodePlan:
     def _calls(self, threads: int) -> list:
         if threads in self._calls_by_threads:
             return self._calls_by_threads[threads]
-        library, config, cache, batch = kernels.library(), self.model.config, self.cache, self.batch
+        library, config, batch = kernels.library(), self.model.config, self.batch
         d = config.d_model
         blocks = self.model.blocks
         first = blocks[0].attention_norm
@@ -233,8 +234,8 @@ class DecodePlan:
                 self._matvec(attention.qkv, self.h, self.qkv, threads),
                 (library.attention_decode, (
                     self.qkv.data_ptr(), batch, config.n_heads, config.kv_heads, config.head_dim,
-                    self.slots.data_ptr(), self.positions.data_ptr(), cache.keys[layer].data_ptr(),
-                    cache.values[layer].data_ptr(), cache.max_length, self.rope_cos.data_ptr(),
+                    self.slots.data_ptr(), self.positions.data_ptr(), self.keys[layer].data_ptr(),
+                    self.values[layer].data_ptr(), self.capacity, self.rope_cos.data_ptr(),
                     self.rope_sin.data_ptr(), self.scores.data_ptr(), self.y.data_ptr(), threads,
                 )),
                 self._matvec(attention.out, self.y, self.delta, threads),
@@ -297,6 +298,12 @@ class DecodePlan:
         return self.logits.clone()
 
 
+# cache -> {(id(model), batch): DecodePlan, or None where the model's layers have no native calls}.
+# Per cache since a plan holds its tensors' addresses; a plan must not refer to its cache, which would
+# then never leave this dictionary.
+_decode_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def decode_step(
     model: Transformer,
     tokens: torch.Tensor,
@@ -319,7 +326,7 @@ def decode_step(
     position_limit = min(cache.max_length, config.block_size)
     if int(positions.max()) >= position_limit:
         raise ValueError(f"position {int(positions.max())} does not fit the cache/context of {position_limit}")
-    plans = cache.__dict__.setdefault("_decode_plans", {})  # per cache: the plan holds its tensors' addresses
+    plans = _decode_plans.setdefault(cache, {})
     key = (id(model), batch)
     if key not in plans:
         plans[key] = DecodePlan(model, cache, batch) if DecodePlan.fits(model) else None
@@ -348,46 +355,63 @@ def torch_decode_step(
     return run_timed_step(model, tokens.shape[0], step)
 
 
-def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, keys: list, values: list):
-    """One token per row (rows 0..B-1 of the cache) in plain PyTorch with shapes that never change:
-    new keys/values are scattered at `positions`, and attention runs over the whole cache with
-    a mask (key position <= row position), so `torch.compile` builds one graph for every step."""
-    import torch.nn.functional as F
+PREFILL_CHUNK = 256  # prompt tokens per pass of a single-row prefill
 
-    config = model.config
-    batch = tokens.shape[0]
-    capacity = keys[0].shape[2]
-    x = model.token_embedding(tokens)  # (B, 1, d)
-    rope = None
-    if config.positions == "learned":
-        x = x + model.position_embedding(positions)[:, None]
+
+def next_token_logits(
+    model: Transformer,
+    tokens: torch.Tensor,
+    cache: KVCache | None,
+    positions: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+    last: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits (B, vocab) at each row's last position (or at index `last` per row), running the
+    LM head on those positions only: during prefill it would otherwise be the biggest matmul."""
+    if tokens.shape[1] == 1 and cache is not None and last is None:
+        if supports(model):
+            return decode_step(model, tokens, cache, positions, slots)
+        return torch_decode_step(model, tokens, cache, positions, slots)
+    use_prefill_threads(model)
+    if cache is not None and positions is None and last is None:
+        # A long prompt goes through in chunks: the cache carries the context between them, and each
+        # pass's activations (and dequantised weights) stay a chunk's size, not the prompt's.
+        while tokens.shape[1] > PREFILL_CHUNK:
+            model.hidden_states(tokens[:, :PREFILL_CHUNK], cache)
+            tokens = tokens[:, PREFILL_CHUNK:]
+    hidden = model.hidden_states(tokens, cache, positions, slots)
+    if last is None:
+        hidden = hidden[:, -1]
     else:
-        # `compiled_decode_step` grew the tables to the cache's length before this graph runs
-        rope = (model.rope_cos[positions][:, None, None], model.rope_sin[positions][:, None, None])
-    visible = (torch.arange(capacity, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
-    rows = torch.arange(batch, device=tokens.device)
-    for layer, block in enumerate(model.blocks):
-        attention = block.attention
-        h = block.attention_norm(x)
-        q, k, v = attention.qkv(h).split(
-            [config.n_heads * config.head_dim, config.kv_heads * config.head_dim, config.kv_heads * config.head_dim],
-            dim=-1,
-        )
-        q = q.view(batch, 1, config.n_heads, config.head_dim).transpose(1, 2)
-        k = k.view(batch, config.kv_heads, config.head_dim)
-        v = v.view(batch, config.kv_heads, config.head_dim)
-        if rope is not None:
-            q = apply_rope(q, *rope)
-            k = apply_rope(k[:, :, None], *rope)[:, :, 0]
-        keys[layer][rows, :, positions] = k
-        values[layer][rows, :, positions] = v
-        y = F.scaled_dot_product_attention(
-            q, keys[layer][:batch], values[layer][:batch], attn_mask=visible,
-            enable_gqa=config.kv_heads != config.n_heads,
-        )  # fmt: skip
-        x = x + attention.out(y.transpose(1, 2).reshape(batch, 1, config.d_model))
-        x = x + block.mlp(block.mlp_norm(x))
-    return model.lm_head(model.final_norm(x)[:, 0]).float()
+        hidden = hidden[torch.arange(hidden.shape[0]), last]
+    return model.lm_head(hidden).float()
+
+
+def prefill(
+    model: Transformer, prompts: list[list[int]], cache: KVCache, slots: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Run several prompts in one pass, each into its cache row (`slots`, default 0..B-1) from
+    position 0; logits (B, vocab) at each prompt's last token.
+
+    The batch is right-padded to the longest prompt. A row's padding writes cache entries past
+    its length, which its own later tokens overwrite before any query can see them.
+    """
+    device = cache.keys[0].device
+    lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
+    padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        padded[row, : len(prompt)] = torch.tensor(prompt)
+    zeros = torch.zeros(len(prompts), dtype=torch.long, device=device)
+    return next_token_logits(model, padded, cache, positions=zeros, slots=slots, last=lengths - 1)
+
+
+def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache):
+    """Next-token logits for one token per row (cache rows 0..B-1) at `positions`: the model's own
+    forward over a static cache, whose shapes never change, so `torch.compile` builds one graph."""
+    return model.lm_head(model.hidden_states(tokens, cache, positions)[:, -1]).float()
+
+
+_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled step, False where none
 
 
 def compiled_decode_step(model: Transformer):
@@ -399,19 +423,20 @@ def compiled_decode_step(model: Transformer):
     for module in model.modules():
         if isinstance(module, (QuantizedLinear, FastLinear)):
             module.native_when_compiled = native
-    cached = getattr(model, "_compiled_decode", None)
+    cached = _compiled_steps.get(model)
     if cached is None:
         try:
             cached = torch.compile(_static_decode, dynamic=False, fullgraph=False)
         except Exception:  # noqa: BLE001 - no compiler/backend: run uncompiled
             cached = False
-        model._compiled_decode = cached
+        _compiled_steps[model] = cached
     if not cached:
         return None
 
-    def step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, keys: list, values: list):
+    def step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache):
+        """Logits (B, vocab) for `tokens` (B, 1) at `positions` (B,) in a `KVCache(static=True)`."""
         if model.config.positions == "rope":  # grown outside the graph, which then only reads the tables
-            model.rope_for(keys[0].shape[2])
-        return cached(model, tokens, positions, keys, values)
+            model.rope_for(cache.max_length)
+        return cached(model, tokens, positions, cache)
 
     return step

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.inference import engine
+from lmforge.inference.engine import compiled_decode_step, next_token_logits, prefill
 from lmforge.model import KVCache, Transformer
 from lmforge.settings import SamplingConfig
 from lmforge.tokenizer import Tokenizer
@@ -47,38 +47,6 @@ def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: t
     return picked.clamp(max=logits.shape[-1] - 1)
 
 
-PREFILL_CHUNK = 256  # prompt tokens per pass of a single-row prefill
-
-
-def next_token_logits(
-    model: Transformer,
-    tokens: torch.Tensor,
-    cache: KVCache | None,
-    positions: torch.Tensor | None = None,
-    slots: torch.Tensor | None = None,
-    last: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Logits (B, vocab) at each row's last position (or at index `last` per row), running the
-    LM head on those positions only: during prefill it would otherwise be the biggest matmul."""
-    if tokens.shape[1] == 1 and cache is not None and last is None:
-        if engine.supports(model):
-            return engine.decode_step(model, tokens, cache, positions, slots)
-        return engine.torch_decode_step(model, tokens, cache, positions, slots)
-    engine.use_prefill_threads(model)
-    if cache is not None and positions is None and last is None:
-        # A long prompt goes through in chunks: the cache carries the context between them, and each
-        # pass's activations (and dequantised weights) stay a chunk's size, not the prompt's.
-        while tokens.shape[1] > PREFILL_CHUNK:
-            model.hidden_states(tokens[:, :PREFILL_CHUNK], cache)
-            tokens = tokens[:, PREFILL_CHUNK:]
-    hidden = model.hidden_states(tokens, cache, positions, slots)
-    if last is None:
-        hidden = hidden[:, -1]
-    else:
-        hidden = hidden[torch.arange(hidden.shape[0]), last]
-    return model.lm_head(hidden).float()
-
-
 def _adjust_logits(logits: torch.Tensor, history: list[list[int]], sampling: SamplingConfig) -> torch.Tensor:
     if sampling.repetition_penalty == 1.0:
         return logits
@@ -106,14 +74,16 @@ def generate_tokens(
         generator = torch.Generator(device=device).manual_seed(sampling.seed)
     tokens = list(prompt_ids)
     cache = None
-    compiled = engine.compiled_decode_step(model) if compile and use_cache else None
+    compiled = compiled_decode_step(model) if compile and use_cache else None
     if use_cache:
         # Sized to this request, not the model's whole context (8k positions for SmolLM2); a compiled
         # step sees the cache's shape, so round it up to few distinct sizes to reuse its graph.
         capacity = min(block_size, len(tokens) + sampling.max_new_tokens)
         if compiled is not None:
             capacity = min(block_size, max(256, 1 << (capacity - 1).bit_length()))
-        cache = KVCache(model.config, 1, capacity, device=device, dtype=next(model.parameters()).dtype)
+        cache = KVCache(
+            model.config, 1, capacity, device=device, dtype=next(model.parameters()).dtype, static=compiled is not None
+        )
     pending = tokens[-block_size:]  # what the model has not seen yet
     for _ in range(sampling.max_new_tokens):
         if cache is not None and cache.length + len(pending) > cache.max_length:
@@ -122,7 +92,7 @@ def generate_tokens(
         inputs = torch.tensor([pending if cache is not None else tokens[-block_size:]], device=device)
         if compiled is not None and len(pending) == 1:
             position = torch.tensor([cache.length], device=device)
-            logits = compiled(model, inputs, position, cache.keys, cache.values)
+            logits = compiled(model, inputs, position, cache)
             cache.length += 1
         else:
             logits = next_token_logits(model, inputs, cache)
@@ -131,24 +101,6 @@ def generate_tokens(
         tokens.append(token)
         pending = [token]
         yield token
-
-
-def prefill(
-    model: Transformer, prompts: list[list[int]], cache: KVCache, slots: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Run several prompts in one pass, each into its cache row (`slots`, default 0..B-1) from
-    position 0; logits (B, vocab) at each prompt's last token.
-
-    The batch is right-padded to the longest prompt. A row's padding writes cache entries past
-    its length, which its own later tokens overwrite before any query can see them.
-    """
-    device = cache.keys[0].device
-    lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
-    padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        padded[row, : len(prompt)] = torch.tensor(prompt)
-    zeros = torch.zeros(len(prompts), dtype=torch.long, device=device)
-    return next_token_logits(model, padded, cache, positions=zeros, slots=slots, last=lengths - 1)
 
 
 @torch.inference_mode()

@@ -17,7 +17,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.inference import engine
-from lmforge.inference.generate import next_token_logits
+from lmforge.inference.engine import next_token_logits
 from lmforge.model import KVCache, Transformer
 
 

@@ -16,14 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.inference.generate import (
-    SamplingConfig,
-    TextStream,
-    apply_repetition_penalty,
-    next_token_logits,
-    pick_next_token,
-    prefill,
-)
+from lmforge.inference.engine import next_token_logits, prefill
+from lmforge.inference.generate import SamplingConfig, TextStream, apply_repetition_penalty, pick_next_token
 from lmforge.model import KVCache, Transformer
 from lmforge.tokenizer import Tokenizer
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.atomic import write_text_atomically
 from lmforge.errors import LmforgeError, missing_extra
 from lmforge.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
@@ -311,9 +311,7 @@ def prepare(
         "splits": splits,
         "sources": [{"path": str(p), "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files],
     }
-    temporary = out / (MANIFEST + ".tmp")
-    temporary.write_text(json.dumps(manifest, indent=2))
-    os.replace(temporary, out / MANIFEST)
+    write_text_atomically(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 

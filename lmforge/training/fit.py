@@ -10,10 +10,9 @@ a dict of tensors (keyword inputs), all with the examples along dimension 0.
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,10 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.metrics import confusion_matrix, macro_f1
+from lmforge.training.optim import OPTIMIZERS, build_optimizer
+from lmforge.training.progress import ProgressBar, format_logs
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
+from lmforge.training.step import apply_gradients, autocast_for, forward_backward
 
 Inputs = torch.Tensor | tuple | list | dict
 
@@ -131,27 +133,27 @@ class MacroF1(Metric):
 METRICS = {"accuracy": Accuracy, "acc": Accuracy, "macro_f1": MacroF1, "f1": MacroF1}
 
 
-def make_optimizer(
-    spec, parameters: list[nn.Parameter], learning_rate: float | None, weight_decay: float | None = None
+# Keras's defaults for the named optimizers: the learning rate, and options beyond torch's defaults.
+DEFAULT_LEARNING_RATES = {"adamw": 1e-3, "adam": 1e-3, "sgd": 1e-2, "rmsprop": 1e-3}
+DEFAULT_OPTIONS = {"rmsprop": {"alpha": 0.9}}
+
+
+def resolve_optimizer(
+    spec, model: nn.Module, learning_rate: float | None, weight_decay: float | None = None
 ) -> torch.optim.Optimizer:
-    """An optimizer from a name (Keras's defaults: adam 1e-3, sgd 1e-2; adamw decays 0.01 unless told),
-    a factory `params → optimizer`, or itself."""
+    """An optimizer from a name (`optim.build_optimizer`, with Keras's defaults: adam 1e-3, sgd 1e-2;
+    adamw decays 0.01 unless told), a factory `trainable params → optimizer`, or itself."""
     if isinstance(spec, torch.optim.Optimizer):
         return spec
     if callable(spec):
-        return spec(parameters)
-    decay = weight_decay or 0.0
-    builders = {
-        "adam": lambda lr: torch.optim.Adam(parameters, lr=lr or 1e-3, weight_decay=decay),
-        "adamw": lambda lr: torch.optim.AdamW(
-            parameters, lr=lr or 1e-3, weight_decay=0.01 if weight_decay is None else weight_decay
-        ),
-        "sgd": lambda lr: torch.optim.SGD(parameters, lr=lr or 1e-2, weight_decay=decay),
-        "rmsprop": lambda lr: torch.optim.RMSprop(parameters, lr=lr or 1e-3, alpha=0.9, weight_decay=decay),
-    }
-    if spec not in builders:
-        raise LmforgeError(f"unknown optimizer {spec!r}; known: {sorted(builders)}, or an optimizer instance")
-    return builders[spec](learning_rate)
+        return spec([p for p in model.parameters() if p.requires_grad])
+    if spec not in OPTIMIZERS:
+        raise LmforgeError(f"unknown optimizer {spec!r}; known: {sorted(OPTIMIZERS)}, or an optimizer instance")
+    if weight_decay is None:
+        weight_decay = 0.01 if spec == "adamw" else 0.0
+    return build_optimizer(
+        model, learning_rate or DEFAULT_LEARNING_RATES[spec], weight_decay, spec, **DEFAULT_OPTIONS.get(spec, {})
+    )
 
 
 @dataclass
@@ -189,8 +191,8 @@ def compile(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise LmforgeError("the model has no trainable parameters (all have requires_grad=False)")
-    model.__dict__["training_setup"] = TrainingSetup(
-        optimizer=make_optimizer(optimizer, trainable, learning_rate, weight_decay),
+    model.training_setup = TrainingSetup(
+        optimizer=resolve_optimizer(optimizer, model, learning_rate, weight_decay),
         loss=loss_function,
         loss_name=loss_name,
         metrics=[METRICS[name]() for name in metrics or []],
@@ -200,9 +202,10 @@ def compile(
 
 
 def _setup(model: nn.Module) -> TrainingSetup:
-    if "training_setup" not in model.__dict__:
+    setup = getattr(model, "training_setup", None)  # declared on Fittable; a plain module has it after compile
+    if setup is None:
         raise LmforgeError("call compile(...) before fit/evaluate")
-    return model.__dict__["training_setup"]
+    return setup
 
 
 # --- data --------------------------------------------------------------------------------
@@ -242,60 +245,6 @@ def _call(model: nn.Module, x: Inputs) -> torch.Tensor:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-# --- progress bar ------------------------------------------------------------------------
-
-
-def _format_duration(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 60 else f"{int(seconds // 60)}m {int(seconds % 60)}s"
-
-
-def _format_logs(logs: dict) -> str:
-    return " - ".join(f"{key}: {value:.4f}" for key, value in logs.items())
-
-
-class ProgressBar:
-    """Keras's per-epoch bar: `12/40 ━━━━━━━━━━━━━━━━━━━━ 3s 80ms/step - loss: 0.3909 - accuracy: 0.8129`.
-
-    On a terminal the line redraws in place (at most 10 times a second); in a log or pipe a
-    line is written every `log_seconds` of a long epoch, and the finished line at its end.
-    """
-
-    width = 20
-
-    def __init__(self, steps: int, stream=None, log_seconds: float = 30.0):
-        self.steps, self.stream, self.log_seconds = steps, stream or sys.stdout, log_seconds
-        self.live = getattr(self.stream, "isatty", lambda: False)()
-        self.start = self.last_draw = time.perf_counter()
-
-    def line(self, step: int, logs: dict) -> str:
-        elapsed = time.perf_counter() - self.start
-        per_step = elapsed / max(step, 1)
-        done = round(self.width * step / self.steps)
-        bar = "━" * done + "─" * (self.width - done)
-        timing = (
-            f"{_format_duration(elapsed)} {per_step * 1000:.0f}ms/step"
-            if step >= self.steps
-            else f"{_format_duration(per_step * (self.steps - step))} {per_step * 1000:.0f}ms/step"
-        )
-        text = f"{step}/{self.steps} {bar} {timing}"
-        return f"{text} - {_format_logs(logs)}" if logs else text
-
-    def update(self, step: int, logs: dict) -> None:
-        now = time.perf_counter()
-        if self.live and now - self.last_draw >= 0.1:
-            self.stream.write("\r" + self.line(step, logs) + "\033[K")
-            self.stream.flush()
-            self.last_draw = now
-        elif not self.live and step < self.steps and now - self.last_draw >= self.log_seconds:
-            self.stream.write(self.line(step, logs) + "\n")
-            self.stream.flush()
-            self.last_draw = now
-
-    def finish(self, logs: dict) -> None:
-        self.stream.write(("\r" if self.live else "") + self.line(self.steps, logs) + "\n")
-        self.stream.flush()
 
 
 # --- callbacks ---------------------------------------------------------------------------
@@ -360,7 +309,7 @@ class EarlyStopping(Callback):
         self.wait += 1
         if self.wait >= self.patience:
             self.stopped_epoch = epoch
-            self.model.__dict__["stop_training"] = True
+            self.model.stop_training = True
 
     def on_train_end(self, logs):
         if self.restore_best_weights and self.best_weights is not None and self.stopped_epoch is not None:
@@ -368,18 +317,13 @@ class EarlyStopping(Callback):
 
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
-    """The weights as safetensors, written to a temporary file then renamed: a crash never leaves half a file."""
+    """The weights as safetensors, through the atomic writer: a crash never leaves half a file."""
     from safetensors.torch import save_model
 
-    from lmforge.formats.checkpoint import honour_umask
+    from lmforge.atomic import write_atomically
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    save_model(model, str(temporary))  # save_model (not save_file) copes with tied weights
-    honour_umask(temporary)
-    os.replace(temporary, path)
-    return path
+    # save_model (not save_file) copes with tied weights
+    return write_atomically(path, lambda temporary: save_model(model, str(temporary)))
 
 
 class ModelCheckpoint(Callback):
@@ -487,6 +431,14 @@ def _batch_loss(setup: TrainingSetup, outputs, targets, weights) -> torch.Tensor
     return (losses * weights).mean()  # Keras's sum-over-batch-size: a batch of weight-0 examples costs 0
 
 
+def _loss_and_outputs(model: nn.Module, setup: TrainingSetup, inputs: Inputs, targets, weights):
+    outputs = _call(model, inputs)
+    # The loss in fp32, outside the step's autocast (bf16 on CUDA): bf16 outputs would round the loss,
+    # and binary_cross_entropy refuses to run under autocast at all.
+    with torch.autocast(outputs.device.type, enabled=False):
+        return _batch_loss(setup, outputs.float(), targets, weights), outputs
+
+
 def _class_weights(class_weight: dict | None, targets: torch.Tensor, setup: TrainingSetup) -> torch.Tensor | None:
     if class_weight is None:
         return None
@@ -549,8 +501,9 @@ def fit(
         callback.model, callback.params = model, params
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     device = _device(model)
+    autocast = autocast_for(device)
     history = History()
-    model.__dict__["stop_training"] = False
+    model.stop_training = False
     for callback in callbacks:
         callback.on_train_begin({})
     for epoch in range(epochs):
@@ -570,22 +523,17 @@ def fit(
             for callback in callbacks:
                 callback.on_batch_begin(step, {})
             inputs, targets = _to(_take(x, index), device), y[index].to(device)
-            outputs = _call(model, inputs)
-            loss = _batch_loss(setup, outputs, targets, None if weights is None else weights[index].to(device))
-            if not torch.isfinite(loss):
+            batch_weights = None if weights is None else weights[index].to(device)
+            # The last group of an epoch may hold fewer batches than accumulation_steps.
+            group = min(accumulation_steps, steps - (step // accumulation_steps) * accumulation_steps)
+            forward = functools.partial(_loss_and_outputs, model, setup, inputs, targets, batch_weights)
+            loss, outputs = forward_backward(forward, group, autocast)
+            if not torch.isfinite(loss):  # before the update: the weights stay those of the last good batch
                 raise LmforgeError(
                     f"epoch {epoch + 1}, batch {step + 1}: loss is {loss.item()}; lower the learning rate"
                 )
-            # The last group of an epoch may hold fewer batches than accumulation_steps.
-            group = min(accumulation_steps, steps - (step // accumulation_steps) * accumulation_steps)
-            (loss / group).backward()
             if (step + 1) % accumulation_steps == 0 or step + 1 == steps:
-                if setup.clip_grad_norm:
-                    nn.utils.clip_grad_norm_(
-                        [p for g in setup.optimizer.param_groups for p in g["params"]], setup.clip_grad_norm
-                    )
-                setup.optimizer.step()
-                setup.optimizer.zero_grad(set_to_none=True)
+                apply_gradients(setup.optimizer, setup.clip_grad_norm)
                 params["optimizer_step"] += 1
             loss_sum, seen = loss_sum + loss.item() * len(index), seen + len(index)
             with torch.no_grad():
@@ -603,11 +551,11 @@ def fit(
         if bar is not None:
             bar.finish({k: v for k, v in logs.items() if k != "learning_rate"})
         elif verbose == 2:
-            print(_format_logs(logs), file=stream or sys.stdout, flush=True)
+            print(format_logs(logs), file=stream or sys.stdout, flush=True)
         history.record(epoch, logs)
         for callback in callbacks:
             callback.on_epoch_end(epoch, logs)
-        if model.__dict__["stop_training"]:
+        if model.stop_training:
             break
     for callback in callbacks:
         callback.on_train_end(logs)
@@ -655,8 +603,19 @@ class Fittable:
     """Mixin for an `nn.Module`: `compile`, `fit`, `evaluate` and `predict` as methods.
 
     Listed before `nn.Module` in the bases, its `compile` (Keras's) replaces `nn.Module.compile`
-    (torch.compile in place); call `torch.compile(model)` for that.
+    (torch.compile in place); `torch.compile(model)` or `nn.Module.compile(model)` reach that.
     """
+
+    # Keras's names, declared and typed instead of set on the fly: what `compile` fixed (None until
+    # then), and the flag a callback sets to end `fit` after the current epoch (EarlyStopping does).
+    training_setup: TrainingSetup | None = None
+    stop_training: bool = False
+
+    # Deliberately shadows nn.Module.compile: the Keras face (`model.compile(optimizer=..., loss=...)`)
+    # is what SFT, classification, recommendation and vision users write, and renaming it would break
+    # every Keras habit and README snippet. torch's graph compiler stays one call away: the function
+    # `torch.compile(model)` wraps the module without calling this method, and
+    # `nn.Module.compile(model)` compiles in place (both tested in tests/training/test_fit.py).
 
     def compile(self, optimizer="adam", loss="sparse_categorical_crossentropy", metrics=None, **options) -> None:
         compile(self, optimizer, loss, metrics, **options)

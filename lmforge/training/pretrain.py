@@ -12,7 +12,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,8 +24,11 @@ from lmforge.model import Transformer
 from lmforge.settings import TrainConfig, recorded_settings, train_config_from  # noqa: F401 (importable from here too)
 from lmforge.training import distributed
 from lmforge.training.data import TokenDataset
+from lmforge.training.optim import build_optimizer
+from lmforge.training.progress import ProgressBar, format_duration
 from lmforge.training.run_folder import claim_run_folder, settings_to_record
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
+from lmforge.training.step import apply_gradients, autocast_for, forward_backward, next_token_forward
 
 # What a pretraining run writes into out_dir; a folder holding any of them holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "loss_curve.png", "checkpoints")
@@ -36,17 +38,6 @@ def learning_rate_at(step: int, config: TrainConfig) -> float:
     """Linear warmup to learning_rate, then cosine decay to min_learning_rate at max_steps."""
     warmup_steps = warmup_steps_for(config.max_steps, config.warmup_steps)
     return warmup_cosine(step, config.max_steps, warmup_steps, config.learning_rate, config.min_learning_rate)
-
-
-def make_optimizer(model: Transformer, config: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms, biases); fused kernel where available."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    try:
-        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), foreach=True)
 
 
 def measure_matmul_flops(
@@ -79,13 +70,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast_for(device: torch.device):
-    # bf16 on GPUs; on CPUs without bf16 units a bf16 matmul is ~100x slower, so stay in fp32.
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def rng_states(device: torch.device, data_generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Every random state a training step draws from: dropout (CPU or CUDA) and the batch sampler."""
     states = {"torch_rng": torch.get_rng_state(), "data_rng": data_generator.get_state()}
@@ -106,7 +90,7 @@ class TrainingDiverged(LmforgeError):
 
 
 class ProgressReporter:
-    """A live bar on a terminal, plain log lines elsewhere, and metrics.jsonl always."""
+    """The progress bar (`progress.ProgressBar`) on a terminal, plain log lines elsewhere, and metrics.jsonl always."""
 
     def __init__(self, config: TrainConfig, start_step: int, metrics_path: Path, enabled: bool):
         self.config, self.metrics_path, self.enabled = config, metrics_path, enabled
@@ -114,13 +98,10 @@ class ProgressReporter:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "plain"
         self.mode = mode if enabled else "none"
-        self.bar = None
-        if self.mode == "bar":
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=config.max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self.bar = ProgressBar(config.max_steps, sys.stderr, initial=start_step) if self.mode == "bar" else None
         self.start_time = time.perf_counter()
         self.start_step = start_step
+        self.last_step, self.last_logs = start_step, {}
 
     def record(self, values: dict) -> None:
         if not self.enabled:
@@ -130,16 +111,20 @@ class ProgressReporter:
 
     def step(self, step: int, loss: float, lr: float, tokens_per_second: float, mfu: float) -> None:
         if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(
-                f"loss {loss:.4f} lr {lr:.2e} {tokens_per_second:,.0f} tok/s MFU {mfu:.1%}", refresh=False
-            )
+            self.last_step = step
+            self.last_logs = {
+                "loss": loss,
+                "lr": f"{lr:.2e}",
+                "tok/s": f"{tokens_per_second:,.0f}",
+                "MFU": f"{mfu:.1%}",
+            }
+            self.bar.update(step, self.last_logs)
         elif self.mode == "plain" and (step % self.config.log_interval == 0 or step == self.config.max_steps):
             elapsed = time.perf_counter() - self.start_time
             remaining = elapsed / max(1, step - self.start_step) * (self.config.max_steps - step)
             print(
                 f"step {step}/{self.config.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
-                f"{tokens_per_second:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_seconds(remaining)}",
+                f"{tokens_per_second:,.0f} tok/s | MFU {mfu:.1%} | ETA {format_duration(remaining)}",
                 flush=True,
             )
 
@@ -147,18 +132,12 @@ class ProgressReporter:
         if self.mode == "none":
             return
         if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
+            self.bar.clear()
+        print(text, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
-            self.bar.close()
-
-
-def format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+            self.bar.finish(self.last_logs, self.last_step)
 
 
 def train(config: TrainConfig, on_step: Callable[[int, float], None] | None = None) -> dict:
@@ -217,7 +196,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     if resumed is not None:
         load_weights(model, resumed.folder)
     model.to(device)
-    optimizer = make_optimizer(model, config, device.type)
+    optimizer = build_optimizer(model, config.learning_rate, config.weight_decay, betas=(config.beta1, config.beta2))
     data_generator = torch.Generator().manual_seed(config.seed)
     if resumed is not None:
         try:
@@ -312,10 +291,10 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
                 first = (micro * group.world_size + group.rank) * config.batch_size
                 inputs, targets = train_data.gather(starts[first : first + config.batch_size], config.model.block_size)
                 inputs, targets = inputs.to(device), targets.to(device)
-                with distributed.no_gradient_sync(step_model, micro < config.grad_accum_steps - 1), autocast:
-                    _, loss = step_model(inputs, targets)
-                    (loss / config.grad_accum_steps).backward()
-                loss_sum += loss.detach().float()
+                with distributed.no_gradient_sync(step_model, micro < config.grad_accum_steps - 1):
+                    forward = next_token_forward(step_model, inputs, targets)
+                    loss, _ = forward_backward(forward, config.grad_accum_steps, autocast)
+                loss_sum += loss.float()
             loss_value = distributed.mean_across_processes(loss_sum / config.grad_accum_steps, group).item()
             if not math.isfinite(loss_value):
                 where = (
@@ -325,11 +304,8 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
                     f"loss became {loss_value} at step {step + 1}; training stopped and {where}. "
                     f"Resume with --resume and a lower learning_rate."
                 )
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             updating = True  # weights and optimizer state change together: no checkpoint in between
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(optimizer, config.grad_clip)
             step += 1
             in_step = updating = False
 

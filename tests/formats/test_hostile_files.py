@@ -18,13 +18,14 @@ import torch
 import lmforge.model as model_module
 from lmforge.cli import main
 from lmforge.errors import LmforgeError
+from lmforge.evaluation.quantization import quantize_and_save
 from lmforge.formats import metadata
 from lmforge.formats.checkpoint import save_model
 from lmforge.formats.gguf import GGUFFile, load_gguf, save_gguf
 from lmforge.formats.hf import load_hf, save_hf
 from lmforge.formats.loading import load
 from lmforge.inference.generate import SamplingConfig, generate_tokens
-from lmforge.inference.quantize import quantize_and_save, quantize_model
+from lmforge.inference.quantize import quantize_model
 from lmforge.model import ModelConfig, Transformer, rope_tables
 from lmforge.tokenizer import BPETokenizer
 

@@ -141,3 +141,27 @@ def test_prefill_runs_on_the_count_decoding_found_fastest():
     finally:
         engine.set_decode_threads(None)
         torch.set_num_threads(2)
+
+
+def test_a_decode_plan_is_made_once_per_cache_and_goes_with_it():
+    """Plans live beside the cache (not in it), keyed by it weakly: a finished request's cache frees its plan."""
+    import gc
+
+    from lmforge.model import KVCache
+
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, block_size=32, n_layers=1, n_heads=2, d_model=32,
+                         norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)  # fmt: skip
+    model = Transformer(config).eval()
+    if not engine.supports(model):
+        pytest.skip("native kernels unavailable")
+    cache = KVCache(config, 1, 16)
+    with torch.no_grad():
+        for token in (1, 2, 3):
+            engine.decode_step(model, torch.tensor([[token]]), cache)
+    plans = engine._decode_plans[cache]
+    assert list(plans) == [(id(model), 1)] and cache.length == 3
+    assert "_decode_plans" not in vars(cache)
+    del cache, plans
+    gc.collect()
+    assert not any(key[0] == id(model) for plans in engine._decode_plans.values() for key in plans)

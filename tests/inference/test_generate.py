@@ -190,8 +190,7 @@ def test_decode_step_falls_back_to_the_model_for_layers_it_cannot_run(model):
 
 
 def test_a_long_prompt_prefilled_in_chunks_gives_the_same_logits():
-    from lmforge.inference import generate as generate_module
-    from lmforge.inference.generate import next_token_logits
+    from lmforge.inference.engine import next_token_logits
     from lmforge.model import KVCache
 
     torch.manual_seed(0)
@@ -200,13 +199,13 @@ def test_a_long_prompt_prefilled_in_chunks_gives_the_same_logits():
     tokens = torch.randint(0, 50, (1, 40))
     with torch.no_grad():
         whole = model(tokens)[0][:, -1]
-        chunk = generate_module.PREFILL_CHUNK
-        generate_module.PREFILL_CHUNK = 16  # 40 tokens: passes of 16, 16 and 8
+        chunk = engine.PREFILL_CHUNK
+        engine.PREFILL_CHUNK = 16  # 40 tokens: passes of 16, 16 and 8
         try:
             cache = KVCache(config, 1)
             chunked = next_token_logits(model, tokens, cache)
         finally:
-            generate_module.PREFILL_CHUNK = chunk
+            engine.PREFILL_CHUNK = chunk
     assert cache.length == 40 and torch.allclose(chunked, whole, atol=1e-5)
 
 

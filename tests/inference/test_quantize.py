@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.evaluation.quantization import kl_divergence_report, leading_tokens
 from lmforge.formats.checkpoint import save_model
 from lmforge.formats.loading import load
 from lmforge.inference.quantize import (
@@ -15,8 +16,6 @@ from lmforge.inference.quantize import (
     QuantizedLinear,
     dequantize_int4,
     dequantize_int8,
-    kl_divergence_report,
-    leading_tokens,
     pack_int4,
     quantize_int4,
     quantize_int8,

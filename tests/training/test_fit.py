@@ -17,6 +17,7 @@ from lmforge.training.fit import (
     LearningRateScheduler,
     ModelCheckpoint,
     ProgressBar,
+    TrainingSetup,
     WarmupCosine,
     binary_crossentropy,
 )
@@ -286,3 +287,29 @@ def test_named_optimizers_take_learning_rate_and_weight_decay():
     )
     model.compile("adamw", "binary_crossentropy")
     assert model.training_setup.optimizer.param_groups[0]["weight_decay"] == 0.01  # Keras's AdamW default
+
+
+def test_the_state_compile_and_callbacks_share_is_declared_on_fittable():
+    x, y = separable(40)
+    model = Logistic()
+    assert model.training_setup is None and model.stop_training is False
+    model.compile("sgd", "binary_crossentropy")
+    assert isinstance(model.training_setup, TrainingSetup) and "training_setup" not in dict(model.named_children())
+
+    class StopAfterTheSecondEpoch(Callback):  # Keras's habit: a callback sets model.stop_training
+        def on_epoch_end(self, epoch, logs):
+            self.model.stop_training = epoch == 1
+
+    history = model.fit(x, y, epochs=10, callbacks=[StopAfterTheSecondEpoch()], verbose=0)
+    assert history.epoch == [0, 1]
+
+
+def test_torch_compile_stays_reachable_beside_kerass_compile():
+    torch.manual_seed(0)
+    model, x = Logistic(2, 2), torch.randn(5, 2)
+    expected = model(x)
+    torch.testing.assert_close(torch.compile(model, backend="eager")(x), expected)
+    nn.Module.compile(model, backend="eager")  # in place, as `model.compile` would be on a plain module
+    torch.testing.assert_close(model(x), expected)
+    model.compile("adam", "sparse_categorical_crossentropy", from_logits=True)  # Keras's compile still
+    assert isinstance(model.training_setup.optimizer, torch.optim.Adam)

@@ -14,11 +14,12 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from lmforge.atomic import write_atomically
 
 SOURCE = Path(__file__).with_name("matvec.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
@@ -36,6 +37,10 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("LMFORGE_CACHE", Path.home() / ".cache" / "lmforge")) / "kernels"
 
 
+class BuildFailed(Exception):
+    """The compiler's error output, when the native kernels do not build."""
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("LMFORGE_NATIVE", "1") == "0" or not _cpu_supports_kernels():
@@ -47,19 +52,21 @@ def _library() -> ctypes.CDLL | None:
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     library_path = _cache_dir() / f"matvec-{digest}.so"
     if not library_path.exists():
-        library_path.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename: concurrent processes never load a half-written file.
-        with tempfile.TemporaryDirectory(dir=library_path.parent) as scratch:
-            built = Path(scratch) / library_path.name
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+
+        def build(output: Path) -> None:
+            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(output)], capture_output=True, text=True)
             if result.returncode != 0:
-                warnings.warn(
-                    f"lmforge: building the native kernels failed, decoding falls back to PyTorch "
-                    f"(slower):\n{result.stderr[-2000:]}",
-                    stacklevel=2,
-                )
-                return None
-            os.replace(built, library_path)
+                raise BuildFailed(result.stderr[-2000:])
+
+        try:
+            # Concurrent processes may build the same library: each compiles into its own temporary.
+            write_atomically(library_path, build, concurrent_writers=True)
+        except BuildFailed as failure:
+            warnings.warn(
+                f"lmforge: building the native kernels failed, decoding falls back to PyTorch (slower):\n{failure}",
+                stacklevel=2,
+            )
+            return None
     library = ctypes.CDLL(str(library_path))
     i64, ptr, threads = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     library.matvec_f32.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, threads]
