@@ -40,21 +40,27 @@ async def api_error(_, error: APIError) -> JSONResponse:
     return error_body(error.status, error.message, error.kind, error.param, error.headers)
 
 
-async def invalid_request(_, error: RequestValidationError) -> JSONResponse:
-    """A body that is not JSON, or does not fit the schema: 400 (OpenAI's status, not FastAPI's 422)."""
-    problems = error.errors()
-    first = problems[0] if problems else {}
-    if first.get("type") == "json_invalid":
-        return error_body(400, f"request body is not valid JSON: {first.get('msg', '')}", "invalid_request_error")
-    invalid_text = (first.get("ctx") or {}).get("error")
-    if isinstance(invalid_text, InvalidText):
-        return error_body(400, f"invalid request: {invalid_text}", "invalid_request_error", invalid_text.field)
-    location = ".".join(str(part) for part in first.get("loc", ())[1:])
-    detail = "; ".join(
-        f"{'.'.join(str(p) for p in problem.get('loc', ())[1:]) or 'body'}: {problem.get('msg')}"
-        for problem in problems[:5]
-    )
-    return error_body(400, f"invalid request: {detail}", "invalid_request_error", location or None)
+def invalid_request_handler(status: int):
+    """The handler for a body that is not JSON or does not fit the schema, answering with `status`."""
+
+    async def invalid_request(_, error: RequestValidationError) -> JSONResponse:
+        problems = error.errors()
+        first = problems[0] if problems else {}
+        if first.get("type") == "json_invalid":
+            return error_body(
+                status, f"request body is not valid JSON: {first.get('msg', '')}", "invalid_request_error"
+            )
+        invalid_text = (first.get("ctx") or {}).get("error")
+        if isinstance(invalid_text, InvalidText):
+            return error_body(status, f"invalid request: {invalid_text}", "invalid_request_error", invalid_text.field)
+        location = ".".join(str(part) for part in first.get("loc", ())[1:])
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in problem.get('loc', ())[1:]) or 'body'}: {problem.get('msg')}"
+            for problem in problems[:5]
+        )
+        return error_body(status, f"invalid request: {detail}", "invalid_request_error", location or None)
+
+    return invalid_request
 
 
 async def http_error(_, error: StarletteHTTPException) -> JSONResponse:
@@ -62,8 +68,10 @@ async def http_error(_, error: StarletteHTTPException) -> JSONResponse:
     return error_body(error.status_code, str(error.detail), "invalid_request_error")
 
 
-def use_openai_errors(app: FastAPI) -> None:
-    """Make every error `app` sends, raised or FastAPI's own, an OpenAI-shaped body."""
+def use_openai_errors(app: FastAPI, validation_status: int = 400) -> None:
+    """Make every error `app` sends, raised or FastAPI's own, an OpenAI-shaped body. A request that does not
+    fit the schema gets `validation_status`: 400 as OpenAI answers it, or FastAPI's 422 for an API that
+    promised that."""
     app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(RequestValidationError, invalid_request_handler(validation_status))
     app.add_exception_handler(StarletteHTTPException, http_error)
