@@ -26,10 +26,12 @@ def places(tmp_path_factory):
     (root / "a_file").write_text("a file where a folder is needed\n")
     (root / "short.txt").write_text("a")
     (root / "bad.yaml").write_text("learning_rat: 0.1\n")
+    (root / "broken.yaml").write_text("learning_rate: [0.1\n")
     names = ("model", "not_a_model", "a_file", "missing")
     return {name: str(root / name) for name in names} | {
         "short_text": str(root / "short.txt"),
         "bad_yaml": str(root / "bad.yaml"),
+        "broken_yaml": str(root / "broken.yaml"),
         "root": str(root),
     }
 
@@ -44,6 +46,8 @@ BAD_ARGUMENTS = [
     ("prepare --recipe gutenberg --out {root}/p4", "an unknown recipe"),
     ("train --config {missing}.yaml", "a missing config file"),
     ("train --config {bad_yaml}", "a bad key in a config file"),
+    ("train --config {broken_yaml}", "a config file that is not YAML"),
+    ("train --config {a_file}", "a config file that is not JSON"),
     ("train --learning-rat=0.1", "a bad config key"),
     ("train --data-dir={not_a_model}", "a folder that is not prepared data"),
     ("train --batch-size=many", "a bad value"),
