@@ -137,3 +137,10 @@ def test_serve_says_the_port_is_taken_before_loading_the_model(places, capsys):
         port = taken.getsockname()[1]
         assert main(["serve", "--model", places["missing"], f"--port={port}"]) == 2
     assert capsys.readouterr().err.startswith(f"error: cannot listen on 127.0.0.1:{port} (Address already in use")
+
+
+def test_an_unknown_verb_is_one_error_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trian", "--max-steps=3"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: argument VERB: invalid choice: 'trian'")
