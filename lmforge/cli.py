@@ -6,6 +6,8 @@ import argparse
 import functools
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.config import describe, merge, parse_overrides, read_config_file
@@ -422,6 +424,8 @@ def command_export(args, extra) -> int:
 def command_quickstart(args, extra) -> int:
     from lmforge.settings import train_config_from
 
+    if args.minutes <= 0:
+        raise LmforgeError(f"--minutes {args.minutes:g}: the training time must be positive")
     overrides = parse_overrides(extra)
     train_config_from(overrides)  # a mistyped key fails now, not after the data is prepared
     from lmforge.training.quickstart import quickstart
@@ -457,272 +461,333 @@ OVERWRITE_HELP = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # Settings only (no torch): `--help` and argument errors come back at once.
-    from lmforge.formats.loading import DEFAULT_CHAT_MODEL
-    from lmforge.serve import ServeConfig
-    from lmforge.settings import (
-        PRESETS,
-        ClassifyConfig,
-        RecommendConfig,
-        SamplingConfig,
-        SFTConfig,
-        TrainConfig,
-        fallback_sampling,
-    )
+class Parser(argparse.ArgumentParser):
+    """argparse's own errors (a bad choice, a missing required option) in the shape of every other
+    error: one `error: ...` line and exit 2, instead of the usage block first."""
 
-    parser = argparse.ArgumentParser(
-        prog="lmforge", description="Train, fine-tune, evaluate and serve GPT-style models."
-    )
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", help="what to do; lmforge VERB --help for its options")
-    formatter = argparse.RawDescriptionHelpFormatter
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
-    prepare = verbs.add_parser(
-        "prepare",
-        help="tokenize text/JSONL into train/val shards",
-        description="Tokenize text files, folders or JSONL into token shards with a manifest.",
-    )
-    prepare.add_argument("sources", nargs="*", help="text/JSONL files or folders")
-    prepare.add_argument("--recipe", help="a built-in corpus: shakespeare")
-    prepare.add_argument("--out", required=True, help="output folder")
-    prepare.add_argument("--tokenizer", default="char", help="char, bpe, or a tokenizer JSON path (default char)")
-    prepare.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
-    prepare.add_argument(
+
+def prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Tokenize text files, folders or JSONL into token shards with a manifest."
+    parser.add_argument("sources", nargs="*", help="text/JSONL files or folders")
+    parser.add_argument("--recipe", help="a built-in corpus: shakespeare")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--tokenizer", default="char", help="char, bpe, or a tokenizer JSON path (default char)")
+    parser.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size")
+    parser.add_argument(
         "--val-fraction", type=float, default=0.1, help="share of the tokens held out for validation (default 0.1)"
     )
-    prepare.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
-    prepare.set_defaults(handler=command_prepare)
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (default text)")
 
-    train = verbs.add_parser(
-        "train",
-        help="pretrain a model on prepared data",
-        formatter_class=formatter,
-        description="Pretrain (or --resume) a model.",
-        epilog=config_help(TrainConfig())
+
+def train_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmforge.settings import PRESETS, TrainConfig
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = "Pretrain (or --resume) a model."
+    parser.epilog = (
+        config_help(TrainConfig())
         + f"\n\nmodel.* defaults are the {TrainConfig.preset} preset's; --preset NAME starts from another "
-        f"({', '.join(PRESETS)}).\nmodel.vocab-size always comes from the prepared data's tokenizer.",
+        f"({', '.join(PRESETS)}).\nmodel.vocab-size always comes from the prepared data's tokenizer."
     )
-    train.add_argument("--config", help="YAML or JSON config file")
-    train.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
-    train.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    train.set_defaults(handler=command_train)
+    parser.add_argument("--config", help="YAML or JSON config file")
+    parser.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
-    generate = verbs.add_parser(
-        "generate",
-        help="sample text from a model",
-        formatter_class=formatter,
-        description="Stream a completion of --prompt.",
-        epilog=config_help(SamplingConfig()),
-    )
-    generate.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
-    generate.add_argument("--prompt", help="text to continue")
-    generate.add_argument("--adapter", help=ADAPTER_HELP)
-    generate.add_argument("--threads", type=int, help=THREADS_HELP)
-    generate.add_argument("--config", help="YAML or JSON sampling config")
-    generate.add_argument(
+
+def generate_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmforge.settings import SamplingConfig
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = "Stream a completion of --prompt."
+    parser.epilog = config_help(SamplingConfig())
+    parser.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
+    parser.add_argument("--prompt", help="text to continue")
+    parser.add_argument("--adapter", help=ADAPTER_HELP)
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
+    parser.add_argument("--config", help="YAML or JSON sampling config")
+    parser.add_argument(
         "--draft",
         help="speculative decoding: a cheaper model with the same tokenizer proposes tokens, --model checks them "
         "(greedy; same text). E.g. an fp32 model with its own int4 copy",
     )
-    generate.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
-    generate.set_defaults(handler=command_generate)
+    parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
 
-    evaluate = verbs.add_parser(
-        "eval",
-        help="perplexity / bits-per-byte and multiple-choice or generative tasks; reports; comparisons",
-        formatter_class=formatter,
-        description='Task files are JSONL: {"context", "choices", "label"} lines are scored by '
+
+def eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        'Task files are JSONL: {"context", "choices", "label"} lines are scored by '
         'log-likelihood (acc, acc_norm); {"context", "answer"} lines by greedy generation (exact match).\n\n'
         "  lmforge eval --model runs/quickstart --data-dir data/shakespeare\n"
         "  lmforge eval --model smollm2-135m-instruct --text notes.txt --task quiz.jsonl --num-fewshot 3 --out ev1\n"
-        "  lmforge eval --compare ev1 ev2",
+        "  lmforge eval --compare ev1 ev2"
     )
-    evaluate.add_argument("--model", "--checkpoint", dest="model", help=MODEL_HELP)
-    evaluate.add_argument("--data-dir", help="prepared dataset folder")
-    evaluate.add_argument(
+    parser.add_argument("--model", "--checkpoint", dest="model", help=MODEL_HELP)
+    parser.add_argument("--data-dir", help="prepared dataset folder")
+    parser.add_argument(
         "--split", choices=("train", "val"), default="val", help="which split of --data-dir to score (default val)"
     )
-    evaluate.add_argument("--text", action="append", help="text file to score (repeatable); sliding window")
-    evaluate.add_argument("--stride", type=int, default=None, help="sliding-window step (default half the context)")
-    evaluate.add_argument("--task", action="append", help="JSONL task file (repeatable)")
-    evaluate.add_argument("--num-fewshot", type=int, default=0, help="solved examples put before each question")
-    evaluate.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass on --data-dir")
-    evaluate.add_argument(
+    parser.add_argument("--text", action="append", help="text file to score (repeatable); sliding window")
+    parser.add_argument("--stride", type=int, default=None, help="sliding-window step (default half the context)")
+    parser.add_argument("--task", action="append", help="JSONL task file (repeatable)")
+    parser.add_argument("--num-fewshot", type=int, default=0, help="solved examples put before each question")
+    parser.add_argument("--limit", type=int, default=None, help="score only the first N examples of each task")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass on --data-dir")
+    parser.add_argument(
         "--max-tokens", type=int, default=None, help="score at most this many tokens of --data-dir (default all)"
     )
-    evaluate.add_argument("--out", help="folder for result.json, report.md, report.html (+ accuracy.png)")
-    evaluate.add_argument("--json", help="also write the result to this JSON file")
-    evaluate.add_argument("--compare", nargs="+", metavar="RESULT", help="result folders/JSONs to tabulate")
-    evaluate.set_defaults(handler=command_eval)
+    parser.add_argument("--out", help="folder for result.json, report.md, report.html (+ accuracy.png)")
+    parser.add_argument("--json", help="also write the result to this JSON file")
+    parser.add_argument("--compare", nargs="+", metavar="RESULT", help="result folders/JSONs to tabulate")
 
-    chat = verbs.add_parser(
-        "chat",
-        help="interactive chat with a model (default: SmolLM2-135M-Instruct)",
-        formatter_class=formatter,
-        description="Chat in the terminal; replies stream as they are generated.",
-        epilog="In the chat: /reset, /system TEXT, /exit; Ctrl-C stops a reply and drops that exchange.\n\n"
+
+def chat_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmforge.formats.loading import DEFAULT_CHAT_MODEL
+    from lmforge.settings import fallback_sampling
+
+    # `lmforge chat MODEL` works too (Verb.bare_model): main() turns a bare MODEL into --model MODEL.
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = "Chat in the terminal; replies stream as they are generated."
+    parser.epilog = (
+        "In the chat: /reset, /system TEXT, /exit; Ctrl-C stops a reply and drops that exchange.\n\n"
         "Sampling starts from the model's own defaults where its file names them (a GGUF's general.sampling.*,\n"
         "a folder's generation_config.json), else from the values below; --key=value overrides either.\n\n"
-        + config_help(fallback_sampling(chat_model=True)),
+        + config_help(fallback_sampling(chat_model=True))
     )
-    # `lmforge chat MODEL` works too: main() turns a bare MODEL into --model MODEL.
-    chat.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP + " (may be given bare: chat MODEL)")
-    chat.add_argument("--system", help="system prompt")
-    chat.add_argument("--adapter", help=ADAPTER_HELP)
-    chat.add_argument("--threads", type=int, help=THREADS_HELP)
-    chat.add_argument("--config", help="YAML or JSON sampling config")
-    chat.set_defaults(handler=command_chat)
+    parser.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP + " (may be given bare: chat MODEL)")
+    parser.add_argument("--system", help="system prompt")
+    parser.add_argument("--adapter", help=ADAPTER_HELP)
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
+    parser.add_argument("--config", help="YAML or JSON sampling config")
 
-    export = verbs.add_parser(
-        "export",
-        help="write a model as an HF folder or a GGUF file",
-        description="Write a model as an HF folder (config.json, model.safetensors, tokenizer.json, "
-        "tokenizer_config.json) for transformers, or as one GGUF file for llama.cpp.",
+
+def export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Write a model as an HF folder (config.json, model.safetensors, tokenizer.json, "
+        "tokenizer_config.json) for transformers, or as one GGUF file for llama.cpp."
     )
-    export.add_argument("--model", required=True, help=MODEL_HELP)
-    export.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf: an HF folder; gguf: a .gguf file")
-    export.add_argument("--out", required=True, help="output folder (hf) or .gguf file")
-    export.add_argument(
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--format", choices=["hf", "gguf"], required=True, help="hf: an HF folder; gguf: a .gguf file")
+    parser.add_argument("--out", required=True, help="output folder (hf) or .gguf file")
+    parser.add_argument(
         "--dtype",
         choices=["f32", "f16", "q8_0", "q4_1"],
         default="f16",
         help="GGUF weight type (default f16); q8_0/q4_1 keep a quantised model's 32-wide int8/int4 blocks as they are",
     )
-    export.set_defaults(handler=command_export)
 
-    finetune = verbs.add_parser(
-        "finetune",
-        help="fine-tune: a text classifier (--task classify) or a chat model on conversations (--task sft)",
-        formatter_class=formatter,
-        description="classify: a labelled CSV/TSV/JSONL/Parquet table (text, label) → a classifier folder with "
+
+def finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmforge.settings import ClassifyConfig, SFTConfig
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        "classify: a labelled CSV/TSV/JSONL/Parquet table (text, label) → a classifier folder with "
         "metrics.json (accuracy, macro-F1) and confusion_matrix.png.\n"
         'sft: chat JSONL ({"messages": [...]} a line) → LoRA adapter (out/adapter) and/or full model '
         "(out/model); loss on assistant tokens only, short chats packed into rows.\n\n"
         "  lmforge finetune --task classify --data reviews.csv --model all-minilm-l6-v2 --out runs/sentiment\n"
-        "  lmforge finetune --task sft --data chats.jsonl --model smollm2-135m-instruct --out runs/sft",
-        epilog=config_help(ClassifyConfig(), "--task classify keys")
-        + "\n\n"
-        + config_help(SFTConfig(), "--task sft keys"),
+        "  lmforge finetune --task sft --data chats.jsonl --model smollm2-135m-instruct --out runs/sft"
     )
-    finetune.add_argument(
+    parser.epilog = (
+        config_help(ClassifyConfig(), "--task classify keys") + "\n\n" + config_help(SFTConfig(), "--task sft keys")
+    )
+    parser.add_argument(
         "--task", choices=("classify", "sft"), required=True, help="classify: a text classifier; sft: a chat model"
     )
-    finetune.add_argument("--config", help="YAML or JSON file of the keys below")
-    finetune.set_defaults(handler=command_finetune)
+    parser.add_argument("--config", help="YAML or JSON file of the keys below")
 
-    explain_parser = verbs.add_parser(
-        "explain",
-        help="attention maps, logit lens and token attributions for a prompt's next token",
-        description="Writes OUT/attention/attention_layer_NN.png (every head of every layer), OUT/logit_lens.png, "
+
+def explain_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmforge.formats.loading import DEFAULT_CHAT_MODEL
+
+    parser.description = (
+        "Writes OUT/attention/attention_layer_NN.png (every head of every layer), OUT/logit_lens.png, "
         "OUT/explain.html (one self-contained page: hover a token to see where each head attends) and "
-        "OUT/explain.json.",
+        "OUT/explain.json."
     )
-    explain_parser.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP)
-    explain_parser.add_argument("--prompt", required=True, help="the text (with --classifier: the text to label)")
-    explain_parser.add_argument("--classifier", help="a folder from `finetune --task classify`: explain its label")
-    explain_parser.add_argument("--out", default="explain", help="folder for the PNGs, HTML and JSON")
-    explain_parser.add_argument("--top-k", type=int, default=5, help="predictions per layer in the logit lens")
-    explain_parser.add_argument(
+    parser.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP)
+    parser.add_argument("--prompt", required=True, help="the text (with --classifier: the text to label)")
+    parser.add_argument("--classifier", help="a folder from `finetune --task classify`: explain its label")
+    parser.add_argument("--out", default="explain", help="folder for the PNGs, HTML and JSON")
+    parser.add_argument("--top-k", type=int, default=5, help="predictions per layer in the logit lens")
+    parser.add_argument(
         "--method",
         choices=("integrated_gradients", "gradient_x_input"),
         default="integrated_gradients",
         help="how tokens are credited for the prediction (default integrated_gradients: 32 gradient passes)",
     )
-    explain_parser.set_defaults(handler=command_explain)
 
-    recommend_parser = verbs.add_parser(
-        "recommend",
-        help="sequential recommendation (SASRec, matrix factorisation): train, eval, top, serve",
-        formatter_class=formatter,
-        description="train: fit a recommender on an interaction log (CSV user,item,timestamp; MovieLens "
+
+def recommend_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmforge.settings import RecommendConfig
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        "train: fit a recommender on an interaction log (CSV user,item,timestamp; MovieLens "
         "ratings.csv / ratings.dat / u.data; or 'synthetic'), leave-one-out HR@10/NDCG@10 vs popularity.\n"
         "eval: re-score a saved recommender. top: top-k items for --user or --history a,b,c. "
         'serve: POST /v1/recommend {"history": [...]} or {"user": ...}.\n\n'
         "  lmforge recommend train --data ratings.csv --model sasrec --out runs/rec\n"
         "  lmforge recommend eval runs/rec\n"
         "  lmforge recommend top runs/rec --history 1,2,3 -k 5\n"
-        "  lmforge recommend serve runs/rec --port 8010",
-        epilog=config_help(RecommendConfig(), "train keys"),
+        "  lmforge recommend serve runs/rec --port 8010"
     )
-    recommend_parser.add_argument("action", choices=("train", "eval", "top", "serve"), help="what to do (above)")
-    recommend_parser.add_argument("folder", nargs="?", help="a saved recommender (eval, top, serve)")
-    recommend_parser.add_argument("--config", help="YAML or JSON training config (train)")
-    recommend_parser.add_argument("--user", help="a user id from the training log (top)")
-    recommend_parser.add_argument("--history", help="comma-separated item ids, oldest first (top)")
-    recommend_parser.add_argument("-k", type=int, default=10, help="how many items to recommend (top; default 10)")
-    recommend_parser.add_argument("--host", default="127.0.0.1", help="address to listen on (serve; default 127.0.0.1)")
-    recommend_parser.add_argument("--port", type=int, default=8010, help="port to listen on (serve; default 8010)")
-    recommend_parser.set_defaults(handler=command_recommend)
+    parser.epilog = config_help(RecommendConfig(), "train keys")
+    parser.add_argument("action", choices=("train", "eval", "top", "serve"), help="what to do (above)")
+    parser.add_argument("folder", nargs="?", help="a saved recommender (eval, top, serve)")
+    parser.add_argument("--config", help="YAML or JSON training config (train)")
+    parser.add_argument("--user", help="a user id from the training log (top)")
+    parser.add_argument("--history", help="comma-separated item ids, oldest first (top)")
+    parser.add_argument("-k", type=int, default=10, help="how many items to recommend (top; default 10)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (serve; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8010, help="port to listen on (serve; default 8010)")
 
-    serve_parser = verbs.add_parser(
-        "serve",
-        help="OpenAI-compatible API server with a web chat page (default: SmolLM2-135M-Instruct)",
-        formatter_class=formatter,
-        description="Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/embeddings, "
+
+def serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from lmforge.serve import ServeConfig
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        "Serve a model over HTTP: /v1/chat/completions, /v1/completions, /v1/embeddings, "
         "/v1/models, /health, /metrics, and a chat page at /. Requests are batched continuously.\n\n"
-        + _sampling_defaults_help(),
-        epilog=config_help(ServeConfig()),
+        + _sampling_defaults_help()
     )
-    serve_parser.add_argument(
-        "--model", help=MODEL_HELP + " (default smollm2-135m-instruct; may be given bare: serve MODEL)"
+    parser.epilog = config_help(ServeConfig())
+    parser.add_argument("--model", help=MODEL_HELP + " (default smollm2-135m-instruct; may be given bare: serve MODEL)")
+    parser.add_argument("--config", help="YAML or JSON server config")
+
+
+def embed_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Embed texts (arguments, or one per line on stdin): mean pooling + L2 norm, like sentence-transformers."
     )
-    serve_parser.add_argument("--config", help="YAML or JSON server config")
-    serve_parser.set_defaults(handler=command_serve)
+    parser.add_argument("texts", nargs="*", help="texts to embed (default: one per line on stdin)")
+    parser.add_argument("--model", default="all-minilm-l6-v2", help="built-in name or HF BERT folder")
 
-    embed = verbs.add_parser(
-        "embed", help="sentence embeddings (default all-MiniLM-L6-v2) as JSON", description="Embed texts "
-        "(arguments, or one per line on stdin): mean pooling + L2 norm, like sentence-transformers."
-    )  # fmt: skip
-    embed.add_argument("texts", nargs="*", help="texts to embed (default: one per line on stdin)")
-    embed.add_argument("--model", default="all-minilm-l6-v2", help="built-in name or HF BERT folder")
-    embed.set_defaults(handler=command_embed)
 
-    search = verbs.add_parser(
-        "search", help="semantic search over a folder of text files",
-        description="Index the .txt/.md/.rst files of a folder by passage (or load a saved index) and print "
-        "the passages nearest to each query (cosine similarity, exact).",
-    )  # fmt: skip
-    search.add_argument("source", help="folder of text files, or a folder saved with --save")
-    search.add_argument("queries", nargs="+", help="what to look for")
-    search.add_argument("-k", type=int, default=5, help="results per query")
-    search.add_argument("--save", help="also save the built index to this folder")
-    search.add_argument("--max-chars", type=int, default=800, help="passage length when indexing")
-    search.add_argument("--model", default="all-minilm-l6-v2", help="built-in name or HF BERT folder")
-    search.set_defaults(handler=command_search)
-
-    quantize = verbs.add_parser(
-        "quantize",
-        help="int8/int4 weight-only quantisation with a perplexity/KL quality report",
-        description="Quantise every Linear layer (and the LM head) of a model and save a checkpoint folder "
-        "that loads directly. Prints perplexity and mean KL divergence vs the fp32 model on held-out text.",
+def search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Index the .txt/.md/.rst files of a folder by passage (or load a saved index) and print "
+        "the passages nearest to each query (cosine similarity, exact)."
     )
-    quantize.add_argument("model", help="model name, .gguf file, HF folder or lmforge checkpoint")
-    quantize.add_argument("--out", required=True, help="folder to write the quantised checkpoint to")
-    quantize.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per weight (default 4)")
-    quantize.add_argument(
+    parser.add_argument("source", help="folder of text files, or a folder saved with --save")
+    parser.add_argument("queries", nargs="+", help="what to look for")
+    parser.add_argument("-k", type=int, default=5, help="results per query")
+    parser.add_argument("--save", help="also save the built index to this folder")
+    parser.add_argument("--max-chars", type=int, default=800, help="passage length when indexing")
+    parser.add_argument("--model", default="all-minilm-l6-v2", help="built-in name or HF BERT folder")
+
+
+def quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Quantise every Linear layer (and the LM head) of a model and save a checkpoint folder "
+        "that loads directly. Prints perplexity and mean KL divergence vs the fp32 model on held-out text."
+    )
+    parser.add_argument("model", help="model name, .gguf file, HF folder or lmforge checkpoint")
+    parser.add_argument("--out", required=True, help="folder to write the quantised checkpoint to")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=4, help="bits per weight (default 4)")
+    parser.add_argument(
         "--group-size",
         type=int,
         default=None,
         help="columns per scale (multiple of 32; default 32 for int4, a whole row for int8)",
     )
-    quantize.add_argument("--eval-text", help="text file for the quality report (default: held-out Shakespeare)")
-    quantize.add_argument("--eval-tokens", type=int, default=2048, help="tokens of it to score")
-    quantize.add_argument("--json", help="also write the report here")
-    quantize.set_defaults(handler=command_quantize)
+    parser.add_argument("--eval-text", help="text file for the quality report (default: held-out Shakespeare)")
+    parser.add_argument("--eval-tokens", type=int, default=2048, help="tokens of it to score")
+    parser.add_argument("--json", help="also write the report here")
 
-    quick = verbs.add_parser(
-        "quickstart",
-        help="train a small GPT on Shakespeare in minutes and sample from it",
-        description="Tokenize the built-in Shakespeare by character, train the quickstart preset for about "
+
+def quickstart_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Tokenize the built-in Shakespeare by character, train the quickstart preset for about "
         "--minutes (the step count is calibrated from a few timed steps), then print samples, the validation "
-        "loss and where the checkpoint and loss curve are.",
-        epilog="Any train config key may follow as --key=value (see lmforge train --help).",
+        "loss and where the checkpoint and loss curve are."
     )
-    quick.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
-    quick.add_argument("--out-dir", default="runs/quickstart", help="run folder (default runs/quickstart)")
-    quick.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " (OUT/data is kept)")
-    quick.set_defaults(handler=command_quickstart)
+    parser.epilog = "Any train config key may follow as --key=value (see lmforge train --help)."
+    parser.add_argument("--minutes", type=float, default=3.0, help="training time budget (default 3)")
+    parser.add_argument("--out-dir", default="runs/quickstart", help="run folder (default runs/quickstart)")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP + " (OUT/data is kept)")
+
+
+@dataclass(frozen=True)
+class Verb:
+    """One `lmforge VERB`: the function it runs, the function that declares its options and help page
+    (imports stay torch-free: `--help` and argument errors come back at once), its line in `lmforge --help`."""
+
+    run: Callable[[argparse.Namespace, list[str]], int]
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    help: str
+    # Unknown `--key value` arguments are config overrides; on the other verbs they are mistakes,
+    # reported before the verb imports torch or loads a model.
+    takes_overrides: bool = False
+    bare_model: bool = False  # an optional bare MODEL among the overrides: `lmforge serve MODEL`
+
+
+# litgpt's __main__ maps verb -> function the same way; the order is `lmforge --help`'s.
+VERBS: dict[str, Verb] = {
+    "prepare": Verb(command_prepare, prepare_arguments, "tokenize text/JSONL into train/val shards"),
+    "train": Verb(command_train, train_arguments, "pretrain a model on prepared data", takes_overrides=True),
+    "generate": Verb(command_generate, generate_arguments, "sample text from a model", takes_overrides=True),
+    "eval": Verb(
+        command_eval,
+        eval_arguments,
+        "perplexity / bits-per-byte and multiple-choice or generative tasks; reports; comparisons",
+    ),
+    "chat": Verb(
+        command_chat,
+        chat_arguments,
+        "interactive chat with a model (default: SmolLM2-135M-Instruct)",
+        takes_overrides=True,
+        bare_model=True,
+    ),
+    "export": Verb(command_export, export_arguments, "write a model as an HF folder or a GGUF file"),
+    "finetune": Verb(
+        command_finetune,
+        finetune_arguments,
+        "fine-tune: a text classifier (--task classify) or a chat model on conversations (--task sft)",
+        takes_overrides=True,
+    ),
+    "explain": Verb(
+        command_explain,
+        explain_arguments,
+        "attention maps, logit lens and token attributions for a prompt's next token",
+    ),
+    "recommend": Verb(
+        command_recommend,
+        recommend_arguments,
+        "sequential recommendation (SASRec, matrix factorisation): train, eval, top, serve",
+        takes_overrides=True,
+    ),
+    "serve": Verb(
+        command_serve,
+        serve_arguments,
+        "OpenAI-compatible API server with a web chat page (default: SmolLM2-135M-Instruct)",
+        takes_overrides=True,
+        bare_model=True,
+    ),
+    "embed": Verb(command_embed, embed_arguments, "sentence embeddings (default all-MiniLM-L6-v2) as JSON"),
+    "search": Verb(command_search, search_arguments, "semantic search over a folder of text files"),
+    "quantize": Verb(
+        command_quantize, quantize_arguments, "int8/int4 weight-only quantisation with a perplexity/KL quality report"
+    ),
+    "quickstart": Verb(
+        command_quickstart,
+        quickstart_arguments,
+        "train a small GPT on Shakespeare in minutes and sample from it",
+        takes_overrides=True,
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="lmforge", description="Train, fine-tune, evaluate and serve GPT-style models.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", help="what to do; lmforge VERB --help for its options")
+    for name, verb in VERBS.items():
+        verb.add_arguments(verbs.add_parser(name, help=verb.help))
     return parser
 
 
@@ -730,7 +795,7 @@ def model_argument_as_option(argv: list[str]) -> list[str]:
     """For verbs taking an optional bare MODEL among free `--key value` overrides (chat, serve):
     turn MODEL into `--model MODEL`, since argparse would take an override's value for it
     (`lmforge serve --port 8001 model.gguf`)."""
-    if not argv or argv[0] not in ("chat", "serve"):
+    if not argv or argv[0] not in VERBS or not VERBS[argv[0]].bare_model:
         return argv
     rest, index = argv[1:], 0
     while index < len(rest):
@@ -774,11 +839,6 @@ def options_with_dashes(argv: list[str]) -> list[str]:
     return converted
 
 
-# Verbs whose unknown `--key value` arguments are config overrides. On the others they are mistakes,
-# reported before the verb imports torch or loads a model.
-VERBS_WITH_OVERRIDES = ("train", "generate", "chat", "finetune", "recommend", "serve", "quickstart")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = options_with_dashes(model_argument_as_option(list(sys.argv[1:] if argv is None else argv)))
@@ -787,9 +847,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        if extra and args.verb not in VERBS_WITH_OVERRIDES:
+        verb = VERBS[args.verb]
+        if extra and not verb.takes_overrides:
             raise LmforgeError(f"unexpected arguments {extra}; see lmforge {args.verb} --help")
-        return args.handler(args, extra)
+        return verb.run(args, extra)
     except LmforgeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -33,7 +33,8 @@ def read_config_file(path: str | Path) -> dict:
         else:
             values = json.loads(text)
     except Exception as error:  # yaml and json raise different types; both mean a bad file
-        raise LmforgeError(f"{path}: cannot parse config ({error})") from None
+        # one line: YAML's messages draw the spot over several
+        raise LmforgeError(f"{path}: cannot parse config ({' '.join(str(error).split())})") from None
     if not isinstance(values, dict):
         raise LmforgeError(f"{path}: a config file must hold a mapping of keys to values")
     return values

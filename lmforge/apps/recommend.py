@@ -379,9 +379,11 @@ class RecommendRequest(BaseModel):
 def build_app(recommender: Recommender):
     """A small HTTP API: POST /v1/recommend {"history": [...]} or {"user": ...}, "k" → top-k items; GET /health."""
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+
+    from lmforge.serve.errors import APIError, use_openai_errors
 
     app = FastAPI(title="lmforge recommend")
+    use_openai_errors(app, validation_status=422)  # the main server's error shape; 422 as this API always said
 
     @app.get("/health")
     def health():
@@ -391,8 +393,8 @@ def build_app(recommender: Recommender):
     def recommend(request: RecommendRequest):
         try:
             items = recommender.recommend(request.history, request.user, request.k)
-        except LmforgeError as error:
-            return JSONResponse({"error": {"message": str(error), "type": "invalid_request_error"}}, status_code=400)
+        except LmforgeError as error:  # an unknown item or user
+            raise APIError(400, str(error), param="user" if request.user is not None else "history") from None
         return {"items": [{"item": item, "score": score} for item, score in items]}
 
     return app

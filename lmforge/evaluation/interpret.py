@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lmforge.errors import LmforgeError
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -433,13 +434,15 @@ def explain(
     """Attention PNGs (one per layer), logit_lens.png, explain.html and explain.json for `prompt`'s next token.
 
     `progress(stage, done, total)` follows the slow stages (the attribution passes, the PNGs)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     ids = tokenizer.encode(prompt)
     if not ids:
-        raise ValueError("the prompt encodes to no tokens")
+        raise LmforgeError("the prompt encodes to no tokens; give some text to explain")
     if len(ids) > MAX_HTML_TOKENS:
-        raise ValueError(f"the prompt has {len(ids)} tokens; explain takes at most {MAX_HTML_TOKENS}")
+        raise LmforgeError(f"the prompt has {len(ids)} tokens; explain takes at most {MAX_HTML_TOKENS}")
+    if not 1 <= top_k <= model.config.vocab_size:
+        raise LmforgeError(f"top_k={top_k}: the logit lens shows between 1 and {model.config.vocab_size} tokens")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     tokens = torch.tensor(ids)
     model.eval()
     labels = token_strings(tokenizer, ids)

@@ -82,18 +82,24 @@ def quantize_and_save(
     that `lmforge.load` reads directly, and report its quality against the fp32 original on
     `eval_text` (default: held-out Shakespeare) as perplexities and mean KL divergence.
     `progress(stage, done, total)` follows the two slow stages: quantising and scoring."""
+    if group_size is not None and (group_size <= 0 or group_size % 32):
+        raise LmforgeError(f"group size {group_size} must be a positive multiple of 32 (GGUF's block size)")
+    if eval_tokens < 2:
+        raise LmforgeError(f"eval_tokens={eval_tokens}: scoring needs at least 2 tokens")
     stage = (lambda name: functools.partial(progress, name)) if progress else (lambda name: None)
     reference, tokenizer = load(source, keep_quantized=False)
-    quantized = quantize_model(copy.deepcopy(reference), bits, group_size, progress=stage("quantising layers"))
-    save_model(out, quantized, tokenizer, {"quantized_from": str(source)})
     if eval_text is None:
         from lmforge.training.recipes import shakespeare_corpus
 
         text = shakespeare_corpus().read_text(encoding="utf-8")
         eval_text = text[len(text) * 9 // 10 :]  # the tail: text quantisation did not look at
     tokens = torch.tensor(leading_tokens(tokenizer, eval_text, eval_tokens))
-    if tokens.numel() < 2:
-        raise LmforgeError("the evaluation text is too short to score (fewer than 2 tokens)")
+    if tokens.numel() < 2:  # checked before anything is written
+        raise LmforgeError(
+            f"the evaluation text is {tokens.numel()} token(s) long; scoring needs at least 2: give a longer text"
+        )
+    quantized = quantize_model(copy.deepcopy(reference), bits, group_size, progress=stage("quantising layers"))
+    save_model(out, quantized, tokenizer, {"quantized_from": str(source)})
     report = kl_divergence_report(
         reference, quantized, tokens, progress=stage(f"scoring both models on {tokens.numel()} tokens")
     )

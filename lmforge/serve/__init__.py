@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import sys
 from dataclasses import dataclass, field
 
@@ -79,6 +80,20 @@ def build_app(config: ServeConfig):
     return create_app(served, limits, drain_seconds=config.drain_seconds)
 
 
+def check_address(host: str, port: int) -> None:
+    """An address the server can listen on: a port in range, a host that resolves, and no other server
+    there (uvicorn would report these only after the model loaded, with its own exit code)."""
+    if not 0 <= port <= 65535:
+        raise LmforgeError(f"port {port}: must be between 0 and 65535")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise LmforgeError(
+            f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --host or --port"
+        ) from None
+
+
 def serve(config: ServeConfig) -> None:
     """Run the server until SIGINT/SIGTERM; then stop accepting, drain, and exit."""
     import uvicorn
@@ -90,6 +105,7 @@ def serve(config: ServeConfig) -> None:
     from lmforge.inference.engine import set_decode_threads, threads_from_environment
 
     set_decode_threads(config.threads or threads_from_environment())
+    check_address(config.host, config.port)  # before minutes of loading, not after
     app = build_app(config)
     scheduler = app.state.scheduler
 

@@ -17,17 +17,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
 from lmforge.errors import LmforgeError
 from lmforge.formats.loading import SamplingDefaults, fallback_defaults
 from lmforge.inference.chat import encode_chat, stop_token_ids
 from lmforge.inference.generate import SamplingConfig
+from lmforge.serve.errors import APIError, error_body, use_openai_errors
 from lmforge.serve.scheduler import GenerationRequest, QueueFull, Scheduler
 from lmforge.serve.schemas import (
     ChatChoice,
@@ -42,7 +42,6 @@ from lmforge.serve.schemas import (
     EmbeddingItem,
     EmbeddingList,
     EmbeddingRequest,
-    InvalidText,
     ModelCard,
     ModelList,
     ResponseMessage,
@@ -66,28 +65,6 @@ class ServeLimits:
 
 
 DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streaming request checks that its client is still there
-
-
-class APIError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        kind: str = "invalid_request_error",
-        param: str | None = None,
-        headers: dict | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
-
-
-def error_body(
-    status: int, message: str, kind: str, param: str | None = None, headers: dict | None = None
-) -> JSONResponse:
-    code = {401: "invalid_api_key", 404: "not_found", 413: "request_too_large", 429: "rate_limited"}.get(status)
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status, headers=headers
-    )
 
 
 class BodyLimit:
@@ -197,56 +174,22 @@ class ServedModels:
             self.sampling_defaults = fallback_defaults(self.scheduler.tokenizer)
 
 
-def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_seconds: float = 10.0) -> FastAPI:
-    limits = limits or ServeLimits()
-    scheduler = models.scheduler
-    tokenizer = scheduler.tokenizer
-    started = time.monotonic()
-    latency = {"count": 0, "sum": 0.0}
-    error_responses: collections.Counter = collections.Counter()  # status code -> responses sent
-    stop_ids = frozenset(stop_token_ids(tokenizer))
-    defaults = models.sampling_defaults.sampling
+class ServerState:
+    """What the route handlers share: the served models, the limits, and the counters /metrics reports.
+    One per app, in `app.state.server`; handlers receive it through `Depends(server_state)`."""
 
-    async def lifespan(app):
-        scheduler.start()
-        yield
-        await asyncio.to_thread(scheduler.shutdown, drain_seconds)
+    def __init__(self, models: ServedModels, limits: ServeLimits):
+        self.models, self.limits = models, limits
+        self.scheduler = models.scheduler
+        self.tokenizer = self.scheduler.tokenizer
+        self.defaults = models.sampling_defaults.sampling
+        self.stop_ids = frozenset(stop_token_ids(self.tokenizer))
+        self.started = time.monotonic()
+        self.latency = {"count": 0, "sum": 0.0}
+        self.error_responses: collections.Counter = collections.Counter()  # status code -> responses sent
 
-    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.scheduler = scheduler
-    app.state.sampling_defaults = models.sampling_defaults
-    if limits.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=limits.cors_origins, allow_methods=["*"], allow_headers=["*"])
-    if limits.api_key:
-        app.add_middleware(ApiKeyCheck, key=limits.api_key)
-    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
-    app.add_middleware(ErrorCount, counts=error_responses)  # added last: outermost, so it sees every response
-
-    @app.exception_handler(APIError)
-    async def api_error(_, error: APIError):
-        return error_body(error.status, error.message, error.kind, error.param, error.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_, error: RequestValidationError):
-        problems = error.errors()
-        first = problems[0] if problems else {}
-        if first.get("type") == "json_invalid":
-            return error_body(400, f"request body is not valid JSON: {first.get('msg', '')}", "invalid_request_error")
-        invalid_text = (first.get("ctx") or {}).get("error")
-        if isinstance(invalid_text, InvalidText):
-            return error_body(400, f"invalid request: {invalid_text}", "invalid_request_error", invalid_text.field)
-        location = ".".join(str(part) for part in first.get("loc", ())[1:])
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in problem.get('loc', ())[1:]) or 'body'}: {problem.get('msg')}"
-            for problem in problems[:5]
-        )
-        return error_body(400, f"invalid request: {detail}", "invalid_request_error", location or None)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, error: StarletteHTTPException):
-        return error_body(error.status_code, str(error.detail), "invalid_request_error")
-
-    def check_model(requested: str | None, kind: str) -> str:
+    def check_model(self, requested: str | None, kind: str) -> str:
+        models = self.models
         served = models.name if kind == "chat" else models.embedding_name
         if kind == "embedding" and models.embedder is None:
             raise APIError(404, "this server has no embedding model (start it with --embedding-model)", param="model")
@@ -256,12 +199,13 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
             )
         return served
 
-    def sampling_for(body, max_tokens: int, index: int) -> SamplingConfig:
+    def sampling_for(self, body, max_tokens: int, index: int) -> SamplingConfig:
         """The request's settings; a field it leaves out takes the model's default."""
 
         def given(value, default):
             return default if value is None else value
 
+        defaults = self.defaults
         seed = None if body.seed is None else (body.seed + index) % 2**63
         top_k = given(body.top_k, defaults.top_k)
         return SamplingConfig(
@@ -274,8 +218,8 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
             seed=seed,
         )
 
-    def budget(prompt_ids: list[int], requested: int | None) -> int:
-        context = scheduler.context
+    def budget(self, prompt_ids: list[int], requested: int | None) -> int:
+        context, limits = self.scheduler.context, self.limits
         if requested is not None and requested > limits.max_tokens:
             raise APIError(
                 400, f"max_tokens is {requested}, above this server's limit of {limits.max_tokens}", param="max_tokens"
@@ -286,7 +230,7 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
                 raise APIError(
                     400, f"the prompt has {len(prompt_ids)} tokens; the context is {context} tokens", param="messages"
                 )
-            return min(room, limits.max_tokens, defaults.max_new_tokens)
+            return min(room, limits.max_tokens, self.defaults.max_new_tokens)
         if len(prompt_ids) + requested > context:
             raise APIError(
                 400,
@@ -296,26 +240,31 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
             )
         return requested
 
-    def check_work(prompts: list[list[int]], count: int) -> None:
+    def check_work(self, prompts: list[list[int]], count: int) -> None:
         """Refuse a request whose sequences could never run together, or whose prompts are too much work."""
         sequences = len(prompts) * count
-        if sequences > scheduler.max_batch:
+        if sequences > self.scheduler.max_batch:
             raise APIError(
                 400,
                 f"this request needs {sequences} sequences ({len(prompts)} prompt(s) x n={count}); this server "
-                f"decodes at most {scheduler.max_batch} at once (--max-batch)",
+                f"decodes at most {self.scheduler.max_batch} at once (--max-batch)",
                 param="n",
             )
         prompt_tokens = sum(len(ids) for ids in prompts) * count
-        if prompt_tokens > limits.max_prompt_tokens_per_request:
+        if prompt_tokens > self.limits.max_prompt_tokens_per_request:
             raise APIError(
                 400,
                 f"this request has {prompt_tokens} prompt tokens (over all prompts x n={count}); the limit is "
-                f"{limits.max_prompt_tokens_per_request} (--max-prompt-tokens-per-request)",
+                f"{self.limits.max_prompt_tokens_per_request} (--max-prompt-tokens-per-request)",
                 param="prompt",
             )
 
-    async def run(prompts: list[tuple[list[int], int]], body, count: int) -> Submitted:
+    def encode_prompt(self, prompt: str) -> list[int]:
+        if self.limits.allow_special_tokens_in_prompts:
+            return self.tokenizer.encode_with_special_tokens(prompt)
+        return self.tokenizer.encode(prompt)
+
+    async def run(self, prompts: list[tuple[list[int], int]], body, count: int) -> Submitted:
         """Submit `count` sequences per (prompt ids, max_tokens), all or none; their events arrive on
         one queue as (index, event), index = prompt number * count + choice."""
         loop = asyncio.get_running_loop()
@@ -329,278 +278,320 @@ def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_se
                         prompt_ids=prompt_ids,
                         max_tokens=max_tokens,
                         emit=lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event)),
-                        sampling=sampling_for(body, max_tokens, choice),
+                        sampling=self.sampling_for(body, max_tokens, choice),
                         presence_penalty=body.presence_penalty,
                         frequency_penalty=body.frequency_penalty,
-                        stop_ids=stop_ids,
+                        stop_ids=self.stop_ids,
                     )
                 )
         try:
-            scheduler.submit_all(requests)
+            self.scheduler.submit_all(requests)
         except ValueError as error:
             raise APIError(400, str(error), param="max_tokens") from None
         except QueueFull as error:
             raise APIError(
-                429, str(error), "rate_limit_error", headers={"Retry-After": str(limits.retry_after_seconds)}
+                429, str(error), "rate_limit_error", headers={"Retry-After": str(self.limits.retry_after_seconds)}
             ) from None
         except RuntimeError as error:
             raise APIError(503, str(error), "server_error") from None
         return Submitted(events, requests)
 
-    async def collect(submitted: Submitted, choices: int, http_request: Request) -> tuple[list[str], list[str], dict]:
-        """Gather every sequence's text; a client that leaves cancels them (checked every DISCONNECT_POLL_SECONDS)."""
-        count = len(submitted.requests)
-        texts, reasons = [""] * count, [None] * count
-        # as OpenAI counts: each prompt once, however many choices it has
-        prompt_tokens = sum(len(request.prompt_ids) for request in submitted.requests[::choices])
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
-        remaining = count
-        checked = time.monotonic()
-        try:
-            while remaining:
-                if time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:
-                    if await http_request.is_disconnected():
-                        raise APIError(499, "the client disconnected")
-                    checked = time.monotonic()
-                try:
-                    index, (kind, value, extra) = await asyncio.wait_for(
-                        submitted.events.get(), DISCONNECT_POLL_SECONDS
-                    )
-                except asyncio.TimeoutError:
-                    continue
-                if kind == "text":
-                    texts[index] += value
-                elif kind == "error":
-                    raise APIError(500, value, "server_error")
-                else:
-                    reasons[index] = value
-                    usage["completion_tokens"] += extra["completion_tokens"]
-                    remaining -= 1
-        finally:  # on an error or a disconnect, the other sequences stop at the next step
-            submitted.cancel()
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        return texts, reasons, usage
+    def record(self, start: float) -> None:
+        self.latency["count"] += 1
+        self.latency["sum"] += time.monotonic() - start
 
-    def record(start: float) -> None:
-        latency["count"] += 1
-        latency["sum"] += time.monotonic() - start
 
-    def sse(payload) -> str:
-        return f"data: {payload.model_dump_json(exclude_none=False)}\n\n"
+def server_state(request: Request) -> ServerState:
+    """The dependency every route handler takes: its app's `ServerState`."""
+    return request.app.state.server
 
-    async def stream(submitted: Submitted, count: int, make_chunk, include_usage: bool, start: float):
-        events = submitted.events
-        remaining = count
-        completion_tokens, prompt_tokens = 0, 0
-        try:
-            for index in range(count):
-                first = make_chunk(index, None, None, role=True)
-                if first is not None:
-                    yield sse(first)
-            while remaining:
-                index, (kind, value, extra) = await events.get()
-                if kind == "text":
-                    yield sse(make_chunk(index, value, None))
-                elif kind == "error":
-                    yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
-                    remaining -= 1
-                else:
-                    yield sse(make_chunk(index, None, value))
-                    prompt_tokens = extra["prompt_tokens"]
-                    completion_tokens += extra["completion_tokens"]
-                    remaining -= 1
-            if include_usage:
-                usage = Usage(
-                    prompt_tokens=prompt_tokens,
-                    completion_tokens=completion_tokens,
-                    total_tokens=prompt_tokens + completion_tokens,
-                )
-                yield sse(make_chunk(None, None, None, usage=usage))
-            yield "data: [DONE]\n\n"
-            record(start)
-        finally:  # the client went away (or we finished): free the slots now, not at max_tokens
-            submitted.cancel()
 
-    def streaming_response(generator) -> StreamingResponse:
-        return StreamingResponse(
-            generator, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
+Server = Annotated[ServerState, Depends(server_state)]
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, http_request: Request):
-        start = time.monotonic()
-        name = check_model(body.model, "chat")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        try:  # off the event loop: a model's template may take up to its render limit
-            prompt_ids = await asyncio.to_thread(encode_chat, tokenizer, messages)
-        except LmforgeError as error:
-            raise APIError(400, str(error), param="messages") from None
-        check_work([prompt_ids], body.n)
-        max_tokens = budget(prompt_ids, body.max_completion_tokens or body.max_tokens)
-        submitted = await run([(prompt_ids, max_tokens)], body, body.n)
-        response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
 
-            def chunk(index, text, finish, role=False, usage=None):
-                delta = Delta(role="assistant" if role else None, content=text)
-                choices = [] if index is None else [ChatChunkChoice(index=index, delta=delta, finish_reason=finish)]
-                return ChatCompletionChunk(id=response_id, created=created, model=name, choices=choices, usage=usage)
-
-            return streaming_response(stream(submitted, body.n, chunk, include_usage, start))
-        texts, reasons, usage = await collect(submitted, body.n, http_request)
-        record(start)
-        choices = [
-            ChatChoice(index=i, message=ResponseMessage(content=text), finish_reason=reason)
-            for i, (text, reason) in enumerate(zip(texts, reasons))
-        ]
-        return ChatCompletion(id=response_id, created=created, model=name, choices=choices, usage=Usage(**usage))
-
-    def encode_prompt(prompt: str) -> list[int]:
-        if limits.allow_special_tokens_in_prompts:
-            return tokenizer.encode_with_special_tokens(prompt)
-        return tokenizer.encode(prompt)
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, http_request: Request):
-        start = time.monotonic()
-        name = check_model(body.model, "chat")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if body.stream and len(prompts) > 1:
-            raise APIError(400, "stream=true takes a single prompt", param="prompt")
-        encoded = []
-        for prompt in prompts:
-            ids = encode_prompt(prompt)
-            if not ids:
-                if tokenizer.bos_id is None:
-                    raise APIError(400, "the prompt is empty", param="prompt")
-                ids = [tokenizer.bos_id]
-            encoded.append(ids)
-        check_work(encoded, body.n)
-        submitted = await run([(ids, budget(ids, body.max_tokens)) for ids in encoded], body, body.n)
-        response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-
-            def chunk(index, text, finish, role=False, usage=None):
-                if role:
-                    return None
-                choices = (
-                    [] if index is None else [CompletionChoice(index=index, text=text or "", finish_reason=finish)]
-                )
-                return Completion(id=response_id, created=created, model=name, choices=choices, usage=usage)
-
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return streaming_response(stream(submitted, body.n, chunk, include_usage, start))
-        texts, reasons, usage = await collect(submitted, body.n, http_request)
-        record(start)
-        choices = [
-            CompletionChoice(index=index, text=text, finish_reason=reason)
-            for index, (text, reason) in enumerate(zip(texts, reasons))
-        ]
-        return Completion(id=response_id, created=created, model=name, choices=choices, usage=Usage(**usage))
-
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest):
-        name = check_model(body.model, "embedding")
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        token_count = models.embedder.count_tokens(texts)
-        if token_count > limits.max_embedding_tokens_per_request:
-            raise APIError(
-                400,
-                f"the inputs have {token_count} tokens (after truncation to the model's "
-                f"{models.embedder.max_tokens} per input); the limit is {limits.max_embedding_tokens_per_request} "
-                "per request (--max-embedding-tokens-per-request)",
-                param="input",
-            )
-        vectors, token_count = await asyncio.to_thread(models.embedder.embed_with_counts, texts)
-        data = []
-        for index, vector in enumerate(vectors.tolist()):
-            if body.encoding_format == "base64":
-                encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-                data.append(EmbeddingItem(index=index, embedding=encoded))
+async def collect(submitted: Submitted, choices: int, http_request: Request) -> tuple[list[str], list[str], dict]:
+    """Gather every sequence's text; a client that leaves cancels them (checked every DISCONNECT_POLL_SECONDS)."""
+    count = len(submitted.requests)
+    texts, reasons = [""] * count, [None] * count
+    # as OpenAI counts: each prompt once, however many choices it has
+    prompt_tokens = sum(len(request.prompt_ids) for request in submitted.requests[::choices])
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": 0}
+    remaining = count
+    checked = time.monotonic()
+    try:
+        while remaining:
+            if time.monotonic() - checked >= DISCONNECT_POLL_SECONDS:
+                if await http_request.is_disconnected():
+                    raise APIError(499, "the client disconnected")
+                checked = time.monotonic()
+            try:
+                index, (kind, value, extra) = await asyncio.wait_for(submitted.events.get(), DISCONNECT_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                continue
+            if kind == "text":
+                texts[index] += value
+            elif kind == "error":
+                raise APIError(500, value, "server_error")
             else:
-                data.append(EmbeddingItem(index=index, embedding=vector))
-        return EmbeddingList(data=data, model=name, usage=Usage(prompt_tokens=token_count, total_tokens=token_count))
+                reasons[index] = value
+                usage["completion_tokens"] += extra["completion_tokens"]
+                remaining -= 1
+    finally:  # on an error or a disconnect, the other sequences stop at the next step
+        submitted.cancel()
+    usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+    return texts, reasons, usage
 
-    @app.get("/v1/models")
-    async def list_models():
-        sampling = SamplingDefaultsCard(
-            temperature=defaults.temperature,
-            top_p=defaults.top_p,
-            top_k=defaults.top_k,
-            repetition_penalty=defaults.repetition_penalty,
-            max_tokens=min(defaults.max_new_tokens, limits.max_tokens, scheduler.context - 1),
-            source=models.sampling_defaults.source,
+
+def sse(payload) -> str:
+    return f"data: {payload.model_dump_json(exclude_none=False)}\n\n"
+
+
+async def stream(server: ServerState, submitted: Submitted, count: int, make_chunk, include_usage: bool, start: float):
+    events = submitted.events
+    remaining = count
+    completion_tokens, prompt_tokens = 0, 0
+    try:
+        for index in range(count):
+            first = make_chunk(index, None, None, role=True)
+            if first is not None:
+                yield sse(first)
+        while remaining:
+            index, (kind, value, extra) = await events.get()
+            if kind == "text":
+                yield sse(make_chunk(index, value, None))
+            elif kind == "error":
+                yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                remaining -= 1
+            else:
+                yield sse(make_chunk(index, None, value))
+                prompt_tokens = extra["prompt_tokens"]
+                completion_tokens += extra["completion_tokens"]
+                remaining -= 1
+        if include_usage:
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            )
+            yield sse(make_chunk(None, None, None, usage=usage))
+        yield "data: [DONE]\n\n"
+        server.record(start)
+    finally:  # the client went away (or we finished): free the slots now, not at max_tokens
+        submitted.cancel()
+
+
+def streaming_response(generator) -> StreamingResponse:
+    return StreamingResponse(
+        generator, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
+
+
+routes = APIRouter()
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, http_request: Request, server: Server):
+    start = time.monotonic()
+    name = server.check_model(body.model, "chat")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:  # off the event loop: a model's template may take up to its render limit
+        prompt_ids = await asyncio.to_thread(encode_chat, server.tokenizer, messages)
+    except LmforgeError as error:
+        raise APIError(400, str(error), param="messages") from None
+    server.check_work([prompt_ids], body.n)
+    max_tokens = server.budget(prompt_ids, body.max_completion_tokens or body.max_tokens)
+    submitted = await server.run([(prompt_ids, max_tokens)], body, body.n)
+    response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        def chunk(index, text, finish, role=False, usage=None):
+            delta = Delta(role="assistant" if role else None, content=text)
+            choices = [] if index is None else [ChatChunkChoice(index=index, delta=delta, finish_reason=finish)]
+            return ChatCompletionChunk(id=response_id, created=created, model=name, choices=choices, usage=usage)
+
+        return streaming_response(stream(server, submitted, body.n, chunk, include_usage, start))
+    texts, reasons, usage = await collect(submitted, body.n, http_request)
+    server.record(start)
+    choices = [
+        ChatChoice(index=i, message=ResponseMessage(content=text), finish_reason=reason)
+        for i, (text, reason) in enumerate(zip(texts, reasons))
+    ]
+    return ChatCompletion(id=response_id, created=created, model=name, choices=choices, usage=Usage(**usage))
+
+
+@routes.post("/v1/completions")
+async def completions(body: CompletionRequest, http_request: Request, server: Server):
+    start = time.monotonic()
+    name = server.check_model(body.model, "chat")
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if body.stream and len(prompts) > 1:
+        raise APIError(400, "stream=true takes a single prompt", param="prompt")
+    encoded = []
+    for prompt in prompts:
+        ids = server.encode_prompt(prompt)
+        if not ids:
+            if server.tokenizer.bos_id is None:
+                raise APIError(400, "the prompt is empty", param="prompt")
+            ids = [server.tokenizer.bos_id]
+        encoded.append(ids)
+    server.check_work(encoded, body.n)
+    submitted = await server.run([(ids, server.budget(ids, body.max_tokens)) for ids in encoded], body, body.n)
+    response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+
+        def chunk(index, text, finish, role=False, usage=None):
+            if role:
+                return None
+            choices = [] if index is None else [CompletionChoice(index=index, text=text or "", finish_reason=finish)]
+            return Completion(id=response_id, created=created, model=name, choices=choices, usage=usage)
+
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        return streaming_response(stream(server, submitted, body.n, chunk, include_usage, start))
+    texts, reasons, usage = await collect(submitted, body.n, http_request)
+    server.record(start)
+    choices = [
+        CompletionChoice(index=index, text=text, finish_reason=reason)
+        for index, (text, reason) in enumerate(zip(texts, reasons))
+    ]
+    return Completion(id=response_id, created=created, model=name, choices=choices, usage=Usage(**usage))
+
+
+@routes.post("/v1/embeddings")
+async def embeddings(body: EmbeddingRequest, server: Server):
+    name = server.check_model(body.model, "embedding")
+    embedder, limits = server.models.embedder, server.limits
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    token_count = embedder.count_tokens(texts)
+    if token_count > limits.max_embedding_tokens_per_request:
+        raise APIError(
+            400,
+            f"the inputs have {token_count} tokens (after truncation to the model's "
+            f"{embedder.max_tokens} per input); the limit is {limits.max_embedding_tokens_per_request} "
+            "per request (--max-embedding-tokens-per-request)",
+            param="input",
         )
-        cards = [
+    vectors, token_count = await asyncio.to_thread(embedder.embed_with_counts, texts)
+    data = []
+    for index, vector in enumerate(vectors.tolist()):
+        if body.encoding_format == "base64":
+            encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append(EmbeddingItem(index=index, embedding=encoded))
+        else:
+            data.append(EmbeddingItem(index=index, embedding=vector))
+    return EmbeddingList(data=data, model=name, usage=Usage(prompt_tokens=token_count, total_tokens=token_count))
+
+
+@routes.get("/v1/models")
+async def list_models(server: Server):
+    models, defaults, context = server.models, server.defaults, server.scheduler.context
+    sampling = SamplingDefaultsCard(
+        temperature=defaults.temperature,
+        top_p=defaults.top_p,
+        top_k=defaults.top_k,
+        repetition_penalty=defaults.repetition_penalty,
+        max_tokens=min(defaults.max_new_tokens, server.limits.max_tokens, context - 1),
+        source=models.sampling_defaults.source,
+    )
+    cards = [
+        ModelCard(
+            id=models.name,
+            created=models.created,
+            capabilities=["chat", "completions"],
+            context_tokens=context,
+            sampling_defaults=sampling,
+        )
+    ]
+    if models.embedder is not None:
+        cards.append(
             ModelCard(
-                id=models.name,
+                id=models.embedding_name,
                 created=models.created,
-                capabilities=["chat", "completions"],
-                context_tokens=scheduler.context,
-                sampling_defaults=sampling,
+                capabilities=["embeddings"],
+                context_tokens=models.embedder.max_tokens,
             )
-        ]
-        if models.embedder is not None:
-            cards.append(
-                ModelCard(
-                    id=models.embedding_name,
-                    created=models.created,
-                    capabilities=["embeddings"],
-                    context_tokens=models.embedder.max_tokens,
-                )
-            )
-        return ModelList(data=cards)
+        )
+    return ModelList(data=cards)
 
-    @app.get("/health")
-    async def health():
-        return {
-            "status": "ok" if scheduler.thread.is_alive() and scheduler.accepting else "unavailable",
-            "model": models.name,
-            "uptime_seconds": round(time.monotonic() - started, 1),
-            "limits": {
-                "max_batch": scheduler.max_batch,
-                "max_queue": scheduler.max_queue,
-                "context_tokens": scheduler.context,
-                "max_tokens": limits.max_tokens,
-                "max_prompt_tokens_per_request": limits.max_prompt_tokens_per_request,
-                "max_embedding_tokens_per_request": limits.max_embedding_tokens_per_request,
-            },
-        }
 
-    @app.get("/metrics")
-    async def metrics():
-        counters = scheduler.metrics
-        lines = [
-            "# TYPE lmforge_requests_total counter",
-            f"lmforge_requests_total {counters['requests_total']}",
-            "# TYPE lmforge_prompt_tokens_total counter",
-            f"lmforge_prompt_tokens_total {counters['prompt_tokens_total']}",
-            "# TYPE lmforge_completion_tokens_total counter",
-            f"lmforge_completion_tokens_total {counters['completion_tokens_total']}",
-            "# TYPE lmforge_errors_total counter",
-            *(
-                f'lmforge_errors_total{{status="{status}"}} {count}'
-                for status, count in sorted(error_responses.items())
-            ),
-            "# TYPE lmforge_generation_failures_total counter",
-            f"lmforge_generation_failures_total {counters['generation_failures_total']}",
-            "# TYPE lmforge_rejected_queue_full_total counter",
-            f"lmforge_rejected_queue_full_total {counters['rejected_queue_full_total']}",
-            "# TYPE lmforge_queue_depth gauge",
-            f"lmforge_queue_depth {scheduler.queue_depth()}",
-            "# TYPE lmforge_running_sequences gauge",
-            f"lmforge_running_sequences {scheduler.active_sequences()}",
-            "# TYPE lmforge_request_latency_seconds summary",
-            f"lmforge_request_latency_seconds_count {latency['count']}",
-            f"lmforge_request_latency_seconds_sum {latency['sum']:.6f}",
-        ]
-        for reason in ("stop", "length", "cancelled"):
-            lines.append(f'lmforge_finished_total{{reason="{reason}"}} {counters[f"finished_{reason}_total"]}')
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+@routes.get("/health")
+async def health(server: Server):
+    scheduler, limits = server.scheduler, server.limits
+    return {
+        "status": "ok" if scheduler.thread.is_alive() and scheduler.accepting else "unavailable",
+        "model": server.models.name,
+        "uptime_seconds": round(time.monotonic() - server.started, 1),
+        "limits": {
+            "max_batch": scheduler.max_batch,
+            "max_queue": scheduler.max_queue,
+            "context_tokens": scheduler.context,
+            "max_tokens": limits.max_tokens,
+            "max_prompt_tokens_per_request": limits.max_prompt_tokens_per_request,
+            "max_embedding_tokens_per_request": limits.max_embedding_tokens_per_request,
+        },
+    }
 
-    @app.get("/", response_class=HTMLResponse)
-    async def page():
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
+@routes.get("/metrics")
+async def metrics(server: Server):
+    scheduler, latency = server.scheduler, server.latency
+    counters = scheduler.metrics
+    lines = [
+        "# TYPE lmforge_requests_total counter",
+        f"lmforge_requests_total {counters['requests_total']}",
+        "# TYPE lmforge_prompt_tokens_total counter",
+        f"lmforge_prompt_tokens_total {counters['prompt_tokens_total']}",
+        "# TYPE lmforge_completion_tokens_total counter",
+        f"lmforge_completion_tokens_total {counters['completion_tokens_total']}",
+        "# TYPE lmforge_errors_total counter",
+        *(
+            f'lmforge_errors_total{{status="{status}"}} {count}'
+            for status, count in sorted(server.error_responses.items())
+        ),
+        "# TYPE lmforge_generation_failures_total counter",
+        f"lmforge_generation_failures_total {counters['generation_failures_total']}",
+        "# TYPE lmforge_rejected_queue_full_total counter",
+        f"lmforge_rejected_queue_full_total {counters['rejected_queue_full_total']}",
+        "# TYPE lmforge_queue_depth gauge",
+        f"lmforge_queue_depth {scheduler.queue_depth()}",
+        "# TYPE lmforge_running_sequences gauge",
+        f"lmforge_running_sequences {scheduler.active_sequences()}",
+        "# TYPE lmforge_request_latency_seconds summary",
+        f"lmforge_request_latency_seconds_count {latency['count']}",
+        f"lmforge_request_latency_seconds_sum {latency['sum']:.6f}",
+    ]
+    for reason in ("stop", "length", "cancelled"):
+        lines.append(f'lmforge_finished_total{{reason="{reason}"}} {counters[f"finished_{reason}_total"]}')
+    return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+
+@routes.get("/", response_class=HTMLResponse)
+async def page():
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+
+def create_app(models: ServedModels, limits: ServeLimits | None = None, drain_seconds: float = 10.0) -> FastAPI:
+    """The server: `routes` over one `ServerState`, behind the body-limit, API-key, CORS and error-count layers."""
+    server = ServerState(models, limits or ServeLimits())
+    scheduler = models.scheduler
+
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        await asyncio.to_thread(scheduler.shutdown, drain_seconds)
+
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.server = server
+    app.state.scheduler = scheduler
+    app.state.sampling_defaults = models.sampling_defaults
+    limits = server.limits
+    if limits.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=limits.cors_origins, allow_methods=["*"], allow_headers=["*"])
+    if limits.api_key:
+        app.add_middleware(ApiKeyCheck, key=limits.api_key)
+    app.add_middleware(BodyLimit, limit=limits.max_body_bytes)
+    # added last: outermost, so it sees every response
+    app.add_middleware(ErrorCount, counts=server.error_responses)
+    use_openai_errors(app)
+    app.include_router(routes)
     return app

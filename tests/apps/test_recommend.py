@@ -3,6 +3,7 @@
 import json
 import math
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -158,10 +159,8 @@ def test_train_eval_top_and_serve_from_the_cli(synthetic_log, tmp_path, capsys, 
         server.stop()
 
 
-def test_the_server_takes_item_and_user_ids_as_numbers_too(tmp_path):
-    """MovieLens ids are numbers; a client sends them as JSON numbers. Strings still work; floats are no ids."""
-    from fastapi.testclient import TestClient
-
+def movielens_recommender(tmp_path) -> Path:
+    """A one-epoch SASRec on a MovieLens-style log: 20 users, items 1-12 (numbers, as MovieLens's ids)."""
     log = tmp_path / "ratings.csv"
     rows = [f"{user},{(user + step) % 12 + 1},{step}" for user in range(20) for step in range(5)]
     log.write_text("userId,movieId,timestamp\n" + "\n".join(rows) + "\n")
@@ -169,10 +168,45 @@ def test_the_server_takes_item_and_user_ids_as_numbers_too(tmp_path):
     train_recommender(
         RecommendConfig(data=str(log), out=str(out), d_model=16, n_layers=1, epochs=1, batch_size=8), verbose=0
     )
-    with TestClient(build_app(Recommender(out))) as http:
+    return out
+
+
+def test_the_server_takes_item_and_user_ids_as_numbers_too(tmp_path):
+    """MovieLens ids are numbers; a client sends them as JSON numbers. Strings still work; floats are no ids."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(Recommender(movielens_recommender(tmp_path)))) as http:
         numbers = http.post("/v1/recommend", json={"history": [1, 2, 3], "k": 3})
         assert numbers.status_code == 200, numbers.text
         strings = http.post("/v1/recommend", json={"history": ["1", "2", "3"], "k": 3}).json()
         assert numbers.json() == strings and len(strings["items"]) == 3
         assert http.post("/v1/recommend", json={"user": 4, "k": 2}).status_code == 200
         assert http.post("/v1/recommend", json={"history": [1.5]}).status_code == 422
+
+
+def test_the_server_answers_errors_in_the_openai_shape_of_lmforge_serve(tmp_path):
+    """The recommender's errors are lmforge serve's: {"error": {message, type, param, code}}."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(build_app(Recommender(movielens_recommender(tmp_path)))) as http:
+        unknown_item = http.post("/v1/recommend", json={"history": [1, 99]})
+        assert unknown_item.status_code == 400
+        assert unknown_item.json() == {
+            "error": {
+                "message": "unknown items ['99']",
+                "type": "invalid_request_error",
+                "param": "history",
+                "code": None,
+            }
+        }
+        unknown_user = http.post("/v1/recommend", json={"user": "nobody"})
+        assert (unknown_user.status_code, unknown_user.json()["error"]["param"]) == (400, "user")
+        invalid = http.post("/v1/recommend", json={"history": [1], "k": 0})
+        assert invalid.status_code == 422
+        assert invalid.json()["error"]["param"] == "k" and invalid.json()["error"]["type"] == "invalid_request_error"
+        assert "greater than or equal to 1" in invalid.json()["error"]["message"]
+        missing = http.get("/v1/no-such-route")
+        assert (missing.status_code, missing.json()) == (
+            404,
+            {"error": {"message": "Not Found", "type": "invalid_request_error", "param": None, "code": "not_found"}},
+        )
