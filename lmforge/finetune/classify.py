@@ -21,6 +21,7 @@ from lmforge.errors import LmforgeError
 from lmforge.evaluation.metrics import confusion_matrix, macro_f1, save_confusion_matrix_png
 from lmforge.model import ModelConfig, Transformer
 from lmforge.settings import ClassifyConfig
+from lmforge.training import distributed
 from lmforge.training.data import read_labelled_texts
 from lmforge.training.fit import (
     TRAINING_STATE,
@@ -176,7 +177,8 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
     if classes < 2:
         raise LmforgeError(f"{config.data}: needs at least 2 classes, found {train.label_names}")
     out = Path(config.out)
-    if not config.resume:
+    processes = distributed.init_process_group("cpu")  # under torchrun: one process moves and writes files
+    if not config.resume and processes.is_main:
         archived = claim_run_folder(
             out, RUN_FILES, config.overwrite, "choose a new --out, or resume it with --resume=true"
         )
@@ -238,7 +240,9 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
     from safetensors.torch import load_model
 
     load_model(classifier, str(best))  # the epoch with the lowest validation loss
-    best.unlink()
+    distributed.wait_for_every_process()  # every process has read it before the main one removes it
+    if processes.is_main:
+        best.unlink()
     if config.lora_rank:
         remove_lora(classifier)
     logits = classifier.predict(x_val, batch_size=config.batch_size)
@@ -254,15 +258,18 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         "warmup_steps": schedule.warmup_steps,
         "reached_peak_learning_rate": schedule.reached_peak,
     }
-    save_classifier(out, classifier, tokenizer, train.label_names, max_tokens, config.model)
-    save_confusion_matrix_png(
-        matrix,
-        out / "confusion_matrix.png",
-        f"accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}",
-        train.label_names,
-    )
-    (out / "metrics.json").write_text(json.dumps({**result, "config": settings_to_record(config)}, indent=2) + "\n")
-    (out / TRAINING_STATE).unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    if processes.is_main:  # every process holds the same trained weights: one writes them
+        save_classifier(out, classifier, tokenizer, train.label_names, max_tokens, config.model)
+        save_confusion_matrix_png(
+            matrix,
+            out / "confusion_matrix.png",
+            f"accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f}",
+            train.label_names,
+        )
+        metrics = json.dumps({**result, "config": settings_to_record(config)}, indent=2)
+        (out / "metrics.json").write_text(metrics + "\n")
+        (out / TRAINING_STATE).unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    distributed.shutdown(processes)
     return result
 
 

@@ -20,6 +20,7 @@ from lmforge.inference.chat import ROLES, chat_pieces
 from lmforge.model import Transformer
 from lmforge.settings import SFTConfig
 from lmforge.tokenizer import Tokenizer
+from lmforge.training import distributed
 from lmforge.training.data import read_records
 from lmforge.training.fit import TRAINING_STATE, Callback, EarlyStopping, Fittable, WarmupCosine
 from lmforge.training.run_folder import claim_run_folder, settings_to_record
@@ -164,7 +165,8 @@ class SaveAdapterEachEpoch(Callback):
     def on_epoch_end(self, epoch, logs):
         from lmforge.finetune.lora import save_adapter
 
-        save_adapter(self.model.model, self.folder, base_model=self.base_model)
+        if self.params.get("is_main", True):  # under torchrun one process writes
+            save_adapter(self.model.model, self.folder, base_model=self.base_model)
 
 
 def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
@@ -176,7 +178,8 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
     if not config.data:
         raise LmforgeError('SFT needs data: a JSONL file of {"messages": [...]} conversations')
     out = Path(config.out)
-    if not config.resume:
+    processes = distributed.init_process_group("cpu")  # under torchrun: one process moves and writes files
+    if not config.resume and processes.is_main:
         archived = claim_run_folder(
             out, RUN_FILES, config.overwrite, "choose a new --out, or resume it with --resume=true"
         )
@@ -232,13 +235,14 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
         checkpoint_every=config.checkpoint_interval,
         resume=config.resume,
     )
-    out.mkdir(parents=True, exist_ok=True)
     written = {}
-    if config.lora_rank:
-        written["adapter"] = str(save_adapter(model, out / "adapter", base_model=config.model))
-    if not config.lora_rank or config.merge:
-        merged = remove_lora(model) if config.lora_rank else model
-        written["model"] = str(save_model(out / "model", merged, tokenizer, {"base_model": config.model}))
+    if processes.is_main:  # every process holds the same trained weights: one writes them
+        out.mkdir(parents=True, exist_ok=True)
+        if config.lora_rank:
+            written["adapter"] = str(save_adapter(model, out / "adapter", base_model=config.model))
+        if not config.lora_rank or config.merge:
+            merged = remove_lora(model) if config.lora_rank else model
+            written["model"] = str(save_model(out / "model", merged, tokenizer, {"base_model": config.model}))
     result = {
         **stats,
         "history": history.history,
@@ -246,6 +250,8 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
         "warmup_steps": schedule.warmup_steps,
         "reached_peak_learning_rate": schedule.reached_peak,
     }
-    (out / "metrics.json").write_text(json.dumps({**result, "config": settings_to_record(config)}, indent=2) + "\n")
-    (out / TRAINING_STATE).unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    if processes.is_main:
+        (out / "metrics.json").write_text(json.dumps({**result, "config": settings_to_record(config)}, indent=2) + "\n")
+        (out / TRAINING_STATE).unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    distributed.shutdown(processes)
     return result

@@ -64,6 +64,34 @@ def mean_across_processes(value: torch.Tensor, group: ProcessGroup) -> torch.Ten
     return value
 
 
+def sum_across_processes(value: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    if group.is_distributed:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def sum_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Add up every process's gradients (a process that had no share of a batch adds zeros), one
+    flat all-reduce for all of them."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    flat = torch.cat([parameter.grad.reshape(-1) for parameter in parameters])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for parameter in parameters:
+        parameter.grad.copy_(flat[offset : offset + parameter.numel()].view_as(parameter.grad))
+        offset += parameter.numel()
+
+
+def wait_for_every_process() -> None:
+    """A barrier where a torchrun job is running (one process writes a file the others then read)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown(group: ProcessGroup) -> None:
     if group.is_distributed and dist.is_initialized():
         dist.destroy_process_group()

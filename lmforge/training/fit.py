@@ -24,6 +24,7 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.metrics import confusion_matrix, macro_f1
+from lmforge.training import distributed
 from lmforge.training.optim import OPTIMIZERS, build_optimizer
 from lmforge.training.progress import ProgressBar, format_logs
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
@@ -356,7 +357,11 @@ class ModelCheckpoint(Callback):
             if not _improved(value, self.best, self.mode, 0.0):
                 return
             self.best = value
-        self.saved.append(save_weights(self.model, self.path.format(epoch=epoch + 1, **logs)))
+        path = Path(self.path.format(epoch=epoch + 1, **logs))
+        if self.params.get("is_main", True):  # under torchrun one process writes; they hold the same weights
+            save_weights(self.model, path)
+        distributed.wait_for_every_process()  # then every process may read it
+        self.saved.append(path)
 
     def state_dict(self) -> dict:
         return {"best": self.best, "saved": [str(path) for path in self.saved]}
@@ -463,6 +468,13 @@ def _loss_and_outputs(model: nn.Module, setup: TrainingSetup, inputs: Inputs, ta
         return _batch_loss(setup, outputs.float(), targets, weights), outputs
 
 
+def _loss_count(setup: TrainingSetup, targets: torch.Tensor) -> int:
+    """What the batch loss is a mean over: scored tokens for the next-token loss, else examples."""
+    if setup.loss is token_crossentropy:
+        return int((targets != -100).sum())
+    return len(targets)
+
+
 def _class_weights(class_weight: dict | None, targets: torch.Tensor, setup: TrainingSetup) -> torch.Tensor | None:
     if class_weight is None:
         return None
@@ -537,6 +549,26 @@ def _load_fit_state(path: Path, model, setup, history, callbacks) -> FitPosition
     return FitPosition(**state["position"])
 
 
+def _distributed_step(forward, micro_batches: int, autocast, setup: TrainingSetup, targets, processes):
+    """`forward_backward` of this process's share of a batch, its loss weighted by the share's part
+    of the whole batch's loss (1 alone); the whole batch's loss, and this share's outputs (None if empty)."""
+    if not processes.is_distributed:
+        return forward_backward(forward, micro_batches, autocast)
+    count = _loss_count(setup, targets)
+    total = distributed.sum_across_processes(torch.tensor(float(count)), processes)
+    if count == 0:  # a batch smaller than the job: this process has nothing of it
+        loss, outputs = torch.zeros(()), None
+    else:
+        weight = count / float(total)
+        loss, outputs = forward_backward(lambda: _weighted(forward(), weight), micro_batches, autocast)
+    return distributed.sum_across_processes(loss, processes), outputs
+
+
+def _weighted(loss_and_outputs: tuple, weight: float) -> tuple:
+    loss, outputs = loss_and_outputs
+    return loss * weight, outputs
+
+
 def fit(
     model: nn.Module,
     x: Inputs,
@@ -593,6 +625,13 @@ def fit(
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     device = _device(model)
     autocast = autocast_for(device)
+    # Under torchrun each process takes its share of every batch; the gradients are summed across
+    # them with each share weighted by its part of the batch's loss, so N processes take exactly
+    # the steps one process would (to float rounding; dropout draws differ, one RNG per process).
+    processes = distributed.init_process_group(device.type)
+    params["is_main"] = processes.is_main
+    if not processes.is_main:
+        verbose = 0
     history = History()
     model.stop_training = False
     for callback in callbacks:
@@ -607,7 +646,7 @@ def fit(
     logs: dict = {}
 
     def save(at: FitPosition) -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and processes.is_main:
             save_fit_state(Path(checkpoint), model, setup, at, history, callbacks)
 
     try:
@@ -645,22 +684,25 @@ def fit(
                 index = order[step * batch_size : (step + 1) * batch_size]
                 for callback in callbacks:
                     callback.on_batch_begin(step, {})
-                inputs, targets = _to(_take(x, index), device), y[index].to(device)
-                batch_weights = None if weights is None else weights[index].to(device)
+                share = index[processes.rank :: processes.world_size] if processes.is_distributed else index
+                inputs, targets = _to(_take(x, share), device), y[share].to(device)
+                batch_weights = None if weights is None else weights[share].to(device)
                 # The last group of an epoch may hold fewer batches than accumulation_steps.
                 group = min(accumulation_steps, steps - (step // accumulation_steps) * accumulation_steps)
                 forward = functools.partial(_loss_and_outputs, model, setup, inputs, targets, batch_weights)
-                loss, outputs = forward_backward(forward, group, autocast)
+                loss, outputs = _distributed_step(forward, group, autocast, setup, targets, processes)
                 if not torch.isfinite(loss):  # before the update: the weights stay those of the last good batch
                     raise LmforgeError(
                         f"epoch {epoch + 1}, batch {step + 1}: loss is {loss.item()}; lower the learning rate"
                     )
                 loss_sum, seen = loss_sum + loss.item() * len(index), seen + len(index)
                 with torch.no_grad():
-                    for metric in setup.metrics:
+                    for metric in setup.metrics if outputs is not None else ():
                         metric.update(outputs.detach(), targets, setup.from_logits)
                 if (step + 1) % accumulation_steps == 0 or step + 1 == steps:
                     completed = None  # an update in progress: nothing consistent to save until it ends
+                    if processes.is_distributed:
+                        distributed.sum_gradients(setup.optimizer)
                     apply_gradients(setup.optimizer, setup.clip_grad_norm)
                     params["optimizer_step"] += 1
                     completed = FitPosition(

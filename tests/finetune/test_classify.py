@@ -125,3 +125,27 @@ def test_word_vocabulary_keeps_the_most_frequent_words():
     vocabulary = WordVocabulary(["the cat", "the dog", "the cat sat"], size=4)  # 0 pad, 1 unknown, 2 words
     assert vocabulary.index == {"the": 2, "cat": 3}
     assert vocabulary.encode(["The cat flew away", "cat"], 3).tolist() == [[2, 3, 1], [3, 0, 0]]
+
+
+def test_classify_under_torchrun_on_two_processes_writes_one_classifier(tmp_path):
+    """Two gloo processes share each batch; one writes the best-epoch weights (the other reads them after a
+    barrier) and the classifier. Not compared number for number: the head's dropout draws per process."""
+    import os
+    import subprocess
+    import sys
+
+    checkpoint = save_model(tmp_path / "base", tiny_decoder(), TOKENIZER)
+    data = sentiment_table(tmp_path / "train.csv")
+    out = tmp_path / "classifier"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge",
+               "finetune", "--task", "classify", "--data", str(data), "--model", str(checkpoint), "--out", str(out),
+               "--epochs=12", "--batch_size=16", "--learning_rate=3e-3", "--warmup_steps=0", "--patience=20",
+               "--validation_split=0.25"]  # fmt: skip
+    run = subprocess.run(
+        command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["accuracy"] > 0.9 and len(metrics["history"]["loss"]) == 12
+    assert not (out / "best.safetensors").exists() and not (out / "training_state.pt").exists()
+    assert TextClassifier(out).predict(["xyz good", "qqq bad"]) == ["pos", "neg"]

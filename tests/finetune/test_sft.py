@@ -252,3 +252,37 @@ def test_an_interrupted_sft_run_resumes_to_the_same_adapter(tmp_path, monkeypatc
     for a, b in zip(straight_adapter.state_dict().values(), resumed_adapter.state_dict().values()):
         assert torch.equal(a, b)
     assert not (tmp_path / "stopped" / "training_state.pt").exists()  # complete: nothing left to resume
+
+
+def test_sft_under_torchrun_on_two_processes_trains_as_one_process(tmp_path):
+    """9 chats in batches of 4 (4, 4, 1: the last leaves the second process nothing), two batches a step:
+    the same losses and adapter from 2 gloo processes as from one (dropout off: each process draws its own)."""
+    import os
+    import subprocess
+    import sys
+
+    base = tiny_checkpoint(tmp_path / "base")
+    data = chat_file(tmp_path / "chats.jsonl", 9)
+    common = ["finetune", "--task", "sft", "--data", str(data), "--model", str(base), "--lora_rank=4",
+              "--lora_dropout=0", "--epochs=2", "--batch_size=4", "--accumulation_steps=2", "--packing=false",
+              "--learning_rate=1e-2", "--max_tokens=64"]  # fmt: skip
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "-m", "lmforge", *common, "--out", str(tmp_path / "one")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge"]
+    two = subprocess.run(
+        [*torchrun, *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    one_history = json.loads((tmp_path / "one" / "metrics.json").read_text())["history"]
+    two_history = json.loads((tmp_path / "two" / "metrics.json").read_text())["history"]
+    assert len(one_history["loss"]) == 2
+    assert two_history["loss"] == pytest.approx(one_history["loss"], abs=1e-5)
+    one = load_adapter(load_model(base)[0], tmp_path / "one" / "adapter").state_dict()
+    two = load_adapter(load_model(base)[0], tmp_path / "two" / "adapter").state_dict()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-5)
+    assert not any((tmp_path / "two").glob(".*.tmp"))  # one process wrote, no half-written leftovers
