@@ -31,7 +31,7 @@ from lmforge.training.fit import (
     WarmupCosine,
     save_weights,
 )
-from lmforge.training.run_folder import claim_run_folder, settings_to_record
+from lmforge.training.run_folder import claim_fine_tune_folder, settings_to_record
 
 POOLINGS = ("last", "mean", "first")
 CLASSIFIER_CONFIG = "classifier.json"
@@ -178,12 +178,8 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         raise LmforgeError(f"{config.data}: needs at least 2 classes, found {train.label_names}")
     out = Path(config.out)
     processes = distributed.init_process_group("cpu")  # under torchrun: one process moves and writes files
-    if not config.resume and processes.is_main:
-        archived = claim_run_folder(
-            out, RUN_FILES, config.overwrite, "choose a new --out, or resume it with --resume=true"
-        )
-        if archived is not None and verbose:
-            print(f"--overwrite: moved the previous classifier into {archived}")
+    if processes.is_main:
+        claim_fine_tune_folder(out, RUN_FILES, config, "classifier", verbose)
 
     backbone, tokenizer, backbone_tokens = load_backbone(config.model)
     pooling = config.pooling or ("mean" if isinstance(backbone, Encoder) else "last")

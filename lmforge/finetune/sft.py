@@ -23,7 +23,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.training import distributed
 from lmforge.training.data import read_records
 from lmforge.training.fit import TRAINING_STATE, Callback, EarlyStopping, Fittable, WarmupCosine
-from lmforge.training.run_folder import claim_run_folder, settings_to_record
+from lmforge.training.run_folder import claim_fine_tune_folder, settings_to_record
 
 IGNORE = -100  # target id that the loss skips (PyTorch's cross_entropy ignore_index)
 RUN_FILES = ("adapter", "model", "metrics.json", TRAINING_STATE)  # what finetune_chat writes into `out`
@@ -179,12 +179,8 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
         raise LmforgeError('SFT needs data: a JSONL file of {"messages": [...]} conversations')
     out = Path(config.out)
     processes = distributed.init_process_group("cpu")  # under torchrun: one process moves and writes files
-    if not config.resume and processes.is_main:
-        archived = claim_run_folder(
-            out, RUN_FILES, config.overwrite, "choose a new --out, or resume it with --resume=true"
-        )
-        if archived is not None and verbose:
-            print(f"--overwrite: moved the previous run into {archived}")
+    if processes.is_main:
+        claim_fine_tune_folder(out, RUN_FILES, config, "run", verbose)
     torch.manual_seed(config.seed)
     model, tokenizer = load(config.model, keep_quantized=False)
     length = min(config.max_tokens, model.config.block_size)

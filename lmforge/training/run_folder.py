@@ -43,3 +43,14 @@ def claim_run_folder(folder: str | Path, run_files: tuple[str, ...], overwrite: 
     for name in found:
         (folder / name).rename(archive / name)
     return archive
+
+
+def claim_fine_tune_folder(folder: Path, run_files: tuple[str, ...], config, what: str, verbose: int) -> None:
+    """A fine-tune's `out`: left as it is to resume (`config.resume`), else claimed for a new run as
+    `claim_run_folder` does, saying where `--overwrite` moved the previous `what`."""
+    if config.resume:
+        return
+    alternatives = "choose a new --out, or continue an interrupted run with --resume=true"
+    archived = claim_run_folder(folder, run_files, config.overwrite, alternatives)
+    if archived is not None and verbose:
+        print(f"--overwrite: moved the previous {what} into {archived}")
