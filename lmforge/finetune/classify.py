@@ -24,14 +24,18 @@ from lmforge.settings import ClassifyConfig
 from lmforge.training import distributed
 from lmforge.training.data import read_labelled_texts
 from lmforge.training.fit import (
-    TRAINING_STATE,
     EarlyStopping,
     Fittable,
     ModelCheckpoint,
     WarmupCosine,
     save_weights,
 )
-from lmforge.training.run_folder import claim_fine_tune_folder, settings_to_record
+from lmforge.training.run_folder import (
+    TRAINING_STATE,
+    claim_fine_tune_folder,
+    fine_tune_checkpointing,
+    settings_to_record,
+)
 
 POOLINGS = ("last", "mean", "first")
 CLASSIFIER_CONFIG = "classifier.json"
@@ -229,9 +233,7 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         accumulation_steps=config.accumulation_steps,
         verbose=verbose,
         seed=config.seed,
-        checkpoint=out / TRAINING_STATE,
-        checkpoint_every=config.checkpoint_interval,
-        resume=config.resume,
+        **fine_tune_checkpointing(out, config),
     )
     from safetensors.torch import load_model
 

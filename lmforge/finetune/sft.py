@@ -22,8 +22,13 @@ from lmforge.settings import SFTConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.training import distributed
 from lmforge.training.data import read_records
-from lmforge.training.fit import TRAINING_STATE, Callback, EarlyStopping, Fittable, WarmupCosine
-from lmforge.training.run_folder import claim_fine_tune_folder, settings_to_record
+from lmforge.training.fit import Callback, EarlyStopping, Fittable, WarmupCosine
+from lmforge.training.run_folder import (
+    TRAINING_STATE,
+    claim_fine_tune_folder,
+    fine_tune_checkpointing,
+    settings_to_record,
+)
 
 IGNORE = -100  # target id that the loss skips (PyTorch's cross_entropy ignore_index)
 RUN_FILES = ("adapter", "model", "metrics.json", TRAINING_STATE)  # what finetune_chat writes into `out`
@@ -227,9 +232,7 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
         accumulation_steps=config.accumulation_steps,
         verbose=verbose,
         seed=config.seed,
-        checkpoint=out / TRAINING_STATE,
-        checkpoint_every=config.checkpoint_interval,
-        resume=config.resume,
+        **fine_tune_checkpointing(out, config),
     )
     written = {}
     if processes.is_main:  # every process holds the same trained weights: one writes them

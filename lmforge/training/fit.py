@@ -491,9 +491,6 @@ def _class_weights(class_weight: dict | None, targets: torch.Tensor, setup: Trai
     return table[labels]
 
 
-TRAINING_STATE = "training_state.pt"  # the name the fine-tunes give `fit`'s checkpoint in their folder
-
-
 @dataclass
 class FitPosition:
     """Where a `fit` run is: the epoch, the batches of it done, and what was summed over them so far."""

@@ -14,6 +14,7 @@ from lmforge.errors import LmforgeError
 from lmforge.settings import FOLDER_ACTIONS
 
 ARCHIVE_PREFIX = "previous-"
+TRAINING_STATE = "training_state.pt"  # a fine-tune's `fit` checkpoint in its folder, gone once the run completes
 
 
 def settings_to_record(config) -> dict:
@@ -54,3 +55,13 @@ def claim_fine_tune_folder(folder: Path, run_files: tuple[str, ...], config, wha
     archived = claim_run_folder(folder, run_files, config.overwrite, alternatives)
     if archived is not None and verbose:
         print(f"--overwrite: moved the previous {what} into {archived}")
+
+
+def fine_tune_checkpointing(folder: Path, config) -> dict:
+    """`fit`'s checkpoint options for a fine-tune writing into `folder`: its training state there, every
+    `config.checkpoint_interval` optimizer steps, resumed when `config.resume`."""
+    return {
+        "checkpoint": folder / TRAINING_STATE,
+        "checkpoint_every": config.checkpoint_interval,
+        "resume": config.resume,
+    }
