@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -259,6 +260,11 @@ def format_bytes(size: float) -> str:
     return f"{size:.0f} B"
 
 
+def main_process() -> bool:
+    """False in the other processes of a torchrun job (RANK > 0): one of them reports."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def command_finetune(args, extra) -> int:
     from lmforge.config import apply_values
     from lmforge.settings import ClassifyConfig, SFTConfig
@@ -269,6 +275,8 @@ def command_finetune(args, extra) -> int:
         from lmforge.finetune.classify import finetune_classifier
 
         result = finetune_classifier(config)
+        if not main_process():
+            return 0
         print(
             f"validation accuracy {result['accuracy']:.4f}, macro-F1 {result['macro_f1']:.4f} "
             f"on {result['validation_examples']} examples; classifier, metrics.json and confusion_matrix.png "
@@ -278,6 +286,8 @@ def command_finetune(args, extra) -> int:
         from lmforge.finetune.sft import finetune_chat
 
         result = finetune_chat(config)
+        if not main_process():
+            return 0
         print("wrote " + ", ".join(f"{kind} {path}" for kind, path in result["written"].items()))
     return 0
 
