@@ -242,6 +242,23 @@ class SamplingConfig:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        # Checked where the values arrive (--key=value, a config file, Python), not where they would
+        # silently misbehave: top_p=2 keeps every token, a negative max_new_tokens generates nothing.
+        problems = [
+            f"{name} must be {rule}, got {value}"
+            for name, value, rule, fine in [
+                ("max_new_tokens", self.max_new_tokens, ">= 0", self.max_new_tokens >= 0),
+                ("temperature", self.temperature, ">= 0 (0 is greedy)", self.temperature >= 0),
+                ("top_k", self.top_k, ">= 1 or unset", self.top_k is None or self.top_k >= 1),
+                ("top_p", self.top_p, "in (0, 1] or unset", self.top_p is None or 0 < self.top_p <= 1),
+                ("repetition_penalty", self.repetition_penalty, "> 0 (1 is none)", self.repetition_penalty > 0),
+            ]
+            if not fine
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 def fallback_sampling(chat_model: bool) -> SamplingConfig:
     """lmforge's documented defaults for a model whose files name no sampling settings.

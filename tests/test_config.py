@@ -72,3 +72,18 @@ def test_describe_reads_the_instance_nested_configs_included():
     assert rows["model.norm"] == "'rmsnorm'" and rows["model.d_model"] == "192"  # the quickstart preset's
     rows = {key: default for key, _, default in describe(train_config_from({"preset": "nanogpt-cpu"}))}
     assert rows["preset"] == "'nanogpt-cpu'" and rows["model.norm"] == "'layernorm'"
+
+
+def test_sampling_values_out_of_range_are_errors_naming_each_field():
+    from lmforge.config import apply_values
+    from lmforge.settings import SamplingConfig
+
+    with pytest.raises(LmforgeError) as error:
+        apply_values(SamplingConfig(), {"top_p": "2", "top_k": "0", "repetition_penalty": "0"})
+    assert str(error.value) == (
+        "top_k must be >= 1 or unset, got 0; top_p must be in (0, 1] or unset, got 2.0; "
+        "repetition_penalty must be > 0 (1 is none), got 0.0"
+    )
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        SamplingConfig(temperature=-1)
+    assert SamplingConfig(max_new_tokens=0, temperature=0, top_k=1, top_p=1.0).top_p == 1.0  # the edges are fine
