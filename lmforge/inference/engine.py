@@ -151,12 +151,20 @@ def use_prefill_threads(model: Transformer) -> None:
     """Set PyTorch's threads for a prompt's prefill: the count decoding last found fastest for one
     row, or at first the cores free now. Prefill's matmuls fork and join too: SmolLM2's 512-token
     prefill ran at 213 tok/s on one thread and 16 on two beside other busy processes."""
+    if fixed_threads() is None:
+        _use_threads(_chooser(model, 1).current)
+
+
+def fixed_threads() -> int | None:
+    """The count `set_decode_threads` fixed (at first use, `$LMFORGE_THREADS`'s), None when chosen per step."""
     if _fixed_threads is _UNSET:
         set_decode_threads(threads_from_environment())
-    if _fixed_threads is None:
-        threads = _chooser(model, 1).current
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
+    return _fixed_threads
+
+
+def _use_threads(threads: int) -> None:
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def run_timed_step(model: Transformer, batch: int, step):
@@ -164,14 +172,11 @@ def run_timed_step(model: Transformer, batch: int, step):
     measured) by this model's chooser for `batch` rows; the step's own result. A chosen count is
     left set for PyTorch too: sampling's ops over the vocabulary between steps fork and join as
     well, and put back at two threads they cost a busy machine as much as the step saved."""
-    if _fixed_threads is _UNSET:
-        set_decode_threads(threads_from_environment())
-    if _fixed_threads is not None:
-        return step(_fixed_threads)
+    if fixed_threads() is not None:
+        return step(fixed_threads())
     chooser = _chooser(model, batch)
     threads, measured = chooser.pick()
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    _use_threads(threads)
     start = time.perf_counter()
     result = step(threads)
     if measured:
