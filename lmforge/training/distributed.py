@@ -57,11 +57,7 @@ def no_gradient_sync(model: nn.Module, skip: bool):
 
 
 def mean_across_processes(value: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-    if group.is_distributed:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= group.world_size
-    return value
+    return sum_across_processes(value, group) / group.world_size
 
 
 def sum_across_processes(value: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
