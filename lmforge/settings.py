@@ -36,7 +36,7 @@ class ModelConfig:
     d_mlp: int | None = None  # hidden width of the MLP; default 4 * d_model
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # "gelu" | "gelu_tanh" | "swiglu"
+    mlp: str = "gelu"  # "gelu" | "gelu_tanh" | "swiglu" | "geglu" (gate: GELU-tanh, Gemma)
     positions: str = "learned"  # "learned" | "rope"
     rope_theta: float = 10000.0
     bias: bool = True  # biases in Linear and LayerNorm layers
@@ -44,12 +44,29 @@ class ModelConfig:
     dropout: float = 0.0
     causal: bool = True  # False: every position sees every other (encoders such as BERT)
     norm_position: str = "pre"  # "pre": x + f(norm(x)) (GPT-2, Llama); "post": norm(x + f(x)) (BERT)
+    # Switches of the published families past GPT-2 and Llama (Mistral, Qwen2/3, Gemma 3, Phi-3).
+    d_head: int | None = None  # width of one attention head; default d_model / n_heads (Qwen3 and Gemma 3 differ)
+    qkv_bias: bool | None = None  # biases on the q, k and v projections (Qwen2); None: as `bias`
+    qk_norm: bool = False  # RMSNorm over each head's q and k, before RoPE (Qwen3, Gemma 3)
+    post_norms: bool = False  # norms on the attention and MLP outputs too, before each residual add (Gemma 3)
+    scale_embeddings: bool = False  # token embeddings times sqrt(d_model) (Gemma)
+    attention_scale: float | None = None  # scales q k^T; default 1/sqrt(head_dim); Gemma: query_pre_attn_scalar**-0.5
+    logit_softcap: float | None = None  # final logits become cap * tanh(logits / cap) (Gemma 2, some Gemma 3)
+    sliding_window: int | None = None  # a sliding layer's query sees itself and the sliding_window - 1 keys before it
+    layer_types: list[str] | None = None  # per layer "sliding" | "full"; None: every layer sliding iff sliding_window
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers, which are never scaled (Gemma 3)
+    # RoPE frequency scaling (of every layer, or with rope_local_theta of the full layers only), HF's form:
+    # {"rope_type": "linear", "factor"}, {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"}, {"rope_type": "yarn", "factor",
+    # "original_max_position_embeddings", ...}, or from GGUF's rope_freqs {"rope_type": "factors", "factors": [...]}.
+    rope_scaling: dict | None = None
+    architecture: str | None = None  # published architecture the weights came from, which exports keep; None: derived
 
     def __post_init__(self) -> None:
         choices = {
             "norm_position": ("pre", "post"),
             "norm": ("layernorm", "rmsnorm"),
-            "mlp": ("gelu", "gelu_tanh", "swiglu"),
+            "mlp": ("gelu", "gelu_tanh", "swiglu", "geglu"),
             "positions": ("learned", "rope"),
         }
         for name, allowed in choices.items():
@@ -59,16 +76,41 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"model.{name}={value}: must be at least 1")
-        if self.d_model % self.n_heads:
+        for name in ("d_head", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"model.{name}={value}: must be at least 1")
+        for name in ("attention_scale", "logit_softcap", "rope_local_theta"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"model.{name}={value}: must be positive")
+        if self.d_head is None and self.d_model % self.n_heads:
             raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"model.n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
         if self.positions == "rope" and self.head_dim % 2:
-            raise ValueError(f"model.head_dim={self.head_dim} (d_model / n_heads) must be even for rope")
+            raise ValueError(f"model.head_dim={self.head_dim} must be even for rope")
+        if self.layer_types is not None:
+            if self.sliding_window is None:
+                raise ValueError("model.layer_types needs model.sliding_window (the sliding layers' window)")
+            if len(self.layer_types) != self.n_layers or not set(self.layer_types) <= {"sliding", "full"}:
+                raise ValueError(
+                    f"model.layer_types={self.layer_types}: expected n_layers={self.n_layers} of 'sliding' | 'full'"
+                )
+        if self.rope_scaling is not None:
+            kinds = ("linear", "llama3", "yarn", "factors")
+            if not isinstance(self.rope_scaling, dict) or self.rope_scaling.get("rope_type") not in kinds:
+                raise ValueError(f"model.rope_scaling={self.rope_scaling}: expected a rope_type of {kinds}")
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_head or self.d_model // self.n_heads
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` attends over a sliding window (else over every earlier position)."""
+        if self.sliding_window is None:
+            return False
+        return self.layer_types is None or self.layer_types[layer] == "sliding"
 
     @property
     def kv_heads(self) -> int:
