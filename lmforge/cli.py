@@ -431,6 +431,30 @@ def command_export(args, extra) -> int:
     return 0
 
 
+def command_models(args, extra) -> int:
+    from dataclasses import asdict
+
+    from lmforge.formats.loading import available_models
+    from lmforge.formats.places import hf_cache_folder, ollama_folders
+
+    listings = available_models()
+    if args.json:
+        print(json.dumps([asdict(listing) | {"path": str(listing.path)} for listing in listings], indent=2))
+        return 0
+    header = ("NAME", "FROM", "ARCHITECTURE", "QUANTISATION", "SIZE", "NOTE")
+    rows = [
+        (item.name, item.place, item.architecture or "?", item.quantisation or "?", format_bytes(item.size_bytes))
+        + (item.problem or "",)
+        for item in listings
+    ]
+    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header) - 1)]
+    for row in [header, *rows]:
+        print(("  ".join(value.ljust(width) for value, width in zip(row, widths)) + "  " + row[-1]).rstrip())
+    folders = " and ".join(str(folder) for folder in ollama_folders())
+    print(f"\nlooked in the HF cache ({hf_cache_folder()}) and Ollama's models ({folders})", file=sys.stderr)
+    return 0
+
+
 def command_quickstart(args, extra) -> int:
     from lmforge.settings import train_config_from
 
@@ -459,7 +483,10 @@ def _sampling_defaults_help() -> str:
     )
 
 
-MODEL_HELP = "a model name (smollm2-135m-instruct), a .gguf file, an HF folder, or an lmforge checkpoint/run folder"
+MODEL_HELP = (
+    "a .gguf file, an HF folder, an lmforge checkpoint/run folder, a model name (smollm2-135m-instruct), an HF hub "
+    "id in the HF cache (Org/Name, Org/Name:Q4_K_M) or an Ollama model (name:tag); see lmforge models"
+)
 ADAPTER_HELP = "a LoRA adapter folder (from lmforge finetune --task sft) to apply to the model"
 THREADS_HELP = (
     "threads for decoding and PyTorch (default: $LMFORGE_THREADS, else chosen per decoding step from measured "
@@ -711,6 +738,15 @@ def quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="also write the report here")
 
 
+def models_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "List the models --model can name without a path: the built-in ones, HF hub repositories in the local "
+        "HF cache ($HF_HUB_CACHE, $HF_HOME/hub or ~/.cache/huggingface/hub) and models Ollama pulled "
+        "($OLLAMA_MODELS or ~/.ollama/models). Read from file headers; nothing is downloaded."
+    )
+    parser.add_argument("--json", action="store_true", help="print the list as JSON")
+
+
 def quickstart_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Tokenize the built-in Shakespeare by character, train the quickstart preset for about "
@@ -784,6 +820,7 @@ VERBS: dict[str, Verb] = {
     "quantize": Verb(
         command_quantize, quantize_arguments, "int8/int4 weight-only quantisation with a perplexity/KL quality report"
     ),
+    "models": Verb(command_models, models_arguments, "list the models found locally (built-in, HF cache, Ollama)"),
     "quickstart": Verb(
         command_quickstart,
         quickstart_arguments,

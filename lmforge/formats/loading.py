@@ -9,6 +9,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmforge.errors import LmforgeError
+from lmforge.formats.places import (
+    ModelListing,
+    PlacedModel,
+    describe,
+    find_placed_model,
+    how_to_get,
+    list_placed_models,
+    where_looked,
+)
 from lmforge.settings import SamplingConfig, fallback_sampling
 from lmforge.tokenizer import Tokenizer
 
@@ -42,19 +51,40 @@ def builtin_model_path(name: str) -> Path:
 
 
 def model_location(name_or_path: str | Path) -> tuple[Path, str]:
-    """Where a model's files are and their format: "gguf", "hf" or "checkpoint"."""
+    """Where a model's files are and their format: "gguf", "hf" or "checkpoint".
+
+    An existing path wins; then a built-in name; then an HF hub id in the local HF cache, then a model
+    Ollama pulled (`formats/places.py`: offline, nothing is ever downloaded).
+    """
     name = str(name_or_path)
-    path = builtin_model_path(name) if name in BUILTIN_MODELS else Path(name)
+    path = Path(name)
+    if not path.exists() and name in BUILTIN_MODELS:
+        path = builtin_model_path(name)
     if path.is_file() and path.suffix == ".gguf":
         return path, "gguf"
     if path.is_dir() and (path / "config.json").exists() and "model_type" in (path / "config.json").read_text():
         return path, "hf"
     if path.exists():
         return path, "checkpoint"
+    placed = find_placed_model(name)
+    if placed is not None:
+        return placed.path, placed.format
+    looked = "".join(f", nor in {where}" for where in where_looked(name))
     raise LmforgeError(
-        f"{name}: not a known model name ({', '.join(BUILTIN_MODELS)}), "
-        f"nor an existing .gguf file, HF folder or lmforge checkpoint"
+        f"{name}: not an existing .gguf file, HF folder or lmforge checkpoint, "
+        f"nor a known model name ({', '.join(BUILTIN_MODELS)}){looked}{how_to_get(name)}"
     )
+
+
+def available_models() -> list[ModelListing]:
+    """`lmforge models`: the built-in names, then what the HF cache and Ollama's store hold (headers only)."""
+    listings = []
+    for name in BUILTIN_MODELS:
+        try:
+            listings.append(describe(PlacedModel(name, builtin_model_path(name), "gguf", "built-in")))
+        except LmforgeError as error:  # its wheel is not installed: listed, with how to install it
+            listings.append(ModelListing(name, "built-in", Path(BUILTIN_MODELS[name][1]), problem=str(error)))
+    return listings + list_placed_models()
 
 
 @dataclass

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.model import ModelConfig
+from lmforge.settings import ModelConfig
 
 # Above every published model's vocabulary, width, depth and context (Llama 4 Scout: 10M positions);
 # a larger value is a damaged or hostile file.
