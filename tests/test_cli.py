@@ -208,6 +208,35 @@ def test_the_cli_imports_no_torch():
     assert lazy.stdout.split() == ["False", "True", "lmforge.formats.loading"], lazy.stderr
 
 
+def test_models_lists_what_the_places_hold_without_torch(tmp_path):
+    import os
+
+    from lmforge.formats.gguf import save_gguf
+
+    from .formats.test_loading import tiny_llama
+    from .formats.test_places import add_to_hf_cache, add_to_ollama
+
+    gguf = save_gguf(*tiny_llama(), tmp_path / "tiny-Q8_0.gguf", "q8_0")
+    add_to_hf_cache(tmp_path / "hf", "Org/Tiny-GGUF", {"tiny-Q8_0.gguf": gguf})
+    add_to_ollama(tmp_path / "ollama", "registry.ollama.ai/library/tiny/q8", gguf)
+    code = "import sys; from lmforge.cli import main; main(sys.argv[1:]); print('torch' in sys.modules)"
+    environment = os.environ | {"HF_HUB_CACHE": str(tmp_path / "hf"), "OLLAMA_MODELS": str(tmp_path / "ollama")}
+    run = lambda *args: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=environment
+    )
+    table = run("models")
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "FROM", "ARCHITECTURE", "QUANTISATION", "SIZE", "NOTE"], table.stderr
+    size = f"{gguf.stat().st_size / 1e3:.1f} KB"
+    assert ["Org/Tiny-GGUF", "HF", "cache", "llama", "Q8_0", *size.split()] in [line.split() for line in lines]
+    assert ["tiny:q8", "Ollama", "llama", "Q8_0", *size.split()] in [line.split() for line in lines]
+    assert lines[-1] == "False" and str(tmp_path / "hf") in table.stderr
+    listed = run("models", "--json")
+    sizes = {item["name"]: item["size_bytes"] for item in json.loads(listed.stdout.rpartition("]")[0] + "]")}
+    assert sizes.keys() == {"smollm2-135m-instruct", "Org/Tiny-GGUF", "tiny:q8"}
+    assert sizes["Org/Tiny-GGUF"] == sizes["tiny:q8"] == gguf.stat().st_size
+
+
 def test_help_and_argument_errors_come_before_torch_and_any_model():
     result = run_python(
         """
@@ -230,7 +259,7 @@ codes = [
 print(len(pages), codes, "torch" in sys.modules)
 """
     )
-    assert result.stdout.split("\n")[0] == f"14 {[2] * 8} False", result.stderr
+    assert result.stdout.split("\n")[0] == f"15 {[2] * 8} False", result.stderr
     errors = result.stderr.splitlines()
     assert errors[0].startswith("error: unknown config key 'bogus_option'")
     assert errors[1] == "error: max_new_tokens: expected an integer, got 'many'"

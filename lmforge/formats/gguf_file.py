@@ -54,6 +54,7 @@ class GGUFFile:
             infos.append((name, dims, GGMLQuantizationType(self._read("<I")), self._read("<Q")))
         alignment = int(self.fields.get("general.alignment", 32))
         data_start = -(-self._offset // alignment) * alignment
+        self.tensors = []
         for name, dims, tensor_type, offset in infos:
             block, block_bytes = GGML_QUANT_SIZES[tensor_type]
             elements = int(np.prod(dims))
