@@ -122,24 +122,23 @@ def find_in_hf_cache(hf_id: HFId) -> PlacedModel | None:
         return None
     snapshot = snapshot_folder(repo_folder, hf_id)
     name = hf_id.repo + (f"@{hf_id.revision}" if hf_id.revision else "")
-    ggufs = gguf_files(snapshot)
+    ggufs = gguf_choices(snapshot)
     if hf_id.quant is not None:
-        chosen = [path for path in ggufs if quant_tag(path) == hf_id.quant.upper()]
-        if len(chosen) != 1:
-            have = ", ".join(f"{quant_tag(path)} ({path.relative_to(snapshot)})" for path in ggufs) or "none"
-            many = "several GGUF files" if chosen else "no GGUF file"
-            raise LmforgeError(f"{snapshot}: {many} for :{hf_id.quant} (its GGUF files: {have})")
-        return PlacedModel(f"{name}:{hf_id.quant}", present(chosen[0], hf_id), "gguf", "HF cache")
+        if hf_id.quant.upper() not in ggufs:
+            have = ", ".join(f"{tag} ({files[0].relative_to(snapshot)})" for tag, files in ggufs.items()) or "none"
+            raise LmforgeError(f"{snapshot}: no GGUF file for :{hf_id.quant} (its GGUF files: {have})")
+        return PlacedModel(f"{name}:{hf_id.quant}", one_gguf(ggufs[hf_id.quant.upper()], hf_id), "gguf", "HF cache")
     weights = sorted(snapshot.glob("*.safetensors"))
     if (snapshot / "config.json").exists() and weights:
         for path in weights:
             present(path, hf_id)
         return PlacedModel(name, snapshot, "hf", "HF cache")
     if len(ggufs) == 1:
-        return PlacedModel(name, present(ggufs[0], hf_id), "gguf", "HF cache")
+        return PlacedModel(name, one_gguf(next(iter(ggufs.values())), hf_id), "gguf", "HF cache")
     if ggufs:
-        tags = ", ".join(f"{name}:{quant_tag(path)}" for path in ggufs)
-        raise LmforgeError(f"{snapshot}: {len(ggufs)} GGUF files; name one: {tags}")
+        raise LmforgeError(
+            f"{snapshot}: {len(ggufs)} GGUF files; name one: {', '.join(f'{name}:{tag}' for tag in ggufs)}"
+        )
     files = ", ".join(sorted(path.name for path in snapshot.iterdir())) or "nothing"
     raise LmforgeError(
         f"{snapshot}: no weights lmforge reads (config.json with .safetensors, or a .gguf file); "
@@ -179,14 +178,35 @@ def snapshot_folder(repo_folder: Path, hf_id: HFId) -> Path:
     return folder
 
 
-def gguf_files(snapshot: Path) -> list[Path]:
-    """A snapshot's GGUF models; multimodal projectors (mmproj-*.gguf) are left out: vision is not read."""
-    return sorted(path for path in snapshot.rglob("*.gguf") if not path.name.lower().startswith("mmproj"))
+# llama.cpp's gguf-split names the parts of a model too large for one file NAME-00001-of-00003.gguf.
+SPLIT_PART = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def gguf_choices(snapshot: Path) -> dict[str, list[Path]]:
+    """A snapshot's GGUF models by quantisation tag (the parts of a split model together); multimodal
+    projectors (mmproj-*.gguf) are left out: vision is not read."""
+    choices = {}
+    for path in sorted(snapshot.rglob("*.gguf")):
+        if not path.name.lower().startswith("mmproj"):
+            choices.setdefault(quant_tag(path), []).append(path)
+    return choices
 
 
 def quant_tag(path: Path) -> str:
     """The quantisation a GGUF file's name ends with: Qwen2.5-0.5B-Instruct-Q4_K_M.gguf -> Q4_K_M."""
-    return re.split(r"[-.]", path.stem)[-1].upper()
+    return re.split(r"[-.]", SPLIT_PART.sub("", path.stem))[-1].upper()
+
+
+def one_gguf(files: list[Path], hf_id: HFId) -> Path:
+    """The file of a quantisation tag: one, and whole."""
+    if any(SPLIT_PART.search(path.stem) for path in files):
+        raise LmforgeError(
+            f"{files[0]}: one of {len(files)} parts of a split GGUF, and lmforge reads single files; join them "
+            f"with llama.cpp's `llama-gguf-split --merge {files[0].name} merged.gguf` and pass merged.gguf"
+        )
+    if len(files) > 1:
+        raise LmforgeError(f"{hf_id.repo}: several GGUF files have that quantisation: {', '.join(map(str, files))}")
+    return present(files[0], hf_id)
 
 
 def present(path: Path, hf_id: HFId) -> Path:
@@ -306,7 +326,7 @@ def list_placed_models() -> list[ModelListing]:
     for repo_folder in sorted(cache.glob("models--*--*")) if cache.is_dir() else []:
         hf_id = parse_hf_id(repo_folder.name.removeprefix("models--").replace("--", "/"))
         if hf_id is not None:
-            listings += [describe(model) for model in hf_cache_entries(repo_folder, hf_id)]
+            listings += hf_cache_listings(repo_folder, hf_id)
     for folder in ollama_folders():
         for manifest in sorted((folder / "manifests").glob("*/*/*/*")):
             name = OllamaName(*manifest.relative_to(folder / "manifests").parts)
@@ -319,21 +339,25 @@ def list_placed_models() -> list[ModelListing]:
     return listings
 
 
-def hf_cache_entries(repo_folder: Path, hf_id: HFId) -> list[PlacedModel]:
-    """A cached repository's models: its HF folder and/or each GGUF file (named with :QUANT where the
-    bare name would not find it); none where it holds no weights (a tokenizer or config fetched alone)."""
+def hf_cache_listings(repo_folder: Path, hf_id: HFId) -> list[ModelListing]:
+    """A cached repository's models: its HF folder and/or each GGUF quantisation (named with :QUANT where
+    the bare name would not find it); none where it holds no weights (a tokenizer or config fetched alone)."""
     try:
         snapshot = snapshot_folder(repo_folder, hf_id)
     except LmforgeError:
         return []
-    ggufs = gguf_files(snapshot)
-    entries = []
+    ggufs = gguf_choices(snapshot)
+    listings = []
     if (snapshot / "config.json").exists() and any(snapshot.glob("*.safetensors")):
-        entries.append(PlacedModel(hf_id.repo, snapshot, "hf", "HF cache"))
-    for path in ggufs:
-        bare = len(ggufs) == 1 and not entries
-        entries.append(PlacedModel(hf_id.repo if bare else f"{hf_id.repo}:{quant_tag(path)}", path, "gguf", "HF cache"))
-    return entries
+        listings.append(describe(PlacedModel(hf_id.repo, snapshot, "hf", "HF cache")))
+    bare = len(ggufs) == 1 and not listings
+    for tag, files in ggufs.items():
+        name = hf_id.repo if bare else f"{hf_id.repo}:{tag}"
+        try:
+            listings.append(describe(PlacedModel(name, one_gguf(files, hf_id), "gguf", "HF cache")))
+        except LmforgeError as error:  # a split or unfinished download
+            listings.append(ModelListing(name, "HF cache", files[0], problem=str(error)))
+    return listings
 
 
 def describe(model: PlacedModel) -> ModelListing:

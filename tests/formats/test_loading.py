@@ -44,7 +44,9 @@ def test_load_dispatches_on_what_the_path_is(tmp_path, trained_run):
 
 
 def test_unknown_name_lists_what_is_accepted():
-    with pytest.raises(LmforgeError, match="not a known model name .*smollm2-135m-instruct"):
+    with pytest.raises(
+        LmforgeError, match=r"gpt-17: not an existing .*, nor a known model name \(smollm2-135m-instruct\)"
+    ):
         load("gpt-17")
 
 

@@ -328,3 +328,15 @@ def test_a_gguf_without_a_file_type_is_named_by_its_commonest_tensor_type(tmp_pa
     writer.write_tensors_to_file()
     writer.close()
     assert places.gguf_summary(tmp_path / "old.gguf") == ("llama", "F16")
+
+
+def test_split_ggufs_are_refused_with_how_to_join_them(tmp_path, exported):
+    parts = {f"big-Q8_0-0000{part}-of-00002.gguf": exported["Q8_0"] for part in (1, 2)}
+    add_to_hf_cache(tmp_path / "hf-cache", "Org/Big", parts)
+    for name in ("Org/Big", "Org/Big:q8_0"):
+        with pytest.raises(
+            LmforgeError, match="one of 2 parts of a split GGUF.*llama-gguf-split --merge big-Q8_0-00001"
+        ):
+            model_location(name)
+    (listed,) = [item for item in available_models() if item.place == "HF cache"]
+    assert listed.name == "Org/Big" and "split GGUF" in listed.problem
