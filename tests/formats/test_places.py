@@ -16,7 +16,7 @@ from lmforge.formats import places
 from lmforge.formats.gguf import save_gguf
 from lmforge.formats.gguf_file import GGUFLeadingFields
 from lmforge.formats.hf import save_hf
-from lmforge.formats.loading import available_models, load, model_location
+from lmforge.formats.loading import available_models, load, model_location, sampling_defaults
 
 from .test_loading import tiny_llama
 
@@ -141,6 +141,7 @@ def test_revisions_pick_their_snapshot(tmp_path, exported):
     assert model_location("Org/Tiny@dev")[0].parent == dev
     assert model_location(f"Org/Tiny@{COMMIT_B}")[0].parent == dev
     assert model_location(f"Org/Tiny@{COMMIT_B}:Q8_0")[0] == dev / "tiny-Q8_0.gguf"
+    assert torch.equal(logits("Org/Tiny@dev"), logits(exported["Q8_0"]))
     with pytest.raises(LmforgeError, match=r"no revision 'v2' in the cache \(refs: dev, main\)"):
         model_location("Org/Tiny@v2")
     with pytest.raises(LmforgeError, match=f"revision '{'c' * 40}' is not downloaded"):
@@ -186,6 +187,8 @@ def test_ollama_names_load_the_model_blob(tmp_path, exported):
     assert model_location("hf.co/Org/Tiny-GGUF:Q8_0") == (blob, "gguf")
     assert model_location("tiny")[0] == model_location("someone/tiny")[0] != blob
     assert torch.equal(logits("tiny:q8"), logits(exported["Q8_0"]))
+    tokenizer = load(exported["Q8_0"])[1]
+    assert sampling_defaults("tiny:q8", tokenizer) == sampling_defaults(exported["Q8_0"], tokenizer)
 
 
 def test_resolution_order_path_then_builtin_then_hf_cache_then_ollama(tmp_path, exported, monkeypatch):
