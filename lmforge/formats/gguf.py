@@ -33,7 +33,9 @@ from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# How `tokenizer.ggml.pre` splits text before byte-level BPE (llama.cpp's llama-vocab.cpp).
+# How `tokenizer.ggml.pre` splits text before byte-level BPE (llama.cpp's llama-vocab.cpp, the same
+# regexes transformers uses for GGUF files). An unknown name is refused, as llama.cpp refuses it: splitting
+# with another family's rule gives other ids, and the model quietly reads a different text.
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -43,17 +45,42 @@ QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+TEKKEN_SPLIT = (  # Mistral Nemo and later Mistral models
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GPT4O_SPLIT = (  # Phi-4 and Llama 4
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZER_SPLITS = {
-    "default": [GPT2_SPLIT],
+    "default": [GPT2_SPLIT],  # llama.cpp's name when the file names none
     "gpt-2": [GPT2_SPLIT],
     "gpt2": [GPT2_SPLIT],
     "smollm": [r"\p{N}", GPT2_SPLIT],  # digits one by one, then GPT-2's rule
     "llama3": [LLAMA3_SPLIT],
+    "llama-v3": [LLAMA3_SPLIT],
     "llama-bpe": [LLAMA3_SPLIT],
     "smaug-bpe": [LLAMA3_SPLIT],
+    "falcon3": [LLAMA3_SPLIT],
+    "pixtral": [LLAMA3_SPLIT],
     "qwen2": [QWEN2_SPLIT],
     "deepseek-r1-qwen": [QWEN2_SPLIT],
+    "megrez": [QWEN2_SPLIT],
+    "qwen35": [QWEN35_SPLIT],
+    "tekken": [TEKKEN_SPLIT],
+    "gpt-4o": [GPT4O_SPLIT],
+    "llama4": [GPT4O_SPLIT],
 }
+# Families whose SentencePiece scores do not follow the merge order; the token order in the file does
+# (transformers' GGUF reader, `gemma_tokenizer`).
+MERGES_BY_POSITION = ("gemma", "gemma2", "gemma3")
 
 
 VALUE_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -368,41 +395,56 @@ def read_weights(
 
 
 def read_tokenizer(reader, path: Path) -> Tokenizer:
-    """Tokenizer from the GGUF vocabulary: byte-level BPE (`gpt2`) or SentencePiece-style (`llama`)."""
+    """Tokenizer from the GGUF vocabulary: byte-level BPE (`gpt2`) or SentencePiece (`llama`), giving the ids
+    llama.cpp gives (control tokens only from markup; user-defined ones, like `<think>`, always whole)."""
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    kind = reader.fields.get("tokenizer.ggml.model")
-    tokens = list(reader.fields["tokenizer.ggml.tokens"])  # read_config checked it: a list of strings
-    token_types = reader.fields.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
-    scores = reader.fields.get("tokenizer.ggml.scores", [0.0] * len(tokens))
-    merge_list = reader.fields.get("tokenizer.ggml.merges", [])
+    fields = reader.fields
+    kind = fields.get("tokenizer.ggml.model")
+    tokens = list(fields["tokenizer.ggml.tokens"])  # read_config checked it: a list of strings
+    token_types = fields.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
+    scores = fields.get("tokenizer.ggml.scores", [0.0] * len(tokens))
+    merge_list = fields.get("tokenizer.ggml.merges", [])
     for name, values in (("token_type", token_types), ("scores", scores)):
         if not isinstance(values, list) or len(values) != len(tokens):
             raise LmforgeError(f"{path}: tokenizer.ggml.{name} should hold one value per token ({len(tokens)})")
     if not isinstance(merge_list, list) or not all(isinstance(m, str) and " " in m for m in merge_list):
         raise LmforgeError(f"{path}: tokenizer.ggml.merges should be a list of 'left right' strings")
-    vocab = {token: index for index, token in enumerate(tokens)}
     if kind == "gpt2":
+        vocab = {token: index for index, token in enumerate(tokens)}
         merges = [tuple(m.split(" ", 1)) for m in merge_list]
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-        pre = reader.fields.get("tokenizer.ggml.pre", "default")
-        splits = PRE_TOKENIZER_SPLITS.get(pre, [GPT2_SPLIT])
+        pre = fields.get("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZER_SPLITS:
+            raise LmforgeError(
+                f"{path}: tokenizer.ggml.pre {pre!r} is not a pre-tokenizer lmforge knows "
+                f"(known: {', '.join(sorted(PRE_TOKENIZER_SPLITS))}); llama.cpp refuses such a file too"
+            )
         hf.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
+            [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in PRE_TOKENIZER_SPLITS[pre]]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
         hf.decoder = decoders.ByteLevel()
+        add_bos_default = False
     elif kind == "llama":
-        add_prefix = bool(reader.fields.get("tokenizer.ggml.add_space_prefix", True))
+        if fields.get("general.architecture") in MERGES_BY_POSITION:
+            # Gemma's converter stores whitespace-run tokens with real spaces; its text has them as "▁".
+            tokens = ["▁" * len(t) if len(t) > 1 and not t.strip(" ") else t for t in tokens]
+            ranks = [-float(index) for index in range(len(tokens))]
+        else:
+            ranks = [float(score) for score in scores]
+        vocab = {token: index for index, token in enumerate(tokens)}
+        add_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
         hf = HFTokenizer(
             models.BPE(
                 vocab=vocab,
-                merges=_merges_from_scores(tokens, scores, token_types),
+                merges=_merges_from_scores(tokens, ranks, token_types),
                 byte_fallback=True,
                 unk_token=tokens[0] if token_types[0] == UNKNOWN else None,
             )
         )
+        # The prefix space goes before each stretch of text (llama.cpp: the start, and after each control token).
         hf.normalizer = normalizers.Sequence(
             ([normalizers.Prepend("▁")] if add_prefix else []) + [normalizers.Replace(" ", "▁")]
         )
@@ -410,26 +452,43 @@ def read_tokenizer(reader, path: Path) -> Tokenizer:
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
             + ([decoders.Strip(" ", 1, 0)] if add_prefix else [])
         )
+        add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
     else:
         raise LmforgeError(f"{path}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
     specials = [t for t, kind_id in zip(tokens, token_types) if kind_id == CONTROL]
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    # llama.cpp matches user-defined tokens whole wherever they are, before the vocabulary's own pieces.
+    hf.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind_id in zip(tokens, token_types)
+            if kind_id == USER_DEFINED
+        ]
+    )
     tokenizer = BPETokenizer(hf, specials)
 
     def token_at(key: str) -> str | None:
-        index = reader.fields.get(key)
+        index = fields.get(key)
         return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
 
     tokenizer.bos_token = token_at("tokenizer.ggml.bos_token_id")
     tokenizer.eos_token = token_at("tokenizer.ggml.eos_token_id")
     tokenizer.pad_token = token_at("tokenizer.ggml.padding_token_id")
-    tokenizer.chat_template = reader.fields.get("tokenizer.chat_template")
+    tokenizer.add_bos_token = bool(fields.get("tokenizer.ggml.add_bos_token", add_bos_default))
+    tokenizer.add_eos_token = bool(fields.get("tokenizer.ggml.add_eos_token", False))
+    ends = (token_at(f"tokenizer.ggml.{name}_token_id") for name in ("eot", "eom"))
+    tokenizer.end_of_turn_tokens = tuple(token for token in ends if token is not None)
+    tokenizer.chat_template = fields.get("tokenizer.chat_template")
     return tokenizer
 
 
 def _merges_from_scores(tokens: list[str], scores: list[float], token_types: list[int]) -> list[tuple[str, str]]:
-    """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two pieces,
-    ranked by the merged piece's score (higher first)."""
+    """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two pieces, ranked by
+    the merged piece's score (higher first). Different pieces of equal score are ranked by their text here and
+    by position in llama.cpp; real vocabularies give each piece its own score.
+
+    Running them as BPE is llama.cpp's SentencePiece algorithm (`llm_tokenizer_spm`): repeatedly join the
+    adjacent pair whose join is the best-scoring piece, then spell what is left in byte tokens."""
     vocab = {t for t, kind in zip(tokens, token_types) if kind in (NORMAL, USER_DEFINED)}
     candidates = []
     for token, score in zip(tokens, scores):
