@@ -707,8 +707,15 @@ def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
         writer.add_token_merges(merges)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_add_bos_token(False)
-    for key, token in (("bos", tokenizer.bos_token), ("eos", tokenizer.eos_token), ("pad", tokenizer.pad_token)):
+    writer.add_add_bos_token(tokenizer.add_bos_token)
+    writer.add_add_eos_token(tokenizer.add_eos_token)
+    end_of_turn = tokenizer.end_of_turn_tokens[0] if tokenizer.end_of_turn_tokens else None
+    for key, token in (
+        ("bos", tokenizer.bos_token),
+        ("eos", tokenizer.eos_token),
+        ("pad", tokenizer.pad_token),
+        ("eot", end_of_turn),
+    ):
         index = tokenizer.token_to_id(token) if token else None
         if index is not None:
             getattr(writer, f"add_{key}_token_id")(index)

@@ -6,7 +6,7 @@ import functools
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -15,7 +15,7 @@ from lmforge.errors import LmforgeError
 from lmforge.inference.generate import generate
 from lmforge.model import Transformer
 from lmforge.settings import SamplingConfig, fallback_sampling
-from lmforge.tokenizer import CHAT_END, Tokenizer
+from lmforge.tokenizer import CHAT_END, CHAT_START, Tokenizer
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -23,7 +23,19 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# For a base model whose tokenizer has neither a template nor ChatML's tokens: turns as plain lines, which
+# any text model can continue; its reply ends where it starts the user's next line.
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% else %}{{ message['role'] | capitalize + ': ' + message['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+PLAIN_TEMPLATE_STOP = "\nUser:"
 ROLES = ("system", "user", "assistant", "tool")
+# What llama.cpp ends a turn on (its end-of-generation set), where the vocabulary has them as special tokens.
+END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", CHAT_END, "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
 MAX_TEMPLATE_SECONDS = 2.0  # real chat templates render in milliseconds
@@ -179,7 +191,7 @@ def chat_pieces(
     """
     render = functools.partial(
         render_chat,
-        template=tokenizer.chat_template,
+        template=chat_template(tokenizer),
         add_generation_prompt=add_generation_prompt,
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,
@@ -219,9 +231,36 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
     return tokenizer.encode_marked(chat_pieces(tokenizer, messages, add_generation_prompt))
 
 
+def chat_template(tokenizer: Tokenizer) -> str:
+    """The template a conversation with this model is rendered with: its own, else ChatML where the
+    tokenizer has ChatML's tokens (lmforge's own models), else the plain one (said once per process)."""
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
+    if all(token in tokenizer.special_tokens for token in (CHAT_START, CHAT_END)):
+        return CHATML_TEMPLATE
+    _say_plain_template()
+    return PLAIN_TEMPLATE
+
+
+@functools.cache
+def _say_plain_template() -> None:
+    print(
+        "(this model has no chat template: it is a base model; the conversation is written as plain "
+        "'User: ...' / 'Assistant: ...' lines)",
+        file=sys.stderr,
+    )
+
+
+def chat_stop_strings(tokenizer: Tokenizer) -> list[str]:
+    """Text that ends a reply besides the stop tokens: the plain template's next user line."""
+    return [PLAIN_TEMPLATE_STOP] if chat_template(tokenizer) == PLAIN_TEMPLATE else []
+
+
 def stop_token_ids(tokenizer: Tokenizer) -> set[int]:
-    """Tokens that end an assistant turn: end-of-text and ChatML's <|im_end|>."""
-    ids = {tokenizer.eos_id, tokenizer.token_to_id(CHAT_END)}
+    """Tokens that end an assistant turn: end-of-text, the ones the model's files name (GGUF eot/eom,
+    generation_config.json's eos list), and the families' end-of-turn tokens its vocabulary has as special."""
+    named = [*tokenizer.end_of_turn_tokens, *(t for t in END_OF_TURN_TOKENS if t in tokenizer.special_tokens)]
+    ids = {tokenizer.eos_id, *(tokenizer.token_to_id(token) for token in named)}
     return {i for i in ids if i is not None}
 
 
@@ -246,9 +285,12 @@ class ChatSession:
         half answer both, so the model never takes a cut-off answer for its own."""
         question = {"role": "user", "content": user_text}
         prompt = encode_chat(self.tokenizer, self.messages() + [question])
+        sampling = self.sampling
+        if stops := chat_stop_strings(self.tokenizer):
+            sampling = replace(sampling, stop=[*(sampling.stop or []), *stops])
         pieces: list[str] = []
         for piece in generate(
-            self.model, self.tokenizer, prompt, self.sampling, stop_token_ids=stop_token_ids(self.tokenizer)
+            self.model, self.tokenizer, prompt, sampling, stop_token_ids=stop_token_ids(self.tokenizer)
         ):
             pieces.append(piece)
             yield piece

@@ -261,8 +261,10 @@ class ServerState:
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if self.limits.allow_special_tokens_in_prompts:
-            return self.tokenizer.encode_with_special_tokens(prompt)
-        return self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode_with_special_tokens(prompt)
+        else:
+            ids = self.tokenizer.encode(prompt)
+        return self.tokenizer.with_document_marks(ids) if ids else ids
 
     async def run(self, prompts: list[tuple[list[int], int]], body, count: int) -> Submitted:
         """Submit `count` sequences per (prompt ids, max_tokens), all or none; their events arrive on
