@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import json
 import re
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.errors import LmforgeError
@@ -69,6 +72,22 @@ def _bounded_filter(function):
     return bounded
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _GenerationTag(Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's tokens with it (for
+    training masks); rendering a prompt, the body is written as it is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        line = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body).set_lineno(line)
+
+
 class BoundedSandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox (no Python internals, no mutation) with bounds on what a template
     may allocate: a chat template comes with a downloaded model and runs on every request.
@@ -79,7 +98,10 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "%", "+"})
 
     def __init__(self):
-        super().__init__(trim_blocks=True, lstrip_blocks=True)
+        # transformers' environment (apply_chat_template): {% break %}/{% continue %}, its {% generation %}
+        # tag, and a tojson that writes text as it is (jinja's own escapes <, >, & and ' for HTML, and sorts keys).
+        super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
+        self.filters["tojson"] = _tojson
         self.filters = {name: _bounded_filter(function) for name, function in self.filters.items()}
 
     def call_binop(self, context, operator, left, right):
@@ -163,6 +185,8 @@ def render_chat(
             raise LmforgeError(f"message {index}: needs a role in {ROLES} and string content, got {message!r}")
     variables = dict(
         messages=messages,
+        tools=None,
+        documents=None,
         add_generation_prompt=add_generation_prompt,
         bos_token=bos_token or "",
         eos_token=eos_token or "",
