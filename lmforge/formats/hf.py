@@ -256,12 +256,11 @@ def read_hf_tokenizer(folder: Path) -> Tokenizer:
     if template is None and (folder / "chat_template.jinja").exists():
         template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     tokenizer.chat_template = template if isinstance(template, str) else None
-    # Without the flags, what tokenizer.json's post-processor puts around a text is what transformers adds.
+    # What tokenizer.json's post-processor puts around a text is what transformers adds (since v5 it ignores
+    # tokenizer_config.json's add_bos_token/add_eos_token when there is a tokenizer.json).
     marked = hf_tokenizer.post_process(hf_tokenizer.encode("", add_special_tokens=False)).ids
-    for name, position in (("add_bos_token", 0), ("add_eos_token", -1)):
-        token_id = tokenizer.bos_id if name == "add_bos_token" else tokenizer.eos_id
-        flag = settings.get(name)
-        setattr(tokenizer, name, bool(flag) if flag is not None else bool(marked) and marked[position] == token_id)
+    tokenizer.add_bos_token = bool(marked) and marked[0] == tokenizer.bos_id
+    tokenizer.add_eos_token = bool(marked) and marked[-1] == tokenizer.eos_id
     generation_path = folder / GENERATION_CONFIG
     if generation_path.exists():
         eos_ids = read_json_object(generation_path).get("eos_token_id")
