@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,20 +64,27 @@ PRE_TOKENIZER_SPLITS = {
     "default": [GPT2_SPLIT],  # llama.cpp's name when the file names none
     "gpt-2": [GPT2_SPLIT],
     "gpt2": [GPT2_SPLIT],
+    "phi-2": [GPT2_SPLIT],
     "smollm": [r"\p{N}", GPT2_SPLIT],  # digits one by one, then GPT-2's rule
+    "llama-bpe": [LLAMA3_SPLIT],  # the first name of each rule is the one export writes (llama.cpp's converter's)
     "llama3": [LLAMA3_SPLIT],
     "llama-v3": [LLAMA3_SPLIT],
-    "llama-bpe": [LLAMA3_SPLIT],
     "smaug-bpe": [LLAMA3_SPLIT],
     "falcon3": [LLAMA3_SPLIT],
+    "falcon-h1": [LLAMA3_SPLIT],
     "pixtral": [LLAMA3_SPLIT],
+    "midm-2.0": [LLAMA3_SPLIT],
+    "lfm2": [LLAMA3_SPLIT],
+    "dbrx": [LLAMA3_SPLIT],
     "qwen2": [QWEN2_SPLIT],
     "deepseek-r1-qwen": [QWEN2_SPLIT],
     "megrez": [QWEN2_SPLIT],
+    "kormo": [QWEN2_SPLIT],
     "qwen35": [QWEN35_SPLIT],
     "tekken": [TEKKEN_SPLIT],
     "gpt-4o": [GPT4O_SPLIT],
     "llama4": [GPT4O_SPLIT],
+    "minimax-m2": [GPT4O_SPLIT],
 }
 # Families whose SentencePiece scores do not follow the merge order; the token order in the file does
 # (transformers' GGUF reader, `gemma_tokenizer`).
@@ -678,9 +686,50 @@ def _as_blocks(weight: QuantizedTensor) -> torch.Tensor:
     return torch.cat([scale, offset, codes], dim=-1).reshape(rows, -1)
 
 
+def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for an HF byte-level pre-tokenizer: its split rules, matched."""
+    splits = []
+    for step in (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer] if pre_tokenizer else []):
+        if step.get("type") == "Split":
+            splits.append(step["pattern"].get("Regex", step["pattern"].get("String")))
+        elif step.get("type") == "Digits" and step.get("individual_digits"):
+            splits.append(r"\p{N}")
+        elif step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            splits.append(GPT2_SPLIT)
+    name = next((name for name, rules in PRE_TOKENIZER_SPLITS.items() if rules == splits and name != "default"), None)
+    if name is None:
+        raise LmforgeError(
+            "GGUF export: this tokenizer splits text in a way llama.cpp has no pre-tokenizer name for "
+            f"(known: {', '.join(sorted(PRE_TOKENIZER_SPLITS))})"
+        )
+    return name
+
+
+def _adds_space_prefix(state: dict) -> bool:
+    """Whether an HF SentencePiece-style tokenizer puts "▁" before a text (a Prepend normalizer, or Metaspace)."""
+    normalizer, pre_tokenizer = state.get("normalizer") or {}, state.get("pre_tokenizer") or {}
+    steps = normalizer.get("normalizers", [normalizer]) + pre_tokenizer.get("pretokenizers", [pre_tokenizer])
+    return any(
+        (step.get("type") == "Prepend" and step.get("prepend") == "▁")
+        or (step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never")
+        for step in steps
+    )
+
+
+def _scores_from_merges(tokens: list[str], merges: list[str]) -> list[float]:
+    """SentencePiece scores that give back the merge order (`_merges_from_scores`): a piece's score is minus
+    the rank of the first merge that makes it; pieces no merge makes rank after all of them."""
+    first_rank: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        first_rank.setdefault(merge.replace(" ", "", 1), rank)
+    unmade = len(merges)
+    return [-float(first_rank.get(token, unmade)) for token in tokens]
+
+
 def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
-    """Byte-level BPE as llama.cpp's `gpt2` model; char tokenizers as its `llama` (SentencePiece-style)
-    model with byte-fallback tokens, which tokenizes one character at a time since it has no merges."""
+    """Byte-level BPE as llama.cpp's `gpt2` model (with the name of its pre-tokenizer); SentencePiece-style
+    BPE (byte fallback) and char tokenizers as its `llama` model, whose scores give the merge order (a char
+    tokenizer has no merges, so it tokenizes one character at a time)."""
     import json
 
     if isinstance(tokenizer, CharTokenizer):
@@ -693,18 +742,31 @@ def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
     else:
         state = json.loads(tokenizer.hf.to_str())
         model = state["model"]
-        if model.get("type") != "BPE" or state.get("decoder", {}).get("type") != "ByteLevel":
-            raise LmforgeError("GGUF export supports byte-level BPE and char tokenizers only")
+        byte_level = (state.get("decoder") or {}).get("type") == "ByteLevel"
+        if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
+            raise LmforgeError("GGUF export supports BPE tokenizers (byte-level or with byte fallback) and char ones")
         by_id = {index: token for token, index in model["vocab"].items()}
-        for added in state.get("added_tokens", []):
-            by_id[added["id"]] = added["content"]
+        added = {token["id"]: token for token in state.get("added_tokens", [])}
+        by_id.update({index: token["content"] for index, token in added.items()})
         tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-        special = set(tokenizer.special_tokens)
-        types = [CONTROL if t in special else NORMAL for t in tokens]
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
-        writer.add_token_merges(merges)
+
+        def token_type(index: int, token: str) -> int:
+            if index in added:
+                return CONTROL if added[index]["special"] else USER_DEFINED
+            if not byte_level and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+                return BYTE
+            return UNKNOWN if token == model.get("unk_token") else NORMAL
+
+        types = [token_type(index, token) for index, token in enumerate(tokens)]
+        if byte_level:
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(_pre_tokenizer_name(state.get("pre_tokenizer")))
+            writer.add_token_merges(merges)
+        else:
+            writer.add_tokenizer_model("llama")
+            writer.add_add_space_prefix(_adds_space_prefix(state))
+            writer.add_token_scores(_scores_from_merges(tokens, merges))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_add_bos_token(tokenizer.add_bos_token)

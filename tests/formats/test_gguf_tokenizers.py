@@ -195,3 +195,43 @@ def test_end_of_turn_ids_and_bos_flags_come_from_the_file(tmp_path):
     ours = read_tokenizer(open_gguf(path), path)
     assert ours.end_of_turn_tokens == ("<think>",)
     assert not ours.add_bos_token and ours.with_document_marks([5]) == [5]
+
+
+def rewritten(tokenizer, path: Path) -> Path:
+    """`tokenizer` written back as a GGUF vocabulary by lmforge's exporter."""
+    from lmforge.formats.gguf import _write_tokenizer
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in dict(
+        context_length=64, embedding_length=8, block_count=1, feed_forward_length=8, head_count=1
+    ).items():
+        getattr(writer, f"add_{key}")(value)
+    writer.add_layer_norm_rms_eps(1e-5)
+    _write_tokenizer(writer, tokenizer, tokenizer.vocab_size)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "qwen2", "smollm", "llama-bpe"])
+def test_export_keeps_the_vocabulary_and_its_ids(tmp_path, sentencepiece_model, kind):
+    """SentencePiece vocabularies go back out as `llama` with scores that give the same merges; byte-level
+    ones keep their pre-tokenizer's name (a Qwen or Llama 3 file written as gpt-2 would split text differently)."""
+    if kind == "sentencepiece":
+        vocabulary = dict(sentencepiece_vocabulary(sentencepiece_model), bos_token_id=1, eos_token_id=2)
+    else:
+        vocabulary = byte_level_vocabulary(kind)
+    original_path = write_vocabulary(tmp_path / "original.gguf", "llama", **vocabulary)
+    original = read_tokenizer(open_gguf(original_path), original_path)
+    copy_path = rewritten(original, tmp_path / "copy.gguf")
+    copy = read_tokenizer(open_gguf(copy_path), copy_path)
+    fields = open_gguf(copy_path).fields
+    assert fields["tokenizer.ggml.pre" if kind != "sentencepiece" else "tokenizer.ggml.model"] == (
+        kind if kind != "sentencepiece" else "llama"
+    )
+    assert fields["tokenizer.ggml.token_type"] == vocabulary["token_types"]
+    llama_cpp = llama_cpp_ids(copy_path)
+    for text in TEXTS:
+        assert copy.encode(text) == original.encode(text) == llama_cpp(text), text
