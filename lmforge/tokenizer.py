@@ -120,8 +120,11 @@ class Tokenizer:
 
     @property
     def document_start_id(self) -> int | None:
-        """The token put before a text so that its first token is predicted too: end-of-text (which separates
-        documents in training data), else beginning-of-text."""
+        """The token put before a text so that its first token is predicted too: the BOS where the model's files
+        ask for one (Llama, Gemma: what they were trained with), else end-of-text (which separates documents in
+        training data), else beginning-of-text."""
+        if self.add_bos_token and self.bos_id is not None:
+            return self.bos_id
         return self.eos_id if self.eos_id is not None else self.bos_id
 
     def save(self, path: str | Path) -> None:
