@@ -38,7 +38,16 @@ PLAIN_TEMPLATE = (
 PLAIN_TEMPLATE_STOP = "\nUser:"
 ROLES = ("system", "user", "assistant", "tool")
 # What llama.cpp ends a turn on (its end-of-generation set), where the vocabulary has them as special tokens.
-END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", CHAT_END, "<|end|>", "<end_of_turn>", "<|endoftext|>")
+END_OF_TURN_TOKENS = (
+    "<|eot_id|>",
+    "<|eom_id|>",
+    CHAT_END,
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+)
 
 
 MAX_TEMPLATE_SECONDS = 2.0  # real chat templates render in milliseconds
