@@ -235,3 +235,18 @@ def test_export_keeps_the_vocabulary_and_its_ids(tmp_path, sentencepiece_model, 
     llama_cpp = llama_cpp_ids(copy_path)
     for text in TEXTS:
         assert copy.encode(text) == original.encode(text) == llama_cpp(text), text
+
+
+@pytest.mark.parametrize("architecture", ["phi3", "llama"])
+def test_sentencepiece_vocabulary_gives_the_ids_of_transformers(tmp_path, sentencepiece_model, architecture):
+    """transformers reads a `phi3` file with the prefix space as a normalizer, as llama.cpp and lmforge do; a
+    `llama` one with Metaspace, which differs only where a text starts with a space or follows a
+    user-defined token (there lmforge keeps llama.cpp's and sentencepiece's ids)."""
+    transformers = pytest.importorskip("transformers")
+    vocabulary = sentencepiece_vocabulary(sentencepiece_model)
+    path = write_vocabulary(tmp_path / "spm.gguf", architecture, **vocabulary, bos_token_id=1, eos_token_id=2)
+    ours = read_tokenizer(open_gguf(path), path)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    texts = TEXTS + ["  two leading spaces", " one"] if architecture == "phi3" else TEXTS[:-1]
+    for text in texts:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
