@@ -399,6 +399,9 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
     if tokenizer.chat_template:
         settings["chat_template"] = tokenizer.chat_template
     generation = {k: values[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if values.get(k) is not None}
+    end_of_turn_ids = [tokenizer.token_to_id(token) for token in tokenizer.end_of_turn_tokens]
+    if end_of_turn_ids and "eos_token_id" in generation:  # transformers stops at any id of the list
+        generation["eos_token_id"] = [generation["eos_token_id"], *(i for i in end_of_turn_ids if i is not None)]
     weights = {k: v.contiguous() for k, v in weights.items()}
     # config.json last: it is what marks a folder as a model to transformers and to `lmforge.load`.
     return write_files_atomically(

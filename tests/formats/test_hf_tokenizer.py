@@ -83,3 +83,16 @@ def test_named_templates_in_tokenizer_config_take_the_default(tmp_path):
     named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": TEMPLATE}]
     folder = write_folder(tmp_path / "model", {"chat_template": named}, False)
     assert read_hf_tokenizer(folder).chat_template == TEMPLATE
+
+
+def test_end_of_turn_tokens_survive_an_hf_export(tmp_path):
+    from lmforge.formats.hf import save_hf
+    from lmforge.model import ModelConfig, Transformer
+
+    tokenizer = BPETokenizer.train([make_corpus(100)], vocab_size=300)
+    tokenizer.end_of_turn_tokens = ("<|im_end|>",)
+    model = Transformer(ModelConfig(vocab_size=300, block_size=32, n_layers=1, n_heads=2, d_model=16))
+    folder = save_hf(model, tokenizer, tmp_path / "model")
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokenizer.eos_id, tokenizer.token_to_id("<|im_end|>")]
+    assert read_hf_tokenizer(folder).end_of_turn_tokens == ("<|im_end|>",)
