@@ -250,3 +250,27 @@ def test_sentencepiece_vocabulary_gives_the_ids_of_transformers(tmp_path, senten
     texts = TEXTS + ["  two leading spaces", " one"] if architecture == "phi3" else TEXTS[:-1]
     for text in texts:
         assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+
+
+def test_chat_prompt_ids_equal_llama_cpp_on_the_rendered_template(tmp_path, sentencepiece_model):
+    """Control tokens from the template's markup, a prefix space after each (llama.cpp's SentencePiece rule)."""
+    from lmforge.inference.chat import encode_chat, render_chat
+
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    )
+    vocabulary = sentencepiece_vocabulary(sentencepiece_model)
+    path = write_vocabulary(
+        tmp_path / "chat.gguf", "llama", **vocabulary, bos_token_id=1, eos_token_id=2, chat_template=template
+    )
+    ours = read_tokenizer(open_gguf(path), path)
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    messages = [
+        {"role": "user", "content": "Съешь ещё булок"},
+        {"role": "assistant", "content": "我能吞下玻璃"},
+        {"role": "user", "content": "def f(x):\n    return x"},
+    ]
+    rendered = render_chat(messages, ours.chat_template, bos_token=ours.bos_token, eos_token=ours.eos_token)
+    assert encode_chat(ours, messages) == llm.tokenize(rendered.encode(), add_bos=False, special=True)
