@@ -32,6 +32,12 @@ class Tokenizer:
     eos_token: str | None = EOS
     pad_token: str | None = PAD
     chat_template: str | None = None
+    # What the model's files say a plain text gets around it (GGUF `tokenizer.ggml.add_bos_token`,
+    # tokenizer_config.json `add_bos_token`): Llama and Gemma expect a BOS first, Qwen and GPT-2 nothing.
+    add_bos_token: bool = False
+    add_eos_token: bool = False
+    # Tokens besides eos that end an assistant turn (GGUF eot/eom ids, generation_config.json's eos list).
+    end_of_turn_tokens: tuple[str, ...] = ()
 
     @property
     def vocab_size(self) -> int:
@@ -72,6 +78,16 @@ class Tokenizer:
         in which special-token strings stand for their tokens."""
         return self.encode_marked([(text, True)])
 
+    def with_document_marks(self, ids: list[int]) -> list[int]:
+        """`ids` of a plain text with the BOS/EOS the model's files ask for, as llama.cpp and transformers add
+        them (`add_special`/`add_special_tokens`); a BOS already there is not doubled."""
+        bos, eos = self.bos_id, self.eos_id
+        if self.add_bos_token and bos is not None and ids[:1] != [bos]:
+            ids = [bos, *ids]
+        if self.add_eos_token and eos is not None:
+            ids = [*ids, eos]
+        return ids
+
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
@@ -104,8 +120,11 @@ class Tokenizer:
 
     @property
     def document_start_id(self) -> int | None:
-        """The token put before a text so that its first token is predicted too: end-of-text (which separates
-        documents in training data), else beginning-of-text."""
+        """The token put before a text so that its first token is predicted too: the BOS where the model's files
+        ask for one (Llama, Gemma: what they were trained with), else end-of-text (which separates documents in
+        training data), else beginning-of-text."""
+        if self.add_bos_token and self.bos_id is not None:
+            return self.bos_id
         return self.eos_id if self.eos_id is not None else self.bos_id
 
     def save(self, path: str | Path) -> None:
@@ -118,6 +137,9 @@ class Tokenizer:
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
             "chat_template": self.chat_template,
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            "end_of_turn_tokens": list(self.end_of_turn_tokens),
             **self._payload(),
         }
         Path(path).write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
@@ -125,6 +147,9 @@ class Tokenizer:
     def _load_common(self, document: dict) -> None:
         for name in ("bos_token", "eos_token", "pad_token", "chat_template"):
             setattr(self, name, document.get(name))
+        self.add_bos_token = bool(document.get("add_bos_token", False))
+        self.add_eos_token = bool(document.get("add_eos_token", False))
+        self.end_of_turn_tokens = tuple(document.get("end_of_turn_tokens", ()))
 
 
 @functools.lru_cache(maxsize=16)

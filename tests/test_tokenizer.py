@@ -109,3 +109,20 @@ def test_load_errors_name_the_file(tmp_path):
     other.write_text('{"model": {}}')
     with pytest.raises(LmforgeError, match="not an lmforge tokenizer"):
         load_tokenizer(other)
+
+
+def test_document_marks_as_the_model_files_ask(tmp_path):
+    """add_bos_token / add_eos_token (GGUF, tokenizer.json): a BOS first unless one is there, an EOS last."""
+    tokenizer = CharTokenizer("abc")
+    ids = tokenizer.encode("ab")
+    assert tokenizer.with_document_marks(ids) == ids  # lmforge's own models: nothing added
+    tokenizer.add_bos_token = True
+    assert tokenizer.with_document_marks(ids) == [tokenizer.bos_id, *ids]
+    assert tokenizer.with_document_marks([tokenizer.bos_id, *ids]) == [tokenizer.bos_id, *ids]  # never doubled
+    assert tokenizer.document_start_id == tokenizer.bos_id != tokenizer.eos_id
+    tokenizer.add_eos_token = True
+    tokenizer.end_of_turn_tokens = ("<|im_end|>",)
+    assert tokenizer.with_document_marks(ids) == [tokenizer.bos_id, *ids, tokenizer.eos_id]
+    tokenizer.save(tmp_path / "tokenizer.json")
+    loaded = load_tokenizer(tmp_path / "tokenizer.json")
+    assert (loaded.add_bos_token, loaded.add_eos_token, loaded.end_of_turn_tokens) == (True, True, ("<|im_end|>",))

@@ -9,6 +9,7 @@ HF (half-split) layout our model uses.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,9 @@ from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
-# How `tokenizer.ggml.pre` splits text before byte-level BPE (llama.cpp's llama-vocab.cpp).
+# How `tokenizer.ggml.pre` splits text before byte-level BPE (llama.cpp's llama-vocab.cpp, the same
+# regexes transformers uses for GGUF files). An unknown name is refused, as llama.cpp refuses it: splitting
+# with another family's rule gives other ids, and the model quietly reads a different text.
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -41,17 +44,49 @@ QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+QWEN35_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+TEKKEN_SPLIT = (  # Mistral Nemo and later Mistral models
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GPT4O_SPLIT = (  # Phi-4 and Llama 4
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 PRE_TOKENIZER_SPLITS = {
-    "default": [GPT2_SPLIT],
+    "default": [GPT2_SPLIT],  # llama.cpp's name when the file names none
     "gpt-2": [GPT2_SPLIT],
     "gpt2": [GPT2_SPLIT],
+    "phi-2": [GPT2_SPLIT],
     "smollm": [r"\p{N}", GPT2_SPLIT],  # digits one by one, then GPT-2's rule
+    "llama-bpe": [LLAMA3_SPLIT],  # the first name of each rule is the one export writes (llama.cpp's converter's)
     "llama3": [LLAMA3_SPLIT],
-    "llama-bpe": [LLAMA3_SPLIT],
+    "llama-v3": [LLAMA3_SPLIT],
     "smaug-bpe": [LLAMA3_SPLIT],
+    "falcon3": [LLAMA3_SPLIT],
+    "falcon-h1": [LLAMA3_SPLIT],
+    "pixtral": [LLAMA3_SPLIT],
+    "midm-2.0": [LLAMA3_SPLIT],
+    "lfm2": [LLAMA3_SPLIT],
+    "dbrx": [LLAMA3_SPLIT],
     "qwen2": [QWEN2_SPLIT],
     "deepseek-r1-qwen": [QWEN2_SPLIT],
+    "megrez": [QWEN2_SPLIT],
+    "kormo": [QWEN2_SPLIT],
+    "qwen35": [QWEN35_SPLIT],
+    "tekken": [TEKKEN_SPLIT],
+    "gpt-4o": [GPT4O_SPLIT],
+    "llama4": [GPT4O_SPLIT],
+    "minimax-m2": [GPT4O_SPLIT],
 }
+# Families whose SentencePiece scores do not follow the merge order; the token order in the file does
+# (transformers' GGUF reader, `gemma_tokenizer`).
+MERGES_BY_POSITION = ("gemma", "gemma2", "gemma3")
 
 
 # (ours, llama.cpp's) layer names that carry a bias in the GPT-2 family.
@@ -269,41 +304,56 @@ def read_weights(
 
 
 def read_tokenizer(reader, path: Path) -> Tokenizer:
-    """Tokenizer from the GGUF vocabulary: byte-level BPE (`gpt2`) or SentencePiece-style (`llama`)."""
+    """Tokenizer from the GGUF vocabulary: byte-level BPE (`gpt2`) or SentencePiece (`llama`), giving the ids
+    llama.cpp gives (control tokens only from markup; user-defined ones, like `<think>`, always whole)."""
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    kind = reader.fields.get("tokenizer.ggml.model")
-    tokens = list(reader.fields["tokenizer.ggml.tokens"])  # read_config checked it: a list of strings
-    token_types = reader.fields.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
-    scores = reader.fields.get("tokenizer.ggml.scores", [0.0] * len(tokens))
-    merge_list = reader.fields.get("tokenizer.ggml.merges", [])
+    fields = reader.fields
+    kind = fields.get("tokenizer.ggml.model")
+    tokens = list(fields["tokenizer.ggml.tokens"])  # read_config checked it: a list of strings
+    token_types = fields.get("tokenizer.ggml.token_type", [NORMAL] * len(tokens))
+    scores = fields.get("tokenizer.ggml.scores", [0.0] * len(tokens))
+    merge_list = fields.get("tokenizer.ggml.merges", [])
     for name, values in (("token_type", token_types), ("scores", scores)):
         if not isinstance(values, list) or len(values) != len(tokens):
             raise LmforgeError(f"{path}: tokenizer.ggml.{name} should hold one value per token ({len(tokens)})")
     if not isinstance(merge_list, list) or not all(isinstance(m, str) and " " in m for m in merge_list):
         raise LmforgeError(f"{path}: tokenizer.ggml.merges should be a list of 'left right' strings")
-    vocab = {token: index for index, token in enumerate(tokens)}
     if kind == "gpt2":
+        vocab = {token: index for index, token in enumerate(tokens)}
         merges = [tuple(m.split(" ", 1)) for m in merge_list]
         hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
-        pre = reader.fields.get("tokenizer.ggml.pre", "default")
-        splits = PRE_TOKENIZER_SPLITS.get(pre, [GPT2_SPLIT])
+        pre = fields.get("tokenizer.ggml.pre", "default")
+        if pre not in PRE_TOKENIZER_SPLITS:
+            raise LmforgeError(
+                f"{path}: tokenizer.ggml.pre {pre!r} is not a pre-tokenizer lmforge knows "
+                f"(known: {', '.join(sorted(PRE_TOKENIZER_SPLITS))}); llama.cpp refuses such a file too"
+            )
         hf.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in splits]
+            [pre_tokenizers.Split(Regex(split), behavior="isolated") for split in PRE_TOKENIZER_SPLITS[pre]]
             + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
         hf.decoder = decoders.ByteLevel()
+        add_bos_default = False
     elif kind == "llama":
-        add_prefix = bool(reader.fields.get("tokenizer.ggml.add_space_prefix", True))
+        if fields.get("general.architecture") in MERGES_BY_POSITION:
+            # Gemma's converter stores whitespace-run tokens with real spaces; its text has them as "▁".
+            tokens = ["▁" * len(t) if len(t) > 1 and not t.strip(" ") else t for t in tokens]
+            ranks = [-float(index) for index in range(len(tokens))]
+        else:
+            ranks = [float(score) for score in scores]
+        vocab = {token: index for index, token in enumerate(tokens)}
+        add_prefix = bool(fields.get("tokenizer.ggml.add_space_prefix", True))
         hf = HFTokenizer(
             models.BPE(
                 vocab=vocab,
-                merges=_merges_from_scores(tokens, scores, token_types),
+                merges=_merges_from_scores(tokens, ranks, token_types),
                 byte_fallback=True,
                 unk_token=tokens[0] if token_types[0] == UNKNOWN else None,
             )
         )
+        # The prefix space goes before each stretch of text (llama.cpp: the start, and after each control token).
         hf.normalizer = normalizers.Sequence(
             ([normalizers.Prepend("▁")] if add_prefix else []) + [normalizers.Replace(" ", "▁")]
         )
@@ -311,26 +361,43 @@ def read_tokenizer(reader, path: Path) -> Tokenizer:
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
             + ([decoders.Strip(" ", 1, 0)] if add_prefix else [])
         )
+        add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
     else:
         raise LmforgeError(f"{path}: tokenizer model {kind!r} is not supported (supported: gpt2, llama)")
     specials = [t for t, kind_id in zip(tokens, token_types) if kind_id == CONTROL]
     hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    # llama.cpp matches user-defined tokens whole wherever they are, before the vocabulary's own pieces.
+    hf.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind_id in zip(tokens, token_types)
+            if kind_id == USER_DEFINED
+        ]
+    )
     tokenizer = BPETokenizer(hf, specials)
 
     def token_at(key: str) -> str | None:
-        index = reader.fields.get(key)
+        index = fields.get(key)
         return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
 
     tokenizer.bos_token = token_at("tokenizer.ggml.bos_token_id")
     tokenizer.eos_token = token_at("tokenizer.ggml.eos_token_id")
     tokenizer.pad_token = token_at("tokenizer.ggml.padding_token_id")
-    tokenizer.chat_template = reader.fields.get("tokenizer.chat_template")
+    tokenizer.add_bos_token = bool(fields.get("tokenizer.ggml.add_bos_token", add_bos_default))
+    tokenizer.add_eos_token = bool(fields.get("tokenizer.ggml.add_eos_token", False))
+    ends = (token_at(f"tokenizer.ggml.{name}_token_id") for name in ("eot", "eom"))
+    tokenizer.end_of_turn_tokens = tuple(token for token in ends if token is not None)
+    tokenizer.chat_template = fields.get("tokenizer.chat_template")
     return tokenizer
 
 
 def _merges_from_scores(tokens: list[str], scores: list[float], token_types: list[int]) -> list[tuple[str, str]]:
-    """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two pieces,
-    ranked by the merged piece's score (higher first)."""
+    """BPE merges implied by a SentencePiece vocabulary: every split of a piece into two pieces, ranked by
+    the merged piece's score (higher first). Different pieces of equal score are ranked by their text here and
+    by position in llama.cpp; real vocabularies give each piece its own score.
+
+    Running them as BPE is llama.cpp's SentencePiece algorithm (`llm_tokenizer_spm`): repeatedly join the
+    adjacent pair whose join is the best-scoring piece, then spell what is left in byte tokens."""
     vocab = {t for t, kind in zip(tokens, token_types) if kind in (NORMAL, USER_DEFINED)}
     candidates = []
     for token, score in zip(tokens, scores):
@@ -520,9 +587,50 @@ def _as_blocks(weight: QuantizedTensor) -> torch.Tensor:
     return torch.cat([scale, offset, codes], dim=-1).reshape(rows, -1)
 
 
+def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
+    """llama.cpp's name (`tokenizer.ggml.pre`) for an HF byte-level pre-tokenizer: its split rules, matched."""
+    splits = []
+    for step in (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer] if pre_tokenizer else []):
+        if step.get("type") == "Split":
+            splits.append(step["pattern"].get("Regex", step["pattern"].get("String")))
+        elif step.get("type") == "Digits" and step.get("individual_digits"):
+            splits.append(r"\p{N}")
+        elif step.get("type") == "ByteLevel" and step.get("use_regex", True):
+            splits.append(GPT2_SPLIT)
+    name = next((name for name, rules in PRE_TOKENIZER_SPLITS.items() if rules == splits and name != "default"), None)
+    if name is None:
+        raise LmforgeError(
+            "GGUF export: this tokenizer splits text in a way llama.cpp has no pre-tokenizer name for "
+            f"(known: {', '.join(sorted(PRE_TOKENIZER_SPLITS))})"
+        )
+    return name
+
+
+def _adds_space_prefix(state: dict) -> bool:
+    """Whether an HF SentencePiece-style tokenizer puts "▁" before a text (a Prepend normalizer, or Metaspace)."""
+    normalizer, pre_tokenizer = state.get("normalizer") or {}, state.get("pre_tokenizer") or {}
+    steps = normalizer.get("normalizers", [normalizer]) + pre_tokenizer.get("pretokenizers", [pre_tokenizer])
+    return any(
+        (step.get("type") == "Prepend" and step.get("prepend") == "▁")
+        or (step.get("type") == "Metaspace" and step.get("prepend_scheme", "always") != "never")
+        for step in steps
+    )
+
+
+def _scores_from_merges(tokens: list[str], merges: list[str]) -> list[float]:
+    """SentencePiece scores that give back the merge order (`_merges_from_scores`): a piece's score is minus
+    the rank of the first merge that makes it; pieces no merge makes rank after all of them."""
+    first_rank: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        first_rank.setdefault(merge.replace(" ", "", 1), rank)
+    unmade = len(merges)
+    return [-float(first_rank.get(token, unmade)) for token in tokens]
+
+
 def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
-    """Byte-level BPE as llama.cpp's `gpt2` model; char tokenizers as its `llama` (SentencePiece-style)
-    model with byte-fallback tokens, which tokenizes one character at a time since it has no merges."""
+    """Byte-level BPE as llama.cpp's `gpt2` model (with the name of its pre-tokenizer); SentencePiece-style
+    BPE (byte fallback) and char tokenizers as its `llama` model, whose scores give the merge order (a char
+    tokenizer has no merges, so it tokenizes one character at a time)."""
     import json
 
     if isinstance(tokenizer, CharTokenizer):
@@ -535,22 +643,42 @@ def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
     else:
         state = json.loads(tokenizer.hf.to_str())
         model = state["model"]
-        if model.get("type") != "BPE" or state.get("decoder", {}).get("type") != "ByteLevel":
-            raise LmforgeError("GGUF export supports byte-level BPE and char tokenizers only")
+        byte_level = (state.get("decoder") or {}).get("type") == "ByteLevel"
+        if model.get("type") != "BPE" or not (byte_level or model.get("byte_fallback")):
+            raise LmforgeError("GGUF export supports BPE tokenizers (byte-level or with byte fallback) and char ones")
         by_id = {index: token for token, index in model["vocab"].items()}
-        for added in state.get("added_tokens", []):
-            by_id[added["id"]] = added["content"]
+        added = {token["id"]: token for token in state.get("added_tokens", [])}
+        by_id.update({index: token["content"] for index, token in added.items()})
         tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-        special = set(tokenizer.special_tokens)
-        types = [CONTROL if t in special else NORMAL for t in tokens]
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("gpt-2")
-        writer.add_token_merges(merges)
+
+        def token_type(index: int, token: str) -> int:
+            if index in added:
+                return CONTROL if added[index]["special"] else USER_DEFINED
+            if not byte_level and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+                return BYTE
+            return UNKNOWN if token == model.get("unk_token") else NORMAL
+
+        types = [token_type(index, token) for index, token in enumerate(tokens)]
+        if byte_level:
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(_pre_tokenizer_name(state.get("pre_tokenizer")))
+            writer.add_token_merges(merges)
+        else:
+            writer.add_tokenizer_model("llama")
+            writer.add_add_space_prefix(_adds_space_prefix(state))
+            writer.add_token_scores(_scores_from_merges(tokens, merges))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_add_bos_token(False)
-    for key, token in (("bos", tokenizer.bos_token), ("eos", tokenizer.eos_token), ("pad", tokenizer.pad_token)):
+    writer.add_add_bos_token(tokenizer.add_bos_token)
+    writer.add_add_eos_token(tokenizer.add_eos_token)
+    end_of_turn = tokenizer.end_of_turn_tokens[0] if tokenizer.end_of_turn_tokens else None
+    for key, token in (
+        ("bos", tokenizer.bos_token),
+        ("eos", tokenizer.eos_token),
+        ("pad", tokenizer.pad_token),
+        ("eot", end_of_turn),
+    ):
         index = tokenizer.token_to_id(token) if token else None
         if index is not None:
             getattr(writer, f"add_{key}_token_id")(index)

@@ -207,8 +207,6 @@ def _gpt2_weights(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
 
 def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer]:
     """Model (fp32, eval mode) and tokenizer from an HF folder."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.exists():
@@ -228,6 +226,14 @@ def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer]:
     except ValueError as error:
         raise LmforgeError(f"{folder}: {error}") from None
 
+    return model.eval(), read_hf_tokenizer(folder)
+
+
+def read_hf_tokenizer(folder: Path) -> Tokenizer:
+    """The tokenizer of an HF folder: tokenizer.json, with what tokenizer_config.json, chat_template.jinja
+    (newer transformers saves the template there) and generation_config.json's eos list say about it."""
+    from tokenizers import Tokenizer as HFTokenizer
+
     tokenizer_path = folder / "tokenizer.json"
     if not tokenizer_path.exists():
         raise LmforgeError(f"{folder}: no tokenizer.json")
@@ -242,10 +248,26 @@ def load_hf(folder: str | Path) -> tuple[Transformer, Tokenizer]:
     for name in ("bos_token", "eos_token", "pad_token"):
         token = settings.get(name)
         setattr(tokenizer, name, token.get("content") if isinstance(token, dict) else token)
-    tokenizer.chat_template = settings.get("chat_template")
-    if tokenizer.chat_template is None and (folder / "chat_template.jinja").exists():
-        tokenizer.chat_template = (folder / "chat_template.jinja").read_text()
-    return model.eval(), tokenizer
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # older files: named templates, [{"name": "default", "template": ...}, ...]
+        template = next(
+            (t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None
+        )
+    if template is None and (folder / "chat_template.jinja").exists():
+        template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    tokenizer.chat_template = template if isinstance(template, str) else None
+    # What tokenizer.json's post-processor puts around a text is what transformers adds (since v5 it ignores
+    # tokenizer_config.json's add_bos_token/add_eos_token when there is a tokenizer.json).
+    marked = hf_tokenizer.post_process(hf_tokenizer.encode("", add_special_tokens=False)).ids
+    tokenizer.add_bos_token = bool(marked) and marked[0] == tokenizer.bos_id
+    tokenizer.add_eos_token = bool(marked) and marked[-1] == tokenizer.eos_id
+    generation_path = folder / GENERATION_CONFIG
+    if generation_path.exists():
+        eos_ids = read_json_object(generation_path).get("eos_token_id")
+        eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids]
+        names = (hf_tokenizer.id_to_token(i) for i in eos_ids if isinstance(i, int) and not isinstance(i, bool))
+        tokenizer.end_of_turn_tokens = tuple(name for name in names if name and name != tokenizer.eos_token)
+    return tokenizer
 
 
 GENERATION_CONFIG = "generation_config.json"
@@ -371,10 +393,15 @@ def save_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> Pat
         "eos_token": tokenizer.eos_token,
         "pad_token": tokenizer.pad_token,
         "clean_up_tokenization_spaces": False,
+        "add_bos_token": tokenizer.add_bos_token,
+        "add_eos_token": tokenizer.add_eos_token,
     }
     if tokenizer.chat_template:
         settings["chat_template"] = tokenizer.chat_template
     generation = {k: values[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if values.get(k) is not None}
+    end_of_turn_ids = [tokenizer.token_to_id(token) for token in tokenizer.end_of_turn_tokens]
+    if end_of_turn_ids and "eos_token_id" in generation:  # transformers stops at any id of the list
+        generation["eos_token_id"] = [generation["eos_token_id"], *(i for i in end_of_turn_ids if i is not None)]
     weights = {k: v.contiguous() for k, v in weights.items()}
     # config.json last: it is what marks a folder as a model to transformers and to `lmforge.load`.
     return write_files_atomically(

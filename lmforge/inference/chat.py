@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import functools
+import json
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.errors import LmforgeError
 from lmforge.inference.generate import generate
 from lmforge.model import Transformer
 from lmforge.settings import SamplingConfig, fallback_sampling
-from lmforge.tokenizer import CHAT_END, Tokenizer
+from lmforge.tokenizer import CHAT_END, CHAT_START, Tokenizer
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -23,7 +26,28 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# For a base model whose tokenizer has neither a template nor ChatML's tokens: turns as plain lines, which
+# any text model can continue; its reply ends where it starts the user's next line.
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% else %}{{ message['role'] | capitalize + ': ' + message['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+PLAIN_TEMPLATE_STOP = "\nUser:"
 ROLES = ("system", "user", "assistant", "tool")
+# What llama.cpp ends a turn on (its end-of-generation set), where the vocabulary has them as special tokens.
+END_OF_TURN_TOKENS = (
+    "<|eot_id|>",
+    "<|eom_id|>",
+    CHAT_END,
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+)
 
 
 MAX_TEMPLATE_SECONDS = 2.0  # real chat templates render in milliseconds
@@ -57,6 +81,22 @@ def _bounded_filter(function):
     return bounded
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+class _GenerationTag(Extension):
+    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's tokens with it (for
+    training masks); rendering a prompt, the body is written as it is."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        line = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body).set_lineno(line)
+
+
 class BoundedSandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox (no Python internals, no mutation) with bounds on what a template
     may allocate: a chat template comes with a downloaded model and runs on every request.
@@ -67,7 +107,10 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     intercepted_binops = frozenset({"*", "**", "%", "+"})
 
     def __init__(self):
-        super().__init__(trim_blocks=True, lstrip_blocks=True)
+        # transformers' environment (apply_chat_template): {% break %}/{% continue %}, its {% generation %}
+        # tag, and a tojson that writes text as it is (jinja's own escapes <, >, & and ' for HTML, and sorts keys).
+        super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _GenerationTag])
+        self.filters["tojson"] = _tojson
         self.filters = {name: _bounded_filter(function) for name, function in self.filters.items()}
 
     def call_binop(self, context, operator, left, right):
@@ -151,6 +194,8 @@ def render_chat(
             raise LmforgeError(f"message {index}: needs a role in {ROLES} and string content, got {message!r}")
     variables = dict(
         messages=messages,
+        tools=None,
+        documents=None,
         add_generation_prompt=add_generation_prompt,
         bos_token=bos_token or "",
         eos_token=eos_token or "",
@@ -179,7 +224,7 @@ def chat_pieces(
     """
     render = functools.partial(
         render_chat,
-        template=tokenizer.chat_template,
+        template=chat_template(tokenizer),
         add_generation_prompt=add_generation_prompt,
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,
@@ -219,9 +264,36 @@ def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_promp
     return tokenizer.encode_marked(chat_pieces(tokenizer, messages, add_generation_prompt))
 
 
+def chat_template(tokenizer: Tokenizer) -> str:
+    """The template a conversation with this model is rendered with: its own, else ChatML where the
+    tokenizer has ChatML's tokens (lmforge's own models), else the plain one (said once per process)."""
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
+    if all(token in tokenizer.special_tokens for token in (CHAT_START, CHAT_END)):
+        return CHATML_TEMPLATE
+    _say_plain_template()
+    return PLAIN_TEMPLATE
+
+
+@functools.cache
+def _say_plain_template() -> None:
+    print(
+        "(this model has no chat template: it is a base model; the conversation is written as plain "
+        "'User: ...' / 'Assistant: ...' lines)",
+        file=sys.stderr,
+    )
+
+
+def chat_stop_strings(tokenizer: Tokenizer) -> list[str]:
+    """Text that ends a reply besides the stop tokens: the plain template's next user line."""
+    return [PLAIN_TEMPLATE_STOP] if chat_template(tokenizer) == PLAIN_TEMPLATE else []
+
+
 def stop_token_ids(tokenizer: Tokenizer) -> set[int]:
-    """Tokens that end an assistant turn: end-of-text and ChatML's <|im_end|>."""
-    ids = {tokenizer.eos_id, tokenizer.token_to_id(CHAT_END)}
+    """Tokens that end an assistant turn: end-of-text, the ones the model's files name (GGUF eot/eom,
+    generation_config.json's eos list), and the families' end-of-turn tokens its vocabulary has as special."""
+    named = [*tokenizer.end_of_turn_tokens, *(t for t in END_OF_TURN_TOKENS if t in tokenizer.special_tokens)]
+    ids = {tokenizer.eos_id, *(tokenizer.token_to_id(token) for token in named)}
     return {i for i in ids if i is not None}
 
 
@@ -246,9 +318,12 @@ class ChatSession:
         half answer both, so the model never takes a cut-off answer for its own."""
         question = {"role": "user", "content": user_text}
         prompt = encode_chat(self.tokenizer, self.messages() + [question])
+        sampling = self.sampling
+        if stops := chat_stop_strings(self.tokenizer):
+            sampling = replace(sampling, stop=[*(sampling.stop or []), *stops])
         pieces: list[str] = []
         for piece in generate(
-            self.model, self.tokenizer, prompt, self.sampling, stop_token_ids=stop_token_ids(self.tokenizer)
+            self.model, self.tokenizer, prompt, sampling, stop_token_ids=stop_token_ids(self.tokenizer)
         ):
             pieces.append(piece)
             yield piece

@@ -230,7 +230,7 @@ def generate(
     sampling = sampling or SamplingConfig()
     if draft is not None:
         check_greedy_for_draft(sampling)
-    prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    prompt_ids = tokenizer.with_document_marks(tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
     if not prompt_ids and tokenizer.bos_id is not None:
         prompt_ids = [tokenizer.bos_id]
     stop_ids = set(stop_token_ids or ())

@@ -25,7 +25,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
 from lmforge.errors import LmforgeError
 from lmforge.formats.loading import SamplingDefaults, fallback_defaults
-from lmforge.inference.chat import encode_chat, stop_token_ids
+from lmforge.inference.chat import chat_stop_strings, encode_chat, stop_token_ids
 from lmforge.inference.generate import SamplingConfig
 from lmforge.serve.errors import APIError, error_body, use_openai_errors
 from lmforge.serve.scheduler import GenerationRequest, QueueFull, Scheduler
@@ -184,6 +184,7 @@ class ServerState:
         self.tokenizer = self.scheduler.tokenizer
         self.defaults = models.sampling_defaults.sampling
         self.stop_ids = frozenset(stop_token_ids(self.tokenizer))
+        self.chat_stops = chat_stop_strings(self.tokenizer)  # a base model's plain template: its next user line
         self.started = time.monotonic()
         self.latency = {"count": 0, "sum": 0.0}
         self.error_responses: collections.Counter = collections.Counter()  # status code -> responses sent
@@ -214,7 +215,7 @@ class ServerState:
             top_p=given(body.top_p, defaults.top_p),
             top_k=top_k if top_k is None or top_k > 0 else None,  # 0 and -1 turn it off
             repetition_penalty=given(body.repetition_penalty, defaults.repetition_penalty),
-            stop=body.stop,
+            stop=[*(body.stop or []), *self.chat_stops] if isinstance(body, ChatCompletionRequest) else body.stop,
             seed=seed,
         )
 
@@ -261,8 +262,10 @@ class ServerState:
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if self.limits.allow_special_tokens_in_prompts:
-            return self.tokenizer.encode_with_special_tokens(prompt)
-        return self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode_with_special_tokens(prompt)
+        else:
+            ids = self.tokenizer.encode(prompt)
+        return self.tokenizer.with_document_marks(ids) if ids else ids
 
     async def run(self, prompts: list[tuple[list[int], int]], body, count: int) -> Submitted:
         """Submit `count` sequences per (prompt ids, max_tokens), all or none; their events arrive on

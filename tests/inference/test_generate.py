@@ -228,3 +228,22 @@ def test_generate_command_says_when_the_model_ends_at_once(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "ab\n"
     assert "generated no text: its first token was end-of-text" in captured.err
+
+
+def test_a_text_prompt_gets_the_bos_the_model_files_ask_for(monkeypatch):
+    from lmforge.inference import generate as generate_module
+
+    tokenizer = CharTokenizer("abc")
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layers=1, n_heads=2, d_model=16))
+    prompts = []
+
+    def record(model, prompt_ids, sampling):
+        prompts.append(prompt_ids)
+        return iter(())
+
+    monkeypatch.setattr(generate_module, "generate_tokens", record)
+    list(generate_module.generate(model, tokenizer, "ab"))
+    tokenizer.add_bos_token = True
+    list(generate_module.generate(model, tokenizer, "ab"))
+    list(generate_module.generate(model, tokenizer, [tokenizer.bos_id, 9]))  # ids (a chat prompt) are taken as they are
+    assert prompts == [tokenizer.encode("ab"), [tokenizer.bos_id, *tokenizer.encode("ab")], [tokenizer.bos_id, 9]]

@@ -460,3 +460,15 @@ def test_sigterm_finishes_running_requests_then_exits(tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
+
+
+def test_a_base_model_served_for_chat_stops_at_its_next_user_line():
+    from lmforge.serve.app import ServerState
+    from lmforge.serve.schemas import ChatCompletionRequest, CompletionRequest
+
+    tokenizer = CharTokenizer("abc :\n", special_tokens=["<s>"])  # no template, no ChatML tokens
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layers=1, n_heads=2, d_model=16))
+    server = ServerState(ServedModels("base", Scheduler(model.eval(), tokenizer, max_batch=1)), ServeLimits())
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "a"}], stop=["zz"])
+    assert server.sampling_for(chat, 8, 0).stop == ["zz", "\nUser:"]
+    assert server.sampling_for(CompletionRequest(prompt="a"), 8, 0).stop in (None, [])
