@@ -186,8 +186,19 @@ def run_timed_step(model: Transformer, batch: int, step):
 
 def supports(model: Transformer) -> bool:
     config = model.config
+    # The native step runs the plain Llama family (any RoPE scaling: it reads the model's tables); the
+    # switches of Qwen2/3, Gemma 3 and sliding windows decode through the model's own forward for now.
+    plain_llama = (
+        config.n_heads * config.head_dim == config.d_model
+        and not (config.qkv_bias or config.qk_norm or config.post_norms or config.scale_embeddings)
+        and config.attention_scale is None
+        and config.logit_softcap is None
+        and config.sliding_window is None
+        and config.rope_local_theta is None
+    )
     return (
-        kernels.available()
+        plain_llama
+        and kernels.available()
         and config.norm == "rmsnorm"
         and config.positions == "rope"
         and config.mlp == "swiglu"
@@ -355,7 +366,7 @@ def torch_decode_step(
 
     def step(threads: int) -> torch.Tensor:  # PyTorch's ops run on the count run_timed_step set
         hidden = model.hidden_states(tokens, cache, positions, slots)
-        return model.lm_head(hidden[:, -1]).float()
+        return model.logits(hidden[:, -1]).float()
 
     return run_timed_step(model, tokens.shape[0], step)
 
@@ -389,7 +400,7 @@ def next_token_logits(
         hidden = hidden[:, -1]
     else:
         hidden = hidden[torch.arange(hidden.shape[0]), last]
-    return model.lm_head(hidden).float()
+    return model.logits(hidden).float()
 
 
 def prefill(
@@ -413,7 +424,7 @@ def prefill(
 def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache):
     """Next-token logits for one token per row (cache rows 0..B-1) at `positions`: the model's own
     forward over a static cache, whose shapes never change, so `torch.compile` builds one graph."""
-    return model.lm_head(model.hidden_states(tokens, cache, positions)[:, -1]).float()
+    return model.logits(model.hidden_states(tokens, cache, positions)[:, -1]).float()
 
 
 _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled step, False where none
@@ -442,6 +453,8 @@ def compiled_decode_step(model: Transformer):
         """Logits (B, vocab) for `tokens` (B, 1) at `positions` (B,) in a `KVCache(static=True)`."""
         if model.config.positions == "rope":  # grown outside the graph, which then only reads the tables
             model.rope_for(cache.max_length)
+            if model.config.rope_local_theta is not None:
+                model.rope_for(cache.max_length, local=True)
         return cached(model, tokens, positions, cache)
 
     return step
