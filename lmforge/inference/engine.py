@@ -199,6 +199,12 @@ def supports(model: Transformer) -> bool:
     )
 
 
+def layer_rope_tables(model: Transformer, positions: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(cos, sin) of each layer, covering `positions` (Gemma 3's sliding layers have their own)."""
+    cos, sin = model.rope_for(positions)
+    return [(cos, sin)] * model.config.n_layers
+
+
 class DecodePlan:
     """Every native call of one decoding step for `batch` rows, prepared once per thread count:
     buffers allocated, pointers and sizes resolved. A step is then ~7 plain ctypes calls per layer;
@@ -216,9 +222,9 @@ class DecodePlan:
         self.logits = buffer(batch, config.vocab_size)
         self.scores = buffer(batch * config.n_heads * cache.max_length)
         self.positions, self.slots = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
-        # scratch tensors whose pointers the calls hold, and the RoPE tables as they are now: the model
-        # may grow (replace) its own later, and this plan's positions never pass the cache's length
-        self.rope_cos, self.rope_sin = model.rope_for(min(cache.max_length, config.block_size))
+        # scratch tensors whose pointers the calls hold, and each layer's RoPE tables as they are now: the
+        # model may grow (replace) its own later, and this plan's positions never pass the cache's length
+        self.rope_tables = layer_rope_tables(model, min(cache.max_length, config.block_size))
         self._scratch: list[torch.Tensor] = []
         self._calls_by_threads: dict[int, list] = {}
 
@@ -235,26 +241,42 @@ class DecodePlan:
         for layer, block in enumerate(blocks):
             attention = block.attention
             following = blocks[layer + 1].attention_norm if layer + 1 < len(blocks) else self.model.final_norm
+            rope_cos, rope_sin = self.rope_tables[layer]
+            q_norm, k_norm = (attention.q_norm, attention.k_norm) if config.qk_norm else (None, None)
             calls += [
                 self._matvec(attention.qkv, self.h, self.qkv, threads),
                 (library.attention_decode, (
                     self.qkv.data_ptr(), batch, config.n_heads, config.kv_heads, config.head_dim,
                     self.slots.data_ptr(), self.positions.data_ptr(), self.keys[layer].data_ptr(),
-                    self.values[layer].data_ptr(), self.capacity, self.rope_cos.data_ptr(),
-                    self.rope_sin.data_ptr(), self.scores.data_ptr(), self.y.data_ptr(), threads,
+                    self.values[layer].data_ptr(), self.capacity, rope_cos.data_ptr(), rope_sin.data_ptr(),
+                    q_norm and q_norm.weight.data_ptr(), k_norm and k_norm.weight.data_ptr(),
+                    q_norm.eps if q_norm else 0.0, config.attention_scale or config.head_dim**-0.5,
+                    config.sliding_window if config.is_sliding(layer) else 0, self.scores.data_ptr(),
+                    self.y.data_ptr(), threads,
                 )),
                 self._matvec(attention.out, self.y, self.delta, threads),
+                *self._post_norm(block.post_attention_norm if config.post_norms else None),
                 (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), block.mlp_norm.weight.data_ptr(),
                                         block.mlp_norm.eps, batch, d, self.h.data_ptr())),
                 self._matvec(block.mlp.up, self.h, self.up, threads),
-                (library.silu_mul, (self.up.data_ptr(), batch, config.mlp_hidden, self.gated.data_ptr())),
+                (library.gelu_tanh_mul if config.mlp == "geglu" else library.silu_mul,
+                 (self.up.data_ptr(), batch, config.mlp_hidden, self.gated.data_ptr())),
                 self._matvec(block.mlp.down, self.gated, self.delta, threads),
+                *self._post_norm(block.post_mlp_norm if config.post_norms else None),
                 (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), following.weight.data_ptr(),
                                         following.eps, batch, d, self.h.data_ptr())),
             ]  # fmt: skip
         calls.append(self._matvec(self.model.lm_head, self.h, self.logits, threads))
         self._calls_by_threads[threads] = calls
         return calls
+
+    def _post_norm(self, norm) -> list:
+        """Gemma 3's norm of a block part's output before its residual add (in place on `delta`); none without."""
+        if norm is None:
+            return []
+        rows, width = self.delta.shape
+        delta = self.delta.data_ptr()
+        return [(kernels.library().rms_norm, (delta, norm.weight.data_ptr(), norm.eps, rows, width, delta))]
 
     def _matvec(self, layer, x: torch.Tensor, out: torch.Tensor, threads: int):
         library = kernels.library()
@@ -298,8 +320,13 @@ class DecodePlan:
         self.positions.copy_(positions)
         self.slots.copy_(slots)
         self.x.copy_(self.model.token_embedding(tokens.reshape(self.batch)))
+        config = self.model.config
+        if config.scale_embeddings:
+            self.x.mul_(config.d_model**0.5)
         for function, arguments in self._calls(threads):
             function(*arguments)
+        if config.logit_softcap is not None:
+            return torch.tanh(self.logits / config.logit_softcap) * config.logit_softcap
         return self.logits.clone()
 
 
