@@ -165,3 +165,52 @@ def test_a_decode_plan_is_made_once_per_cache_and_goes_with_it():
     del cache, plans
     gc.collect()
     assert not any(key[0] == id(model) for plans in engine._decode_plans.values() for key in plans)
+
+
+# The switches of each published family (as tests/formats/test_gguf_architectures.py builds them).
+FAMILY_SWITCHES = {
+    "llama3": dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=16)),
+    "mistral": dict(sliding_window=5),
+    "qwen2": dict(qkv_bias=True, tie_embeddings=False),
+    "qwen3": dict(qk_norm=True, d_head=24, rope_theta=1e6),
+    "gemma3": dict(mlp="geglu", qk_norm=True, post_norms=True, scale_embeddings=True, d_head=32, rope_theta=1e6,
+                   sliding_window=5, layer_types=["sliding", "full", "sliding"], rope_local_theta=10000.0,
+                   attention_scale=0.15, logit_softcap=30.0,
+                   rope_scaling=dict(rope_type="linear", factor=4.0)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILY_SWITCHES)
+def test_native_decoding_equals_the_model_for_each_family(family):
+    """Three rows at different positions, decoded token by token past the sliding window by the native
+    plan and by the model's own forward over a copy of the same cache: the same logits."""
+    from lmforge.inference import kernels
+    from lmforge.model import KVCache
+
+    if not kernels.available():
+        pytest.skip("native kernels unavailable")
+    torch.manual_seed(0)
+    config = ModelConfig(
+        vocab_size=128, block_size=64, n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=96, norm="rmsnorm",
+        mlp="swiglu", positions="rope", bias=False, **FAMILY_SWITCHES[family],
+    )  # fmt: skip
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 1:  # norms near 1, biases near 0, not all alike
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    assert engine.supports(model)
+    native, reference = KVCache(config, 3, 40), KVCache(config, 3, 40)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    slots = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        for cache in (native, reference):
+            engine.prefill(model, prompts, cache, slots)
+        positions = torch.tensor([len(prompt) for prompt in prompts])
+        tokens = torch.tensor([[20], [21], [22]])
+        for _ in range(14):  # row 1 ends at position 20, four windows on
+            ours = engine.decode_step(model, tokens, native, positions, slots)
+            theirs = engine.torch_decode_step(model, tokens, reference, positions, slots)
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+            tokens, positions = theirs.argmax(-1, keepdim=True), positions + 1
