@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -198,3 +199,17 @@ def test_explain_smollm2_from_the_command_line(tmp_path):
         page.locator("#tokens .tok").nth(1).hover()
         page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
     assert not errors, errors
+
+
+def test_sliding_layers_record_no_attention_outside_their_window():
+    """Gemma 3 style: a sliding layer's query sees only its last `window` keys; the full layer sees them all."""
+    config = replace(
+        LLAMA, qk_norm=True, sliding_window=3, layer_types=["sliding", "full"], rope_local_theta=10000.0,
+        attention_scale=0.3,
+    )  # fmt: skip
+    maps = attention_maps(model_of(config), TOKENS)
+    length = len(TOKENS)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 4, length), atol=1e-5)
+    outside = torch.ones(length, length, dtype=torch.bool).tril(-3)  # keys 3 or more positions back
+    assert (maps[0][:, outside] == 0).all()
+    assert (maps[1][:, outside] > 0).all()
