@@ -190,7 +190,7 @@ def supports(model: Transformer) -> bool:
         kernels.available()
         and config.norm == "rmsnorm"
         and config.positions == "rope"
-        and config.mlp == "swiglu"
+        and config.mlp in ("swiglu", "geglu")
         and not config.bias
         and config.n_heads % config.kv_heads == 0
         and model.rope_cos.device.type == "cpu"
@@ -216,7 +216,8 @@ class DecodePlan:
         buffer = lambda *shape: torch.empty(*shape)  # noqa: E731
         self.model, self.batch = model, batch
         self.keys, self.values, self.capacity = cache.keys, cache.values, cache.max_length
-        self.x, self.h, self.y, self.delta = buffer(batch, d), buffer(batch, d), buffer(batch, d), buffer(batch, d)
+        self.x, self.h, self.delta = buffer(batch, d), buffer(batch, d), buffer(batch, d)
+        self.y = buffer(batch, config.n_heads * config.head_dim)  # the attention's output: d wide only if d_head is
         self.qkv, self.up = buffer(batch, width), buffer(batch, 2 * config.mlp_hidden)
         self.gated = buffer(batch, config.mlp_hidden)
         self.logits = buffer(batch, config.vocab_size)

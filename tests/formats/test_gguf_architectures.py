@@ -32,7 +32,7 @@ ARCHITECTURES = {
                 factor=8.0,
                 low_freq_factor=1.0,
                 high_freq_factor=4.0,
-                original_max_position_embeddings=16,
+                original_max_position_embeddings=64,
             )
         ),
         "llama",
@@ -75,8 +75,8 @@ def test_round_trip_keeps_logits_and_switches(tmp_path, bpe, case):
     model = random_model(bpe.vocab_size, switches)
     loaded, _ = load_gguf(save_gguf(model, bpe, tmp_path / f"{case}.gguf", "f32"))
     tokens = torch.randint(0, bpe.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (model(tokens)[0] - loaded(tokens)[0]).abs().max() < 1e-5
+    with torch.no_grad():  # Llama 3's scaling comes back as the file's fp32 factors: last-bit differences
+        assert (model(tokens)[0] - loaded(tokens)[0]).abs().max() < (1e-4 if case == "llama3" else 1e-5)
     for name in ("qkv_bias", "qk_norm", "post_norms", "scale_embeddings", "mlp", "head_dim", "sliding_window"):
         assert bool(getattr(loaded.config, name)) == bool(getattr(model.config, name)) or name in ("mlp", "head_dim")
         assert name not in ("mlp", "head_dim") or getattr(loaded.config, name) == getattr(model.config, name)
@@ -113,12 +113,17 @@ def test_llama_cpp_continues_our_file_with_the_same_greedy_tokens(tmp_path, bpe,
     if case == "mistral":
         pytest.skip("llama.cpp's llama architecture has no sliding window (it reads no such key)")
     model = random_model(bpe.vocab_size, switches)
-    path = save_gguf(model, bpe, tmp_path / f"{case}.gguf", "f32")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    # (not named after the model: llama.cpp looks up Phi-3's own special tokens in a file whose general.name
+    # says phi3, and our tiny vocabulary has none)
+    path = save_gguf(model, bpe, tmp_path / "model.gguf", "f32")
     prompt = bpe.encode("ROMEO.\nGood night, sweet love")[:8]
     ours = prompt + list(generate_tokens(model, prompt, SamplingConfig(max_new_tokens=40, temperature=0)))
     assert len(ours) == 48
-    theirs = llama_cpp_logits(llm, ours)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
+    try:  # closed here: freed later by the garbage collector, at any allocation, it can crash the process
+        theirs = llama_cpp_logits(llm, ours)
+    finally:
+        llm.close()
     for position in range(len(prompt) - 1, len(ours) - 1):
         chosen = ours[position + 1]
         best = int(theirs[position].argmax())

@@ -170,7 +170,7 @@ def test_a_decode_plan_is_made_once_per_cache_and_goes_with_it():
 # The switches of each published family (as tests/formats/test_gguf_architectures.py builds them).
 FAMILY_SWITCHES = {
     "llama3": dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                     original_max_position_embeddings=16)),
+                                     original_max_position_embeddings=64)),
     "mistral": dict(sliding_window=5),
     "qwen2": dict(qkv_bias=True, tie_embeddings=False),
     "qwen3": dict(qk_norm=True, d_head=24, rope_theta=1e6),
@@ -191,10 +191,9 @@ def test_native_decoding_equals_the_model_for_each_family(family):
     if not kernels.available():
         pytest.skip("native kernels unavailable")
     torch.manual_seed(0)
-    config = ModelConfig(
-        vocab_size=128, block_size=64, n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=96, norm="rmsnorm",
-        mlp="swiglu", positions="rope", bias=False, **FAMILY_SWITCHES[family],
-    )  # fmt: skip
+    sizes = dict(vocab_size=128, block_size=64, n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=96)
+    llama = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+    config = ModelConfig(**sizes, **{**llama, **FAMILY_SWITCHES[family]})
     model = Transformer(config).eval()
     with torch.no_grad():
         for parameter in model.parameters():
