@@ -75,6 +75,15 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise LmforgeError(f"{key}: expected a list, got {value!r}")
         return [coerce(v, item_type, key) for v in value]
+    if annotation is dict:  # e.g. model.rope_scaling: a JSON object, or its keys one by one (--a.b.c=1)
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                value = None
+        if not isinstance(value, dict):
+            raise LmforgeError(f'{key}: expected a mapping (a JSON object such as {{"rope_type": "linear"}})')
+        return {name: _text_as_json(item) for name, item in value.items()}
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -102,6 +111,16 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
             raise LmforgeError(f"{key}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def _text_as_json(value: Any) -> Any:
+    """A command-line string read as the JSON value it spells (numbers, true, lists), else kept as text."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def apply_values(config: T, values: dict, where: str = "") -> T:

@@ -1,9 +1,9 @@
 """Full definition of the lmforge decoder-only Transformer, in one file.
 
 Reads top to bottom like the diagram: norms, rotary positions, attention with its KV cache,
-MLP, block, and the model. GPT-2 and Llama families are switches on one config (norm, mlp,
-positions, n_kv_heads), not subclasses; that config (`ModelConfig`) and its presets are in
-`lmforge/settings.py`.
+MLP, block, and the model. GPT-2, Llama, Mistral, Qwen2/3, Gemma 3 and Phi-3 are switches on one
+config (norm, mlp, positions, n_kv_heads, q/k norms, sliding windows...), not subclasses; that
+config (`ModelConfig`) and its presets are in `lmforge/settings.py`.
 """
 
 from __future__ import annotations
@@ -48,12 +48,58 @@ def make_norm(config: ModelConfig) -> nn.Module:
 ROPE_INITIAL_POSITIONS = 4096
 
 
-def rope_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_positions, head_dim), in the half-split layout HF Llama uses."""
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim / 2,) and the factor cos/sin are multiplied by, as transformers'
+    modeling_rope_utils computes them for each `rope_scaling` kind (ModelConfig.rope_scaling)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    kind = (scaling or {}).get("rope_type")
+    if kind is None:
+        return inv_freq, 1.0
+    if kind == "factors":  # GGUF's rope_freqs (llama.cpp's freq_factors): one divisor per frequency
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float64), 1.0
+    factor = float(scaling["factor"])
+    if kind == "linear":  # positions interpolated by 1/factor (kaiokendev's SuperHOT)
+        return inv_freq / factor, 1.0
+    original = float(scaling["original_max_position_embeddings"])
+    if kind == "llama3":  # Llama 3.1: long wavelengths divided by factor, short kept, a smooth ramp between
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        wavelength = 2 * math.pi / inv_freq
+        smooth = ((original / wavelength - low) / (high - low)).clamp(0, 1)
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq, 1.0
+
+    # YaRN (Peng et al. 2023): interpolated below a band of dimensions, extrapolated above, a linear
+    # ramp between; cos and sin scaled by 0.1 ln(factor) + 1 ("mscale") unless the config names it.
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = (
+        correction_dim(float(scaling.get("beta_fast") or 32)),
+        correction_dim(float(scaling.get("beta_slow") or 1)),
+    )
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+
+    def mscale(scale: float, weight: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * weight * math.log(scale) + 1.0
+
+    attention_factor = scaling.get("attention_factor")
+    if attention_factor is None:
+        weights = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention_factor = mscale(factor, weights[0]) / mscale(factor, weights[1]) if all(weights) else mscale(factor)
+    return inv_freq, float(attention_factor)
+
+
+def rope_tables(
+    head_dim: int, max_positions: int, theta: float, scaling: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_positions, head_dim), in the half-split layout HF Llama uses."""
+    inv_freq, attention_factor = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * attention_factor).float(), (angles.sin() * attention_factor).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,6 +120,16 @@ def document_positions_and_mask(document_ids: torch.Tensor) -> tuple[torch.Tenso
     causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
     same_document = document_ids[:, :, None] == document_ids[:, None, :]
     return index - first_of_document, (same_document & causal)[:, None]
+
+
+def visible_keys(query_positions: torch.Tensor, key_count: int, window: int | None) -> torch.Tensor:
+    """True where the query at a position sees the key at position j < key_count: j <= position, and
+    with a sliding window also position - window < j (HF's rule). Shape: query_positions' + (key_count,)."""
+    keys = torch.arange(key_count, device=query_positions.device)
+    visible = keys <= query_positions[..., None]
+    if window is not None:
+        visible &= keys > query_positions[..., None] - window
+    return visible
 
 
 @contextmanager
@@ -109,6 +165,9 @@ class CacheStep:
     mask: torch.Tensor | None  # True where a query may see a key; None with is_causal or one query
     is_causal: bool
     slots: torch.Tensor | None = None  # per row: the cache rows the batch reads (None: rows 0..B-1)
+    # what a sliding-window layer's queries see instead (mask, is_causal): the same when no query is
+    # past the window yet; None in a model without sliding layers
+    sliding: tuple[torch.Tensor | None, bool] | None = None
 
 
 class KVCache:
@@ -123,6 +182,9 @@ class KVCache:
     over the whole capacity with a mask, and positions are the caller's to check. `torch.compile`
     then builds one graph for every decoding step; otherwise the attention would cover only the
     positions seen, a length read from the data, so each step would compile anew.
+
+    Sliding-window layers keep every position too (full size, not a ring buffer): their queries read
+    the same keys through a band mask, so one cache layout and one write path serve both kinds.
     """
 
     def __init__(
@@ -136,6 +198,8 @@ class KVCache:
     ):
         self.max_length = max_length or config.block_size
         self.static = static
+        self.sliding_window = config.sliding_window
+        self.sliding_layers = [config.is_sliding(layer) for layer in range(config.n_layers)]
         shape = (batch_size, config.kv_heads, self.max_length, config.head_dim)
         self.keys = [zeroed_from_os(shape, device, dtype) for _ in range(config.n_layers)]
         self.values = [zeroed_from_os(shape, device, dtype) for _ in range(config.n_layers)]
@@ -151,15 +215,17 @@ class KVCache:
             past = self.length
             if past + length > self.max_length:
                 raise ValueError(f"cache holds {self.max_length} positions; {past} used + {length} new do not fit")
+            query_positions = past + torch.arange(length, device=self.keys[0].device)
             if past == 0 or length == 1:
                 mask, is_causal = None, past == 0 and length > 1
             else:
-                keys_seen = torch.arange(past + length, device=self.keys[0].device)
-                mask, is_causal = (
-                    keys_seen[None, :] <= past + torch.arange(length, device=keys_seen.device)[:, None],
-                    False,
-                )
-            self.step = CacheStep(None, slice(past, past + length), past + length, mask, is_causal)
+                mask, is_causal = visible_keys(query_positions, past + length, None), False
+            sliding = None
+            if any(self.sliding_layers):
+                sliding = (mask, is_causal)
+                if past + length > self.sliding_window:  # some query has keys out of its window
+                    sliding = (visible_keys(query_positions, past + length, self.sliding_window), False)
+            self.step = CacheStep(None, slice(past, past + length), past + length, mask, is_causal, sliding=sliding)
             return
         device = self.keys[0].device
         query_positions = positions[:, None] + torch.arange(length, device=device)  # (B, T)
@@ -171,8 +237,13 @@ class KVCache:
                 raise ValueError(f"cache holds {self.max_length} positions; position {seen - 1} does not fit")
         rows = torch.arange(batch, device=device) if slots is None else slots
         # Key j is visible to the query at position p iff j <= p: causal within each row's own sequence.
-        mask = (torch.arange(seen, device=device)[None, None, :] <= query_positions[:, :, None])[:, None]
-        self.step = CacheStep(rows[:, None].expand(batch, length), query_positions, seen, mask, False, slots)
+        mask = visible_keys(query_positions, seen, None)[:, None]
+        sliding = None
+        if any(self.sliding_layers):
+            # static: always the band (one graph); else only once a query is past the window
+            banded = self.static or seen > self.sliding_window
+            sliding = (visible_keys(query_positions, seen, self.sliding_window)[:, None] if banded else mask, False)
+        self.step = CacheStep(rows[:, None].expand(batch, length), query_positions, seen, mask, False, slots, sliding)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store this layer's new k, v (B, kv_heads, T, head_dim); all keys/values to attend over, mask, is_causal."""
@@ -185,7 +256,8 @@ class KVCache:
             keys[step.rows, :, step.positions] = k.transpose(1, 2)
             values[step.rows, :, step.positions] = v.transpose(1, 2)
         read = slice(None, batch) if step.slots is None else step.slots
-        return keys[read, :, : step.seen], values[read, :, : step.seen], step.mask, step.is_causal
+        mask, is_causal = step.sliding if self.sliding_layers[layer] else (step.mask, step.is_causal)
+        return keys[read, :, : step.seen], values[read, :, : step.seen], mask, is_causal
 
     def finish(self, length: int) -> None:
         if self.step is not None and self.step.rows is None:
@@ -199,8 +271,15 @@ class CausalSelfAttention(nn.Module):
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
         # One fused projection for q, k and v: a single matmul is faster than three on CPU.
-        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.kv_heads) * config.head_dim, bias=config.bias)
-        self.out = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        qkv_bias = config.bias if config.qkv_bias is None else config.qkv_bias
+        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.kv_heads) * config.head_dim, bias=qkv_bias)
+        self.out = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=config.bias)
+        # Qwen3, Gemma 3: each head's q and k RMS-normed (one weight of head_dim, shared by the heads)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
+        self.scale = config.attention_scale or 1 / math.sqrt(config.head_dim)
         self.dropout = config.dropout
         self.causal = config.causal
         # Interpretability: a list here (set by `lmforge.evaluation.interpret.recording_attention`) receives each
@@ -223,6 +302,8 @@ class CausalSelfAttention(nn.Module):
         q = q.view(batch, length, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
@@ -235,21 +316,29 @@ class CausalSelfAttention(nn.Module):
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             grouped = False
 
-        # softmax(q k^T / sqrt(head_dim)) v, causal: a query sees its own and earlier positions.
+        # softmax(q k^T * scale) v, scale 1/sqrt(head_dim) unless the config names one; causal: a query
+        # sees its own and earlier positions (a sliding layer's mask: only the window's last ones).
         if self.attention_record is not None:
             y = self.attention_with_weights(q, k, v, mask, is_causal)
         else:
             # grouped: each k/v head serves n_heads / n_kv_heads query heads, without copies of it
             gqa = {"enable_gqa": True} if grouped else {}
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0, **gqa
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=is_causal,
+                dropout_p=self.dropout if self.training else 0.0,
+                scale=self.scale,
+                **gqa,
             )
         y = y.transpose(1, 2).reshape(batch, length, self.n_heads * self.head_dim)
         return F.dropout(self.out(y), self.dropout, self.training)
 
     def attention_with_weights(self, q, k, v, mask, is_causal) -> torch.Tensor:
         """The same attention written out, so the weights can be kept (SDPA never materialises them)."""
-        scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        scores = (q @ k.transpose(-2, -1)) * self.scale
         if is_causal:  # SDPA's convention: query i sees keys 0..i
             scores = scores.masked_fill(torch.ones_like(scores, dtype=torch.bool).tril().logical_not(), float("-inf"))
         if mask is not None:
@@ -263,8 +352,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.kind = config.mlp
-        # SwiGLU (Shazeer 2020) fuses gate and up projections into one matmul.
-        width = 2 * config.mlp_hidden if config.mlp == "swiglu" else config.mlp_hidden
+        # SwiGLU and GeGLU (Shazeer 2020) fuse gate and up projections into one matmul.
+        width = 2 * config.mlp_hidden if config.mlp in ("swiglu", "geglu") else config.mlp_hidden
         self.up = nn.Linear(config.d_model, width, bias=config.bias)
         self.down = nn.Linear(config.mlp_hidden, config.d_model, bias=config.bias)
         self.dropout = config.dropout
@@ -277,13 +366,17 @@ class MLP(nn.Module):
                 h = F.silu(gate) * up
             else:  # in place: no two more activation-sized tensors at a long prompt's prefill (peak RSS)
                 h = F.silu(gate, inplace=True).mul_(up)
+        elif self.kind == "geglu":  # Gemma: the gate through GELU's tanh approximation
+            gate, up = h.chunk(2, dim=-1)
+            h = F.gelu(gate, approximate="tanh") * up
         else:
             h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
         return F.dropout(self.down(h), self.dropout, self.training)
 
 
 class Block(nn.Module):
-    """Residual block. Pre-norm: x + attention(norm(x)), then x + mlp(norm(x)).
+    """Residual block. Pre-norm: x + attention(norm(x)), then x + mlp(norm(x)); with `post_norms`
+    (Gemma 3) also a norm on each branch's output: x + norm(attention(norm(x))).
     Post-norm (the original Transformer, BERT): norm(x + attention(x)), then norm(x + mlp(x))."""
 
     def __init__(self, config: ModelConfig, layer_index: int):
@@ -293,11 +386,18 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
         self.post_norm = config.norm_position == "post"
+        if config.post_norms:
+            self.attention_post_norm = make_norm(config)
+            self.mlp_post_norm = make_norm(config)
+        self.branch_norms = config.post_norms
 
     def forward(self, x, rope, cache, padding_mask=None):
         if self.post_norm:
             x = self.attention_norm(x + self.attention(x, rope, cache, padding_mask))
             return self.mlp_norm(x + self.mlp(x))
+        if self.branch_norms:
+            x = x + self.attention_post_norm(self.attention(self.attention_norm(x), rope, cache, padding_mask))
+            return x + self.mlp_post_norm(self.mlp(self.mlp_norm(x)))
         x = x + self.attention(self.attention_norm(x), rope, cache, padding_mask)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -314,6 +414,9 @@ class Transformer(nn.Module):
         else:
             self.register_buffer("rope_cos", torch.empty(0), persistent=False)
             self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+            if config.rope_local_theta is not None:  # the sliding layers' own, unscaled (Gemma 3)
+                self.register_buffer("rope_local_cos", torch.empty(0), persistent=False)
+                self.register_buffer("rope_local_sin", torch.empty(0), persistent=False)
             self.rebuild_buffers()
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.final_norm = make_norm(config)
@@ -370,19 +473,35 @@ class Transformer(nn.Module):
     def rebuild_buffers(self) -> None:
         """(Re)compute the RoPE tables, which are derived rather than saved, at their starting size."""
         if self.config.positions == "rope":
-            self.rope_cos, self.rope_sin = rope_tables(
-                self.config.head_dim, min(self.config.block_size, ROPE_INITIAL_POSITIONS), self.config.rope_theta
-            )
+            size = min(self.config.block_size, ROPE_INITIAL_POSITIONS)
+            self.rope_cos, self.rope_sin = self._rope_tables(size, local=False)
+            if self.config.rope_local_theta is not None:
+                self.rope_local_cos, self.rope_local_sin = self._rope_tables(size, local=True)
 
-    def rope_for(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope_tables(self, size: int, local: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        config = self.config
+        if local:
+            return rope_tables(config.head_dim, size, config.rope_local_theta)
+        return rope_tables(config.head_dim, size, config.rope_theta, config.rope_scaling)
+
+    def rope_for(self, positions: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables covering at least `positions` positions, grown by doubling (capped at block_size),
-        so decoding token by token rebuilds them a handful of times, not once per token."""
-        if self.rope_cos.shape[0] < positions:
-            size = min(self.config.block_size, max(positions, 2 * self.rope_cos.shape[0]))
-            cos, sin = rope_tables(self.config.head_dim, size, self.config.rope_theta)
-            self.rope_cos = cos.to(self.rope_cos.device, self.rope_cos.dtype)
-            self.rope_sin = sin.to(self.rope_sin.device, self.rope_sin.dtype)
-        return self.rope_cos, self.rope_sin
+        so decoding token by token rebuilds them a handful of times, not once per token. `local`: the
+        sliding layers' tables (a model with rope_local_theta)."""
+        cos, sin = (self.rope_local_cos, self.rope_local_sin) if local else (self.rope_cos, self.rope_sin)
+        if cos.shape[0] < positions:
+            size = min(self.config.block_size, max(positions, 2 * cos.shape[0]))
+            new_cos, new_sin = self._rope_tables(size, local)
+            cos, sin = new_cos.to(cos.device, cos.dtype), new_sin.to(sin.device, sin.dtype)
+            if local:
+                self.rope_local_cos, self.rope_local_sin = cos, sin
+            else:
+                self.rope_cos, self.rope_sin = cos, sin
+        return cos, sin
+
+    def uses_local_rope(self, layer: int) -> bool:
+        """Whether layer `layer` rotates by the sliding layers' own RoPE tables (rope_local_theta)."""
+        return self.config.rope_local_theta is not None and self.config.is_sliding(layer)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -405,11 +524,20 @@ class Transformer(nn.Module):
         With a cache, `tokens` continue what it holds: at `cache.length`, or at each row's own
         start `positions` (B,) in cache rows `slots` (B,). Targets equal to -100 are ignored.
         """
-        logits = self.lm_head(self.hidden_states(tokens, cache, positions, slots, document_ids))
+        logits = self.logits(self.hidden_states(tokens, cache, positions, slots, document_ids))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head over final-norm outputs, soft-capped where the config says (Gemma 2/3:
+        cap * tanh(logits / cap), which keeps every logit within +-cap)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.logit_softcap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def hidden_states(
         self,
@@ -446,20 +574,36 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.begin(batch, length, positions, slots)
         x = self.token_embedding(tokens)
-        rope = None
+        if self.config.scale_embeddings:  # Gemma: by sqrt(d_model) rounded to the activations' dtype, as HF does
+            x = x * torch.tensor(math.sqrt(self.config.d_model), dtype=x.dtype)
+        rope = local_rope = None
         if self.config.positions == "learned":
             x = x + self.position_embedding.weight[where]
         else:
-            cos, sin = self.rope_for(positions_seen)
-            rope = (cos[where], sin[where])
-            if not isinstance(where, slice):  # per-row positions: (B, T, head_dim) → broadcast over heads
-                rope = (rope[0][:, None], rope[1][:, None])
+            rope = self._rope_at(where, positions_seen, local=False)
+            if self.config.rope_local_theta is not None:
+                local_rope = self._rope_at(where, positions_seen, local=True)
+        # Without a cache, sliding layers see a band of the causal (or document) mask; with one, the
+        # cache's step says what each layer sees.
+        sliding_mask = mask
+        window = self.config.sliding_window
+        if cache is None and window is not None and length > window:
+            band = visible_keys(torch.arange(length, device=tokens.device), length, window)
+            sliding_mask = band if mask is None else mask & band
         x = F.dropout(x, self.config.dropout, self.training)
-        for block in self.blocks:
-            x = block(x, rope, cache, mask)
+        for layer, block in enumerate(self.blocks):
+            sliding = self.config.is_sliding(layer)
+            layer_rope = local_rope if self.uses_local_rope(layer) else rope
+            x = block(x, layer_rope, cache, sliding_mask if sliding else mask)
         if cache is not None:
             cache.finish(length)
         return self.final_norm(x)
+
+    def _rope_at(self, where, positions_seen: int, local: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.rope_for(positions_seen, local)
+        if isinstance(where, slice):
+            return cos[where], sin[where]
+        return cos[where][:, None], sin[where][:, None]  # per-row positions: (B, T, head_dim) → broadcast over heads
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count; tied weights counted once."""

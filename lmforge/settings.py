@@ -124,17 +124,46 @@ class ModelConfig:
 
     @property
     def family(self) -> str | None:
-        """'llama' or 'gpt2' when the switches match that published family (what the export
-        formats can express), else None."""
+        """The published architecture whose files can express this model (what the export formats write):
+        `architecture` where it fits the switches, else the first of FAMILIES that does; None if none does."""
+        if self.architecture in FAMILIES and self._fits(self.architecture):
+            return self.architecture
+        return next((family for family in FAMILIES if self._fits(family)), None)
+
+    def _fits(self, family: str) -> bool:
         if not self.causal or self.norm_position != "pre":
-            return None
-        if (self.norm, self.mlp, self.positions, self.bias) == ("rmsnorm", "swiglu", "rope", False):
-            return "llama"
-        # GPT-2 has no grouped-query attention: its formats give k and v as many heads as q
-        gpt2_like = (self.norm, self.positions, self.bias) == ("layernorm", "learned", True) and self.mlp != "swiglu"
-        if gpt2_like and self.kv_heads == self.n_heads:
-            return "gpt2"
-        return None
+            return False
+        if family == "gpt2":  # no grouped-query attention: its formats give k and v as many heads as q
+            gpt2_like = (self.norm, self.positions, self.bias) == ("layernorm", "learned", True)
+            plain = self.d_head is None and self.qkv_bias in (None, True) and self.sliding_window is None
+            return (
+                gpt2_like
+                and plain
+                and self.mlp in ("gelu", "gelu_tanh")
+                and self.kv_heads == self.n_heads
+                and not (
+                    self.qk_norm
+                    or self.post_norms
+                    or self.scale_embeddings
+                    or self.attention_scale
+                    or self.logit_softcap
+                )
+            )
+        if (self.norm, self.positions, self.bias) != ("rmsnorm", "rope", False):
+            return False
+        if family == "gemma3":
+            return self.mlp == "geglu" and self.qk_norm and self.post_norms and self.scale_embeddings
+        all_sliding = self.sliding_window is not None and self.layer_types is None
+        llama_like = self.mlp == "swiglu" and not (
+            self.post_norms or self.scale_embeddings or self.attention_scale or self.logit_softcap
+        )
+        llama_like = llama_like and self.rope_local_theta is None
+        if family in ("llama", "mistral", "phi3"):
+            window_fits = self.sliding_window is None or (family != "llama" and all_sliding)
+            return llama_like and window_fits and not self.qk_norm and not self.qkv_bias
+        if family == "qwen2":
+            return llama_like and not self.qk_norm
+        return family == "qwen3" and llama_like and self.qk_norm and not self.qkv_bias
 
     def require_family(self, what: str) -> str:
         if self.family is None and self.norm == "layernorm" and self.positions == "learned" and self.bias:
@@ -145,9 +174,10 @@ class ModelConfig:
             )
         if self.family is None:
             raise ValueError(
-                f"{what} supports the Llama family (rmsnorm, swiglu, rope, no bias) and the GPT-2 family "
-                f"(layernorm, gelu, learned positions, bias); this model has norm={self.norm}, mlp={self.mlp}, "
-                f"positions={self.positions}, bias={self.bias}"
+                f"{what} supports the published families {', '.join(FAMILIES)} (the Llama family: rmsnorm, swiglu, "
+                f"rope, no bias; GPT-2: layernorm, gelu, learned positions, bias); this model has norm={self.norm}, "
+                f"mlp={self.mlp}, positions={self.positions}, bias={self.bias}, qk_norm={self.qk_norm}, "
+                f"post_norms={self.post_norms}, sliding_window={self.sliding_window}"
             )
         return self.family
 
@@ -162,6 +192,10 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
         return cls(**values)
 
+
+# The published architectures `ModelConfig.family` recognises, in the order it tries them on a config
+# that names none: the plainest that expresses the switches first.
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
 
 _LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
 

@@ -50,6 +50,24 @@ def test_optional_and_list_fields():
     assert sampling.top_k is None and sampling.stop == ["\n\n", "END"] and sampling.seed == 3
 
 
+def test_model_list_and_mapping_fields_from_the_command_line():
+    """layer_types as a comma list; rope_scaling as a JSON object or key by key (numbers read as numbers)."""
+    values = parse_overrides(
+        ["--preset=tiny", "--model.sliding_window=8", "--model.layer_types=sliding,full"]
+        + ["--model.rope_scaling.rope_type=linear", "--model.rope_scaling.factor=4"]
+    )
+    model = train_config_from(values).model
+    assert model.layer_types == ["sliding", "full"] and model.rope_scaling == {"rope_type": "linear", "factor": 4}
+    whole = parse_overrides(["--preset=tiny", '--model.rope_scaling={"rope_type": "yarn", "factor": 2}'])
+    assert train_config_from(whole).model.rope_scaling == {"rope_type": "yarn", "factor": 2}
+    with pytest.raises(LmforgeError, match="model.rope_scaling: expected a mapping"):
+        train_config_from(parse_overrides(["--preset=tiny", "--model.rope_scaling=linear"]))
+    with pytest.raises(LmforgeError, match="expected a rope_type of"):
+        train_config_from(parse_overrides(["--preset=tiny", "--model.rope_scaling.rope_type=longrope"]))
+    with pytest.raises(LmforgeError, match="layer_types"):
+        train_config_from(parse_overrides(["--preset=tiny", "--model.sliding_window=8", "--model.layer_types=full"]))
+
+
 def test_yaml_and_json_files(tmp_path):
     (tmp_path / "c.yaml").write_text("preset: tiny\nmax_steps: 7\nmodel:\n  n_layers: 1\n")
     config = train_config_from(read_config_file(tmp_path / "c.yaml"))

@@ -182,3 +182,205 @@ def test_dropout_only_in_training():
     assert torch.equal(model(tokens)[0], model(tokens)[0])
     model.train()
     assert not torch.equal(model(tokens)[0], model(tokens)[0])
+
+
+# --- issue 20's switches: Mistral, Qwen2/3, Gemma 3, Phi-3 ------------------------------------
+
+
+def every_switch(**overrides):
+    """Gemma 3's switches at once (and Qwen2's q/k/v biases): sliding and full layers with their own RoPE
+    bases, scaled global RoPE, q/k norms, branch norms, scaled embeddings, a soft cap, d_head != d_model/n_heads."""
+    values = dict(
+        d_head=16,
+        mlp="geglu",
+        qkv_bias=True,
+        qk_norm=True,
+        post_norms=True,
+        scale_embeddings=True,
+        attention_scale=0.3,
+        logit_softcap=5.0,
+        sliding_window=5,
+        layer_types=["sliding", "full", "sliding", "full"],
+        rope_local_theta=100.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        n_layers=4,
+        block_size=64,
+    )
+    return llama_small(**(values | overrides))
+
+
+def sliding_llama(**overrides):
+    return llama_small(**(dict(sliding_window=4, block_size=64) | overrides))
+
+
+@pytest.mark.parametrize("make_config", [every_switch, sliding_llama])
+def test_a_cache_filled_past_the_sliding_window_matches_the_full_forward(make_config):
+    """Aligned prefill in pieces, then one token at a time, well past the window: the full forward's logits."""
+    torch.manual_seed(0)
+    model = Transformer(make_config()).eval()
+    tokens = torch.randint(0, 97, (2, 40))
+    full, _ = model(tokens)
+    cache = KVCache(model.config, batch_size=2)
+    pieces = [model(tokens[:, :3], cache=cache)[0], model(tokens[:, 3:17], cache=cache)[0]]
+    pieces += [model(tokens[:, position : position + 1], cache=cache)[0] for position in range(17, 40)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_per_row_cache_positions_past_the_sliding_window_match_the_full_forward(static):
+    """Rows prefilled to different lengths (one short of the window, one past it) in their own slots, then
+    decoded per row (the batched and the static, compiled-step path): each row's logits as its full forward."""
+    torch.manual_seed(0)
+    model = Transformer(every_switch()).eval()
+    tokens = torch.randint(0, 97, (2, 30))
+    full, _ = model(tokens)
+    cache = KVCache(model.config, batch_size=2, max_length=32, static=static)
+    with torch.no_grad():
+        model(tokens[1:, :4], cache=cache, positions=torch.tensor([0]), slots=torch.tensor([1]))
+        model(tokens[:1, :11], cache=cache, positions=torch.tensor([0]), slots=torch.tensor([0]))
+        lengths = torch.tensor([11, 4])
+        for _ in range(15):
+            step = tokens[torch.arange(2), lengths][:, None]
+            logits, _ = model(step, cache=cache, positions=lengths)
+            torch.testing.assert_close(logits[:, 0], full[torch.arange(2), lengths], atol=1e-5, rtol=1e-4)
+            lengths = lengths + 1
+
+
+def test_a_one_layer_sliding_model_at_a_position_sees_only_its_window():
+    """RoPE is relative, so one sliding layer's output at position p is that of the window's tokens alone."""
+    torch.manual_seed(0)
+    model = Transformer(sliding_llama(n_layers=1, sliding_window=6)).eval()
+    tokens = torch.randint(0, 97, (1, 30))
+    full, _ = model(tokens)
+    for position in (5, 6, 17, 29):
+        window, _ = model(tokens[:, max(0, position - 5) : position + 1])
+        torch.testing.assert_close(full[0, position], window[0, -1], atol=1e-5, rtol=1e-4)
+    unwindowed = Transformer(llama_small(n_layers=1, block_size=64)).eval()
+    unwindowed.load_weights(model.state_dict())
+    assert not torch.allclose(unwindowed(tokens)[0][0, 29], full[0, 29], atol=1e-3)  # the window matters
+
+
+def test_packed_documents_with_a_sliding_window_match_each_document_alone():
+    torch.manual_seed(0)
+    model = Transformer(every_switch()).eval()
+    tokens = torch.randint(0, 97, (1, 30))
+    document_ids = torch.tensor([[0] * 12 + [1] * 18])
+    packed, _ = model(tokens, document_ids=document_ids)
+    first, _ = model(tokens[:, :12])
+    second, _ = model(tokens[:, 12:])
+    torch.testing.assert_close(packed, torch.cat([first, second], dim=1), atol=1e-5, rtol=1e-4)
+
+
+def test_the_switches_change_what_they_say():
+    """Each switch, set on a copy with the same weights where it adds none, changes the logits: none is ignored."""
+    torch.manual_seed(0)
+    model = Transformer(every_switch()).eval()
+    tokens = torch.randint(0, 97, (1, 24))
+    reference, _ = model(tokens)
+    for change in (
+        dict(attention_scale=0.5),
+        dict(logit_softcap=2.0),
+        dict(scale_embeddings=False),
+        dict(sliding_window=12),
+        dict(layer_types=["full"] * 4),
+        dict(rope_local_theta=50.0),
+        dict(rope_scaling=None),
+    ):
+        changed = Transformer(every_switch(**change)).eval()
+        changed.load_weights(model.state_dict())
+        assert not torch.allclose(changed(tokens)[0], reference, atol=1e-4), change
+
+
+def test_logits_are_soft_capped():
+    torch.manual_seed(0)
+    model = Transformer(every_switch(logit_softcap=0.2)).eval()
+    tokens = torch.randint(0, 97, (1, 8))
+    logits, _ = model(tokens)
+    uncapped = model.lm_head(model.hidden_states(tokens))
+    assert uncapped.abs().max() > 0.2 > logits.abs().max()
+    torch.testing.assert_close(logits, 0.2 * torch.tanh(uncapped / 0.2))
+
+
+def test_switch_shapes_qkv_bias_head_width_and_norm_weights():
+    model = Transformer(every_switch())
+    attention = model.blocks[0].attention
+    assert attention.qkv.bias is not None and attention.out.bias is None
+    assert attention.out.in_features == 4 * 16 and attention.out.out_features == 32
+    assert attention.q_norm.weight.shape == (16,) and attention.k_norm.weight.shape == (16,)
+    assert model.blocks[0].mlp.up.out_features == 2 * 48
+    names = set(model.state_dict())
+    assert {"blocks.0.attention_post_norm.weight", "blocks.0.mlp_post_norm.weight"} <= names
+    assert not any("post_norm" in name or "q_norm" in name for name in Transformer(llama_small()).state_dict())
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {"rope_type": "linear", "factor": 4.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        {
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "beta_fast": 16,
+            "mscale": 0.9,
+            "mscale_all_dim": 0.5,
+        },
+    ],
+)
+def test_rope_scaling_frequencies_equal_transformers(scaling):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from lmforge.model import rope_frequencies
+
+    config = LlamaConfig(
+        hidden_size=256, num_attention_heads=4, max_position_embeddings=256,
+        rope_parameters={"rope_theta": 10000.0, **scaling},
+    )  # fmt: skip
+    expected, expected_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu")
+    inv_freq, factor = rope_frequencies(64, 10000.0, scaling)
+    torch.testing.assert_close(inv_freq.float(), expected, rtol=1e-6, atol=0)
+    assert factor == pytest.approx(expected_factor)
+    cos, sin = rope_tables(64, 8, 10000.0, scaling)
+    assert cos[0, 0] == pytest.approx(expected_factor)  # yarn's mscale multiplies the tables
+
+
+def test_rope_frequency_factors_divide_the_frequencies():
+    """GGUF's rope_freqs (llama.cpp's freq_factors): each frequency divided by its factor."""
+    from lmforge.model import rope_frequencies
+
+    factors = [1.0, 2.0, 4.0, 8.0]
+    plain, _ = rope_frequencies(8, 10000.0)
+    scaled, attention_factor = rope_frequencies(8, 10000.0, {"rope_type": "factors", "factors": factors})
+    torch.testing.assert_close(scaled, plain / torch.tensor(factors, dtype=torch.float64))
+    assert attention_factor == 1.0
+
+
+@pytest.mark.parametrize(
+    "switches, family",
+    [
+        (dict(), "llama"),
+        (dict(sliding_window=8), "mistral"),
+        (dict(sliding_window=8, architecture="phi3"), "phi3"),
+        (dict(qkv_bias=True), "qwen2"),
+        (dict(qk_norm=True, d_head=16), "qwen3"),
+        (dict(architecture="qwen2"), "qwen2"),
+        (dict(architecture="qwen3"), "llama"),  # named, but without q/k norms a Qwen3 file cannot say it
+        (dict(sliding_window=8, layer_types=["sliding", "full"], architecture="qwen2"), "qwen2"),
+        (dict(mlp="geglu", qk_norm=True, post_norms=True, scale_embeddings=True, logit_softcap=30.0), "gemma3"),
+        (dict(post_norms=True), None),
+    ],
+)
+def test_family_names_the_architecture_whose_files_express_the_switches(switches, family):
+    assert llama_small(**switches).family == family
+    if family is None:
+        with pytest.raises(ValueError, match="qwen3, gemma3"):
+            llama_small(**switches).require_family("export")

@@ -71,7 +71,7 @@ def logit_lens(model: Transformer, tokens: torch.Tensor, top_k: int = 5) -> list
     streams = [embedded[0]] + captured  # the embeddings stand in for "layer 0" (positions added by RoPE later)
     rows = []
     for layer, stream in enumerate(streams):
-        probabilities = model.lm_head(model.final_norm(stream[0, -1])).float().softmax(-1)
+        probabilities = model.logits(model.final_norm(stream[0, -1])).float().softmax(-1)
         top = probabilities.topk(top_k)
         rows.append(
             {
@@ -101,7 +101,7 @@ def with_input_embeddings(output: Callable[[], torch.Tensor], embedding: torch.n
 def _next_token_logit(model: Transformer, tokens: torch.Tensor, target: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function of input embeddings (1, T, d) → the logit of `target` after `tokens` (T,)."""
     return with_input_embeddings(
-        lambda: model.lm_head(model.hidden_states(tokens[None])[:, -1])[:, target], model.token_embedding
+        lambda: model.logits(model.hidden_states(tokens[None])[:, -1])[:, target], model.token_embedding
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import mmap
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from lmforge.formats.metadata import (
     sampling_settings,
 )
 from lmforge.inference.quantize import QuantizedTensor, as_float, model_from_weights, model_weights
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import ModelConfig, Transformer, rope_frequencies
 from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 # llama.cpp token types
@@ -166,8 +166,8 @@ GPT2_BIASES = [
 # The GGUF architectures we read and write: `general.architecture`, as llama.cpp names them.
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2")
 # Every RoPE architecture among them is the Llama base (pre-RMSNorm, RoPE, no biases but q/k/v's);
-# these are the switches each one fixes on top of it. read_config sets them, save_gguf checks that
-# a model has them before writing it under that name.
+# these are the switches a file of each one implies on top of it (`ModelConfig.family` goes the other
+# way, from a model's switches to the architecture that can hold them).
 ARCHITECTURE_SWITCHES = {
     "llama": dict(mlp="swiglu", qkv_bias=None, qk_norm=False, post_norms=False, scale_embeddings=False),
     "qwen2": dict(mlp="swiglu", qkv_bias=True, qk_norm=False, post_norms=False, scale_embeddings=False),
@@ -231,8 +231,8 @@ def layer_tensors(config: ModelConfig, architecture: str) -> tuple[list[tuple[st
         pairs += [("attention.q_norm.weight", "attn_q_norm.weight"), ("attention.k_norm.weight", "attn_k_norm.weight")]
     if config.post_norms:  # Gemma 3: ffn_norm is the norm before the MLP, these two come after each part
         pairs += [
-            ("post_attention_norm.weight", "post_attention_norm.weight"),
-            ("post_mlp_norm.weight", "post_ffw_norm.weight"),
+            ("attention_post_norm.weight", "post_attention_norm.weight"),
+            ("mlp_post_norm.weight", "post_ffw_norm.weight"),
         ]
     if architecture == "phi3":  # fused as in its HF checkpoints: [q | k | v] and [gate | up]
         return pairs + [("attention.qkv.weight", "attn_qkv.weight"), ("mlp.up.weight", "ffn_up.weight")], []
@@ -719,37 +719,12 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
 
 
 def export_architecture(config: ModelConfig) -> str:
-    """The GGUF architecture a model is written as: its own where GGUF has it, else the first whose switches
-    it has; an LmforgeError saying what does not fit otherwise."""
-    if config.positions == "learned":
-        try:
-            return config.require_family("GGUF export")
-        except ValueError as error:
-            raise LmforgeError(str(error)) from None
-    named = GGUF_ARCHITECTURE_OF.get(config.architecture, config.architecture)
-    candidates = [named] if named in ARCHITECTURE_SWITCHES else list(ARCHITECTURE_SWITCHES)
-    for architecture in candidates:
-        if not _switch_mismatches(config, architecture):
-            return architecture
-    differences = ", ".join(_switch_mismatches(config, candidates[0]))
-    if len(candidates) == 1:
-        raise LmforgeError(f"GGUF export as {named}: this model differs from that architecture in {differences}")
-    raise LmforgeError(
-        f"GGUF export supports the architectures {', '.join(GGUF_ARCHITECTURES)}; this model's switches match none "
-        f"(as llama it differs in {differences})"
-    )
-
-
-def _switch_mismatches(config: ModelConfig, architecture: str) -> list[str]:
-    """`field=value (architecture: wanted)` for each switch of `config` that `architecture` fixes otherwise."""
-    values = dict(config.to_dict(), qkv_bias=config.qkv_bias if config.qkv_bias is not None else config.bias)
-    wanted = {**ROPE_BASE, **ARCHITECTURE_SWITCHES[architecture]}
-    wanted["qkv_bias"] = bool(wanted["qkv_bias"])  # None: as `bias`, which is False in all of them
-    return [
-        f"{name}={values[name]!r} ({architecture}: {value!r})"
-        for name, value in wanted.items()
-        if values[name] != value
-    ]
+    """The GGUF architecture a model is written as: its family's (`ModelConfig.family`), Mistral's as llama."""
+    try:
+        family = config.require_family("GGUF export")
+    except ValueError as error:
+        raise LmforgeError(str(error)) from None
+    return GGUF_ARCHITECTURE_OF.get(family, family)
 
 
 def _write_rope_architecture_fields(writer, config: ModelConfig, architecture: str) -> None:
@@ -797,10 +772,9 @@ def _rope_factors(config: ModelConfig) -> torch.Tensor | None:
     if scaling.get("rope_type") == "factors":
         return torch.tensor(scaling["factors"], dtype=torch.float32)
     if scaling.get("rope_type") == "llama3":
-        from lmforge.model import rope_inverse_frequencies  # noqa: PLC0415 - (i20-arch: the model's own scaling)
-
-        base = rope_inverse_frequencies(replace(config, rope_scaling=None))
-        return (base / rope_inverse_frequencies(config)).float()
+        unscaled, _ = rope_frequencies(config.head_dim, config.rope_theta, None)
+        scaled, _ = rope_frequencies(config.head_dim, config.rope_theta, scaling)
+        return (unscaled / scaled).float()
     return None
 
 

@@ -185,6 +185,9 @@ def run_timed_step(model: Transformer, batch: int, step):
 
 
 def supports(model: Transformer) -> bool:
+    """Whether the native step runs this model: the Llama family and the switches of Qwen2/3, Gemma 3
+    and Mistral (biases on q/k/v only, q/k norms, branch norms, GeGLU, sliding windows, any RoPE
+    scaling: it reads the model's own tables), on CPU in fp32."""
     config = model.config
     return (
         kernels.available()
@@ -201,8 +204,9 @@ def supports(model: Transformer) -> bool:
 
 def layer_rope_tables(model: Transformer, positions: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(cos, sin) of each layer, covering `positions` (Gemma 3's sliding layers have their own)."""
-    cos, sin = model.rope_for(positions)
-    return [(cos, sin)] * model.config.n_layers
+    uses_local = [model.uses_local_rope(layer) for layer in range(model.config.n_layers)]
+    tables = {local: model.rope_for(positions, local) for local in set(uses_local)}
+    return [tables[local] for local in uses_local]
 
 
 class DecodePlan:
@@ -256,14 +260,14 @@ class DecodePlan:
                     self.y.data_ptr(), threads,
                 )),
                 self._matvec(attention.out, self.y, self.delta, threads),
-                *self._post_norm(block.post_attention_norm if config.post_norms else None),
+                *self._post_norm(block.attention_post_norm if config.post_norms else None),
                 (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), block.mlp_norm.weight.data_ptr(),
                                         block.mlp_norm.eps, batch, d, self.h.data_ptr())),
                 self._matvec(block.mlp.up, self.h, self.up, threads),
                 (library.gelu_tanh_mul if config.mlp == "geglu" else library.silu_mul,
                  (self.up.data_ptr(), batch, config.mlp_hidden, self.gated.data_ptr())),
                 self._matvec(block.mlp.down, self.gated, self.delta, threads),
-                *self._post_norm(block.post_mlp_norm if config.post_norms else None),
+                *self._post_norm(block.mlp_post_norm if config.post_norms else None),
                 (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), following.weight.data_ptr(),
                                         following.eps, batch, d, self.h.data_ptr())),
             ]  # fmt: skip
@@ -383,7 +387,7 @@ def torch_decode_step(
 
     def step(threads: int) -> torch.Tensor:  # PyTorch's ops run on the count run_timed_step set
         hidden = model.hidden_states(tokens, cache, positions, slots)
-        return model.lm_head(hidden[:, -1]).float()
+        return model.logits(hidden[:, -1]).float()
 
     return run_timed_step(model, tokens.shape[0], step)
 
@@ -417,7 +421,7 @@ def next_token_logits(
         hidden = hidden[:, -1]
     else:
         hidden = hidden[torch.arange(hidden.shape[0]), last]
-    return model.lm_head(hidden).float()
+    return model.logits(hidden).float()
 
 
 def prefill(
@@ -441,7 +445,7 @@ def prefill(
 def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache):
     """Next-token logits for one token per row (cache rows 0..B-1) at `positions`: the model's own
     forward over a static cache, whose shapes never change, so `torch.compile` builds one graph."""
-    return model.lm_head(model.hidden_states(tokens, cache, positions)[:, -1]).float()
+    return model.logits(model.hidden_states(tokens, cache, positions)[:, -1]).float()
 
 
 _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> compiled step, False where none
@@ -470,6 +474,8 @@ def compiled_decode_step(model: Transformer):
         """Logits (B, vocab) for `tokens` (B, 1) at `positions` (B,) in a `KVCache(static=True)`."""
         if model.config.positions == "rope":  # grown outside the graph, which then only reads the tables
             model.rope_for(cache.max_length)
+            if model.config.rope_local_theta is not None:
+                model.rope_for(cache.max_length, local=True)
         return cached(model, tokens, positions, cache)
 
     return step

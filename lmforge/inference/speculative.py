@@ -114,6 +114,6 @@ def _target_choices(target: Transformer, tokens: list[int], cache: KVCache) -> l
         rows = torch.zeros(len(tokens), dtype=torch.long)
         logits = engine.decode_step(target, torch.tensor(tokens)[:, None], cache, positions, rows)
     else:
-        logits = target.lm_head(target.hidden_states(torch.tensor([tokens]), cache)[0])
+        logits = target.logits(target.hidden_states(torch.tensor([tokens]), cache)[0])
         cache.length = start
     return logits.argmax(-1).tolist()

@@ -213,3 +213,28 @@ def test_native_decoding_equals_the_model_for_each_family(family):
             theirs = engine.torch_decode_step(model, tokens, reference, positions, slots)
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
             tokens, positions = theirs.argmax(-1, keepdim=True), positions + 1
+
+
+GEMMA_LIKE = dict(
+    vocab_size=97, block_size=96, n_layers=4, n_heads=4, n_kv_heads=2, d_model=32, d_head=16, d_mlp=48,
+    norm="rmsnorm", mlp="geglu", positions="rope", bias=False, qk_norm=True, post_norms=True,
+    scale_embeddings=True, attention_scale=0.3, logit_softcap=5.0, sliding_window=6,
+    layer_types=["sliding", "sliding", "full", "sliding"], rope_local_theta=100.0, rope_theta=1000.0,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "switches", [dict(), dict(sliding_window=6, layer_types=None, rope_local_theta=None), dict(qkv_bias=True)]
+)
+def test_models_with_issue_20_switches_decode_through_the_model_and_agree_with_no_cache(switches):
+    """Decoding with a cache (the native step where it runs): greedy tokens past the sliding window equal
+    the cache-free ones, alone and batched."""
+    from lmforge.inference.generate import generate_batch
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**(GEMMA_LIKE | switches))).eval()
+    sampling = SamplingConfig(max_new_tokens=30, temperature=0)
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3]]
+    cached = [list(generate_tokens(model, prompt, sampling)) for prompt in prompts]
+    assert cached == [list(generate_tokens(model, prompt, sampling, use_cache=False)) for prompt in prompts]
+    assert generate_batch(model, prompts, sampling) == cached
