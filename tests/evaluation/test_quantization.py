@@ -1,5 +1,7 @@
 """`lmforge quantize` and `lmforge eval` on the families past Llama, read from GGUF: Gemma 3 and Qwen3."""
 
+import math
+
 import pytest
 import torch
 
@@ -22,16 +24,16 @@ def bpe():
 def test_quantize_keeps_the_architecture_and_its_predictions(tmp_path, bpe, case):
     switches, _ = ARCHITECTURES[case]
     source = save_gguf(random_model(bpe.vocab_size, switches), bpe, tmp_path / "m.gguf", "f32")
-    report = quantize_and_save(str(source), str(tmp_path / "q8"), 8, eval_text=make_corpus(30), eval_tokens=256)
+    # int8 in 32-column groups: GGUF's Q8_0 blocks, which the export below writes as they are
+    report = quantize_and_save(str(source), str(tmp_path / "q8"), 8, 32, eval_text=make_corpus(30), eval_tokens=256)
     assert report["mean_kl"] < 0.01
     reference, _ = load_gguf(source)
     quantized, _ = load(tmp_path / "q8")
     assert quantized.config == reference.config
-    # and it goes back out as GGUF, its int8 layers as Q8_0 blocks
     exported, _ = load_gguf(save_gguf(quantized, bpe, tmp_path / "q8.gguf", "q8_0"))
     tokens = torch.randint(0, bpe.vocab_size, (1, 40), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        assert (exported(tokens)[0] - quantized(tokens)[0]).abs().max() < 1e-3
+    with torch.no_grad():  # Q8_0 keeps each block's scale in fp16: logits of +-20 move by a few hundredths
+        assert (exported(tokens)[0] - quantized(tokens)[0]).abs().max() < 0.05
 
 
 def test_eval_scores_a_gemma3_file_as_the_model_it_came_from(tmp_path, bpe):
@@ -42,4 +44,4 @@ def test_eval_scores_a_gemma3_file_as_the_model_it_came_from(tmp_path, bpe):
     ours = text_perplexity(loaded, tokenizer, text, window=64, stride=32)
     original = text_perplexity(model, bpe, text, window=64, stride=32)
     assert ours["tokens"] == len(bpe.encode(text)) and ours["tokens"] > 96
-    assert ours["loss"] == pytest.approx(original["loss"], rel=1e-5) and 0 < ours["loss"] < 20
+    assert ours["loss"] == pytest.approx(original["loss"], rel=1e-5) and math.isfinite(ours["loss"])

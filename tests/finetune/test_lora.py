@@ -170,5 +170,5 @@ def test_lora_learns_on_the_new_families(switches):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < 0.9 * losses[0] and losses[-1] == min(losses[-5:])
     assert len(list(lora_layers(model))) == 4 * CONFIG.n_layers
