@@ -4,8 +4,9 @@
 matmuls are the right tool). Decoding feeds one token per sequence, where PyTorch spends
 more time dispatching ~40 small operators per layer than computing; `decode_step` runs the
 same maths as `Transformer.hidden_states` + LM head with a few native calls per layer. It
-covers Llama-family models (RMSNorm, RoPE, SwiGLU, no biases) on CPU in fp32 activations;
-`supports` says when, and callers fall back to the model itself otherwise.
+covers the RMSNorm + RoPE families (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3: SwiGLU or GeGLU,
+q/k/v biases, q/k norms, branch norms, sliding windows, per-layer RoPE tables) on CPU in fp32
+activations; `supports` says when, and callers fall back to the model itself otherwise.
 """
 
 from __future__ import annotations
