@@ -40,6 +40,14 @@ ARCHITECTURES = {
     "mistral": (dict(sliding_window=8, architecture="mistral"), "llama"),
     "qwen2": (dict(qkv_bias=True, tie_embeddings=False, architecture="qwen2"), "qwen2"),
     "qwen3": (dict(qk_norm=True, d_head=24, rope_theta=1e6, architecture="qwen3"), "qwen3"),
+    "qwen2-yarn": (
+        dict(
+            qkv_bias=True,
+            architecture="qwen2",
+            rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=32),
+        ),
+        "qwen2",
+    ),  # fmt: skip
     # llama.cpp's own layer pattern for gemma3: five sliding layers, then a full one
     "gemma3": (
         dict(
