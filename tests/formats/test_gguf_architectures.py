@@ -201,3 +201,21 @@ def test_architecture_follows_the_switches_when_unnamed(tmp_path, bpe):
     model = random_model(bpe.vocab_size, dict(qk_norm=True))
     reader = GGUFReader(save_gguf(model, bpe, tmp_path / "m.gguf", "f32"))
     assert bytes(reader.fields["general.architecture"].parts[-1]).decode() == "qwen3"
+
+
+@pytest.mark.parametrize("case", ["qwen2", "gemma3"])
+def test_kept_quantized_blocks_decode_like_their_dequantized_values(tmp_path, bpe, case):
+    """A Q8_0 file loaded as its blocks (native int8 kernels, q/k/v biases and norms beside them) and
+    dequantised to fp32: the same greedy continuation past the sliding window, or a first difference
+    where the fp32 model's top two logits are a near-tie (the kernels round activations to int8)."""
+    model = random_model(bpe.vocab_size, ARCHITECTURES[case][0])
+    path = save_gguf(model, bpe, tmp_path / "m.gguf", "q8_0")
+    (kept, _), (dequantized, _) = load_gguf(path, keep_quantized=True), load_gguf(path)
+    prompt = bpe.encode("ROMEO.\nGood night, sweet love")[:8]
+    sampling = SamplingConfig(max_new_tokens=24, temperature=0)
+    ours, reference = (list(generate_tokens(m, prompt, sampling)) for m in (kept, dequantized))
+    if ours != reference:
+        first = next(i for i, (a, b) in enumerate(zip(ours, reference)) if a != b)
+        with torch.no_grad():
+            top_two = dequantized(torch.tensor([prompt + reference[:first]]))[0][0, -1].topk(2).values
+        assert top_two[0] - top_two[1] < 0.05, f"tokens part at {first} without a near-tie"
