@@ -339,6 +339,9 @@ def _rope_architecture_fields(reader, path: Path, architecture: str, sizes: dict
         sliding = _sliding_layers(fields, key("attention.sliding_window_pattern"), path, n_layers, architecture)
         if not all(sliding):
             layer_types = ["sliding" if is_sliding else "full" for is_sliding in sliding]
+    switches = dict(ARCHITECTURE_SWITCHES[architecture])
+    if architecture == "llama" and any(t.name == "blk.0.attn_q.bias" for t in reader.tensors):
+        switches["qkv_bias"] = True  # llama.cpp's `llama` takes optional q/k/v biases (rare converted models)
     gemma3 = architecture == "gemma3"
     local_theta_default = GEMMA3_LOCAL_ROPE_THETA if gemma3 and layer_types else None
     # llama.cpp scales a gemma3 query by 1/sqrt(head width), except for the 27B model (62 layers): by
@@ -348,7 +351,7 @@ def _rope_architecture_fields(reader, path: Path, architecture: str, sizes: dict
         derived_scale = 1 / math.sqrt(d_model / n_heads if n_layers == 62 else head_dim)
     return dict(
         **ROPE_BASE,
-        **ARCHITECTURE_SWITCHES[architecture],
+        **switches,
         n_kv_heads=integer(fields, key("attention.head_count_kv"), path, default=n_heads),
         d_head=None if head_dim == even_split else head_dim,
         rope_theta=positive_number(fields, key("rope.freq_base"), path, 10000.0),
@@ -523,6 +526,12 @@ def read_weights(
                 part if heads is None else _unpermute_rope(part, heads) for part, heads in zip(parts, tensor.rope_heads)
             ]
             weights[ours + tensor.ours] = _cat(parts)
+    unused = sorted(set(raw) - {"rope_freqs.weight"})  # (read_config made RoPE scaling of that one)
+    if unused:  # a variant of the architecture we do not build: its maths would be silently wrong
+        raise LmforgeError(
+            f"{path}: tensors {', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''} have no place in "
+            f"lmforge's {reader.fields['general.architecture']} model; this variant is not supported"
+        )
     return weights
 
 

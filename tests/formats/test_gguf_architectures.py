@@ -219,3 +219,22 @@ def test_kept_quantized_blocks_decode_like_their_dequantized_values(tmp_path, bp
         with torch.no_grad():
             top_two = dequantized(torch.tensor([prompt + reference[:first]]))[0][0, -1].topk(2).values
         assert top_two[0] - top_two[1] < 0.05, f"tokens part at {first} without a near-tie"
+
+
+def test_tensors_the_model_has_no_place_for_are_refused(tmp_path, bpe, monkeypatch):
+    """A variant of an architecture with tensors we would ignore (its maths silently wrong) stops instead."""
+    from lmforge.formats import gguf
+
+    writes = gguf.layer_tensors
+
+    def with_an_extra_tensor(config, architecture):
+        pairs, joined = writes(config, architecture)
+        return [*pairs, ("attention_norm.weight", "attn_extra_norm.weight")], joined
+
+    monkeypatch.setattr(gguf, "layer_tensors", with_an_extra_tensor)
+    path = save_gguf(random_model(bpe.vocab_size, ARCHITECTURES["qwen3"][0]), bpe, tmp_path / "m.gguf", "f32")
+    monkeypatch.setattr(gguf, "layer_tensors", writes)
+    with pytest.raises(
+        LmforgeError, match=r"tensors blk.0.attn_extra_norm.weight, .* have no place in lmforge's qwen3"
+    ):
+        load_gguf(path)
