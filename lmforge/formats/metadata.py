@@ -75,7 +75,7 @@ def model_config(where: Path, names: dict[str, str], **values) -> ModelConfig:
     """A ModelConfig from checked values; `names` gives the file's key for each of its fields, for the messages."""
     d_model, n_heads = values["d_model"], values["n_heads"]
     kv_heads = values.get("n_kv_heads") or n_heads
-    if values.get("d_head") is None and d_model % n_heads:  # heads of their own width need not divide d_model
+    if values.get("d_head") is None and d_model % n_heads:  # with its own head width, no need to divide
         raise LmforgeError(f"{where}: {names['d_model']}={d_model} is not divisible by {names['n_heads']}={n_heads}")
     if n_heads % kv_heads:
         raise LmforgeError(

@@ -141,6 +141,10 @@ def edited(key, value):
     return edit
 
 
+def without_head_dim(edit):
+    return lambda values: {key: value for key, value in edit(values).items() if key != "head_dim"}
+
+
 def removed(key):
     def edit(values):
         del values[key]
@@ -156,7 +160,13 @@ def removed(key):
         (LLAMA, edited("num_attention_heads", 4.5), "num_attention_heads=4.5 is not an integer"),
         (LLAMA, edited("num_attention_heads", True), "num_attention_heads=True is not an integer"),
         (LLAMA, edited("num_attention_heads", 0), "num_attention_heads=0 is out of range"),
-        (LLAMA, edited("num_attention_heads", 3), "hidden_size=64 is not divisible by num_attention_heads=3"),
+        (
+            LLAMA,
+            without_head_dim(edited("num_attention_heads", 3)),
+            "hidden_size=64 is not divisible by num_attention_heads=3",
+        ),
+        # a head_dim of its own needs no divisible hidden_size (Qwen3, Gemma 3), but the k/v heads must divide
+        (LLAMA, edited("num_attention_heads", 3), "num_attention_heads=3 is not divisible by num_key_value_heads=2"),
         (LLAMA, edited("num_key_value_heads", 3), "num_attention_heads=4 is not divisible by num_key_value_heads=3"),
         (LLAMA, edited("rms_norm_eps", "small"), "rms_norm_eps='small' is not a positive number"),
         (LLAMA, edited("rope_scaling", [1, 2]), "rope_parameters and rope_scaling must be JSON objects"),
@@ -295,7 +305,14 @@ def test_every_written_file_loads_back(tmp_path, bpe, family, tie, target, keep_
         path = save_gguf(model, bpe, tmp_path / "m.gguf", target)
     loaded, tokenizer = load(path, keep_quantized=keep_quantized)
     assert loaded.config.norm_eps == pytest.approx(model.config.norm_eps)  # GGUF stores it as float32
-    expected = replace(model.config, d_mlp=model.config.mlp_hidden, norm_eps=loaded.config.norm_eps)
+    # a file names the published architecture it holds (the one the model's switches make it)
+    assert loaded.config.architecture in (None, model.config.family)
+    expected = replace(
+        model.config,
+        d_mlp=model.config.mlp_hidden,
+        norm_eps=loaded.config.norm_eps,
+        architecture=loaded.config.architecture,
+    )
     assert loaded.config == expected
     assert max_logit_difference(model, loaded, bpe.vocab_size) <= TARGETS[target]
     assert tokenizer.encode("the king, my lord") == bpe.encode("the king, my lord")
