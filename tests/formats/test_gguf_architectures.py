@@ -238,3 +238,38 @@ def test_tensors_the_model_has_no_place_for_are_refused(tmp_path, bpe, monkeypat
         LmforgeError, match=r"tensors blk.0.attn_extra_norm.weight, .* have no place in lmforge's qwen3"
     ):
         load_gguf(path)
+
+
+@pytest.mark.parametrize(
+    "family", ["llama3", "llama-yarn", "mistral", "qwen2", "qwen2-tied", "qwen3", "gemma3", "phi3"]
+)
+def test_transformers_models_convert_to_gguf_with_their_logits(tmp_path, family):
+    """The issue's chain: a tiny random transformers model (tests/formats/test_architectures.py's, with
+    sliding windows, per-layer patterns, Gemma's query_pre_attn_scalar and soft cap) saved as an HF
+    folder, loaded here, written as GGUF and read back: transformers' logits within 1e-4."""
+    from lmforge.formats.hf import load_hf
+
+    from .test_architectures import VOCAB, hf_logits, random_hf_model
+
+    reference = random_hf_model(family)
+    reference.save_pretrained(tmp_path / "hf")
+    BPETokenizer.train([make_corpus(100)], vocab_size=VOCAB).hf.save(str(tmp_path / "hf" / "tokenizer.json"))
+    model, tokenizer = load_hf(tmp_path / "hf")
+    loaded, _ = load_gguf(save_gguf(model, tokenizer, tmp_path / "m.gguf", "f32"))
+    tokens = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))
+    expected = hf_logits(reference, tokens)
+    with torch.no_grad():
+        assert (loaded(tokens)[0] - expected).abs().max() < 1e-4
+    assert loaded.config.family == model.config.family
+    # llama.cpp computes the same where it has every switch (no windows on llama/qwen2/phi3, no soft cap or
+    # query_pre_attn_scalar of its own on gemma3)
+    llama_cpp = pytest.importorskip("llama_cpp") if family in ("llama3", "llama-yarn", "qwen2-tied") else None
+    if llama_cpp is not None:
+        llm = llama_cpp.Llama(
+            model_path=str(tmp_path / "m.gguf"), n_ctx=64, n_threads=2, logits_all=True, verbose=False
+        )
+        try:
+            theirs = llama_cpp_logits(llm, tokens[0].tolist())
+        finally:
+            llm.close()
+        assert np.abs(theirs - expected[0].numpy()).max() < 0.05
