@@ -28,6 +28,32 @@ def llama_small(**overrides):
     return ModelConfig(**(values | overrides))
 
 
+def every_switch(**overrides):
+    """Gemma 3's switches at once (and Qwen2's q/k/v biases): sliding and full layers with their own RoPE
+    bases, scaled global RoPE, q/k norms, branch norms, scaled embeddings, a soft cap, d_head != d_model/n_heads."""
+    values = dict(
+        d_head=16,
+        mlp="geglu",
+        qkv_bias=True,
+        qk_norm=True,
+        post_norms=True,
+        scale_embeddings=True,
+        attention_scale=0.3,
+        logit_softcap=5.0,
+        sliding_window=5,
+        layer_types=["sliding", "full", "sliding", "full"],
+        rope_local_theta=100.0,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+        n_layers=4,
+        block_size=64,
+    )
+    return llama_small(**(values | overrides))
+
+
+def sliding_llama(**overrides):
+    return llama_small(**(dict(sliding_window=4, block_size=64) | overrides))
+
+
 @pytest.mark.parametrize("make_config", [gpt2_small, llama_small])
 def test_forward_shapes_and_loss(make_config):
     torch.manual_seed(0)
@@ -39,8 +65,9 @@ def test_forward_shapes_and_loss(make_config):
     assert abs(loss.item() - math.log(97)) < 0.3
 
 
-@pytest.mark.parametrize("make_config", [gpt2_small, llama_small])
+@pytest.mark.parametrize("make_config", [gpt2_small, llama_small, every_switch, sliding_llama])
 def test_cached_decoding_matches_full_forward(make_config):
+    """Aligned prefill in pieces, then one token at a time (past the sliding window, where there is one)."""
     torch.manual_seed(0)
     model = Transformer(make_config()).eval()
     tokens = torch.randint(0, 97, (2, 20))
@@ -55,7 +82,7 @@ def test_cached_decoding_matches_full_forward(make_config):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("make_config", [gpt2_small, llama_small])
+@pytest.mark.parametrize("make_config", [gpt2_small, llama_small, every_switch, sliding_llama])
 def test_a_static_cache_attends_over_its_whole_capacity_and_matches_the_full_forward(make_config):
     """Per-row decoding into a static cache (what the compiled step runs): rows at different positions,
     keys read over the whole capacity whatever the positions, logits those of the full forward."""
@@ -185,45 +212,6 @@ def test_dropout_only_in_training():
 
 
 # --- issue 20's switches: Mistral, Qwen2/3, Gemma 3, Phi-3 ------------------------------------
-
-
-def every_switch(**overrides):
-    """Gemma 3's switches at once (and Qwen2's q/k/v biases): sliding and full layers with their own RoPE
-    bases, scaled global RoPE, q/k norms, branch norms, scaled embeddings, a soft cap, d_head != d_model/n_heads."""
-    values = dict(
-        d_head=16,
-        mlp="geglu",
-        qkv_bias=True,
-        qk_norm=True,
-        post_norms=True,
-        scale_embeddings=True,
-        attention_scale=0.3,
-        logit_softcap=5.0,
-        sliding_window=5,
-        layer_types=["sliding", "full", "sliding", "full"],
-        rope_local_theta=100.0,
-        rope_scaling={"rope_type": "linear", "factor": 2.0},
-        n_layers=4,
-        block_size=64,
-    )
-    return llama_small(**(values | overrides))
-
-
-def sliding_llama(**overrides):
-    return llama_small(**(dict(sliding_window=4, block_size=64) | overrides))
-
-
-@pytest.mark.parametrize("make_config", [every_switch, sliding_llama])
-def test_a_cache_filled_past_the_sliding_window_matches_the_full_forward(make_config):
-    """Aligned prefill in pieces, then one token at a time, well past the window: the full forward's logits."""
-    torch.manual_seed(0)
-    model = Transformer(make_config()).eval()
-    tokens = torch.randint(0, 97, (2, 40))
-    full, _ = model(tokens)
-    cache = KVCache(model.config, batch_size=2)
-    pieces = [model(tokens[:, :3], cache=cache)[0], model(tokens[:, 3:17], cache=cache)[0]]
-    pieces += [model(tokens[:, position : position + 1], cache=cache)[0] for position in range(17, 40)]
-    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("static", [False, True])

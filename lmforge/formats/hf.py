@@ -183,10 +183,11 @@ def read_config(values: dict, path: Path) -> ModelConfig:
         if values.get("attention_bias") or values.get("mlp_bias"):
             raise LmforgeError(f"{path}: {model_type} models with attention/MLP biases are not supported")
     if family == "phi3":
-        partial = values.get("partial_rotary_factor", _rope_parameters(values, path).get("partial_rotary_factor"))
+        rope = _rope_parameters(values, path)
+        partial = values.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
         if partial not in (None, 1, 1.0):
             raise LmforgeError(f"{path}: partial_rotary_factor={partial} (RoPE on part of each head) is not supported")
-        kind = _rope_parameters(values, path).get("rope_type", _rope_parameters(values, path).get("type"))
+        kind = rope.get("rope_type", rope.get("type"))
         if kind in ("longrope", "su", "yarn"):  # transformers reads Phi-3's "su" and "yarn" as longrope too
             raise LmforgeError(f"{path}: Phi-3's RoPE scaling {kind!r} (LongRoPE, the 128k models) is not supported")
     if family == "qwen2":
@@ -220,6 +221,10 @@ def read_config(values: dict, path: Path) -> ModelConfig:
     layer_types = _layer_types(values, path, sizes["n_layers"]) if family != "llama" else None
     if family == "gemma3" and layer_types is None:
         layer_types = _layer_types({"sliding_window_pattern": 6}, path, sizes["n_layers"])  # transformers' default
+    if family in ("qwen2", "qwen3") and layer_types is None and window is not None:
+        # configs before layer_types: layers from max_window_layers on slide, as transformers derives it
+        first = integer(values, "max_window_layers", path, default=sizes["n_layers"], minimum=0)
+        layer_types = ["sliding" if layer >= first else "full" for layer in range(sizes["n_layers"])]
     if window is None or (layer_types is not None and "sliding" not in layer_types):
         window, layer_types = None, None
     elif layer_types is not None and "full" not in layer_types:

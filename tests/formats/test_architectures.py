@@ -171,6 +171,17 @@ def test_gemma3_older_config_keys_read_the_same(tmp_path, bpe):
     assert config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
+def test_qwen2_configs_before_layer_types_slide_from_max_window_layers_on(tmp_path, bpe):
+    random_hf_model("qwen2").save_pretrained(tmp_path)
+    bpe.hf.save(str(tmp_path / "tokenizer.json"))
+    values = json.loads((tmp_path / "config.json").read_text())
+    values.pop("layer_types")
+    (tmp_path / "config.json").write_text(json.dumps(values | dict(max_window_layers=1)))
+    assert load_hf(tmp_path)[0].config.layer_types == ["full", "sliding", "sliding"]
+    (tmp_path / "config.json").write_text(json.dumps(values | dict(use_sliding_window=False)))
+    assert load_hf(tmp_path)[0].config.sliding_window is None
+
+
 def test_sharded_folders_read_and_write(tmp_path, bpe):
     reference = random_hf_model("qwen3")
     reference.save_pretrained(tmp_path / "theirs", max_shard_size="100KB")
