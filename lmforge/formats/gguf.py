@@ -1,9 +1,12 @@
-"""GGUF (llama.cpp's format): read `llama` and `gpt2` models into our Transformer, write them back.
+"""GGUF (llama.cpp's format): read `llama`, `qwen2`, `qwen3`, `gemma3`, `phi3` and `gpt2` models into
+our Transformer, write them back.
 
 The header is parsed here (`GGUFFile`, fast on large vocabularies); dequantisation and writing
-use the `gguf` package from the llama.cpp project. llama.cpp's converter permutes the rows of
-Q and K for its RoPE layout; we undo that on read and redo it on write, so weights stay in the
-HF (half-split) layout our model uses.
+use the `gguf` package from the llama.cpp project. For `llama` files llama.cpp's converter permutes
+the rows of Q and K for its interleaved RoPE; we undo that on read and redo it on write, so weights
+stay in the HF (half-split) layout our model uses, which the other architectures keep as they are.
+Metadata follows llama.cpp's reading of each architecture (gemma3's default layer pattern, local
+RoPE base and attention scale), checked by loading our files in llama.cpp itself.
 """
 
 from __future__ import annotations
