@@ -1,9 +1,12 @@
-"""GGUF (llama.cpp's format): read `llama` and `gpt2` models into our Transformer, write them back.
+"""GGUF (llama.cpp's format): read `llama`, `qwen2`, `qwen3`, `gemma3`, `phi3` and `gpt2` models into
+our Transformer, write them back.
 
 The header is parsed by `GGUFFile` (gguf_file.py, torch-free); dequantisation and writing
-use the `gguf` package from the llama.cpp project. llama.cpp's converter permutes the rows of
-Q and K for its RoPE layout; we undo that on read and redo it on write, so weights stay in the
-HF (half-split) layout our model uses.
+use the `gguf` package from the llama.cpp project. For `llama` files llama.cpp's converter permutes
+the rows of Q and K for its interleaved RoPE; we undo that on read and redo it on write, so weights
+stay in the HF (half-split) layout our model uses, which the other architectures keep as they are.
+Metadata follows llama.cpp's reading of each architecture (gemma3's default layer pattern, local
+RoPE base and attention scale), checked by loading our files in llama.cpp itself.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from lmforge.formats.metadata import (
     sampling_settings,
 )
 from lmforge.inference.quantize import QuantizedTensor, as_float, model_from_weights, model_weights
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import ModelConfig, Transformer, rope_frequencies
 from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 # llama.cpp token types
@@ -99,6 +102,24 @@ GPT2_BIASES = [
     ("mlp.down", "ffn_down"),
 ]
 
+# The GGUF architectures we read and write: `general.architecture`, as llama.cpp names them.
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2")
+# Every RoPE architecture among them is the Llama base (pre-RMSNorm, RoPE, no biases but q/k/v's);
+# these are the switches a file of each one implies on top of it (`ModelConfig.family` goes the other
+# way, from a model's switches to the architecture that can hold them).
+ARCHITECTURE_SWITCHES = {
+    "llama": dict(mlp="swiglu", qkv_bias=None, qk_norm=False, post_norms=False, scale_embeddings=False),
+    "qwen2": dict(mlp="swiglu", qkv_bias=True, qk_norm=False, post_norms=False, scale_embeddings=False),
+    "qwen3": dict(mlp="swiglu", qkv_bias=None, qk_norm=True, post_norms=False, scale_embeddings=False),
+    "gemma3": dict(mlp="geglu", qkv_bias=None, qk_norm=True, post_norms=True, scale_embeddings=True),
+    "phi3": dict(mlp="swiglu", qkv_bias=None, qk_norm=False, post_norms=False, scale_embeddings=False),
+}
+ROPE_BASE = dict(norm="rmsnorm", positions="rope", bias=False, causal=True, norm_position="pre")
+# Published names of architectures whose GGUF form is another's (Mistral's converter writes `llama`).
+GGUF_ARCHITECTURE_OF = {"mistral": "llama"}
+GEMMA3_SLIDING_PERIOD = 6  # llama.cpp's default for gemma3: five sliding layers, then a full one
+GEMMA3_LOCAL_ROPE_THETA = 10000.0  # llama.cpp's default for gemma3's sliding layers (rope.freq_base_swa)
+
 
 def _cat(parts: list) -> torch.Tensor | QuantizedTensor:
     if any(isinstance(part, QuantizedTensor) for part in parts):
@@ -122,6 +143,53 @@ def _permute_rope(weight, n_heads: int):
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+@dataclass
+class JoinedTensor:
+    """One of our tensors that llama.cpp stores as several (q/k/v, gate/up), stacked by rows."""
+
+    ours: str
+    parts: list[str]  # llama.cpp's names, in row order
+    rows: list[int]  # rows of each part
+    rope_heads: list[int | None]  # heads to (un)permute each part by: the `llama` architecture's Q and K
+
+
+def layer_tensors(config: ModelConfig, architecture: str) -> tuple[list[tuple[str, str]], list[JoinedTensor]]:
+    """Names of one layer's tensors, ours and llama.cpp's (without the `blocks.{i}.` / `blk.{i}.` prefixes):
+    pairs stored one for one, and tensors llama.cpp splits. Only the `llama` architecture's converter
+    permutes Q and K (llama.cpp's interleaved RoPE); the others rotate the half-split (NEOX) layout we use."""
+    pairs = [
+        ("attention_norm.weight", "attn_norm.weight"),
+        ("mlp_norm.weight", "ffn_norm.weight"),
+        ("attention.out.weight", "attn_output.weight"),
+        ("mlp.down.weight", "ffn_down.weight"),
+    ]
+    if architecture == "gpt2":
+        pairs += [("attention.qkv.weight", "attn_qkv.weight"), ("mlp.up.weight", "ffn_up.weight")]
+        return pairs + [(f"{ours}.bias", f"{theirs}.bias") for ours, theirs in GPT2_BIASES], []
+    if config.qk_norm:
+        pairs += [("attention.q_norm.weight", "attn_q_norm.weight"), ("attention.k_norm.weight", "attn_k_norm.weight")]
+    if config.post_norms:  # Gemma 3: ffn_norm is the norm before the MLP, these two come after each part
+        pairs += [
+            ("attention_post_norm.weight", "post_attention_norm.weight"),
+            ("mlp_post_norm.weight", "post_ffw_norm.weight"),
+        ]
+    if architecture == "phi3":  # fused as in its HF checkpoints: [q | k | v] and [gate | up]
+        return pairs + [("attention.qkv.weight", "attn_qkv.weight"), ("mlp.up.weight", "ffn_up.weight")], []
+    q_rows, kv_rows = config.n_heads * config.head_dim, config.kv_heads * config.head_dim
+    heads = [config.n_heads, config.kv_heads, None] if architecture == "llama" else [None, None, None]
+    qkv_rows = [q_rows, kv_rows, kv_rows]
+    joined = [
+        JoinedTensor("attention.qkv.weight", ["attn_q.weight", "attn_k.weight", "attn_v.weight"], qkv_rows, heads)
+    ]
+    if config.qkv_bias:
+        joined.append(
+            JoinedTensor("attention.qkv.bias", ["attn_q.bias", "attn_k.bias", "attn_v.bias"], qkv_rows, heads)
+        )
+    hidden = config.mlp_hidden
+    joined.append(JoinedTensor("mlp.up.weight", ["ffn_gate.weight", "ffn_up.weight"], [hidden, hidden], [None, None]))
+    return pairs, joined
+
+
 def size_keys(architecture: str) -> dict[str, str]:
     """The GGUF key that holds each of our config's sizes."""
     keys = dict(
@@ -132,15 +200,34 @@ def size_keys(architecture: str) -> dict[str, str]:
         n_kv_heads="attention.head_count_kv",
         d_model="embedding_length",
         d_mlp="feed_forward_length",
+        d_head="attention.key_length",
     )
     return {ours: f"{architecture}.{theirs}" for ours, theirs in keys.items()}
+
+
+def _check_supported(reader, architecture, path: Path) -> None:
+    """A clear refusal for what is not a language model we can build: other architectures, mixture-of-experts
+    layers (Qwen3-MoE, Mixtral as `llama`), and the vision projectors (mmproj) of multimodal models."""
+    supported = ", ".join(GGUF_ARCHITECTURES)
+    if architecture == "clip" or reader.fields.get("general.type") == "mmproj":
+        raise LmforgeError(
+            f"{path}: a multimodal projector (mmproj: the vision tower of a multimodal model), not a language "
+            f"model; load the text model's own GGUF file (supported architectures: {supported})"
+        )
+    experts = reader.fields.get(f"{architecture}.expert_count")
+    if (isinstance(experts, int) and experts > 0) or any("_exps." in t.name for t in reader.tensors):
+        raise LmforgeError(
+            f"{path}: GGUF architecture {architecture!r} with mixture-of-experts layers is not supported "
+            f"(supported: {supported}, dense models only)"
+        )
+    if architecture not in GGUF_ARCHITECTURES:
+        raise LmforgeError(f"{path}: GGUF architecture {architecture!r} is not supported (supported: {supported})")
 
 
 def read_config(reader, path: Path) -> ModelConfig:
     """Our config from the GGUF metadata, every field checked (type, range, divisibility) before use."""
     architecture = reader.fields.get("general.architecture")
-    if architecture not in ("llama", "gpt2"):
-        raise LmforgeError(f"{path}: GGUF architecture {architecture!r} is not supported (supported: llama, gpt2)")
+    _check_supported(reader, architecture, path)
     fields, names = reader.fields, size_keys(architecture)
     key = lambda name: f"{architecture}.{name}"  # noqa: E731
     tokens = fields.get("tokenizer.ggml.tokens")
@@ -149,23 +236,12 @@ def read_config(reader, path: Path) -> ModelConfig:
     sizes = {
         ours: integer(fields, theirs, path)
         for ours, theirs in names.items()
-        if ours not in ("vocab_size", "n_kv_heads")
+        if ours not in ("vocab_size", "n_kv_heads", "d_head")
     }
     sizes["vocab_size"] = integer(fields, names["vocab_size"], path, default=len(tokens))
     common = dict(**sizes, tie_embeddings="output.weight" not in {t.name for t in reader.tensors})
-    if architecture == "llama":
-        return model_config(
-            path,
-            names,
-            **common,
-            n_kv_heads=integer(fields, names["n_kv_heads"], path, default=sizes["n_heads"]),
-            norm="rmsnorm",
-            mlp="swiglu",
-            positions="rope",
-            bias=False,
-            rope_theta=positive_number(fields, key("rope.freq_base"), path, 10000.0),
-            norm_eps=positive_number(fields, key("attention.layer_norm_rms_epsilon"), path, 1e-5),
-        )
+    if architecture != "gpt2":
+        return model_config(path, names, **common, **_rope_architecture_fields(reader, path, architecture, sizes))
     return model_config(
         path,
         names,
@@ -176,6 +252,101 @@ def read_config(reader, path: Path) -> ModelConfig:
         bias=True,
         norm_eps=positive_number(fields, key("attention.layer_norm_epsilon"), path, 1e-5),
     )
+
+
+def _rope_architecture_fields(reader, path: Path, architecture: str, sizes: dict) -> dict:
+    """The config fields of a llama / qwen2 / qwen3 / gemma3 / phi3 file beyond its sizes, as llama.cpp reads them."""
+    fields = reader.fields
+    key = lambda name: f"{architecture}.{name}"  # noqa: E731
+    n_heads, d_model, n_layers = sizes["n_heads"], sizes["d_model"], sizes["n_layers"]
+    even_split = d_model // n_heads
+    if d_model % n_heads and key("attention.key_length") not in fields:
+        raise LmforgeError(
+            f"{path}: {key('embedding_length')}={d_model} is not divisible by {key('attention.head_count')}={n_heads}"
+        )
+    head_dim = integer(fields, key("attention.key_length"), path, default=even_split)
+    if integer(fields, key("attention.value_length"), path, default=head_dim) != head_dim:
+        raise LmforgeError(f"{path}: {key('attention.value_length')} != {key('attention.key_length')} is not supported")
+    if integer(fields, key("rope.dimension_count"), path, default=head_dim) != head_dim:
+        raise LmforgeError(
+            f"{path}: {key('rope.dimension_count')} != the head width {head_dim} (RoPE over part of each head) "
+            "is not supported"
+        )
+    window = integer(fields, key("attention.sliding_window"), path, default=0, minimum=0) or None
+    layer_types = None
+    if window is not None:
+        sliding = _sliding_layers(fields, key("attention.sliding_window_pattern"), path, n_layers, architecture)
+        if not all(sliding):
+            layer_types = ["sliding" if is_sliding else "full" for is_sliding in sliding]
+    switches = dict(ARCHITECTURE_SWITCHES[architecture])
+    if architecture == "llama" and any(t.name == "blk.0.attn_q.bias" for t in reader.tensors):
+        switches["qkv_bias"] = True  # llama.cpp's `llama` takes optional q/k/v biases (rare converted models)
+    gemma3 = architecture == "gemma3"
+    local_theta_default = GEMMA3_LOCAL_ROPE_THETA if gemma3 and layer_types else None
+    # llama.cpp scales a gemma3 query by 1/sqrt(head width), except for the 27B model (62 layers): by
+    # 1/sqrt(d_model / n_heads), its query_pre_attn_scalar; `attention.scale` is only ours (see save_gguf)
+    derived_scale = None
+    if gemma3:
+        derived_scale = 1 / math.sqrt(d_model / n_heads if n_layers == 62 else head_dim)
+    return dict(
+        **ROPE_BASE,
+        **switches,
+        n_kv_heads=integer(fields, key("attention.head_count_kv"), path, default=n_heads),
+        d_head=None if head_dim == even_split else head_dim,
+        rope_theta=positive_number(fields, key("rope.freq_base"), path, 10000.0),
+        norm_eps=positive_number(fields, key("attention.layer_norm_rms_epsilon"), path, 1e-5),
+        sliding_window=window,
+        layer_types=layer_types,
+        rope_local_theta=positive_number(fields, key("rope.freq_base_swa"), path, local_theta_default),
+        rope_scaling=_read_rope_scaling(reader, path, architecture, head_dim),
+        attention_scale=positive_number(fields, key("attention.scale"), path, derived_scale),
+        logit_softcap=positive_number(fields, key("final_logit_softcapping"), path, None),
+        architecture=None if architecture == "llama" else architecture,
+    )
+
+
+def _sliding_layers(fields: dict, pattern_key: str, path: Path, n_layers: int, architecture: str) -> list[bool]:
+    """Which layers attend over the sliding window: `attention.sliding_window_pattern` is a period p (layer i
+    slides unless i % p == p - 1, llama.cpp's `set_swa_pattern`) or one flag per layer; gemma3's default
+    period is 6, other architectures slide in every layer."""
+    pattern = fields.get(pattern_key)
+    if isinstance(pattern, list):
+        if len(pattern) != n_layers or not all(isinstance(flag, bool) for flag in pattern):
+            raise LmforgeError(f"{path}: {pattern_key} should be one true/false per layer ({n_layers})")
+        return pattern
+    default = GEMMA3_SLIDING_PERIOD if architecture == "gemma3" else 0
+    period = integer(fields, pattern_key, path, default=default, minimum=0)
+    return [period == 0 or layer % period < period - 1 for layer in range(n_layers)]
+
+
+def _read_rope_scaling(reader, path: Path, architecture: str, head_dim: int) -> dict | None:
+    """`rope_scaling` from `rope.scaling.*` (linear, yarn) or from a `rope_freqs.weight` tensor (Llama 3.1+:
+    one divisor per frequency, what llama.cpp's converter makes of HF's "llama3" scaling)."""
+    fields = reader.fields
+    key = lambda name: f"{architecture}.rope.{name}"  # noqa: E731
+    kind = fields.get(key("scaling.type"), "none")
+    factor = positive_number(fields, key("scaling.factor"), path, 1.0)
+    if key("scale_linear") in fields:  # the older key for a linear factor
+        kind, factor = "linear", positive_number(fields, key("scale_linear"), path, 1.0)
+    scaling = None
+    if kind == "linear" and factor != 1.0:
+        scaling = {"rope_type": "linear", "factor": factor}
+    elif kind == "yarn":
+        original = integer(fields, key("scaling.original_context_length"), path)
+        scaling = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original}
+    elif kind not in ("none", "linear"):
+        raise LmforgeError(f"{path}: RoPE scaling {kind!r} ({key('scaling.type')}) is not supported (linear, yarn)")
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_factors_long.weight" in tensors:
+        raise LmforgeError(f"{path}: Phi-3 'longrope' scaling (rope_factors_long/short) is not supported")
+    if "rope_freqs.weight" in tensors:
+        if scaling is not None:
+            raise LmforgeError(f"{path}: rope_freqs.weight together with {kind} RoPE scaling is not supported")
+        factors = _dequantize(tensors["rope_freqs.weight"]).flatten()
+        if factors.numel() != head_dim // 2 or not bool(torch.isfinite(factors).all() and (factors > 0).all()):
+            raise LmforgeError(f"{path}: rope_freqs.weight should hold {head_dim // 2} positive factors")
+        scaling = {"rope_type": "factors", "factors": factors.tolist()}
+    return scaling
 
 
 def _dequantize_q4_q8(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
@@ -283,23 +454,23 @@ def read_weights(
         weights["position_embedding.weight"] = take("position_embd.weight")
     if config.bias:
         weights["final_norm.bias"] = take("output_norm.bias")
+    pairs, joined = layer_tensors(config, reader.fields["general.architecture"])  # read_config checked the name
     for i in range(config.n_layers):
         ours, theirs = f"blocks.{i}.", f"blk.{i}."
-        weights[ours + "attention_norm.weight"] = take(theirs + "attn_norm.weight")
-        weights[ours + "mlp_norm.weight"] = take(theirs + "ffn_norm.weight")
-        weights[ours + "attention.out.weight"] = take(theirs + "attn_output.weight")
-        weights[ours + "mlp.down.weight"] = take(theirs + "ffn_down.weight")
-        if config.positions == "rope":
-            q = _unpermute_rope(take(theirs + "attn_q.weight"), config.n_heads)
-            k = _unpermute_rope(take(theirs + "attn_k.weight"), config.kv_heads)
-            weights[ours + "attention.qkv.weight"] = _cat([q, k, take(theirs + "attn_v.weight")])
-            weights[ours + "mlp.up.weight"] = _cat([take(theirs + "ffn_gate.weight"), take(theirs + "ffn_up.weight")])
-        else:
-            weights[ours + "attention.qkv.weight"] = take(theirs + "attn_qkv.weight")
-            weights[ours + "mlp.up.weight"] = take(theirs + "ffn_up.weight")
-        if config.bias:
-            for ours_name, theirs_name in GPT2_BIASES:
-                weights[f"{ours}{ours_name}.bias"] = take(f"{theirs}{theirs_name}.bias")
+        for ours_name, theirs_name in pairs:
+            weights[ours + ours_name] = take(theirs + theirs_name)
+        for tensor in joined:
+            parts = [take(theirs + name) for name in tensor.parts]
+            parts = [
+                part if heads is None else _unpermute_rope(part, heads) for part, heads in zip(parts, tensor.rope_heads)
+            ]
+            weights[ours + tensor.ours] = _cat(parts)
+    unused = sorted(set(raw) - {"rope_freqs.weight"})  # (read_config made RoPE scaling of that one)
+    if unused:  # a variant of the architecture we do not build: its maths would be silently wrong
+        raise LmforgeError(
+            f"{path}: tensors {', '.join(unused[:4])}{' ...' if len(unused) > 4 else ''} have no place in "
+            f"lmforge's {reader.fields['general.architecture']} model; this variant is not supported"
+        )
     return weights
 
 
@@ -446,7 +617,7 @@ def load_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[Transform
     config = read_config(reader, path)
     check_memory(resident_bytes(reader, config, keep_quantized), path)
     weights = read_weights(reader, config, path, keep_quantized)
-    check_dimensions(config, weights, path, size_keys(config.family))
+    check_dimensions(config, weights, path, size_keys(reader.fields["general.architecture"]))
     try:
         model = model_from_weights(config, weights)
     except ValueError as error:
@@ -457,18 +628,16 @@ def load_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[Transform
 def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype: str = "f16") -> Path:
     """Write `model` and its tokenizer as GGUF; dtype is f32, f16, q8_0 or q4_1 (norms and biases stay f32).
 
-    A quantised model's layers are dequantised for f32/f16. For q8_0 and q4_1, int8/int4 layers in
-    32-column groups are written as their own blocks (Q8_0 / Q4_1, unchanged); with q4_1, layers the
-    model keeps at 8 bits (the LM head after `lmforge quantize --bits 4`) stay 8-bit, as Q8_0.
+    The architecture is the model's own (`config.architecture`: llama, qwen2, qwen3, gemma3, phi3;
+    Mistral as llama), else the one whose switches it has. A quantised model's layers are dequantised
+    for f32/f16. For q8_0 and q4_1, int8/int4 layers in 32-column groups are written as their own
+    blocks (Q8_0 / Q4_1, unchanged); with q4_1, layers the model keeps at 8 bits (the LM head after
+    `lmforge quantize --bits 4`) stay 8-bit, as Q8_0.
     """
     from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
     config = model.config
-    try:
-        architecture = config.require_family("GGUF export")
-    except ValueError as error:
-        raise LmforgeError(str(error)) from None
-    llama_like, gpt2_like = architecture == "llama", architecture == "gpt2"
+    architecture = export_architecture(config)
     types = {
         "f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
         "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
@@ -487,14 +656,10 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
     writer.add_feed_forward_length(config.mlp_hidden)
     writer.add_head_count(config.n_heads)
     writer.add_file_type(file_type)
-    if llama_like:
-        writer.add_head_count_kv(config.kv_heads)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_layer_norm_rms_eps(config.norm_eps)
-        writer.add_vocab_size(config.vocab_size)
-    else:
+    if architecture == "gpt2":
         writer.add_layer_norm_eps(config.norm_eps)
+    else:
+        _write_rope_architecture_fields(writer, config, architecture)
     _write_tokenizer(writer, tokenizer, config.vocab_size)
 
     def add(name: str, weight: torch.Tensor | QuantizedTensor) -> None:
@@ -504,37 +669,24 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
     state = model_weights(model)
     keeps_blocks = matrix_type in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_1)
 
-    def fused(name: str) -> torch.Tensor | QuantizedTensor:
-        """A matrix to split (q/k/v, gate/up): dequantised whole first unless its blocks may be kept."""
-        return state[name] if keeps_blocks else as_float(state[name])
-
     add("token_embd.weight", state["token_embedding.weight"])
-    if gpt2_like:
+    if architecture == "gpt2":
         add("position_embd.weight", state["position_embedding.weight"])
+    rope_factors = _rope_factors(config)
+    if rope_factors is not None:  # Llama 3.1+ as llama.cpp's converter writes it
+        writer.add_tensor("rope_freqs.weight", rope_factors.numpy())
+    pairs, joined = layer_tensors(config, architecture)
     for i in range(config.n_layers):
         ours, theirs = f"blocks.{i}.", f"blk.{i}."
-        add(theirs + "attn_norm.weight", state[ours + "attention_norm.weight"])
-        qkv = fused(ours + "attention.qkv.weight")
-        if llama_like:
-            kv_rows = config.kv_heads * config.head_dim
-            q, k, v = _split_rows(qkv, [config.n_heads * config.head_dim, kv_rows, kv_rows])
-            add(theirs + "attn_q.weight", _permute_rope(q, config.n_heads))
-            add(theirs + "attn_k.weight", _permute_rope(k, config.kv_heads))
-            add(theirs + "attn_v.weight", v)
-            gate, up = _split_rows(fused(ours + "mlp.up.weight"), [config.mlp_hidden, config.mlp_hidden])
-            add(theirs + "ffn_gate.weight", gate)
-            add(theirs + "ffn_up.weight", up)
-        else:
-            add(theirs + "attn_qkv.weight", qkv)
-            add(theirs + "ffn_up.weight", state[ours + "mlp.up.weight"])
-        add(theirs + "attn_output.weight", state[ours + "attention.out.weight"])
-        add(theirs + "ffn_norm.weight", state[ours + "mlp_norm.weight"])
-        add(theirs + "ffn_down.weight", state[ours + "mlp.down.weight"])
-        if gpt2_like:
-            for ours_name, theirs_name in GPT2_BIASES:
-                add(f"{theirs}{theirs_name}.bias", state[f"{ours}{ours_name}.bias"])
+        for ours_name, theirs_name in pairs:
+            add(theirs + theirs_name, state[ours + ours_name])
+        for tensor in joined:
+            # split a fused matrix whole: dequantised first unless its blocks may be kept
+            whole = state[ours + tensor.ours] if keeps_blocks else as_float(state[ours + tensor.ours])
+            for name, part, heads in zip(tensor.parts, _split_rows(whole, tensor.rows), tensor.rope_heads):
+                add(theirs + name, part if heads is None else _permute_rope(part, heads))
     add("output_norm.weight", state["final_norm.weight"])
-    if gpt2_like:
+    if architecture == "gpt2":
         add("output_norm.bias", state["final_norm.bias"])
     if not config.tie_embeddings:
         add("output.weight", state["lm_head.weight"])
@@ -544,6 +696,66 @@ def save_gguf(model: Transformer, tokenizer: Tokenizer, path: str | Path, dtype:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def export_architecture(config: ModelConfig) -> str:
+    """The GGUF architecture a model is written as: its family's (`ModelConfig.family`), Mistral's as llama."""
+    try:
+        family = config.require_family("GGUF export")
+    except ValueError as error:
+        raise LmforgeError(str(error)) from None
+    return GGUF_ARCHITECTURE_OF.get(family, family)
+
+
+def _write_rope_architecture_fields(writer, config: ModelConfig, architecture: str) -> None:
+    """The metadata `_rope_architecture_fields` reads back; keys llama.cpp has no use for are written only
+    where the model needs them (llama.cpp then ignores them: a sliding window on `llama`, a
+    `query_pre_attn_scalar` other than gemma3's usual one)."""
+    writer.add_head_count_kv(config.kv_heads)
+    if config.d_model != config.n_heads * config.head_dim:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    if config.sliding_window is not None:
+        writer.add_sliding_window(config.sliding_window)
+        sliding = [config.is_sliding(layer) for layer in range(config.n_layers)]
+        period = GEMMA3_SLIDING_PERIOD if architecture == "gemma3" else 0
+        if sliding != [period == 0 or layer % period < period - 1 for layer in range(config.n_layers)]:
+            writer.add_sliding_window_pattern(sliding)
+    if config.rope_local_theta is not None:
+        writer.add_rope_freq_base_swa(config.rope_local_theta)
+    if config.logit_softcap is not None:
+        writer.add_final_logit_softcapping(config.logit_softcap)
+    scale = config.attention_scale or 1 / math.sqrt(config.head_dim)
+    derived = 1 / math.sqrt(config.head_dim)
+    if architecture == "gemma3" and config.n_layers == 62:
+        derived = 1 / math.sqrt(config.d_model / config.n_heads)
+    if not math.isclose(scale, derived, rel_tol=1e-6):
+        writer.add_attention_scale(scale)
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") in ("linear", "yarn"):
+        from gguf import RopeScalingType
+
+        writer.add_rope_scaling_type(RopeScalingType(scaling["rope_type"]))
+        writer.add_rope_scaling_factor(scaling["factor"])
+        if scaling["rope_type"] == "yarn":
+            writer.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
+
+
+def _rope_factors(config: ModelConfig) -> torch.Tensor | None:
+    """GGUF's `rope_freqs.weight` for a model with "llama3" or "factors" RoPE scaling: the divisor of each
+    frequency (head_dim / 2 of them), fp32; None for other models."""
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "factors":
+        return torch.tensor(scaling["factors"], dtype=torch.float32)
+    if scaling.get("rope_type") == "llama3":
+        unscaled, _ = rope_frequencies(config.head_dim, config.rope_theta, None)
+        scaled, _ = rope_frequencies(config.head_dim, config.rope_theta, scaling)
+        return (unscaled / scaled).float()
+    return None
 
 
 def _split_rows(weight: torch.Tensor | QuantizedTensor, sizes: list[int]) -> list:

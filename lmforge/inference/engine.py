@@ -4,8 +4,9 @@
 matmuls are the right tool). Decoding feeds one token per sequence, where PyTorch spends
 more time dispatching ~40 small operators per layer than computing; `decode_step` runs the
 same maths as `Transformer.hidden_states` + LM head with a few native calls per layer. It
-covers Llama-family models (RMSNorm, RoPE, SwiGLU, no biases) on CPU in fp32 activations;
-`supports` says when, and callers fall back to the model itself otherwise.
+covers the RMSNorm + RoPE families (Llama, Mistral, Qwen2/3, Gemma 3, Phi-3: SwiGLU or GeGLU,
+q/k/v biases, q/k norms, branch norms, sliding windows, per-layer RoPE tables) on CPU in fp32
+activations; `supports` says when, and callers fall back to the model itself otherwise.
 """
 
 from __future__ import annotations
@@ -185,29 +186,28 @@ def run_timed_step(model: Transformer, batch: int, step):
 
 
 def supports(model: Transformer) -> bool:
+    """Whether the native step runs this model: the Llama family and the switches of Qwen2/3, Gemma 3
+    and Mistral (biases on q/k/v only, q/k norms, branch norms, GeGLU, sliding windows, any RoPE
+    scaling: it reads the model's own tables), on CPU in fp32."""
     config = model.config
-    # The native step runs the plain Llama family (any RoPE scaling: it reads the model's tables); the
-    # switches of Qwen2/3, Gemma 3 and sliding windows decode through the model's own forward for now.
-    plain_llama = (
-        config.n_heads * config.head_dim == config.d_model
-        and not (config.qkv_bias or config.qk_norm or config.post_norms or config.scale_embeddings)
-        and config.attention_scale is None
-        and config.logit_softcap is None
-        and config.sliding_window is None
-        and config.rope_local_theta is None
-    )
     return (
-        plain_llama
-        and kernels.available()
+        kernels.available()
         and config.norm == "rmsnorm"
         and config.positions == "rope"
-        and config.mlp == "swiglu"
+        and config.mlp in ("swiglu", "geglu")
         and not config.bias
         and config.n_heads % config.kv_heads == 0
         and model.rope_cos.device.type == "cpu"
         and model.rope_cos.dtype == torch.float32
         and model.final_norm.weight.dtype == torch.float32
     )
+
+
+def layer_rope_tables(model: Transformer, positions: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(cos, sin) of each layer, covering `positions` (Gemma 3's sliding layers have their own)."""
+    uses_local = [model.uses_local_rope(layer) for layer in range(model.config.n_layers)]
+    tables = {local: model.rope_for(positions, local) for local in set(uses_local)}
+    return [tables[local] for local in uses_local]
 
 
 class DecodePlan:
@@ -221,15 +221,16 @@ class DecodePlan:
         buffer = lambda *shape: torch.empty(*shape)  # noqa: E731
         self.model, self.batch = model, batch
         self.keys, self.values, self.capacity = cache.keys, cache.values, cache.max_length
-        self.x, self.h, self.y, self.delta = buffer(batch, d), buffer(batch, d), buffer(batch, d), buffer(batch, d)
+        self.x, self.h, self.delta = buffer(batch, d), buffer(batch, d), buffer(batch, d)
+        self.y = buffer(batch, config.n_heads * config.head_dim)  # the attention's output: d wide only if d_head is
         self.qkv, self.up = buffer(batch, width), buffer(batch, 2 * config.mlp_hidden)
         self.gated = buffer(batch, config.mlp_hidden)
         self.logits = buffer(batch, config.vocab_size)
         self.scores = buffer(batch * config.n_heads * cache.max_length)
         self.positions, self.slots = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
-        # scratch tensors whose pointers the calls hold, and the RoPE tables as they are now: the model
-        # may grow (replace) its own later, and this plan's positions never pass the cache's length
-        self.rope_cos, self.rope_sin = model.rope_for(min(cache.max_length, config.block_size))
+        # scratch tensors whose pointers the calls hold, and each layer's RoPE tables as they are now: the
+        # model may grow (replace) its own later, and this plan's positions never pass the cache's length
+        self.rope_tables = layer_rope_tables(model, min(cache.max_length, config.block_size))
         self._scratch: list[torch.Tensor] = []
         self._calls_by_threads: dict[int, list] = {}
 
@@ -246,26 +247,42 @@ class DecodePlan:
         for layer, block in enumerate(blocks):
             attention = block.attention
             following = blocks[layer + 1].attention_norm if layer + 1 < len(blocks) else self.model.final_norm
+            rope_cos, rope_sin = self.rope_tables[layer]
+            q_norm, k_norm = (attention.q_norm, attention.k_norm) if config.qk_norm else (None, None)
             calls += [
                 self._matvec(attention.qkv, self.h, self.qkv, threads),
                 (library.attention_decode, (
                     self.qkv.data_ptr(), batch, config.n_heads, config.kv_heads, config.head_dim,
                     self.slots.data_ptr(), self.positions.data_ptr(), self.keys[layer].data_ptr(),
-                    self.values[layer].data_ptr(), self.capacity, self.rope_cos.data_ptr(),
-                    self.rope_sin.data_ptr(), self.scores.data_ptr(), self.y.data_ptr(), threads,
+                    self.values[layer].data_ptr(), self.capacity, rope_cos.data_ptr(), rope_sin.data_ptr(),
+                    q_norm and q_norm.weight.data_ptr(), k_norm and k_norm.weight.data_ptr(),
+                    q_norm.eps if q_norm else 0.0, config.attention_scale or config.head_dim**-0.5,
+                    config.sliding_window if config.is_sliding(layer) else 0, self.scores.data_ptr(),
+                    self.y.data_ptr(), threads,
                 )),
                 self._matvec(attention.out, self.y, self.delta, threads),
+                *self._post_norm(block.attention_post_norm if config.post_norms else None),
                 (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), block.mlp_norm.weight.data_ptr(),
                                         block.mlp_norm.eps, batch, d, self.h.data_ptr())),
                 self._matvec(block.mlp.up, self.h, self.up, threads),
-                (library.silu_mul, (self.up.data_ptr(), batch, config.mlp_hidden, self.gated.data_ptr())),
+                (library.gelu_tanh_mul if config.mlp == "geglu" else library.silu_mul,
+                 (self.up.data_ptr(), batch, config.mlp_hidden, self.gated.data_ptr())),
                 self._matvec(block.mlp.down, self.gated, self.delta, threads),
+                *self._post_norm(block.mlp_post_norm if config.post_norms else None),
                 (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), following.weight.data_ptr(),
                                         following.eps, batch, d, self.h.data_ptr())),
             ]  # fmt: skip
         calls.append(self._matvec(self.model.lm_head, self.h, self.logits, threads))
         self._calls_by_threads[threads] = calls
         return calls
+
+    def _post_norm(self, norm) -> list:
+        """Gemma 3's norm of a block part's output before its residual add (in place on `delta`); none without."""
+        if norm is None:
+            return []
+        rows, width = self.delta.shape
+        delta = self.delta.data_ptr()
+        return [(kernels.library().rms_norm, (delta, norm.weight.data_ptr(), norm.eps, rows, width, delta))]
 
     def _matvec(self, layer, x: torch.Tensor, out: torch.Tensor, threads: int):
         library = kernels.library()
@@ -309,8 +326,13 @@ class DecodePlan:
         self.positions.copy_(positions)
         self.slots.copy_(slots)
         self.x.copy_(self.model.token_embedding(tokens.reshape(self.batch)))
+        config = self.model.config
+        if config.scale_embeddings:
+            self.x.mul_(config.d_model**0.5)
         for function, arguments in self._calls(threads):
             function(*arguments)
+        if config.logit_softcap is not None:
+            return torch.tanh(self.logits / config.logit_softcap) * config.logit_softcap
         return self.logits.clone()
 
 

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -198,3 +199,23 @@ def test_explain_smollm2_from_the_command_line(tmp_path):
         page.locator("#tokens .tok").nth(1).hover()
         page.screenshot(path=str(tmp_path / "explain.png"), full_page=True)
     assert not errors, errors
+
+
+def test_sliding_layers_record_no_attention_outside_their_window():
+    """Gemma 3 style: a sliding layer's query sees only its last `window` keys; the full layer sees them all,
+    and the recorded maps are the ones the model's output comes from (its window and its own scale)."""
+    config = replace(
+        LLAMA, qk_norm=True, sliding_window=3, layer_types=["sliding", "full"], rope_local_theta=10000.0,
+        attention_scale=0.3,
+    )  # fmt: skip
+    model = model_of(config)
+    maps = attention_maps(model, TOKENS)
+    length = len(TOKENS)
+    with torch.no_grad():  # the recorded path (window, scale) computes what the model's own attention does
+        plain = model(TOKENS[None])[0]
+        with recording_attention(model):
+            assert torch.allclose(model(TOKENS[None])[0], plain, atol=1e-5)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 4, length), atol=1e-5)
+    outside = torch.ones(length, length, dtype=torch.bool).tril(-3)  # keys 3 or more positions back
+    assert (maps[0][:, outside] == 0).all()
+    assert (maps[1][:, outside] > 0).all()

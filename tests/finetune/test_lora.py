@@ -1,5 +1,7 @@
 """LoRA: the trainable count, merge == unmerged outputs, unmerge restores, adapters save/load alone."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -7,6 +9,7 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.finetune.lora import (
+    ALL_TARGETS,
     LoraConfig,
     LoraLinear,
     apply_lora,
@@ -143,3 +146,29 @@ def test_generation_over_a_quantized_base_with_an_adapter_matches_the_plain_forw
         for _ in range(6):
             expected.append(int(model(torch.tensor([expected]))[0][0, -1].argmax()))
     assert produced == expected[5:]
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(qk_norm=True, d_head=16),  # Qwen3
+        dict(mlp="geglu", qk_norm=True, post_norms=True, scale_embeddings=True, d_head=16, sliding_window=4,
+             layer_types=["sliding", "full"], rope_local_theta=10000.0, attention_scale=0.2),  # Gemma 3
+    ],
+    ids=["qwen3", "gemma3"],
+)  # fmt: skip
+def test_lora_learns_on_the_new_families(switches):
+    """The same four target layers exist in every family; fitting one repeated batch lowers the loss."""
+    torch.manual_seed(0)
+    model = apply_lora(Transformer(replace(CONFIG, **switches)), LoraConfig(rank=4, targets=ALL_TARGETS))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(30):
+        _, loss = model(TOKENS[:, :-1], TOKENS[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0] and losses[-1] == min(losses[-5:])
+    assert len(list(lora_layers(model))) == 4 * CONFIG.n_layers

@@ -167,6 +167,54 @@ def test_a_decode_plan_is_made_once_per_cache_and_goes_with_it():
     assert not any(key[0] == id(model) for plans in engine._decode_plans.values() for key in plans)
 
 
+# The switches of each published family (as tests/formats/test_gguf_architectures.py builds them).
+FAMILY_SWITCHES = {
+    "llama3": dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=64)),
+    "mistral": dict(sliding_window=5),
+    "qwen2": dict(qkv_bias=True, tie_embeddings=False),
+    "qwen3": dict(qk_norm=True, d_head=24, rope_theta=1e6),
+    "gemma3": dict(mlp="geglu", qk_norm=True, post_norms=True, scale_embeddings=True, d_head=32, rope_theta=1e6,
+                   sliding_window=5, layer_types=["sliding", "full", "sliding"], rope_local_theta=10000.0,
+                   attention_scale=0.15, logit_softcap=30.0,
+                   rope_scaling=dict(rope_type="linear", factor=4.0)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILY_SWITCHES)
+def test_native_decoding_equals_the_model_for_each_family(family):
+    """Three rows at different positions, decoded token by token past the sliding window by the native
+    plan and by the model's own forward over a copy of the same cache: the same logits."""
+    from lmforge.inference import kernels
+    from lmforge.model import KVCache
+
+    if not kernels.available():
+        pytest.skip("native kernels unavailable")
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=128, block_size=64, n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=96)
+    llama = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+    config = ModelConfig(**sizes, **{**llama, **FAMILY_SWITCHES[family]})
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 1:  # norms near 1, biases near 0, not all alike
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    assert engine.supports(model)
+    native, reference = KVCache(config, 3, 40), KVCache(config, 3, 40)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+    slots = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        for cache in (native, reference):
+            engine.prefill(model, prompts, cache, slots)
+        positions = torch.tensor([len(prompt) for prompt in prompts])
+        tokens = torch.tensor([[20], [21], [22]])
+        for _ in range(14):  # row 1 ends at position 20, four windows on
+            ours = engine.decode_step(model, tokens, native, positions, slots)
+            theirs = engine.torch_decode_step(model, tokens, reference, positions, slots)
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+            tokens, positions = theirs.argmax(-1, keepdim=True), positions + 1
+
+
 GEMMA_LIKE = dict(
     vocab_size=97, block_size=96, n_layers=4, n_heads=4, n_kv_heads=2, d_model=32, d_head=16, d_mlp=48,
     norm="rmsnorm", mlp="geglu", positions="rope", bias=False, qk_norm=True, post_norms=True,
@@ -179,13 +227,12 @@ GEMMA_LIKE = dict(
     "switches", [dict(), dict(sliding_window=6, layer_types=None, rope_local_theta=None), dict(qkv_bias=True)]
 )
 def test_models_with_issue_20_switches_decode_through_the_model_and_agree_with_no_cache(switches):
-    """The native step does not run these switches (`supports` is False), so decoding takes the model's
-    own forward: greedy tokens past the sliding window equal the cache-free ones, alone and batched."""
+    """Decoding with a cache (the native step where it runs): greedy tokens past the sliding window equal
+    the cache-free ones, alone and batched."""
     from lmforge.inference.generate import generate_batch
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**(GEMMA_LIKE | switches))).eval()
-    assert not engine.supports(model)
     sampling = SamplingConfig(max_new_tokens=30, temperature=0)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [1, 2, 3]]
     cached = [list(generate_tokens(model, prompt, sampling)) for prompt in prompts]

@@ -115,3 +115,40 @@ def test_attention_decode_matches_rope_plus_sdpa():
         torch.testing.assert_close(out[row], reference, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(keys, expected_keys)
     torch.testing.assert_close(values, expected_values)
+
+
+@needs_kernels
+def test_gelu_tanh_mul_matches_torch():
+    gate_up = torch.randn(3, 2 * 40) * 3
+    reference = F.gelu(gate_up[:, :40], approximate="tanh") * gate_up[:, 40:]
+    torch.testing.assert_close(kernels.gelu_tanh_mul(gate_up), reference)
+
+
+@needs_kernels
+@pytest.mark.parametrize("window", [None, 4])
+def test_attention_decode_with_qk_norms_scale_and_window(window):
+    """Qwen3 / Gemma 3 attention: per-head RMSNorm of q and k before RoPE, a scale of its own, and a
+    sliding window: a row past the window sees only its last `window` positions."""
+    heads, kv_heads, head_dim, capacity, scale = 4, 2, 24, 16, 0.3
+    cos, sin = rope_tables(head_dim, 64, 1e6)
+    q_norm, k_norm = torch.rand(head_dim) + 0.5, torch.rand(head_dim) + 0.5
+    keys, values = torch.randn(2, kv_heads, capacity, head_dim), torch.randn(2, kv_heads, capacity, head_dim)
+    qkv = torch.randn(2, (heads + 2 * kv_heads) * head_dim)
+    slots, positions = torch.tensor([1, 0]), torch.tensor([9, 2])
+    expected_keys = keys.clone()
+    out = kernels.attention_decode(
+        qkv.clone(), heads, kv_heads, slots, positions, keys, values, cos, sin, q_norm, k_norm, 1e-6, scale, window
+    )
+    for row in range(2):
+        slot, position = int(slots[row]), int(positions[row])
+        q, k, v = qkv[row].split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim])
+        q = F.rms_norm(q.view(1, heads, 1, head_dim), (head_dim,), q_norm, 1e-6)
+        k = F.rms_norm(k.view(1, kv_heads, 1, head_dim), (head_dim,), k_norm, 1e-6)
+        q, k = apply_rope(q, cos[position], sin[position]), apply_rope(k, cos[position], sin[position])
+        expected_keys[slot, :, position] = k[0, :, 0]
+        first = 0 if window is None else max(0, position - window + 1)
+        cached_k = expected_keys[slot : slot + 1, :, first : position + 1].repeat_interleave(2, dim=1)
+        cached_v = values[slot : slot + 1, :, first : position + 1].repeat_interleave(2, dim=1)
+        reference = F.scaled_dot_product_attention(q, cached_k, cached_v, scale=scale).reshape(-1)
+        torch.testing.assert_close(out[row], reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(keys, expected_keys)

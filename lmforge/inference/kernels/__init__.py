@@ -76,11 +76,16 @@ def _library() -> ctypes.CDLL | None:
     library.matvec_q8_exact.restype = None
     library.rms_norm.argtypes = [ptr, ptr, ctypes.c_float, i64, i64, ptr]
     library.silu_mul.argtypes = [ptr, i64, i64, ptr]
+    library.gelu_tanh_mul.argtypes = [ptr, i64, i64, ptr]
+    library.gelu_tanh_mul.restype = None
     library.add_rms_norm.argtypes = [ptr, ptr, ptr, ctypes.c_float, i64, i64, ptr]
     library.add_rms_norm.restype = None
     library.dequantize_q8.argtypes = [ptr, ptr, i64, i64, i64, ptr, threads]
     library.dequantize_q4.argtypes = [ptr, ptr, ptr, i64, i64, i64, ptr, threads]
-    library.attention_decode.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, threads]
+    library.attention_decode.argtypes = [
+        ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_float, ctypes.c_float, i64,
+        ptr, ptr, threads,
+    ]  # fmt: skip
     for function in (
         library.matvec_f32, library.matvec_q8, library.matvec_q4, library.rms_norm, library.silu_mul,
         library.dequantize_q8, library.dequantize_q4,
@@ -234,6 +239,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gelu_tanh_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up for rows laid out [gate | up] (Gemma's GeGLU)."""
+    rows, width = gate_up.shape
+    out = torch.empty(rows, width // 2)
+    _library().gelu_tanh_mul(gate_up.data_ptr(), rows, width // 2, out.data_ptr())
+    return out
+
+
 def attention_decode(
     qkv: torch.Tensor,
     n_heads: int,
@@ -244,9 +257,16 @@ def attention_decode(
     values: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """One new token per row: RoPE on q and k (qkv is rotated in place), k and v stored at
-    cache[slots, :, positions], and attention over each row's positions 0..position.
+    """One new token per row: RMSNorm of each q and k head (by q_norm / k_norm where given), RoPE on
+    q and k (qkv is changed in place), k and v stored at cache[slots, :, positions], and attention
+    (scores times `scale`, default 1/sqrt(head_dim)) over each row's positions 0..position, or its
+    last `window` positions.
 
     qkv (rows, (H + 2 KV) D); keys/values (slots, KV, capacity, D); slots and positions int64 (rows,).
     """
@@ -257,8 +277,9 @@ def attention_decode(
     out = torch.empty(rows, n_heads * head_dim)
     _library().attention_decode(
         qkv.data_ptr(), rows, n_heads, n_kv_heads, head_dim, slots.data_ptr(), positions.data_ptr(),
-        keys.data_ptr(), values.data_ptr(), capacity, cos.data_ptr(), sin.data_ptr(), scores.data_ptr(),
-        out.data_ptr(), torch.get_num_threads(),
+        keys.data_ptr(), values.data_ptr(), capacity, cos.data_ptr(), sin.data_ptr(), _pointer(q_norm),
+        _pointer(k_norm), norm_eps, scale or head_dim**-0.5, window or 0, scores.data_ptr(), out.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     return out
 

@@ -333,22 +333,38 @@ void silu_mul(const float *gate_up, int64_t rows, int64_t H, float *out) {
         }
 }
 
+/* out (rows, H) = gelu_tanh(gate) * up, rows of [gate | up] as for silu_mul (Gemma's GeGLU). */
+void gelu_tanh_mul(const float *gate_up, int64_t rows, int64_t H, float *out) {
+    const float sqrt_2_over_pi = 0.7978845608028654f;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < H; h++) {
+            float g = gate_up[r * 2 * H + h];
+            float gelu = 0.5f * g * (1.0f + tanhf(sqrt_2_over_pi * (g + 0.044715f * g * g * g)));
+            out[r * H + h] = gelu * gate_up[r * 2 * H + H + h];
+        }
+}
+
 /* Attention of one new token per row over that row's cached keys and values.
  *
  * qkv (rows, (H + 2 * KV) * D): this step's fused projection, [q heads | k heads | v heads].
- * RoPE (half-split layout) is applied to q and k at each row's position, k and v are stored in
- * the cache (slots, KV, capacity, D) at cache row slot[r], position position[r], and
- * out (rows, H * D) = softmax(q k^T / sqrt(D)) v over positions 0..position[r].
- * cos/sin: tables (max_positions, D). scores: scratch of rows * H * capacity floats.
+ * Each q and k head is RMS-normed with q_norm / k_norm (D weights each) where they are not NULL
+ * (Qwen3, Gemma 3), then rotated by RoPE (half-split layout) at its row's position; k and v are
+ * stored in the cache (slots, KV, capacity, D) at cache row slot[r], position position[r], and
+ * out (rows, H * D) = softmax(scale * q k^T) v over positions max(0, position[r] - window + 1)
+ * .. position[r] (window 0: from 0). cos/sin: this layer's tables (max_positions, D).
+ * scores: scratch of rows * H * capacity floats.
  */
 void attention_decode(float *qkv, int64_t rows, int64_t H, int64_t KV, int64_t D, const int64_t *slot,
                       const int64_t *position, float *key_cache, float *value_cache, int64_t capacity,
-                      const float *cos_table, const float *sin_table, float *scores, float *out, int threads) {
+                      const float *cos_table, const float *sin_table, const float *q_norm, const float *k_norm,
+                      float norm_eps, float scale, int64_t window, float *scores, float *out, int threads) {
     int64_t width = (H + 2 * KV) * D, half = D / 2;
     for (int64_t r = 0; r < rows; r++) {
         const float *cosines = cos_table + position[r] * D, *sines = sin_table + position[r] * D;
-        for (int64_t head = 0; head < H + KV; head++) { /* rotate q heads and k heads */
+        for (int64_t head = 0; head < H + KV; head++) { /* norm and rotate q heads and k heads */
             float *v = qkv + r * width + head * D;
+            const float *norm = head < H ? q_norm : k_norm;
+            if (norm) rms_norm(v, norm, norm_eps, 1, D, v);
             for (int64_t i = 0; i < half; i++) {
                 float a = v[i], b = v[i + half];
                 v[i] = a * cosines[i] - b * sines[i];
@@ -361,16 +377,16 @@ void attention_decode(float *qkv, int64_t rows, int64_t H, int64_t KV, int64_t D
             memcpy(value_cache + at, qkv + r * width + (H + KV + kv) * D, D * sizeof(float));
         }
     }
-    float scale = 1.0f / sqrtf((float)D);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++)
         for (int64_t head = 0; head < H; head++) {
             int64_t kv = head / (H / KV), seen = position[r] + 1;
+            int64_t first = window > 0 && seen > window ? seen - window : 0;
             const float *q = qkv + r * width + head * D;
             const float *keys = key_cache + (slot[r] * KV + kv) * capacity * D;
             const float *values = value_cache + (slot[r] * KV + kv) * capacity * D;
             float *score = scores + (r * H + head) * capacity, best = -INFINITY, total = 0.0f;
-            for (int64_t t = 0; t < seen; t++) {
+            for (int64_t t = first; t < seen; t++) {
                 __m256 acc = _mm256_setzero_ps();
                 int64_t d = 0;
                 for (; d + 8 <= D; d += 8)
@@ -380,10 +396,10 @@ void attention_decode(float *qkv, int64_t rows, int64_t H, int64_t KV, int64_t D
                 score[t] = dot * scale;
                 if (score[t] > best) best = score[t];
             }
-            for (int64_t t = 0; t < seen; t++) total += (score[t] = expf(score[t] - best));
+            for (int64_t t = first; t < seen; t++) total += (score[t] = expf(score[t] - best));
             float *y = out + r * H * D + head * D;
             for (int64_t d = 0; d < D; d++) y[d] = 0.0f;
-            for (int64_t t = 0; t < seen; t++) {
+            for (int64_t t = first; t < seen; t++) {
                 float p = score[t] / total;
                 for (int64_t d = 0; d < D; d++) y[d] += p * values[t * D + d];
             }
