@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.formats.gguf_file import GGUFFile, GGUFTensor
+from lmforge.formats.gguf_file import GGUF_ARCHITECTURES, GGUFFile, GGUFTensor
 from lmforge.formats.metadata import (
     check_dimensions,
     check_memory,
@@ -103,8 +103,6 @@ GPT2_BIASES = [
     ("mlp.down", "ffn_down"),
 ]
 
-# The GGUF architectures we read and write: `general.architecture`, as llama.cpp names them.
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2")
 # Every RoPE architecture among them is the Llama base (pre-RMSNorm, RoPE, no biases but q/k/v's);
 # these are the switches a file of each one implies on top of it (`ModelConfig.family` goes the other
 # way, from a model's switches to the architecture that can hold them).

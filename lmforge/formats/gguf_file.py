@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+# The GGUF architectures we read and write: `general.architecture`, as llama.cpp names them.
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2")
+
 VALUE_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
 

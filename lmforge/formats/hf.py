@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.atomic import write_files_atomically
 from lmforge.errors import LmforgeError
 from lmforge.formats.metadata import (
+    HF_MODEL_TYPES,
     MISSING,
     SAMPLING_FIELDS,
     boolean,
@@ -32,16 +33,6 @@ from lmforge.inference.quantize import as_float, model_weights
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
-# model_type -> our family name, for the Llama-like families (RMSNorm, RoPE, gated MLP) and GPT-2.
-MODEL_TYPES = {
-    "llama": "llama",
-    "mistral": "mistral",
-    "qwen2": "qwen2",
-    "qwen3": "qwen3",
-    "gemma3_text": "gemma3",
-    "phi3": "phi3",
-    "gpt2": "gpt2",
-}
 # family -> (model_type, class) that exports write and transformers' Auto classes load
 EXPORTED_AS = {
     "llama": ("llama", "LlamaForCausalLM"),
@@ -163,9 +154,10 @@ def read_config(values: dict, path: Path) -> ModelConfig:
             f"{path}: a vision-language Gemma 3 folder (model_type 'gemma3'); its text-only models "
             f"(model_type 'gemma3_text', e.g. gemma-3-1b) are supported"
         )
-    family = MODEL_TYPES.get(model_type)
+    family = HF_MODEL_TYPES.get(model_type)
     if family is None:
-        raise LmforgeError(f"{path}: model_type {model_type!r} is not supported (supported: {', '.join(MODEL_TYPES)})")
+        supported = ", ".join(HF_MODEL_TYPES)
+        raise LmforgeError(f"{path}: model_type {model_type!r} is not supported (supported: {supported})")
     if family == "gpt2":
         return _gpt2_config(values, path)
     sizes = {

@@ -15,6 +15,17 @@ from pathlib import Path
 from lmforge.errors import LmforgeError
 from lmforge.settings import ModelConfig
 
+# model_type -> our family name, for the Llama-like families (RMSNorm, RoPE, gated MLP) and GPT-2.
+HF_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3_text": "gemma3",
+    "phi3": "phi3",
+    "gpt2": "gpt2",
+}
+
 # Above every published model's vocabulary, width, depth and context (Llama 4 Scout: 10M positions);
 # a larger value is a damaged or hostile file.
 MAX_DIMENSION = 1 << 24

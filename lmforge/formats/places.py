@@ -20,12 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
-from lmforge.formats.metadata import read_json_object
-
-# What the readers accept (config.json's model_type; GGUF's general.architecture), for `lmforge models`
-# to mark the rest; hf.py's read_config and gguf.py's read_config each refuse the others with their own message.
-SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text", "phi3", "gpt2")
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3", "phi3", "gpt2")
+from lmforge.formats.gguf_file import GGUF_ARCHITECTURES
+from lmforge.formats.metadata import HF_MODEL_TYPES, read_json_object
 
 
 @dataclass
@@ -367,13 +363,13 @@ def describe(model: PlacedModel) -> ModelListing:
         if model.format == "gguf":
             listing.size_bytes = model.path.stat().st_size
             listing.architecture, listing.quantisation = gguf_summary(model.path)
-            supported = SUPPORTED_GGUF_ARCHITECTURES
+            supported = GGUF_ARCHITECTURES
         else:
             # what the folder's loading reads: its top-level files, GGUF files of the same repository aside
             files = [path for path in model.path.iterdir() if path.is_file() and path.suffix != ".gguf"]
             listing.size_bytes = sum(path.stat().st_size for path in files)
             listing.architecture, listing.quantisation, listing.problem = hf_summary(model.path)
-            supported = SUPPORTED_HF_TYPES
+            supported = HF_MODEL_TYPES
     except LmforgeError as error:
         listing.problem = str(error)
         return listing
