@@ -26,7 +26,15 @@ from lmforge.formats.metadata import (
     positive_number,
     sampling_settings,
 )
-from lmforge.inference.quantize import QuantizedTensor, as_float, model_from_weights, model_weights
+from lmforge.inference import kernels
+from lmforge.inference.quantize import (
+    GGUF_BLOCK_TYPES,
+    QuantizedTensor,
+    as_float,
+    model_from_weights,
+    model_weights,
+    segment_table,
+)
 from lmforge.model import ModelConfig, Transformer
 from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
@@ -173,7 +181,7 @@ def _cat(parts: list) -> torch.Tensor | QuantizedTensor:
 def _unpermute_rope(weight, n_heads: int):
     """Inverse of llama.cpp's `permute`: interleaved rotary pairs back to the half-split layout."""
     if isinstance(weight, QuantizedTensor):  # permute whole rows; the blocks run along them
-        return weight.index_rows(_unpermute_rope(torch.arange(weight.codes.shape[0]), n_heads))
+        return weight.index_rows(_unpermute_rope(torch.arange(weight.shape[0]), n_heads))
     rows = weight.shape[0]
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
@@ -181,7 +189,7 @@ def _unpermute_rope(weight, n_heads: int):
 def _permute_rope(weight, n_heads: int):
     """llama.cpp's `permute`: half-split rotary pairs to its interleaved layout (whole rows of a quantised weight)."""
     if isinstance(weight, QuantizedTensor):
-        return weight.index_rows(_permute_rope(torch.arange(weight.codes.shape[0]), n_heads))
+        return weight.index_rows(_permute_rope(torch.arange(weight.shape[0]), n_heads))
     rows = weight.shape[0]
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
@@ -264,11 +272,21 @@ def _dequantize_q4_q8(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
 
 
 def _dequantize(tensor) -> torch.Tensor:
-    """One GGUF tensor as fp32, in torch's dimension order."""
+    """One GGUF tensor as fp32, in torch's dimension order: block types through the native kernels
+    (or torch for Q4_0/Q4_1/Q8_0 without them), BF16 in torch, the rest (Q2_K, Q3_K, IQ*, ...)
+    through the gguf package's numpy code."""
     from gguf.quants import dequantize
 
     shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
     type_name = tensor.tensor_type.name
+    if type_name == "BF16":  # the top half of an fp32
+        raw = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(-1)
+        return raw.view(torch.bfloat16).float().reshape(shape)
+    if type_name in GGUF_BLOCK_TYPES and kernels.available():
+        blocks = torch.from_numpy(np.ascontiguousarray(tensor.data)).reshape(-1)
+        rows = math.prod(shape[:-1])
+        table = segment_table(((type_name, rows),))
+        return kernels.dequantize_blocks(blocks, table, shape[-1], slice(None)).reshape(shape)
     if type_name in ("Q4_0", "Q4_1", "Q8_0"):
         return _dequantize_q4_q8(torch.from_numpy(np.array(tensor.data, copy=True)), type_name).reshape(shape)
     values = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
@@ -278,9 +296,13 @@ def _dequantize(tensor) -> torch.Tensor:
 
 
 def _as_quantized(tensor) -> QuantizedTensor:
-    """A Q4_0 / Q4_1 / Q8_0 matrix mapped block for block onto our int4 / int8 formats (group 32)."""
+    """A quantised matrix as it is in the file: Q4_0 / Q4_1 / Q8_0 mapped block for block onto our
+    int4 / int8 formats (group 32), the other block types kept as GGUF blocks."""
     rows, columns = int(tensor.shape[1]), int(tensor.shape[0])
     type_name = tensor.tensor_type.name
+    if type_name not in ("Q4_0", "Q4_1", "Q8_0"):
+        blocks = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(-1)
+        return QuantizedTensor.from_blocks(blocks, [(type_name, rows)], columns)
     header = 4 if type_name == "Q4_1" else 2
     size = header + (32 if type_name == "Q8_0" else 16)
     blocks = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(rows, columns // 32, size)
@@ -295,11 +317,12 @@ def _as_quantized(tensor) -> QuantizedTensor:
 
 
 def _stays_quantized(tensor: GGUFTensor, config: ModelConfig) -> bool:
-    """Whether a tensor can load as its blocks: a Q4_0/Q4_1/Q8_0 matrix that becomes a Linear layer.
-    Embedding tables are looked up, not multiplied (a tied one is the LM head's matrix)."""
+    """Whether a tensor can load as its blocks: a matrix in a type the kernels read (Q4_0, Q4_1, Q5_0,
+    Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) that becomes a Linear layer. Embedding tables are looked up, not
+    multiplied (a tied one is the LM head's matrix)."""
     looked_up = ["position_embd.weight"] + ([] if config.tie_embeddings else ["token_embd.weight"])
     embedding = tensor.name in looked_up
-    return tensor.tensor_type.name in ("Q4_0", "Q4_1", "Q8_0") and len(tensor.shape) == 2 and not embedding
+    return tensor.tensor_type.name in GGUF_BLOCK_TYPES and len(tensor.shape) == 2 and not embedding
 
 
 def resident_bytes(reader: GGUFFile, config: ModelConfig, keep_quantized: bool) -> int:
@@ -609,14 +632,7 @@ def _gguf_tensor(weight: torch.Tensor | QuantizedTensor, matrix_type) -> tuple:
 
 def _as_blocks(weight: QuantizedTensor) -> torch.Tensor:
     """The inverse of `_as_quantized`: rows of Q8_0 (int8) or Q4_1 (int4) blocks of 32 weights."""
-    rows, groups = weight.scale.shape
-    scale = weight.scale.half().contiguous().view(torch.uint8).reshape(rows, groups, 2)
-    if weight.bits == 8:
-        codes = weight.codes.contiguous().view(torch.uint8).reshape(rows, groups, 32)
-        return torch.cat([scale, codes], dim=-1).reshape(rows, -1)
-    offset = weight.offset.half().contiguous().view(torch.uint8).reshape(rows, groups, 2)
-    codes = weight.codes.reshape(rows, groups, 16)
-    return torch.cat([scale, offset, codes], dim=-1).reshape(rows, -1)
+    return weight.as_blocks().codes.reshape(weight.shape[0], -1)
 
 
 def _write_tokenizer(writer, tokenizer: Tokenizer, vocab_size: int) -> None:
