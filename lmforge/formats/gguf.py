@@ -35,7 +35,7 @@ from lmforge.inference.quantize import (
     model_weights,
     segment_table,
 )
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import ModelConfig, Transformer, zeroed_from_os
 from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 # llama.cpp token types
@@ -283,7 +283,7 @@ def _dequantize(tensor) -> torch.Tensor:
         raw = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(-1)
         return raw.view(torch.bfloat16).float().reshape(shape)
     if type_name in GGUF_BLOCK_TYPES and kernels.available():
-        blocks = torch.from_numpy(np.ascontiguousarray(tensor.data)).reshape(-1)
+        blocks = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(-1)
         rows = math.prod(shape[:-1])
         table = segment_table(((type_name, rows),))
         return kernels.dequantize_blocks(blocks, table, shape[-1], slice(None)).reshape(shape)
@@ -300,20 +300,29 @@ def _as_quantized(tensor) -> QuantizedTensor:
     int4 / int8 formats (group 32), the other block types kept as GGUF blocks."""
     rows, columns = int(tensor.shape[1]), int(tensor.shape[0])
     type_name = tensor.tensor_type.name
+
+    def copied(array: np.ndarray) -> torch.Tensor:
+        """Out of the file map into memory from the OS: glibc's heap would keep what loading frees."""
+        out = zeroed_from_os(array.shape, "cpu", torch.uint8)
+        out.numpy()[...] = array
+        return out
+
     if type_name not in ("Q4_0", "Q4_1", "Q8_0"):
-        blocks = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(-1)
-        return QuantizedTensor.from_blocks(blocks, [(type_name, rows)], columns)
+        return QuantizedTensor.from_blocks(copied(tensor.data.reshape(-1)), [(type_name, rows)], columns)
     header = 4 if type_name == "Q4_1" else 2
     size = header + (32 if type_name == "Q8_0" else 16)
-    blocks = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(rows, columns // 32, size)
-    scale = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # int4 keeps fp16 scales, int8 fp32
-    codes = blocks[..., header:].reshape(rows, -1).contiguous()
+    blocks = tensor.data.reshape(rows, columns // 32, size)
+
+    def field(start: int, stop: int) -> torch.Tensor:  # each field straight into its own array
+        return copied(blocks[..., start:stop])
+
+    scale = field(0, 2).view(torch.float16).squeeze(-1)  # int4 keeps fp16 scales, int8 fp32
+    codes = field(header, size).reshape(rows, -1)
     if type_name == "Q8_0":
         return QuantizedTensor(8, 32, codes.view(torch.int8), scale.float())
     if type_name == "Q4_0":  # w = d * (q - 8); exact in fp16 (a power-of-two multiple)
         return QuantizedTensor(4, 32, codes, scale, -8 * scale)
-    offset = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1)
-    return QuantizedTensor(4, 32, codes, scale, offset)
+    return QuantizedTensor(4, 32, codes, scale, field(2, 4).view(torch.float16).squeeze(-1))
 
 
 def _stays_quantized(tensor: GGUFTensor, config: ModelConfig) -> bool:

@@ -46,8 +46,8 @@ def gguf_dequantized(type_name: str, blocks: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(dequantize(blocks, GGMLQuantizationType[type_name]), dtype=np.float32))
 
 
-def block_tensor(type_name: str, rows: int, columns: int, seed: int = 0) -> QuantizedTensor:
-    blocks = torch.from_numpy(random_gguf_blocks(type_name, rows, columns, seed))
+def block_tensor(type_name: str, rows: int, columns: int, seed: int = 0, scale: float = 0.01) -> QuantizedTensor:
+    blocks = torch.from_numpy(random_gguf_blocks(type_name, rows, columns, seed, scale))
     return QuantizedTensor.from_blocks(blocks, [(type_name, rows)], columns)
 
 
@@ -155,10 +155,10 @@ def block_model() -> tuple[Transformer, Transformer]:
     for name, value in list(weights.items()):
         if value.ndim == 2 and name != "token_embedding.weight":
             if name.endswith("attention.qkv.weight"):  # q+k in one type, v in another, as llama.cpp files do
-                q_k = block_tensor(next(types), 256 + 128, 256, seed=len(name))
-                weights[name] = QuantizedTensor.cat([q_k, block_tensor(next(types), 128, 256, seed=1)])
-            else:
-                weights[name] = block_tensor(next(types), value.shape[0], value.shape[1], seed=len(name))
+                q_k = block_tensor(next(types), 256 + 128, 256, seed=len(name), scale=0.002)
+                weights[name] = QuantizedTensor.cat([q_k, block_tensor(next(types), 128, 256, seed=1, scale=0.002)])
+            else:  # scales small enough that activations stay of order one through the layers
+                weights[name] = block_tensor(next(types), value.shape[0], value.shape[1], len(name), scale=0.002)
     model = model_from_weights(config, weights).eval()
     reference.load_state_dict(
         {
@@ -170,13 +170,17 @@ def block_model() -> tuple[Transformer, Transformer]:
 
 
 @needs_kernels
-def test_the_native_decode_plan_runs_block_layers_like_the_fp32_model():
+def test_the_native_decode_plan_runs_block_layers_like_the_model_itself():
+    """The plan's calls (segment tables, scratch, pointers) against the model's own forward, which runs
+    each layer through the same kernel; and roughly the fp32 twin (random blocks make a chaotic model,
+    so int8-rounded activations move its logits by a few percent)."""
+    torch.manual_seed(0)
     model, reference = block_model()
     assert DecodePlan.fits(model)
     tokens = torch.randint(0, 96, (1, 12))
     cache = KVCache(model.config, 1, 32)
     with torch.no_grad():
         model.hidden_states(tokens[:, :-1], cache)
-        logits = decode_step(model, tokens[:, -1:], cache)
-        expected = reference(tokens)[0][0, -1]
-    assert relative_error(logits[0], expected) < 0.03
+        logits = decode_step(model, tokens[:, -1:], cache)[0]
+        assert relative_error(logits, model(tokens)[0][0, -1]) < 1e-4
+        assert relative_error(logits, reference(tokens)[0][0, -1]) < 0.1
