@@ -22,16 +22,18 @@ from lmforge.model import KVCache, ModelConfig, Transformer
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable (no C compiler or AVX2)")
 
-# where each type keeps its fp16 scale(s): (byte offset, how many halves)
+# where each type keeps its fp16 scale(s): (byte offset, how many halves); ggml-common.h's layouts
 HALF_FIELDS = {"Q4_0": (0, 1), "Q4_1": (0, 2), "Q5_0": (0, 1), "Q5_1": (0, 2), "Q8_0": (0, 1)}
-HALF_FIELDS |= {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, 1)}
+HALF_FIELDS |= {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, 1), "Q2_K": (80, 2), "Q3_K": (108, 1)}
 
 
 def random_gguf_blocks(type_name: str, rows: int, columns: int, seed: int = 0, scale: float = 0.01) -> np.ndarray:
     """Valid blocks of `type_name` (rows, row bytes): random codes, small finite fp16 scales. The
     gguf package cannot quantise into K-quants, so any byte pattern with finite scales will do."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
     rng = np.random.default_rng(seed)
-    _, weights, size = GGUF_BLOCK_TYPES[type_name]
+    weights, size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
     blocks = rng.integers(0, 256, size=(rows, columns // weights, size), dtype=np.uint8)
     start, count = HALF_FIELDS[type_name]
     halves = rng.uniform(-scale, scale, size=(rows, columns // weights, count)).astype(np.float16)
