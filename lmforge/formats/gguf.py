@@ -345,8 +345,8 @@ def resident_bytes(reader: GGUFFile, config: ModelConfig, keep_quantized: bool) 
 def read_weights(
     reader: GGUFFile, config: ModelConfig, path: Path, keep_quantized: bool = False
 ) -> dict[str, torch.Tensor | QuantizedTensor]:
-    """Our state dict from GGUF tensors: fp32, or with keep_quantized, Q4_0/Q4_1/Q8_0 matrices as
-    QuantizedTensor (kernels for them read the blocks as they are)."""
+    """Our state dict from GGUF tensors: fp32, or with keep_quantized, matrices in the block types the
+    kernels read (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K) as QuantizedTensor, blocks as they are."""
     import sys
 
     from tqdm import tqdm
@@ -503,8 +503,8 @@ def read_sampling(path: str | Path) -> dict:
 
 
 def load_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[Transformer, Tokenizer]:
-    """Model (eval mode) and tokenizer from a GGUF file: fp32, or with keep_quantized, Q4_0/Q4_1/Q8_0
-    matrices as int4/int8 layers (4-8x less memory, faster decoding)."""
+    """Model (eval mode) and tokenizer from a GGUF file: fp32, or with keep_quantized, matrices in
+    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K kept as their blocks (4-8x less memory, faster decoding)."""
     path = Path(path)
     reader = open_gguf(path)
     config = read_config(reader, path)
