@@ -77,6 +77,13 @@ INLINE __m256i high_bits32(const uint8_t *qh_bytes) {
     return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
+/* lane j = the sum of the 8 lanes of d[j]: one conversion and one FMA per 256 weights instead of 8 */
+INLINE __m256i sum_lanes8(const __m256i d[8]) {
+    __m256i h0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+    __m256i h4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20), _mm256_permute2x128_si256(h0123, h4567, 0x31));
+}
+
 /* Q4_K/Q5_K: 8 six-bit scales and 8 six-bit minimums packed in 12 bytes (ggml's get_scale_min_k4). */
 static void scales_mins_k4(const uint8_t *q, uint8_t scales[8], uint8_t mins[8]) {
     for (int j = 0; j < 8; j++) {
@@ -109,76 +116,88 @@ static float row_dot(int type, const uint8_t *w, const int8_t *xq, const float *
             acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * xscale[b]), _mm256_cvtepi32_ps(dot), acc);
         }
         break;
-    case Q4_0:
-    case Q4_1:
-        for (int64_t b = 0; b < K / 32; b++) {
-            int has_min = type == Q4_1;
-            const uint8_t *codes = w + (has_min ? 4 : 2);
-            __m256i dot = dot_u8_s8_i32(nibbles16(codes), load32(xq + b * 32));
-            float d = half(w);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xscale[b]), _mm256_cvtepi32_ps(dot), acc);
-            offsets += (has_min ? half(w + 2) : -8.0f * d) * xsum[b];
-            w += has_min ? 20 : 18;
+    case Q4_0: /* codes - 8 and - 16 as signed bytes: no offset term */
+        for (int64_t b = 0; b < K / 32; b++, w += 18) {
+            __m256i codes = _mm256_sub_epi8(nibbles16(w + 2), _mm256_set1_epi8(8));
+            __m256i dot = dot_s8_s8_i32(codes, load32(xq + b * 32));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * xscale[b]), _mm256_cvtepi32_ps(dot), acc);
         }
         break;
     case Q5_0:
+        for (int64_t b = 0; b < K / 32; b++, w += 22) {
+            __m256i codes = _mm256_or_si256(nibbles16(w + 6), high_bits32(w + 2));
+            __m256i dot = dot_s8_s8_i32(_mm256_sub_epi8(codes, _mm256_set1_epi8(16)), load32(xq + b * 32));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * xscale[b]), _mm256_cvtepi32_ps(dot), acc);
+        }
+        break;
+    case Q4_1:
     case Q5_1:
         for (int64_t b = 0; b < K / 32; b++) {
-            int has_min = type == Q5_1;
-            const uint8_t *qh = w + (has_min ? 4 : 2);
-            __m256i codes = _mm256_or_si256(nibbles16(qh + 4), high_bits32(qh));
+            int five = type == Q5_1;
+            __m256i codes = five ? _mm256_or_si256(nibbles16(w + 8), high_bits32(w + 4)) : nibbles16(w + 4);
             __m256i dot = dot_u8_s8_i32(codes, load32(xq + b * 32));
-            float d = half(w);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xscale[b]), _mm256_cvtepi32_ps(dot), acc);
-            offsets += (has_min ? half(w + 2) : -16.0f * d) * xsum[b];
-            w += has_min ? 24 : 22;
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * xscale[b]), _mm256_cvtepi32_ps(dot), acc);
+            offsets += half(w + 2) * xsum[b];
+            w += five ? 24 : 20;
         }
         break;
     case Q4_K:
-    case Q5_K:
+    case Q5_K: {
+        /* w = d * scale_j * q - dmin * min_j per sub-block j of 32: the integer dot of each sub-block is
+         * scaled by scale_j in the multiply-add (madd_epi16), the 8 sums meet x's 8 scales in one FMA,
+         * and the minimums meet x's 8 sums in another */
+        __m256 minimums = _mm256_setzero_ps();
         for (int64_t b = 0; b < K / 256; b++) {
             int five = type == Q5_K;
             float d = half(w), dmin = half(w + 2);
             uint8_t scales[8], mins[8];
             scales_mins_k4(w + 4, scales, mins);
             const uint8_t *qh = w + 16, *qs = w + (five ? 48 : 16);
+            __m256i dots[8];
             for (int j = 0; j < 8; j++) { /* sub-block j: weights 32j..32j+31 */
                 __m256i bytes = load32(qs + (j / 2) * 32);
                 __m256i codes = j % 2 ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4) : _mm256_and_si256(bytes, low4);
-                if (five) { /* bit j of qh[l] is weight l of sub-block j's fifth bit */
+                if (five) { /* bit j of qh[l] is the fifth bit of weight l of sub-block j */
                     __m256i high = _mm256_and_si256(_mm256_srli_epi16(load32(qh), j), _mm256_set1_epi8(1));
                     codes = _mm256_or_si256(codes, _mm256_slli_epi16(high, 4));
                 }
-                int64_t xb = b * 8 + j;
-                __m256i dot = dot_u8_s8_i32(codes, load32(xq + xb * 32));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * scales[j] * xscale[xb]), _mm256_cvtepi32_ps(dot), acc);
-                offsets -= dmin * mins[j] * xsum[xb];
+                __m256i pairs = _mm256_maddubs_epi16(codes, load32(xq + (b * 8 + j) * 32));
+                dots[j] = _mm256_madd_epi16(pairs, _mm256_set1_epi16(scales[j]));
             }
+            int64_t mins64;
+            memcpy(&mins64, mins, 8);
+            __m256 min_values = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mins64)));
+            __m256 x_scales = _mm256_loadu_ps(xscale + b * 8), x_sums = _mm256_loadu_ps(xsum + b * 8);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(dots)), _mm256_mul_ps(_mm256_set1_ps(d), x_scales), acc);
+            minimums = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), min_values), x_sums, minimums);
             w += five ? 176 : 144;
         }
+        offsets = -hsum(minimums);
         break;
+    }
     case Q6_K:
         for (int64_t b = 0; b < K / 256; b++, w += 210) {
             const uint8_t *ql = w, *qh = w + 128;
             const int8_t *scales = (const int8_t *)(w + 192);
-            float d = half(w + 208);
+            __m256i dots[8];
             for (int part = 0; part < 2; part++) { /* 128 weights each: 64 bytes of ql, 32 of qh, 8 scales */
-                const uint8_t *l = ql + part * 64, *h = qh + part * 32;
+                const uint8_t *l = ql + part * 64;
                 const int8_t *sc = scales + part * 8;
-                __m256i high = load32(h);
+                __m256i high = load32(qh + part * 32);
                 for (int c = 0; c < 4; c++) { /* weights 32c..32c+31 of this part */
                     __m256i bytes = load32(l + (c % 2) * 32);
                     __m256i low = c < 2 ? _mm256_and_si256(bytes, low4) : _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
                     __m256i top = _mm256_and_si256(_mm256_srli_epi16(high, 2 * c), _mm256_set1_epi8(3));
                     __m256i codes = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(top, 4)), _mm256_set1_epi8(32));
-                    int64_t xb = b * 8 + part * 4 + c;
-                    __m256i dot = dot_s8_s8_i32(codes, load32(xq + xb * 32));
-                    float s = d * xscale[xb]; /* the first 16 weights take scale 2c, the next 16 scale 2c+1 */
-                    __m256 scale = _mm256_setr_ps(s * sc[2 * c], s * sc[2 * c], s * sc[2 * c], s * sc[2 * c],
-                                                  s * sc[2 * c + 1], s * sc[2 * c + 1], s * sc[2 * c + 1], s * sc[2 * c + 1]);
-                    acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), acc);
+                    __m256i x = load32(xq + (b * 8 + part * 4 + c) * 32);
+                    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(x, codes));
+                    /* the first 16 weights take scale 2c, the next 16 scale 2c+1 */
+                    __m256i scale = _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
+                    dots[part * 4 + c] = _mm256_madd_epi16(pairs, scale);
                 }
             }
+            __m256 x_scales = _mm256_loadu_ps(xscale + b * 8);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(dots)), _mm256_mul_ps(_mm256_set1_ps(half(w + 208)), x_scales), acc);
         }
         break;
     }
