@@ -137,8 +137,9 @@ def llama_cpp_model(path: Path):
 @pytest.mark.slow
 @pytest.mark.parametrize("file_type", FILE_TYPES)
 def test_greedy_tokens_match_llama_cpp_or_part_at_a_near_tie(smollm2_files, file_type):
-    """Same file, same prompt: the same 32 greedy tokens, or the first difference is where llama.cpp's
-    own top two logits are within 0.25 (int8-rounded activations move logits by about that much)."""
+    """Same file, same prompt: the same 32 greedy tokens, or where they part, llama.cpp's logits for its
+    token and ours are within 0.25: a near-tie, which rounding flips (each engine rounds activations to
+    int8 its own way, and llama.cpp keeps its KV cache in fp16: logits move by a few tenths)."""
     from lmforge.formats.loading import load
     from lmforge.inference.generate import SamplingConfig, generate_tokens
 
@@ -155,12 +156,12 @@ def test_greedy_tokens_match_llama_cpp_or_part_at_a_near_tie(smollm2_files, file
         theirs.append(token)
         if len(theirs) == 32:
             break
-    if ours != theirs:
+    if ours != theirs:  # llama.cpp's logits where the texts part, as its own generation computed them
         first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-        llm.reset()
-        llm.eval(ids + theirs[:first])
-        top_two = np.sort(np.asarray(llm.scores[len(ids) + first - 1]))[-2:]
-        assert top_two[1] - top_two[0] < 0.25, f"tokens part at {first} where llama.cpp's top-2 gap is wide"
+        logits = np.asarray(llm.scores[len(ids) + first - 1])
+        assert logits.argmax() == theirs[first]
+        gap = logits[theirs[first]] - logits[ours[first]]
+        assert gap < 0.25, f"tokens part at {first}, where llama.cpp prefers its token by {gap:.3f}"
 
 
 def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
