@@ -186,3 +186,17 @@ def test_the_native_decode_plan_runs_block_layers_like_the_model_itself():
         logits = decode_step(model, tokens[:, -1:], cache)[0]
         assert relative_error(logits, model(tokens)[0][0, -1]) < 1e-4
         assert relative_error(logits, reference(tokens)[0][0, -1]) < 0.1
+
+
+def test_a_block_model_saves_and_loads_as_an_lmforge_checkpoint(tmp_path):
+    from lmforge.formats.checkpoint import load_model, save_model
+    from lmforge.tokenizer import CharTokenizer
+
+    torch.manual_seed(0)
+    model, _ = block_model()
+    save_model(tmp_path / "blocks", model, CharTokenizer("".join(chr(c) for c in range(32, 32 + 93))))
+    loaded, _, _ = load_model(tmp_path / "blocks")
+    assert loaded.blocks[0].attention.qkv.segments == model.blocks[0].attention.qkv.segments
+    tokens = torch.randint(0, 96, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens)[0], model(tokens)[0])
