@@ -187,9 +187,8 @@ class QuantizedTensor:
     def index_rows(self, order: torch.Tensor) -> QuantizedTensor:
         if self.segments is None:
             offset = None if self.offset is None else self.offset[order]
-            codes = torch.index_select(
-                self.codes, 0, order, out=zeroed_from_os(self.codes.shape, "cpu", self.codes.dtype)
-            )
+            room = zeroed_from_os((len(order), *self.codes.shape[1:]), "cpu", self.codes.dtype)
+            codes = torch.index_select(self.codes, 0, order, out=room)
             return QuantizedTensor(self.bits, self.group_size, codes, self.scale[order], offset)
         views = self._block_rows()
         firsts = torch.tensor([0] + [rows for _, rows in self.segments]).cumsum(0)
