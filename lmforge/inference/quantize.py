@@ -383,10 +383,9 @@ class QuantizedLinear(nn.Module):
         native = self.native_when_compiled if compiling else kernels.available()
         if x.dtype == torch.float32 and not x.requires_grad and native and flat.shape[0] <= NATIVE_MAX_ROWS:
             flat = flat.contiguous()
-            if self.segments is not None and not compiling:
-                out = kernels.matvec_blocks(flat, self.codes, self.segment_table, self.out_features, self.bias)
-            elif self.segments is not None:  # no compiled operator for blocks: the PyTorch path below
-                out = F.linear(flat, self.dequantize(), self.bias)
+            if self.segments is not None:
+                matvec = torch.ops.lmforge.matvec_blocks if compiling else kernels.matvec_blocks
+                out = matvec(flat, self.codes, self.segment_table, self.out_features, self.bias)
             elif self.bits == 8 and self.exact_activations:
                 matvec = torch.ops.lmforge.matvec_q8_exact if compiling else kernels.matvec_q8_exact
                 out = matvec(flat, self.codes, self.scale, self.group_size, self.bias)

@@ -200,3 +200,18 @@ def test_a_block_model_saves_and_loads_as_an_lmforge_checkpoint(tmp_path):
     tokens = torch.randint(0, 96, (1, 10))
     with torch.no_grad():
         assert torch.equal(loaded(tokens)[0], model(tokens)[0])
+
+
+@pytest.mark.slow
+@needs_kernels
+def test_compiled_decoding_calls_the_block_kernel_as_an_operator():
+    """torch.compile's decode step (tens of seconds to compile) keeps the block kernel as one custom
+    operator per layer and gives the same tokens as the uncompiled path."""
+    from lmforge.inference.generate import SamplingConfig, generate_tokens
+
+    torch.manual_seed(0)
+    model, _ = block_model()
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0)
+    assert list(generate_tokens(model, [3, 4, 5], sampling, compile=True)) == list(
+        generate_tokens(model, [3, 4, 5], sampling)
+    )

@@ -334,6 +334,15 @@ def custom_ops():
     ) -> torch.Tensor:  # fmt: skip
         return matvec_q4(x, packed, scale, offset, group_size, bias)
 
+    @torch.library.custom_op("lmforge::matvec_blocks", mutates_args=())
+    def blocks(
+        x: torch.Tensor, blocks: torch.Tensor, segments: torch.Tensor, out_features: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return matvec_blocks(x, blocks, segments, out_features, bias)
+
     for op in (f32, q8, q8_exact, q4):
         op.register_fake(lambda x, weight, *rest: x.new_empty(x.shape[0], weight.shape[0]))
-    return types.SimpleNamespace(matvec_f32=f32, matvec_q8=q8, matvec_q8_exact=q8_exact, matvec_q4=q4)
+    blocks.register_fake(lambda x, blocks, segments, out_features, bias: x.new_empty(x.shape[0], out_features))
+    return types.SimpleNamespace(
+        matvec_f32=f32, matvec_q8=q8, matvec_q8_exact=q8_exact, matvec_q4=q4, matvec_blocks=blocks
+    )
