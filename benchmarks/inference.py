@@ -7,12 +7,17 @@ a 512-token prompt, decode tok/s of 128 greedy tokens after a chat prompt, peak 
 interleaved and the best of each metric kept, since this machine is shared and noisy. Prints a
 table and the ratios the inference issue sets targets for; writes benchmarks/results/inference.json.
 
-A second table decodes the same GGUF while 0, 1 and 2 other processes keep a core busy each (a
+A second table runs llama.cpp's K-quant files (made here by llama-cpp-python's `llama_model_quantize`
+from lmforge's f32 export of SmolLM2: Q4_K_M and Q6_K) in lmforge and in llama.cpp, same file, same
+threads; with --qwen3, also a Qwen3-architecture model of 0.6B random weights in Q4_K_M (speed only;
+it needs a branch whose model and GGUF export know Qwen3, and says so when they do not).
+
+A third table decodes the same GGUF while 0, 1 and 2 other processes keep a core busy each (a
 numpy matmul loop, started and stopped here): lmforge choosing its threads per step (the
 default), lmforge fixed at --threads (what it did before), and llama.cpp at --threads and at one
 thread; the median of the rounds, since the point is what a user sees on a busy machine.
 
-    python benchmarks/inference.py [--rounds 2] [--skip-hf] [--threads 2] [--load-only]
+    python benchmarks/inference.py [--rounds 2] [--skip-hf] [--threads 2] [--load-only] [--kquants-only] [--qwen3]
 
 llama-cpp-python is optional; it compiles llama.cpp from source (~15-20 min on 2 cores):
     pip install llama-cpp-python==0.3.36
@@ -257,6 +262,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-hf", action="store_true", help="leave out HF transformers (slow to load)")
     parser.add_argument("--load-only", action="store_true", help="only the decode-under-load table")
+    parser.add_argument("--kquants-only", action="store_true", help="only the table of llama.cpp's K-quant files")
+    parser.add_argument("--qwen3", action="store_true", help="add a random Qwen3 0.6B Q4_K_M to the K-quant table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -287,18 +294,33 @@ def main() -> None:
     except ImportError:
         with_llama_cpp = False
         print("llama-cpp-python is not installed: its rows are left out (see this file's docstring)")
-    report = json.loads(RESULTS.read_text()) if args.load_only and RESULTS.exists() else {}
-    if not args.load_only:
+    partial = args.load_only or args.kquants_only
+    report = json.loads(RESULTS.read_text()) if partial and RESULTS.exists() else {}
+    if not partial:
         report.update(compare_engines(args, with_llama_cpp))
-    gguf_path = str(builtin_model_path("smollm2-135m-instruct"))
-    under_load = decode_under_load(args.threads, args.rounds, gguf_path, with_llama_cpp)
-    report["under_load"] = {"competing_processes": list(COMPETING_PROCESSES), "decode_tok_s": under_load}
-    report["under_load"]["ratios"] = print_under_load(under_load, args.threads)
+    if with_llama_cpp and not args.load_only:  # the files are made by llama.cpp's quantiser
+        report["kquants"] = compare_gguf_files(args)
+    if not args.kquants_only:
+        gguf_path = str(builtin_model_path("smollm2-135m-instruct"))
+        under_load = decode_under_load(args.threads, args.rounds, gguf_path, with_llama_cpp)
+        report["under_load"] = {"competing_processes": list(COMPETING_PROCESSES), "decode_tok_s": under_load}
+        report["under_load"]["ratios"] = print_under_load(under_load, args.threads)
     report["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": args.threads}
     report["torch"] = torch.__version__
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2))
     print(f"wrote {RESULTS}")
+
+
+def keep_best(best: dict, measured: dict) -> None:
+    """Merge one round into the best so far: highest tok/s, lowest seconds and memory."""
+    for key, value in measured.items():
+        if not isinstance(value, float):
+            best[key] = value
+        elif key.endswith("tok_s"):
+            best[key] = max(best.get(key, 0.0), value)
+        else:
+            best[key] = min(best.get(key, float("inf")), value)
 
 
 def compare_engines(args: argparse.Namespace, with_llama_cpp: bool) -> dict:
@@ -328,14 +350,7 @@ def compare_engines(args: argparse.Namespace, with_llama_cpp: bool) -> dict:
                 measured = run_worker(engine, checkpoints.get(engine), args.threads)
                 if measured is None:
                     continue
-                best = results.setdefault(engine, {})
-                for key, value in measured.items():
-                    if not isinstance(value, float):
-                        best[key] = value
-                    elif key.endswith("tok_s"):
-                        best[key] = max(best.get(key, 0.0), value)
-                    else:
-                        best[key] = min(best.get(key, float("inf")), value)
+                keep_best(results.setdefault(engine, {}), measured)
 
     print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, best of {args.rounds} rounds")
     print(f"{'engine':<24}{'load s':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
@@ -374,6 +389,102 @@ def compare_engines(args: argparse.Namespace, with_llama_cpp: bool) -> dict:
         "results": results,
         "ratios": ratios,
     }
+
+
+def quantize_with_llama_cpp(source: Path, target: Path, file_type: str) -> Path:
+    """llama.cpp's own quantiser (`llama-quantize`) on a GGUF, e.g. file_type "Q4_K_M"."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{file_type}")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
+        raise RuntimeError(f"llama_model_quantize failed on {source}")
+    return target
+
+
+# Qwen3-0.6B's shape (its vocabulary too; the tokens are SmolLM2's, padded): 0.6B parameters.
+QWEN3_SHAPE = dict(
+    vocab_size=151936, block_size=4096, n_layers=28, n_heads=16, n_kv_heads=8, d_model=1024, d_head=128,
+    d_mlp=3072, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", positions="rope", rope_theta=1e6, bias=False,
+    qk_norm=True, tie_embeddings=True, architecture="qwen3",
+)  # fmt: skip
+
+
+def qwen3_random_gguf(folder: Path) -> Path | str:
+    """A random-weight Qwen3 of QWEN3_SHAPE as llama.cpp's Q4_K_M, or why it cannot be made on this branch."""
+    import torch
+
+    from lmforge.errors import LmforgeError
+    from lmforge.formats.gguf import save_gguf
+    from lmforge.formats.loading import load
+    from lmforge.model import ModelConfig, Transformer
+
+    try:
+        tiny = {**QWEN3_SHAPE, "vocab_size": 64, "n_layers": 1, "d_model": 64, "d_head": 16, "n_heads": 4}
+        tiny |= {"n_kv_heads": 2, "d_mlp": 128}
+        plain = {**tiny, "qk_norm": False}
+        if Transformer(ModelConfig(**tiny)).num_parameters() == Transformer(ModelConfig(**plain)).num_parameters():
+            return "this branch's model ignores qk_norm (the Qwen3 maths are not merged)"
+        torch.manual_seed(0)
+        model = Transformer(ModelConfig(**QWEN3_SHAPE)).eval()
+        tokenizer = load("smollm2-135m-instruct")[1]
+        source = save_gguf(model, tokenizer, folder / "qwen3-0.6b-random-f16.gguf", "f16")
+    except (LmforgeError, ValueError, TypeError, KeyError) as error:
+        return f"{type(error).__name__}: {error}"
+    del model
+    return quantize_with_llama_cpp(source, folder / "qwen3-0.6b-random-Q4_K_M.gguf", "Q4_K_M")
+
+
+def compare_gguf_files(args: argparse.Namespace) -> dict:
+    """lmforge and llama.cpp on the same K-quant files, best of the rounds: decode, prefill, load."""
+    from lmforge.formats.gguf import save_gguf
+    from lmforge.formats.loading import load
+
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        print("exporting SmolLM2 as f32 GGUF and quantising it with llama.cpp ...", flush=True)
+        model, tokenizer = load("smollm2-135m-instruct", keep_quantized=False)
+        source = save_gguf(model, tokenizer, folder / "smollm2-f32.gguf", "f32")
+        del model
+        files = {
+            f"SmolLM2 {name}": quantize_with_llama_cpp(source, folder / f"smollm2-{name}.gguf", name)
+            for name in ("Q4_K_M", "Q6_K")
+        }
+        if args.qwen3:
+            print("building a random Qwen3 0.6B and quantising it to Q4_K_M ...", flush=True)
+            made = qwen3_random_gguf(folder)
+            if isinstance(made, Path):
+                files["Qwen3-0.6B random Q4_K_M"] = made
+            else:
+                print(f"  Qwen3 row left out: {made}")
+        for round_index in range(args.rounds):
+            for label, path in files.items():
+                for engine, worker in (("lmforge", "lmforge-gguf-file"), ("llama.cpp", "llama.cpp")):
+                    print(f"round {round_index + 1}/{args.rounds}: {label}, {engine}", flush=True)
+                    measured = run_worker(worker, str(path), args.threads)
+                    if measured is not None:
+                        keep_best(results.setdefault(f"{label} | {engine}", {}), measured)
+        sizes_mb = {label: path.stat().st_size / 2**20 for label, path in files.items()}
+
+    print(f"\nllama.cpp's K-quant files, {args.threads} threads, best of {args.rounds} rounds")
+    print(f"{'file | engine':<40}{'load s':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
+    for engine, row in results.items():
+        print(
+            f"{engine:<40}{row['load_s']:>8.2f}{row['prefill_tok_s']:>15.1f}"
+            f"{row['decode_tok_s']:>14.1f}{row['peak_rss_mb']:>13.0f}"
+        )
+    ratios = {}
+    for label in sizes_mb:
+        ours, theirs = results.get(f"{label} | lmforge"), results.get(f"{label} | llama.cpp")
+        if ours and theirs:
+            for metric in ("decode_tok_s", "prefill_tok_s"):
+                ratios[f"{label} {metric.removesuffix('_tok_s')} vs llama.cpp"] = ours[metric] / theirs[metric]
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}x")
+    return {"results": results, "ratios": ratios, "file_mb": sizes_mb}
 
 
 if __name__ == "__main__":

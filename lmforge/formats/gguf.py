@@ -29,8 +29,16 @@ from lmforge.formats.metadata import (
     positive_number,
     sampling_settings,
 )
-from lmforge.inference.quantize import QuantizedTensor, as_float, model_from_weights, model_weights
-from lmforge.model import ModelConfig, Transformer, rope_frequencies
+from lmforge.inference import kernels
+from lmforge.inference.quantize import (
+    GGUF_BLOCK_TYPES,
+    QuantizedTensor,
+    as_float,
+    model_from_weights,
+    model_weights,
+    segment_table,
+)
+from lmforge.model import ModelConfig, Transformer, rope_frequencies, zeroed_from_os
 from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 
 # llama.cpp token types
@@ -129,7 +137,7 @@ def _cat(parts: list) -> torch.Tensor | QuantizedTensor:
 def _unpermute_rope(weight, n_heads: int):
     """Inverse of llama.cpp's `permute`: interleaved rotary pairs back to the half-split layout."""
     if isinstance(weight, QuantizedTensor):  # permute whole rows; the blocks run along them
-        return weight.index_rows(_unpermute_rope(torch.arange(weight.codes.shape[0]), n_heads))
+        return weight.index_rows(_unpermute_rope(torch.arange(weight.shape[0]), n_heads))
     rows = weight.shape[0]
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
@@ -137,7 +145,7 @@ def _unpermute_rope(weight, n_heads: int):
 def _permute_rope(weight, n_heads: int):
     """llama.cpp's `permute`: half-split rotary pairs to its interleaved layout (whole rows of a quantised weight)."""
     if isinstance(weight, QuantizedTensor):
-        return weight.index_rows(_permute_rope(torch.arange(weight.codes.shape[0]), n_heads))
+        return weight.index_rows(_permute_rope(torch.arange(weight.shape[0]), n_heads))
     rows = weight.shape[0]
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
@@ -370,11 +378,21 @@ def _dequantize_q4_q8(blocks: torch.Tensor, type_name: str) -> torch.Tensor:
 
 
 def _dequantize(tensor) -> torch.Tensor:
-    """One GGUF tensor as fp32, in torch's dimension order."""
+    """One GGUF tensor as fp32, in torch's dimension order: block types through the native kernels
+    (or torch for Q4_0/Q4_1/Q8_0 without them), BF16 in torch, the rest (Q2_K, Q3_K, IQ*, ...)
+    through the gguf package's numpy code."""
     from gguf.quants import dequantize
 
     shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dimensions fastest-first
     type_name = tensor.tensor_type.name
+    if type_name == "BF16":  # the top half of an fp32
+        raw = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(-1)
+        return raw.view(torch.bfloat16).float().reshape(shape)
+    if type_name in GGUF_BLOCK_TYPES and kernels.available():
+        blocks = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(-1)
+        rows = math.prod(shape[:-1])
+        table = segment_table(((type_name, rows),))
+        return kernels.dequantize_blocks(blocks, table, shape[-1], slice(None)).reshape(shape)
     if type_name in ("Q4_0", "Q4_1", "Q8_0"):
         return _dequantize_q4_q8(torch.from_numpy(np.array(tensor.data, copy=True)), type_name).reshape(shape)
     values = np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
@@ -384,28 +402,42 @@ def _dequantize(tensor) -> torch.Tensor:
 
 
 def _as_quantized(tensor) -> QuantizedTensor:
-    """A Q4_0 / Q4_1 / Q8_0 matrix mapped block for block onto our int4 / int8 formats (group 32)."""
+    """A quantised matrix as it is in the file: Q4_0 / Q4_1 / Q8_0 mapped block for block onto our
+    int4 / int8 formats (group 32), the other block types kept as GGUF blocks."""
     rows, columns = int(tensor.shape[1]), int(tensor.shape[0])
     type_name = tensor.tensor_type.name
+
+    def copied(array: np.ndarray) -> torch.Tensor:
+        """Out of the file map into memory from the OS: glibc's heap would keep what loading frees."""
+        out = zeroed_from_os(array.shape, "cpu", torch.uint8)
+        out.numpy()[...] = array
+        return out
+
+    if type_name not in ("Q4_0", "Q4_1", "Q8_0"):
+        return QuantizedTensor.from_blocks(copied(tensor.data.reshape(-1)), [(type_name, rows)], columns)
     header = 4 if type_name == "Q4_1" else 2
     size = header + (32 if type_name == "Q8_0" else 16)
-    blocks = torch.from_numpy(np.array(tensor.data, copy=True)).reshape(rows, columns // 32, size)
-    scale = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1)  # int4 keeps fp16 scales, int8 fp32
-    codes = blocks[..., header:].reshape(rows, -1).contiguous()
+    blocks = tensor.data.reshape(rows, columns // 32, size)
+
+    def field(start: int, stop: int) -> torch.Tensor:  # each field straight into its own array
+        return copied(blocks[..., start:stop])
+
+    scale = field(0, 2).view(torch.float16).squeeze(-1)  # int4 keeps fp16 scales, int8 fp32
+    codes = field(header, size).reshape(rows, -1)
     if type_name == "Q8_0":
         return QuantizedTensor(8, 32, codes.view(torch.int8), scale.float())
     if type_name == "Q4_0":  # w = d * (q - 8); exact in fp16 (a power-of-two multiple)
         return QuantizedTensor(4, 32, codes, scale, -8 * scale)
-    offset = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1)
-    return QuantizedTensor(4, 32, codes, scale, offset)
+    return QuantizedTensor(4, 32, codes, scale, field(2, 4).view(torch.float16).squeeze(-1))
 
 
 def _stays_quantized(tensor: GGUFTensor, config: ModelConfig) -> bool:
-    """Whether a tensor can load as its blocks: a Q4_0/Q4_1/Q8_0 matrix that becomes a Linear layer.
-    Embedding tables are looked up, not multiplied (a tied one is the LM head's matrix)."""
+    """Whether a tensor can load as its blocks: a matrix in a type the kernels read (Q4_0, Q4_1, Q5_0,
+    Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) that becomes a Linear layer. Embedding tables are looked up, not
+    multiplied (a tied one is the LM head's matrix)."""
     looked_up = ["position_embd.weight"] + ([] if config.tie_embeddings else ["token_embd.weight"])
     embedding = tensor.name in looked_up
-    return tensor.tensor_type.name in ("Q4_0", "Q4_1", "Q8_0") and len(tensor.shape) == 2 and not embedding
+    return tensor.tensor_type.name in GGUF_BLOCK_TYPES and len(tensor.shape) == 2 and not embedding
 
 
 def resident_bytes(reader: GGUFFile, config: ModelConfig, keep_quantized: bool) -> int:
@@ -419,8 +451,8 @@ def resident_bytes(reader: GGUFFile, config: ModelConfig, keep_quantized: bool) 
 def read_weights(
     reader: GGUFFile, config: ModelConfig, path: Path, keep_quantized: bool = False
 ) -> dict[str, torch.Tensor | QuantizedTensor]:
-    """Our state dict from GGUF tensors: fp32, or with keep_quantized, Q4_0/Q4_1/Q8_0 matrices as
-    QuantizedTensor (kernels for them read the blocks as they are)."""
+    """Our state dict from GGUF tensors: fp32, or with keep_quantized, matrices in the block types the
+    kernels read (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K) as QuantizedTensor, blocks as they are."""
     import sys
 
     from tqdm import tqdm
@@ -609,8 +641,8 @@ def read_sampling(path: str | Path) -> dict:
 
 
 def load_gguf(path: str | Path, keep_quantized: bool = False) -> tuple[Transformer, Tokenizer]:
-    """Model (eval mode) and tokenizer from a GGUF file: fp32, or with keep_quantized, Q4_0/Q4_1/Q8_0
-    matrices as int4/int8 layers (4-8x less memory, faster decoding)."""
+    """Model (eval mode) and tokenizer from a GGUF file: fp32, or with keep_quantized, matrices in
+    Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K kept as their blocks (4-8x less memory, faster decoding)."""
     path = Path(path)
     reader = open_gguf(path)
     config = read_config(reader, path)
@@ -788,14 +820,7 @@ def _gguf_tensor(weight: torch.Tensor | QuantizedTensor, matrix_type) -> tuple:
 
 def _as_blocks(weight: QuantizedTensor) -> torch.Tensor:
     """The inverse of `_as_quantized`: rows of Q8_0 (int8) or Q4_1 (int4) blocks of 32 weights."""
-    rows, groups = weight.scale.shape
-    scale = weight.scale.half().contiguous().view(torch.uint8).reshape(rows, groups, 2)
-    if weight.bits == 8:
-        codes = weight.codes.contiguous().view(torch.uint8).reshape(rows, groups, 32)
-        return torch.cat([scale, codes], dim=-1).reshape(rows, -1)
-    offset = weight.offset.half().contiguous().view(torch.uint8).reshape(rows, groups, 2)
-    codes = weight.codes.reshape(rows, groups, 16)
-    return torch.cat([scale, offset, codes], dim=-1).reshape(rows, -1)
+    return weight.as_blocks().codes.reshape(weight.shape[0], -1)
 
 
 def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:

@@ -132,7 +132,8 @@ def load(
 ) -> tuple[Transformer, Tokenizer]:
     """Model (eval mode) and tokenizer from a built-in name, a .gguf file, an HF folder or an lmforge checkpoint.
 
-    Q4_0/Q4_1/Q8_0 GGUF weights stay quantised unless keep_quantized=False (then all fp32).
+    GGUF weights in Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K stay quantised unless keep_quantized=False
+    (then all fp32).
     On CPU, fp32 Linear layers decode through the native kernels (`lmforge.inference.quantize.use_native_kernels`).
     `adapter`: a LoRA adapter folder (`lmforge finetune --task sft`) applied on top; over fp32
     weights it is merged in (no cost per token), over quantised ones it runs beside them.

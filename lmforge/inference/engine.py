@@ -292,21 +292,25 @@ class DecodePlan:
         if not isinstance(layer, QuantizedLinear):
             tail = (bias, layer.out_features, out.data_ptr(), threads)
             return library.matvec_f32, (*head, layer.weight.detach().data_ptr(), *tail)
-        codes, scale = layer.codes.data_ptr(), layer.scale.data_ptr()
-        if layer.bits == 8 and layer.exact_activations:
+        if layer.segments is None and layer.bits == 8 and layer.exact_activations:
             tail = (layer.group_size, bias, layer.out_features, out.data_ptr(), threads)
-            return library.matvec_q8_exact, (*head, codes, scale, *tail)
+            return library.matvec_q8_exact, (*head, layer.codes.data_ptr(), layer.scale.data_ptr(), *tail)
         scratch = [torch.empty(rows, inner, dtype=torch.int8), torch.empty(rows, inner // 32)]
         scratch.append(torch.empty(rows, inner // 32))
         self._scratch += scratch
-        tail = (layer.group_size, bias, layer.out_features, out.data_ptr(), *(t.data_ptr() for t in scratch), threads)
+        tail = (bias, layer.out_features, out.data_ptr(), *(t.data_ptr() for t in scratch), threads)
+        if layer.segments is not None:  # GGUF blocks (kquants.c), of one type or several
+            table = layer.segment_table
+            return library.matvec_blocks, (*head, layer.codes.data_ptr(), table.data_ptr(), table.shape[0], *tail)
+        codes, scale, tail = layer.codes.data_ptr(), layer.scale.data_ptr(), (layer.group_size, *tail)
         if layer.bits == 8:
             return library.matvec_q8, (*head, codes, scale, *tail)
         return library.matvec_q4, (*head, codes, scale, layer.offset.data_ptr(), *tail)
 
     @staticmethod
     def fits(model: Transformer) -> bool:
-        """Every Linear is one the native calls can run (fp32 contiguous, or int8/int4 with 32-column groups);
+        """Every Linear is one the native calls can run (fp32 contiguous, int8/int4 with 32-column groups, or
+        GGUF blocks, whose rows are whole blocks by construction);
         anything else in their place (a LoRA wrapper, say) leaves decoding to the model's own forward."""
         linears = [model.lm_head]
         for block in model.blocks:

@@ -24,12 +24,53 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.inference import kernels
-from lmforge.model import ModelConfig, Transformer
+from lmforge.model import ModelConfig, Transformer, zeroed_from_os
 
 NATIVE_MAX_ROWS = 16  # above this many rows a dequantise + BLAS matmul is faster than the matvec kernels
 # Prefill dequantises this many weights (1 MB of fp32) at a time: a whole up-projection would be 7 MB
 # of peak RSS for SmolLM2, and BLAS is as fast on 256-row slabs as on the whole matrix.
 PREFILL_SLAB_ELEMENTS = 256 * 1024
+
+
+# GGUF block types the kernels read as they are (kquants.c): name -> (ggml type id, weights per
+# block, bytes per block), from ggml-common.h.
+GGUF_BLOCK_TYPES = {
+    "Q4_0": (2, 32, 18),
+    "Q4_1": (3, 32, 20),
+    "Q5_0": (6, 32, 22),
+    "Q5_1": (7, 32, 24),
+    "Q8_0": (8, 32, 34),
+    "Q4_K": (12, 256, 144),
+    "Q5_K": (13, 256, 176),
+    "Q6_K": (14, 256, 210),
+}
+
+
+def block_row_bytes(type_name: str, columns: int) -> int:
+    """Bytes of one row of `columns` weights in a GGUF block type."""
+    _, weights, size = GGUF_BLOCK_TYPES[type_name]
+    return columns // weights * size
+
+
+def segment_table(segments: tuple[tuple[str, int], ...]) -> torch.Tensor:
+    """(ggml type id, rows) per segment as the int64 (S, 2) table the kernels read."""
+    return torch.tensor([[GGUF_BLOCK_TYPES[name][0], rows] for name, rows in segments], dtype=torch.int64)
+
+
+def dequantize_blocks(blocks: torch.Tensor, segments: tuple[tuple[str, int], ...], columns: int) -> torch.Tensor:
+    """A GGUF block matrix as fp32 through the gguf package (the reference; the kernels' path is
+    `kernels.dequantize_blocks`)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    parts, start = [], 0
+    for name, rows in segments:
+        size = rows * block_row_bytes(name, columns)
+        data = blocks[start : start + size].numpy().reshape(rows, -1)
+        parts.append(torch.from_numpy(np.array(dequantize(data, GGMLQuantizationType[name]), dtype=np.float32)))
+        start += size
+    return torch.cat(parts).reshape(-1, columns)
 
 
 def quantize_int8(weight: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,51 +127,132 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 
 @dataclass
 class QuantizedTensor:
-    """A weight matrix still in quantised form (e.g. read from GGUF blocks), before it becomes a layer."""
+    """A weight matrix still in quantised form (e.g. read from GGUF blocks), before it becomes a layer.
+
+    int8/int4: `codes`, `scale`, `offset` as the module docstring says. GGUF blocks (bits 0):
+    `codes` is the rows' block bytes (1-D uint8), `segments` the (type name, rows) runs, `columns`
+    the row width; `scale` and `offset` are None."""
 
     bits: int
     group_size: int
     codes: torch.Tensor
-    scale: torch.Tensor
+    scale: torch.Tensor | None
     offset: torch.Tensor | None = None
+    segments: tuple[tuple[str, int], ...] | None = None
+    columns: int = 0
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, segments, columns: int) -> QuantizedTensor:
+        """GGUF block bytes kept as they are; adjacent segments of one type merge."""
+        merged: list[tuple[str, int]] = []
+        for name, rows in segments:
+            if merged and merged[-1][0] == name:
+                merged[-1] = (name, merged[-1][1] + rows)
+            elif rows:
+                merged.append((name, rows))
+        return cls(0, 32, blocks.reshape(-1), None, segments=tuple(merged), columns=columns)
 
     @property
     def shape(self) -> torch.Size:
         """(rows, columns) of the weight it holds; int4 packs two columns a byte."""
+        if self.segments is not None:
+            return torch.Size((sum(rows for _, rows in self.segments), self.columns))
         rows, width = self.codes.shape
         return torch.Size((rows, 2 * width if self.bits == 4 else width))
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight, through the native kernels where they built (an export dequantises every layer)."""
+        native = kernels.available() and self.codes.device.type == "cpu"
+        if self.segments is not None:
+            if native:
+                table = segment_table(self.segments)
+                return kernels.dequantize_blocks(self.codes.contiguous(), table, self.columns, slice(None))
+            return dequantize_blocks(self.codes, self.segments, self.columns)
         codes, scale = self.codes.contiguous(), self.scale.contiguous()
-        native = kernels.available() and codes.device.type == "cpu"
         if self.bits == 8:
             return kernels.dequantize_q8(codes, scale, self.group_size) if native else dequantize_int8(codes, scale)
         if native:
             return kernels.dequantize_q4(codes, scale, self.offset.contiguous(), self.group_size)
         return dequantize_int4(codes, scale, self.offset)
 
+    def _block_rows(self) -> list[tuple[str, torch.Tensor]]:
+        """Each segment's type and its bytes as a (rows, row bytes) view."""
+        views, start = [], 0
+        for name, rows in self.segments:
+            width = block_row_bytes(name, self.columns)
+            views.append((name, self.codes[start : start + rows * width].view(rows, width)))
+            start += rows * width
+        return views
+
     def index_rows(self, order: torch.Tensor) -> QuantizedTensor:
-        offset = None if self.offset is None else self.offset[order]
-        return QuantizedTensor(self.bits, self.group_size, self.codes[order], self.scale[order], offset)
+        if self.segments is None:
+            offset = None if self.offset is None else self.offset[order]
+            room = zeroed_from_os((len(order), *self.codes.shape[1:]), "cpu", self.codes.dtype)
+            codes = torch.index_select(self.codes, 0, order, out=room)
+            return QuantizedTensor(self.bits, self.group_size, codes, self.scale[order], offset)
+        views = self._block_rows()
+        firsts = torch.tensor([0] + [rows for _, rows in self.segments]).cumsum(0)
+        which = torch.searchsorted(firsts[1:], order, right=True).tolist()  # each wanted row's segment
+        parts, segments, at = [], [], 0
+        while at < len(order):  # runs of consecutive wanted rows from one segment
+            end = at + 1
+            while end < len(order) and which[end] == which[at]:
+                end += 1
+            name, view = views[which[at]]
+            parts.append(view[order[at:end] - firsts[which[at]]].reshape(-1))
+            segments.append((name, end - at))
+            at = end
+        return QuantizedTensor.from_blocks(_cat_from_os(parts), segments, self.columns)
+
+    def as_blocks(self) -> QuantizedTensor | None:
+        """The same weight in GGUF block form (int8 / int4 in 32-column groups are Q8_0 / Q4_1 blocks,
+        unchanged), or None where it has no such form."""
+        if self.segments is not None:
+            return self
+        if self.group_size != 32:
+            return None
+        rows, groups = self.scale.shape
+        scale = self.scale.half().contiguous().view(torch.uint8).reshape(rows, groups, 2)
+        if self.bits == 8:
+            codes = self.codes.contiguous().view(torch.uint8).reshape(rows, groups, 32)
+            blocks = torch.cat([scale, codes], dim=-1)
+        else:
+            offset = self.offset.half().contiguous().view(torch.uint8).reshape(rows, groups, 2)
+            blocks = torch.cat([scale, offset, self.codes.reshape(rows, groups, 16)], dim=-1)
+        return QuantizedTensor.from_blocks(blocks, [("Q8_0" if self.bits == 8 else "Q4_1", rows)], groups * 32)
 
     @staticmethod
     def cat(parts: list) -> QuantizedTensor | torch.Tensor:
-        """Stack row blocks; if their formats differ, as fp32."""
+        """Stack row blocks: in their own format where they share one, else as GGUF blocks where each has
+        that form (q, k in Q5_0 with v in Q8_0, say), else as fp32."""
         first = parts[0]
         same = all(
-            isinstance(p, QuantizedTensor) and (p.bits, p.group_size) == (first.bits, first.group_size) for p in parts
+            isinstance(p, QuantizedTensor)
+            and p.segments is None
+            and (p.bits, p.group_size) == (first.bits, first.group_size)
+            for p in parts
         )
-        if not same:
-            return torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts])
-        offset = None if first.offset is None else torch.cat([p.offset for p in parts])
-        return QuantizedTensor(
-            first.bits,
-            first.group_size,
-            torch.cat([p.codes for p in parts]),
-            torch.cat([p.scale for p in parts]),
-            offset,
-        )
+        if same:
+            offset = None if first.offset is None else torch.cat([p.offset for p in parts])
+            return QuantizedTensor(
+                first.bits,
+                first.group_size,
+                _cat_from_os([p.codes for p in parts]),
+                torch.cat([p.scale for p in parts]),
+                offset,
+            )
+        blocks = [p.as_blocks() if isinstance(p, QuantizedTensor) else None for p in parts]
+        if all(b is not None for b in blocks):
+            segments = [segment for b in blocks for segment in b.segments]
+            return QuantizedTensor.from_blocks(_cat_from_os([b.codes for b in blocks]), segments, first.shape[1])
+        return torch.cat([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts])
+
+
+def _cat_from_os(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat into memory from the OS (`zeroed_from_os`): loading joins and reorders whole weight
+    matrices, and glibc's heap would keep the parts' freed memory (+40 MB peak RSS for SmolLM2 Q6_K)."""
+    shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
+    return torch.cat(parts, out=zeroed_from_os(shape, parts[0].device, parts[0].dtype))
 
 
 _scratch = threading.local()
@@ -145,10 +267,22 @@ def _dequantization_buffer(size: int) -> torch.Tensor:
 
 
 class QuantizedLinear(nn.Module):
-    """y = x W^T + b with W held as int8 or packed int4 codes and float scales."""
+    """y = x W^T + b with W held as int8 or packed int4 codes and float scales, or as GGUF blocks
+    (bits 0, `segments` given: see the module docstring)."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool,
+        segments: tuple[tuple[str, int], ...] | None = None,
+    ):
         super().__init__()
+        if segments is not None:
+            self._init_blocks(in_features, out_features, segments, bias)
+            return
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, not {bits}")
         if in_features % group_size or group_size % 32:
@@ -156,6 +290,7 @@ class QuantizedLinear(nn.Module):
                 f"group size {group_size} must divide the {in_features} input features and be a multiple of 32"
             )
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        self.segments = None
         # Decode kernels round x to int8 (fast, ~0.5% error) unless exact: set for the LM head,
         # whose logits pick tokens directly and where that error flips greedy near-ties.
         self.exact_activations = False
@@ -173,6 +308,32 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=torch.float16 if bits == 4 else None))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
 
+    def _init_blocks(self, in_features: int, out_features: int, segments, bias: bool) -> None:
+        segments = tuple((str(name), int(rows)) for name, rows in segments)
+        for name, _ in segments:
+            if name not in GGUF_BLOCK_TYPES:
+                raise ValueError(f"GGUF type {name} is not one the kernels read (they read {sorted(GGUF_BLOCK_TYPES)})")
+            if in_features % GGUF_BLOCK_TYPES[name][1]:
+                raise ValueError(f"{name} rows of {in_features} weights are not whole blocks")
+        if sum(rows for _, rows in segments) != out_features:
+            raise ValueError(f"GGUF segments hold {sum(r for _, r in segments)} rows, not {out_features}")
+        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, 0, 32
+        self.segments = segments
+        self.exact_activations = False  # the block kernel always rounds x to int8, as llama.cpp does
+        self.native_when_compiled = False
+        total = sum(rows * block_row_bytes(name, in_features) for name, rows in segments)
+        self.register_buffer("codes", torch.empty(total, dtype=torch.uint8))
+        # the kernels' view of `segments`; rebuilt from the layout, so not saved
+        self.register_buffer("segment_table", segment_table(segments), persistent=False)
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    def weight_tensor(self) -> QuantizedTensor:
+        """The weight as a QuantizedTensor (sharing this layer's codes)."""
+        if self.segments is not None:
+            return QuantizedTensor.from_blocks(self.codes, self.segments, self.in_features)
+        offset = self.offset if self.bits == 4 else None
+        return QuantizedTensor(self.bits, self.group_size, self.codes, self.scale, offset)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int | None = None) -> QuantizedLinear:
         in_features = linear.in_features
@@ -184,6 +345,8 @@ class QuantizedLinear(nn.Module):
         return layer
 
     def set_weight(self, weight: torch.Tensor) -> None:
+        if self.segments is not None:
+            raise ValueError("GGUF block layers are read from files; lmforge does not quantise into K-quants")
         if self.bits == 8:
             self.codes, self.scale = quantize_int8(weight, self.group_size)
         else:
@@ -200,6 +363,10 @@ class QuantizedLinear(nn.Module):
     def dequantize(self, out: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
         """The fp32 weight, or its `rows`; with the native kernels, written into `out` if given."""
         native = kernels.available() and not torch.compiler.is_compiling()
+        if self.segments is not None:
+            if native:
+                return kernels.dequantize_blocks(self.codes, self.segment_table, self.in_features, rows, out)
+            return dequantize_blocks(self.codes, self.segments, self.in_features)[rows]
         codes, scale = self.codes[rows], self.scale[rows]
         if self.bits == 8:
             if native:
@@ -216,7 +383,10 @@ class QuantizedLinear(nn.Module):
         native = self.native_when_compiled if compiling else kernels.available()
         if x.dtype == torch.float32 and not x.requires_grad and native and flat.shape[0] <= NATIVE_MAX_ROWS:
             flat = flat.contiguous()
-            if self.bits == 8 and self.exact_activations:
+            if self.segments is not None:
+                matvec = torch.ops.lmforge.matvec_blocks if compiling else kernels.matvec_blocks
+                out = matvec(flat, self.codes, self.segment_table, self.out_features, self.bias)
+            elif self.bits == 8 and self.exact_activations:
                 matvec = torch.ops.lmforge.matvec_q8_exact if compiling else kernels.matvec_q8_exact
                 out = matvec(flat, self.codes, self.scale, self.group_size, self.bias)
             elif self.bits == 8:
@@ -245,6 +415,8 @@ class QuantizedLinear(nn.Module):
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
+        if self.segments is not None:
+            return f"in={self.in_features}, out={self.out_features}, gguf={list(self.segments)}"
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
 
 
@@ -262,6 +434,9 @@ class QuantizedEmbedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         head = self.head[0]
         flat = tokens.reshape(-1)
+        if head.segments is not None:
+            rows = head.weight_tensor().index_rows(flat).dequantize()
+            return rows.reshape(*tokens.shape, head.in_features)
         scale = head.scale[flat]
         if head.bits == 8:
             rows = dequantize_int8(head.codes[flat], scale)
@@ -369,11 +544,13 @@ def default_group_size(in_features: int, bits: int) -> int:
 
 def quantized_layout(model: Transformer) -> dict[str, dict]:
     """Per-layer bits and group size, saved with a checkpoint so it can be rebuilt before loading."""
-    return {
-        name: {"bits": module.bits, "group_size": module.group_size}
-        for name, module in model.named_modules()
-        if isinstance(module, QuantizedLinear)
-    }
+    layout = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            layout[name] = {"bits": module.bits, "group_size": module.group_size}
+            if module.segments is not None:
+                layout[name]["segments"] = [list(segment) for segment in module.segments]
+    return layout
 
 
 def apply_layout(model: Transformer, layout: dict[str, dict]) -> Transformer:
@@ -383,7 +560,12 @@ def apply_layout(model: Transformer, layout: dict[str, dict]) -> Transformer:
         if spec is None:
             continue
         layer = QuantizedLinear(
-            linear.in_features, linear.out_features, spec["bits"], spec["group_size"], linear.bias is not None
+            linear.in_features,
+            linear.out_features,
+            spec["bits"],
+            spec["group_size"],
+            linear.bias is not None,
+            spec.get("segments"),
         )
         setattr(parent, name, layer)
     return _wire_head(model)
@@ -413,6 +595,10 @@ def model_from_weights(config: ModelConfig, weights: dict[str, torch.Tensor | Qu
             continue
         module = name.removesuffix(".weight")
         layout[module] = {"bits": value.bits, "group_size": value.group_size}
+        if value.segments is not None:
+            layout[module]["segments"] = value.segments
+            state[f"{module}.codes"] = value.codes
+            continue
         state[f"{module}.codes"], state[f"{module}.scale"] = value.codes, value.scale
         if value.offset is not None:
             state[f"{module}.offset"] = value.offset
@@ -431,11 +617,7 @@ def model_weights(model: Transformer) -> dict[str, torch.Tensor | QuantizedTenso
         elif field == "bias":
             weights[name] = value.detach()
         elif field == "codes":
-            module = quantized[layer]
-            offset = module.offset if module.bits == 4 else None
-            weights[f"{layer}.weight"] = QuantizedTensor(
-                module.bits, module.group_size, module.codes, module.scale, offset
-            )
+            weights[f"{layer}.weight"] = quantized[layer].weight_tensor()
     if isinstance(model.token_embedding, QuantizedEmbedding):
         weights["token_embedding.weight"] = weights["lm_head.weight"]
     return weights

@@ -1,4 +1,5 @@
-"""Native matrix-vector kernels for decoding (`matvec.c`), compiled on first use with the system C compiler.
+"""Native matrix-vector kernels for decoding (`matvec.c`; `kquants.c` for GGUF block types), compiled on
+first use with the system C compiler.
 
 Plain C called through ctypes rather than a PyTorch C++ extension: it builds in about a
 second instead of a minute, and needs no Python or PyTorch headers. Where there is no
@@ -21,7 +22,7 @@ import torch
 
 from lmforge.atomic import write_atomically
 
-SOURCE = Path(__file__).with_name("matvec.c")
+SOURCES = [Path(__file__).with_name("matvec.c"), Path(__file__).with_name("kquants.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -48,13 +49,15 @@ def _library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in SOURCES)
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     library_path = _cache_dir() / f"matvec-{digest}.so"
     if not library_path.exists():
 
         def build(output: Path) -> None:
-            result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(output)], capture_output=True, text=True)
+            result = subprocess.run(
+                [compiler, *FLAGS, *map(str, SOURCES), "-o", str(output)], capture_output=True, text=True
+            )
             if result.returncode != 0:
                 raise BuildFailed(result.stderr[-2000:])
 
@@ -92,6 +95,9 @@ def _library() -> ctypes.CDLL | None:
     ):  # fmt: skip
         function.restype = None
     library.attention_decode.restype = None
+    library.matvec_blocks.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, threads]
+    library.dequantize_blocks.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, threads]
+    library.matvec_blocks.restype = library.dequantize_blocks.restype = None
     return library
 
 
@@ -215,6 +221,41 @@ def dequantize_q4(
     return out
 
 
+def matvec_blocks(
+    x: torch.Tensor, blocks: torch.Tensor, segments: torch.Tensor, out_features: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (M, K) times a matrix of GGUF blocks (`kquants.c`): `blocks` its rows' bytes back to back,
+    `segments` (S, 2) int64 (ggml type id, rows) per run of rows of one type. x is rounded to int8
+    per run of 32 values, as in `matvec_q8`."""
+    rows, inner = x.shape
+    out = torch.empty(rows, out_features)
+    xq, xscale, xsum = _activation_scratch(rows, inner)
+    _library().matvec_blocks(
+        x.data_ptr(), rows, inner, blocks.data_ptr(), segments.data_ptr(), segments.shape[0], _pointer(bias),
+        out_features, out.data_ptr(), xq.data_ptr(), xscale.data_ptr(), xsum.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def dequantize_blocks(
+    blocks: torch.Tensor,
+    segments: torch.Tensor,
+    in_features: int,
+    rows: slice,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows `rows` (a slice with step 1) of a GGUF block matrix as fp32, equal to the gguf package's
+    dequantisation; `out` as for `dequantize_q8`."""
+    first, stop, _ = rows.indices(int(segments[:, 1].sum()))
+    count = max(0, stop - first)
+    out = torch.empty(count, in_features) if out is None else out
+    _library().dequantize_blocks(
+        blocks.data_ptr(), segments.data_ptr(), segments.shape[0], in_features, first, count, out.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x / rms(x) * weight over the last dimension of a contiguous (rows, D) tensor."""
     out = torch.empty_like(x)
@@ -314,6 +355,15 @@ def custom_ops():
     ) -> torch.Tensor:  # fmt: skip
         return matvec_q4(x, packed, scale, offset, group_size, bias)
 
+    @torch.library.custom_op("lmforge::matvec_blocks", mutates_args=())
+    def blocks(
+        x: torch.Tensor, blocks: torch.Tensor, segments: torch.Tensor, out_features: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        return matvec_blocks(x, blocks, segments, out_features, bias)
+
     for op in (f32, q8, q8_exact, q4):
         op.register_fake(lambda x, weight, *rest: x.new_empty(x.shape[0], weight.shape[0]))
-    return types.SimpleNamespace(matvec_f32=f32, matvec_q8=q8, matvec_q8_exact=q8_exact, matvec_q4=q4)
+    blocks.register_fake(lambda x, blocks, segments, out_features, bias: x.new_empty(x.shape[0], out_features))
+    return types.SimpleNamespace(
+        matvec_f32=f32, matvec_q8=q8, matvec_q8_exact=q8_exact, matvec_q4=q4, matvec_blocks=blocks
+    )

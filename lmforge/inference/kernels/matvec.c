@@ -91,9 +91,9 @@ void matvec_f32(const float *x, int64_t M, int64_t K, const float *weight, const
  * Loops walk groups, then the 32-weight blocks of a group: indexing scales by b * 32 / G would
  * put an integer division (tens of cycles) in the inner loop. One row of x gets the simplest
  * loop; several rows go four at a time (a short tile repeats its first row and drops it), so
- * each weight is read from memory once per four rows. */
+ * each weight is read from memory once per four rows. quantize_rows is kquants.c's too. */
 
-static void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xscale, float *xsum) {
+void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xscale, float *xsum) {
     for (int64_t m = 0; m < M; m++)
         for (int64_t b = 0; b < K / 32; b++) {
             const float *v = x + m * K + b * 32;

@@ -1,0 +1,339 @@
+/* Kernels for weights kept in llama.cpp's own block formats (GGUF tensor types), read as they
+ * are in the file: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (32 weights a block) and the K-quants Q4_K,
+ * Q5_K, Q6_K (256 weights a block). Layouts are ggml-common.h's block_q4_K etc.
+ *
+ * One weight matrix may mix types by row: llama.cpp picks a type per tensor (a Q4_K_M file holds
+ * Q4_K, Q6_K, and Q5_0/Q8_0 where a row is not a whole number of 256-weight blocks), and our
+ * fused q|k|v and gate|up matrices join tensors. So a matrix is its rows' blocks back to back
+ * plus `segments`: (ggml type id, rows) for each run of rows of one type, in order.
+ *
+ * Decoding rounds x to int8 per run of 32 values (matvec.c's quantize_rows; llama.cpp rounds
+ * to its Q8_K, one scale per 256), so every product is integer multiply-adds on 32 weights at a
+ * time; a block's scales, minimums and the -32/-16/-8 code offsets are applied per 16 or 32
+ * weights in float.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xscale, float *xsum);
+
+enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+static int64_t block_weights(int type) { return type >= Q4_K ? 256 : 32; }
+
+static int64_t block_bytes(int type) {
+    switch (type) {
+    case Q4_0: return 18;
+    case Q4_1: return 20;
+    case Q5_0: return 22;
+    case Q5_1: return 24;
+    case Q8_0: return 34;
+    case Q4_K: return 144;
+    case Q5_K: return 176;
+    case Q6_K: return 210;
+    }
+    return 0;
+}
+
+static int64_t row_bytes(int type, int64_t K) { return K / block_weights(type) * block_bytes(type); }
+
+INLINE float half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* sum(u * s) per 4 bytes as 8 int32 lanes: lanes 0-3 cover bytes 0-15, lanes 4-7 bytes 16-31 */
+INLINE __m256i dot_u8_s8_i32(__m256i unsigned_bytes, __m256i signed_bytes) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned_bytes, signed_bytes), _mm256_set1_epi16(1));
+}
+
+/* signed codes times signed x: maddubs wants unsigned x signed, so |w| and w's sign moved onto x */
+INLINE __m256i dot_s8_s8_i32(__m256i w, __m256i x) {
+    return dot_u8_s8_i32(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+}
+
+INLINE __m256i load32(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* 16 bytes -> 32 codes: low nibbles are weights 0..15, high nibbles 16..31 (the 32-weight types) */
+INLINE __m256i nibbles16(const uint8_t *w) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i bytes = _mm_loadu_si128((const __m128i *)w);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), _mm_and_si128(bytes, mask));
+}
+
+/* The fifth bit of Q5_0/Q5_1 codes: bit i of the 32-bit qh is weight i's, moved to 0x10 of byte i. */
+INLINE __m256i high_bits32(const uint8_t *qh_bytes) {
+    uint32_t qh;
+    memcpy(&qh, qh_bytes, 4);
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3,
+                                            3, 3, 3, 3, 3, 3);
+    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL);
+    __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi32((int)qh), spread);
+    __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+    return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+
+/* lane j = the sum of the 8 lanes of d[j]: one conversion and one FMA per 256 weights instead of 8 */
+INLINE __m256i sum_lanes8(const __m256i d[8]) {
+    __m256i h0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
+    __m256i h4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20), _mm256_permute2x128_si256(h0123, h4567, 0x31));
+}
+
+/* Q4_K/Q5_K: 8 six-bit scales and 8 six-bit minimums packed in 12 bytes (ggml's get_scale_min_k4). */
+static void scales_mins_k4(const uint8_t *q, uint8_t scales[8], uint8_t mins[8]) {
+    for (int j = 0; j < 8; j++) {
+        if (j < 4) {
+            scales[j] = q[j] & 63, mins[j] = q[j + 4] & 63;
+        } else {
+            scales[j] = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+            mins[j] = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+        }
+    }
+}
+
+INLINE float hsum(__m256 v) {
+    __m128 low = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    low = _mm_add_ps(low, _mm_movehl_ps(low, low));
+    low = _mm_add_ss(low, _mm_movehdup_ps(low));
+    return _mm_cvtss_f32(low);
+}
+
+/* One row of weights (K values, type `type`) times one row of x rounded to int8:
+ * xq (K), xscale and xsum (K/32): per 32 values, the scale and scale * sum of the codes. */
+static float row_dot(int type, const uint8_t *w, const int8_t *xq, const float *xscale, const float *xsum, int64_t K) {
+    __m256 acc = _mm256_setzero_ps();
+    float offsets = 0.0f; /* minimum/offset terms: per 32 weights, offset * sum(x) */
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    switch (type) {
+    case Q8_0:
+        for (int64_t b = 0; b < K / 32; b++, w += 34) {
+            __m256i dot = dot_s8_s8_i32(load32(w + 2), load32(xq + b * 32));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * xscale[b]), _mm256_cvtepi32_ps(dot), acc);
+        }
+        break;
+    case Q4_0: /* codes - 8 and - 16 as signed bytes: no offset term */
+        for (int64_t b = 0; b < K / 32; b++, w += 18) {
+            __m256i codes = _mm256_sub_epi8(nibbles16(w + 2), _mm256_set1_epi8(8));
+            __m256i dot = dot_s8_s8_i32(codes, load32(xq + b * 32));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * xscale[b]), _mm256_cvtepi32_ps(dot), acc);
+        }
+        break;
+    case Q5_0:
+        for (int64_t b = 0; b < K / 32; b++, w += 22) {
+            __m256i codes = _mm256_or_si256(nibbles16(w + 6), high_bits32(w + 2));
+            __m256i dot = dot_s8_s8_i32(_mm256_sub_epi8(codes, _mm256_set1_epi8(16)), load32(xq + b * 32));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * xscale[b]), _mm256_cvtepi32_ps(dot), acc);
+        }
+        break;
+    case Q4_1:
+    case Q5_1:
+        for (int64_t b = 0; b < K / 32; b++) {
+            int five = type == Q5_1;
+            __m256i codes = five ? _mm256_or_si256(nibbles16(w + 8), high_bits32(w + 4)) : nibbles16(w + 4);
+            __m256i dot = dot_u8_s8_i32(codes, load32(xq + b * 32));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * xscale[b]), _mm256_cvtepi32_ps(dot), acc);
+            offsets += half(w + 2) * xsum[b];
+            w += five ? 24 : 20;
+        }
+        break;
+    case Q4_K:
+    case Q5_K: {
+        /* w = d * scale_j * q - dmin * min_j per sub-block j of 32: the integer dot of each sub-block is
+         * scaled by scale_j in the multiply-add (madd_epi16), the 8 sums meet x's 8 scales in one FMA,
+         * and the minimums meet x's 8 sums in another */
+        __m256 minimums = _mm256_setzero_ps();
+        for (int64_t b = 0; b < K / 256; b++) {
+            int five = type == Q5_K;
+            float d = half(w), dmin = half(w + 2);
+            uint8_t scales[8], mins[8];
+            scales_mins_k4(w + 4, scales, mins);
+            const uint8_t *qh = w + 16, *qs = w + (five ? 48 : 16);
+            __m256i dots[8];
+            for (int j = 0; j < 8; j++) { /* sub-block j: weights 32j..32j+31 */
+                __m256i bytes = load32(qs + (j / 2) * 32);
+                __m256i codes = j % 2 ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4) : _mm256_and_si256(bytes, low4);
+                if (five) { /* bit j of qh[l] is the fifth bit of weight l of sub-block j */
+                    __m256i high = _mm256_and_si256(_mm256_srli_epi16(load32(qh), j), _mm256_set1_epi8(1));
+                    codes = _mm256_or_si256(codes, _mm256_slli_epi16(high, 4));
+                }
+                __m256i pairs = _mm256_maddubs_epi16(codes, load32(xq + (b * 8 + j) * 32));
+                dots[j] = _mm256_madd_epi16(pairs, _mm256_set1_epi16(scales[j]));
+            }
+            int64_t mins64;
+            memcpy(&mins64, mins, 8);
+            __m256 min_values = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mins64)));
+            __m256 x_scales = _mm256_loadu_ps(xscale + b * 8), x_sums = _mm256_loadu_ps(xsum + b * 8);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(dots)), _mm256_mul_ps(_mm256_set1_ps(d), x_scales), acc);
+            minimums = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), min_values), x_sums, minimums);
+            w += five ? 176 : 144;
+        }
+        offsets = -hsum(minimums);
+        break;
+    }
+    case Q6_K:
+        for (int64_t b = 0; b < K / 256; b++, w += 210) {
+            const uint8_t *ql = w, *qh = w + 128;
+            const int8_t *scales = (const int8_t *)(w + 192);
+            __m256i dots[8];
+            for (int part = 0; part < 2; part++) { /* 128 weights each: 64 bytes of ql, 32 of qh, 8 scales */
+                const uint8_t *l = ql + part * 64;
+                const int8_t *sc = scales + part * 8;
+                __m256i high = load32(qh + part * 32);
+                for (int c = 0; c < 4; c++) { /* weights 32c..32c+31 of this part */
+                    __m256i bytes = load32(l + (c % 2) * 32);
+                    __m256i low = c < 2 ? _mm256_and_si256(bytes, low4) : _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+                    __m256i top = _mm256_and_si256(_mm256_srli_epi16(high, 2 * c), _mm256_set1_epi8(3));
+                    __m256i codes = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(top, 4)), _mm256_set1_epi8(32));
+                    __m256i x = load32(xq + (b * 8 + part * 4 + c) * 32);
+                    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(x, codes));
+                    /* the first 16 weights take scale 2c, the next 16 scale 2c+1 */
+                    __m256i scale = _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
+                    dots[part * 4 + c] = _mm256_madd_epi16(pairs, scale);
+                }
+            }
+            __m256 x_scales = _mm256_loadu_ps(xscale + b * 8);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(dots)), _mm256_mul_ps(_mm256_set1_ps(half(w + 208)), x_scales), acc);
+        }
+        break;
+    }
+    return hsum(acc) + offsets;
+}
+
+/* y (M, N) = x (M, K) times the block matrix (N rows, see the top) + bias. K a multiple of 256
+ * wherever a K-quant segment is, of 32 otherwise. Scratch: xq (M, K) int8, xscale, xsum (M, K/32). */
+void matvec_blocks(const float *x, int64_t M, int64_t K, const uint8_t *weight, const int64_t *segments,
+                   int64_t n_segments, const float *bias, int64_t N, float *y, int8_t *xq, float *xscale, float *xsum,
+                   int threads) {
+    quantize_rows(x, M, K, xq, xscale, xsum);
+#pragma omp parallel num_threads(threads)
+    {
+        const uint8_t *start = weight;
+        int64_t first = 0;
+        for (int64_t s = 0; s < n_segments; s++) {
+            int type = (int)segments[2 * s];
+            int64_t rows = segments[2 * s + 1], stride = row_bytes(type, K);
+#pragma omp for schedule(static) nowait
+            for (int64_t r = 0; r < rows; r++) {
+                int64_t n = first + r;
+                float b = bias ? bias[n] : 0.0f;
+                for (int64_t m = 0; m < M; m++)
+                    y[m * N + n] = row_dot(type, start + r * stride, xq + m * K, xscale + m * (K / 32),
+                                           xsum + m * (K / 32), K) + b;
+            }
+            start += rows * stride, first += rows;
+        }
+    }
+}
+
+/* ggml's dequantize_row_* for one row of K weights. Each weight is computed as ggml computes it
+ * (d * scale * q - dmin * m, (q - 16) * d, ...) so results equal the gguf package's. */
+#define NO_FMA __attribute__((optimize("fp-contract=off")))
+
+static NO_FMA void dequantize_row(int type, const uint8_t *w, int64_t K, float *out) {
+    switch (type) {
+    case Q8_0:
+        for (int64_t b = 0; b < K / 32; b++, w += 34)
+            for (int i = 0; i < 32; i++) out[b * 32 + i] = half(w) * (float)(int8_t)w[2 + i];
+        break;
+    case Q4_0:
+    case Q4_1:
+        for (int64_t b = 0; b < K / 32; b++, out += 32) {
+            int has_min = type == Q4_1;
+            float d = half(w), m = has_min ? half(w + 2) : 0.0f;
+            const uint8_t *qs = w + (has_min ? 4 : 2);
+            for (int i = 0; i < 16; i++) {
+                if (has_min) {
+                    out[i] = (float)(qs[i] & 0xF) * d + m, out[i + 16] = (float)(qs[i] >> 4) * d + m;
+                } else {
+                    out[i] = (float)((qs[i] & 0xF) - 8) * d, out[i + 16] = (float)((qs[i] >> 4) - 8) * d;
+                }
+            }
+            w += has_min ? 20 : 18;
+        }
+        break;
+    case Q5_0:
+    case Q5_1:
+        for (int64_t b = 0; b < K / 32; b++, out += 32) {
+            int has_min = type == Q5_1;
+            float d = half(w), m = has_min ? half(w + 2) : 0.0f;
+            uint32_t qh;
+            memcpy(&qh, w + (has_min ? 4 : 2), 4);
+            const uint8_t *qs = w + (has_min ? 8 : 6);
+            for (int i = 0; i < 16; i++) {
+                int q0 = (qs[i] & 0xF) | (((qh >> i) & 1) << 4), q1 = (qs[i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
+                if (has_min) {
+                    out[i] = (float)q0 * d + m, out[i + 16] = (float)q1 * d + m;
+                } else {
+                    out[i] = (float)(q0 - 16) * d, out[i + 16] = (float)(q1 - 16) * d;
+                }
+            }
+            w += has_min ? 24 : 22;
+        }
+        break;
+    case Q4_K:
+    case Q5_K:
+        for (int64_t b = 0; b < K / 256; b++) {
+            int five = type == Q5_K;
+            float d = half(w), dmin = half(w + 2);
+            uint8_t scales[8], mins[8];
+            scales_mins_k4(w + 4, scales, mins);
+            const uint8_t *qh = w + 16, *qs = w + (five ? 48 : 16);
+            for (int j = 0; j < 8; j++, out += 32) {
+                float scale = d * scales[j], minimum = dmin * mins[j];
+                const uint8_t *bytes = qs + (j / 2) * 32;
+                for (int l = 0; l < 32; l++) {
+                    int q = j % 2 ? bytes[l] >> 4 : bytes[l] & 0xF;
+                    if (five) q |= ((qh[l] >> j) & 1) << 4;
+                    out[l] = scale * (float)q - minimum;
+                }
+            }
+            w += five ? 176 : 144;
+        }
+        break;
+    case Q6_K:
+        for (int64_t b = 0; b < K / 256; b++, w += 210) {
+            float d = half(w + 208);
+            for (int part = 0; part < 2; part++, out += 128) {
+                const uint8_t *ql = w + part * 64, *qh = w + 128 + part * 32;
+                const int8_t *sc = (const int8_t *)(w + 192) + part * 8;
+                for (int l = 0; l < 32; l++) {
+                    int is = l / 16;
+                    int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                    int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                    int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                    int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                    out[l] = d * (float)sc[is] * (float)q1;
+                    out[l + 32] = d * (float)sc[is + 2] * (float)q2;
+                    out[l + 64] = d * (float)sc[is + 4] * (float)q3;
+                    out[l + 96] = d * (float)sc[is + 6] * (float)q4;
+                }
+            }
+        }
+        break;
+    }
+}
+
+/* Rows first_row .. first_row + rows - 1 of the block matrix into out (rows, K) fp32. */
+void dequantize_blocks(const uint8_t *weight, const int64_t *segments, int64_t n_segments, int64_t K,
+                       int64_t first_row, int64_t rows, float *out, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        const uint8_t *start = weight;
+        int64_t segment_first = 0;
+        for (int64_t s = 0; s < n_segments; s++) {
+            int type = (int)segments[2 * s];
+            int64_t count = segments[2 * s + 1], stride = row_bytes(type, K);
+            int64_t begin = first_row > segment_first ? first_row : segment_first;
+            int64_t end = first_row + rows < segment_first + count ? first_row + rows : segment_first + count;
+#pragma omp for schedule(static) nowait
+            for (int64_t n = begin; n < end; n++)
+                dequantize_row(type, start + (n - segment_first) * stride, K, out + (n - first_row) * K);
+            start += count * stride, segment_first += count;
+        }
+    }
+}
