@@ -107,6 +107,8 @@ BAD_ARGUMENTS = [
     ("quantize {model} --out {root}/q --eval-text {short_text}", "a text too short to score"),
     ("quantize {model} --out {a_file} --eval-text {short_text}", "--out taken by a file"),
     ("quantize {model} --out {root}/q --eval-tokens 0", "a bad value"),
+    ("models --bogus", "an unknown option"),
+    ("models extra", "an unexpected argument"),
     ("quickstart --max-stpes=3", "a bad config key"),
     ("quickstart --minutes soon", "a bad value"),
     ("quickstart --minutes -1", "a bad value"),
