@@ -137,9 +137,10 @@ def llama_cpp_model(path: Path):
 @pytest.mark.slow
 @pytest.mark.parametrize("file_type", FILE_TYPES)
 def test_greedy_tokens_match_llama_cpp_or_part_at_a_near_tie(smollm2_files, file_type):
-    """Same file, same prompt: the same 32 greedy tokens, or where they part, llama.cpp's logits for its
-    token and ours are within 0.25: a near-tie, which rounding flips (each engine rounds activations to
-    int8 its own way, and llama.cpp keeps its KV cache in fp16: logits move by a few tenths)."""
+    """Same file, same prompt: the same 32 greedy tokens, or where they part a near-tie, which rounding
+    flips: llama.cpp's own top two logits within 0.25 and our token within 0.5 of its choice (each
+    engine rounds activations to int8 its own way, and llama.cpp keeps its KV cache in fp16: logits
+    move by a few tenths)."""
     from lmforge.formats.loading import load
     from lmforge.inference.generate import SamplingConfig, generate_tokens
 
@@ -160,8 +161,12 @@ def test_greedy_tokens_match_llama_cpp_or_part_at_a_near_tie(smollm2_files, file
         first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
         logits = np.asarray(llm.scores[len(ids) + first - 1])
         assert logits.argmax() == theirs[first]
-        gap = logits[theirs[first]] - logits[ours[first]]
-        assert gap < 0.25, f"tokens part at {first}, where llama.cpp prefers its token by {gap:.3f}"
+        # the issue's near-tie: llama.cpp itself nearly undecided there (its top-2 logits within 0.25),
+        # and our token one of its close candidates
+        top_two_gap = logits[theirs[first]] - np.sort(logits)[-2]
+        assert top_two_gap < 0.25, f"tokens part at {first}, where llama.cpp's top-2 gap is {top_two_gap:.3f}"
+        ours_behind = logits[theirs[first]] - logits[ours[first]]
+        assert ours_behind < 0.5, f"tokens part at {first}: our token is {ours_behind:.3f} behind in llama.cpp's logits"
 
 
 def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:

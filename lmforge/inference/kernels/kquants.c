@@ -7,13 +7,16 @@
  * fused q|k|v and gate|up matrices join tensors. So a matrix is its rows' blocks back to back
  * plus `segments`: (ggml type id, rows) for each run of rows of one type, in order.
  *
- * Decoding rounds x to int8 per run of 32 values (matvec.c's quantize_rows; llama.cpp rounds
- * to its Q8_K, one scale per 256), so every product is integer multiply-adds on 32 weights at a
- * time; a block's scales, minimums and the -32/-16/-8 code offsets are applied per 16 or 32
- * weights in float.
+ * Decoding rounds x to int8, so every product is integer multiply-adds on 32 weights at a time.
+ * For the 32-weight types x has a scale per 32 values (matvec.c's quantize_rows), applied in
+ * float per block. For the K-quants x has one scale per 256 (ggml's Q8_K, `quantize_rows_256`):
+ * the sub-blocks' own scales then go into the integer multiply-add and a whole block meets
+ * x's scale in one FMA, which is what keeps these at memory speed.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
@@ -21,6 +24,28 @@
 void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xscale, float *xsum);
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+
+/* x (M, K) rounded to int8 with one scale per 256 values (ggml's Q8_K): codes xq (M, K), scales
+ * xd (M, K/256), and the integer sum of the codes of each 32 (M, K/32), for the K-quants' minimums. */
+static void quantize_rows_256(const float *x, int64_t M, int64_t K, int8_t *xq, float *xd, int32_t *xsums) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < K / 256; b++) {
+            const float *v = x + m * K + b * 256;
+            float largest = 0.0f;
+            for (int i = 0; i < 256; i++) largest = fmaxf(largest, fabsf(v[i]));
+            float d = largest / 127.0f, inverse = d > 0.0f ? 1.0f / d : 0.0f;
+            for (int j = 0; j < 8; j++) {
+                int sum = 0;
+                for (int i = 0; i < 32; i++) {
+                    int q = (int)nearbyintf(v[j * 32 + i] * inverse);
+                    xq[m * K + b * 256 + j * 32 + i] = (int8_t)q;
+                    sum += q;
+                }
+                xsums[m * (K / 32) + b * 8 + j] = sum;
+            }
+            xd[m * (K / 256) + b] = d;
+        }
+}
 
 static int64_t block_weights(int type) { return type >= Q4_K ? 256 : 32; }
 
@@ -77,13 +102,6 @@ INLINE __m256i high_bits32(const uint8_t *qh_bytes) {
     return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
 }
 
-/* lane j = the sum of the 8 lanes of d[j]: one conversion and one FMA per 256 weights instead of 8 */
-INLINE __m256i sum_lanes8(const __m256i d[8]) {
-    __m256i h0123 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[0], d[1]), _mm256_hadd_epi32(d[2], d[3]));
-    __m256i h4567 = _mm256_hadd_epi32(_mm256_hadd_epi32(d[4], d[5]), _mm256_hadd_epi32(d[6], d[7]));
-    return _mm256_add_epi32(_mm256_permute2x128_si256(h0123, h4567, 0x20), _mm256_permute2x128_si256(h0123, h4567, 0x31));
-}
-
 /* Q4_K/Q5_K: 8 six-bit scales and 8 six-bit minimums packed in 12 bytes (ggml's get_scale_min_k4). */
 static void scales_mins_k4(const uint8_t *q, uint8_t scales[8], uint8_t mins[8]) {
     for (int j = 0; j < 8; j++) {
@@ -103,12 +121,11 @@ INLINE float hsum(__m256 v) {
     return _mm_cvtss_f32(low);
 }
 
-/* One row of weights (K values, type `type`) times one row of x rounded to int8:
+/* One row of 32-weight-block weights (K values, type `type`) times one row of x rounded to int8:
  * xq (K), xscale and xsum (K/32): per 32 values, the scale and scale * sum of the codes. */
 static float row_dot(int type, const uint8_t *w, const int8_t *xq, const float *xscale, const float *xsum, int64_t K) {
     __m256 acc = _mm256_setzero_ps();
     float offsets = 0.0f; /* minimum/offset terms: per 32 weights, offset * sum(x) */
-    const __m256i low4 = _mm256_set1_epi8(0x0F);
     switch (type) {
     case Q8_0:
         for (int64_t b = 0; b < K / 32; b++, w += 34) {
@@ -141,45 +158,20 @@ static float row_dot(int type, const uint8_t *w, const int8_t *xq, const float *
             w += five ? 24 : 20;
         }
         break;
-    case Q4_K:
-    case Q5_K: {
-        /* w = d * scale_j * q - dmin * min_j per sub-block j of 32: the integer dot of each sub-block is
-         * scaled by scale_j in the multiply-add (madd_epi16), the 8 sums meet x's 8 scales in one FMA,
-         * and the minimums meet x's 8 sums in another */
-        __m256 minimums = _mm256_setzero_ps();
-        for (int64_t b = 0; b < K / 256; b++) {
-            int five = type == Q5_K;
-            float d = half(w), dmin = half(w + 2);
-            uint8_t scales[8], mins[8];
-            scales_mins_k4(w + 4, scales, mins);
-            const uint8_t *qh = w + 16, *qs = w + (five ? 48 : 16);
-            __m256i dots[8];
-            for (int j = 0; j < 8; j++) { /* sub-block j: weights 32j..32j+31 */
-                __m256i bytes = load32(qs + (j / 2) * 32);
-                __m256i codes = j % 2 ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4) : _mm256_and_si256(bytes, low4);
-                if (five) { /* bit j of qh[l] is the fifth bit of weight l of sub-block j */
-                    __m256i high = _mm256_and_si256(_mm256_srli_epi16(load32(qh), j), _mm256_set1_epi8(1));
-                    codes = _mm256_or_si256(codes, _mm256_slli_epi16(high, 4));
-                }
-                __m256i pairs = _mm256_maddubs_epi16(codes, load32(xq + (b * 8 + j) * 32));
-                dots[j] = _mm256_madd_epi16(pairs, _mm256_set1_epi16(scales[j]));
-            }
-            int64_t mins64;
-            memcpy(&mins64, mins, 8);
-            __m256 min_values = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(mins64)));
-            __m256 x_scales = _mm256_loadu_ps(xscale + b * 8), x_sums = _mm256_loadu_ps(xsum + b * 8);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(dots)), _mm256_mul_ps(_mm256_set1_ps(d), x_scales), acc);
-            minimums = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dmin), min_values), x_sums, minimums);
-            w += five ? 176 : 144;
-        }
-        offsets = -hsum(minimums);
-        break;
     }
-    case Q6_K:
+    return hsum(acc) + offsets;
+}
+
+/* One row of K-quant weights times one row of x rounded as ggml's Q8_K (`quantize_rows_256`). */
+static float row_dot_k(int type, const uint8_t *w, const int8_t *xq, const float *xd, const int32_t *xsums, int64_t K) {
+    __m256 acc = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    float offsets = 0.0f;
+    if (type == Q6_K) {
         for (int64_t b = 0; b < K / 256; b++, w += 210) {
             const uint8_t *ql = w, *qh = w + 128;
             const int8_t *scales = (const int8_t *)(w + 192);
-            __m256i dots[8];
+            __m256i sums = _mm256_setzero_si256();
             for (int part = 0; part < 2; part++) { /* 128 weights each: 64 bytes of ql, 32 of qh, 8 scales */
                 const uint8_t *l = ql + part * 64;
                 const int8_t *sc = scales + part * 8;
@@ -189,17 +181,44 @@ static float row_dot(int type, const uint8_t *w, const int8_t *xq, const float *
                     __m256i low = c < 2 ? _mm256_and_si256(bytes, low4) : _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
                     __m256i top = _mm256_and_si256(_mm256_srli_epi16(high, 2 * c), _mm256_set1_epi8(3));
                     __m256i codes = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(top, 4)), _mm256_set1_epi8(32));
-                    __m256i x = load32(xq + (b * 8 + part * 4 + c) * 32);
+                    __m256i x = load32(xq + b * 256 + (part * 4 + c) * 32);
                     __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(x, codes));
                     /* the first 16 weights take scale 2c, the next 16 scale 2c+1 */
                     __m256i scale = _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
-                    dots[part * 4 + c] = _mm256_madd_epi16(pairs, scale);
+                    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(pairs, scale));
                 }
             }
-            __m256 x_scales = _mm256_loadu_ps(xscale + b * 8);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum_lanes8(dots)), _mm256_mul_ps(_mm256_set1_ps(half(w + 208)), x_scales), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w + 208) * xd[b]), _mm256_cvtepi32_ps(sums), acc);
         }
-        break;
+        return hsum(acc);
+    }
+    /* Q4_K/Q5_K: w = d * scale_j * q - dmin * min_j per sub-block j of 32 */
+    int five = type == Q5_K;
+    for (int64_t b = 0; b < K / 256; b++) {
+        uint8_t scales[8], mins[8];
+        scales_mins_k4(w + 4, scales, mins);
+        const uint8_t *qh = w + 16, *qs = w + (five ? 48 : 16);
+        const int8_t *x = xq + b * 256;
+        __m256i sums = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j += 2) { /* sub-blocks j and j+1 share 32 bytes: low and high nibbles */
+            __m256i bytes = load32(qs + (j / 2) * 32);
+            __m256i codes0 = _mm256_and_si256(bytes, low4);
+            __m256i codes1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+            if (five) { /* bit j of qh[l] is the fifth bit of weight l of sub-block j */
+                __m256i bits = load32(qh);
+                codes0 = _mm256_or_si256(codes0, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, j), _mm256_set1_epi8(1)), 4));
+                codes1 = _mm256_or_si256(codes1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, j + 1), _mm256_set1_epi8(1)), 4));
+            }
+            __m256i pairs0 = _mm256_maddubs_epi16(codes0, load32(x + j * 32));
+            __m256i pairs1 = _mm256_maddubs_epi16(codes1, load32(x + (j + 1) * 32));
+            sums = _mm256_add_epi32(sums, _mm256_madd_epi16(pairs0, _mm256_set1_epi16(scales[j])));
+            sums = _mm256_add_epi32(sums, _mm256_madd_epi16(pairs1, _mm256_set1_epi16(scales[j + 1])));
+        }
+        int32_t minimum = 0;
+        for (int j = 0; j < 8; j++) minimum += mins[j] * xsums[b * 8 + j];
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * xd[b]), _mm256_cvtepi32_ps(sums), acc);
+        offsets -= half(w + 2) * xd[b] * (float)minimum;
+        w += five ? 176 : 144;
     }
     return hsum(acc) + offsets;
 }
@@ -209,7 +228,19 @@ static float row_dot(int type, const uint8_t *w, const int8_t *xq, const float *
 void matvec_blocks(const float *x, int64_t M, int64_t K, const uint8_t *weight, const int64_t *segments,
                    int64_t n_segments, const float *bias, int64_t N, float *y, int8_t *xq, float *xscale, float *xsum,
                    int threads) {
-    quantize_rows(x, M, K, xq, xscale, xsum);
+    int k_quants = 0, small_blocks = 0;
+    for (int64_t s = 0; s < n_segments; s++) {
+        if (segments[2 * s] >= Q4_K) k_quants = 1;
+        else small_blocks = 1;
+    }
+    if (small_blocks) quantize_rows(x, M, K, xq, xscale, xsum);
+    int8_t *kq = NULL; /* x as Q8_K for the K-quant rows */
+    float *kd = NULL;
+    int32_t *ksums = NULL;
+    if (k_quants) {
+        kq = malloc(M * K), kd = malloc(M * (K / 256) * sizeof(float)), ksums = malloc(M * (K / 32) * sizeof(int32_t));
+        quantize_rows_256(x, M, K, kq, kd, ksums);
+    }
 #pragma omp parallel num_threads(threads)
     {
         const uint8_t *start = weight;
@@ -222,12 +253,16 @@ void matvec_blocks(const float *x, int64_t M, int64_t K, const uint8_t *weight, 
                 int64_t n = first + r;
                 float b = bias ? bias[n] : 0.0f;
                 for (int64_t m = 0; m < M; m++)
-                    y[m * N + n] = row_dot(type, start + r * stride, xq + m * K, xscale + m * (K / 32),
-                                           xsum + m * (K / 32), K) + b;
+                    y[m * N + n] = (type >= Q4_K ? row_dot_k(type, start + r * stride, kq + m * K, kd + m * (K / 256),
+                                                             ksums + m * (K / 32), K)
+                                                 : row_dot(type, start + r * stride, xq + m * K, xscale + m * (K / 32),
+                                                           xsum + m * (K / 32), K)) +
+                                   b;
             }
             start += rows * stride, first += rows;
         }
     }
+    free(kq), free(kd), free(ksums);
 }
 
 /* ggml's dequantize_row_* for one row of K weights. Each weight is computed as ggml computes it
