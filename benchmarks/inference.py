@@ -9,8 +9,7 @@ table and the ratios the inference issue sets targets for; writes benchmarks/res
 
 A second table runs llama.cpp's K-quant files (made here by llama-cpp-python's `llama_model_quantize`
 from lmforge's f32 export of SmolLM2: Q4_K_M and Q6_K) in lmforge and in llama.cpp, same file, same
-threads; with --qwen3, also a Qwen3-architecture model of 0.6B random weights in Q4_K_M (speed only;
-it needs a branch whose model and GGUF export know Qwen3, and says so when they do not).
+threads; with --qwen3, also a Qwen3-architecture model of 0.6B random weights in Q4_K_M (speed only).
 
 A third table decodes the same GGUF while 0, 1 and 2 other processes keep a core busy each (a
 numpy matmul loop, started and stopped here): lmforge choosing its threads per step (the
@@ -413,7 +412,7 @@ QWEN3_SHAPE = dict(
 
 
 def qwen3_random_gguf(folder: Path) -> Path | str:
-    """A random-weight Qwen3 of QWEN3_SHAPE as llama.cpp's Q4_K_M, or why it cannot be made on this branch."""
+    """A random-weight Qwen3 of QWEN3_SHAPE as llama.cpp's Q4_K_M, or why it could not be made."""
     import torch
 
     from lmforge.errors import LmforgeError
@@ -422,11 +421,6 @@ def qwen3_random_gguf(folder: Path) -> Path | str:
     from lmforge.model import ModelConfig, Transformer
 
     try:
-        tiny = {**QWEN3_SHAPE, "vocab_size": 64, "n_layers": 1, "d_model": 64, "d_head": 16, "n_heads": 4}
-        tiny |= {"n_kv_heads": 2, "d_mlp": 128}
-        plain = {**tiny, "qk_norm": False}
-        if Transformer(ModelConfig(**tiny)).num_parameters() == Transformer(ModelConfig(**plain)).num_parameters():
-            return "this branch's model ignores qk_norm (the Qwen3 maths are not merged)"
         torch.manual_seed(0)
         model = Transformer(ModelConfig(**QWEN3_SHAPE)).eval()
         tokenizer = load("smollm2-135m-instruct")[1]
