@@ -1,5 +1,5 @@
-"""GGUF files' headers, read without torch: `GGUFFile` (metadata and memory-mapped tensors) for the
-readers in gguf.py, and `GGUFLeadingFields` for what `lmforge models` shows of a file."""
+"""GGUF files' headers, read without torch: `GGUFFile`, metadata and memory-mapped tensors, for the
+readers in gguf.py, or only the leading metadata keys for what `lmforge models` shows of a file."""
 
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ class GGUFFile:
     vocabulary entry and takes ~5 s on a 49k-token vocabulary; this takes ~0.1 s.
     """
 
-    def __init__(self, path: Path):
-        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
+    def __init__(self, path: Path, stop_after: set[str] | None = None):
+        """`stop_after`: read the metadata only as far as the last of these keys, and no tensors. What
+        `lmforge models` shows (`general.architecture`, `general.file_type`) comes before the vocabulary in
+        llama.cpp's and Ollama's files, and the vocabulary is most of the time (0.3 s for 49k tokens)."""
         self.path = path
         raw = np.memmap(path, dtype=np.uint8, mode="r")
         self._raw = raw
@@ -48,8 +49,15 @@ class GGUFFile:
             raise ValueError(f"GGUF version {version} is not supported")
         self.fields = {}
         for _ in range(field_count):
+            if stop_after is not None and stop_after <= self.fields.keys():
+                break
             key = self._read_string()
             self.fields[key] = self._read_value(self._read("<I"))
+        self.tensors = []
+        if stop_after is not None:
+            return
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
         infos = []
         for _ in range(tensor_count):
             name = self._read_string()
@@ -57,7 +65,6 @@ class GGUFFile:
             infos.append((name, dims, GGMLQuantizationType(self._read("<I")), self._read("<Q")))
         alignment = int(self.fields.get("general.alignment", 32))
         data_start = -(-self._offset // alignment) * alignment
-        self.tensors = []
         for name, dims, tensor_type, offset in infos:
             block, block_bytes = GGML_QUANT_SIZES[tensor_type]
             elements = int(np.prod(dims))
@@ -108,26 +115,3 @@ class GGUFFile:
         if value_type not in VALUE_FORMATS:
             raise ValueError(f"unknown metadata value type {value_type}")
         return self._read(VALUE_FORMATS[value_type])
-
-
-class GGUFLeadingFields(GGUFFile):
-    """A GGUF file's metadata read only as far as the last of `keys`, tensors not at all: what `lmforge
-    models` shows (`general.architecture`, `general.file_type`) comes before the vocabulary in llama.cpp's
-    and Ollama's files, and the vocabulary is most of GGUFFile's time (0.3 s for SmolLM2's 49k tokens)."""
-
-    def __init__(self, path: Path, keys: set[str]):
-        self.path = path
-        self._raw = np.memmap(path, dtype=np.uint8, mode="r")
-        self._buffer = memoryview(self._raw)
-        if bytes(self._buffer[:4]) != b"GGUF":
-            raise ValueError("bad magic bytes (not a GGUF file)")
-        self._offset = 4
-        version, _, field_count = self._read("<I"), self._read("<Q"), self._read("<Q")
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} is not supported")
-        self.fields = {}
-        for _ in range(field_count):
-            if keys <= self.fields.keys():
-                break
-            key = self._read_string()
-            self.fields[key] = self._read_value(self._read("<I"))

@@ -382,10 +382,10 @@ def gguf_summary(path: Path) -> tuple[str | None, str | None]:
     """(general.architecture, quantisation): general.file_type's name, else the tensor type most weights have."""
     from gguf import LlamaFileType
 
-    from lmforge.formats.gguf_file import GGUFFile, GGUFLeadingFields
+    from lmforge.formats.gguf_file import GGUFFile
 
     try:
-        fields = GGUFLeadingFields(path, {"general.architecture", "general.file_type"}).fields
+        fields = GGUFFile(path, stop_after={"general.architecture", "general.file_type"}).fields
         file_type = fields.get("general.file_type")
         named = {member.value: member.name for member in LlamaFileType if member != LlamaFileType.GUESSED}
         if file_type in named:

@@ -14,7 +14,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.formats import places
 from lmforge.formats.gguf import save_gguf
-from lmforge.formats.gguf_file import GGUFLeadingFields
+from lmforge.formats.gguf_file import GGUFFile
 from lmforge.formats.hf import save_hf
 from lmforge.formats.loading import available_models, load, model_location, sampling_defaults
 
@@ -315,7 +315,7 @@ def test_models_lists_every_place_with_architecture_quantisation_and_size(tmp_pa
 
 
 def test_the_listing_reads_gguf_headers_only_up_to_what_it_shows(exported):
-    fields = GGUFLeadingFields(exported["F32"], {"general.architecture", "general.file_type"}).fields
+    fields = GGUFFile(exported["F32"], stop_after={"general.architecture", "general.file_type"}).fields
     assert fields["general.architecture"] == "llama" and fields["general.file_type"] == 0
     assert "tokenizer.ggml.tokens" not in fields  # the vocabulary, most of a header, is not parsed
 
