@@ -531,13 +531,21 @@ class Transformer(nn.Module):
         return logits, loss
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The LM head over final-norm outputs, soft-capped where the config says (Gemma 2/3:
-        cap * tanh(logits / cap), which keeps every logit within +-cap)."""
-        logits = self.lm_head(hidden)
+        """The LM head over final-norm outputs, soft-capped where the config says."""
+        return self.soft_cap(self.lm_head(hidden))
+
+    def soft_cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Gemma 2/3's cap * tanh(logits / cap), which keeps every logit within +-cap; as they are without a cap."""
         cap = self.config.logit_softcap
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, scaled where the config says (Gemma: by sqrt(d_model) rounded to the
+        activations' dtype, as HF does)."""
+        x = self.token_embedding(tokens)
+        if self.config.scale_embeddings:
+            x = x * torch.tensor(math.sqrt(self.config.d_model), dtype=x.dtype)
+        return x
 
     def hidden_states(
         self,
@@ -573,9 +581,7 @@ class Transformer(nn.Module):
                     raise ValueError(f"position {positions_seen - 1} exceeds block_size={self.config.block_size}")
         if cache is not None:
             cache.begin(batch, length, positions, slots)
-        x = self.token_embedding(tokens)
-        if self.config.scale_embeddings:  # Gemma: by sqrt(d_model) rounded to the activations' dtype, as HF does
-            x = x * torch.tensor(math.sqrt(self.config.d_model), dtype=x.dtype)
+        x = self.embed(tokens)
         rope = local_rope = None
         if self.config.positions == "learned":
             x = x + self.position_embedding.weight[where]

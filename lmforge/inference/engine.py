@@ -329,15 +329,10 @@ class DecodePlan:
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, threads: int) -> torch.Tensor:
         self.positions.copy_(positions)
         self.slots.copy_(slots)
-        self.x.copy_(self.model.token_embedding(tokens.reshape(self.batch)))
-        config = self.model.config
-        if config.scale_embeddings:
-            self.x.mul_(config.d_model**0.5)
+        self.x.copy_(self.model.embed(tokens.reshape(self.batch)))
         for function, arguments in self._calls(threads):
             function(*arguments)
-        if config.logit_softcap is not None:
-            return torch.tanh(self.logits / config.logit_softcap) * config.logit_softcap
-        return self.logits.clone()
+        return self.model.soft_cap(self.logits.clone())
 
 
 # cache -> {(id(model), batch): DecodePlan, or None where the model's layers have no native calls}.
