@@ -152,7 +152,9 @@ class ModelConfig:
         if (self.norm, self.positions, self.bias) != ("rmsnorm", "rope", False):
             return False
         if family == "gemma3":
-            return self.mlp == "geglu" and self.qk_norm and self.post_norms and self.scale_embeddings
+            return (
+                self.mlp == "geglu" and self.qk_norm and self.post_norms and self.scale_embeddings and not self.qkv_bias
+            )
         all_sliding = self.sliding_window is not None and self.layer_types is None
         llama_like = self.mlp == "swiglu" and not (
             self.post_norms or self.scale_embeddings or self.attention_scale or self.logit_softcap
