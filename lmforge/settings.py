@@ -199,17 +199,20 @@ class ModelConfig:
 # that names none: the plainest that expresses the switches first.
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma3", "phi3")
 
-_LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+# The switches that make a ModelConfig the Llama family (its presets, and models built in code or tests).
+LLAMA_SWITCHES = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
 
 PRESETS: dict[str, ModelConfig] = {
     # ~50k parameters: unit tests and smoke runs.
-    "tiny": ModelConfig(vocab_size=512, block_size=32, n_layers=2, n_heads=2, d_model=32, n_kv_heads=1, **_LLAMA),
+    "tiny": ModelConfig(
+        vocab_size=512, block_size=32, n_layers=2, n_heads=2, d_model=32, n_kv_heads=1, **LLAMA_SWITCHES
+    ),
     # nanoGPT's CPU recipe (shakespeare_char with its CPU overrides) as a GPT-2 family model. nanoGPT
     # runs it without biases (model.bias=false here), which the GPT-2 export formats cannot express.
     "nanogpt-cpu": ModelConfig(vocab_size=65, block_size=64, n_layers=4, n_heads=4, d_model=128),
     # What `lmforge quickstart` trains: Llama family, sized for a few minutes on 2 CPU cores.
     "quickstart": ModelConfig(
-        vocab_size=512, block_size=128, n_layers=4, n_heads=4, d_model=192, d_mlp=512, norm_eps=1e-6, **_LLAMA
+        vocab_size=512, block_size=128, n_layers=4, n_heads=4, d_model=192, d_mlp=512, norm_eps=1e-6, **LLAMA_SWITCHES
     ),
     "gpt2-124m": ModelConfig(vocab_size=50257, block_size=1024, n_layers=12, n_heads=12, d_model=768, mlp="gelu_tanh"),
     "smollm2-135m": ModelConfig(
@@ -222,7 +225,7 @@ PRESETS: dict[str, ModelConfig] = {
         d_mlp=1536,
         rope_theta=100000.0,
         norm_eps=1e-5,
-        **_LLAMA,
+        **LLAMA_SWITCHES,
     ),
 }
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lmforge.model import KVCache, ModelConfig, Transformer, apply_rope, preset, rope_tables, zeroed_from_os
+from lmforge.settings import LLAMA_SWITCHES
 
 
 def gpt2_small(**overrides):
@@ -19,10 +20,7 @@ def llama_small(**overrides):
         n_kv_heads=2,
         d_model=32,
         d_mlp=48,
-        norm="rmsnorm",
-        mlp="swiglu",
-        positions="rope",
-        bias=False,
+        **LLAMA_SWITCHES,
         rope_theta=500.0,
     )
     return ModelConfig(**(values | overrides))

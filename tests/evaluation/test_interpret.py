@@ -22,6 +22,7 @@ from lmforge.evaluation.interpret import (
 )
 from lmforge.finetune.classify import SequenceClassifier
 from lmforge.model import ModelConfig, Transformer, apply_rope
+from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import CharTokenizer
 
 from ..conftest import chromium_page
@@ -29,7 +30,7 @@ from ..conftest import chromium_page
 TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz ")
 LLAMA = ModelConfig(
     vocab_size=TOKENIZER.vocab_size, block_size=64, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32,
-    norm="rmsnorm", mlp="swiglu", positions="rope", bias=False,
+    **LLAMA_SWITCHES,
 )  # fmt: skip
 TOKENS = torch.tensor(TOKENIZER.encode("the cat sat"))
 

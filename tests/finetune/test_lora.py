@@ -23,10 +23,10 @@ from lmforge.finetune.lora import (
 )
 from lmforge.inference.quantize import quantize_model
 from lmforge.model import ModelConfig, Transformer
+from lmforge.settings import LLAMA_SWITCHES
 
 CONFIG = ModelConfig(
-    vocab_size=50, block_size=32, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, norm="rmsnorm", mlp="swiglu",
-    positions="rope", bias=False,
+    vocab_size=50, block_size=32, n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, **LLAMA_SWITCHES,
 )  # fmt: skip
 
 

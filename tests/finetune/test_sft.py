@@ -19,6 +19,7 @@ from lmforge.finetune.sft import (
 )
 from lmforge.formats.checkpoint import load_model, save_model
 from lmforge.model import ModelConfig, Transformer
+from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz ?!.<>|_\n")
@@ -79,10 +80,7 @@ def test_a_packed_example_gives_the_same_logits_as_alone():
             n_layers=2,
             n_heads=2,
             d_model=16,
-            norm="rmsnorm",
-            mlp="swiglu",
-            positions="rope",
-            bias=False,
+            **LLAMA_SWITCHES,
         )  # fmt: skip
     ).eval()
     first, second = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9, 10, 11]])
@@ -127,10 +125,7 @@ def tiny_checkpoint(folder):
             n_layers=2,
             n_heads=2,
             d_model=32,
-            norm="rmsnorm",
-            mlp="swiglu",
-            positions="rope",
-            bias=False,
+            **LLAMA_SWITCHES,
         )  # fmt: skip
     )
     return save_model(folder, model, TOKENIZER)

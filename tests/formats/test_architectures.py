@@ -10,6 +10,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.formats.hf import load_hf, save_hf
 from lmforge.inference.generate import SamplingConfig, generate_batch, generate_tokens
+from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import BPETokenizer
 
 from ..conftest import make_corpus
@@ -240,8 +241,8 @@ def test_per_frequency_rope_factors_cannot_go_into_config_json(tmp_path, bpe):
     from lmforge.model import ModelConfig, Transformer
 
     config = ModelConfig(
-        vocab_size=VOCAB, block_size=32, n_layers=1, n_heads=2, d_model=16, norm="rmsnorm", mlp="swiglu",
-        positions="rope", bias=False, rope_scaling={"rope_type": "factors", "factors": [1.0, 2.0, 4.0, 8.0]},
+        vocab_size=VOCAB, block_size=32, n_layers=1, n_heads=2, d_model=16, **LLAMA_SWITCHES,
+        rope_scaling={"rope_type": "factors", "factors": [1.0, 2.0, 4.0, 8.0]},
     )  # fmt: skip
     with pytest.raises(LmforgeError, match="rope_freqs"):
         save_hf(Transformer(config), bpe, tmp_path)

@@ -7,6 +7,7 @@ from lmforge.errors import LmforgeError
 from lmforge.formats.checkpoint import load_model, load_weights, model_weights, save_model
 from lmforge.formats.hf import load_hf, save_hf
 from lmforge.model import ModelConfig, Transformer
+from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import CharTokenizer
 
 TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,?\n")
@@ -16,7 +17,7 @@ def trained_looking_model(tie_embeddings: bool) -> Transformer:
     torch.manual_seed(0)
     config = ModelConfig(
         vocab_size=TOKENIZER.vocab_size, block_size=32, n_layers=1, n_heads=2, d_model=16,
-        norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tie_embeddings=tie_embeddings,
+        **LLAMA_SWITCHES, tie_embeddings=tie_embeddings,
     )  # fmt: skip
     model = Transformer(config).eval()
     if not tie_embeddings:  # a head unlike the embedding, so a wrongly tied load shows in the logits

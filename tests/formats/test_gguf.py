@@ -7,11 +7,12 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.formats.gguf import _permute_rope, _unpermute_rope, load_gguf, save_gguf
 from lmforge.model import ModelConfig, Transformer
+from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import BPETokenizer, load_tokenizer
 
 from ..conftest import make_corpus
 
-LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, n_kv_heads=2, rope_theta=1000.0)
+LLAMA = dict(**LLAMA_SWITCHES, n_kv_heads=2, rope_theta=1000.0)
 GPT2 = dict(norm="layernorm", mlp="gelu_tanh", positions="learned", bias=True)
 
 

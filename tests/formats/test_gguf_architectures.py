@@ -12,11 +12,12 @@ from lmforge.errors import LmforgeError
 from lmforge.formats.gguf import load_gguf, save_gguf
 from lmforge.inference.generate import SamplingConfig, generate_tokens
 from lmforge.model import ModelConfig, Transformer
+from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import BPETokenizer
 
 from ..conftest import make_corpus
 
-LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+LLAMA = dict(**LLAMA_SWITCHES)
 SIZES = dict(block_size=96, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=128)
 GEMMA3 = dict(
     mlp="geglu", qk_norm=True, post_norms=True, scale_embeddings=True, d_head=32, rope_theta=1e6, norm_eps=1e-6,

@@ -18,6 +18,7 @@ from lmforge.errors import LmforgeError
 from lmforge.formats.gguf import GGUFTensor, _dequantize, load_gguf, open_gguf, read_weights, save_gguf
 from lmforge.inference.quantize import QuantizedLinear
 from lmforge.model import ModelConfig, Transformer
+from lmforge.settings import LLAMA_SWITCHES
 
 from ..inference.test_gguf_blocks import random_gguf_blocks
 from .test_gguf import bpe, write_raw_tensors  # noqa: F401 - bpe is a fixture
@@ -82,7 +83,7 @@ def tiny_q4_k_m(tmp_path_factory, bpe):  # noqa: F811 - the fixture imported abo
     torch.manual_seed(0)
     config = ModelConfig(
         vocab_size=bpe.vocab_size, block_size=64, n_layers=2, n_heads=4, n_kv_heads=2, d_model=256, d_mlp=512,
-        norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tie_embeddings=False,
+        **LLAMA_SWITCHES, tie_embeddings=False,
     )  # fmt: skip
     model = Transformer(config).eval()
     folder = tmp_path_factory.mktemp("tiny-kquants")

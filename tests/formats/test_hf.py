@@ -8,6 +8,7 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.formats.hf import load_hf, save_hf
 from lmforge.model import ModelConfig, Transformer
+from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import BPETokenizer, CharTokenizer
 
 from ..conftest import make_corpus
@@ -66,7 +67,7 @@ def test_import_matches_transformers_logits(tmp_path, bpe, kind, tie):
 @pytest.mark.parametrize(
     "family",
     [
-        dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, n_kv_heads=2, rope_theta=1000.0),
+        dict(**LLAMA_SWITCHES, n_kv_heads=2, rope_theta=1000.0),
         dict(norm="layernorm", mlp="gelu_tanh", positions="learned", bias=True),
         dict(norm="layernorm", mlp="gelu", positions="learned", bias=True, tie_embeddings=False),
     ],
@@ -100,10 +101,7 @@ def test_char_tokenizer_exports_as_tokenizer_json(tmp_path, char_dataset):
             n_layers=1,
             n_heads=2,
             d_model=16,
-            norm="rmsnorm",
-            mlp="swiglu",
-            positions="rope",
-            bias=False,
+            **LLAMA_SWITCHES,
         )
     )
     save_hf(model, char, tmp_path)

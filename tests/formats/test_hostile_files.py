@@ -27,11 +27,12 @@ from lmforge.formats.loading import load
 from lmforge.inference.generate import SamplingConfig, generate_tokens
 from lmforge.inference.quantize import quantize_model
 from lmforge.model import ModelConfig, Transformer, rope_tables
+from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import BPETokenizer
 
 from ..conftest import make_corpus
 
-LLAMA = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, n_kv_heads=2)
+LLAMA = dict(**LLAMA_SWITCHES, n_kv_heads=2)
 GPT2 = dict(norm="layernorm", mlp="gelu_tanh", positions="learned", bias=True)
 
 

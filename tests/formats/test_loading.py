@@ -6,6 +6,7 @@ from lmforge.formats import loading
 from lmforge.formats.gguf import save_gguf
 from lmforge.formats.hf import save_hf
 from lmforge.formats.loading import load
+from lmforge.settings import LLAMA_SWITCHES
 from lmforge.training.pretrain import train, train_config_from
 
 
@@ -65,7 +66,7 @@ def tiny_llama():
     torch.manual_seed(0)
     config = ModelConfig(
         vocab_size=tokenizer.vocab_size, block_size=128, n_layers=1, n_heads=2, d_model=32,
-        norm="rmsnorm", mlp="swiglu", positions="rope", bias=False,
+        **LLAMA_SWITCHES,
     )  # fmt: skip
     return Transformer(config).eval(), tokenizer
 

@@ -7,6 +7,7 @@ from lmforge.errors import LmforgeError
 from lmforge.inference import engine
 from lmforge.inference.generate import SamplingConfig, generate_tokens
 from lmforge.model import ModelConfig, Transformer
+from lmforge.settings import LLAMA_SWITCHES
 
 
 def drive(most: int, seconds_for, steps: int, free_cores_at=lambda step: None):
@@ -99,7 +100,7 @@ def test_thread_count_does_not_change_the_tokens(monkeypatch):
     monkeypatch.setattr(engine, "free_cores", lambda looks=3: 2)  # as on an idle machine, whatever runs beside
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=64, block_size=96, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64,
-                         norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)  # fmt: skip
+                         **LLAMA_SWITCHES)  # fmt: skip
     model = Transformer(config).eval()
     sampling = SamplingConfig(max_new_tokens=80, temperature=0)
     runs = []
@@ -151,7 +152,7 @@ def test_a_decode_plan_is_made_once_per_cache_and_goes_with_it():
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=64, block_size=32, n_layers=1, n_heads=2, d_model=32,
-                         norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)  # fmt: skip
+                         **LLAMA_SWITCHES)  # fmt: skip
     model = Transformer(config).eval()
     if not engine.supports(model):
         pytest.skip("native kernels unavailable")
@@ -192,7 +193,7 @@ def test_native_decoding_equals_the_model_for_each_family(family):
         pytest.skip("native kernels unavailable")
     torch.manual_seed(0)
     sizes = dict(vocab_size=128, block_size=64, n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=96)
-    llama = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False)
+    llama = dict(**LLAMA_SWITCHES)
     config = ModelConfig(**sizes, **{**llama, **FAMILY_SWITCHES[family]})
     model = Transformer(config).eval()
     with torch.no_grad():

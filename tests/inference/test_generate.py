@@ -11,6 +11,7 @@ from lmforge.inference.generate import (
     pick_next_token,
 )
 from lmforge.model import KVCache, ModelConfig, Transformer
+from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import CharTokenizer
 
 
@@ -24,10 +25,7 @@ def model(tokenizer):
         n_heads=2,
         n_kv_heads=1,
         d_model=32,
-        norm="rmsnorm",
-        mlp="swiglu",
-        positions="rope",
-        bias=False,
+        **LLAMA_SWITCHES,
     )
     return Transformer(config).eval()
 
@@ -133,7 +131,7 @@ def test_batched_generation_rejects_prompts_beyond_the_context(model):
 
 
 @pytest.mark.skipif(not engine.supports(Transformer(ModelConfig(
-    norm="rmsnorm", mlp="swiglu", positions="rope", bias=False))), reason="native kernels unavailable")  # fmt: skip
+    **LLAMA_SWITCHES))), reason="native kernels unavailable")  # fmt: skip
 def test_native_decode_step_matches_the_model_forward(model):
     """Per-row positions in cache slots 1 and 0 against a full forward pass of each sequence."""
     sequences = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]

@@ -19,6 +19,7 @@ from lmforge.inference.quantize import (
     segment_table,
 )
 from lmforge.model import KVCache, ModelConfig, Transformer
+from lmforge.settings import LLAMA_SWITCHES
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="native kernels unavailable (no C compiler or AVX2)")
 
@@ -133,7 +134,7 @@ def test_a_block_layer_decodes_prefills_and_rebuilds_from_its_layout():
 def tiny_llama(tie_embeddings: bool) -> ModelConfig:
     return ModelConfig(
         vocab_size=96, block_size=64, n_layers=2, n_heads=4, n_kv_heads=2, d_model=256, d_mlp=512,
-        norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, tie_embeddings=tie_embeddings,
+        **LLAMA_SWITCHES, tie_embeddings=tie_embeddings,
     )  # fmt: skip
 
 

@@ -24,6 +24,7 @@ from lmforge.inference.quantize import (
     weight_bytes,
 )
 from lmforge.model import ModelConfig, Transformer
+from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import BPETokenizer, CharTokenizer
 
 from ..conftest import make_corpus
@@ -33,7 +34,7 @@ def llama_model(seed: int = 0, d_model: int = 64) -> Transformer:
     torch.manual_seed(seed)
     config = ModelConfig(
         vocab_size=96, block_size=64, n_layers=2, n_heads=4, n_kv_heads=2, d_model=d_model, d_mlp=128,
-        norm="rmsnorm", mlp="swiglu", positions="rope", bias=False,
+        **LLAMA_SWITCHES,
     )  # fmt: skip
     model = Transformer(config).eval()
     with torch.no_grad():  # larger weights than the 0.02 init: peaked predictions make KL informative

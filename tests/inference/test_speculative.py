@@ -10,6 +10,7 @@ from lmforge.inference.generate import SamplingConfig, check_greedy_for_draft, g
 from lmforge.inference.quantize import quantize_model, use_native_kernels
 from lmforge.inference.speculative import SpeculationStats, speculative_generate
 from lmforge.model import ModelConfig, Transformer
+from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import CharTokenizer
 
 
@@ -17,7 +18,7 @@ def chaotic_model(seed: int, family: str = "llama") -> Transformer:
     """Weights large enough that greedy outputs vary (a default-init tiny model repeats one token,
     which any draft would 'predict')."""
     torch.manual_seed(seed)
-    llama = dict(norm="rmsnorm", mlp="swiglu", positions="rope", bias=False, n_kv_heads=2)
+    llama = dict(**LLAMA_SWITCHES, n_kv_heads=2)
     config = ModelConfig(
         vocab_size=96, block_size=256, n_layers=2, n_heads=4, d_model=64, **(llama if family == "llama" else {})
     )

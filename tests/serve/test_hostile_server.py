@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 import hostile_server  # noqa: E402
 from hostile_server import FORGED, GENUINE, Target, launch_server, read_stream, wait_until  # noqa: E402
 
+from lmforge.settings import LLAMA_SWITCHES
+
 TEXT = "the king my lord good sweet love night day honour blood crown heart speak fair death " * 20
 
 
@@ -38,7 +40,7 @@ def model_for(tokenizer, d_model=256, n_layers=4, block_size=1200):
     torch.manual_seed(0)
     config = ModelConfig(
         vocab_size=tokenizer.vocab_size, block_size=block_size, n_layers=n_layers, n_heads=4, d_model=d_model,
-        norm="rmsnorm", mlp="swiglu", positions="rope", bias=False,
+        **LLAMA_SWITCHES,
     )  # fmt: skip
     return Transformer(config).eval()
 

@@ -27,6 +27,8 @@ from ..conftest import chromium_page
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 import hostile_server  # noqa: E402
 
+from lmforge.settings import LLAMA_SWITCHES
+
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
@@ -39,7 +41,7 @@ def tiny_chat_model():
     torch.manual_seed(0)
     config = ModelConfig(
         vocab_size=tokenizer.vocab_size, block_size=256, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64,
-        norm="rmsnorm", mlp="swiglu", positions="rope", bias=False,
+        **LLAMA_SWITCHES,
     )  # fmt: skip
     return Transformer(config).eval(), tokenizer
 
