@@ -363,6 +363,7 @@ def test_rope_frequency_factors_divide_the_frequencies():
         (dict(sliding_window=8, layer_types=["sliding", "full"], architecture="qwen2"), "qwen2"),
         (dict(mlp="geglu", qk_norm=True, post_norms=True, scale_embeddings=True, logit_softcap=30.0), "gemma3"),
         (dict(post_norms=True), None),
+        (dict(mlp="geglu", qk_norm=True, post_norms=True, scale_embeddings=True, qkv_bias=True), None),
     ],
 )
 def test_family_names_the_architecture_whose_files_express_the_switches(switches, family):
