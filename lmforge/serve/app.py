@@ -23,6 +23,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
+from lmforge.apps.encoder import truncate_dimensions
 from lmforge.errors import LmforgeError
 from lmforge.formats.loading import SamplingDefaults, fallback_defaults
 from lmforge.inference.chat import chat_stop_strings, encode_chat, stop_token_ids
@@ -460,12 +461,36 @@ async def completions(body: CompletionRequest, http_request: Request, server: Se
     return Completion(id=response_id, created=created, model=name, choices=choices, usage=Usage(**usage))
 
 
+def embedding_sequences(body: EmbeddingRequest, embedder, name: str) -> list[list[int]]:
+    """What the encoder reads for the request's inputs: texts tokenized, or token ids checked against the
+    vocabulary and framed as text is ([CLS] ids [SEP], truncated alike), so ids embed as their text does."""
+    texts_ids = body.token_ids()
+    if texts_ids is None:
+        return embedder.tokenize(body.texts())
+    one_text = isinstance(body.input[0], int)
+    for text_index, ids in enumerate(texts_ids):
+        if min(ids) < 0 or max(ids) >= embedder.vocab_size:
+            position = next(i for i, token in enumerate(ids) if not 0 <= token < embedder.vocab_size)
+            where = f"input.{position}" if one_text else f"input.{text_index}.{position}"
+            raise APIError(
+                400,
+                f"{where}: token id {ids[position]} is not in {name}'s vocabulary (0 to {embedder.vocab_size - 1}); "
+                "token-id inputs are ids of the embedding model's own tokenizer, not tiktoken's",
+                param=where,
+            )
+    return embedder.frame_token_ids(texts_ids)
+
+
 @routes.post("/v1/embeddings")
 async def embeddings(body: EmbeddingRequest, server: Server):
     name = server.check_model(body.model, "embedding")
     embedder, limits = server.models.embedder, server.limits
-    texts = [body.input] if isinstance(body.input, str) else body.input
-    token_count = embedder.count_tokens(texts)
+    if body.dimensions is not None and body.dimensions > embedder.dimensions:
+        raise APIError(
+            400, f"dimensions is {body.dimensions}; {name} has {embedder.dimensions} at most", param="dimensions"
+        )
+    sequences = embedding_sequences(body, embedder, name)
+    token_count = sum(len(ids) for ids in sequences)
     if token_count > limits.max_embedding_tokens_per_request:
         raise APIError(
             400,
@@ -474,7 +499,9 @@ async def embeddings(body: EmbeddingRequest, server: Server):
             "per request (--max-embedding-tokens-per-request)",
             param="input",
         )
-    vectors, token_count = await asyncio.to_thread(embedder.embed_with_counts, texts)
+    vectors = await asyncio.to_thread(embedder.embed_tokens, sequences)
+    if body.dimensions is not None:
+        vectors = truncate_dimensions(vectors, body.dimensions)
     data = []
     for index, vector in enumerate(vectors.tolist()):
         if body.encoding_format == "base64":

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI allows
-MAX_BATCH_INPUTS = 256  # prompts per /v1/completions or inputs per /v1/embeddings request
+MAX_BATCH_INPUTS = 256  # prompts per /v1/completions request
+# inputs per /v1/embeddings request, as OpenAI allows (LangChain's OpenAIEmbeddings sends 1,000 at once);
+# their tokens are bounded by ServeLimits.max_embedding_tokens_per_request
+MAX_EMBEDDING_INPUTS = 2048
 
 
 class InvalidText(ValueError):
@@ -110,18 +113,31 @@ class CompletionRequest(_Sampling):
 
 class EmbeddingRequest(_Request):
     model: str | None = None
-    input: str | list[str]
+    # texts, or texts as token ids of the embedding model's own tokenizer (without [CLS]/[SEP]; see `token_ids`)
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)  # keep the first N components, then L2-normalise again
 
     @field_validator("input")
     @classmethod
     def _bounded_inputs(cls, value):
+        if isinstance(value, list) and value and isinstance(value[0], int):
+            return value  # one text as token ids
         items = [value] if isinstance(value, str) else value
-        if not 1 <= len(items) <= MAX_BATCH_INPUTS:
-            raise ValueError(f"give 1 to {MAX_BATCH_INPUTS} inputs")
+        if not 1 <= len(items) <= MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"give 1 to {MAX_EMBEDDING_INPUTS} inputs")
         if any(not item for item in items):
-            raise ValueError("inputs must be non-empty strings")
+            raise ValueError("inputs must be non-empty strings or token-id lists")
         return value
+
+    def token_ids(self) -> list[list[int]] | None:
+        """The inputs as lists of token ids, or None when they are texts."""
+        if isinstance(self.input, str) or isinstance(self.input[0], str):
+            return None
+        return [self.input] if isinstance(self.input[0], int) else self.input
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
 
 
 class Usage(BaseModel):

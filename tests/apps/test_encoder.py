@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmforge.apps.encoder import SentenceEmbedder, builtin_encoder_path, embed
+from lmforge.apps.encoder import SentenceEmbedder, builtin_encoder_path, embed, truncate_dimensions
 from lmforge.errors import LmforgeError
 
 SENTENCES = [
@@ -49,3 +49,45 @@ def test_padding_does_not_change_an_embedding(embedder):
 def test_similar_sentences_are_closer(embedder):
     vectors = embed(["The cat sits on the mat.", "A cat is sitting on a rug.", "Interest rates rose again."])
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
+
+
+def transformers_embeddings(texts: list[str]) -> torch.Tensor:
+    """sentence-transformers' recipe with transformers' BertModel, one text at a time (no padding at all)."""
+    transformers = pytest.importorskip("transformers")
+    folder = builtin_encoder_path("all-minilm-l6-v2")
+    reference = transformers.AutoModel.from_pretrained(folder).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    vectors = []
+    for text in texts:
+        batch = tokenizer([text], truncation=True, max_length=256, return_tensors="pt")
+        with torch.no_grad():
+            vectors.append(torch.nn.functional.normalize(reference(**batch).last_hidden_state.mean(1), dim=-1))
+    return torch.cat(vectors)
+
+
+def test_mixed_lengths_come_back_in_input_order_and_match_transformers(embedder, monkeypatch):
+    """Batches are cut from the texts sorted by length; the vectors still follow the input order, and each
+    matches transformers' (3 batches of 4, padded ones and one over the 256-token truncation)."""
+    words = " ".join(SENTENCES[:4]).split()
+    lengths = [40, 2, 17, 1, 300, 9, 25, 5, 60, 3, 12, 33]
+    texts = [" ".join(words[i % len(words)] for i in range(length)) for length in lengths]
+    monkeypatch.setattr(embedder, "batch_size", 4)
+    ours = embedder.embed(texts)
+    cosine = (ours * transformers_embeddings(texts)).sum(-1)
+    assert cosine.min() > 0.9999
+    assert max(len(ids) for ids in embedder.tokenize(texts)) == embedder.max_tokens == 256
+
+
+def test_token_ids_embed_as_their_text(embedder):
+    """Ids of the model's own tokenizer, without special tokens, are framed and truncated as text is."""
+    texts = [SENTENCES[1], " ".join(SENTENCES) * 20]  # the second is truncated
+    ids = [embedder.tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
+    framed = embedder.frame_token_ids(ids)
+    assert framed == embedder.tokenize(texts)
+    assert torch.allclose(embedder.embed_tokens(framed), embedder.embed(texts), atol=1e-6)
+
+
+def test_truncated_dimensions_are_the_renormalised_prefix():
+    vectors = torch.tensor([[3.0, 4.0, 12.0], [0.0, -2.0, 1.0]]) / 13
+    assert torch.allclose(truncate_dimensions(vectors, 2), torch.tensor([[0.6, 0.8], [0.0, -1.0]]))
+    assert torch.allclose(truncate_dimensions(vectors, 3), torch.nn.functional.normalize(vectors, dim=-1))
