@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from lmforge.apps.encoder import SentenceEmbedder, builtin_encoder_path, embed, truncate_dimensions
+from lmforge.apps.encoder import (
+    SentenceEmbedder,
+    builtin_encoder_path,
+    embed,
+    length_batches,
+    truncate_dimensions,
+)
 from lmforge.errors import LmforgeError
 
 SENTENCES = [
@@ -91,3 +97,16 @@ def test_truncated_dimensions_are_the_renormalised_prefix():
     vectors = torch.tensor([[3.0, 4.0, 12.0], [0.0, -2.0, 1.0]]) / 13
     assert torch.allclose(truncate_dimensions(vectors, 2), torch.tensor([[0.6, 0.8], [0.0, -1.0]]))
     assert torch.allclose(truncate_dimensions(vectors, 3), torch.nn.functional.normalize(vectors, dim=-1))
+
+
+def test_length_batches_bound_padding_and_cover_every_index_once():
+    lengths = [40, 2, 17, 1, 300, 9, 25, 5, 45, 3, 12, 33, 70, 70, 70, 70]
+    batches = length_batches(lengths, max_batch=4, padding_slack=0.2)
+    assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
+    in_order = [lengths[index] for batch in batches for index in batch]
+    assert in_order == sorted(lengths)
+    for batch in batches:
+        sizes = [lengths[index] for index in batch]
+        assert len(batch) <= 4 and (len(batch) == 1 or max(sizes) * len(sizes) <= 1.2 * sum(sizes))
+    assert [70, 70, 70, 70] in [[lengths[index] for index in batch] for batch in batches]  # nothing padded: full
+    assert len(length_batches(lengths, max_batch=4, padding_slack=1e9)) == 4  # no bound: batches of 4
