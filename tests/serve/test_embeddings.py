@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from lmforge.apps.encoder import truncate_dimensions
 from lmforge.serve.app import ServedModels, ServeLimits, create_app
 from lmforge.serve.scheduler import Scheduler
 
@@ -104,5 +105,8 @@ def test_langchain_openai_embeddings_work_offline(served):
     assert torch.allclose(result, embedder.embed(documents), atol=1e-5)
     query = torch.tensor(embeddings.embed_query(TEXTS[0]))
     assert torch.allclose(query, embedder.embed(TEXTS[:1])[0], atol=1e-5)
-    shortened = langchain_openai.OpenAIEmbeddings(check_embedding_ctx_length=False, dimensions=128, **settings)
-    assert len(shortened.embed_query(TEXTS[0])) == 128
+    as_in_readme = langchain_openai.OpenAIEmbeddings(
+        check_embedding_ctx_length=False, chunk_size=64, dimensions=128, **settings
+    )
+    shortened = torch.tensor(as_in_readme.embed_documents(documents[:100]))  # two requests
+    assert torch.allclose(shortened, truncate_dimensions(result[:100], 128), atol=1e-5)
