@@ -147,8 +147,10 @@ def special_tokens_around_text(tokenizer) -> tuple[list[int], list[int]]:
     """The ids the tokenizer's post-processor puts before and after a text's own tokens ([CLS], [SEP] for BERT)."""
     framed = tokenizer.encode("a").ids
     text = tokenizer.encode("a", add_special_tokens=False).ids
-    start = next(i for i in range(len(framed)) if framed[i : i + len(text)] == text)
-    return framed[:start], framed[start + len(text) :]
+    starts = [i for i in range(len(framed) - len(text) + 1) if framed[i : i + len(text)] == text]
+    if not starts:
+        raise LmforgeError(f"the tokenizer's post-processor changes a text's own tokens ({text} -> {framed})")
+    return framed[: starts[0]], framed[starts[0] + len(text) :]
 
 
 def truncate_dimensions(vectors: torch.Tensor, dimensions: int) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """BERT encoder and sentence embeddings against transformers (same weights, same tokens)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from lmforge.apps.encoder import (
     builtin_encoder_path,
     embed,
     length_batches,
+    special_tokens_around_text,
     truncate_dimensions,
 )
 from lmforge.errors import LmforgeError
@@ -110,3 +113,17 @@ def test_length_batches_bound_padding_and_cover_every_index_once():
         assert len(batch) <= 4 and (len(batch) == 1 or max(sizes) * len(sizes) <= 1.2 * sum(sizes))
     assert [70, 70, 70, 70] in [[lengths[index] for index in batch] for batch in batches]  # nothing padded: full
     assert len(length_batches(lengths, max_batch=4, padding_slack=1e9)) == 4  # no bound: batches of 4
+
+
+def test_special_tokens_around_text_are_read_from_the_post_processor(embedder):
+    assert (embedder.text_start, embedder.text_end) == (
+        [embedder.tokenizer.token_to_id("[CLS]")],
+        [embedder.tokenizer.token_to_id("[SEP]")],
+    )
+
+    class Rewriting:  # a post-processor that replaces the text's own tokens cannot frame token ids
+        def encode(self, text, add_special_tokens=True):
+            return SimpleNamespace(ids=[1, 9, 2] if add_special_tokens else [5])
+
+    with pytest.raises(LmforgeError, match="post-processor"):
+        special_tokens_around_text(Rewriting())
