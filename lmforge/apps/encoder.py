@@ -164,8 +164,8 @@ def truncate_dimensions(vectors: torch.Tensor, dimensions: int) -> torch.Tensor:
 # the real tokens. On benchmarks/embeddings.py's 1,000 mixed-length sentences that reads 52,008 token
 # positions for 48,747 real ones (input order, batches of 32: 168,608); a request of 32 of them, which
 # sorting alone cannot help, reads 1.13x its real tokens in batches of 4 on average instead of 3.5x.
-# Smaller batches cost little here: on 2 busy cores, requests of 32 took the same time at 0.1 and 0.2,
-# ~2.2x as long at 1.0 (fewer, fuller batches) and ~2.3x in whole batches of 32.
+# Smaller batches cost little at this model's width: 10 requests of 32 of those sentences took 3.9 s
+# at 0.2, 4.0 at 0.1, 4.2 at 0.35, 5.6 at 0.6, 8.3 at 1.0 and 23-25 s in whole batches (2 threads).
 PADDING_SLACK = 0.2
 
 
