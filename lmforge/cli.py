@@ -530,7 +530,9 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         f"({', '.join(PRESETS)}).\nmodel.vocab-size always comes from the prepared data's tokenizer."
     )
     parser.add_argument("--config", help="YAML or JSON config file")
-    parser.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from out_dir's latest checkpoint (start there if it has none)"
+    )
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 

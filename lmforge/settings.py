@@ -266,7 +266,7 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    resume: bool = False  # continue the run in out_dir (train_config_from fills unset keys from its config.json)
+    resume: bool = False  # continue the run in out_dir, or start it there if it has no checkpoint yet
     overwrite: bool = False  # out_dir holds a run: move it into out_dir/previous-<date>-<time>/ first
     peak_flops: float | None = None  # for MFU; measured with a matmul when unset
     progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none

@@ -226,6 +226,13 @@ def newest_complete_checkpoint(checkpoints: Path, skip: Path | None = None) -> T
     return None
 
 
+def holds_checkpoint(run_dir: str | Path) -> bool:
+    """Whether `run_dir/checkpoints` holds anything resuming reads: `latest` or a step folder (a damaged
+    one counts: `load_resume_checkpoint` says what is wrong with it)."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    return (checkpoints / LATEST).exists() or bool(step_folders(checkpoints))
+
+
 def load_resume_checkpoint(run_dir: str | Path) -> TrainingCheckpoint:
     """The checkpoint `run_dir/checkpoints/latest` names, loaded for resuming. If `latest` itself is
     damaged, the newest complete step folder instead, with `latest_problem` saying what was wrong."""

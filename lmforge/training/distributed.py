@@ -7,6 +7,8 @@ wraps the model in DistributedDataParallel when there is more than one process.
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -30,11 +32,28 @@ class ProcessGroup:
         return self.world_size > 1
 
 
+def restart_warning(environment: Mapping[str, str]) -> str | None:
+    """Why a restart of this torchrun job would fail, if it would: with --max-restarts, torchrun's
+    default of sharing its rendezvous store with the workers hands a restarted group the first
+    attempt's process-group keys, and the new processes dial ports that are gone (PyTorch issue 135712)."""
+    restarts = int(environment.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and environment.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return (
+            f"warning: torchrun may restart this job (--max-restarts={restarts}), but a restart would hang: "
+            f"its workers share torchrun's rendezvous store. Launch torchrun with "
+            f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment"
+        )
+    return None
+
+
 def init_process_group(device_type: str) -> ProcessGroup:
     """Join the torchrun job described by RANK/WORLD_SIZE/LOCAL_RANK, or run alone."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return ProcessGroup()
     group = ProcessGroup(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    warning = restart_warning(os.environ)
+    if warning and group.is_main:
+        print(warning, file=sys.stderr)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     if device_type == "cuda":

@@ -19,7 +19,14 @@ import torch
 from lmforge.config import apply_values
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.evaluate import evaluate_loss
-from lmforge.formats.checkpoint import CONFIG, STATE, load_resume_checkpoint, load_weights, save_checkpoint
+from lmforge.formats.checkpoint import (
+    CONFIG,
+    STATE,
+    holds_checkpoint,
+    load_resume_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from lmforge.model import Transformer
 from lmforge.settings import TrainConfig, recorded_settings, train_config_from  # noqa: F401 (importable from here too)
 from lmforge.training import distributed
@@ -166,7 +173,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
             "resume and overwrite contradict each other: resume continues the run in out_dir, overwrite starts "
             "a new one there; choose one"
         )
-    if config.resume:
+    if config.resume and holds_checkpoint(out_dir):
         resumed = load_resume_checkpoint(out_dir)
         if resumed.latest_problem and group.is_main:
             print(
@@ -178,6 +185,11 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
         except LmforgeError as error:
             raise LmforgeError(f"{resumed.folder / CONFIG}: {error}") from None
         start_step = resumed.state["step"]
+    elif config.resume:
+        # Nothing written yet (a first launch, or an attempt that died before its first checkpoint): the
+        # run starts here, so one command, --resume included, serves every attempt of an elastic job.
+        if group.is_main:
+            print(f"note: {out_dir} holds no checkpoint to resume from: starting the run at step 0", file=sys.stderr)
     elif group.is_main or not config.overwrite:  # other processes check, but only the main one moves files
         archived = claim_run_folder(
             out_dir, RUN_FILES, config.overwrite, "continue it with --resume, train into a new out_dir"
