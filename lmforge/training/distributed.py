@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+# NCCL between GPUs (NVLink, InfiniBand); gloo between CPU processes, over TCP.
+BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
+
 
 @dataclass
 class ProcessGroup:
@@ -55,7 +58,7 @@ def init_process_group(device_type: str) -> ProcessGroup:
     if warning and group.is_main:
         print(warning, file=sys.stderr)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend=BACKENDS[device_type])
     if device_type == "cuda":
         torch.cuda.set_device(group.local_rank)
     return group

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +36,14 @@ from lmforge.training.optim import build_optimizer
 from lmforge.training.progress import ProgressBar, format_duration
 from lmforge.training.run_folder import claim_run_folder, settings_to_record
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
-from lmforge.training.step import apply_gradients, autocast_for, forward_backward, next_token_forward
+from lmforge.training.step import (
+    apply_gradients,
+    autocast_for,
+    compute_dtype,
+    forward_backward,
+    next_token_forward,
+    to_device,
+)
 
 # What a pretraining run writes into out_dir; a folder holding any of them holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "loss_curve.png", "checkpoints")
@@ -48,32 +56,45 @@ def learning_rate_at(step: int, config: TrainConfig) -> float:
 
 
 def measure_matmul_flops(
-    device: str = "cpu", sizes: tuple[int, ...] = (512, 1024), trials: int = 3, seconds: float = 0.15
+    device: str = "cpu",
+    sizes: tuple[int, ...] | None = None,
+    trials: int = 3,
+    seconds: float = 0.15,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Peak fp32 matmul FLOP/s of this device at the current thread count: the best of short trials,
-    since shared machines only ever make a trial slower."""
+    """Peak matmul FLOP/s of this device in `dtype` (at the current thread count on CPU): the best of
+    short trials, since shared machines only ever make a trial slower."""
+    cuda = device.startswith("cuda")
+    sizes = sizes or ((4096, 8192) if cuda else (512, 1024))  # a GPU is launch-bound below ~4k
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     generator = torch.Generator(device=device).manual_seed(0)  # the global RNG belongs to training
     best = 0.0
     for size in sizes:
-        a = torch.randn(size, size, device=device, generator=generator)
-        b = torch.randn(size, size, device=device, generator=generator)
+        a = torch.randn(size, size, device=device, generator=generator, dtype=dtype)
+        b = torch.randn(size, size, device=device, generator=generator, dtype=dtype)
         a @ b
         for _ in range(trials):
+            synchronize()  # the timer starts with nothing queued: kernels run asynchronously on a GPU
             count, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds or count < 2:
                 a @ b
                 count += 1
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+                if cuda and count % 8 == 0:
+                    synchronize()  # keep the queue short, or the last sync waits for seconds of work
+            synchronize()
             best = max(best, 2 * size**3 * count / (time.perf_counter() - start))
     return best
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device this process trains on: `auto` is CUDA where there is one, and a bare `cuda` is
+    this process's own GPU under torchrun (LOCAL_RANK), so N processes on a node use N GPUs."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LmforgeError(f"device={name!r} but CUDA is not available on this machine")
+    if name == "cuda":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return torch.device(name)
 
 
@@ -225,7 +246,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
         except Exception as error:  # compile support varies by platform; eager always works
             print(f"torch.compile unavailable ({error}); training eagerly", file=sys.stderr)
     autocast = autocast_for(device)
-    peak_flops = config.peak_flops or measure_matmul_flops(device=str(device))
+    peak_flops = config.peak_flops or measure_matmul_flops(device=str(device), dtype=compute_dtype(device))
     flops_per_token = model.flops_per_token()
 
     if group.is_main:
@@ -302,7 +323,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
             for micro in range(config.grad_accum_steps):
                 first = (micro * group.world_size + group.rank) * config.batch_size
                 inputs, targets = train_data.gather(starts[first : first + config.batch_size], config.model.block_size)
-                inputs, targets = inputs.to(device), targets.to(device)
+                inputs, targets = to_device(inputs, device), to_device(targets, device)
                 with distributed.no_gradient_sync(step_model, micro < config.grad_accum_steps - 1):
                     forward = next_token_forward(step_model, inputs, targets)
                     loss, _ = forward_backward(forward, config.grad_accum_steps, autocast)
