@@ -11,7 +11,7 @@ from lmforge.model import ModelConfig, Transformer, zeroed_from_os
 from lmforge.settings import LLAMA_SWITCHES
 from lmforge.training import distributed
 from lmforge.training.optim import build_optimizer
-from lmforge.training.pretrain import measure_matmul_flops, resolve_device
+from lmforge.training.pretrain import measure_matmul_flops, resolve_device, train
 from lmforge.training.step import (
     apply_gradients,
     autocast_for,
@@ -109,3 +109,19 @@ def test_a_training_step_on_cuda_uses_bf16_flash_attention_and_fused_adamw():
 @needs_cuda
 def test_the_measured_gpu_peak_is_in_teraflops():
     assert measure_matmul_flops("cuda", trials=1, seconds=0.05, dtype=torch.bfloat16) > 1e12
+
+
+@needs_cuda
+def test_pretraining_on_cuda_resumes_exactly(char_dataset, tmp_path):
+    """`lmforge train --device cuda`: the whole loop on a GPU (pinned batches, bf16, fused AdamW), its
+    checkpoint (CUDA RNG state included) resumed to the same losses as a straight run."""
+    from .test_pretrain import losses, tiny_config
+
+    settings = dict(device="cuda", max_steps=12, eval_interval=0, checkpoint_interval=6)
+    train(tiny_config(char_dataset, tmp_path / "straight", **settings))
+    train(tiny_config(char_dataset, tmp_path / "resumed", **(settings | dict(max_steps=6))))
+    train(tiny_config(char_dataset, tmp_path / "resumed", **settings, resume=True))
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 13))
+    for step in straight:
+        assert abs(straight[step] - resumed[step]) < 1e-4, (step, straight[step], resumed[step])
