@@ -96,6 +96,13 @@ def use_threads(threads: int | None) -> None:
     set_decode_threads(threads or threads_from_environment())
 
 
+def inference_device(name: str) -> str:
+    """`--device` of the verbs that run a model: cpu, auto, cuda (this process's GPU) or cuda:N."""
+    from lmforge.training.pretrain import resolve_device
+
+    return str(resolve_device(name))
+
+
 def command_generate(args, extra) -> int:
     from lmforge.config import apply_values
     from lmforge.settings import SamplingConfig
@@ -112,8 +119,11 @@ def command_generate(args, extra) -> int:
 
     if args.draft:
         check_greedy_for_draft(sampling)
+    device = inference_device(args.device)
+    if args.draft and device != "cpu":
+        raise LmforgeError("--draft runs on the CPU only for now (speculative decoding keeps its caches there)")
     use_threads(args.threads)
-    model, tokenizer = load(args.model, adapter=args.adapter)
+    model, tokenizer = load(args.model, device=device, adapter=args.adapter)
     draft = None
     if args.draft:
         draft, draft_tokenizer = load(args.draft)
@@ -147,7 +157,7 @@ def command_eval(args, extra) -> int:
         raise LmforgeError("eval needs --model (or --compare RESULT RESULT ...)")
     if not (args.data_dir or args.text or args.task):
         raise LmforgeError("nothing to evaluate: give --data-dir, --text FILE and/or --task FILE.jsonl")
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, device=inference_device(args.device))
     metrics = {}
     if args.data_dir:
         dataset = TokenDataset(args.data_dir, args.split)
@@ -488,6 +498,7 @@ MODEL_HELP = (
     "id in the HF cache (Org/Name, Org/Name:Q4_K_M) or an Ollama model (name:tag); see lmforge models"
 )
 ADAPTER_HELP = "a LoRA adapter folder (from lmforge finetune --task sft) to apply to the model"
+DEVICE_HELP = "cpu (default), auto, cuda or cuda:N; off the CPU, quantised GGUF weights load as fp32"
 THREADS_HELP = (
     "threads for decoding and PyTorch (default: $LMFORGE_THREADS, else chosen per decoding step from measured "
     "speed, fewer while other processes keep the cores busy)"
@@ -546,6 +557,7 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="text to continue")
     parser.add_argument("--adapter", help=ADAPTER_HELP)
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--config", help="YAML or JSON sampling config")
     parser.add_argument(
         "--draft",
@@ -565,6 +577,7 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
         "  lmforge eval --compare ev1 ev2"
     )
     parser.add_argument("--model", "--checkpoint", dest="model", help=MODEL_HELP)
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--data-dir", help="prepared dataset folder")
     parser.add_argument(
         "--split", choices=("train", "val"), default="val", help="which split of --data-dir to score (default val)"

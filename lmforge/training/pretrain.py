@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -89,10 +90,14 @@ def measure_matmul_flops(
 def resolve_device(name: str) -> torch.device:
     """The device this process trains on: `auto` is CUDA where there is one, and a bare `cuda` is
     this process's own GPU under torchrun (LOCAL_RANK), so N processes on a node use N GPUs."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise LmforgeError(f"device={name!r}: expected auto, cpu, cuda or cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LmforgeError(f"device={name!r} but CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise LmforgeError(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     if name == "cuda":
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return torch.device(name)

@@ -33,6 +33,7 @@ def cuda_present(monkeypatch):
 
 
 def test_cuda_under_torchrun_is_this_processs_own_gpu(cuda_present, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert resolve_device("auto") == torch.device("cuda:3")
     assert resolve_device("cuda") == torch.device("cuda:3")
@@ -46,6 +47,14 @@ def test_cuda_without_a_gpu_is_a_clear_error(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(LmforgeError, match="CUDA is not available"):
         resolve_device("cuda:0")
+    with pytest.raises(LmforgeError, match="expected auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu")
+
+
+def test_a_gpu_the_machine_lacks_is_a_clear_error(cuda_present, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(LmforgeError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
 
 
 def test_matmuls_run_in_bf16_on_a_gpu_and_fp32_on_a_cpu(cuda_present):
