@@ -397,6 +397,7 @@ class ClassifyConfig:
     overwrite: bool = False  # `out` holds a classifier: move it into out/previous-<date>-<time>/ first
     resume: bool = False  # continue the run in `out` from its training state (written as below and on Ctrl-C)
     checkpoint_interval: int = 50  # optimizer steps between training states (also at each epoch's end)
+    device: str = "cpu"  # cpu | auto | cuda | cuda:N (under torchrun: cuda is each process's LOCAL_RANK GPU)
 
 
 @dataclass
@@ -425,6 +426,7 @@ class SFTConfig:
     overwrite: bool = False  # `out` holds a run: move it into out/previous-<date>-<time>/ first
     resume: bool = False  # continue the run in `out` from its training state (written as below and on Ctrl-C)
     checkpoint_interval: int = 50  # optimizer steps between training states (also at each epoch's end)
+    device: str = "cpu"  # cpu | auto | cuda | cuda:N (under torchrun: cuda is each process's LOCAL_RANK GPU)
 
 
 # --- recommendation ----------------------------------------------------------------------

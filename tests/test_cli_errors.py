@@ -84,6 +84,10 @@ BAD_ARGUMENTS = [
     ("finetune --task classify --data={missing}.csv --model={model} --out={root}/cls", "a missing input file"),
     ("finetune --task sft --epoch=2", "a bad config key"),
     ("finetune --task translate", "a bad value"),
+    (
+        "finetune --task sft --data={not_a_model}/notes.txt --model={model} --out={root}/sft2 --device=gpu",
+        "a bad device",
+    ),
     ("explain --model {not_a_model} --prompt hi", "a folder that is not a model"),
     ("explain --classifier {not_a_model} --prompt hi", "a folder that is not a classifier"),
     ("explain --model {model} --prompt hi --out {a_file} --method gradient_x_input", "--out taken by a file"),

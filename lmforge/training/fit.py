@@ -552,9 +552,10 @@ def _distributed_step(forward, micro_batches: int, autocast, setup: TrainingSetu
     if not processes.is_distributed:
         return forward_backward(forward, micro_batches, autocast)
     count = _loss_count(setup, targets)
-    total = distributed.sum_across_processes(torch.tensor(float(count)), processes)
+    # on the batch's device: NCCL reduces GPU tensors only
+    total = distributed.sum_across_processes(torch.tensor(float(count), device=targets.device), processes)
     if count == 0:  # a batch smaller than the job: this process has nothing of it
-        loss, outputs = torch.zeros(()), None
+        loss, outputs = torch.zeros((), device=targets.device), None
     else:
         weight = count / float(total)
         loss, outputs = forward_backward(lambda: _weighted(forward(), weight), micro_batches, autocast)
