@@ -240,6 +240,9 @@ def preset(name: str, **overrides) -> ModelConfig:
 # --- pretraining -------------------------------------------------------------------------
 
 
+PARALLEL_MODES = ("ddp", "fsdp", "hsdp")
+
+
 @dataclass
 class TrainConfig:
     """Everything a pretraining run needs; YAML/JSON files and --key=value map onto it."""
@@ -266,11 +269,25 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Under torchrun: ddp keeps a whole model on every process; fsdp shards parameters, gradients and
+    # optimizer state across the processes; hsdp shards within groups of hsdp_shard_processes and
+    # replicates across them. fsdp/hsdp write sharded checkpoints any number of processes can resume.
+    parallel: str = "ddp"  # ddp | fsdp | hsdp
+    hsdp_shard_processes: int = 0  # hsdp: processes one copy of the model is sharded over (0: one node's)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
     resume: bool = False  # continue the run in out_dir (train_config_from fills unset keys from its config.json)
     overwrite: bool = False  # out_dir holds a run: move it into out_dir/previous-<date>-<time>/ first
     peak_flops: float | None = None  # for MFU; measured with a matmul when unset
     progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none
     plot: bool = True  # write loss_curve.png at the end
+
+    def __post_init__(self) -> None:
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel={self.parallel!r}: expected one of {PARALLEL_MODES}")
+        if self.hsdp_shard_processes < 0:
+            raise ValueError(
+                f"hsdp_shard_processes must be >= 0 (0: one node's processes), got {self.hsdp_shard_processes}"
+            )
 
 
 def train_config_from(values: dict) -> TrainConfig:
