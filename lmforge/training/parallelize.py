@@ -48,6 +48,14 @@ def device_mesh(config: TrainConfig, group: distributed.ProcessGroup, device: to
     )
 
 
+def describe_mesh(config: TrainConfig, mesh: DeviceMesh) -> str:
+    """How the processes split the work, for the run's first line: `hsdp: 2 replicas x 2 shards`."""
+    if config.parallel == "hsdp":
+        replicas, shards = mesh.shape
+        return f"hsdp: {replicas} replicas x {shards} shards"
+    return f"{config.parallel} over {mesh.size()} processes"
+
+
 def mixed_precision_for(device: torch.device):
     """bf16 parameters with fp32 gradient reduction on GPUs with bf16; fp32 throughout on CPU, where a
     bf16 matmul is far slower than fp32 (see `step.autocast_for`)."""

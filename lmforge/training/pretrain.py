@@ -33,7 +33,7 @@ from lmforge.settings import TrainConfig, recorded_settings, train_config_from  
 from lmforge.training import distributed
 from lmforge.training.data import TokenDataset
 from lmforge.training.optim import build_optimizer
-from lmforge.training.parallelize import device_mesh, parallelize, writes_sharded_checkpoints
+from lmforge.training.parallelize import describe_mesh, device_mesh, parallelize, writes_sharded_checkpoints
 from lmforge.training.progress import ProgressBar, format_duration
 from lmforge.training.run_folder import claim_run_folder, settings_to_record
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
@@ -243,6 +243,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     reporter.message(
         f"model: {parameter_count:,} parameters | {train_data.num_tokens:,} train tokens | "
         f"{global_batch * config.model.block_size:,} tokens/step | device {device}"
+        + (f" | {describe_mesh(config, mesh)}" if mesh is not None else "")
         + (f" | resumed at step {start_step}" if start_step else "")
     )
 
