@@ -18,6 +18,7 @@ import pickle
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def save_sharded_checkpoint(
     def write_shards(staging: Path) -> None:
         _wait_for_every_process()  # the main process has emptied the folder of any killed write's leftovers
         # Returns on the main process once every shard is written: it gathers each process's result.
-        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=staging / SHARDS)
+        with _alone_without_a_warning():
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=staging / SHARDS)
 
     def write_all(staging: Path) -> None:
         staging.mkdir()
@@ -122,6 +124,24 @@ def _wait_for_every_process() -> None:
         dist.barrier()
 
 
+@contextmanager
+def _alone_without_a_warning():
+    """torch.distributed.checkpoint warns that it is "assuming the intent is to save [load] in a single
+    process" whenever there is no process group: a sharded run alone, and export, are just that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
+
+
+def _shard_failure(error: BaseException) -> str:
+    """What went wrong reading shards, in one line: DCP wraps each process's exception (with its whole
+    traceback in the message) in a CheckpointException, which is a BaseException."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        error = next(iter(failures.values()))[0]
+    return f"{type(error).__name__}: {error}".rstrip(": ").splitlines()[0]
+
+
 def is_sharded(folder: Path) -> bool:
     """Whether a checkpoint folder was written by a sharded (fsdp/hsdp) run."""
     return (folder / SHARDS).is_dir()
@@ -132,29 +152,29 @@ def load_sharded_training_state(folder: Path, model: nn.Module, optimizer: torch
     it and that read it now: each process reads the parts of the shards its own shard needs (all of
     them, for a plain model). Every process calls this together."""
     import torch.distributed.checkpoint as dcp  # a few seconds to import: only where a sharded run needs it
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
-        dcp.load(state, checkpoint_id=folder / SHARDS)
-    except Exception as error:  # DCP raises CheckpointException, RuntimeError, ... for missing or mismatched shards
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise LmforgeError(f"{folder / SHARDS}: cannot resume from these shards ({reason})") from None
+        with _alone_without_a_warning():
+            dcp.load(state, checkpoint_id=folder / SHARDS)
+    except (Exception, CheckpointException) as error:  # a missing, truncated or mismatched shard
+        raise LmforgeError(f"{folder / SHARDS}: cannot resume from these shards ({_shard_failure(error)})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def load_sharded_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The whole model's weights from a sharded checkpoint, read into this one process (no process group)."""
+    from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
+        with _alone_without_a_warning():
             weights = _load_state_dict_from_keys("model", checkpoint_id=folder / SHARDS)["model"]
-    except Exception as error:  # a missing .metadata or shard file, a damaged one
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise LmforgeError(f"{folder / SHARDS}: cannot read the sharded weights ({reason})") from None
+    except (Exception, CheckpointException) as error:  # a missing .metadata or shard file, a truncated one
+        raise LmforgeError(f"{folder / SHARDS}: cannot read the sharded weights ({_shard_failure(error)})") from None
     return {name: tensor for name, tensor in weights.items() if isinstance(tensor, torch.Tensor)}
 
 
