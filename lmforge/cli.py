@@ -528,6 +528,12 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         config_help(TrainConfig())
         + f"\n\nmodel.* defaults are the {TrainConfig.preset} preset's; --preset NAME starts from another "
         f"({', '.join(PRESETS)}).\nmodel.vocab-size always comes from the prepared data's tokenizer."
+        "\n\nUnder torchrun (torchrun --nproc_per_node=N -m lmforge train ...), --parallel chooses how the processes"
+        "\nshare the work: ddp (default) keeps a whole model on each; fsdp shards parameters, gradients and"
+        "\noptimizer state across them (FSDP2); hsdp shards within groups of --hsdp-shard-processes (default:"
+        "\none node's processes) and replicates across groups. fsdp/hsdp checkpoints are sharded"
+        "\n(torch.distributed.checkpoint): --resume continues them on any number of processes, and export reads"
+        "\nthem directly. --activation-checkpointing recomputes each block's activations in backward to save memory."
     )
     parser.add_argument("--config", help="YAML or JSON config file")
     parser.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
