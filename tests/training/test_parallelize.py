@@ -25,7 +25,9 @@ def command_line(data_dir, out_dir, *options):
         f"--data_dir={data_dir}",
         f"--out_dir={out_dir}",
         f"--max_steps={STEPS}",
-        "--eval_interval=0",
+        "--eval_interval=4",  # evaluation runs on the sharded model too
+        "--eval_tokens=256",
+        "--grad_clip=0.3",  # below the gradients' norm: clipping must see the whole model's norm, not a shard's
         "--log_interval=1",
         "--checkpoint_interval=4",
         "--keep_checkpoints=0",  # keep step 4 for the resume tests
@@ -37,16 +39,17 @@ def command_line(data_dir, out_dir, *options):
     ]
 
 
-def run(processes: int, arguments: list[str]) -> str:
-    """`lmforge train` alone or under torchrun (a free port: --standalone); its stdout."""
+def run(processes: int, arguments: list[str], expect_success: bool = True) -> subprocess.CompletedProcess:
+    """`lmforge train` alone or under torchrun (a free port: --standalone)."""
     launcher = [sys.executable, "-m", "lmforge"]
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                     "-m", "lmforge"]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     result = subprocess.run([*launcher, *arguments], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+    if expect_success:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def losses(out_dir) -> dict[int, float]:
@@ -79,7 +82,9 @@ def one_process(char_dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_processes_fsdp(char_dataset, tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp")
-    stdout = run(2, command_line(char_dataset, out_dir, f"--batch_size={GLOBAL_BATCH // 2}", "--parallel", "fsdp"))
+    stdout = run(
+        2, command_line(char_dataset, out_dir, f"--batch_size={GLOBAL_BATCH // 2}", "--parallel", "fsdp")
+    ).stdout
     return out_dir, stdout
 
 
@@ -101,7 +106,7 @@ def test_fsdp_with_activation_checkpointing_and_accumulation_matches_one_process
 
 def test_hsdp_on_four_processes_as_two_by_two_matches_one_process(one_process, char_dataset, tmp_path):
     arguments = [f"--batch_size={GLOBAL_BATCH // 4}", "--parallel=hsdp", "--hsdp_shard_processes=2"]
-    stdout = run(4, command_line(char_dataset, tmp_path, *arguments))
+    stdout = run(4, command_line(char_dataset, tmp_path, *arguments)).stdout
     assert "hsdp: 2 replicas x 2 shards" in stdout
     assert_same_losses(losses(one_process), losses(tmp_path))
 
@@ -109,7 +114,7 @@ def test_hsdp_on_four_processes_as_two_by_two_matches_one_process(one_process, c
 def test_a_checkpoint_from_two_processes_resumes_on_one(one_process, two_processes_fsdp, tmp_path):
     shutil.copytree(two_processes_fsdp[0], tmp_path, dirs_exist_ok=True)
     rewind_to_step_4(tmp_path)
-    stdout = run(1, ["train", f"--out_dir={tmp_path}", "--resume", f"--batch_size={GLOBAL_BATCH}"])
+    stdout = run(1, ["train", f"--out_dir={tmp_path}", "--resume", f"--batch_size={GLOBAL_BATCH}"]).stdout
     assert "resumed at step 4" in stdout
     assert_same_losses(losses(one_process), losses(tmp_path), steps=range(5, STEPS + 1))
 
@@ -117,9 +122,18 @@ def test_a_checkpoint_from_two_processes_resumes_on_one(one_process, two_process
 def test_a_checkpoint_from_one_process_resumes_on_two(one_process, tmp_path):
     shutil.copytree(one_process, tmp_path, dirs_exist_ok=True)
     rewind_to_step_4(tmp_path)
-    stdout = run(2, ["train", f"--out_dir={tmp_path}", "--resume", f"--batch_size={GLOBAL_BATCH // 2}"])
+    stdout = run(2, ["train", f"--out_dir={tmp_path}", "--resume", f"--batch_size={GLOBAL_BATCH // 2}"]).stdout
     assert "resumed at step 4" in stdout and "fsdp over 2 processes" in stdout
     assert_same_losses(losses(one_process), losses(tmp_path), steps=range(5, STEPS + 1))
+
+
+def test_a_ddp_checkpoint_is_refused_by_sharded_processes_with_what_to_do(char_dataset, tmp_path):
+    run(1, command_line(char_dataset, tmp_path, "--batch_size=4", "--max_steps=1"))  # parallel=ddp: one state.pt
+    result = run(2, ["train", f"--out_dir={tmp_path}", "--resume", "--max_steps=2", "--parallel=fsdp"], False)
+    assert result.returncode != 0
+    # Each process's one `error:` line (torchrun then adds its own report of the failed processes).
+    (line, *_) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "was written by a parallel=ddp run" in line and "resume it with --parallel ddp" in line
 
 
 def test_activation_checkpointing_alone_keeps_losses_and_weight_names(char_dataset, tmp_path):
