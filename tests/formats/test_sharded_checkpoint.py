@@ -54,10 +54,14 @@ def test_export_reads_a_sharded_checkpoint_into_one_hf_folder_and_one_gguf_file(
         assert (from_gguf(tokens)[0] - expected).abs().max() < 1e-5
 
 
-def test_a_sharded_run_resumed_alone_continues_as_if_never_stopped(sharded_run, char_dataset, tmp_path):
-    shutil.copytree(sharded_run, tmp_path, dirs_exist_ok=True)
-    shutil.rmtree(tmp_path / "checkpoints" / "step_000008")
-    (tmp_path / "checkpoints" / "latest").write_text("step_000004")
+def test_ctrl_c_saves_a_sharded_checkpoint_that_resumes_as_if_never_stopped(sharded_run, char_dataset, tmp_path):
+    def press_ctrl_c(step, loss):
+        if step == 6:  # between the step-4 and step-8 checkpoints
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(sharded_config(char_dataset, tmp_path), on_step=press_ctrl_c)
+    assert resolve_checkpoint(tmp_path).name == "step_000006" and is_sharded(resolve_checkpoint(tmp_path))
     train(sharded_config(char_dataset, tmp_path, resume=True))
     straight = {r["step"]: r["loss"] for r in read_metrics(sharded_run / "metrics.jsonl") if "loss" in r}
     resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r}

@@ -11,7 +11,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.training import distributed
-from lmforge.training.parallelize import device_mesh, parallelize
+from lmforge.training.parallelize import device_mesh, mixed_precision_for, parallelize
 from lmforge.training.pretrain import read_metrics, train_config_from
 
 STEPS = 8
@@ -176,3 +176,11 @@ def test_parallel_settings_are_checked_where_they_arrive():
     with pytest.raises(LmforgeError, match="4 processes do not split into shard groups of 3"):
         device_mesh(config, distributed.ProcessGroup(rank=0, world_size=4), torch.device("cpu"))
     assert device_mesh(config, distributed.ProcessGroup(), torch.device("cpu")) is None  # alone: no mesh
+
+
+def test_mixed_precision_is_bf16_with_fp32_reduction_on_cuda_and_fp32_on_cpu(monkeypatch):
+    # The decision alone, so it is checked without a GPU.
+    assert mixed_precision_for(torch.device("cpu")).param_dtype is None  # the parameters' own: fp32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    policy = mixed_precision_for(torch.device("cuda", 0))
+    assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
