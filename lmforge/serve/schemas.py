@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -9,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI allows
 MAX_BATCH_INPUTS = 256  # prompts per /v1/completions or inputs per /v1/embeddings request
+MAX_TOOLS = 128  # function definitions per request, as OpenAI allows
+MAX_TOOLS_JSON_CHARS = 100_000  # the definitions written out: they go into every prompt of the request
 
 
 class InvalidText(ValueError):
@@ -51,10 +54,25 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made: in a response, and in the history a client sends back."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # an assistant's
+    tool_call_id: str | None = None  # a tool result's: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -92,9 +110,40 @@ class _Sampling(_Request):
         return stops
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule; also keeps names plain in grammars
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _bounded_tools(cls, tools):
+        if tools and len(json.dumps([tool.model_dump(exclude_none=True) for tool in tools])) > MAX_TOOLS_JSON_CHARS:
+            raise ValueError(f"the tool definitions may take at most {MAX_TOOLS_JSON_CHARS} characters as JSON")
+        return tools
 
 
 class CompletionRequest(_Sampling):
@@ -132,7 +181,8 @@ class Usage(BaseModel):
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -151,9 +201,25 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed call, as OpenAI streams them: the first has the id, type and name
+    (arguments ""), the next ones pieces of the arguments; `index` says which call of the reply."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
