@@ -82,6 +82,38 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: the schema the reply follows (OpenAI's structured outputs)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict = Field(default_factory=dict, alias="schema")  # "schema" shadows a BaseModel attribute
+    strict: bool | None = None  # decoding is constrained either way: the reply always follows the schema
+
+
+class ResponseFormat(BaseModel):
+    """What the reply is: free text (the default), any JSON object, or JSON following `json_schema`."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs json_schema: {"name": ..., "schema": {...}}')
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f'json_schema goes with type "json_schema", not {self.type!r}')
+        return self
+
+    def schema_for_decoding(self) -> dict | None:
+        """The JSON Schema the reply is constrained to (None: free text)."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        return self.json_schema.json_schema if self.type == "json_schema" else None
+
+
 class _Sampling(_Request):
     # A sampling field left out (None) takes the served model's default (`lmforge.formats.loading.sampling_defaults`).
     # top_k and repetition_penalty are not OpenAI's; vLLM and llama.cpp's server take them under these names.
@@ -98,6 +130,7 @@ class _Sampling(_Request):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream_options: dict | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
