@@ -20,6 +20,8 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from lmforge.settings import JSON_LAYOUT
+
 # The formats a reply is forced into when a call is required: the one the template teaches.
 HERMES, LLAMA3, JSON_CALL = "hermes", "llama3", "json"
 
@@ -276,11 +278,19 @@ def _lark_text(text: str) -> str:
 def call_grammar(functions: dict[str, dict | None], form: str, parallel: bool) -> str:
     """A Lark grammar (llguidance's dialect) whose every sentence is a call, in `form`, to one of
     `functions` (name -> JSON Schema of its parameters) with arguments valid under its schema;
-    one call, or up to MAX_PARALLEL_CALLS where `parallel` and the format has a way to write several."""
+    one call, or up to MAX_PARALLEL_CALLS where `parallel` and the format has a way to write several.
+    A schema with `properties` and no `additionalProperties` gets `"additionalProperties": false`."""
     name_key = "parameters" if form == LLAMA3 else "arguments"
     rules = []
     for index, (name, schema) in enumerate(functions.items()):
-        schema_text = json.dumps(schema or {"type": "object"}, ensure_ascii=False)
+        schema = schema or {"type": "object"}
+        if "properties" in schema:
+            # The declared arguments only, unless the schema says otherwise: JSON Schema allows any others by
+            # default, and a small model forced to call keeps inventing them until max_tokens (measured:
+            # SmolLM2-135M wrote 14 made-up keys into a one-property schema).
+            schema = {"additionalProperties": False, **schema}
+        # laid out as json.dumps writes JSON, as SamplingConfig.json_schema is (JSON_LAYOUT says why)
+        schema_text = json.dumps({**schema, "x-guidance": JSON_LAYOUT}, ensure_ascii=False)
         head = _lark_text(f'{{"name": {json.dumps(name, ensure_ascii=False)}, "{name_key}": ')
         rules.append(f"fn_{index}: {head} %json{schema_text} " + _lark_text("}"))
     if form == HERMES:

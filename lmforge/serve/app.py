@@ -462,7 +462,22 @@ def tool_use(body: ChatCompletionRequest, template: str) -> ToolUse:
     definitions = [tool.model_dump(exclude_none=True) for tool in tools]
     if choice in (None, "auto"):
         return ToolUse(definitions, set(names))
-    forced = {tool.function.name: tool.function.parameters for tool in tools if named in (None, tool.function.name)}
+    if body.response_format is not None and body.response_format.schema_for_decoding() is not None:
+        raise APIError(
+            400,
+            f"tool_choice {choice if named is None else named!r} forces a tool call, which response_format "
+            "would constrain too; use one of them",
+            param="response_format",
+        )
+    forced = {}
+    for index, tool in enumerate(tools):
+        if named in (None, tool.function.name):
+            forced[tool.function.name] = parameters = tool.function.parameters
+            try:  # a schema llguidance cannot compile is the client's to fix
+                SamplingConfig(json_schema=parameters or {"type": "object"})
+            except ValueError as error:
+                param = f"tools.{index}.function.parameters"
+                raise APIError(400, f"{param}: {error}", param=param) from None
     grammar = call_grammar(forced, call_format(template), parallel=body.parallel_tool_calls and not named)
     return ToolUse(definitions, set(forced), grammar)
 
