@@ -275,11 +275,21 @@ def _lark_text(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def call_grammar(functions: dict[str, dict | None], form: str, parallel: bool) -> str:
+# Lexemes of a reply that may be text instead of calls (llguidance regexes: `&` is "and", `~` is "not").
+# Text: not starting like a JSON call (the reader takes such a reply for one), no <tool_call> anywhere.
+# Text that opens a call: the same, up to its first <tool_call> and the line break after it.
+_TEXT = r"TEXT: /(?s:\s*[^\s{\[].*)/ & ~/(?s:.*<tool_call>.*)/"
+_TEXT_THEN_CALL = r"TEXT_THEN_CALL: /(?s:\s*([^\s{\[].*)?<tool_call>\n)/ & ~/(?s:.*<tool_call>.*<tool_call>.*)/"
+
+
+def call_grammar(functions: dict[str, dict | None], form: str, parallel: bool, text_allowed: bool = False) -> str:
     """A Lark grammar (llguidance's dialect) whose every sentence is a call, in `form`, to one of
     `functions` (name -> JSON Schema of its parameters) with arguments valid under its schema;
     one call, or up to MAX_PARALLEL_CALLS where `parallel` and the format has a way to write several.
-    A schema with `properties` and no `additionalProperties` gets `"additionalProperties": false`."""
+    A schema with `properties` and no `additionalProperties` gets `"additionalProperties": false`.
+
+    `text_allowed`: the reply may also be text (tool_choice "auto" with strict functions), and in the
+    Hermes format text followed by calls; whatever `ToolCallReader` would read as a call is one, valid."""
     name_key = "parameters" if form == LLAMA3 else "arguments"
     rules = []
     for index, (name, schema) in enumerate(functions.items()):
@@ -293,11 +303,18 @@ def call_grammar(functions: dict[str, dict | None], form: str, parallel: bool) -
         schema_text = json.dumps({**schema, "x-guidance": JSON_LAYOUT}, ensure_ascii=False)
         head = _lark_text(f'{{"name": {json.dumps(name, ensure_ascii=False)}, "{name_key}": ')
         rules.append(f"fn_{index}: {head} %json{schema_text} " + _lark_text("}"))
+    body = "body: " + " | ".join(f"fn_{i}" for i in range(len(rules)))
     if form == HERMES:
-        call = f"call: {_lark_text(CALL_OPEN + chr(10))} ({' | '.join(f'fn_{i}' for i in range(len(rules)))}) "
-        call += _lark_text("\n" + CALL_CLOSE)
-        start = f'start: call ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else "start: call"
+        close = _lark_text("\n" + CALL_CLOSE)
+        more = f' ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel else ""
+        grammar = [f"start: call{more}", f"call: {_lark_text(CALL_OPEN + chr(10))} body {close}"]
+        if text_allowed:
+            grammar = [
+                f"start: TEXT | TEXT_THEN_CALL body {close}{more}",
+                grammar[1],
+                _TEXT,
+                _TEXT_THEN_CALL,
+            ]
     else:  # Llama 3.1 and the generic form: the reply is one JSON call
-        call = "call: " + " | ".join(f"fn_{i}" for i in range(len(rules)))
-        start = "start: call"
-    return "\n".join([start, call, *rules])
+        grammar = ["start: TEXT | body", _TEXT] if text_allowed else ["start: body"]
+    return "\n".join([*grammar, body, *rules])

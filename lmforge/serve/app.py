@@ -439,9 +439,11 @@ class ToolUse:
 
 
 def tool_use(body: ChatCompletionRequest, template: str) -> ToolUse:
-    """`tools`, `tool_choice` and `parallel_tool_calls` of a request: "none" offers no tools (and reads
-    no calls), "auto" offers them and reads any call the reply makes, "required" and a named function
-    also force the reply to be a call (to that function), its arguments valid under its schema."""
+    """`tools`, `tool_choice` and `parallel_tool_calls` of a request. "none" offers no tools (and reads
+    no calls); "auto" offers them and reads any call the reply makes; "required" and a named function
+    force the reply to be calls (to that function). Forced calls are decoded under `call_grammar`, their
+    arguments valid under their schemas; so are "auto" replies where a function is `strict` or parallel
+    calls are off (the reply may then be text, or calls that are valid, at most one without parallel)."""
     tools, choice = body.tools or [], body.tool_choice
     named = choice.function.name if isinstance(choice, NamedToolChoice) else None
     if (choice == "required" or named) and not tools:
@@ -454,32 +456,33 @@ def tool_use(body: ChatCompletionRequest, template: str) -> ToolUse:
         raise APIError(
             400,
             f"tool_choice names the function {named!r}, which is not in tools ({', '.join(names)})",
-            "invalid_request_error",
-            "tool_choice",
+            param="tool_choice",
         )
     if not tools or choice == "none":
         return ToolUse()
     definitions = [tool.model_dump(exclude_none=True) for tool in tools]
-    if choice in (None, "auto"):
+    text_allowed = choice in (None, "auto")
+    if text_allowed and body.parallel_tool_calls and not any(tool.function.strict for tool in tools):
         return ToolUse(definitions, set(names))
     if body.response_format is not None and body.response_format.schema_for_decoding() is not None:
         raise APIError(
             400,
-            f"tool_choice {choice if named is None else named!r} forces a tool call, which response_format "
-            "would constrain too; use one of them",
+            "response_format would constrain the reply that tools constrain here (tool_choice "
+            f"{named or choice or 'auto'!r}, strict functions or parallel_tool_calls false); use one of them",
             param="response_format",
         )
-    forced = {}
+    constrained = {}
     for index, tool in enumerate(tools):
         if named in (None, tool.function.name):
-            forced[tool.function.name] = parameters = tool.function.parameters
+            constrained[tool.function.name] = parameters = tool.function.parameters
             try:  # a schema llguidance cannot compile is the client's to fix
                 SamplingConfig(json_schema=parameters or {"type": "object"})
             except ValueError as error:
                 param = f"tools.{index}.function.parameters"
                 raise APIError(400, f"{param}: {error}", param=param) from None
-    grammar = call_grammar(forced, call_format(template), parallel=body.parallel_tool_calls and not named)
-    return ToolUse(definitions, set(forced), grammar)
+    parallel = body.parallel_tool_calls and not named
+    grammar = call_grammar(constrained, call_format(template), parallel, text_allowed)
+    return ToolUse(definitions, set(constrained), grammar)
 
 
 def template_messages(messages: list) -> list[dict]:

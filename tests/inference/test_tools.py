@@ -263,3 +263,38 @@ def test_the_call_grammar_takes_valid_calls_only(chatml_tokenizer, form):
     if form == HERMES:
         assert accepts(chatml_tokenizer, call_grammar(functions, form, parallel=True), two)
         assert parse_reply(two, NAMES).tool_calls[1].name == "get_time"
+
+
+@pytest.mark.parametrize("form", [HERMES, LLAMA3])
+def test_the_auto_grammar_takes_text_or_valid_calls(chatml_tokenizer, form):
+    """tool_choice "auto" with strict functions: text, or calls that are valid; never a call the
+    reader would take that the schema refuses."""
+    functions = {"get_weather": WEATHER["function"]["parameters"]}
+    grammar = call_grammar(functions, form, parallel=False, text_allowed=True)
+    key = "parameters" if form == LLAMA3 else "arguments"
+    valid = f'{{"name": "get_weather", "{key}": {{"city": "Rome", "days": 3}}}}'
+    invalid = f'{{"name": "get_weather", "{key}": {{"city": "Oslo", "days": 3}}}}'
+
+    def block(call):
+        return f"<tool_call>\n{call}\n</tool_call>"
+
+    assert accepts(chatml_tokenizer, grammar, "It is sunny in Paris.")
+    assert accepts(chatml_tokenizer, grammar, "  two\nlines")
+    assert accepts(chatml_tokenizer, grammar, block(valid) if form == HERMES else valid)
+    assert not accepts(chatml_tokenizer, grammar, block(invalid) if form == HERMES else invalid)
+    assert not accepts(chatml_tokenizer, grammar, '{"answer": 42}')  # read as a call attempt: refused
+    assert not accepts(chatml_tokenizer, grammar, "Sure. " + block(invalid))  # the reader reads blocks anywhere
+    if form == HERMES:
+        assert accepts(chatml_tokenizer, grammar, "Let me look.\n" + block(valid))
+        assert not accepts(chatml_tokenizer, grammar, block(valid) + "\n" + block(valid))  # one call: no parallel
+        assert not accepts(chatml_tokenizer, grammar, "Sure <tool_call> is a tag")
+
+
+def test_declared_arguments_only_unless_the_schema_allows_more(chatml_tokenizer):
+    closed = call_grammar({"get_time": {"type": "object", "properties": {}}}, JSON_CALL, parallel=False)
+    opened = call_grammar(
+        {"get_time": {"type": "object", "properties": {}, "additionalProperties": True}}, JSON_CALL, parallel=False
+    )
+    extra = '{"name": "get_time", "arguments": {"zone": "UTC"}}'
+    assert not accepts(chatml_tokenizer, closed, extra)
+    assert accepts(chatml_tokenizer, opened, extra)

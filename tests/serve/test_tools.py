@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmforge.inference.tools import HERMES, LLAMA3, call_grammar
 from lmforge.model import ModelConfig, Transformer
 from lmforge.serve.app import ServedModels, create_app
 from lmforge.serve.scheduler import Scheduler
@@ -146,6 +147,30 @@ def test_streamed_tool_calls_reassemble_to_the_same_calls(client):
         (c.function.name, c.function.arguments) for c in whole
     ]
     assert all(c["id"].startswith("call_") for c in calls.values())
+
+
+def test_openai_parse_with_a_strict_pydantic_function_tool(client):
+    """openai's pydantic_function_tool makes a strict function, and `parse` reads the calls' arguments
+    into the pydantic model."""
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class GetWeather(BaseModel):
+        city: Literal["Paris", "Rome", "Oslo"]
+        days: int
+
+    tool = openai.pydantic_function_tool(GetWeather)
+    completion = client.chat.completions.parse(
+        model="smol", messages=QUESTION, tools=[tool], tool_choice="required", temperature=0, max_tokens=300
+    )
+    calls = completion.choices[0].message.tool_calls
+    assert calls and all(isinstance(call.function.parsed_arguments, GetWeather) for call in calls)
+    # auto: SmolLM2 answers in prose here (the grammar lets it), with no call markup in it
+    reply = client.chat.completions.create(
+        model="smol", messages=QUESTION, tools=[tool], temperature=0, max_tokens=30
+    ).choices[0]
+    assert reply.message.tool_calls is None and "<tool_call" not in reply.message.content
 
 
 def test_tool_choice_errors_name_the_field(smol):
@@ -346,3 +371,29 @@ def test_auto_reads_a_call_and_none_keeps_the_same_text_as_content(templated):
     none = client.chat.completions.create(**request, tool_choice="none").choices[0]
     assert none.message.tool_calls is None and json.loads(none.message.content)["name"] == "get_time"
     assert none.finish_reason == "stop"
+
+
+def test_auto_with_strict_functions_or_no_parallel_calls_decodes_under_the_call_grammar(templated):
+    family, server, client = templated
+    form = HERMES if family == "qwen2.5" else LLAMA3
+    submitted = recording_of(server)
+    strict = {**WEATHER, "function": {**WEATHER["function"], "strict": True}}
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model="tiny", messages=QUESTION, tools=[strict], max_tokens=40, temperature=1.0, seed=seed
+        ).choices[0]
+        assert submitted[-1].sampling.grammar == call_grammar(
+            {"get_weather": WEATHER_PARAMETERS}, form, parallel=True, text_allowed=True
+        )
+        for call in reply.message.tool_calls or []:
+            validated(call)
+        if not reply.message.tool_calls:
+            assert "<tool_call>" not in reply.message.content and reply.message.content.strip()[0] not in "{["
+    client.chat.completions.create(
+        model="tiny", messages=QUESTION, tools=[WEATHER], max_tokens=5, parallel_tool_calls=False
+    )
+    assert submitted[-1].sampling.grammar == call_grammar(
+        {"get_weather": WEATHER_PARAMETERS}, form, parallel=False, text_allowed=True
+    )
+    client.chat.completions.create(model="tiny", messages=QUESTION, tools=[WEATHER], max_tokens=5)
+    assert submitted[-1].sampling.grammar is None  # plain auto: the model's own text, calls read from it
