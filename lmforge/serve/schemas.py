@@ -60,7 +60,8 @@ class FunctionCall(BaseModel):
 
 
 class ToolCall(BaseModel):
-    """A call the assistant made: in a response, and in the history a client sends back."""
+    """A call the assistant made: in a response, and in the history a client sends back (other keys
+    there, such as the `index` of streamed calls that clients keep when they join the pieces, are ignored)."""
 
     id: str
     type: Literal["function"] = "function"
@@ -144,6 +145,7 @@ class _Sampling(_Request):
 
 
 class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # what a client sets here, it trusts to take effect
     name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule; also keeps names plain in grammars
     description: str | None = None
     parameters: dict | None = None  # a JSON Schema of the arguments object
@@ -151,6 +153,7 @@ class FunctionDefinition(BaseModel):
 
 
 class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
     function: FunctionDefinition
 
@@ -160,6 +163,7 @@ class FunctionName(BaseModel):
 
 
 class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
     function: FunctionName
 

@@ -185,6 +185,9 @@ def test_tool_choice_errors_name_the_field(smol):
     assert status == 400 and body["param"] == "tool_choice"
     status, body = error({"messages": QUESTION, "tools": [WEATHER, WEATHER]})
     assert status == 400 and body["param"] == "tools" and "get_weather" in body["message"]
+    unknown_key = {"type": "function", "function": {"name": "f", "cache_control": {"type": "ephemeral"}}}
+    status, body = error({"messages": QUESTION, "tools": [unknown_key]})
+    assert status == 400 and body["param"] == "tools.0.function.cache_control"
     bad_name = {"type": "function", "function": {"name": "get weather!"}}
     status, body = error({"messages": QUESTION, "tools": [bad_name]})
     assert status == 400 and body["param"] == "tools.0.function.name"
