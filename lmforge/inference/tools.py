@@ -9,8 +9,9 @@ calls and results are written into the messages' text in the same Hermes format.
 Replies are read the same way whatever the family, since models drift between the formats:
 `<tool_call>{...}</tool_call>` blocks (Hermes, Qwen 2.5/3, SmolLM2: an object or a list of them per
 block), or a reply that is as a whole a JSON call (Llama 3.1's `{"name", "parameters"}`, the generic
-`{"name", "arguments"}`, a list of them, or several separated by ";"). A call must name an offered
-function and give a JSON object as its arguments; any other text stays the reply's content.
+`{"name", "arguments"}`, a list of them as Mistral's `[TOOL_CALLS] [...]`, or several separated by ";").
+A call must name an offered function and give a JSON object as its arguments; any other text stays the
+reply's content.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ definition per line."""
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"  # Llama 3.1 may open a call with it
+MISTRAL_CALLS_TAG = "[TOOL_CALLS]"  # Mistral opens its list of calls with it
 MAX_PARALLEL_CALLS = 8  # calls a reply may make when a call is required and parallel calls are allowed
 
 
@@ -131,7 +133,7 @@ def _as_calls(value, names: set[str]) -> list[ToolCall] | None:
 
 def calls_in_json(text: str, names: set[str]) -> list[ToolCall] | None:
     """The calls a whole reply makes as JSON (one call, a list, or calls separated by ';'), or None."""
-    text = text.strip().removeprefix(PYTHON_TAG).strip()
+    text = text.strip().removeprefix(PYTHON_TAG).removeprefix(MISTRAL_CALLS_TAG).strip()
     try:
         return _as_calls(json.loads(text), names)
     except ValueError:

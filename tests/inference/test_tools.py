@@ -182,6 +182,7 @@ def test_several_calls_and_the_text_around_them():
     assert [c.name for c in parse_reply(llama, NAMES).tool_calls] == ["get_time", "get_weather"]
     listed = '[{"name": "get_time", "arguments": {}}, {"name": "get_time", "arguments": {}}]'
     assert len(parse_reply(listed, NAMES).tool_calls) == 2
+    assert len(parse_reply("[TOOL_CALLS] " + listed, NAMES).tool_calls) == 2  # Mistral
 
 
 @pytest.mark.parametrize(
