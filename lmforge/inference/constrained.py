@@ -6,11 +6,21 @@ output (a bitmask, one bit per token); the others get logit -inf, so temperature
 the allowed tokens only. The sequence ends ("stop") once the grammar admits nothing more; where it could
 end or go on, the model's stop tokens are among the allowed ones.
 
-The library is llguidance (guidance-ai, Rust, on PyPI with no Python dependencies). Measured on this 2-core
-CPU against xgrammar 0.1 (installed without its dependencies for the measurement; it needs transformers and
-triton at runtime, which lmforge does not take), SmolLM2's 49k-token vocabulary (benchmarks/grammar_libraries.py):
-see MEASURED below. llguidance builds its token index faster and computes a mask in tens of microseconds
-with no per-schema compilation step, which matters for a server where each request brings its own schema.
+The library is llguidance (guidance-ai; Rust, one abi3 wheel, no Python dependencies), chosen over xgrammar
+by measurement on this 2-core CPU with SmolLM2's 49k-token vocabulary (`benchmarks/structured.py --libraries`,
+xgrammar 0.2.9 installed without its dependencies for the measurement only; load average ~7):
+
+                                     llguidance 1.9   xgrammar 0.2.9
+    tokenizer index (once per model)     0.46 s          0.06 s
+    compile a schema (every request)     1.8-3.0 ms      13-19 ms
+    mask per token, median               11-30 us        2-5 us
+    advance past a token                 ~1.2 us         ~1.1 us
+
+Both masks are far below a decoding step (~12 ms for SmolLM2 here), and llguidance's is computed on a helper
+thread while the model runs that step, so xgrammar's faster masks would save nothing a step waits for; its
+slower compilation would be paid by every request that brings a schema. And xgrammar imports transformers at
+import time (and asks for triton and torch), which lmforge does not depend on; llguidance also takes the Lark
+grammars (with JSON Schemas embedded by %json) that tool calling's constrained calls are written in.
 """
 
 from __future__ import annotations
@@ -27,8 +37,6 @@ import torch
 from lmforge.errors import LmforgeError
 from lmforge.settings import SamplingConfig
 from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
-
-MEASURED = "filled in by the measurement"
 
 # One LLTokenizer per Tokenizer: building its token index takes ~0.25 s for a 49k vocabulary.
 _guidance_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -185,14 +193,21 @@ class TokenMasks:
             return logits
         bitmask = self.pending.result()
         self.pending = None
-        # Bit j of 32-bit word w is token 32 w + j: little-endian bytes unpacked little-endian give the
-        # tokens in order. ~20 us for 49k tokens, where llguidance.torch's helper compiles (seconds at first use).
-        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
-        vocab = min(allowed.shape[1], logits.shape[1])
-        disallowed = torch.ones(len(self.rows), logits.shape[1], dtype=torch.bool)
-        disallowed[:, :vocab] = torch.from_numpy(allowed[:, :vocab] == 0)
-        rows = torch.tensor(self.rows)
-        logits[rows] = logits[rows].masked_fill(disallowed.to(logits.device), float("-inf"))
+        # Bit j of 32-bit word w is token 32 w + j: little-endian bytes unpacked little-endian give the tokens
+        # in order. In numpy, one thread: PyTorch's masked_fill over 49k logits forks to its threads, and on this
+        # busy 2-core machine one of them waiting for a time slice made it 2-10 ms instead of ~0.1 ms
+        # (benchmarks/structured.py --libraries); llguidance.torch's helper is torch.compile'd (~11 s at first use).
+        vocab = min(bitmask.shape[1] * 32, logits.shape[1])
+        allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, count=vocab, bitorder="little").view(np.bool_)
+        values = logits.numpy() if logits.device.type == "cpu" else None
+        for index, row in enumerate(self.rows):
+            if values is not None:
+                np.copyto(values[row, :vocab], -np.inf, where=~allowed[index])
+                values[row, vocab:] = -np.inf
+            else:
+                disallowed = torch.from_numpy(~allowed[index]).to(logits.device)
+                logits[row, :vocab].masked_fill_(disallowed, float("-inf"))
+                logits[row, vocab:] = float("-inf")
         return logits
 
 
