@@ -431,7 +431,8 @@ routes = APIRouter()
 @dataclass
 class ToolUse:
     """How a chat request uses tools: the definitions its template is given, the functions whose calls
-    are read from the reply (none: the reply is all content), and the grammar that forces a call."""
+    are read from the reply (none: the reply is all content), and the grammar the reply is decoded under
+    (None: the model's own text)."""
 
     definitions: list[dict] | None = None
     names: set[str] = field(default_factory=set)
