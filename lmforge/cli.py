@@ -103,6 +103,8 @@ def command_generate(args, extra) -> int:
     values = config_values(args.config, extra)
     if args.draft:  # speculative decoding is greedy: the default, and an error (before any output) otherwise
         values.setdefault("temperature", 0)
+    if args.json_schema:
+        values["json_schema"] = read_json_schema(args.json_schema)
     sampling = apply_values(SamplingConfig(), values)
     from lmforge.formats.loading import load
     from lmforge.inference.generate import (  # torch: once the settings are known to be valid
@@ -133,6 +135,23 @@ def command_generate(args, extra) -> int:
         ended_by = "end-of-text" + (" or a stop string" if sampling.stop else "")
         print(f"(the model generated no text: its first token was {ended_by})", file=sys.stderr)
     return 0
+
+
+def read_json_schema(path: str) -> dict:
+    """`--json-schema FILE`: the JSON Schema in FILE, checked (llguidance compiles it) before a model loads."""
+    from lmforge.settings import SamplingConfig
+
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"--json-schema {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise LmforgeError(f"--json-schema {path}: not a readable JSON file ({error})") from None
+    try:
+        SamplingConfig(json_schema=schema)
+    except ValueError as error:
+        raise LmforgeError(f"--json-schema {path}: {error}") from None
+    return schema
 
 
 def command_eval(args, extra) -> int:
@@ -557,6 +576,11 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
         "(greedy; same text). E.g. an fp32 model with its own int4 copy",
     )
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
+    parser.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="constrain the output to JSON valid against the JSON Schema in FILE (ends when the JSON is complete)",
+    )
 
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:

@@ -339,6 +339,11 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # Constrained decoding (`lmforge.inference.constrained`): the output is JSON valid against json_schema
+    # ({"type": "object"}: any JSON object), or text matching grammar, a Lark grammar in llguidance's dialect
+    # (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md; `%json{...}` embeds a schema).
+    json_schema: dict | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         # Checked where the values arrive (--key=value, a config file, Python), not where they would
@@ -356,6 +361,37 @@ class SamplingConfig:
         ]
         if problems:
             raise ValueError("; ".join(problems))
+        self.constraint()  # a bad schema or grammar fails here, not at the first generated token
+
+    def constraint(self) -> str | None:
+        """The llguidance grammar that json_schema or grammar asks for (None: unconstrained); ValueError naming the
+        field, with llguidance's reason, for a schema or grammar it cannot compile."""
+        if self.json_schema is None and self.grammar is None:
+            return None
+        if self.json_schema is not None and self.grammar is not None:
+            raise ValueError("give json_schema or grammar, not both (a grammar can embed a schema with %json{...})")
+        import llguidance  # only here: ~0.1 s, and only for a constrained config
+
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, dict):
+                raise ValueError(f"json_schema must be a JSON Schema object, got {type(self.json_schema).__name__}")
+            field_name, text = (
+                "json_schema",
+                llguidance.LLMatcher.grammar_from_json_schema(self.json_schema, defaults=JSON_LAYOUT),
+            )
+        elif not isinstance(self.grammar, str) or not self.grammar.strip():
+            raise ValueError("grammar must be the text of a Lark grammar")
+        else:
+            field_name, text = "grammar", llguidance.LLMatcher.grammar_from_lark(self.grammar)
+        problem = llguidance.LLMatcher.validate_grammar(text)
+        if problem:
+            raise ValueError(f"{field_name}: llguidance cannot use it: {problem.strip()}")
+        return text
+
+
+# How constrained JSON is laid out: json.dumps' separators and no other whitespace. With llguidance's default
+# (any whitespace between tokens) a small model at temperature 1 can emit blank lines until max_new_tokens.
+JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 
 
 def fallback_sampling(chat_model: bool) -> SamplingConfig:

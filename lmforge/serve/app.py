@@ -15,7 +15,7 @@ import json
 import struct
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -25,8 +25,9 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 
 from lmforge.errors import LmforgeError
 from lmforge.formats.loading import SamplingDefaults, fallback_defaults
-from lmforge.inference.chat import chat_stop_strings, encode_chat, stop_token_ids
+from lmforge.inference.chat import chat_stop_strings, chat_template, encode_chat, stop_token_ids
 from lmforge.inference.generate import SamplingConfig
+from lmforge.inference.tools import ToolCallReader, call_format, call_grammar, parse_reply
 from lmforge.serve.errors import APIError, error_body, use_openai_errors
 from lmforge.serve.scheduler import GenerationRequest, QueueFull, Scheduler
 from lmforge.serve.schemas import (
@@ -42,10 +43,15 @@ from lmforge.serve.schemas import (
     EmbeddingItem,
     EmbeddingList,
     EmbeddingRequest,
+    FunctionCall,
+    FunctionCallDelta,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     ResponseMessage,
     SamplingDefaultsCard,
+    ToolCall,
+    ToolCallDelta,
     Usage,
 )
 
@@ -217,7 +223,20 @@ class ServerState:
             repetition_penalty=given(body.repetition_penalty, defaults.repetition_penalty),
             stop=[*(body.stop or []), *self.chat_stops] if isinstance(body, ChatCompletionRequest) else body.stop,
             seed=seed,
+            json_schema=self.response_schema(body),
         )
+
+    @staticmethod
+    def response_schema(body) -> dict | None:
+        """The JSON Schema that response_format asks the reply to follow (None: free text); a 400 for a schema
+        llguidance cannot compile, the one part of it pydantic cannot check."""
+        schema = body.response_format.schema_for_decoding() if body.response_format else None
+        if schema is not None:
+            try:
+                SamplingConfig(json_schema=schema)
+            except ValueError as error:
+                raise APIError(400, f"response_format: {error}", param="response_format") from None
+        return schema
 
     def budget(self, prompt_ids: list[int], requested: int | None) -> int:
         context, limits = self.scheduler.context, self.limits
@@ -267,28 +286,38 @@ class ServerState:
             ids = self.tokenizer.encode(prompt)
         return self.tokenizer.with_document_marks(ids) if ids else ids
 
-    async def run(self, prompts: list[tuple[list[int], int]], body, count: int) -> Submitted:
+    async def run(
+        self, prompts: list[tuple[list[int], int]], body, count: int, grammar: str | None = None
+    ) -> Submitted:
         """Submit `count` sequences per (prompt ids, max_tokens), all or none; their events arrive on
-        one queue as (index, event), index = prompt number * count + choice."""
+        one queue as (index, event), index = prompt number * count + choice. A `grammar` (a forced
+        tool call) constrains every sequence."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         requests = []
         for prompt_index, (prompt_ids, max_tokens) in enumerate(prompts):
             for choice in range(count):
                 index = prompt_index * count + choice
+                sampling = self.sampling_for(body, max_tokens, choice)
+                if grammar is not None:
+                    sampling = replace(sampling, grammar=grammar)
                 requests.append(
                     GenerationRequest(
                         prompt_ids=prompt_ids,
                         max_tokens=max_tokens,
                         emit=lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event)),
-                        sampling=self.sampling_for(body, max_tokens, choice),
+                        sampling=sampling,
                         presence_penalty=body.presence_penalty,
                         frequency_penalty=body.frequency_penalty,
                         stop_ids=self.stop_ids,
                     )
                 )
         try:
-            self.scheduler.submit_all(requests)
+            if any(request.sampling.json_schema or request.sampling.grammar for request in requests):
+                # building their grammar matchers takes milliseconds (the first for a tokenizer ~0.3 s): not here
+                await asyncio.to_thread(self.scheduler.submit_all, requests)
+            else:
+                self.scheduler.submit_all(requests)
         except ValueError as error:
             raise APIError(400, str(error), param="max_tokens") from None
         except QueueFull as error:
@@ -361,12 +390,14 @@ async def stream(server: ServerState, submitted: Submitted, count: int, make_chu
         while remaining:
             index, (kind, value, extra) = await events.get()
             if kind == "text":
-                yield sse(make_chunk(index, value, None))
+                for chunk in as_chunks(make_chunk(index, value, None)):
+                    yield sse(chunk)
             elif kind == "error":
                 yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
                 remaining -= 1
             else:
-                yield sse(make_chunk(index, None, value))
+                for chunk in as_chunks(make_chunk(index, None, value)):
+                    yield sse(chunk)
                 prompt_tokens = extra["prompt_tokens"]
                 completion_tokens += extra["completion_tokens"]
                 remaining -= 1
@@ -383,6 +414,11 @@ async def stream(server: ServerState, submitted: Submitted, count: int, make_chu
         submitted.cancel()
 
 
+def as_chunks(made) -> list:
+    """What a route's chunk maker returned for one event: one chunk, or several (a reply's tool calls)."""
+    return made if isinstance(made, list) else [made]
+
+
 def streaming_response(generator) -> StreamingResponse:
     return StreamingResponse(
         generator, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -392,34 +428,144 @@ def streaming_response(generator) -> StreamingResponse:
 routes = APIRouter()
 
 
+@dataclass
+class ToolUse:
+    """How a chat request uses tools: the definitions its template is given, the functions whose calls
+    are read from the reply (none: the reply is all content), and the grammar the reply is decoded under
+    (None: the model's own text)."""
+
+    definitions: list[dict] | None = None
+    names: set[str] = field(default_factory=set)
+    grammar: str | None = None
+
+
+def tool_use(body: ChatCompletionRequest, template: str) -> ToolUse:
+    """`tools`, `tool_choice` and `parallel_tool_calls` of a request. "none" offers no tools (and reads
+    no calls); "auto" offers them and reads any call the reply makes; "required" and a named function
+    force the reply to be calls (to that function). Forced calls are decoded under `call_grammar`, their
+    arguments valid under their schemas; so are "auto" replies where a function is `strict` or parallel
+    calls are off (the reply may then be text, or calls that are valid, at most one without parallel)."""
+    tools, choice = body.tools or [], body.tool_choice
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    if (choice == "required" or named) and not tools:
+        raise APIError(400, "tool_choice requires a call, but the request has no tools", param="tool_choice")
+    names = [tool.function.name for tool in tools]
+    if len(set(names)) < len(names):
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        raise APIError(400, f"tools: each function needs its own name; repeated: {duplicated}", param="tools")
+    if named and named not in names:
+        raise APIError(
+            400,
+            f"tool_choice names the function {named!r}, which is not in tools ({', '.join(names)})",
+            param="tool_choice",
+        )
+    if not tools or choice == "none":
+        return ToolUse()
+    definitions = [tool.model_dump(exclude_none=True) for tool in tools]
+    text_allowed = choice in (None, "auto")
+    if text_allowed and body.parallel_tool_calls and not any(tool.function.strict for tool in tools):
+        return ToolUse(definitions, set(names))
+    if body.response_format is not None and body.response_format.schema_for_decoding() is not None:
+        raise APIError(
+            400,
+            "response_format would constrain the reply that tools constrain here (tool_choice "
+            f"{named or choice or 'auto'!r}, strict functions or parallel_tool_calls false); use one of them",
+            param="response_format",
+        )
+    constrained = {}
+    for index, tool in enumerate(tools):
+        if named in (None, tool.function.name):
+            constrained[tool.function.name] = parameters = tool.function.parameters
+            try:  # a schema llguidance cannot compile is the client's to fix
+                SamplingConfig(json_schema=parameters or {"type": "object"})
+            except ValueError as error:
+                param = f"tools.{index}.function.parameters"
+                raise APIError(400, f"{param}: {error}", param=param) from None
+    parallel = body.parallel_tool_calls and not named
+    grammar = call_grammar(constrained, call_format(template), parallel, text_allowed)
+    return ToolUse(definitions, set(constrained), grammar)
+
+
+def template_messages(messages: list) -> list[dict]:
+    """The request's messages as chat templates take them (OpenAI's "developer" is a system message)."""
+    written = []
+    for index, message in enumerate(messages):
+        if message.tool_calls and message.role != "assistant":
+            raise APIError(400, "only assistant messages carry tool_calls", param=f"messages.{index}.tool_calls")
+        content = None if message.content is None and message.tool_calls else message.text()
+        item = {"role": "system" if message.role == "developer" else message.role, "content": content}
+        if message.tool_calls:
+            item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            item["tool_call_id"] = message.tool_call_id
+        written.append(item)
+    return written
+
+
+def reply_message(text: str, reason: str, use: ToolUse) -> tuple[ResponseMessage, str]:
+    """A finished reply as OpenAI's message and finish_reason: its calls read out where tools were offered."""
+    if not use.names:
+        return ResponseMessage(content=text), reason
+    parsed = parse_reply(text, use.names)
+    calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in parsed.tool_calls]
+    finish = "tool_calls" if calls and reason == "stop" else reason
+    return ResponseMessage(content=parsed.content, tool_calls=calls or None), finish
+
+
+def tool_call_deltas(position: int, call) -> list[Delta]:
+    """One streamed call as OpenAI streams it: its id, type and name first, then its arguments."""
+    opening = ToolCallDelta(
+        index=position, id=call.id, type="function", function=FunctionCallDelta(name=call.name, arguments="")
+    )
+    arguments = ToolCallDelta(index=position, function=FunctionCallDelta(arguments=call.arguments))
+    return [Delta(tool_calls=[opening]), Delta(tool_calls=[arguments])]
+
+
 @routes.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, http_request: Request, server: Server):
     start = time.monotonic()
     name = server.check_model(body.model, "chat")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    messages = template_messages(body.messages)
+    use = tool_use(body, chat_template(server.tokenizer))
     try:  # off the event loop: a model's template may take up to its render limit
-        prompt_ids = await asyncio.to_thread(encode_chat, server.tokenizer, messages)
+        prompt_ids = await asyncio.to_thread(encode_chat, server.tokenizer, messages, True, use.definitions)
     except LmforgeError as error:
-        raise APIError(400, str(error), param="messages") from None
+        raise APIError(400, str(error), param="tools" if str(error).startswith("tools") else "messages") from None
     server.check_work([prompt_ids], body.n)
     max_tokens = server.budget(prompt_ids, body.max_completion_tokens or body.max_tokens)
-    submitted = await server.run([(prompt_ids, max_tokens)], body, body.n)
+    submitted = await server.run([(prompt_ids, max_tokens)], body, body.n, grammar=use.grammar)
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = bool((body.stream_options or {}).get("include_usage"))
+        readers = [ToolCallReader(use.names) for _ in range(body.n)] if use.names else None
 
-        def chunk(index, text, finish, role=False, usage=None):
-            delta = Delta(role="assistant" if role else None, content=text)
+        def made(index, delta, finish=None, usage=None):
             choices = [] if index is None else [ChatChunkChoice(index=index, delta=delta, finish_reason=finish)]
             return ChatCompletionChunk(id=response_id, created=created, model=name, choices=choices, usage=usage)
+
+        def chunk(index, text, finish, role=False, usage=None):
+            if readers is None or role or index is None:
+                return made(index, Delta(role="assistant" if role else None, content=text), finish, usage)
+            # tools offered: the text goes through the reader, which holds back what may be a call
+            reader = readers[index]
+            deltas = []
+            for piece in reader.push(text) if finish is None else reader.finish():
+                if piece.call is None:
+                    deltas.append(Delta(content=piece.content))
+                else:
+                    deltas += tool_call_deltas(reader.calls.index(piece.call), piece.call)
+            chunks = [made(index, delta) for delta in deltas]
+            if finish is not None:
+                chunks.append(made(index, Delta(), "tool_calls" if reader.calls and finish == "stop" else finish))
+            return chunks
 
         return streaming_response(stream(server, submitted, body.n, chunk, include_usage, start))
     texts, reasons, usage = await collect(submitted, body.n, http_request)
     server.record(start)
-    choices = [
-        ChatChoice(index=i, message=ResponseMessage(content=text), finish_reason=reason)
-        for i, (text, reason) in enumerate(zip(texts, reasons))
-    ]
+    choices = []
+    for index, (text, reason) in enumerate(zip(texts, reasons)):
+        message, finish = reply_message(text, reason, use)
+        choices.append(ChatChoice(index=index, message=message, finish_reason=finish))
     return ChatCompletion(id=response_id, created=created, model=name, choices=choices, usage=Usage(**usage))
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.errors import LmforgeError
+from lmforge.inference.constrained import GrammarMatcher, TokenMasks, matchers_for
 from lmforge.inference.engine import next_token_logits, prefill
 from lmforge.inference.generate import SamplingConfig, TextStream, apply_repetition_penalty, pick_next_token
 from lmforge.model import KVCache, Transformer
@@ -42,6 +44,8 @@ class GenerationRequest:
     stop_ids: frozenset[int] = frozenset()
     cancelled: bool = False  # set by the client side (disconnect); the scheduler frees the slot next step
     submitted_at: float = field(default_factory=time.monotonic)
+    # follows sampling.json_schema / .grammar; `Scheduler.submit_all` builds it, on the caller's thread
+    matcher: GrammarMatcher | None = None
 
 
 @dataclass
@@ -92,7 +96,12 @@ class Scheduler:
 
     def submit_all(self, requests: list[GenerationRequest]) -> None:
         """Queue the sequences of one client request, all or none: ValueError if one cannot fit
-        the context or they outnumber the slots, QueueFull if the queue has no room for them."""
+        the context or they outnumber the slots, QueueFull if the queue has no room for them. Requests with a
+        json_schema or grammar get their matcher here (milliseconds; the first for a tokenizer ~0.3 s), so
+        call it off an event loop for those."""
+        for request in requests:
+            if request.matcher is None:
+                request.matcher = (matchers_for(request.sampling, self.tokenizer, 1) or [None])[0]
         for request in requests:
             if len(request.prompt_ids) + request.max_tokens > self.context:
                 raise ValueError(
@@ -212,7 +221,10 @@ class Scheduler:
             self.running.append(running)
             started.append(running)
         prompts = [request.prompt_ids for request in requests]
+        masks = TokenMasks()
+        masks.start([request.matcher for request in requests])
         logits = prefill(self.model, prompts, self.cache, torch.tensor([running.slot for running in started]))
+        masks.apply(logits)
         self.metrics["prompt_tokens_total"] += sum(len(prompt) for prompt in prompts)
         for row, running in enumerate(started):
             self._accept(running, logits[row])
@@ -227,7 +239,9 @@ class Scheduler:
         tokens = torch.tensor([[running.generated[-1]] for running in rows])
         positions = torch.tensor([len(running.request.prompt_ids) + len(running.generated) - 1 for running in rows])
         slots = torch.tensor([running.slot for running in rows])
-        logits = next_token_logits(self.model, tokens, self.cache, positions=positions, slots=slots)
+        masks = TokenMasks()  # each constrained row's mask, computed while the model runs this step
+        masks.start([running.request.matcher for running in rows])
+        logits = masks.apply(next_token_logits(self.model, tokens, self.cache, positions=positions, slots=slots))
         for index, running in enumerate(rows):
             self._accept(running, logits[index])
 
@@ -248,6 +262,12 @@ class Scheduler:
         running.counts[token] += 1
         running.seen.add(token)
         self.metrics["completion_tokens_total"] += 1
+        if request.matcher is not None:
+            try:
+                request.matcher.consume(token)
+            except LmforgeError as error:  # llguidance hit one of its limits: this sequence fails, not the batch
+                self._fail(running, str(error))
+                return
         if token in request.stop_ids:
             self._finish(running, "stop")
             return
@@ -255,7 +275,7 @@ class Scheduler:
         if piece:
             request.emit(("text", piece, token))
         used = len(request.prompt_ids) + len(running.generated)
-        if running.stream.stopped:
+        if running.stream.stopped or (request.matcher is not None and request.matcher.complete):
             self._finish(running, "stop")
         elif len(running.generated) >= request.max_tokens or used >= self.context:
             self._finish(running, "length")
@@ -269,6 +289,12 @@ class Scheduler:
         self.free_slots.append(running.slot)
         self.metrics[f"finished_{reason}_total"] += 1
         running.request.emit(("done", reason, self._usage(running.request, len(running.generated))))
+
+    def _fail(self, running: _Running, message: str) -> None:
+        self.running.remove(running)
+        self.free_slots.append(running.slot)
+        self.metrics["generation_failures_total"] += 1
+        running.request.emit(("error", message, None))
 
     @staticmethod
     def _usage(request: GenerationRequest, completion_tokens: int) -> dict:

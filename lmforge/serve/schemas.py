@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -9,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI allows
 MAX_BATCH_INPUTS = 256  # prompts per /v1/completions or inputs per /v1/embeddings request
+MAX_TOOLS = 128  # function definitions per request, as OpenAI allows
+MAX_TOOLS_JSON_CHARS = 100_000  # the definitions written out: they go into every prompt of the request
 
 
 class InvalidText(ValueError):
@@ -51,10 +54,26 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text
+
+
+class ToolCall(BaseModel):
+    """A call the assistant made: in a response, and in the history a client sends back (other keys
+    there, such as the `index` of streamed calls that clients keep when they join the pieces, are ignored)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # an assistant's
+    tool_call_id: str | None = None  # a tool result's: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -62,6 +81,38 @@ class ChatMessage(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: the schema the reply follows (OpenAI's structured outputs)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict = Field(default_factory=dict, alias="schema")  # "schema" shadows a BaseModel attribute
+    strict: bool | None = None  # decoding is constrained either way: the reply always follows the schema
+
+
+class ResponseFormat(BaseModel):
+    """What the reply is: free text (the default), any JSON object, or JSON following `json_schema`."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs json_schema: {"name": ..., "schema": {...}}')
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f'json_schema goes with type "json_schema", not {self.type!r}')
+        return self
+
+    def schema_for_decoding(self) -> dict | None:
+        """The JSON Schema the reply is constrained to (None: free text)."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        return self.json_schema.json_schema if self.type == "json_schema" else None
 
 
 class _Sampling(_Request):
@@ -80,6 +131,7 @@ class _Sampling(_Request):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stream_options: dict | None = None
+    response_format: ResponseFormat | None = None
 
     @field_validator("stop")
     @classmethod
@@ -92,9 +144,43 @@ class _Sampling(_Request):
         return stops
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # what a client sets here, it trusts to take effect
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule; also keeps names plain in grammars
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema of the arguments object
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=1000)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _bounded_tools(cls, tools):
+        if tools and len(json.dumps([tool.model_dump(exclude_none=True) for tool in tools])) > MAX_TOOLS_JSON_CHARS:
+            raise ValueError(f"the tool definitions may take at most {MAX_TOOLS_JSON_CHARS} characters as JSON")
+        return tools
 
 
 class CompletionRequest(_Sampling):
@@ -132,7 +218,8 @@ class Usage(BaseModel):
 
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -151,9 +238,25 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed call, as OpenAI streams them: the first has the id, type and name
+    (arguments ""), the next ones pieces of the arguments; `index` says which call of the reply."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

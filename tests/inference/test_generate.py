@@ -235,7 +235,7 @@ def test_a_text_prompt_gets_the_bos_the_model_files_ask_for(monkeypatch):
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layers=1, n_heads=2, d_model=16))
     prompts = []
 
-    def record(model, prompt_ids, sampling):
+    def record(model, prompt_ids, sampling, tokenizer=None):
         prompts.append(prompt_ids)
         return iter(())
 
