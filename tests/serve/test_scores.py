@@ -252,7 +252,7 @@ def test_lm_evaluation_harness_local_completions_scores_like_the_in_process_adap
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # a local JSON file; nothing may come from the hub
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     lm_eval = pytest.importorskip("lm_eval")
-    import lm_eval.models.openai_completions  # noqa: F401 - registers local-completions
+    from lm_eval.models import openai_completions  # noqa: F401 - registers local-completions
     from lm_eval.tasks import TaskManager
 
     from lmforge.evaluation.lm_eval_adapter import LmforgeLM
