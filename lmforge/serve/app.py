@@ -491,7 +491,7 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request, s
     submitted = await server.run([(prompt_ids, max_tokens)], body, body.n)
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
 
         def chunk(index, text, finish, role=False, usage=None, scores=None):
             delta = Delta(role="assistant" if role else None, content=text)
@@ -555,7 +555,7 @@ async def completions(body: CompletionRequest, http_request: Request, server: Se
                 choices = [CompletionChoice(index=index, text=text or "", finish_reason=finish, logprobs=logprobs)]
             return Completion(id=response_id, created=created, model=name, choices=choices, usage=usage)
 
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
         return streaming_response(stream(server, submitted, body.n, chunk, include_usage, start))
     texts, reasons, usage = await collect(submitted, body.n, http_request)
     server.record(start)

@@ -42,8 +42,9 @@ class GenerationRequest:
     """One sequence to generate. `emit` receives events from the scheduler thread: ("prompt", scores, None)
     first when `prompt_logprobs` is set, ("text", piece, scores) as tokens arrive, then ("done", finish_reason,
     usage) or ("error", message, None). A piece's scores are those of the tokens it completes (`TokenScore`s,
-    empty unless `logprobs` is set): log-softmax of the model's logits plus logit_bias, before penalties,
-    temperature and top-k/top-p, as OpenAI and vLLM report them. A stop string's own tokens have none."""
+    empty unless `logprobs` is set): log-softmax of the model's logits plus logit_bias, before the penalties,
+    temperature and top-k/top-p reshape them for sampling (the model's view, comparable across requests whatever
+    their sampling settings). A stop string's own tokens have none."""
 
     prompt_ids: list[int]
     max_tokens: int

@@ -81,6 +81,10 @@ class ChatMessage(BaseModel):
         return "".join(part.text for part in self.content)
 
 
+class StreamOptions(_Request):
+    include_usage: bool = False  # a last chunk with the usage and no choices
+
+
 class _Sampling(_Request):
     # A sampling field left out (None) takes the served model's default (`lmforge.formats.loading.sampling_defaults`).
     # top_k and repetition_penalty are not OpenAI's; vLLM and llama.cpp's server take them under these names.
@@ -96,7 +100,7 @@ class _Sampling(_Request):
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string: JSON keys are) -> -100..100
 
     @field_validator("logit_bias")

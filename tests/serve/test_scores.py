@@ -125,6 +125,14 @@ def test_completion_echo_with_logprobs_scores_the_prompt(served, client):
     assert extended.token_logprobs[-1] == pytest.approx(float(reference[-1].max()), abs=1e-4)
     with pytest.raises(openai.BadRequestError, match="max_tokens=0 needs echo=true"):
         client.completions.create(model="tiny", prompt=prompt, max_tokens=0)
+    # lm-evaluation-harness with batch_size > 1: token-id prompts in one request, a choice each
+    batch = client.completions.create(model="tiny", prompt=[ids, ids[:5]], max_tokens=0, echo=True, logprobs=1)
+    assert [choice.logprobs.token_logprobs for choice in batch.choices] == [
+        pytest.approx(scores.token_logprobs),
+        pytest.approx(scores.token_logprobs[:5]),
+    ]
+    with pytest.raises(openai.BadRequestError, match="echo is not supported with stream=true"):
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=1, echo=True, stream=True)
 
 
 def test_completion_logprobs_without_echo_score_the_generated_tokens(served, client):
@@ -221,6 +229,9 @@ def test_the_field_policy_covers_messages_suffix_and_the_documented_no_ops(serve
         served, "/v1/chat/completions", {"messages": [{**MESSAGES[0], "audio": {"id": "a"}}], "max_tokens": 2}
     )
     assert status == 400 and body["error"]["param"] == "messages.0.audio"
+    options = {"messages": MESSAGES, "max_tokens": 2, "stream": True, "stream_options": {"continuous_usage": True}}
+    status, body = post(served, "/v1/chat/completions", options)
+    assert status == 400 and body["error"]["param"] == "stream_options.continuous_usage"
     with pytest.raises(openai.BadRequestError, match="suffix is not supported"):
         client.completions.create(model="tiny", prompt="ab", suffix="cd", max_tokens=2)
     no_ops = {"user": "someone", "store": False, "metadata": {"k": "v"}, "service_tier": "auto"}
