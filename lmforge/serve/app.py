@@ -160,8 +160,12 @@ class Submitted:
     events: asyncio.Queue
     requests: list[GenerationRequest]
     # filled by `collect`, per sequence: its generated tokens' scores, and its prompt's (echo with logprobs)
-    scores: list[list[TokenScore]] = field(default_factory=list)
-    prompt_scores: list[list[TokenScore]] = field(default_factory=list)
+    scores: list[list[TokenScore]] = field(init=False)
+    prompt_scores: list[list[TokenScore]] = field(init=False)
+
+    def __post_init__(self):
+        self.scores = [[] for _ in self.requests]
+        self.prompt_scores = [[] for _ in self.requests]
 
     def cancel(self) -> None:
         """Free their slots at the scheduler's next step (finished ones are already gone)."""
@@ -378,8 +382,7 @@ class ServerState:
             ) from None
         except RuntimeError as error:
             raise APIError(503, str(error), "server_error") from None
-        count = len(requests)
-        return Submitted(events, requests, [[] for _ in range(count)], [[] for _ in range(count)])
+        return Submitted(events, requests)
 
     def record(self, start: float) -> None:
         self.latency["count"] += 1
