@@ -85,6 +85,7 @@ BAD_REQUESTS = [
     ("POST", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"-1": 5}}'),
     ("POST", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"1": 1e9}}'),
     ("POST", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"99999999": 1}}'),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"' + b"9" * 5000 + b'": 1}}'),
     ("POST", "/v1/completions", b'{"prompt": "hi", "logprobs": 99}'),
     ("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 0}'),
     ("POST", "/v1/completions", b'{"prompt": "hi", "suffix": "there"}'),

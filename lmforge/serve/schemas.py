@@ -107,7 +107,7 @@ class _Sampling(_Request):
     @classmethod
     def _token_id_keys(cls, bias):
         for key, value in (bias or {}).items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit() and len(key) <= 12):
                 raise ValueError(f"keys are token ids (whole numbers as strings), not {key!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"token {key}: a bias is from -100 to 100, not {value:g}")
