@@ -450,6 +450,8 @@ async def stream(server: ServerState, submitted: Submitted, count: int, make_chu
             index, (kind, value, extra) = await events.get()
             if kind == "text":
                 yield sse(make_chunk(index, value, None, scores=extra))
+            elif kind == "prompt":  # a completion's echoed prompt, scored
+                yield sse(make_chunk(index, None, None, prompt_scores=value))
             elif kind == "error":
                 yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
                 remaining -= 1
@@ -526,8 +528,6 @@ async def completions(body: CompletionRequest, http_request: Request, server: Se
     prompts = body.prompts()
     if body.stream and len(prompts) > 1:
         raise APIError(400, "stream=true takes a single prompt", param="prompt")
-    if body.stream and body.echo:
-        raise APIError(400, "echo is not supported with stream=true", param="echo")
     encoded = []
     for number, prompt in enumerate(prompts):
         if isinstance(prompt, str):
@@ -546,9 +546,18 @@ async def completions(body: CompletionRequest, http_request: Request, server: Se
     if body.stream:
         text_offset = [0] * body.n  # where each choice's next piece starts in its text
 
-        def chunk(index, text, finish, role=False, usage=None, scores=None):
-            if role:
-                return None
+        def chunk(index, text, finish, role=False, usage=None, scores=None, prompt_scores=None):
+            if role or prompt_scores is not None:  # the echoed prompt: first, or with its scores once scored
+                if not body.echo or (role and body.logprobs is not None):
+                    return None
+                prompt_ids = submitted.requests[index].prompt_ids
+                echoed = server.tokenizer.decode(prompt_ids)
+                logprobs = None
+                if prompt_scores is not None:
+                    logprobs = server.completion_logprobs(prompt_scores, first_token=prompt_ids[0])
+                text_offset[index] = len(echoed)
+                choices = [CompletionChoice(index=index, text=echoed, logprobs=logprobs)]
+                return Completion(id=response_id, created=created, model=name, choices=choices)
             logprobs = None
             if body.logprobs is not None and text is not None:
                 logprobs = server.completion_logprobs(scores, text_offset[index])

@@ -131,8 +131,24 @@ def test_completion_echo_with_logprobs_scores_the_prompt(served, client):
         pytest.approx(scores.token_logprobs),
         pytest.approx(scores.token_logprobs[:5]),
     ]
-    with pytest.raises(openai.BadRequestError, match="echo is not supported with stream=true"):
-        client.completions.create(model="tiny", prompt=prompt, max_tokens=1, echo=True, stream=True)
+    # streamed: the echoed prompt (with its scores) first, then the completion, as one non-streamed reply has them
+    for logprobs in (None, 1):
+        whole = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=logprobs, temperature=0
+        )
+        chunks = [
+            chunk.choices[0]
+            for chunk in client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=logprobs, temperature=0, stream=True
+            )
+        ]
+        assert chunks[0].text == prompt and "".join(chunk.text for chunk in chunks) == whole.choices[0].text
+        if logprobs:
+            streamed = [chunk.logprobs for chunk in chunks if chunk.text]
+            assert sum((scores.tokens for scores in streamed), []) == whole.choices[0].logprobs.tokens
+            assert sum((scores.text_offset for scores in streamed), []) == whole.choices[0].logprobs.text_offset
+            token_logprobs = sum((scores.token_logprobs for scores in streamed), [])
+            assert token_logprobs == pytest.approx(whole.choices[0].logprobs.token_logprobs)
 
 
 def test_completion_logprobs_without_echo_score_the_generated_tokens(served, client):
