@@ -271,6 +271,20 @@ def test_what_the_clients_send_by_default_is_accepted(served):
     assert status == 200 and data.decode().rstrip().endswith("data: [DONE]")
 
 
+def test_langchain_chat_openai_with_its_defaults_and_logprobs(served):
+    """What ChatOpenAI sends (invoke, and stream with usage) passes the field policy, and its
+    `logprobs=True` comes back in the response metadata."""
+    langchain_openai = pytest.importorskip("langchain_openai")
+    base_url = f"http://127.0.0.1:{served[0].port}/v1"
+    chat = langchain_openai.ChatOpenAI(model="tiny", base_url=base_url, api_key=API_KEY, max_tokens=4, max_retries=0)
+    assert chat.invoke("hello").response_metadata["finish_reason"] == "length"
+    pieces = list(chat.stream("hello", stream_usage=True))  # sends stream_options.include_usage
+    assert sum(piece.usage_metadata["output_tokens"] for piece in pieces if piece.usage_metadata) == 4
+    scored = chat.bind(logprobs=True, top_logprobs=2).invoke("hello")
+    content = scored.response_metadata["logprobs"]["content"]
+    assert len(content) == 4 and all(len(entry["top_logprobs"]) == 2 for entry in content)
+
+
 @pytest.mark.slow
 def test_lm_evaluation_harness_local_completions_scores_like_the_in_process_adapter(tmp_path, monkeypatch):
     """lm_eval's `local-completions` model against a live server (tokenizing through its /tokenize, scoring
