@@ -20,8 +20,9 @@ def config_help(config, title: str = "config keys") -> str:
     starts from, so the defaults shown are the ones used."""
     rows = [(dashed(key), type_name, default) for key, type_name, default in describe(config)]
     width = max(len(key) for key, _, _ in rows)
+    type_width = max(14, *(len(type_name) for _, type_name, _ in rows))
     return f"{title} (--key value or --key=value; in a --config file, key: value with underscores):\n" + "\n".join(
-        f"  --{key:<{width}}  {type_name:<14} default {default}" for key, type_name, default in rows
+        f"  --{key:<{width}}  {type_name:<{type_width}} default {default}" for key, type_name, default in rows
     )
 
 

@@ -10,6 +10,7 @@ CPU). Each module that uses one imports it from here; `lmforge serve`'s settings
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -344,6 +345,9 @@ class SamplingConfig:
     # (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md; `%json{...}` embeds a schema).
     json_schema: dict | None = None
     grammar: str | None = None
+    # token id -> added to its logit before anything else (OpenAI's logit_bias: -100 all but bans a token,
+    # +100 all but forces it); the logprobs a server reports are of these biased logits
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Checked where the values arrive (--key=value, a config file, Python), not where they would
@@ -356,6 +360,7 @@ class SamplingConfig:
                 ("top_k", self.top_k, ">= 1 or unset", self.top_k is None or self.top_k >= 1),
                 ("top_p", self.top_p, "in (0, 1] or unset", self.top_p is None or 0 < self.top_p <= 1),
                 ("repetition_penalty", self.repetition_penalty, "> 0 (1 is none)", self.repetition_penalty > 0),
+                ("logit_bias", self.logit_bias, "token ids (>= 0) -> finite numbers", _valid_bias(self.logit_bias)),
             ]
             if not fine
         ]
@@ -392,6 +397,13 @@ class SamplingConfig:
 # How constrained JSON is laid out: json.dumps' separators and no other whitespace. With llguidance's default
 # (any whitespace between tokens) a small model at temperature 1 can emit blank lines until max_new_tokens.
 JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+
+
+def _valid_bias(bias) -> bool:
+    return isinstance(bias, dict) and all(
+        isinstance(token, int) and token >= 0 and isinstance(value, (int, float)) and math.isfinite(value)
+        for token, value in bias.items()
+    )
 
 
 def fallback_sampling(chat_model: bool) -> SamplingConfig:

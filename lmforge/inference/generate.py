@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
 from lmforge.inference.constrained import TokenMasks, matchers_for
-from lmforge.inference.engine import compiled_decode_step, next_token_logits, prefill
+from lmforge.inference.engine import compiled_decode_step, next_token_logits, prefill, use_prefill_threads
 from lmforge.model import KVCache, Transformer
 from lmforge.settings import SamplingConfig
 from lmforge.tokenizer import Tokenizer
@@ -48,7 +50,64 @@ def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: t
     return picked.clamp(max=logits.shape[-1] - 1)
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """`logits` (..., vocab) with `bias[token]` added to each biased token's logit (OpenAI's logit_bias)."""
+    if not bias:
+        return logits
+    ids = torch.tensor(list(bias), device=logits.device)
+    logits = logits.clone()
+    logits[..., ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits
+
+
+def check_logit_bias(bias: dict[int, float], vocab_size: int) -> None:
+    """Refuse a bias on a token id the model does not have (it would index past the logits)."""
+    outside = sorted(token for token in bias if token >= vocab_size)
+    if outside:
+        raise LmforgeError(f"logit_bias names token id {outside[0]}, outside the vocabulary of {vocab_size} tokens")
+
+
+@dataclass
+class TokenScore:
+    """A token's log-probability under the model, and the most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+def score_tokens(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> list[TokenScore]:
+    """Scores of the `chosen` tokens (N,) under logits (N, vocab): their log-softmax and the `top` best."""
+    log_probabilities = F.log_softmax(logits.float(), dim=-1)
+    picked = log_probabilities.gather(-1, chosen[:, None])[:, 0].tolist()
+    best_values, best_ids = log_probabilities.topk(top, dim=-1) if top else (log_probabilities[:, :0],) * 2
+    return [
+        TokenScore(token, logprob, list(zip(ids, values)))
+        for token, logprob, ids, values in zip(chosen.tolist(), picked, best_ids.tolist(), best_values.tolist())
+    ]
+
+
+PROMPT_SCORE_CHUNK = 256  # prompt positions per LM-head pass: (chunk, vocab) logits, not (prompt, vocab)
+
+
+@torch.inference_mode()
+def score_prompt(model: Transformer, prompt_ids: list[int], top: int, bias: dict[int, float]) -> list[TokenScore]:
+    """Each prompt token's score given the tokens before it (so none for the first): what a completion's
+    `echo` with `logprobs` reports. One pass of the model over the prompt, with no cache."""
+    use_prefill_threads(model)
+    if len(prompt_ids) < 2:
+        return []
+    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
+    hidden = model.hidden_states(ids[:, :-1], None)[0]
+    scores = []
+    for start in range(0, hidden.shape[0], PROMPT_SCORE_CHUNK):
+        logits = apply_logit_bias(model.logits(hidden[start : start + PROMPT_SCORE_CHUNK]).float(), bias)
+        scores += score_tokens(logits, ids[0, start + 1 : start + 1 + PROMPT_SCORE_CHUNK], top)
+    return scores
+
+
 def _adjust_logits(logits: torch.Tensor, history: list[list[int]], sampling: SamplingConfig) -> torch.Tensor:
+    logits = apply_logit_bias(logits, sampling.logit_bias)
     if sampling.repetition_penalty == 1.0:
         return logits
     rows = [apply_repetition_penalty(logits[i : i + 1], torch.tensor([sorted(set(seen))]), sampling.repetition_penalty)
@@ -242,6 +301,8 @@ def check_greedy_for_draft(sampling: SamplingConfig) -> None:
         offending.append(f"repetition_penalty must be 1 (not {sampling.repetition_penalty:g})")
     if sampling.constraint() is not None:
         offending.append("json_schema and grammar are not supported")
+    if sampling.logit_bias:
+        offending.append("logit_bias must be empty")
     if offending:
         raise LmforgeError("speculative decoding with a draft model is greedy: " + " and ".join(offending))
 
@@ -261,6 +322,7 @@ def generate(
     model (same tokenizer), decoding is speculative (`lmforge.inference.speculative`): greedy only, the same
     text, faster when the draft is much cheaper."""
     sampling = sampling or SamplingConfig()
+    check_logit_bias(sampling.logit_bias, model.config.vocab_size)
     if draft is not None:
         check_greedy_for_draft(sampling)
     prompt_ids = tokenizer.with_document_marks(tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
