@@ -116,7 +116,7 @@ def test_text_is_the_default_format(client):
         ({"type": "json_object", "json_schema": {"name": "x", "schema": CITY}}, "response_format", "goes with"),
         ({"type": "json_schema", "json_schema": {"schema": CITY}}, "response_format.json_schema.name", "Field"),
         (json_schema_format({"type": "objekt"}), "response_format", "objekt"),
-        ({"type": "json_object", "grammar": "start: x"}, "response_format.grammar", "Extra inputs"),
+        ({"type": "json_object", "grammar": "start: x"}, "response_format.grammar", "unsupported field"),
     ],
 )
 def test_a_response_format_the_server_cannot_follow_is_a_400_naming_the_field(
