@@ -20,8 +20,9 @@ def config_help(config, title: str = "config keys") -> str:
     starts from, so the defaults shown are the ones used."""
     rows = [(dashed(key), type_name, default) for key, type_name, default in describe(config)]
     width = max(len(key) for key, _, _ in rows)
+    type_width = max(14, *(len(type_name) for _, type_name, _ in rows))
     return f"{title} (--key value or --key=value; in a --config file, key: value with underscores):\n" + "\n".join(
-        f"  --{key:<{width}}  {type_name:<14} default {default}" for key, type_name, default in rows
+        f"  --{key:<{width}}  {type_name:<{type_width}} default {default}" for key, type_name, default in rows
     )
 
 
@@ -110,6 +111,8 @@ def command_generate(args, extra) -> int:
     values = config_values(args.config, extra)
     if args.draft:  # speculative decoding is greedy: the default, and an error (before any output) otherwise
         values.setdefault("temperature", 0)
+    if args.json_schema:
+        values["json_schema"] = read_json_schema(args.json_schema)
     sampling = apply_values(SamplingConfig(), values)
     from lmforge.formats.loading import load
     from lmforge.inference.generate import (  # torch: once the settings are known to be valid
@@ -143,6 +146,23 @@ def command_generate(args, extra) -> int:
         ended_by = "end-of-text" + (" or a stop string" if sampling.stop else "")
         print(f"(the model generated no text: its first token was {ended_by})", file=sys.stderr)
     return 0
+
+
+def read_json_schema(path: str) -> dict:
+    """`--json-schema FILE`: the JSON Schema in FILE, checked (llguidance compiles it) before a model loads."""
+    from lmforge.settings import SamplingConfig
+
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"--json-schema {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise LmforgeError(f"--json-schema {path}: not a readable JSON file ({error})") from None
+    try:
+        SamplingConfig(json_schema=schema)
+    except ValueError as error:
+        raise LmforgeError(f"--json-schema {path}: {error}") from None
+    return schema
 
 
 def command_eval(args, extra) -> int:
@@ -539,6 +559,12 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         config_help(TrainConfig())
         + f"\n\nmodel.* defaults are the {TrainConfig.preset} preset's; --preset NAME starts from another "
         f"({', '.join(PRESETS)}).\nmodel.vocab-size always comes from the prepared data's tokenizer."
+        "\n\nUnder torchrun (torchrun --nproc_per_node=N -m lmforge train ...), --parallel chooses how the processes"
+        "\nshare the work: ddp (default) keeps a whole model on each; fsdp shards parameters, gradients and"
+        "\noptimizer state across them (FSDP2); hsdp shards within groups of --hsdp-shard-processes (default:"
+        "\none node's processes) and replicates across groups. fsdp/hsdp checkpoints are sharded"
+        "\n(torch.distributed.checkpoint): --resume continues them on any number of processes, and export reads"
+        "\nthem directly. --activation-checkpointing recomputes each block's activations in backward to save memory."
     )
     parser.add_argument("--config", help="YAML or JSON config file")
     parser.add_argument(
@@ -565,6 +591,11 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
         "(greedy; same text). E.g. an fp32 model with its own int4 copy",
     )
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
+    parser.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="constrain the output to JSON valid against the JSON Schema in FILE (ends when the JSON is complete)",
+    )
 
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,8 +16,19 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.errors import LmforgeError
+from lmforge.inference.constrained import GrammarMatcher, TokenMasks, matchers_for
 from lmforge.inference.engine import next_token_logits, prefill
-from lmforge.inference.generate import SamplingConfig, TextStream, apply_repetition_penalty, pick_next_token
+from lmforge.inference.generate import (
+    SamplingConfig,
+    TextStream,
+    TokenScore,
+    apply_logit_bias,
+    apply_repetition_penalty,
+    pick_next_token,
+    score_prompt,
+    score_tokens,
+)
 from lmforge.model import KVCache, Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -30,8 +41,12 @@ class QueueFull(Exception):
 
 @dataclass
 class GenerationRequest:
-    """One sequence to generate. `emit` receives events from the scheduler thread:
-    ("text", piece, token_id) as tokens arrive, then ("done", finish_reason, usage) or ("error", message, None)."""
+    """One sequence to generate. `emit` receives events from the scheduler thread: ("prompt", scores, None)
+    first when `prompt_logprobs` is set, ("text", piece, scores) as tokens arrive, then ("done", finish_reason,
+    usage) or ("error", message, None). A piece's scores are those of the tokens it completes (`TokenScore`s,
+    empty unless `logprobs` is set): log-softmax of the model's logits plus logit_bias, before the penalties,
+    temperature and top-k/top-p reshape them for sampling (the model's view, comparable across requests whatever
+    their sampling settings). A stop string's own tokens have none."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -40,8 +55,12 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # score each generated token, with this many most likely alternatives
+    prompt_logprobs: int | None = None  # score each prompt token too (a completion's echo), in a pass of its own
     cancelled: bool = False  # set by the client side (disconnect); the scheduler frees the slot next step
     submitted_at: float = field(default_factory=time.monotonic)
+    # follows sampling.json_schema / .grammar; `Scheduler.submit_all` builds it, on the caller's thread
+    matcher: GrammarMatcher | None = None
 
 
 @dataclass
@@ -53,6 +72,11 @@ class _Running:
     generated: list[int] = field(default_factory=list)
     counts: collections.Counter = field(default_factory=collections.Counter)
     seen: set[int] = field(default_factory=set)  # prompt and generated tokens, for the repetition penalty
+    scores: list[TokenScore] = field(default_factory=list)  # of generated tokens whose text is not out yet
+
+    def take_scores(self) -> list[TokenScore]:
+        scores, self.scores = self.scores, []
+        return scores
 
 
 class Scheduler:
@@ -92,7 +116,12 @@ class Scheduler:
 
     def submit_all(self, requests: list[GenerationRequest]) -> None:
         """Queue the sequences of one client request, all or none: ValueError if one cannot fit
-        the context or they outnumber the slots, QueueFull if the queue has no room for them."""
+        the context or they outnumber the slots, QueueFull if the queue has no room for them. Requests with a
+        json_schema or grammar get their matcher here (milliseconds; the first for a tokenizer ~0.3 s), so
+        call it off an event loop for those."""
+        for request in requests:
+            if request.matcher is None:
+                request.matcher = (matchers_for(request.sampling, self.tokenizer, 1) or [None])[0]
         for request in requests:
             if len(request.prompt_ids) + request.max_tokens > self.context:
                 raise ValueError(
@@ -160,6 +189,7 @@ class Scheduler:
                         request = self.waiting.popleft()
                         if not request.cancelled:
                             admitted.append(request)
+                admitted = self._score_prompts(admitted)
                 for group in self._prefill_groups(admitted):
                     self._run_safely(lambda group=group: self._prefill(group), group)
                 if self.running:
@@ -174,16 +204,40 @@ class Scheduler:
             self.metrics["finished_length_total"] += 1
             request.emit(("done", "length", self._usage(request, 0)))
 
-    def _run_safely(self, step: Callable[[], None], requests: list[GenerationRequest]) -> None:
-        """A failure in one step fails the requests in it, never the scheduler."""
+    def _run_safely(self, step: Callable[[], None], requests: list[GenerationRequest]) -> bool:
+        """A failure in one step fails the requests in it, never the scheduler; whether the step succeeded."""
         try:
             step()
+            return True
         except Exception as error:  # noqa: BLE001 - report to the client and keep serving
             self.metrics["generation_failures_total"] += 1
             for request in requests:
                 request.emit(("error", f"generation failed: {type(error).__name__}: {error}", None))
             self.running = [running for running in self.running if running.request not in requests]
             self.free_slots = sorted(set(range(self.max_batch)) - {r.slot for r in self.running}, reverse=True)
+            return False
+
+    def _score_prompts(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """Score the prompts of the requests that ask for it (echo), each in one pass of its own: the batched
+        prefill computes the LM head at each prompt's last position only. The requests that still have tokens
+        to generate; one with max_tokens=0 (lm-evaluation-harness's scoring) ends here, taking no slot."""
+        remaining = []
+        for request in requests:
+            if request.prompt_logprobs is not None:
+                if not self._run_safely(lambda request=request: self._emit_prompt_scores(request), [request]):
+                    continue
+            if request.max_tokens > 0:
+                remaining.append(request)
+                continue
+            self.metrics["prompt_tokens_total"] += len(request.prompt_ids)
+            self.metrics["finished_length_total"] += 1
+            request.emit(("done", "length", self._usage(request, 0)))
+        return remaining
+
+    def _emit_prompt_scores(self, request: GenerationRequest) -> None:
+        sampling = request.sampling
+        scores = score_prompt(self.model, request.prompt_ids, request.prompt_logprobs, sampling.logit_bias)
+        request.emit(("prompt", scores, None))
 
     @staticmethod
     def _prefill_groups(requests: list[GenerationRequest]) -> list[list[GenerationRequest]]:
@@ -212,7 +266,10 @@ class Scheduler:
             self.running.append(running)
             started.append(running)
         prompts = [request.prompt_ids for request in requests]
+        masks = TokenMasks()
+        masks.start([request.matcher for request in requests])
         logits = prefill(self.model, prompts, self.cache, torch.tensor([running.slot for running in started]))
+        masks.apply(logits)
         self.metrics["prompt_tokens_total"] += sum(len(prompt) for prompt in prompts)
         for row, running in enumerate(started):
             self._accept(running, logits[row])
@@ -227,13 +284,17 @@ class Scheduler:
         tokens = torch.tensor([[running.generated[-1]] for running in rows])
         positions = torch.tensor([len(running.request.prompt_ids) + len(running.generated) - 1 for running in rows])
         slots = torch.tensor([running.slot for running in rows])
-        logits = next_token_logits(self.model, tokens, self.cache, positions=positions, slots=slots)
+        masks = TokenMasks()  # each constrained row's mask, computed while the model runs this step
+        masks.start([running.request.matcher for running in rows])
+        logits = masks.apply(next_token_logits(self.model, tokens, self.cache, positions=positions, slots=slots))
         for index, running in enumerate(rows):
             self._accept(running, logits[index])
 
     def _accept(self, running: _Running, logits: torch.Tensor) -> None:
         """Sample this sequence's next token from its logits, stream it, and retire the sequence if done."""
         request = running.request
+        logits = apply_logit_bias(logits, request.sampling.logit_bias)
+        scored = logits  # what logprobs report: before the penalties below
         penalty = request.sampling.repetition_penalty
         if penalty != 1.0 and running.seen:  # as `generate` applies it: over the prompt and the reply so far
             logits = apply_repetition_penalty(logits[None], torch.tensor([sorted(running.seen)]), penalty)[0]
@@ -248,27 +309,41 @@ class Scheduler:
         running.counts[token] += 1
         running.seen.add(token)
         self.metrics["completion_tokens_total"] += 1
+        if request.matcher is not None:
+            try:
+                request.matcher.consume(token)
+            except LmforgeError as error:  # llguidance hit one of its limits: this sequence fails, not the batch
+                self._fail(running, str(error))
+                return
         if token in request.stop_ids:
             self._finish(running, "stop")
             return
+        if request.logprobs is not None:
+            running.scores += score_tokens(scored[None], torch.tensor([token]), request.logprobs)
         piece = running.stream.push(token)
         if piece:
-            request.emit(("text", piece, token))
+            request.emit(("text", piece, running.take_scores()))
         used = len(request.prompt_ids) + len(running.generated)
-        if running.stream.stopped:
+        if running.stream.stopped or (request.matcher is not None and request.matcher.complete):
             self._finish(running, "stop")
         elif len(running.generated) >= request.max_tokens or used >= self.context:
             self._finish(running, "length")
 
     def _finish(self, running: _Running, reason: str) -> None:
         if reason != "stop" or not running.stream.stopped:
-            rest = running.stream.flush()
-            if rest and reason != "cancelled":
-                running.request.emit(("text", rest, None))
+            rest, scores = running.stream.flush(), running.take_scores()
+            if (rest or scores) and reason != "cancelled":
+                running.request.emit(("text", rest, scores))
         self.running.remove(running)
         self.free_slots.append(running.slot)
         self.metrics[f"finished_{reason}_total"] += 1
         running.request.emit(("done", reason, self._usage(running.request, len(running.generated))))
+
+    def _fail(self, running: _Running, message: str) -> None:
+        self.running.remove(running)
+        self.free_slots.append(running.slot)
+        self.metrics["generation_failures_total"] += 1
+        running.request.emit(("error", message, None))
 
     @staticmethod
     def _usage(request: GenerationRequest, completion_tokens: int) -> dict:

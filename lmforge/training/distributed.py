@@ -1,7 +1,7 @@
-"""Data-parallel training under `torchrun`, applied to the model from outside.
+"""Processes of a `torchrun` job: who this one is, and the collectives the trainers share.
 
-The model file knows nothing of processes; the trainer asks this module who it is and
-wraps the model in DistributedDataParallel when there is more than one process.
+The model file knows nothing of processes; the trainer asks this module who it is, and
+`parallelize.py` wraps the model (DDP, FSDP2) when there is more than one process.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -64,18 +64,21 @@ def init_process_group(device_type: str) -> ProcessGroup:
     return group
 
 
-def wrap_model(model: nn.Module, group: ProcessGroup) -> nn.Module:
-    if not group.is_distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [group.local_rank] if next(model.parameters()).is_cuda else None
-    return DistributedDataParallel(model, device_ids=device_ids)
-
-
+@contextmanager
 def no_gradient_sync(model: nn.Module, skip: bool):
-    """Inside gradient accumulation, skip DDP's all-reduce on all but the last micro-step."""
-    return model.no_sync() if skip and hasattr(model, "no_sync") else nullcontext()
+    """Inside gradient accumulation, skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all
+    but the last micro-step: the gradients accumulate locally and are reduced once."""
+    if skip and hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif skip and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def mean_across_processes(value: torch.Tensor, group: ProcessGroup) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Pretraining loop: AdamW, warmup + cosine schedule, accumulation, DDP, checkpoints, resume.
+"""Pretraining loop: AdamW, warmup + cosine schedule, accumulation, DDP or FSDP2, checkpoints, resume.
 
 `train(config)` runs unchanged alone or under `torchrun --nproc_per_node=N`. Every rank
 draws the same global batch of window starts from one seeded generator and takes its own
@@ -26,14 +26,17 @@ from lmforge.formats.checkpoint import (
     STATE,
     holds_checkpoint,
     load_resume_checkpoint,
+    load_sharded_training_state,
     load_weights,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from lmforge.model import Transformer
 from lmforge.settings import TrainConfig, recorded_settings, train_config_from  # noqa: F401 (importable from here too)
 from lmforge.training import distributed
 from lmforge.training.data import TokenDataset
 from lmforge.training.optim import build_optimizer
+from lmforge.training.parallelize import describe_mesh, device_mesh, parallelize, writes_sharded_checkpoints
 from lmforge.training.progress import ProgressBar, format_duration
 from lmforge.training.run_folder import claim_run_folder, settings_to_record
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
@@ -229,14 +232,26 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
         if warning:
             print(warning, file=sys.stderr)
 
-    torch.manual_seed(config.seed)
+    sharded = writes_sharded_checkpoints(config)
+    mesh = device_mesh(config, group, device)
+    if resumed is not None and not resumed.sharded and sharded and mesh is not None:
+        raise LmforgeError(
+            f"{resumed.folder} was written by a parallel=ddp run (one {STATE} optimizer state), which a sharded "
+            f"model cannot take; resume it with --parallel ddp, or alone"
+        )
+    torch.manual_seed(config.seed)  # every process builds the same model, then keeps its shard of it
     model = Transformer(config.model)
-    if resumed is not None:
+    parameter_count, flops_per_token = model.num_parameters(), model.flops_per_token()
+    if resumed is not None and not resumed.sharded:
         load_weights(model, resumed.folder)
     model.to(device)
+    step_model = parallelize(model, config, mesh)
+    # After sharding: the optimizer's state must live on each process's shards.
     optimizer = build_optimizer(model, config.learning_rate, config.weight_decay, betas=(config.beta1, config.beta2))
     data_generator = torch.Generator().manual_seed(config.seed)
-    if resumed is not None:
+    if resumed is not None and resumed.sharded:
+        load_sharded_training_state(resumed.folder, model, optimizer)
+    elif resumed is not None:
         try:
             optimizer.load_state_dict(resumed.state["optimizer"])
         except (ValueError, KeyError, TypeError, RuntimeError) as error:
@@ -244,7 +259,6 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
                 f"{resumed.folder / STATE}: the optimizer state does not fit this model ({error})"
             ) from None
 
-    step_model = distributed.wrap_model(model, group)
     if config.compile:
         try:
             step_model = torch.compile(step_model)
@@ -252,7 +266,6 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
             print(f"torch.compile unavailable ({error}); training eagerly", file=sys.stderr)
     autocast = autocast_for(device)
     peak_flops = config.peak_flops or measure_matmul_flops(device=str(device), dtype=compute_dtype(device))
-    flops_per_token = model.flops_per_token()
 
     if group.is_main:
         (out_dir / "config.json").write_text(json.dumps(settings_to_record(config), indent=2))
@@ -260,15 +273,22 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     if archived is not None:
         reporter.message(f"--overwrite: moved the previous run into {archived}")
     reporter.message(
-        f"model: {model.num_parameters():,} parameters | {train_data.num_tokens:,} train tokens | "
+        f"model: {parameter_count:,} parameters | {train_data.num_tokens:,} train tokens | "
         f"{global_batch * config.model.block_size:,} tokens/step | device {device}"
+        + (f" | {describe_mesh(config, mesh)}" if mesh is not None else "")
         + (f" | resumed at step {start_step}" if start_step else "")
     )
 
     def write_checkpoint(step: int, rng: dict[str, torch.Tensor] | None = None) -> Path | None:
+        state = {"step": step, **(rng or rng_states(device, data_generator))}
+        if sharded:  # every process writes its shard; the RNG states are the same on all of them
+            return save_sharded_checkpoint(
+                out_dir, step, model, optimizer, tokenizer, state, {"train": settings_to_record(config)},
+                keep=config.keep_checkpoints,
+            )  # fmt: skip
         if not group.is_main:
             return None
-        state = {"step": step, "optimizer": optimizer.state_dict(), **(rng or rng_states(device, data_generator))}
+        state["optimizer"] = optimizer.state_dict()
         return save_checkpoint(
             out_dir,
             step,
@@ -368,7 +388,9 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     except KeyboardInterrupt:
         # Ctrl-C keeps the work done: save the last completed step (unless it is saved already).
         unsaved = last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}")
-        if group.is_main and not updating and step > start_step and unsaved:
+        # A sharded save needs every process, which an interrupt leaves at different points: alone only.
+        can_save = not group.is_distributed if sharded else group.is_main
+        if can_save and not updating and step > start_step and unsaved:
             reporter.message(f"interrupted: saving step {step} ...")
             saved = write_checkpoint(step, step_rng if in_step else None)
             reporter.message(f"saved {saved}; continue with --resume")
@@ -391,7 +413,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
         "val": val_result,
         "checkpoint": str(last_checkpoint),
         "loss_curve": str(plot_path) if plot_path else None,
-        "parameters": model.num_parameters(),
+        "parameters": parameter_count,
         "warmup_steps": config.warmup_steps,
         "reached_peak_learning_rate": peaked,
     }

@@ -1,0 +1,268 @@
+"""Structured outputs on SmolLM2-135M-Instruct: decoding speed with and without a JSON Schema, same run, and
+the two grammar libraries issue 21 names, llguidance (what lmforge uses) and xgrammar, on the same vocabulary.
+
+Speed: tokens/s of decoding (prefill excluded) without a schema, with one (masks computed on lmforge's helper
+thread during the model's step, the default), and with the masks computed inline before sampling; one stream
+through `generate_tokens` (native decode kernels) and 8 rows through `generate_batch`. Rounds are interleaved
+and the median kept: the machine is shared and noisy.
+
+Libraries (--libraries): for each schema, the time to build the tokenizer index, to compile the schema, and
+per token of a fixed valid document, to compute the allowed-token mask and to advance past the token; and the
+cost of applying a mask to 49k logits (lmforge's numpy unpack, llguidance.torch's compiled kernel, xgrammar's).
+xgrammar is optional: it needs transformers and triton at runtime, which lmforge does not take; for this
+measurement it can be installed without them (`pip install --no-deps xgrammar apache-tvm-ffi`).
+
+    python benchmarks/structured.py [--rounds 3] [--libraries]
+
+Writes benchmarks/results/structured.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmforge.formats.loading import load
+from lmforge.inference import constrained
+from lmforge.inference.chat import encode_chat, stop_token_ids
+from lmforge.inference.generate import generate_batch, generate_tokens
+from lmforge.settings import JSON_LAYOUT, SamplingConfig
+
+RESULTS = Path(__file__).parent / "results" / "structured.json"
+MAX_NEW_TOKENS = 96
+BATCH = 8
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 40},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "email": {"type": "string", "maxLength": 60},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}, "zip": {"type": "string", "maxLength": 10}},
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 4},
+        "role": {"enum": ["admin", "user", "guest"]},
+    },
+    "required": ["name", "age", "email", "address", "hobbies", "role"],
+    "additionalProperties": False,
+}
+SCHEMAS = {
+    "person (nested, array, enum)": PERSON,
+    "any JSON object": {"type": "object"},
+}
+DOCUMENTS = {  # one valid reply per schema, for the per-token library timings
+    "person (nested, array, enum)": {
+        "name": "Ada Lovelace",
+        "age": 36,
+        "email": "ada@example.org",
+        "address": {"city": "London", "zip": "W1"},
+        "hobbies": ["mathematics", "poetry", "horses"],
+        "role": "admin",
+    },
+    "any JSON object": {"title": "A walk", "steps": [1, 2, 3], "nested": {"ok": True, "score": 0.75}},
+}
+PROMPT = [{"role": "user", "content": "Describe a fictional person as a JSON object."}]
+
+
+class InlineThread:
+    """Stands in for lmforge's mask thread: computes the mask at once, on the decoding thread."""
+
+    def submit(self, function, *args):
+        future = Future()
+        future.set_result(function(*args))
+        return future
+
+
+def single_stream(model, tokenizer, prompt, sampling) -> tuple[int, float]:
+    """(decoded tokens, seconds) after the first token, so the prefill is not counted."""
+    stamps = [time.perf_counter() for _ in generate_tokens(model, prompt, sampling, tokenizer=tokenizer)]
+    return len(stamps) - 1, stamps[-1] - stamps[0]
+
+
+def batch(model, tokenizer, prompt, sampling) -> tuple[int, float]:
+    """(decoded tokens, seconds) of BATCH rows, less one prefill (timed in the same call with 1 new token)."""
+    prompts = [prompt] * BATCH
+    stops = stop_token_ids(tokenizer)
+    start = time.perf_counter()
+    generate_batch(model, prompts, SamplingConfig(max_new_tokens=1, temperature=0), stops, tokenizer)
+    prefill_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    outputs = generate_batch(model, prompts, sampling, stops, tokenizer)
+    seconds = time.perf_counter() - start - prefill_seconds
+    return sum(len(row) - 1 for row in outputs), seconds
+
+
+def decoding_speed(rounds: int) -> list[dict]:
+    model, tokenizer = load("smollm2-135m-instruct")
+    prompt = encode_chat(tokenizer, PROMPT)
+    plain = SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=0.7, seed=0)
+    schema = SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=0.7, seed=0, json_schema=PERSON)
+    constrained.guidance_tokenizer(tokenizer)  # built once per tokenizer (~0.3 s): not a per-request cost
+    runs = {}
+    background = constrained._mask_thread
+    for _ in range(rounds):
+        for path, run in (("generate_tokens, 1 stream", single_stream), (f"generate_batch, {BATCH} rows", batch)):
+            for mode, sampling, thread in (
+                ("no schema", plain, background),
+                ("schema", schema, background),
+                ("schema, masks inline", schema, InlineThread()),
+            ):
+                constrained._mask_thread = thread
+                try:
+                    tokens, seconds = run(model, tokenizer, prompt, sampling)
+                finally:
+                    constrained._mask_thread = background
+                runs.setdefault((path, mode), []).append(tokens / seconds)
+    rows = []
+    for (path, mode), speeds in runs.items():
+        baseline = statistics.median(runs[(path, "no schema")])
+        speed = statistics.median(speeds)
+        rows.append({"path": path, "mode": mode, "tokens_per_second": speed, "vs_no_schema": speed / baseline})
+    return rows
+
+
+def library_timings() -> dict:
+    _, tokenizer = load("smollm2-135m-instruct")
+    pieces, special_ids = constrained.token_bytes(tokenizer)
+    end_ids = sorted(stop_token_ids(tokenizer))
+    results = {"llguidance": {}, "xgrammar": {}}
+    start = time.perf_counter()
+    constrained._guidance_tokenizers.pop(tokenizer, None)
+    constrained.guidance_tokenizer(tokenizer)
+    results["llguidance"]["tokenizer_index_seconds"] = time.perf_counter() - start
+    try:
+        import xgrammar
+    except ImportError as error:
+        xgrammar = None
+        results["xgrammar"]["unavailable"] = str(error)
+    if xgrammar is not None:
+        start = time.perf_counter()
+        vocab = [b"" if index in special_ids else piece for index, piece in enumerate(pieces)]
+        info = xgrammar.TokenizerInfo(vocab, xgrammar.VocabType.RAW, vocab_size=len(vocab), stop_token_ids=end_ids)
+        compiler = xgrammar.GrammarCompiler(info, max_threads=2, cache_enabled=False)
+        results["xgrammar"]["tokenizer_index_seconds"] = time.perf_counter() - start
+    for name, schema in SCHEMAS.items():
+        document = json.dumps(DOCUMENTS[name])  # json.dumps' separators: the layout both libraries are given
+        tokens = tokenizer.encode(document)
+        start = time.perf_counter()
+        matcher = constrained.GrammarMatcher(tokenizer, SamplingConfig(json_schema=schema).constraint())
+        compile_seconds = time.perf_counter() - start
+        mask, advance = [], []
+        for token in tokens:
+            start = time.perf_counter()
+            bitmask = constrained._fill_masks([matcher.matcher], matcher.mask_words)
+            mask.append(time.perf_counter() - start)
+            assert np.unpackbits(bitmask.view(np.uint8), bitorder="little")[token], "document outside the schema"
+            start = time.perf_counter()
+            matcher.consume(token)
+            advance.append(time.perf_counter() - start)
+        results["llguidance"][name] = timing_row(compile_seconds, mask, advance)
+        if xgrammar is None:
+            continue
+        start = time.perf_counter()
+        compiled = compiler.compile_json_schema(
+            json.dumps(schema),
+            any_whitespace=JSON_LAYOUT["whitespace_flexible"],
+            separators=(JSON_LAYOUT["item_separator"], JSON_LAYOUT["key_separator"]),
+            strict_mode=False,  # as llguidance: properties a schema leaves open stay allowed
+        )
+        x_matcher = xgrammar.GrammarMatcher(compiled)
+        compile_seconds = time.perf_counter() - start
+        bitmask = xgrammar.allocate_token_bitmask(1, info.vocab_size)
+        mask, advance = [], []
+        for token in tokens:
+            start = time.perf_counter()
+            x_matcher.fill_next_token_bitmask(bitmask)
+            mask.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            accepted = x_matcher.accept_token(token)
+            advance.append(time.perf_counter() - start)
+            assert accepted, "xgrammar refused a token of the valid document"
+        results["xgrammar"][name] = timing_row(compile_seconds, mask, advance)
+    results["apply_mask_to_49k_logits"] = mask_application(tokenizer.vocab_size, xgrammar)
+    return results
+
+
+def timing_row(compile_seconds: float, mask: list[float], advance: list[float]) -> dict:
+    return {
+        "compile_ms": compile_seconds * 1e3,
+        "mask_us_per_token_median": statistics.median(mask) * 1e6,
+        "mask_us_per_token_max": max(mask) * 1e6,
+        "advance_us_per_token_median": statistics.median(advance) * 1e6,
+        "tokens": len(mask),
+    }
+
+
+def mask_application(vocab: int, xgrammar) -> dict:
+    """Microseconds to apply one row's bitmask to (1, vocab) logits, steady state, and the first call."""
+    bitmask = np.random.default_rng(0).integers(-(2**31), 2**31, size=(1, (vocab + 31) // 32), dtype=np.int32)
+    logits = torch.randn(1, vocab)
+    masks = constrained.TokenMasks()
+    masks.rows = [0]
+
+    def lmforge_unpack():
+        masks.pending = Future()
+        masks.pending.set_result(bitmask)
+        masks.apply(logits.clone())
+
+    candidates = {"lmforge numpy unpack": lmforge_unpack}
+    import llguidance.torch
+
+    torch_mask = torch.from_numpy(bitmask)
+    candidates["llguidance.torch (torch.compile)"] = lambda: llguidance.torch.apply_token_bitmask_inplace(
+        logits.clone(), torch_mask
+    )
+    if xgrammar is not None:
+        candidates["xgrammar apply_token_bitmask_inplace"] = lambda: xgrammar.apply_token_bitmask_inplace(
+            logits.clone(), torch_mask
+        )
+    timings = {}
+    for name, apply in candidates.items():
+        start = time.perf_counter()
+        try:
+            apply()
+        except Exception as error:  # noqa: BLE001 - a missing backend is a result too
+            timings[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
+            continue
+        first = time.perf_counter() - start
+        steady = []
+        for _ in range(200):
+            start = time.perf_counter()
+            apply()
+            steady.append(time.perf_counter() - start)
+        timings[name] = {"first_call_ms": first * 1e3, "steady_us_median": statistics.median(steady) * 1e6}
+    return timings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--libraries", action="store_true", help="also time llguidance against xgrammar")
+    args = parser.parse_args()
+    report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    if args.libraries:
+        report["libraries"] = libraries = library_timings()
+        print("library timings (SmolLM2's 49k vocabulary):")
+        print(json.dumps(libraries, indent=2))
+    report["decoding"] = rows = decoding_speed(args.rounds)
+    print(f"\n{'path':<28} {'mode':<22} {'tokens/s':>9} {'vs no schema':>13}")
+    for row in rows:
+        print(f"{row['path']:<28} {row['mode']:<22} {row['tokens_per_second']:>9.1f} {row['vs_no_schema']:>12.2f}x")
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
