@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from lmforge.formats.checkpoint import resolve_checkpoint
 from lmforge.training.distributed import restart_warning
 from lmforge.training.pretrain import read_metrics, train
@@ -83,11 +85,14 @@ def latest_checkpoint(run: Path) -> str:
         return ""
 
 
-def test_an_elastic_job_that_loses_a_process_resumes_from_its_last_checkpoint(char_dataset, tmp_path):
+# ddp: process 0 writes one checkpoint; fsdp: every process writes its shard (torch.distributed.checkpoint)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_an_elastic_job_that_loses_a_process_resumes_from_its_last_checkpoint(char_dataset, tmp_path, parallel):
     steps = 30
     run = tmp_path / "elastic"
     command = torchrun("--standalone", "--nproc-per-node=2", "--max-restarts=1")
     arguments = [f"--data_dir={char_dataset}", "--batch_size=4", f"--max_steps={steps}", f"--out_dir={run}"]
+    arguments.append(f"--parallel={parallel}")
     # --resume from the first launch: the attempt torchrun restarts runs the same command and continues.
     launcher = subprocess.Popen(
         [*command, *arguments, "--checkpoint_interval=5", "--keep_checkpoints=50", "--progress=plain", "--resume"],
