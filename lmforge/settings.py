@@ -324,7 +324,7 @@ class SamplingConfig:
     seed: int | None = None
     # Constrained decoding (`lmforge.inference.constrained`): the output is JSON valid against json_schema
     # ({"type": "object"}: any JSON object), or text matching grammar, a Lark grammar in llguidance's dialect
-    # (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md; `%json{...}` embeds a schema).
+    # (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md; `lark_json(schema)` embeds a schema).
     json_schema: dict | None = None
     grammar: str | None = None
 
@@ -375,6 +375,12 @@ class SamplingConfig:
 # How constrained JSON is laid out: json.dumps' separators and no other whitespace. With llguidance's default
 # (any whitespace between tokens) a small model at temperature 1 can emit blank lines until max_new_tokens.
 JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+
+
+def lark_json(schema: dict) -> str:
+    """`schema` as a Lark grammar's `%json {...}` (e.g. the arguments of a tool call in SamplingConfig.grammar), laid
+    out as json_schema output is: a bare %json would allow any whitespace between its tokens."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_LAYOUT})
 
 
 def fallback_sampling(chat_model: bool) -> SamplingConfig:

@@ -17,7 +17,7 @@ from lmforge.inference.chat import encode_chat, stop_token_ids
 from lmforge.inference.constrained import GrammarMatcher, TokenMasks, token_bytes
 from lmforge.inference.generate import SamplingConfig, generate, generate_batch, generate_tokens
 from lmforge.model import ModelConfig, Transformer
-from lmforge.settings import LLAMA_SWITCHES
+from lmforge.settings import LLAMA_SWITCHES, lark_json
 from lmforge.tokenizer import BPETokenizer, CharTokenizer
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -201,11 +201,19 @@ def test_a_lark_grammar_is_followed_and_generate_ends_with_it(model, tokenizer):
 
 
 def test_a_lark_grammar_can_embed_a_json_schema(model, tokenizer):
-    grammar = f'start: "<call>" payload "</call>"\npayload: %json {json.dumps(SMALL)}'
+    grammar = f'start: "<call>" payload "</call>"\npayload: {lark_json(SMALL)}'
     sampling = SamplingConfig(max_new_tokens=60, temperature=1.0, seed=5, grammar=grammar)
     text = "".join(generate(model, tokenizer, "ab", sampling))
     assert text.startswith("<call>") and text.endswith("</call>")
     assert follows_small_schema(text[len("<call>") : -len("</call>")])
+
+
+def test_lark_json_lays_out_the_embedded_json_as_json_schema_does(tokenizer):
+    grammar = SamplingConfig(grammar=f"start: {lark_json(SMALL)}").constraint()
+    for text, follows in [('{"answer": "no", "count": 7}', True), ('{"answer":"no","count":7}', False)]:
+        matcher = GrammarMatcher(tokenizer, grammar)
+        consumed = all(matcher.matcher.consume_token(token) for token in tokenizer.encode(text))
+        assert (consumed and matcher.matcher.is_accepting()) == follows
 
 
 def test_speculative_decoding_refuses_a_constraint(model, tokenizer):
