@@ -372,9 +372,16 @@ class SamplingConfig:
         return text
 
 
-# How constrained JSON is laid out: json.dumps' separators and no other whitespace. With llguidance's default
-# (any whitespace between tokens) a small model at temperature 1 can emit blank lines until max_new_tokens.
-JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+# How constrained JSON is written, as json.dumps(ensure_ascii=False) writes it: its separators and no other
+# whitespace, and characters as themselves, with no \uXXXX escapes. With llguidance's defaults (any whitespace
+# between tokens; \u escapes of control characters) SmolLM2 at temperature 1 filled replies with blank lines
+# or wrote "\u00028" runs, a 30-character string taking ~100 tokens, until max_new_tokens cut the JSON off.
+JSON_LAYOUT = {
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "whitespace_flexible": False,
+    "json_allowed_escapes": 'nrbtf"\\',
+}
 
 
 def lark_json(schema: dict) -> str:

@@ -216,6 +216,19 @@ def test_lark_json_lays_out_the_embedded_json_as_json_schema_does(tokenizer):
         assert (consumed and matcher.matcher.is_accepting()) == follows
 
 
+def test_json_is_written_as_json_dumps_writes_it(tokenizer):
+    grammar = SamplingConfig(json_schema={"type": "object", "properties": {"a": {"type": "string"}}}).constraint()
+    for text, follows in [
+        ('{"a": "x/y\\n"}', True),
+        ('{"a":"x"}', False),  # other separators
+        ('{\n"a": "x"}', False),  # free whitespace
+        ('{"a": "\\u0002"}', False),  # \u escapes
+    ]:
+        matcher = GrammarMatcher(tokenizer, grammar)
+        consumed = all(matcher.matcher.consume_token(token) for token in tokenizer.encode(text))
+        assert (consumed and matcher.matcher.is_accepting()) == follows, text
+
+
 def test_speculative_decoding_refuses_a_constraint(model, tokenizer):
     with pytest.raises(LmforgeError, match="json_schema and grammar are not supported"):
         list(generate(model, tokenizer, "ab", SamplingConfig(temperature=0, json_schema=SMALL), draft=model))
@@ -304,7 +317,7 @@ def test_sampled_completions_all_follow_the_schema(smollm2, name, completions):
     model, tokenizer = smollm2
     schema = SCHEMAS[name]
     prompt = encode_chat(tokenizer, [{"role": "user", "content": f"Reply with a JSON object describing a {name}."}])
-    sampling = SamplingConfig(max_new_tokens=120, temperature=1.0, seed=0, json_schema=schema)
+    sampling = SamplingConfig(max_new_tokens=200, temperature=1.0, seed=0, json_schema=schema)
     stops = stop_token_ids(tokenizer)
     outputs = generate_batch(model, [prompt] * completions, sampling, stops, tokenizer)
     replies = [tokenizer.decode([token for token in row if token not in stops]) for row in outputs]
