@@ -103,13 +103,45 @@ def batch(model, tokenizer, prompt, sampling) -> tuple[int, float]:
     return sum(len(row) - 1 for row in outputs), seconds
 
 
+class GrammarTime:
+    """Seconds spent in the grammar's own calls (starting and applying masks, advancing matchers) while
+    decoding: what a constrained step adds, counted directly, since tokens/s on this busy machine swing by
+    more than that between two runs."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.originals = {}
+
+    def __enter__(self):
+        for owner, name in ((constrained.TokenMasks, "start"), (constrained.TokenMasks, "apply")):
+            self._time(owner, name)
+        self._time(constrained.GrammarMatcher, "consume")
+        return self
+
+    def _time(self, owner, name):
+        original = self.originals[(owner, name)] = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+
+    def __exit__(self, *exc):
+        for (owner, name), original in self.originals.items():
+            setattr(owner, name, original)
+
+
 def decoding_speed(rounds: int) -> list[dict]:
     model, tokenizer = load("smollm2-135m-instruct")
     prompt = encode_chat(tokenizer, PROMPT)
     plain = SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=0.7, seed=0)
     schema = SamplingConfig(max_new_tokens=MAX_NEW_TOKENS, temperature=0.7, seed=0, json_schema=PERSON)
     constrained.guidance_tokenizer(tokenizer)  # built once per tokenizer (~0.3 s): not a per-request cost
-    runs = {}
+    runs, grammar_seconds, decode_seconds, token_counts = {}, {}, {}, {}
     background = constrained._mask_thread
     for _ in range(rounds):
         for path, run in (("generate_tokens, 1 stream", single_stream), (f"generate_batch, {BATCH} rows", batch)):
@@ -120,15 +152,31 @@ def decoding_speed(rounds: int) -> list[dict]:
             ):
                 constrained._mask_thread = thread
                 try:
-                    tokens, seconds = run(model, tokenizer, prompt, sampling)
+                    with GrammarTime() as grammar:
+                        tokens, seconds = run(model, tokenizer, prompt, sampling)
                 finally:
                     constrained._mask_thread = background
-                runs.setdefault((path, mode), []).append(tokens / seconds)
+                key = (path, mode)
+                runs.setdefault(key, []).append(tokens / seconds)
+                grammar_seconds[key] = grammar_seconds.get(key, 0.0) + grammar.seconds
+                decode_seconds[key] = decode_seconds.get(key, 0.0) + seconds
+                token_counts[key] = token_counts.get(key, 0) + tokens
     rows = []
     for (path, mode), speeds in runs.items():
         baseline = statistics.median(runs[(path, "no schema")])
         speed = statistics.median(speeds)
-        rows.append({"path": path, "mode": mode, "tokens_per_second": speed, "vs_no_schema": speed / baseline})
+        key = (path, mode)
+        rows.append(
+            {
+                "path": path,
+                "mode": mode,
+                "tokens_per_second": speed,
+                "vs_no_schema": speed / baseline,
+                # includes the first mask (computed during the prefill), over the decoded tokens
+                "grammar_us_per_token": grammar_seconds[key] / token_counts[key] * 1e6,
+                "grammar_share_of_decode_time": grammar_seconds[key] / decode_seconds[key],
+            }
+        )
     return rows
 
 
@@ -205,44 +253,57 @@ def timing_row(compile_seconds: float, mask: list[float], advance: list[float]) 
 
 
 def mask_application(vocab: int, xgrammar) -> dict:
-    """Microseconds to apply one row's bitmask to (1, vocab) logits, steady state, and the first call."""
-    bitmask = np.random.default_rng(0).integers(-(2**31), 2**31, size=(1, (vocab + 31) // 32), dtype=np.int32)
-    logits = torch.randn(1, vocab)
+    """Microseconds to apply one row's bitmask to (1, vocab) logits, steady state, and the first call; for a
+    dense mask (inside a string: most tokens allowed) and a sparse one (between keys: a few)."""
+    rng = np.random.default_rng(0)
+    base = torch.randn(1, vocab)
+    logits = base.clone()
+    timings = {}
+    for density in (0.5, 0.002):
+        allowed = rng.random((1, (vocab + 31) // 32 * 32)) < density
+        bitmask = np.packbits(allowed, axis=1, bitorder="little").view(np.int32)
+        candidates = mask_appliers(bitmask, logits, xgrammar)
+        for name, apply in candidates.items():
+            steady, first = [], None
+            for call in range(201):
+                np.copyto(logits.numpy(), base.numpy())  # fresh logits, outside the timing
+                start = time.perf_counter()
+                try:
+                    apply()
+                except Exception as error:  # noqa: BLE001 - a missing backend is a result too
+                    timings[f"{name}, {density:.1%} allowed"] = {"error": f"{type(error).__name__}: {error}"[:200]}
+                    break
+                seconds = time.perf_counter() - start
+                first = seconds if call == 0 else first
+                steady += [seconds] if call else []
+            else:
+                timings[f"{name}, {density:.1%} allowed"] = {
+                    "first_call_ms": first * 1e3,
+                    "steady_us_median": statistics.median(steady) * 1e6,
+                }
+    return timings
+
+
+def mask_appliers(bitmask: np.ndarray, logits: torch.Tensor, xgrammar) -> dict:
+    """Each library's way to apply `bitmask` to `logits` in place."""
+    import llguidance.torch
+
     masks = constrained.TokenMasks()
     masks.rows = [0]
+    torch_mask = torch.from_numpy(bitmask)
 
     def lmforge_unpack():
         masks.pending = Future()
         masks.pending.set_result(bitmask)
-        masks.apply(logits.clone())
+        masks.apply(logits)
 
-    candidates = {"lmforge numpy unpack": lmforge_unpack}
-    import llguidance.torch
-
-    torch_mask = torch.from_numpy(bitmask)
-    candidates["llguidance.torch (torch.compile)"] = lambda: llguidance.torch.apply_token_bitmask_inplace(
-        logits.clone(), torch_mask
-    )
+    appliers = {
+        "lmforge (numpy unpack)": lmforge_unpack,
+        "llguidance.torch (torch.compile)": lambda: llguidance.torch.apply_token_bitmask_inplace(logits, torch_mask),
+    }
     if xgrammar is not None:
-        candidates["xgrammar apply_token_bitmask_inplace"] = lambda: xgrammar.apply_token_bitmask_inplace(
-            logits.clone(), torch_mask
-        )
-    timings = {}
-    for name, apply in candidates.items():
-        start = time.perf_counter()
-        try:
-            apply()
-        except Exception as error:  # noqa: BLE001 - a missing backend is a result too
-            timings[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
-            continue
-        first = time.perf_counter() - start
-        steady = []
-        for _ in range(200):
-            start = time.perf_counter()
-            apply()
-            steady.append(time.perf_counter() - start)
-        timings[name] = {"first_call_ms": first * 1e3, "steady_us_median": statistics.median(steady) * 1e6}
-    return timings
+        appliers["xgrammar"] = lambda: xgrammar.apply_token_bitmask_inplace(logits, torch_mask)
+    return appliers
 
 
 def main() -> None:
@@ -256,9 +317,12 @@ def main() -> None:
         print("library timings (SmolLM2's 49k vocabulary):")
         print(json.dumps(libraries, indent=2))
     report["decoding"] = rows = decoding_speed(args.rounds)
-    print(f"\n{'path':<28} {'mode':<22} {'tokens/s':>9} {'vs no schema':>13}")
+    print(f"\n{'path':<28} {'mode':<22} {'tokens/s':>9} {'vs no schema':>13} {'grammar us/token':>17} {'share':>6}")
     for row in rows:
-        print(f"{row['path']:<28} {row['mode']:<22} {row['tokens_per_second']:>9.1f} {row['vs_no_schema']:>12.2f}x")
+        print(
+            f"{row['path']:<28} {row['mode']:<22} {row['tokens_per_second']:>9.1f} {row['vs_no_schema']:>12.2f}x "
+            f"{row['grammar_us_per_token']:>17.0f} {row['grammar_share_of_decode_time']:>6.1%}"
+        )
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {RESULTS}")
