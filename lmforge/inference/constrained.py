@@ -26,6 +26,7 @@ grammars (with JSON Schemas embedded by %json) that tool calling's constrained c
 from __future__ import annotations
 
 import json
+import os
 import threading
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,8 +42,8 @@ from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 # One LLTokenizer per Tokenizer: building its token index takes ~0.25 s for a 49k vocabulary.
 _guidance_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _guidance_lock = threading.Lock()
-# Masks are computed here while the model runs its step (llguidance releases the GIL), so a step waits for a
-# mask only when computing it took longer than the forward pass.
+# Where a core is free for it, masks are computed here while the model runs its step (llguidance releases the
+# GIL), so a step waits for a mask only when computing it took longer than the forward pass.
 _mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-grammar")
 _executor: llguidance.LLExecutor | None = None
 
@@ -168,14 +169,30 @@ def matchers_for(sampling: SamplingConfig, tokenizer: Tokenizer | None, count: i
     return [GrammarMatcher(tokenizer, grammar) for _ in range(count)]
 
 
-class TokenMasks:
-    """The allowed-token masks of one decoding step's rows, computed on a helper thread while the model runs.
+def masks_in_background(device: torch.device) -> bool:
+    """Whether a step's masks are computed on the helper thread, overlapping the model's step: when the step runs
+    on an accelerator, or leaves CPU cores that decoding does not use. Where decoding takes every core (this
+    2-core machine), the handover cost more than it hid: 2.6 ms a token on the helper thread against 1.2 ms
+    computed in line, same run, load average ~10 (benchmarks/structured.py), as the thread waited for a core."""
+    if device.type != "cpu":
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
 
-    `start` hands the rows' matchers (None for an unconstrained row) to the thread; `apply` waits for it and
-    sets the logits of disallowed tokens to -inf. Between the two, the matchers must not be touched.
+
+class TokenMasks:
+    """The allowed-token masks of one decoding step's rows, computed while the model runs that step where a
+    core is free for it (`masks_in_background`), else when `start` is called.
+
+    `start` takes the rows' matchers (None for an unconstrained row); `apply` sets the logits of the tokens
+    each row's grammar disallows to -inf. Between the two, the matchers must not be touched.
     """
 
-    def __init__(self):
+    def __init__(self, device: torch.device):
+        self.background = masks_in_background(device)
         self.pending: Future | None = None
         self.rows: list[int] = []
 
@@ -185,7 +202,12 @@ class TokenMasks:
             self.pending = None
             return
         constrained = [matchers[row] for row in self.rows]
-        self.pending = _mask_thread.submit(_fill_masks, [m.matcher for m in constrained], constrained[0].mask_words)
+        arguments = ([m.matcher for m in constrained], constrained[0].mask_words, self.background)
+        if self.background:
+            self.pending = _mask_thread.submit(_fill_masks, *arguments)
+        else:
+            self.pending = Future()
+            self.pending.set_result(_fill_masks(*arguments))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` (rows, vocab) with every token its row's grammar disallows at -inf (in place)."""
@@ -211,12 +233,14 @@ class TokenMasks:
         return logits
 
 
-def _fill_masks(matchers: list[llguidance.LLMatcher], words: int) -> np.ndarray:
-    """Each matcher's mask as a row of `words` 32-bit words; several rows in parallel inside llguidance."""
+def _fill_masks(matchers: list[llguidance.LLMatcher], words: int, parallel: bool) -> np.ndarray:
+    """Each matcher's mask as a row of `words` 32-bit words; with `parallel`, several rows at once on
+    llguidance's threads, else one after another on this thread."""
     global _executor
     bitmask = np.empty((len(matchers), words), dtype=np.int32)
-    if len(matchers) == 1:
-        matchers[0].unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
+    if len(matchers) == 1 or not parallel:
+        for row, matcher in enumerate(matchers):
+            matcher.unsafe_compute_mask_ptr(bitmask[row].ctypes.data, words * 4)
         return bitmask
     if _executor is None:
         _executor = llguidance.LLExecutor()

@@ -76,8 +76,8 @@ def generate_tokens(
     end once the output is complete.
     """
     matcher = (matchers_for(sampling, tokenizer, 1) or [None])[0]
-    masks = TokenMasks()
     device = next(model.parameters()).device
+    masks = TokenMasks(device)
     block_size = model.config.block_size
     generator = None
     if sampling.seed is not None:
@@ -148,7 +148,7 @@ def generate_batch(
     if sampling.seed is not None:
         generators = [torch.Generator(device=device).manual_seed(sampling.seed + i) for i in range(len(prompts))]
     matchers = matchers_for(sampling, tokenizer, len(prompts))
-    masks = TokenMasks()
+    masks = TokenMasks(device)
     cache = KVCache(model.config, len(prompts), capacity, device=device, dtype=next(model.parameters()).dtype)
     if matchers is not None:
         masks.start(matchers)

@@ -107,7 +107,7 @@ def test_masks_set_exactly_the_disallowed_tokens_to_minus_infinity():
     allowed = np.random.default_rng(0).random((2, 64)) < 0.3
     bitmask = np.packbits(allowed, axis=1, bitorder="little").view(np.int32)
     logits = torch.randn(3, vocab)
-    masks = TokenMasks()
+    masks = TokenMasks(torch.device("cpu"))
     masks.rows, masks.pending = [0, 2], Future()  # row 1 is unconstrained
     masks.pending.set_result(bitmask)
     masked = masks.apply(logits.clone())
@@ -183,7 +183,10 @@ def test_compiled_decoding_follows_the_schema(model, tokenizer):
     )
 
 
-def test_generate_batch_follows_the_schema_in_every_row(model, tokenizer):
+@pytest.mark.parametrize("background", [False, True])
+def test_generate_batch_follows_the_schema_in_every_row(model, tokenizer, background, monkeypatch):
+    # masks computed in line, and on the helper thread (llguidance's threads for several rows) while the model runs
+    monkeypatch.setattr(constrained, "masks_in_background", lambda device: background)
     prompts = [[5, 6], [7, 8, 9, 10], [11]]
     sampling = SamplingConfig(max_new_tokens=60, temperature=1.0, seed=0, json_schema=SMALL)
     outputs = generate_batch(model, prompts, sampling, stop_token_ids(tokenizer), tokenizer)
