@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -202,7 +203,7 @@ def library_timings() -> dict:
         mask, advance = [], []
         for token in tokens:
             start = time.perf_counter()
-            bitmask = constrained._fill_masks([matcher.matcher], matcher.mask_words)
+            bitmask = constrained._fill_masks([matcher.matcher], matcher.mask_words, parallel=False)
             mask.append(time.perf_counter() - start)
             assert np.unpackbits(bitmask.view(np.uint8), bitorder="little")[token], "document outside the schema"
             start = time.perf_counter()
@@ -305,17 +306,21 @@ def main() -> None:
     parser.add_argument("--libraries", action="store_true", help="also time llguidance against xgrammar")
     args = parser.parse_args()
     report = {"machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    report["load_average_at_start"] = os.getloadavg()[0]  # other work on the machine: the timings' noise
     if args.libraries:
         report["libraries"] = libraries = library_timings()
         print("library timings (SmolLM2's 49k vocabulary):")
         print(json.dumps(libraries, indent=2))
     report["decoding"] = rows = decoding_speed(args.rounds)
-    print(f"\n{'path':<28} {'mode':<22} {'tokens/s':>9} {'vs no schema':>13} {'grammar us/token':>17} {'share':>6}")
+    print(f"\n{'path':<28} {'mode':<26} {'tokens/s':>9} {'vs no schema':>13} {'grammar us/token':>17} {'share':>6}")
     for row in rows:
         print(
-            f"{row['path']:<28} {row['mode']:<22} {row['tokens_per_second']:>9.1f} {row['vs_no_schema']:>12.2f}x "
+            f"{row['path']:<28} {row['mode']:<26} {row['tokens_per_second']:>9.1f} {row['vs_no_schema']:>12.2f}x "
             f"{row['grammar_us_per_token']:>17.0f} {row['grammar_share_of_decode_time']:>6.1%}"
         )
+    report["load_average_at_end"] = os.getloadavg()[0]
+    start_load, end_load = report["load_average_at_start"], report["load_average_at_end"]
+    print(f"load average {start_load:.1f} at the start, {end_load:.1f} at the end (2 cores, shared)")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"\nwrote {RESULTS}")
