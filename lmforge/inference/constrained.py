@@ -38,7 +38,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.settings import SamplingConfig
-from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
+from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, stop_token_ids
 
 # One LLTokenizer per Tokenizer: building its token index takes ~0.25 s for a 49k vocabulary.
 _guidance_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -123,8 +123,6 @@ class _TokenTable:
 def guidance_tokenizer(tokenizer: Tokenizer) -> llguidance.LLTokenizer:
     """llguidance's view of `tokenizer` (built once per tokenizer), whose end-of-sequence tokens are the
     model's stop tokens: where the grammar may end, any of them may be sampled."""
-    from lmforge.inference.chat import stop_token_ids
-
     with _guidance_lock:
         built = _guidance_tokenizers.get(tokenizer)
         if built is None:

@@ -15,6 +15,7 @@ from lmforge.inference.engine import compiled_decode_step, next_token_logits, pr
 from lmforge.model import KVCache, Transformer
 from lmforge.settings import SamplingConfig
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import stop_token_ids as model_stop_ids
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -270,8 +271,6 @@ def generate(
     if stop_at_eos and tokenizer.eos_id is not None:
         stop_ids.add(tokenizer.eos_id)
     if sampling.constraint() is not None:
-        from lmforge.inference.chat import stop_token_ids as model_stop_ids
-
         stop_ids |= model_stop_ids(tokenizer)  # where the grammar may end, it lets any of them end the text
     stream = TextStream(tokenizer, sampling.stop)
     if draft is None:
