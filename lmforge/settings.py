@@ -342,7 +342,7 @@ class SamplingConfig:
     seed: int | None = None
     # Constrained decoding (`lmforge.inference.constrained`): the output is JSON valid against json_schema
     # ({"type": "object"}: any JSON object), or text matching grammar, a Lark grammar in llguidance's dialect
-    # (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md; `%json{...}` embeds a schema).
+    # (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md; `lark_json(schema)` embeds a schema).
     json_schema: dict | None = None
     grammar: str | None = None
     # token id -> added to its logit before anything else (OpenAI's logit_bias: -100 all but bans a token,
@@ -394,9 +394,22 @@ class SamplingConfig:
         return text
 
 
-# How constrained JSON is laid out: json.dumps' separators and no other whitespace. With llguidance's default
-# (any whitespace between tokens) a small model at temperature 1 can emit blank lines until max_new_tokens.
-JSON_LAYOUT = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
+# How constrained JSON is written, as json.dumps(ensure_ascii=False) writes it: its separators and no other
+# whitespace, and characters as themselves, with no \uXXXX escapes. With llguidance's defaults (any whitespace
+# between tokens; \u escapes of control characters) SmolLM2 at temperature 1 filled replies with blank lines
+# or wrote "\u00028" runs, a 30-character string taking ~100 tokens, until max_new_tokens cut the JSON off.
+JSON_LAYOUT = {
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "whitespace_flexible": False,
+    "json_allowed_escapes": 'nrbtf"\\',
+}
+
+
+def lark_json(schema: dict) -> str:
+    """`schema` as a Lark grammar's `%json {...}` (e.g. the arguments of a tool call in SamplingConfig.grammar), laid
+    out as json_schema output is: a bare %json would allow any whitespace between its tokens."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_LAYOUT})
 
 
 def _valid_bias(bias) -> bool:

@@ -17,6 +17,8 @@ from lmforge.inference.generate import SamplingConfig
 from lmforge.serve import ServeConfig
 from lmforge.training.pretrain import train_config_from
 
+from .conftest import skip_without_smollm2
+
 
 def lmforge(*args, check=True):
     result = subprocess.run(
@@ -307,13 +309,7 @@ def test_generate_json_schema_file_errors_name_the_file_before_a_model_loads(tmp
 
 def test_generate_json_schema_prints_json_that_validates(tmp_path, capsys):
     jsonschema = pytest.importorskip("jsonschema")
-    from lmforge.errors import LmforgeError
-    from lmforge.formats.loading import builtin_model_path
-
-    try:
-        builtin_model_path("smollm2-135m-instruct")
-    except LmforgeError as error:
-        pytest.skip(str(error))
+    skip_without_smollm2()
     schema = {
         "type": "object",
         "properties": {

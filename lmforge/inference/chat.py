@@ -19,7 +19,7 @@ from lmforge.inference.generate import generate
 from lmforge.inference.tools import history_call_arguments, takes_tools, with_fallback_tools
 from lmforge.model import Transformer
 from lmforge.settings import SamplingConfig, fallback_sampling
-from lmforge.tokenizer import CHAT_END, CHAT_START, Tokenizer
+from lmforge.tokenizer import CHAT_END, CHAT_START, Tokenizer, stop_token_ids  # noqa: F401 - chat's stop tokens
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -38,17 +38,6 @@ PLAIN_TEMPLATE = (
 )
 PLAIN_TEMPLATE_STOP = "\nUser:"
 ROLES = ("system", "user", "assistant", "tool")
-# What llama.cpp ends a turn on (its end-of-generation set), where the vocabulary has them as special tokens.
-END_OF_TURN_TOKENS = (
-    "<|eot_id|>",
-    "<|eom_id|>",
-    CHAT_END,
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-    "<|end_of_text|>",
-    "<EOT>",
-)
 
 
 MAX_TEMPLATE_SECONDS = 2.0  # real chat templates render in milliseconds
@@ -350,14 +339,6 @@ def _say_plain_template() -> None:
 def chat_stop_strings(tokenizer: Tokenizer) -> list[str]:
     """Text that ends a reply besides the stop tokens: the plain template's next user line."""
     return [PLAIN_TEMPLATE_STOP] if chat_template(tokenizer) == PLAIN_TEMPLATE else []
-
-
-def stop_token_ids(tokenizer: Tokenizer) -> set[int]:
-    """Tokens that end an assistant turn: end-of-text, the ones the model's files name (GGUF eot/eom,
-    generation_config.json's eos list), and the families' end-of-turn tokens its vocabulary has as special."""
-    named = [*tokenizer.end_of_turn_tokens, *(t for t in END_OF_TURN_TOKENS if t in tokenizer.special_tokens)]
-    ids = {tokenizer.eos_id, *(tokenizer.token_to_id(token) for token in named)}
-    return {i for i in ids if i is not None}
 
 
 @dataclass

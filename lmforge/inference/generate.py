@@ -17,6 +17,7 @@ from lmforge.inference.engine import compiled_decode_step, next_token_logits, pr
 from lmforge.model import KVCache, Transformer
 from lmforge.settings import SamplingConfig
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import stop_token_ids as model_stop_ids
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -135,8 +136,8 @@ def generate_tokens(
     end once the output is complete.
     """
     matcher = (matchers_for(sampling, tokenizer, 1) or [None])[0]
-    masks = TokenMasks()
     device = next(model.parameters()).device
+    masks = TokenMasks(device)
     block_size = model.config.block_size
     generator = None
     if sampling.seed is not None:
@@ -207,7 +208,7 @@ def generate_batch(
     if sampling.seed is not None:
         generators = [torch.Generator(device=device).manual_seed(sampling.seed + i) for i in range(len(prompts))]
     matchers = matchers_for(sampling, tokenizer, len(prompts))
-    masks = TokenMasks()
+    masks = TokenMasks(device)
     cache = KVCache(model.config, len(prompts), capacity, device=device, dtype=next(model.parameters()).dtype)
     if matchers is not None:
         masks.start(matchers)
@@ -332,8 +333,6 @@ def generate(
     if stop_at_eos and tokenizer.eos_id is not None:
         stop_ids.add(tokenizer.eos_id)
     if sampling.constraint() is not None:
-        from lmforge.inference.chat import stop_token_ids as model_stop_ids
-
         stop_ids |= model_stop_ids(tokenizer)  # where the grammar may end, it lets any of them end the text
     stream = TextStream(tokenizer, sampling.stop)
     if draft is None:

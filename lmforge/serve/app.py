@@ -405,6 +405,8 @@ class ServerState:
                 self.scheduler.submit_all(requests)
         except ValueError as error:
             raise APIError(400, str(error), param="max_tokens") from None
+        except LmforgeError as error:  # a grammar this model's tokenizer cannot drive
+            raise APIError(400, str(error), param="response_format" if body.response_format else None) from None
         except QueueFull as error:
             raise APIError(
                 429, str(error), "rate_limit_error", headers={"Retry-After": str(self.limits.retry_after_seconds)}

@@ -266,7 +266,7 @@ class Scheduler:
             self.running.append(running)
             started.append(running)
         prompts = [request.prompt_ids for request in requests]
-        masks = TokenMasks()
+        masks = TokenMasks(self.cache.keys[0].device)
         masks.start([request.matcher for request in requests])
         logits = prefill(self.model, prompts, self.cache, torch.tensor([running.slot for running in started]))
         masks.apply(logits)
@@ -284,7 +284,7 @@ class Scheduler:
         tokens = torch.tensor([[running.generated[-1]] for running in rows])
         positions = torch.tensor([len(running.request.prompt_ids) + len(running.generated) - 1 for running in rows])
         slots = torch.tensor([running.slot for running in rows])
-        masks = TokenMasks()  # each constrained row's mask, computed while the model runs this step
+        masks = TokenMasks(self.cache.keys[0].device)  # each constrained row's mask, while the model runs if it can
         masks.start([running.request.matcher for running in rows])
         logits = masks.apply(next_token_logits(self.model, tokens, self.cache, positions=positions, slots=slots))
         for index, running in enumerate(rows):

