@@ -559,7 +559,7 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         config_help(TrainConfig())
         + f"\n\nmodel.* defaults are the {TrainConfig.preset} preset's; --preset NAME starts from another "
         f"({', '.join(PRESETS)}).\nmodel.vocab-size always comes from the prepared data's tokenizer."
-        "\n\nUnder torchrun (torchrun --nproc_per_node=N -m lmforge train ...), --parallel chooses how the processes"
+        "\n\nUnder torchrun (torchrun --nproc-per-node=N -m lmforge train ...), --parallel chooses how the processes"
         "\nshare the work: ddp (default) keeps a whole model on each; fsdp shards parameters, gradients and"
         "\noptimizer state across them (FSDP2); hsdp shards within groups of --hsdp-shard-processes (default:"
         "\none node's processes) and replicates across groups. fsdp/hsdp checkpoints are sharded"
