@@ -271,26 +271,51 @@ NO_FMA void dequantize_q4(const uint8_t *weight, const uint16_t *scale, const ui
 }
 
 /* int8 weights times fp32 x without rounding x: for the LM head, whose logits pick tokens
- * directly (rounding x there flips near-ties of greedy decoding). Each row of x re-reads the
- * weight row from L1. */
+ * directly (rounding x there flips near-ties of greedy decoding). Rows of x go four at a time, as
+ * in matvec_q4: each 16 weights are widened to fp32 once for the four (the widening was half the
+ * instructions: a server's 16-row step spent a quarter of its time here). Each row's sums run in
+ * the one-row order, so results do not depend on M. */
+INLINE void q8_exact_group(const int8_t *w, const float *xm, int64_t k0, int64_t k1, __m256 *acc) {
+    for (int64_t k = k0; k < k1; k += 16) {
+        __m128i bytes = _mm_loadu_si128((const __m128i *)(w + k));
+        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
+        *acc = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm + k), *acc);
+        *acc = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + k + 8), *acc);
+    }
+}
+
 void matvec_q8_exact(const float *x, int64_t M, int64_t K, const int8_t *weight, const float *scale, int64_t G,
                      const float *bias, int64_t N, float *y, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *w = weight + n * K;
         const float *row_scale = scale + n * (K / G);
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * K;
-            __m256 total = _mm256_setzero_ps();
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) {
+            __m256 total[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int64_t g = 0; g < K / G; g++) {
-                __m256 acc = _mm256_setzero_ps();
+                __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
                 for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
                     __m128i bytes = _mm_loadu_si128((const __m128i *)(w + k));
                     __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
                     __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)));
-                    acc = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm + k), acc);
-                    acc = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + k + 8), acc);
+                    for (int r = 0; r < 4; r++) {
+                        const float *xm = x + (m + r) * K;
+                        acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm + k), acc[r]);
+                        acc[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + k + 8), acc[r]);
+                    }
                 }
+                for (int r = 0; r < 4; r++) total[r] = _mm256_fmadd_ps(_mm256_set1_ps(row_scale[g]), acc[r], total[r]);
+            }
+            for (int r = 0; r < 4; r++) y[(m + r) * N + n] = horizontal_sum(total[r]) + (bias ? bias[n] : 0.0f);
+        }
+        for (; m < M; m++) {
+            const float *xm = x + m * K;
+            __m256 total = _mm256_setzero_ps();
+            for (int64_t g = 0; g < K / G; g++) {
+                __m256 acc = _mm256_setzero_ps();
+                q8_exact_group(w, xm, g * G, (g + 1) * G, &acc);
                 total = _mm256_fmadd_ps(_mm256_set1_ps(row_scale[g]), acc, total);
             }
             y[m * N + n] = horizontal_sum(total) + (bias ? bias[n] : 0.0f);
