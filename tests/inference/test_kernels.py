@@ -77,7 +77,9 @@ def test_the_q4_kernel_gives_each_row_of_a_batch_what_it_gets_alone(inner, group
     x, weight, bias = torch.randn(11, inner), torch.randn(70, inner), torch.randn(70)
     packed, scale, offset = quantize_int4(weight, group_size)
     together = kernels.matvec_q4(x, packed, scale, offset, group_size, bias)
-    alone = torch.cat([kernels.matvec_q4(x[row : row + 1], packed, scale, offset, group_size, bias) for row in range(11)])
+    alone = torch.cat(
+        [kernels.matvec_q4(x[row : row + 1], packed, scale, offset, group_size, bias) for row in range(11)]
+    )
     assert torch.equal(together, alone)
     reference = F.linear(x, dequantize_int4(packed, scale, offset), bias)
     assert relative_error(together, reference) < 0.015
