@@ -26,11 +26,13 @@ from torch import nn
 from lmforge.inference import kernels
 from lmforge.model import ModelConfig, Transformer, zeroed_from_os
 
-NATIVE_MAX_ROWS = 16  # above this many rows a dequantise + BLAS matmul is faster than the matvec kernels
-# GGUF block matrices: their kernel unpacks each block once for 4 rows of x (kquants.c's row_dot4), and
-# beat dequantise + BLAS up to ~128 rows on SmolLM2 Q4_1 (one thread: 32 rows 0.40 s against 0.71 s,
-# 128 rows 1.78 s against 1.95 s): a server's short prefills and batched decoding stay native.
-NATIVE_MAX_ROWS_BLOCKS = 128
+# Above this many rows a dequantise + BLAS matmul is faster than the matvec kernels, which take x four
+# rows at a time (each weight block unpacked once for the four; AVX-512 VNNI products where the CPU has
+# them). SmolLM2 Q4 prefill on one thread of a busy 2-core machine, native against dequantise + BLAS:
+# 16 rows 0.82 s / 1.96 s, 64 rows 2.6 / 3.0, 128 rows 3.1 / 2.9, 256 rows 7.5 / 5.1. A server's short
+# prefills (the new tokens after a cached prefix) and batched decoding stay native.
+NATIVE_MAX_ROWS = 64
+NATIVE_MAX_ROWS_F32 = 16  # fp32 weights: above this many rows PyTorch's BLAS matmul is faster than matvec_f32
 # Prefill dequantises this many weights (1 MB of fp32) at a time: a whole up-projection would be 7 MB
 # of peak RSS for SmolLM2, and BLAS is as fast on 256-row slabs as on the whole matrix.
 PREFILL_SLAB_ELEMENTS = 256 * 1024
@@ -385,8 +387,7 @@ class QuantizedLinear(nn.Module):
         compiling = torch.compiler.is_compiling()
         # under compile: the operators `engine.compiled_decode_step` registered (torch.ops.lmforge.*)
         native = self.native_when_compiled if compiling else kernels.available()
-        most_rows = NATIVE_MAX_ROWS if self.segments is None else NATIVE_MAX_ROWS_BLOCKS
-        if x.dtype == torch.float32 and not x.requires_grad and native and flat.shape[0] <= most_rows:
+        if x.dtype == torch.float32 and not x.requires_grad and native and flat.shape[0] <= NATIVE_MAX_ROWS:
             flat = flat.contiguous()
             if self.segments is not None:
                 matvec = torch.ops.lmforge.matvec_blocks if compiling else kernels.matvec_blocks
@@ -466,7 +467,7 @@ class FastLinear(nn.Linear):
             x.dtype == torch.float32
             and self.weight.dtype == torch.float32
             and not torch.is_grad_enabled()
-            and flat.shape[0] <= NATIVE_MAX_ROWS
+            and flat.shape[0] <= NATIVE_MAX_ROWS_F32
             and x.device.type == "cpu"
             and (self.native_when_compiled if compiling else kernels.available())
         ):

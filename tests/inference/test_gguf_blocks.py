@@ -121,7 +121,7 @@ def test_a_block_layer_decodes_prefills_and_rebuilds_from_its_layout():
     layer = QuantizedLinear(512, 80, 0, 32, bias=True, segments=weight.segments)
     layer.codes, layer.bias.data = weight.codes, torch.randn(80)
     reference_weight = weight.dequantize()
-    for rows in (1, 4, 40, 200):  # kernels up to NATIVE_MAX_ROWS_BLOCKS, dequantised slabs above
+    for rows in (1, 4, 40, 200):  # kernels up to NATIVE_MAX_ROWS, dequantised slabs above
         x = torch.randn(rows, 512)
         assert relative_error(layer(x), F.linear(x, reference_weight, layer.bias)) < 0.015
     assert torch.equal(layer.weight_tensor().dequantize(), reference_weight)
