@@ -279,23 +279,28 @@ def test_a_chat_second_turn_on_smollm2_reuses_the_first_and_replies_as_without_t
         uncached.close()
 
 
-def test_metrics_report_the_prefix_cache_and_serve_config_turns_it_off():
+@pytest.mark.parametrize("no_prefix_cache", [False, True])
+def test_metrics_report_the_prefix_cache_and_no_prefix_cache_turns_it_off(tmp_path, no_prefix_cache):
+    """`lmforge serve --no-prefix-cache`, through ServeConfig and build_app: every prompt token is prefilled."""
     from fastapi.testclient import TestClient
 
     from lmforge.config import apply_values, parse_overrides
-    from lmforge.serve import ServeConfig
-    from lmforge.serve.app import ServedModels, create_app
+    from lmforge.formats.hf import save_hf
+    from lmforge.serve import ServeConfig, build_app
 
-    model, tokenizer = tiny_model()
-    scheduler = Scheduler(model, tokenizer, max_batch=2, max_context=CONTEXT)
-    with TestClient(create_app(ServedModels("tiny", scheduler))) as http:
-        prompt = "a prompt long enough to be worth caching, twice"
+    folder = save_hf(*tiny_model(), tmp_path / "hf")
+    flags = ["--no-prefix-cache"] if no_prefix_cache else []
+    config = apply_values(ServeConfig(), parse_overrides([*flags, "--embedding-model", "none", "--model", str(folder)]))
+    assert config.no_prefix_cache is no_prefix_cache
+    prompt = "a prompt long enough to be worth caching, twice"
+    with TestClient(build_app(config)) as http:
         for _ in range(2):
             http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "temperature": 0})
         lines = dict(line.rsplit(" ", 1) for line in http.get("/metrics").text.splitlines() if line[0] != "#")
+        tokenizer = http.app.state.scheduler.tokenizer
     prompt_tokens = len(tokenizer.with_document_marks(tokenizer.encode(prompt)))
-    assert lines["lmforge_prefix_cache_hits_total"] == "1"
-    assert lines["lmforge_prefix_cache_reused_tokens_total"] == str(prompt_tokens - 1)
-    assert lines["lmforge_prefill_tokens_total"] == str(prompt_tokens + 1)
+    reused = 0 if no_prefix_cache else prompt_tokens - 1  # all but the last prompt token, which must run
+    assert lines["lmforge_prefix_cache_hits_total"] == str(0 if no_prefix_cache else 1)
+    assert lines["lmforge_prefix_cache_reused_tokens_total"] == str(reused)
+    assert lines["lmforge_prefill_tokens_total"] == str(2 * prompt_tokens - reused)
     assert lines["lmforge_prompt_tokens_total"] == str(2 * prompt_tokens)
-    assert apply_values(ServeConfig(), parse_overrides(["--no-prefix-cache"])).no_prefix_cache is True
