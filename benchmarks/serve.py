@@ -164,7 +164,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def server_command(name: str, gguf: str, port: int, slots: int, fp32: bool) -> list[str] | str:
+def server_command(name: str, gguf: str, port: int, slots: int, fp32: bool, threads: int) -> list[str] | str:
     """The command line that starts `name` on `port`, or why it cannot run here."""
     if name == "lmforge":
         return [sys.executable, "-m", "lmforge", "serve", "--model", gguf, "--port", str(port),
@@ -175,12 +175,12 @@ def server_command(name: str, gguf: str, port: int, slots: int, fp32: bool) -> l
             return f"no llama-server binary at {LLAMA_SERVER} (build: python benchmarks/peers/llama_cpp_servers.py)"
         # -c is shared by the slots: 2,048 positions each, lmforge's --max-context default
         return [str(LLAMA_SERVER), "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
-                "-cb", "-c", str(2048 * slots), "-t", str(CORES), "-tb", str(CORES), "--no-webui"]  # fmt: skip
+                "-cb", "-c", str(2048 * slots), "-t", str(threads), "-tb", str(threads), "--no-webui"]  # fmt: skip
     missing = llama_cpp_server_missing()
     if missing:
         return missing
     return [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port", str(port),
-            "--n_ctx", "2048", "--n_threads", str(CORES), "--n_threads_batch", str(CORES),
+            "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads),
             "--interrupt_requests", "False"]  # fmt: skip  # by default a new request cuts off the one streaming
 
 
@@ -260,6 +260,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests each client makes, one after another")
     parser.add_argument("--fp32", action="store_true", help="lmforge serves fp32 weights, not the GGUF's blocks")
     parser.add_argument("--no-build", action="store_true", help="skip llama-server if it is not built yet")
+    # llama.cpp's threads wait for each other at every op: on a busy machine fewer can be faster (lmforge
+    # picks its own count per step), so a fair run measures the peers at 1 thread too
+    parser.add_argument("--peer-threads", type=int, default=CORES, help=f"the peers' threads (default {CORES})")
     args = parser.parse_args()
 
     from lmforge.formats.loading import builtin_model_path
@@ -277,7 +280,7 @@ def main() -> None:
     measured, skipped = {}, {}
     for name in args.servers:
         port = free_port()
-        command = server_command(name, gguf, port, slots, args.fp32)
+        command = server_command(name, gguf, port, slots, args.fp32, args.peer_threads)
         if isinstance(command, str):
             print(f"{name}: skipped: {command}", flush=True)
             skipped[name] = command
@@ -289,7 +292,10 @@ def main() -> None:
             print(f"{name}: skipped: {error}", flush=True)
             skipped[name] = str(error)
 
-    print(f"\n{Path(gguf).name}, {args.max_tokens} tokens per request, streaming; {CORES} cores")
+    print(
+        f"\n{Path(gguf).name}, {args.max_tokens} tokens per request, streaming; {CORES} cores, peers on "
+        f"{args.peer_threads} thread(s)"
+    )
     print(f"{'server':<18}{'clients':>8}{'tokens/s':>10}{'TTFT p50':>10}{'TTFT p95':>10}{'ITL p50':>10}{'ITL p95':>10}")
     for name, result in measured.items():
         for level in result["levels"]:
@@ -333,11 +339,15 @@ def main() -> None:
     for name, value in ratios.items():
         shown = "n/a (a peer was skipped)" if value is None else f"{value:.2f}x"
         print(f"{name}: {shown} (target {targets[name]})")
-    results = RESULTS_DIR / ("serve_fp32.json" if args.fp32 else "serve.json")
+    suffix = ("_fp32" if args.fp32 else "") + (
+        "" if args.peer_threads == CORES else f"_peers_{args.peer_threads}_thread"
+    )
+    results = RESULTS_DIR / f"serve{suffix}.json"
     results.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "model": Path(gguf).name, "fp32": args.fp32, "max_tokens": args.max_tokens,
-        "requests_per_client": args.requests, "cores": CORES, "load_average_at_end": os.getloadavg(),
+        "requests_per_client": args.requests, "cores": CORES, "peer_threads": args.peer_threads,
+        "load_average_at_end": os.getloadavg(),
         "generate": generation, "servers": measured,
         "skipped": skipped, "ratios": ratios, "targets": targets,
     }  # fmt: skip
