@@ -27,6 +27,27 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return logits.scatter(-1, seen, scores)
 
 
+TOP_P_CANDIDATES = 256  # where the nucleus is looked for first: a partial sort, not the whole vocabulary's
+
+
+def keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits (B, vocab) with every token outside the nucleus at -inf: a token is dropped once the more
+    likely tokens before it already cover `top_p` (the first always stays). The nucleus is found among
+    the TOP_P_CANDIDATES likeliest tokens when they cover `top_p`, as they nearly always do: sorting
+    SmolLM2's 49k logits took 2-4 ms a token, a third of a decoding step; the 256 likeliest take 0.13 ms.
+    Tokens past the candidates would be dropped by the full sort too, their mass before them >= top_p."""
+    probabilities = logits.softmax(dim=-1)
+    candidates = min(TOP_P_CANDIDATES, logits.shape[-1])
+    top, order = probabilities.topk(candidates, dim=-1)  # sorted, likeliest first
+    cumulative = top.cumsum(dim=-1)
+    if not bool((cumulative[..., -1] >= top_p).all()):  # a flat distribution: sort everything
+        top, order = probabilities.sort(dim=-1, descending=True)
+        cumulative = top.cumsum(dim=-1)
+    keep_sorted = cumulative - top < top_p
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, vocab)."""
     if sampling.temperature == 0:
@@ -36,12 +57,7 @@ def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: t
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p is not None and sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token once the tokens before it already cover top_p; the first always stays.
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= sampling.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = keep_top_p(logits, sampling.top_p)
     probabilities = logits.softmax(dim=-1)
     # Inverse-CDF sampling: one cumulative sum and a binary search. torch.multinomial took ~5 ms
     # per row over a 49k vocabulary here, more than a decoding step of the model it samples for.

@@ -865,6 +865,12 @@ async def metrics(server: Server):
         f"lmforge_requests_total {counters['requests_total']}",
         "# TYPE lmforge_prompt_tokens_total counter",
         f"lmforge_prompt_tokens_total {counters['prompt_tokens_total']}",
+        "# TYPE lmforge_prefill_tokens_total counter",  # prompt tokens run through the model: not from the cache
+        f"lmforge_prefill_tokens_total {counters['prefill_tokens_total']}",
+        "# TYPE lmforge_prefix_cache_hits_total counter",
+        f"lmforge_prefix_cache_hits_total {counters['prefix_cache_hits_total']}",
+        "# TYPE lmforge_prefix_cache_reused_tokens_total counter",
+        f"lmforge_prefix_cache_reused_tokens_total {counters['prefix_cache_reused_tokens_total']}",
         "# TYPE lmforge_completion_tokens_total counter",
         f"lmforge_completion_tokens_total {counters['completion_tokens_total']}",
         "# TYPE lmforge_errors_total counter",

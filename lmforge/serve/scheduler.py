@@ -4,6 +4,14 @@ Each running sequence owns a row ("slot") of one shared KV cache and its own pos
 sequences of any length decode together in one batched step (`next_token_logits` with
 per-row positions). A request that arrives while others decode is prefilled between two
 steps and joins the next one; a finished or cancelled request frees its slot at once.
+
+Prefix caching: a slot keeps the keys and values of the tokens it has run (`slot_tokens`) after
+its sequence ends. A new request takes the free slot whose tokens share the longest prefix with
+its prompt (the earlier turns of a chat, a long system prompt) and prefills only the rest; a
+prefix found in a slot still running is copied into the request's own slot instead. The memory
+is the slots themselves: a request that matches nothing evicts the least recently used free
+slot. Every position is kept (sliding-window layers included), so a prefix's entries are valid
+for any sequence that starts with it.
 """
 
 from __future__ import annotations
@@ -33,6 +41,19 @@ from lmforge.model import KVCache, Transformer
 from lmforge.tokenizer import Tokenizer
 
 PREFILL_TOKENS = 4096  # padded prompt tokens per batched prefill pass (bounds its attention-mask memory)
+
+
+def common_prefix_length(cached: list[int], prompt: list[int], limit: int) -> int:
+    """How many leading tokens `cached` and `prompt` share, at most `limit`: a binary search over
+    slice comparisons (each one C-speed), not a Python loop over a 2,000-token prompt."""
+    low, high = 0, min(len(cached), len(prompt), limit)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if cached[:middle] == prompt[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 class QueueFull(Exception):
@@ -72,6 +93,7 @@ class _Running:
     generated: list[int] = field(default_factory=list)
     counts: collections.Counter = field(default_factory=collections.Counter)
     seen: set[int] = field(default_factory=set)  # prompt and generated tokens, for the repetition penalty
+    cached: int = 0  # leading prompt tokens whose entries the slot already held (prefix cache): not prefilled
     scores: list[TokenScore] = field(default_factory=list)  # of generated tokens whose text is not out yet
 
     def take_scores(self) -> list[TokenScore]:
@@ -89,6 +111,7 @@ class Scheduler:
         max_batch: int = 8,
         max_context: int | None = None,
         max_queue: int = 64,
+        prefix_cache: bool = True,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -97,7 +120,10 @@ class Scheduler:
         self.cache = KVCache(
             model.config, max_batch, self.context, dtype=dtype if dtype.is_floating_point else torch.float32
         )
-        self.free_slots = list(range(max_batch - 1, -1, -1))
+        self.prefix_cache = prefix_cache
+        # least recently used first: a request that matches no cached prefix evicts the front one
+        self.free_slots = list(range(max_batch))
+        self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each slot's entries are of
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.running: list[_Running] = []
         self.condition = threading.Condition()
@@ -190,8 +216,10 @@ class Scheduler:
                         if not request.cancelled:
                             admitted.append(request)
                 admitted = self._score_prompts(admitted)
-                for group in self._prefill_groups(admitted):
-                    self._run_safely(lambda group=group: self._prefill(group), group)
+                # every slot is taken (and every prefix copied) before any prefill writes a slot
+                started = [self._start(request) for request in admitted]
+                for group in self._prefill_groups(started):
+                    self._run_safely(lambda group=group: self._prefill(group), [running.request for running in group])
                 if self.running:
                     self._run_safely(self._decode_step, [running.request for running in self.running])
 
@@ -213,8 +241,11 @@ class Scheduler:
             self.metrics["generation_failures_total"] += 1
             for request in requests:
                 request.emit(("error", f"generation failed: {type(error).__name__}: {error}", None))
+            failed = [running for running in self.running if running.request in requests]
             self.running = [running for running in self.running if running.request not in requests]
-            self.free_slots = sorted(set(range(self.max_batch)) - {r.slot for r in self.running}, reverse=True)
+            for running in failed:  # its entries may be half written: evict them first
+                self.slot_tokens[running.slot] = []
+                self.free_slots.insert(0, running.slot)
             return False
 
     def _score_prompts(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
@@ -239,39 +270,75 @@ class Scheduler:
         scores = score_prompt(self.model, request.prompt_ids, request.prompt_logprobs, sampling.logit_bias)
         request.emit(("prompt", scores, None))
 
-    @staticmethod
-    def _prefill_groups(requests: list[GenerationRequest]) -> list[list[GenerationRequest]]:
-        """Newly admitted requests, grouped so each group's padded prompt batch stays under PREFILL_TOKENS."""
-        groups, current, longest = [], [], 0
-        for request in requests:
-            longest_with = max(longest, len(request.prompt_ids))
-            if current and longest_with * (len(current) + 1) > PREFILL_TOKENS:
+    def _prefill_groups(self, started: list[_Running]) -> list[list[_Running]]:
+        """Newly started sequences, grouped so each group's padded batch of uncached prompt tokens stays
+        under PREFILL_TOKENS and every row's padded positions fit the context."""
+        groups, current, longest, furthest = [], [], 0, 0
+        for running in started:
+            rest = len(running.request.prompt_ids) - running.cached
+            longest_with, furthest_with = max(longest, rest), max(furthest, running.cached)
+            if current and (
+                longest_with * (len(current) + 1) > PREFILL_TOKENS or furthest_with + longest_with > self.context
+            ):
                 groups.append(current)
-                current, longest_with = [], len(request.prompt_ids)
-            current.append(request)
-            longest = longest_with
+                current, longest_with, furthest_with = [], rest, running.cached
+            current.append(running)
+            longest, furthest = longest_with, furthest_with
         return groups + [current] if current else groups
 
-    def _prefill(self, requests: list[GenerationRequest]) -> None:
-        """Run the prompts of newly admitted requests in one batched pass (right-padded; each row
-        writes its own cache slot from position 0) and sample each one's first token."""
-        started = []
-        for request in requests:
-            seed = request.sampling.seed
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            running = _Running(
-                request, self.free_slots.pop(), TextStream(self.tokenizer, request.sampling.stop), generator
-            )
-            running.seen.update(request.prompt_ids)
-            self.running.append(running)
-            started.append(running)
-        prompts = [request.prompt_ids for request in requests]
+    def _start(self, request: GenerationRequest) -> _Running:
+        """Give an admitted request a slot (`_take_slot`) and its sampling state."""
+        slot, cached = self._take_slot(request.prompt_ids)
+        seed = request.sampling.seed
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        running = _Running(request, slot, TextStream(self.tokenizer, request.sampling.stop), generator, cached=cached)
+        running.seen.update(request.prompt_ids)
+        self.running.append(running)
+        return running
+
+    def _take_slot(self, prompt_ids: list[int]) -> tuple[int, int]:
+        """A free slot for `prompt_ids` and how many of its leading tokens that slot already holds: with
+        prefix caching, the free slot holding the longest prefix of the prompt (or a copy of a longer
+        one a running slot holds), else the least recently used free slot."""
+        free = self.free_slots
+        if not self.prefix_cache:
+            self.slot_tokens[free[0]] = []
+            return free.pop(0), 0
+        # At most all but the last prompt token: it must run to give the first new token's logits.
+        limit = len(prompt_ids) - 1
+        # free slots first, least recently used first: on a tie, those lose the least to take
+        candidates = free + [running.slot for running in self.running]
+        matched = [common_prefix_length(self.slot_tokens[slot], prompt_ids, limit) for slot in candidates]
+        best = max(range(len(candidates)), key=lambda index: (matched[index], -index))
+        source, cached = candidates[best], matched[best]
+        # Take the matching free slot itself unless that would evict more than it reuses; then copy
+        # the prefix into the least recently used slot (a copy costs far less than a prefill).
+        if source in free and 2 * cached >= len(self.slot_tokens[source]):
+            slot = source
+        else:
+            slot = free[0]
+            if cached and source != slot:
+                self.cache.copy_prefix(source, slot, cached)
+        free.remove(slot)
+        self.slot_tokens[slot] = prompt_ids[:cached]
+        if cached:
+            self.metrics["prefix_cache_hits_total"] += 1
+            self.metrics["prefix_cache_reused_tokens_total"] += cached
+        return slot, cached
+
+    def _prefill(self, started: list[_Running]) -> None:
+        """Run the uncached prompt tokens of newly started sequences in one batched pass (right-padded;
+        each row writes its own slot from its first uncached position) and sample each one's first token."""
+        rests = [running.request.prompt_ids[running.cached :] for running in started]
+        slots = torch.tensor([running.slot for running in started])
         masks = TokenMasks(self.cache.keys[0].device)
-        masks.start([request.matcher for request in requests])
-        logits = prefill(self.model, prompts, self.cache, torch.tensor([running.slot for running in started]))
+        masks.start([running.request.matcher for running in started])
+        logits = prefill(self.model, rests, self.cache, slots, starts=[running.cached for running in started])
         masks.apply(logits)
-        self.metrics["prompt_tokens_total"] += sum(len(prompt) for prompt in prompts)
+        self.metrics["prompt_tokens_total"] += sum(len(running.request.prompt_ids) for running in started)
+        self.metrics["prefill_tokens_total"] += sum(len(rest) for rest in rests)
         for row, running in enumerate(started):
+            self.slot_tokens[running.slot] = list(running.request.prompt_ids)
             self._accept(running, logits[row])
 
     def _decode_step(self) -> None:
@@ -288,6 +355,7 @@ class Scheduler:
         masks.start([running.request.matcher for running in rows])
         logits = masks.apply(next_token_logits(self.model, tokens, self.cache, positions=positions, slots=slots))
         for index, running in enumerate(rows):
+            self.slot_tokens[running.slot].append(running.generated[-1])  # its entries are written now
             self._accept(running, logits[index])
 
     def _accept(self, running: _Running, logits: torch.Tensor) -> None:

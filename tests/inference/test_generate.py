@@ -8,6 +8,7 @@ from lmforge.inference.generate import (
     generate,
     generate_batch,
     generate_tokens,
+    keep_top_p,
     pick_next_token,
 )
 from lmforge.model import KVCache, ModelConfig, Transformer
@@ -71,6 +72,24 @@ def test_top_p_keeps_the_smallest_covering_set():
     generator = torch.Generator().manual_seed(0)
     picks = {int(pick_next_token(logits, SamplingConfig(temperature=1.0, top_p=0.75), generator)) for _ in range(300)}
     assert picks == {0, 1}
+
+
+def full_sort_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus by sorting the whole vocabulary: the definition `keep_top_p` must agree with."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probabilities = sorted_logits.softmax(dim=-1)
+    drop_sorted = probabilities.cumsum(dim=-1) - probabilities >= top_p
+    return logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.05])  # peaked: the nucleus is among the candidates; flat: it is not
+def test_top_p_from_the_likeliest_candidates_is_the_full_sorts_nucleus(spread):
+    torch.manual_seed(1)
+    logits = torch.randn(3, 5000) * spread
+    for top_p in (0.5, 0.9, 0.99):
+        kept = keep_top_p(logits, top_p)
+        assert torch.equal(kept, full_sort_top_p(logits, top_p))
+        assert (kept > float("-inf")).sum() > (3 * 256 if spread < 1 else 2)
 
 
 def test_repetition_penalty_closed_form():
