@@ -77,6 +77,22 @@ BAD_REQUESTS = [
     ("GET", "/v1/chat/completions", b""),
     ("POST", "/v1/nothing-here", b"{}"),
     ("DELETE", "/v1/models", b""),
+    # scores and inputs: token ids outside the vocabulary or of the wrong type, biases and counts out of range,
+    # fields the server does not implement (refused, never dropped)
+    ("POST", "/v1/completions", b'{"prompt": [1, 2, 99999999], "max_tokens": 2}'),
+    ("POST", "/v1/completions", b'{"prompt": [[1], ["a"]], "max_tokens": 2}'),
+    ("POST", "/v1/completions", b'{"prompt": [1.5], "max_tokens": 2}'),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"-1": 5}}'),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"1": 1e9}}'),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"99999999": 1}}'),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "logit_bias": {"' + b"9" * 5000 + b'": 1}}'),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "logprobs": 99}'),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 0}'),
+    ("POST", "/v1/completions", b'{"prompt": "hi", "suffix": "there"}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 500}'),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}'),
+    ("POST", "/detokenize", b'{"tokens": [-1]}'),
+    ("GET", "/v1/models/no-such-model", b""),
 ]
 
 # A lone UTF-16 surrogate (JSON "\ud800") in each place text enters: a 400 naming the field.

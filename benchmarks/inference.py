@@ -18,6 +18,11 @@ thread; the median of the rounds, since the point is what a user sees on a busy 
 
     python benchmarks/inference.py [--rounds 2] [--skip-hf] [--threads 2] [--load-only] [--kquants-only] [--qwen3]
 
+With --device cuda, the same SmolLM2 weights on one GPU instead, in bf16: lmforge (eager, and with its
+compiled decode step) vs transformers, prefill of 512 tokens and decode of 128 greedy tokens, best of
+the rounds; writes benchmarks/results/inference_cuda.json. Without a CUDA device it prints
+"skipped: no CUDA device" and exits 0, writing nothing.
+
 llama-cpp-python is optional; it compiles llama.cpp from source (~15-20 min on 2 cores):
     pip install llama-cpp-python==0.3.36
 """
@@ -25,6 +30,7 @@ llama-cpp-python is optional; it compiles llama.cpp from source (~15-20 min on 2
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -37,6 +43,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "inference.json"
+CUDA_RESULTS = Path(__file__).parent / "results" / "inference_cuda.json"
+SKIPPED = "skipped: no CUDA device"
 NEW_TOKENS, PREFILL_TOKENS = 128, 512
 COMPETING_PROCESSES = (0, 1, 2)
 BUSY_LOOP = "import numpy as np\na = np.random.rand(256, 256)\nwhile True:\n    a = (a @ a) / 256.0\n"
@@ -263,6 +271,7 @@ def main() -> None:
     parser.add_argument("--load-only", action="store_true", help="only the decode-under-load table")
     parser.add_argument("--kquants-only", action="store_true", help="only the table of llama.cpp's K-quant files")
     parser.add_argument("--qwen3", action="store_true", help="add a random Qwen3 0.6B Q4_K_M to the K-quant table")
+    parser.add_argument("--device", default="cpu", help="cpu (the tables above) or cuda / cuda:N (one GPU, bf16)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -272,6 +281,12 @@ def main() -> None:
 
     import torch
 
+    if args.device != "cpu":
+        if not torch.cuda.is_available():
+            print(f"{SKIPPED}; nothing measured, nothing written")
+            return
+        compare_on_gpu(torch.device(args.device), args.rounds)
+        return
     torch.set_num_threads(args.threads)
     if args.worker:
         if args.worker == "transformers":
@@ -309,6 +324,147 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2))
     print(f"wrote {RESULTS}")
+
+
+def time_on_gpu(run) -> float:
+    """Seconds `run()` takes on the GPU: from an empty queue to the end of its work."""
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    run()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def lmforge_on_gpu(device, compiled: bool) -> dict:
+    """lmforge's prefill and greedy decode of SmolLM2 in bf16 on `device`; the token ids it generated."""
+    import torch
+
+    from lmforge.formats.loading import load
+    from lmforge.inference.chat import encode_chat
+    from lmforge.inference.engine import next_token_logits
+    from lmforge.inference.generate import SamplingConfig, generate_tokens
+    from lmforge.model import KVCache
+
+    model, tokenizer = load("smollm2-135m-instruct", keep_quantized=False)
+    model = model.to(device=device, dtype=torch.bfloat16).eval()
+    prefill = torch.tensor([tokenizer.encode(FILLER * 40)[:PREFILL_TOKENS]], device=device)
+
+    def prefill_once():
+        cache = KVCache(model.config, 1, PREFILL_TOKENS, device=device, dtype=torch.bfloat16)
+        next_token_logits(model, prefill, cache)
+
+    with torch.inference_mode():
+        prefill_once()  # CUDA context, kernels' first launches
+        prefill_seconds = min(time_on_gpu(prefill_once) for _ in range(3))
+    chat_ids = encode_chat(tokenizer, CHAT)
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0)
+    if compiled:  # the first generation compiles the decode step
+        list(generate_tokens(model, chat_ids, SamplingConfig(max_new_tokens=4, temperature=0), compile=True))
+    tokens = generate_tokens(model, chat_ids, sampling, compile=compiled)
+    generated = [next(tokens)]  # prefill + first token; each further token is read back, so each step is synced
+    start = time.perf_counter()
+    generated += list(tokens)
+    decode_seconds = time.perf_counter() - start
+    return {
+        "prefill_tok_s": PREFILL_TOKENS / prefill_seconds,
+        "decode_tok_s": (len(generated) - 1) / decode_seconds,
+        "tokens": generated,
+    }
+
+
+def transformers_on_gpu(device, folder: Path) -> dict:
+    """transformers' prefill and greedy decode of the same weights in bf16 on `device`, from the HF
+    folder lmforge exported them to (dense weights: transformers keeps a GGUF's quantised blocks)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    prefill = torch.tensor([tokenizer.encode(FILLER * 40, add_special_tokens=False)[:PREFILL_TOKENS]], device=device)
+    with torch.inference_mode():
+        model(prefill)
+        prefill_seconds = min(time_on_gpu(lambda: model(prefill)) for _ in range(3))
+        chat_text = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+        chat_ids = torch.tensor([tokenizer.encode(chat_text, add_special_tokens=False)], device=device)
+        first_seconds = time_on_gpu(lambda: model.generate(chat_ids, max_new_tokens=1, do_sample=False))
+        out = []
+        total_seconds = time_on_gpu(
+            lambda: out.append(
+                model.generate(chat_ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            )
+        )
+    generated = out[0][0, chat_ids.shape[1] :].tolist()
+    return {
+        "prefill_tok_s": PREFILL_TOKENS / prefill_seconds,
+        "decode_tok_s": (len(generated) - 1) / (total_seconds - first_seconds),
+        "tokens": generated,
+    }
+
+
+def compare_on_gpu(device, rounds: int) -> dict:
+    """SmolLM2 on one GPU in bf16, lmforge vs transformers, best of `rounds`; writes CUDA_RESULTS."""
+    import torch
+
+    from lmforge.formats.hf import save_hf
+    from lmforge.formats.loading import load
+
+    results: dict[str, dict] = {}
+    tokens: dict[str, list[int]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "smollm2-hf"
+        save_hf(*load("smollm2-135m-instruct", keep_quantized=False), folder)  # the fp32 weights lmforge runs
+        engines = {
+            "lmforge bf16": lambda: lmforge_on_gpu(device, compiled=False),
+            "lmforge bf16, compiled decode": lambda: lmforge_on_gpu(device, compiled=True),
+            "transformers bf16": lambda: transformers_on_gpu(device, folder),
+        }
+        if importlib.util.find_spec("transformers") is None:
+            print("transformers is not installed: its row (the peer) is left out")
+            del engines["transformers bf16"]
+        for round_index in range(rounds):
+            for engine, run in engines.items():
+                print(f"round {round_index + 1}/{rounds}: {engine}", flush=True)
+                measured = run()
+                tokens[engine] = measured.pop("tokens")
+                keep_best(results.setdefault(engine, {}), measured)
+    name = torch.cuda.get_device_name(device)
+    print(f"\nSmolLM2-135M-Instruct on {name}, bf16, best of {rounds} rounds")
+    print(f"{'engine':<32}{'prefill tok/s':>15}{'decode tok/s':>14}")
+    for engine, row in results.items():
+        print(f"{engine:<32}{row['prefill_tok_s']:>15.0f}{row['decode_tok_s']:>14.1f}")
+    ratios, same = {}, None
+    if "transformers bf16" in results:
+        reference = results["transformers bf16"]
+        ratios = {
+            f"{engine} {metric.removesuffix('_tok_s')} vs transformers": row[metric] / reference[metric]
+            for engine, row in results.items()
+            if engine.startswith("lmforge")
+            for metric in ("prefill_tok_s", "decode_tok_s")
+        }
+        for label, value in ratios.items():
+            print(f"{label}: {value:.2f}x")
+        # bf16 rounds differently in each implementation, so greedy paths may part after a near-tie
+        ours, theirs = tokens["lmforge bf16"], tokens["transformers bf16"]
+        pairs = enumerate(zip(ours, theirs))
+        same = next((index for index, (mine, peer) in pairs if mine != peer), min(len(ours), len(theirs)))
+        print(f"greedy tokens equal to transformers' before the first difference: {same}/{NEW_TOKENS}")
+    report = {
+        "device": name,
+        "dtype": "bfloat16",
+        "torch": torch.__version__,
+        "new_tokens": NEW_TOKENS,
+        "prefill_tokens": PREFILL_TOKENS,
+        "rounds": rounds,
+        "results": results,
+        "ratios": ratios,
+        "greedy_tokens_before_first_difference": same,
+    }
+    CUDA_RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    CUDA_RESULTS.write_text(json.dumps(report, indent=2))
+    print(f"wrote {CUDA_RESULTS}")
+    return report
 
 
 def keep_best(best: dict, measured: dict) -> None:

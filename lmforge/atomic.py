@@ -46,6 +46,12 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def temporary_path_beside(path: Path, concurrent_writers: bool = False) -> Path:
+    """Where `path` is built before its rename: `.NAME.tmp`, or `.NAME.PID.tmp` per process. Processes that
+    write one folder together (a sharded checkpoint) find the main process's temporary folder by it."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp" if concurrent_writers else f".{path.name}.tmp")
+
+
 @contextmanager
 def temporary_beside(path: Path, concurrent_writers: bool = False) -> Iterator[Path]:
     """A free temporary path beside `path`, removed (with whatever was written there) on the way out.
@@ -54,7 +60,7 @@ def temporary_beside(path: Path, concurrent_writers: bool = False) -> Iterator[P
     `concurrent_writers` (several processes may build the same path at once) each process gets its own.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp" if concurrent_writers else f".{path.name}.tmp")
+    temporary = temporary_path_beside(path, concurrent_writers)
     remove(temporary)
     try:
         yield temporary

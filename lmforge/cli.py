@@ -20,8 +20,9 @@ def config_help(config, title: str = "config keys") -> str:
     starts from, so the defaults shown are the ones used."""
     rows = [(dashed(key), type_name, default) for key, type_name, default in describe(config)]
     width = max(len(key) for key, _, _ in rows)
+    type_width = max(14, *(len(type_name) for _, type_name, _ in rows))
     return f"{title} (--key value or --key=value; in a --config file, key: value with underscores):\n" + "\n".join(
-        f"  --{key:<{width}}  {type_name:<14} default {default}" for key, type_name, default in rows
+        f"  --{key:<{width}}  {type_name:<{type_width}} default {default}" for key, type_name, default in rows
     )
 
 
@@ -96,6 +97,13 @@ def use_threads(threads: int | None) -> None:
     set_decode_threads(threads or threads_from_environment())
 
 
+def inference_device(name: str) -> str:
+    """`--device` of the verbs that run a model: cpu, auto, cuda (this process's GPU) or cuda:N."""
+    from lmforge.training.pretrain import resolve_device
+
+    return str(resolve_device(name))
+
+
 def command_generate(args, extra) -> int:
     from lmforge.config import apply_values
     from lmforge.settings import SamplingConfig
@@ -103,6 +111,8 @@ def command_generate(args, extra) -> int:
     values = config_values(args.config, extra)
     if args.draft:  # speculative decoding is greedy: the default, and an error (before any output) otherwise
         values.setdefault("temperature", 0)
+    if args.json_schema:
+        values["json_schema"] = read_json_schema(args.json_schema)
     sampling = apply_values(SamplingConfig(), values)
     from lmforge.formats.loading import load
     from lmforge.inference.generate import (  # torch: once the settings are known to be valid
@@ -112,8 +122,11 @@ def command_generate(args, extra) -> int:
 
     if args.draft:
         check_greedy_for_draft(sampling)
+    device = inference_device(args.device)
+    if args.draft and device != "cpu":
+        raise LmforgeError("--draft runs on the CPU only for now (speculative decoding keeps its caches there)")
     use_threads(args.threads)
-    model, tokenizer = load(args.model, adapter=args.adapter)
+    model, tokenizer = load(args.model, device=device, adapter=args.adapter)
     draft = None
     if args.draft:
         draft, draft_tokenizer = load(args.draft)
@@ -135,6 +148,23 @@ def command_generate(args, extra) -> int:
     return 0
 
 
+def read_json_schema(path: str) -> dict:
+    """`--json-schema FILE`: the JSON Schema in FILE, checked (llguidance compiles it) before a model loads."""
+    from lmforge.settings import SamplingConfig
+
+    try:
+        schema = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LmforgeError(f"--json-schema {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise LmforgeError(f"--json-schema {path}: not a readable JSON file ({error})") from None
+    try:
+        SamplingConfig(json_schema=schema)
+    except ValueError as error:
+        raise LmforgeError(f"--json-schema {path}: {error}") from None
+    return schema
+
+
 def command_eval(args, extra) -> int:
     from lmforge.evaluation import evaluate
     from lmforge.formats.loading import load
@@ -147,7 +177,7 @@ def command_eval(args, extra) -> int:
         raise LmforgeError("eval needs --model (or --compare RESULT RESULT ...)")
     if not (args.data_dir or args.text or args.task):
         raise LmforgeError("nothing to evaluate: give --data-dir, --text FILE and/or --task FILE.jsonl")
-    model, tokenizer = load(args.model)
+    model, tokenizer = load(args.model, device=inference_device(args.device))
     metrics = {}
     if args.data_dir:
         dataset = TokenDataset(args.data_dir, args.split)
@@ -488,6 +518,7 @@ MODEL_HELP = (
     "id in the HF cache (Org/Name, Org/Name:Q4_K_M) or an Ollama model (name:tag); see lmforge models"
 )
 ADAPTER_HELP = "a LoRA adapter folder (from lmforge finetune --task sft) to apply to the model"
+DEVICE_HELP = "cpu (default), auto, cuda or cuda:N; off the CPU, quantised GGUF weights load as fp32"
 THREADS_HELP = (
     "threads for decoding and PyTorch (default: $LMFORGE_THREADS, else chosen per decoding step from measured "
     "speed, fewer while other processes keep the cores busy)"
@@ -528,9 +559,17 @@ def train_arguments(parser: argparse.ArgumentParser) -> None:
         config_help(TrainConfig())
         + f"\n\nmodel.* defaults are the {TrainConfig.preset} preset's; --preset NAME starts from another "
         f"({', '.join(PRESETS)}).\nmodel.vocab-size always comes from the prepared data's tokenizer."
+        "\n\nUnder torchrun (torchrun --nproc-per-node=N -m lmforge train ...), --parallel chooses how the processes"
+        "\nshare the work: ddp (default) keeps a whole model on each; fsdp shards parameters, gradients and"
+        "\noptimizer state across them (FSDP2); hsdp shards within groups of --hsdp-shard-processes (default:"
+        "\none node's processes) and replicates across groups. fsdp/hsdp checkpoints are sharded"
+        "\n(torch.distributed.checkpoint): --resume continues them on any number of processes, and export reads"
+        "\nthem directly. --activation-checkpointing recomputes each block's activations in backward to save memory."
     )
     parser.add_argument("--config", help="YAML or JSON config file")
-    parser.add_argument("--resume", action="store_true", help="continue from out_dir's latest checkpoint")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from out_dir's latest checkpoint (start there if it has none)"
+    )
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
@@ -544,6 +583,7 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="text to continue")
     parser.add_argument("--adapter", help=ADAPTER_HELP)
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--config", help="YAML or JSON sampling config")
     parser.add_argument(
         "--draft",
@@ -551,6 +591,11 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
         "(greedy; same text). E.g. an fp32 model with its own int4 copy",
     )
     parser.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
+    parser.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="constrain the output to JSON valid against the JSON Schema in FILE (ends when the JSON is complete)",
+    )
 
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -563,6 +608,7 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
         "  lmforge eval --compare ev1 ev2"
     )
     parser.add_argument("--model", "--checkpoint", dest="model", help=MODEL_HELP)
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--data-dir", help="prepared dataset folder")
     parser.add_argument(
         "--split", choices=("train", "val"), default="val", help="which split of --data-dir to score (default val)"

@@ -75,6 +75,10 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise LmforgeError(f"{key}: expected a list, got {value!r}")
         return [coerce(v, item_type, key) for v in value]
+    if origin is dict:  # e.g. sampling.logit_bias: dict[int, float], from a JSON object whose keys are strings
+        key_type, value_type = typing.get_args(annotation)
+        mapping = coerce(value, dict, key)
+        return {coerce(name, key_type, key): coerce(item, value_type, key) for name, item in mapping.items()}
     if annotation is dict:  # e.g. model.rope_scaling: a JSON object, or its keys one by one (--a.b.c=1)
         if isinstance(value, str):
             try:

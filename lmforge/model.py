@@ -209,6 +209,11 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Copy row `source`'s entries at positions [0, length) into row `target` (a shared prompt prefix)."""
+        for entries in (*self.keys, *self.values):
+            entries[target, :, :length] = entries[source, :, :length]
+
     def begin(self, batch: int, length: int, positions: torch.Tensor | None, slots: torch.Tensor | None) -> None:
         """Work out, once per forward pass, where new keys go and which keys each query sees."""
         if positions is None:  # aligned

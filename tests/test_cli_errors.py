@@ -59,6 +59,13 @@ BAD_ARGUMENTS = [
     ("generate --model {model} --max-new-tokens=-1", "a value out of its range"),
     ("chat --model {model} --temperature=-0.5", "a value out of its range"),
     ("generate --model {model} --draft {not_a_model}", "a draft that is not a model"),
+    ("generate --model {model} --device tpu", "a bad device"),
+    (
+        "eval --model {model} --text {short_text} --device cuda:0"
+        if not torch.cuda.is_available()
+        else "eval --model {model} --text {short_text} --device gpu",
+        "a device this machine lacks",
+    ),
     ("eval --model {not_a_model} --text {short_text}", "a folder that is not a model"),
     ("eval --model {model} --text {missing}", "a missing text file"),
     ("eval --model {model} --task {missing}.jsonl", "a missing task file"),
@@ -77,6 +84,10 @@ BAD_ARGUMENTS = [
     ("finetune --task classify --data={missing}.csv --model={model} --out={root}/cls", "a missing input file"),
     ("finetune --task sft --epoch=2", "a bad config key"),
     ("finetune --task translate", "a bad value"),
+    (
+        "finetune --task sft --data={not_a_model}/notes.txt --model={model} --out={root}/sft2 --device=gpu",
+        "a bad device",
+    ),
     ("explain --model {not_a_model} --prompt hi", "a folder that is not a model"),
     ("explain --classifier {not_a_model} --prompt hi", "a folder that is not a classifier"),
     ("explain --model {model} --prompt hi --out {a_file} --method gradient_x_input", "--out taken by a file"),

@@ -105,3 +105,12 @@ def test_sampling_values_out_of_range_are_errors_naming_each_field():
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         SamplingConfig(temperature=-1)
     assert SamplingConfig(max_new_tokens=0, temperature=0, top_k=1, top_p=1.0).top_p == 1.0  # the edges are fine
+
+
+def test_a_typed_mapping_field_from_the_command_line_and_a_file():
+    """sampling.logit_bias is dict[int, float]: JSON's string keys become token ids, values numbers."""
+    overrides = parse_overrides(['--logit_bias={"12": -100, "7": 2.5}'])
+    assert apply_values(SamplingConfig(), overrides).logit_bias == {12: -100.0, 7: 2.5}
+    assert apply_values(SamplingConfig(), {"logit_bias": {"3": 1}}).logit_bias == {3: 1.0}
+    with pytest.raises(LmforgeError, match="logit_bias: expected an integer"):
+        apply_values(SamplingConfig(), {"logit_bias": {"the": 1}})

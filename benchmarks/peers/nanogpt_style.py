@@ -69,8 +69,9 @@ class NanoGPTStyle(nn.Module):
         layers, width, context = len(self.h), self.wpe.weight.shape[1], self.wpe.weight.shape[0]
         return 6 * parameters + 12 * layers * width * context
 
-    def configure_optimizer(self, lr: float = 1e-3) -> torch.optim.Optimizer:
+    def configure_optimizer(self, lr: float = 1e-3, fused: bool | None = None) -> torch.optim.Optimizer:
+        """nanoGPT's AdamW: fused=True where it runs on CUDA, nothing (PyTorch's default) elsewhere."""
         decay = [p for p in self.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.parameters() if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99))
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), fused=fused)

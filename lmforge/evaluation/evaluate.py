@@ -192,13 +192,17 @@ def _split_context(context: str, continuation: str) -> tuple[str, str]:
     return stripped, context[len(stripped) :] + continuation
 
 
-def continuation_log_likelihood(model: Transformer, tokenizer: Tokenizer, context: str, continuation: str):
-    """(sum of log p(continuation tokens | context), whether each was the greedy choice, token count)."""
+def continuation_log_likelihood(
+    model: Transformer, tokenizer: Tokenizer, context: str, continuation: str, special_tokens: bool = False
+):
+    """(sum of log p(continuation tokens | context), whether each was the greedy choice, token count).
+    `special_tokens`: special-token strings in the text are those tokens (a chat-templated prompt's markup)."""
+    encode = tokenizer.encode_with_special_tokens if special_tokens else tokenizer.encode
     context, continuation = _split_context(context, continuation)
-    context_ids = tokenizer.encode(context)
-    whole = tokenizer.encode(context + continuation)
+    context_ids = encode(context)
+    whole = encode(context + continuation)
     if whole[: len(context_ids)] != context_ids:  # the boundary merged into one token: encode apart
-        whole = context_ids + tokenizer.encode(continuation)
+        whole = context_ids + encode(continuation)
     start = tokenizer.document_start_id
     if not context_ids and start is not None:
         whole, context_ids = [start] + whole, [start]

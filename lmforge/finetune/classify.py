@@ -30,6 +30,7 @@ from lmforge.training.fit import (
     WarmupCosine,
     save_weights,
 )
+from lmforge.training.pretrain import resolve_device
 from lmforge.training.run_folder import (
     TRAINING_STATE,
     claim_fine_tune_folder,
@@ -181,13 +182,14 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
     if classes < 2:
         raise LmforgeError(f"{config.data}: needs at least 2 classes, found {train.label_names}")
     out = Path(config.out)
-    processes = distributed.init_process_group("cpu")  # under torchrun: one process moves and writes files
+    device = resolve_device(config.device)
+    processes = distributed.init_process_group(device.type)  # under torchrun: one process moves and writes files
     if processes.is_main:
         claim_fine_tune_folder(out, RUN_FILES, config, "classifier", verbose)
 
     backbone, tokenizer, backbone_tokens = load_backbone(config.model)
     pooling = config.pooling or ("mean" if isinstance(backbone, Encoder) else "last")
-    classifier = SequenceClassifier(backbone, classes, pooling)
+    classifier = SequenceClassifier(backbone, classes, pooling).to(device)
     max_tokens = min(config.max_tokens, backbone_tokens)
     x_train = tokenize_texts(tokenizer, train_texts, max_tokens)
     x_val = tokenize_texts(tokenizer, val_texts, max_tokens)

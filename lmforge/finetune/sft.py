@@ -23,6 +23,7 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.training import distributed
 from lmforge.training.data import read_records
 from lmforge.training.fit import Callback, EarlyStopping, Fittable, WarmupCosine
+from lmforge.training.pretrain import resolve_device
 from lmforge.training.run_folder import (
     TRAINING_STATE,
     claim_fine_tune_folder,
@@ -183,11 +184,12 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
     if not config.data:
         raise LmforgeError('SFT needs data: a JSONL file of {"messages": [...]} conversations')
     out = Path(config.out)
-    processes = distributed.init_process_group("cpu")  # under torchrun: one process moves and writes files
+    device = resolve_device(config.device)
+    processes = distributed.init_process_group(device.type)  # under torchrun: one process moves and writes files
     if processes.is_main:
         claim_fine_tune_folder(out, RUN_FILES, config, "run", verbose)
     torch.manual_seed(config.seed)
-    model, tokenizer = load(config.model, keep_quantized=False)
+    model, tokenizer = load(config.model, device=str(device), keep_quantized=False)
     length = min(config.max_tokens, model.config.block_size)
     x, y, stats = conversations_to_rows(tokenizer, read_conversations(config.data), length, config.packing, config.seed)
     validation = None

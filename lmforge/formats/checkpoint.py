@@ -4,6 +4,11 @@ A checkpoint is a folder `checkpoints/step_NNNNNN/` holding model.safetensors,
 config.json, tokenizer.json and (for training runs) state.pt. It is written under a
 temporary name and renamed into place, and `checkpoints/latest` names the newest, so a
 crash at any moment leaves the previous checkpoint whole.
+
+Sharded runs (fsdp/hsdp) write `shards/` (torch.distributed.checkpoint: weights and optimizer
+state, each process its own shard) instead of model.safetensors, and state.pt holds the step,
+RNG and data position only. Such a checkpoint resumes on any number of processes, and loads
+(export, `lmforge.load`) into one whole model without a process group.
 """
 
 from __future__ import annotations
@@ -13,20 +18,24 @@ import pickle
 import re
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
-from lmforge.atomic import write_folder_atomically, write_text_atomically
+from lmforge.atomic import temporary_path_beside, write_atomically, write_folder_atomically, write_text_atomically
 from lmforge.errors import LmforgeError
 from lmforge.inference.quantize import apply_layout, quantized_layout
 from lmforge.model import ModelConfig, Transformer, uninitialized_layers
 from lmforge.tokenizer import Tokenizer, load_tokenizer
 
 WEIGHTS, CONFIG, STATE, TOKENIZER, LATEST = "model.safetensors", "config.json", "state.pt", "tokenizer.json", "latest"
+SHARDS = "shards"  # a sharded checkpoint's torch.distributed.checkpoint folder (its index is .metadata)
 
 
 def model_weights(model: Transformer) -> dict[str, torch.Tensor]:
@@ -51,12 +60,122 @@ def save_checkpoint(
     final = save_model(
         checkpoints / f"step_{step:06d}", model, tokenizer, {"step": step, **(extra_config or {})}, state
     )
-    write_text_atomically(checkpoints / LATEST, final.name)
+    point_latest_at(final, keep)
+    return final
+
+
+def point_latest_at(folder: Path, keep: int) -> None:
+    """Name a written step folder in `checkpoints/latest`, then delete all but the `keep` newest (0 keeps all)."""
+    checkpoints = folder.parent
+    write_text_atomically(checkpoints / LATEST, folder.name)
     if keep > 0:
         # Only written folders count: an empty step folder someone made must not push a real one out.
-        for old in [folder for folder in step_folders(checkpoints) if (folder / CONFIG).exists()][keep:]:
+        for old in [written for written in step_folders(checkpoints) if (written / CONFIG).exists()][keep:]:
             shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def save_sharded_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    tokenizer: Tokenizer,
+    state: dict,
+    extra_config: dict | None = None,
+    keep: int = 2,
+) -> Path:
+    """Every process calls this together: checkpoint `step` with the weights and optimizer state in
+    `shards/` (torch.distributed.checkpoint, each process writing its own shard in parallel), and
+    `state` (step, RNG, data position: the main process's) in state.pt; then `latest`, pruning as
+    `save_checkpoint`. Atomic the same way: all of it is built in the step folder's temporary folder,
+    which the main process renames into place once every shard is written. Under several machines
+    `run_dir` must be storage they share."""
+    import torch.distributed.checkpoint as dcp  # a few seconds to import: only where a sharded run needs it
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    folder = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+    config = {"model": model.config.to_dict(), "step": step, **(extra_config or {})}
+
+    def write_shards(staging: Path) -> None:
+        _wait_for_every_process()  # the main process has emptied the folder of any killed write's leftovers
+        # Returns on the main process once every shard is written: it gathers each process's result.
+        with _alone_without_a_warning():
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=staging / SHARDS)
+
+    def write_all(staging: Path) -> None:
+        staging.mkdir()
+        write_shards(staging)
+        torch.save(state, staging / STATE)
+        tokenizer.save(staging / TOKENIZER)
+        (staging / CONFIG).write_text(json.dumps(config, indent=2))
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        write_atomically(folder, write_all)
+        point_latest_at(folder, keep)
+    else:
+        write_shards(temporary_path_beside(folder))
+    _wait_for_every_process()  # no process goes on (and may read or prune it) before it is in place
+    return folder
+
+
+def _wait_for_every_process() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def _alone_without_a_warning():
+    """torch.distributed.checkpoint warns that it is "assuming the intent is to save [load] in a single
+    process" whenever there is no process group: a sharded run alone, and export, are just that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to")
+        yield
+
+
+def _shard_failure(error: BaseException) -> str:
+    """What went wrong reading shards, in one line: DCP wraps each process's exception (with its whole
+    traceback in the message) in a CheckpointException, which is a BaseException."""
+    failures = getattr(error, "failures", None)
+    if failures:
+        error = next(iter(failures.values()))[0]
+    return f"{type(error).__name__}: {error}".rstrip(": ").splitlines()[0]
+
+
+def is_sharded(folder: Path) -> bool:
+    """Whether a checkpoint folder was written by a sharded (fsdp/hsdp) run."""
+    return (folder / SHARDS).is_dir()
+
+
+def load_sharded_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Fill `model` and `optimizer` from a sharded checkpoint, whatever the number of processes that wrote
+    it and that read it now: each process reads the parts of the shards its own shard needs (all of
+    them, for a plain model). Every process calls this together."""
+    import torch.distributed.checkpoint as dcp  # a few seconds to import: only where a sharded run needs it
+    from torch.distributed.checkpoint import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        with _alone_without_a_warning():
+            dcp.load(state, checkpoint_id=folder / SHARDS)
+    except (Exception, CheckpointException) as error:  # a missing, truncated or mismatched shard
+        raise LmforgeError(f"{folder / SHARDS}: cannot resume from these shards ({_shard_failure(error)})") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_sharded_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The whole model's weights from a sharded checkpoint, read into this one process (no process group)."""
+    from torch.distributed.checkpoint import CheckpointException
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    try:
+        with _alone_without_a_warning():
+            weights = _load_state_dict_from_keys("model", checkpoint_id=folder / SHARDS)["model"]
+    except (Exception, CheckpointException) as error:  # a missing .metadata or shard file, a truncated one
+        raise LmforgeError(f"{folder / SHARDS}: cannot read the sharded weights ({_shard_failure(error)})") from None
+    return {name: tensor for name, tensor in weights.items() if isinstance(tensor, torch.Tensor)}
 
 
 def save_model(
@@ -106,12 +225,12 @@ def latest_folder(checkpoints: Path) -> Path:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from itself, a run folder, or a run's checkpoints folder."""
     path = Path(path)
-    if (path / WEIGHTS).exists():
+    if (path / WEIGHTS).exists() or (path / SHARDS).is_dir():
         return path
     for checkpoints in (path / "checkpoints", path):
         if (checkpoints / LATEST).exists():
             return latest_folder(checkpoints)
-    raise LmforgeError(f"{path}: no checkpoint here (expected {WEIGHTS} or checkpoints/{LATEST})")
+    raise LmforgeError(f"{path}: no checkpoint here (expected {WEIGHTS}, {SHARDS}/ or checkpoints/{LATEST})")
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer, dict]:
@@ -133,15 +252,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Tr
 
 
 def load_weights(model: Transformer, folder: Path, assign: bool = False) -> None:
-    """Fill `model` with a checkpoint's weights; every weight must be there (the tied head excepted)."""
-    try:
-        weights = load_file(str(folder / WEIGHTS))
-    except (OSError, SafetensorError) as error:
-        raise LmforgeError(f"{folder / WEIGHTS}: cannot read weights ({error}); the file may be truncated") from None
+    """Fill `model` with a checkpoint's weights (model.safetensors, or a sharded run's shards/); every
+    weight must be there (the tied head excepted)."""
+    if is_sharded(folder):
+        weights, source = load_sharded_weights(folder), folder / SHARDS
+    else:
+        try:
+            weights, source = load_file(str(folder / WEIGHTS)), folder / WEIGHTS
+        except (OSError, SafetensorError) as error:
+            raise LmforgeError(
+                f"{folder / WEIGHTS}: cannot read weights ({error}); the file may be truncated"
+            ) from None
     try:
         model.load_weights(weights, assign=assign)
     except ValueError as error:
-        raise LmforgeError(f"{folder / WEIGHTS}: {error}") from None
+        raise LmforgeError(f"{source}: {error}") from None
 
 
 STATE_TYPES = {"step": int, "optimizer": dict, "torch_rng": torch.Tensor, "data_rng": torch.Tensor}
@@ -155,13 +280,16 @@ class TrainingCheckpoint:
     model: dict  # the run's ModelConfig fields
     state: dict  # STATE_TYPES' keys, plus cuda_rng from CUDA runs
     latest_problem: str | None = None  # set when `latest` was damaged and this is the newest complete folder
+    sharded: bool = False  # weights and optimizer state in shards/ (`load_sharded_training_state`)
 
 
-def load_training_state(path: Path) -> dict:
-    """Optimizer, RNG and data state; weights_only so a checkpoint can never run code."""
+def load_training_state(path: Path, sharded: bool = False) -> dict:
+    """Optimizer, RNG and data state (a sharded checkpoint keeps the optimizer in its shards); weights_only
+    so a checkpoint can never run code."""
     state = load_torch_file(path, "this folder holds a model, not a training state to resume")
+    expected = {key: kind for key, kind in STATE_TYPES.items() if not (sharded and key == "optimizer")}
     wrong = [
-        key for key, kind in STATE_TYPES.items() if not isinstance(state, dict) or not isinstance(state.get(key), kind)
+        key for key, kind in expected.items() if not isinstance(state, dict) or not isinstance(state.get(key), kind)
     ]
     if wrong:
         raise LmforgeError(f"{path}: not a training state (missing or malformed: {', '.join(wrong)})")
@@ -200,7 +328,16 @@ def load_training_checkpoint(folder: Path) -> TrainingCheckpoint:
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict):
         raise LmforgeError(f"{folder / CONFIG}: no 'model' object holding the model config")
-    state = load_training_state(folder / STATE)
+    sharded = is_sharded(folder)
+    state = load_training_state(folder / STATE, sharded)
+    if sharded:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        try:  # the index naming every shard's contents; dcp.save writes it last
+            FileSystemReader(folder / SHARDS).read_metadata()
+        except Exception as error:
+            raise LmforgeError(f"{folder / SHARDS}: unreadable shard index ({type(error).__name__}: {error})") from None
+        return TrainingCheckpoint(folder, model, state, sharded=True)
     try:
         with safe_open(str(folder / WEIGHTS), "pt"):  # reads the header, which covers the file
             pass
@@ -224,6 +361,13 @@ def newest_complete_checkpoint(checkpoints: Path, skip: Path | None = None) -> T
             except LmforgeError:
                 continue
     return None
+
+
+def holds_checkpoint(run_dir: str | Path) -> bool:
+    """Whether `run_dir/checkpoints` holds anything resuming reads: `latest` or a step folder (a damaged
+    one counts: `load_resume_checkpoint` says what is wrong with it)."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    return (checkpoints / LATEST).exists() or bool(step_folders(checkpoints))
 
 
 def load_resume_checkpoint(run_dir: str | Path) -> TrainingCheckpoint:

@@ -16,9 +16,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmforge.errors import LmforgeError
 from lmforge.inference.generate import generate
+from lmforge.inference.tools import history_call_arguments, takes_tools, with_fallback_tools
 from lmforge.model import Transformer
 from lmforge.settings import SamplingConfig, fallback_sampling
-from lmforge.tokenizer import CHAT_END, CHAT_START, Tokenizer
+from lmforge.tokenizer import CHAT_END, CHAT_START, Tokenizer, stop_token_ids  # noqa: F401 - chat's stop tokens
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -37,17 +38,6 @@ PLAIN_TEMPLATE = (
 )
 PLAIN_TEMPLATE_STOP = "\nUser:"
 ROLES = ("system", "user", "assistant", "tool")
-# What llama.cpp ends a turn on (its end-of-generation set), where the vocabulary has them as special tokens.
-END_OF_TURN_TOKENS = (
-    "<|eot_id|>",
-    "<|eom_id|>",
-    CHAT_END,
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-    "<|end_of_text|>",
-    "<EOT>",
-)
 
 
 MAX_TEMPLATE_SECONDS = 2.0  # real chat templates render in milliseconds
@@ -183,18 +173,23 @@ def render_chat(
     add_generation_prompt: bool = True,
     bos_token: str | None = None,
     eos_token: str | None = None,
+    tools: list[dict] | None = None,
 ) -> str:
-    """The prompt text for `messages` ({'role', 'content'} dicts), as HF's apply_chat_template renders it."""
+    """The prompt text for `messages` ({'role', 'content'} dicts; an assistant's may have `tool_calls`
+    and no content) and the offered `tools`, as HF's apply_chat_template(tools=...) renders it."""
     for index, message in enumerate(messages):
         if (
             not isinstance(message, dict)
             or message.get("role") not in ROLES
-            or not isinstance(message.get("content"), str)
+            or not (
+                isinstance(message.get("content"), str)
+                or (message.get("content") is None and message.get("tool_calls"))
+            )
         ):
             raise LmforgeError(f"message {index}: needs a role in {ROLES} and string content, got {message!r}")
     variables = dict(
         messages=messages,
-        tools=None,
+        tools=tools or None,
         documents=None,
         add_generation_prompt=add_generation_prompt,
         bos_token=bos_token or "",
@@ -213,7 +208,7 @@ _CONTENT_MARK_PATTERN = re.compile("\ue000(\\d+)\ue001")
 
 
 def chat_pieces(
-    tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True
+    tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
 ) -> list[tuple[str, bool]]:
     """The rendered prompt as (text, is_markup) pieces: the template's markup, and each message's
     content as the user wrote it, so that only markup may hold special tokens.
@@ -222,16 +217,25 @@ def chat_pieces(
     where each content sits, checked by putting the contents back (as written, or stripped, as
     templates that `trim` them do) and comparing with the real rendering.
     """
+    template = chat_template(tokenizer)
+    messages, tools = template_inputs(messages, tools, template)
+    _refuse_control_tokens(tokenizer, messages, tools)
     render = functools.partial(
         render_chat,
-        template=chat_template(tokenizer),
+        template=template,
         add_generation_prompt=add_generation_prompt,
         bos_token=tokenizer.bos_token,
         eos_token=tokenizer.eos_token,
+        tools=tools,
     )
     rendered = render(messages)
     try:
-        skeleton = render([{**message, "content": _CONTENT_MARK.format(i)} for i, message in enumerate(messages)])
+        skeleton = render(
+            [
+                {**message, "content": _CONTENT_MARK.format(i)} if message["content"] else message
+                for i, message in enumerate(messages)
+            ]
+        )
     except LmforgeError:
         skeleton = None  # the template looks inside contents; fall through to the check below
     for transform in (str, str.strip):
@@ -240,7 +244,7 @@ def chat_pieces(
         pieces, last = [], 0
         for match in _CONTENT_MARK_PATTERN.finditer(skeleton):
             index = int(match.group(1))
-            if index >= len(messages):
+            if index >= len(messages) or not messages[index]["content"]:
                 continue
             pieces += [(skeleton[last : match.start()], True), (transform(messages[index]["content"]), False)]
             last = match.end()
@@ -248,7 +252,7 @@ def chat_pieces(
         if "".join(text for text, _ in pieces) == rendered:
             return [piece for piece in pieces if piece[0]]
     for index, message in enumerate(messages):
-        forged = next((token for token in tokenizer.special_tokens if token and token in message["content"]), None)
+        forged = _control_token_in(tokenizer, message["content"] or "")
         if forged is not None:
             raise LmforgeError(
                 f"message {index}: its content contains the control token {forged!r}, and this model's chat "
@@ -258,10 +262,58 @@ def chat_pieces(
     return [(rendered, True)]
 
 
-def encode_chat(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Prompt ids of a conversation: special tokens from the template's markup only, message
-    contents as plain text (a user cannot forge a turn by typing '<|im_end|>')."""
-    return tokenizer.encode_marked(chat_pieces(tokenizer, messages, add_generation_prompt))
+def encode_chat(
+    tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None
+) -> list[int]:
+    """Prompt ids of a conversation offering `tools` (OpenAI function definitions): special tokens from
+    the template's markup only, message contents as plain text (a user cannot forge a turn by typing
+    '<|im_end|>')."""
+    return tokenizer.encode_marked(chat_pieces(tokenizer, messages, add_generation_prompt, tools))
+
+
+def template_inputs(messages: list[dict], tools: list[dict] | None, template: str) -> tuple[list[dict], list | None]:
+    """The messages and tools a template renders. One that takes tools gets them, and the history's
+    calls with their arguments as mappings (as transformers' callers pass them); one that does not
+    gets the fallback prompt and the calls and results written as text (`with_fallback_tools`)."""
+    has_calls = any(message.get("tool_calls") for message in messages)
+    if not takes_tools(template):
+        return (with_fallback_tools(messages, tools) if tools or has_calls else messages), None
+    if has_calls:
+        messages = [
+            {
+                **message,
+                "tool_calls": [
+                    {
+                        **call,
+                        "function": {
+                            **call["function"],
+                            "arguments": history_call_arguments(call["function"]["arguments"]),
+                        },
+                    }
+                    for call in message["tool_calls"]
+                ],
+            }
+            if message.get("tool_calls")
+            else message
+            for message in messages
+        ]
+    return messages, tools
+
+
+def _control_token_in(tokenizer: Tokenizer, text: str) -> str | None:
+    return next((token for token in tokenizer.special_tokens if token and token in text), None)
+
+
+def _refuse_control_tokens(tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None) -> None:
+    """Tool definitions and the history's calls are written into the template's markup, where a
+    control token would be one: refuse them there, as no model would write one into a call."""
+    for index, tool in enumerate(tools or []):
+        if forged := _control_token_in(tokenizer, json.dumps(tool, ensure_ascii=False)):
+            raise LmforgeError(f"tools[{index}] contains the control token {forged!r}; remove it")
+    for index, message in enumerate(messages):
+        for call in message.get("tool_calls") or []:
+            if forged := _control_token_in(tokenizer, json.dumps(call, ensure_ascii=False)):
+                raise LmforgeError(f"message {index}: a tool call contains the control token {forged!r}; remove it")
 
 
 def chat_template(tokenizer: Tokenizer) -> str:
@@ -287,14 +339,6 @@ def _say_plain_template() -> None:
 def chat_stop_strings(tokenizer: Tokenizer) -> list[str]:
     """Text that ends a reply besides the stop tokens: the plain template's next user line."""
     return [PLAIN_TEMPLATE_STOP] if chat_template(tokenizer) == PLAIN_TEMPLATE else []
-
-
-def stop_token_ids(tokenizer: Tokenizer) -> set[int]:
-    """Tokens that end an assistant turn: end-of-text, the ones the model's files name (GGUF eot/eom,
-    generation_config.json's eos list), and the families' end-of-turn tokens its vocabulary has as special."""
-    named = [*tokenizer.end_of_turn_tokens, *(t for t in END_OF_TURN_TOKENS if t in tokenizer.special_tokens)]
-    ids = {tokenizer.eos_id, *(tokenizer.token_to_id(token) for token in named)}
-    return {i for i in ids if i is not None}
 
 
 @dataclass

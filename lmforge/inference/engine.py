@@ -425,10 +425,15 @@ def next_token_logits(
 
 
 def prefill(
-    model: Transformer, prompts: list[list[int]], cache: KVCache, slots: torch.Tensor | None = None
+    model: Transformer,
+    prompts: list[list[int]],
+    cache: KVCache,
+    slots: torch.Tensor | None = None,
+    starts: list[int] | None = None,
 ) -> torch.Tensor:
     """Run several prompts in one pass, each into its cache row (`slots`, default 0..B-1) from
-    position 0; logits (B, vocab) at each prompt's last token.
+    position `starts[row]` (default 0: a row with a start continues the entries its cache row
+    already holds, a cached prefix); logits (B, vocab) at each prompt's last token.
 
     The batch is right-padded to the longest prompt. A row's padding writes cache entries past
     its length, which its own later tokens overwrite before any query can see them.
@@ -438,8 +443,8 @@ def prefill(
     padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = torch.tensor(prompt)
-    zeros = torch.zeros(len(prompts), dtype=torch.long, device=device)
-    return next_token_logits(model, padded, cache, positions=zeros, slots=slots, last=lengths - 1)
+    positions = torch.tensor(starts or [0] * len(prompts), dtype=torch.long, device=device)
+    return next_token_logits(model, padded, cache, positions=positions, slots=slots, last=lengths - 1)
 
 
 def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache):

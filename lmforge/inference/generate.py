@@ -6,14 +6,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lmforge.errors import LmforgeError
-from lmforge.inference.engine import compiled_decode_step, next_token_logits, prefill
+from lmforge.inference.constrained import TokenMasks, matchers_for
+from lmforge.inference.engine import compiled_decode_step, next_token_logits, prefill, use_prefill_threads
 from lmforge.model import KVCache, Transformer
 from lmforge.settings import SamplingConfig
 from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import stop_token_ids as model_stop_ids
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -21,6 +25,27 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     scores = logits.gather(-1, seen)
     scores = torch.where(scores > 0, scores / penalty, scores * penalty)
     return logits.scatter(-1, seen, scores)
+
+
+TOP_P_CANDIDATES = 256  # where the nucleus is looked for first: a partial sort, not the whole vocabulary's
+
+
+def keep_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Logits (B, vocab) with every token outside the nucleus at -inf: a token is dropped once the more
+    likely tokens before it already cover `top_p` (the first always stays). The nucleus is found among
+    the TOP_P_CANDIDATES likeliest tokens when they cover `top_p`, as they nearly always do: sorting
+    SmolLM2's 49k logits took 2-4 ms a token, a third of a decoding step; the 256 likeliest take 0.13 ms.
+    Tokens past the candidates would be dropped by the full sort too, their mass before them >= top_p."""
+    probabilities = logits.softmax(dim=-1)
+    candidates = min(TOP_P_CANDIDATES, logits.shape[-1])
+    top, order = probabilities.topk(candidates, dim=-1)  # sorted, likeliest first
+    cumulative = top.cumsum(dim=-1)
+    if not bool((cumulative[..., -1] >= top_p).all()):  # a flat distribution: sort everything
+        top, order = probabilities.sort(dim=-1, descending=True)
+        cumulative = top.cumsum(dim=-1)
+    keep_sorted = cumulative - top < top_p
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
@@ -32,12 +57,7 @@ def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: t
         kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p is not None and sampling.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token once the tokens before it already cover top_p; the first always stays.
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= sampling.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = keep_top_p(logits, sampling.top_p)
     probabilities = logits.softmax(dim=-1)
     # Inverse-CDF sampling: one cumulative sum and a binary search. torch.multinomial took ~5 ms
     # per row over a 49k vocabulary here, more than a decoding step of the model it samples for.
@@ -47,7 +67,64 @@ def pick_next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: t
     return picked.clamp(max=logits.shape[-1] - 1)
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """`logits` (..., vocab) with `bias[token]` added to each biased token's logit (OpenAI's logit_bias)."""
+    if not bias:
+        return logits
+    ids = torch.tensor(list(bias), device=logits.device)
+    logits = logits.clone()
+    logits[..., ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits
+
+
+def check_logit_bias(bias: dict[int, float], vocab_size: int) -> None:
+    """Refuse a bias on a token id the model does not have (it would index past the logits)."""
+    outside = sorted(token for token in bias if token >= vocab_size)
+    if outside:
+        raise LmforgeError(f"logit_bias names token id {outside[0]}, outside the vocabulary of {vocab_size} tokens")
+
+
+@dataclass
+class TokenScore:
+    """A token's log-probability under the model, and the most likely tokens at its position."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+def score_tokens(logits: torch.Tensor, chosen: torch.Tensor, top: int) -> list[TokenScore]:
+    """Scores of the `chosen` tokens (N,) under logits (N, vocab): their log-softmax and the `top` best."""
+    log_probabilities = F.log_softmax(logits.float(), dim=-1)
+    picked = log_probabilities.gather(-1, chosen[:, None])[:, 0].tolist()
+    best_values, best_ids = log_probabilities.topk(top, dim=-1) if top else (log_probabilities[:, :0],) * 2
+    return [
+        TokenScore(token, logprob, list(zip(ids, values)))
+        for token, logprob, ids, values in zip(chosen.tolist(), picked, best_ids.tolist(), best_values.tolist())
+    ]
+
+
+PROMPT_SCORE_CHUNK = 256  # prompt positions per LM-head pass: (chunk, vocab) logits, not (prompt, vocab)
+
+
+@torch.inference_mode()
+def score_prompt(model: Transformer, prompt_ids: list[int], top: int, bias: dict[int, float]) -> list[TokenScore]:
+    """Each prompt token's score given the tokens before it (so none for the first): what a completion's
+    `echo` with `logprobs` reports. One pass of the model over the prompt, with no cache."""
+    use_prefill_threads(model)
+    if len(prompt_ids) < 2:
+        return []
+    ids = torch.tensor([prompt_ids], device=next(model.parameters()).device)
+    hidden = model.hidden_states(ids[:, :-1], None)[0]
+    scores = []
+    for start in range(0, hidden.shape[0], PROMPT_SCORE_CHUNK):
+        logits = apply_logit_bias(model.logits(hidden[start : start + PROMPT_SCORE_CHUNK]).float(), bias)
+        scores += score_tokens(logits, ids[0, start + 1 : start + 1 + PROMPT_SCORE_CHUNK], top)
+    return scores
+
+
 def _adjust_logits(logits: torch.Tensor, history: list[list[int]], sampling: SamplingConfig) -> torch.Tensor:
+    logits = apply_logit_bias(logits, sampling.logit_bias)
     if sampling.repetition_penalty == 1.0:
         return logits
     rows = [apply_repetition_penalty(logits[i : i + 1], torch.tensor([sorted(set(seen))]), sampling.repetition_penalty)
@@ -57,7 +134,12 @@ def _adjust_logits(logits: torch.Tensor, history: list[list[int]], sampling: Sam
 
 @torch.inference_mode()
 def generate_tokens(
-    model: Transformer, prompt_ids: list[int], sampling: SamplingConfig, use_cache: bool = True, compile: bool = False
+    model: Transformer,
+    prompt_ids: list[int],
+    sampling: SamplingConfig,
+    use_cache: bool = True,
+    compile: bool = False,
+    tokenizer: Tokenizer | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (batch of one), stopping after max_new_tokens.
 
@@ -65,9 +147,13 @@ def generate_tokens(
     Once the context fills the model's block, both paths recompute over the last block_size
     tokens, so they agree exactly. compile=True decodes with `torch.compile` of a static-shape
     step (`engine.compiled_decode_step`; the first call compiles, tens of seconds) instead of
-    the native kernels, falling back to them where compilation is unavailable.
+    the native kernels, falling back to them where compilation is unavailable. With a json_schema or
+    grammar in `sampling` (which needs `tokenizer`), each token is one the grammar allows, and the tokens
+    end once the output is complete.
     """
+    matcher = (matchers_for(sampling, tokenizer, 1) or [None])[0]
     device = next(model.parameters()).device
+    masks = TokenMasks(device)
     block_size = model.config.block_size
     generator = None
     if sampling.seed is not None:
@@ -90,28 +176,39 @@ def generate_tokens(
             cache.reset()
             pending = tokens[-block_size:]
         inputs = torch.tensor([pending if cache is not None else tokens[-block_size:]], device=device)
+        masks.start([matcher])
         if compiled is not None and len(pending) == 1:
             position = torch.tensor([cache.length], device=device)
             logits = compiled(model, inputs, position, cache)
             cache.length += 1
         else:
             logits = next_token_logits(model, inputs, cache)
-        logits = _adjust_logits(logits, [tokens], sampling)
+        logits = masks.apply(_adjust_logits(logits, [tokens], sampling))
         token = int(pick_next_token(logits, sampling, generator)[0])
         tokens.append(token)
         pending = [token]
+        if matcher is not None:
+            matcher.consume(token)
         yield token
+        if matcher is not None and matcher.complete:
+            return
 
 
 @torch.inference_mode()
 def generate_batch(
-    model: Transformer, prompts: list[list[int]], sampling: SamplingConfig, stop_token_ids: set[int] | None = None
+    model: Transformer,
+    prompts: list[list[int]],
+    sampling: SamplingConfig,
+    stop_token_ids: set[int] | None = None,
+    tokenizer: Tokenizer | None = None,
 ) -> list[list[int]]:
     """New token ids for several prompts of different lengths, decoded together.
 
     Each row keeps its own positions in a shared cache (no left padding, so results match
     one-at-a-time generation); a row that emits a stop token leaves the batch, and the next
-    steps run on the remaining rows only. With a seed, row i samples from generator seed + i.
+    steps run on the remaining rows only. With a seed, row i samples from generator seed + i. With a
+    json_schema or grammar in `sampling` (which needs `tokenizer`), each row follows it and leaves the batch
+    once its output is complete.
     """
     if not prompts or any(not prompt for prompt in prompts):
         raise ValueError("generate_batch needs at least one prompt, and no empty prompt")
@@ -126,14 +223,18 @@ def generate_batch(
     generators = [None] * len(prompts)
     if sampling.seed is not None:
         generators = [torch.Generator(device=device).manual_seed(sampling.seed + i) for i in range(len(prompts))]
+    matchers = matchers_for(sampling, tokenizer, len(prompts))
+    masks = TokenMasks(device)
     cache = KVCache(model.config, len(prompts), capacity, device=device, dtype=next(model.parameters()).dtype)
+    if matchers is not None:
+        masks.start(matchers)
     logits = prefill(model, prompts, cache)
     histories = [list(prompt) for prompt in prompts]
     outputs: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))
     stop_ids = stop_token_ids or set()
     for step in range(sampling.max_new_tokens):
-        logits = _adjust_logits(logits, [histories[row] for row in active], sampling)
+        logits = masks.apply(_adjust_logits(logits, [histories[row] for row in active], sampling))
         if generators[0] is None:
             picked = pick_next_token(logits, sampling, None).tolist()
         else:
@@ -144,11 +245,17 @@ def generate_batch(
         for token, row in zip(picked, active):
             histories[row].append(token)
             outputs[row].append(token)
-            if token not in stop_ids:
+            complete = False
+            if matchers is not None:
+                matchers[row].consume(token)
+                complete = matchers[row].complete
+            if token not in stop_ids and not complete:
                 still_active.append(row)
         active = still_active
         if not active or step == sampling.max_new_tokens - 1:
             break
+        if matchers is not None:
+            masks.start([matchers[row] for row in active])
         slots = torch.tensor(active, device=device)
         inputs = torch.tensor([[histories[row][-1]] for row in active], device=device)
         positions = torch.tensor([len(histories[row]) - 1 for row in active], device=device)
@@ -209,6 +316,10 @@ def check_greedy_for_draft(sampling: SamplingConfig) -> None:
         offending.append(f"temperature must be 0 (not {sampling.temperature:g})")
     if sampling.repetition_penalty != 1.0:
         offending.append(f"repetition_penalty must be 1 (not {sampling.repetition_penalty:g})")
+    if sampling.constraint() is not None:
+        offending.append("json_schema and grammar are not supported")
+    if sampling.logit_bias:
+        offending.append("logit_bias must be empty")
     if offending:
         raise LmforgeError("speculative decoding with a draft model is greedy: " + " and ".join(offending))
 
@@ -228,6 +339,7 @@ def generate(
     model (same tokenizer), decoding is speculative (`lmforge.inference.speculative`): greedy only, the same
     text, faster when the draft is much cheaper."""
     sampling = sampling or SamplingConfig()
+    check_logit_bias(sampling.logit_bias, model.config.vocab_size)
     if draft is not None:
         check_greedy_for_draft(sampling)
     prompt_ids = tokenizer.with_document_marks(tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
@@ -236,9 +348,11 @@ def generate(
     stop_ids = set(stop_token_ids or ())
     if stop_at_eos and tokenizer.eos_id is not None:
         stop_ids.add(tokenizer.eos_id)
+    if sampling.constraint() is not None:
+        stop_ids |= model_stop_ids(tokenizer)  # where the grammar may end, it lets any of them end the text
     stream = TextStream(tokenizer, sampling.stop)
     if draft is None:
-        tokens = generate_tokens(model, prompt_ids, sampling)
+        tokens = generate_tokens(model, prompt_ids, sampling, tokenizer=tokenizer)
     else:
         from lmforge.inference.speculative import speculative_generate
 

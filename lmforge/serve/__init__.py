@@ -36,6 +36,9 @@ class ServeConfig:
     cors_origins: list[str] = field(default_factory=list)  # comma-separated on the command line
     drain_seconds: float = 10.0  # on SIGTERM, how long requests may go on; then each ends with finish_reason "length"
     threads: int | None = None  # default: $LMFORGE_THREADS, else chosen per decoding step from measured speed
+    # reuse the keys and values of a prompt's leading tokens that a slot already holds (a chat's
+    # earlier turns, a shared system prompt) instead of prefilling them again
+    no_prefix_cache: bool = False
 
 
 def build_app(config: ServeConfig):
@@ -53,7 +56,12 @@ def build_app(config: ServeConfig):
 
         print(describe_adapter(config.adapter), file=sys.stderr)
     scheduler = Scheduler(
-        model, tokenizer, max_batch=config.max_batch, max_context=config.max_context, max_queue=config.max_queue
+        model,
+        tokenizer,
+        max_batch=config.max_batch,
+        max_context=config.max_context,
+        max_queue=config.max_queue,
+        prefix_cache=not config.no_prefix_cache,
     )
     embedder = None
     if config.embedding_model.lower() != "none":

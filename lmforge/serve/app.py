@@ -15,7 +15,7 @@ import json
 import struct
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -26,8 +26,9 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
 from lmforge.apps.encoder import truncate_dimensions
 from lmforge.errors import LmforgeError
 from lmforge.formats.loading import SamplingDefaults, fallback_defaults
-from lmforge.inference.chat import chat_stop_strings, encode_chat, stop_token_ids
-from lmforge.inference.generate import SamplingConfig
+from lmforge.inference.chat import chat_stop_strings, chat_template, encode_chat, stop_token_ids
+from lmforge.inference.generate import SamplingConfig, TokenScore, check_logit_bias
+from lmforge.inference.tools import ToolCallReader, call_format, call_grammar, parse_reply
 from lmforge.serve.errors import APIError, error_body, use_openai_errors
 from lmforge.serve.scheduler import GenerationRequest, QueueFull, Scheduler
 from lmforge.serve.schemas import (
@@ -36,17 +37,28 @@ from lmforge.serve.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Delta,
+    DetokenizeRequest,
     EmbeddingItem,
     EmbeddingList,
     EmbeddingRequest,
+    FunctionCall,
+    FunctionCallDelta,
     ModelCard,
     ModelList,
+    NamedToolChoice,
     ResponseMessage,
     SamplingDefaultsCard,
+    TokenizeRequest,
+    TokenLogprob,
+    ToolCall,
+    ToolCallDelta,
+    TopLogprob,
     Usage,
 )
 
@@ -110,14 +122,16 @@ class BodyLimit:
 
 
 class ApiKeyCheck:
-    """Bearer-token check on /v1 and /metrics, compared in constant time."""
+    """Bearer-token check on /v1, /metrics and the tokenizer routes, compared in constant time."""
+
+    GUARDED = ("/v1", "/metrics", "/tokenize", "/detokenize", "/tokenizer_info")
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] == "http" and scope.get("method") != "OPTIONS" and path.startswith(("/v1", "/metrics")):
+        if scope["type"] == "http" and scope.get("method") != "OPTIONS" and path.startswith(self.GUARDED):
             header = dict(scope.get("headers") or []).get(b"authorization", b"")
             token = header[7:] if header[:7].lower() == b"bearer " else b""
             if not hmac.compare_digest(token, self.key):
@@ -152,6 +166,13 @@ class Submitted:
 
     events: asyncio.Queue
     requests: list[GenerationRequest]
+    # filled by `collect`, per sequence: its generated tokens' scores, and its prompt's (echo with logprobs)
+    scores: list[list[TokenScore]] = field(init=False)
+    prompt_scores: list[list[TokenScore]] = field(init=False)
+
+    def __post_init__(self):
+        self.scores = [[] for _ in self.requests]
+        self.prompt_scores = [[] for _ in self.requests]
 
     def cancel(self) -> None:
         """Free their slots at the scheduler's next step (finished ones are already gone)."""
@@ -189,6 +210,7 @@ class ServerState:
         self.started = time.monotonic()
         self.latency = {"count": 0, "sum": 0.0}
         self.error_responses: collections.Counter = collections.Counter()  # status code -> responses sent
+        self.token_texts: dict[int, str] = {}  # token id -> its text, as logprobs show it
 
     def check_model(self, requested: str | None, kind: str) -> str:
         models = self.models
@@ -218,7 +240,83 @@ class ServerState:
             repetition_penalty=given(body.repetition_penalty, defaults.repetition_penalty),
             stop=[*(body.stop or []), *self.chat_stops] if isinstance(body, ChatCompletionRequest) else body.stop,
             seed=seed,
+            json_schema=self.response_schema(body),
+            logit_bias=body.token_bias(),
         )
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a request may name: the tokenizer's, within the model's (padded) embedding."""
+        return min(self.tokenizer.vocab_size, self.scheduler.model.config.vocab_size)
+
+    def check_token_ids(self, ids: list[int], field: str) -> None:
+        for position, token in enumerate(ids):
+            if not 0 <= token < self.vocab_size:
+                raise APIError(
+                    400,
+                    f"{field}[{position}]: token id {token} is outside the vocabulary (0 to {self.vocab_size - 1})",
+                    param=field,
+                )
+
+    def token_text(self, token: int) -> str:
+        """A token as text, as logprobs show it (a token that splits a UTF-8 character shows U+FFFD)."""
+        text = self.token_texts.get(token)
+        if text is None:
+            text = self.token_texts[token] = self.tokenizer.decode([token])
+        return text
+
+    def chat_logprobs(self, scores: list[TokenScore]) -> ChoiceLogprobs:
+        """Chat's `logprobs.content`: each token with its bytes and its most likely alternatives."""
+
+        def entry(token: int, logprob: float) -> dict:
+            text = self.token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+        return ChoiceLogprobs(
+            content=[
+                TokenLogprob(
+                    **entry(score.token_id, score.logprob),
+                    top_logprobs=[TopLogprob(**entry(token, logprob)) for token, logprob in score.top],
+                )
+                for score in scores
+            ]
+        )
+
+    def completion_logprobs(
+        self, scores: list[TokenScore], offset: int = 0, first_token: int | None = None
+    ) -> CompletionLogprobs:
+        """The legacy completions shape; `first_token`, an echoed prompt's first token, which has no score.
+        `offset`: where the first token starts in the choice's text."""
+        tokens, token_logprobs, top_logprobs = [], [], []
+        if first_token is not None:
+            tokens.append(self.token_text(first_token))
+            token_logprobs.append(None)
+            top_logprobs.append(None)
+        for score in scores:
+            tokens.append(self.token_text(score.token_id))
+            token_logprobs.append(score.logprob)
+            # OpenAI's: the most likely tokens, and the chosen one wherever it ranks
+            best = {self.token_text(token): logprob for token, logprob in score.top}
+            top_logprobs.append({**best, tokens[-1]: score.logprob})
+        text_offset = []
+        for token in tokens:
+            text_offset.append(offset)
+            offset += len(token)
+        return CompletionLogprobs(
+            tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs, text_offset=text_offset
+        )
+
+    @staticmethod
+    def response_schema(body) -> dict | None:
+        """The JSON Schema that response_format asks the reply to follow (None: free text); a 400 for a schema
+        llguidance cannot compile, the one part of it pydantic cannot check."""
+        schema = body.response_format.schema_for_decoding() if body.response_format else None
+        if schema is not None:
+            try:
+                SamplingConfig(json_schema=schema)
+            except ValueError as error:
+                raise APIError(400, f"response_format: {error}", param="response_format") from None
+        return schema
 
     def budget(self, prompt_ids: list[int], requested: int | None) -> int:
         context, limits = self.scheduler.context, self.limits
@@ -268,30 +366,48 @@ class ServerState:
             ids = self.tokenizer.encode(prompt)
         return self.tokenizer.with_document_marks(ids) if ids else ids
 
-    async def run(self, prompts: list[tuple[list[int], int]], body, count: int) -> Submitted:
+    async def run(
+        self, prompts: list[tuple[list[int], int]], body, count: int, grammar: str | None = None
+    ) -> Submitted:
         """Submit `count` sequences per (prompt ids, max_tokens), all or none; their events arrive on
-        one queue as (index, event), index = prompt number * count + choice."""
+        one queue as (index, event), index = prompt number * count + choice. A `grammar` (a forced
+        tool call) constrains every sequence."""
+        try:
+            check_logit_bias(body.token_bias(), self.vocab_size)
+        except LmforgeError as error:
+            raise APIError(400, str(error), param="logit_bias") from None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         requests = []
         for prompt_index, (prompt_ids, max_tokens) in enumerate(prompts):
             for choice in range(count):
                 index = prompt_index * count + choice
+                sampling = self.sampling_for(body, max_tokens, choice)
+                if grammar is not None:
+                    sampling = replace(sampling, grammar=grammar)
                 requests.append(
                     GenerationRequest(
                         prompt_ids=prompt_ids,
                         max_tokens=max_tokens,
                         emit=lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event)),
-                        sampling=self.sampling_for(body, max_tokens, choice),
+                        sampling=sampling,
                         presence_penalty=body.presence_penalty,
                         frequency_penalty=body.frequency_penalty,
                         stop_ids=self.stop_ids,
+                        logprobs=body.generated_scores(),
+                        prompt_logprobs=body.prompt_scores(),
                     )
                 )
         try:
-            self.scheduler.submit_all(requests)
+            if any(request.sampling.json_schema or request.sampling.grammar for request in requests):
+                # building their grammar matchers takes milliseconds (the first for a tokenizer ~0.3 s): not here
+                await asyncio.to_thread(self.scheduler.submit_all, requests)
+            else:
+                self.scheduler.submit_all(requests)
         except ValueError as error:
             raise APIError(400, str(error), param="max_tokens") from None
+        except LmforgeError as error:  # a grammar this model's tokenizer cannot drive
+            raise APIError(400, str(error), param="response_format" if body.response_format else None) from None
         except QueueFull as error:
             raise APIError(
                 429, str(error), "rate_limit_error", headers={"Retry-After": str(self.limits.retry_after_seconds)}
@@ -334,6 +450,9 @@ async def collect(submitted: Submitted, choices: int, http_request: Request) -> 
                 continue
             if kind == "text":
                 texts[index] += value
+                submitted.scores[index] += extra
+            elif kind == "prompt":
+                submitted.prompt_scores[index] = value
             elif kind == "error":
                 raise APIError(500, value, "server_error")
             else:
@@ -362,12 +481,16 @@ async def stream(server: ServerState, submitted: Submitted, count: int, make_chu
         while remaining:
             index, (kind, value, extra) = await events.get()
             if kind == "text":
-                yield sse(make_chunk(index, value, None))
+                for chunk in as_chunks(make_chunk(index, value, None, scores=extra)):
+                    yield sse(chunk)
+            elif kind == "prompt":  # a completion's echoed prompt, scored
+                yield sse(make_chunk(index, None, None, prompt_scores=value))
             elif kind == "error":
                 yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
                 remaining -= 1
             else:
-                yield sse(make_chunk(index, None, value))
+                for chunk in as_chunks(make_chunk(index, None, value)):
+                    yield sse(chunk)
                 prompt_tokens = extra["prompt_tokens"]
                 completion_tokens += extra["completion_tokens"]
                 remaining -= 1
@@ -384,6 +507,11 @@ async def stream(server: ServerState, submitted: Submitted, count: int, make_chu
         submitted.cancel()
 
 
+def as_chunks(made) -> list:
+    """What a route's chunk maker returned for one event: one chunk, or several (a reply's tool calls)."""
+    return made if isinstance(made, list) else [made]
+
+
 def streaming_response(generator) -> StreamingResponse:
     return StreamingResponse(
         generator, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -393,34 +521,150 @@ def streaming_response(generator) -> StreamingResponse:
 routes = APIRouter()
 
 
+@dataclass
+class ToolUse:
+    """How a chat request uses tools: the definitions its template is given, the functions whose calls
+    are read from the reply (none: the reply is all content), and the grammar the reply is decoded under
+    (None: the model's own text)."""
+
+    definitions: list[dict] | None = None
+    names: set[str] = field(default_factory=set)
+    grammar: str | None = None
+
+
+def tool_use(body: ChatCompletionRequest, template: str) -> ToolUse:
+    """`tools`, `tool_choice` and `parallel_tool_calls` of a request. "none" offers no tools (and reads
+    no calls); "auto" offers them and reads any call the reply makes; "required" and a named function
+    force the reply to be calls (to that function). Forced calls are decoded under `call_grammar`, their
+    arguments valid under their schemas; so are "auto" replies where a function is `strict` or parallel
+    calls are off (the reply may then be text, or calls that are valid, at most one without parallel)."""
+    tools, choice = body.tools or [], body.tool_choice
+    named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+    if (choice == "required" or named) and not tools:
+        raise APIError(400, "tool_choice requires a call, but the request has no tools", param="tool_choice")
+    names = [tool.function.name for tool in tools]
+    if len(set(names)) < len(names):
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        raise APIError(400, f"tools: each function needs its own name; repeated: {duplicated}", param="tools")
+    if named and named not in names:
+        raise APIError(
+            400,
+            f"tool_choice names the function {named!r}, which is not in tools ({', '.join(names)})",
+            param="tool_choice",
+        )
+    if not tools or choice == "none":
+        return ToolUse()
+    definitions = [tool.model_dump(exclude_none=True) for tool in tools]
+    text_allowed = choice in (None, "auto")
+    if text_allowed and body.parallel_tool_calls and not any(tool.function.strict for tool in tools):
+        return ToolUse(definitions, set(names))
+    if body.response_format is not None and body.response_format.schema_for_decoding() is not None:
+        raise APIError(
+            400,
+            "response_format would constrain the reply that tools constrain here (tool_choice "
+            f"{named or choice or 'auto'!r}, strict functions or parallel_tool_calls false); use one of them",
+            param="response_format",
+        )
+    constrained = {}
+    for index, tool in enumerate(tools):
+        if named in (None, tool.function.name):
+            constrained[tool.function.name] = parameters = tool.function.parameters
+            try:  # a schema llguidance cannot compile is the client's to fix
+                SamplingConfig(json_schema=parameters or {"type": "object"})
+            except ValueError as error:
+                param = f"tools.{index}.function.parameters"
+                raise APIError(400, f"{param}: {error}", param=param) from None
+    parallel = body.parallel_tool_calls and not named
+    grammar = call_grammar(constrained, call_format(template), parallel, text_allowed)
+    return ToolUse(definitions, set(constrained), grammar)
+
+
+def template_messages(messages: list) -> list[dict]:
+    """The request's messages as chat templates take them (OpenAI's "developer" is a system message)."""
+    written = []
+    for index, message in enumerate(messages):
+        if message.tool_calls and message.role != "assistant":
+            raise APIError(400, "only assistant messages carry tool_calls", param=f"messages.{index}.tool_calls")
+        content = None if message.content is None and message.tool_calls else message.text()
+        item = {"role": "system" if message.role == "developer" else message.role, "content": content}
+        if message.tool_calls:
+            item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
+        if message.tool_call_id is not None:
+            item["tool_call_id"] = message.tool_call_id
+        written.append(item)
+    return written
+
+
+def reply_message(text: str, reason: str, use: ToolUse) -> tuple[ResponseMessage, str]:
+    """A finished reply as OpenAI's message and finish_reason: its calls read out where tools were offered."""
+    if not use.names:
+        return ResponseMessage(content=text), reason
+    parsed = parse_reply(text, use.names)
+    calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in parsed.tool_calls]
+    finish = "tool_calls" if calls and reason == "stop" else reason
+    return ResponseMessage(content=parsed.content, tool_calls=calls or None), finish
+
+
+def tool_call_deltas(position: int, call) -> list[Delta]:
+    """One streamed call as OpenAI streams it: its id, type and name first, then its arguments."""
+    opening = ToolCallDelta(
+        index=position, id=call.id, type="function", function=FunctionCallDelta(name=call.name, arguments="")
+    )
+    arguments = ToolCallDelta(index=position, function=FunctionCallDelta(arguments=call.arguments))
+    return [Delta(tool_calls=[opening]), Delta(tool_calls=[arguments])]
+
+
 @routes.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, http_request: Request, server: Server):
     start = time.monotonic()
     name = server.check_model(body.model, "chat")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    messages = template_messages(body.messages)
+    use = tool_use(body, chat_template(server.tokenizer))
     try:  # off the event loop: a model's template may take up to its render limit
-        prompt_ids = await asyncio.to_thread(encode_chat, server.tokenizer, messages)
+        prompt_ids = await asyncio.to_thread(encode_chat, server.tokenizer, messages, True, use.definitions)
     except LmforgeError as error:
-        raise APIError(400, str(error), param="messages") from None
+        raise APIError(400, str(error), param="tools" if str(error).startswith("tools") else "messages") from None
     server.check_work([prompt_ids], body.n)
     max_tokens = server.budget(prompt_ids, body.max_completion_tokens or body.max_tokens)
-    submitted = await server.run([(prompt_ids, max_tokens)], body, body.n)
+    submitted = await server.run([(prompt_ids, max_tokens)], body, body.n, grammar=use.grammar)
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        readers = [ToolCallReader(use.names) for _ in range(body.n)] if use.names else None
 
-        def chunk(index, text, finish, role=False, usage=None):
-            delta = Delta(role="assistant" if role else None, content=text)
-            choices = [] if index is None else [ChatChunkChoice(index=index, delta=delta, finish_reason=finish)]
+        def made(index, delta, finish=None, usage=None, logprobs=None):
+            choices = []
+            if index is not None:
+                choices = [ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)]
             return ChatCompletionChunk(id=response_id, created=created, model=name, choices=choices, usage=usage)
+
+        def chunk(index, text, finish, role=False, usage=None, scores=None):
+            logprobs = server.chat_logprobs(scores) if body.logprobs and text is not None and scores else None
+            if readers is None or role or index is None:
+                return made(index, Delta(role="assistant" if role else None, content=text), finish, usage, logprobs)
+            # tools offered: the text goes through the reader, which holds back what may be a call
+            reader = readers[index]
+            deltas = []
+            for piece in reader.push(text) if finish is None else reader.finish():
+                if piece.call is None:
+                    deltas.append(Delta(content=piece.content))
+                else:
+                    deltas += tool_call_deltas(reader.calls.index(piece.call), piece.call)
+            if logprobs is not None and not deltas:  # text held back: its tokens' scores still go out now
+                deltas.append(Delta())
+            chunks = [made(index, delta, logprobs=logprobs if i == 0 else None) for i, delta in enumerate(deltas)]
+            if finish is not None:
+                chunks.append(made(index, Delta(), "tool_calls" if reader.calls and finish == "stop" else finish))
+            return chunks
 
         return streaming_response(stream(server, submitted, body.n, chunk, include_usage, start))
     texts, reasons, usage = await collect(submitted, body.n, http_request)
     server.record(start)
-    choices = [
-        ChatChoice(index=i, message=ResponseMessage(content=text), finish_reason=reason)
-        for i, (text, reason) in enumerate(zip(texts, reasons))
-    ]
+    choices = []
+    for index, (text, reason) in enumerate(zip(texts, reasons)):
+        message, finish = reply_message(text, reason, use)
+        logprobs = server.chat_logprobs(submitted.scores[index]) if body.logprobs else None
+        choices.append(ChatChoice(index=index, message=message, finish_reason=finish, logprobs=logprobs))
     return ChatCompletion(id=response_id, created=created, model=name, choices=choices, usage=Usage(**usage))
 
 
@@ -428,12 +672,16 @@ async def chat_completions(body: ChatCompletionRequest, http_request: Request, s
 async def completions(body: CompletionRequest, http_request: Request, server: Server):
     start = time.monotonic()
     name = server.check_model(body.model, "chat")
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    prompts = body.prompts()
     if body.stream and len(prompts) > 1:
         raise APIError(400, "stream=true takes a single prompt", param="prompt")
     encoded = []
-    for prompt in prompts:
-        ids = server.encode_prompt(prompt)
+    for number, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            ids = server.encode_prompt(prompt)
+        else:  # token ids, taken as they are
+            ids = list(prompt)
+            server.check_token_ids(ids, "prompt" if len(prompts) == 1 else f"prompt[{number}]")
         if not ids:
             if server.tokenizer.bos_id is None:
                 raise APIError(400, "the prompt is empty", param="prompt")
@@ -443,21 +691,44 @@ async def completions(body: CompletionRequest, http_request: Request, server: Se
     submitted = await server.run([(ids, server.budget(ids, body.max_tokens)) for ids in encoded], body, body.n)
     response_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
+        text_offset = [0] * body.n  # where each choice's next piece starts in its text
 
-        def chunk(index, text, finish, role=False, usage=None):
-            if role:
-                return None
-            choices = [] if index is None else [CompletionChoice(index=index, text=text or "", finish_reason=finish)]
+        def chunk(index, text, finish, role=False, usage=None, scores=None, prompt_scores=None):
+            if role or prompt_scores is not None:  # the echoed prompt: first, or with its scores once scored
+                if not body.echo or (role and body.logprobs is not None):
+                    return None
+                prompt_ids = submitted.requests[index].prompt_ids
+                echoed = server.tokenizer.decode(prompt_ids)
+                logprobs = None
+                if prompt_scores is not None:
+                    logprobs = server.completion_logprobs(prompt_scores, first_token=prompt_ids[0])
+                text_offset[index] = len(echoed)
+                choices = [CompletionChoice(index=index, text=echoed, logprobs=logprobs)]
+                return Completion(id=response_id, created=created, model=name, choices=choices)
+            logprobs = None
+            if body.logprobs is not None and text is not None:
+                logprobs = server.completion_logprobs(scores, text_offset[index])
+                text_offset[index] += len(text)
+            choices = []
+            if index is not None:
+                choices = [CompletionChoice(index=index, text=text or "", finish_reason=finish, logprobs=logprobs)]
             return Completion(id=response_id, created=created, model=name, choices=choices, usage=usage)
 
-        include_usage = bool((body.stream_options or {}).get("include_usage"))
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
         return streaming_response(stream(server, submitted, body.n, chunk, include_usage, start))
     texts, reasons, usage = await collect(submitted, body.n, http_request)
     server.record(start)
-    choices = [
-        CompletionChoice(index=index, text=text, finish_reason=reason)
-        for index, (text, reason) in enumerate(zip(texts, reasons))
-    ]
+    choices = []
+    for index, (text, reason) in enumerate(zip(texts, reasons)):
+        prompt_ids = submitted.requests[index].prompt_ids
+        echoed = server.tokenizer.decode(prompt_ids) if body.echo else ""  # the prompt as the model read it
+        logprobs = None
+        if body.logprobs is not None:
+            scores = submitted.scores[index]
+            if body.echo:
+                scores = submitted.prompt_scores[index] + scores
+            logprobs = server.completion_logprobs(scores, first_token=prompt_ids[0] if body.echo else None)
+        choices.append(CompletionChoice(index=index, text=echoed + text, finish_reason=reason, logprobs=logprobs))
     return Completion(id=response_id, created=created, model=name, choices=choices, usage=Usage(**usage))
 
 
@@ -512,8 +783,7 @@ async def embeddings(body: EmbeddingRequest, server: Server):
     return EmbeddingList(data=data, model=name, usage=Usage(prompt_tokens=token_count, total_tokens=token_count))
 
 
-@routes.get("/v1/models")
-async def list_models(server: Server):
+def model_cards(server: ServerState) -> list[ModelCard]:
     models, defaults, context = server.models, server.defaults, server.scheduler.context
     sampling = SamplingDefaultsCard(
         temperature=defaults.temperature,
@@ -541,7 +811,58 @@ async def list_models(server: Server):
                 context_tokens=models.embedder.max_tokens,
             )
         )
-    return ModelList(data=cards)
+    return cards
+
+
+@routes.get("/v1/models")
+async def list_models(server: Server):
+    return ModelList(data=model_cards(server))
+
+
+@routes.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, server: Server):
+    cards = model_cards(server)
+    card = next((card for card in cards if card.id == model_id), None)
+    if card is None:
+        served = ", ".join(repr(card.id) for card in cards)
+        raise APIError(
+            404, f"model {model_id!r} does not exist; this server serves {served}", "not_found_error", "model"
+        )
+    return card
+
+
+# vLLM's tokenizer routes, at the root as vLLM has them: lm-evaluation-harness's `local-completions` finds them and
+# tokenizes through the server (its `tokenizer_backend=remote`), so scoring needs no tokenizer download.
+@routes.post("/tokenize")
+async def tokenize(body: TokenizeRequest, server: Server):
+    server.check_model(body.model, "chat")
+    tokenizer = server.tokenizer
+    # special-token strings are their tokens here, as in a transformers tokenizer: a client that sends the ids
+    # back can as well send them directly
+    ids = tokenizer.encode_with_special_tokens(body.prompt)
+    if body.add_special_tokens:
+        ids = tokenizer.with_document_marks(ids)
+    return {"count": len(ids), "max_model_len": server.scheduler.context, "tokens": ids}
+
+
+@routes.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, server: Server):
+    server.check_model(body.model, "chat")
+    server.check_token_ids(body.tokens, "tokens")
+    return {"prompt": server.tokenizer.decode(body.tokens)}
+
+
+@routes.get("/tokenizer_info")
+async def tokenizer_info(server: Server):
+    tokenizer = server.tokenizer
+    return {
+        "tokenizer_class": type(tokenizer).__name__,
+        "bos_token": tokenizer.bos_token if tokenizer.bos_id is not None else None,
+        "eos_token": tokenizer.eos_token if tokenizer.eos_id is not None else None,
+        "pad_token": tokenizer.pad_token if tokenizer.pad_id is not None else None,
+        "chat_template": tokenizer.chat_template,
+        "model_max_length": server.scheduler.context,
+    }
 
 
 @routes.get("/health")
@@ -571,6 +892,12 @@ async def metrics(server: Server):
         f"lmforge_requests_total {counters['requests_total']}",
         "# TYPE lmforge_prompt_tokens_total counter",
         f"lmforge_prompt_tokens_total {counters['prompt_tokens_total']}",
+        "# TYPE lmforge_prefill_tokens_total counter",  # prompt tokens run through the model: not from the cache
+        f"lmforge_prefill_tokens_total {counters['prefill_tokens_total']}",
+        "# TYPE lmforge_prefix_cache_hits_total counter",
+        f"lmforge_prefix_cache_hits_total {counters['prefix_cache_hits_total']}",
+        "# TYPE lmforge_prefix_cache_reused_tokens_total counter",
+        f"lmforge_prefix_cache_reused_tokens_total {counters['prefix_cache_reused_tokens_total']}",
         "# TYPE lmforge_completion_tokens_total counter",
         f"lmforge_completion_tokens_total {counters['completion_tokens_total']}",
         "# TYPE lmforge_errors_total counter",

@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmforge.serve.schemas import InvalidText
+from lmforge.serve.schemas import FieldError
 
 
 class APIError(Exception):
@@ -50,10 +50,19 @@ def invalid_request_handler(status: int):
             return error_body(
                 status, f"request body is not valid JSON: {first.get('msg', '')}", "invalid_request_error"
             )
-        invalid_text = (first.get("ctx") or {}).get("error")
-        if isinstance(invalid_text, InvalidText):
-            return error_body(status, f"invalid request: {invalid_text}", "invalid_request_error", invalid_text.field)
+        field_error = (first.get("ctx") or {}).get("error")
+        if isinstance(field_error, FieldError):
+            return error_body(status, f"invalid request: {field_error}", "invalid_request_error", field_error.field)
         location = ".".join(str(part) for part in first.get("loc", ())[1:])
+        unsupported = next((problem for problem in problems if problem.get("type") == "extra_forbidden"), None)
+        if unsupported is not None:  # the field policy (schemas._Request): refused, never dropped
+            name = ".".join(str(part) for part in unsupported.get("loc", ())[1:])
+            return error_body(
+                status,
+                f"unsupported field {name!r}: this server does not implement it",
+                "invalid_request_error",
+                name,
+            )
         detail = "; ".join(
             f"{'.'.join(str(p) for p in problem.get('loc', ())[1:]) or 'body'}: {problem.get('msg')}"
             for problem in problems[:5]

@@ -4,6 +4,14 @@ Each running sequence owns a row ("slot") of one shared KV cache and its own pos
 sequences of any length decode together in one batched step (`next_token_logits` with
 per-row positions). A request that arrives while others decode is prefilled between two
 steps and joins the next one; a finished or cancelled request frees its slot at once.
+
+Prefix caching: a slot keeps the keys and values of the tokens it has run (`slot_tokens`) after
+its sequence ends. A new request takes the free slot whose tokens share the longest prefix with
+its prompt (the earlier turns of a chat, a long system prompt) and prefills only the rest; a
+prefix found in a slot still running is copied into the request's own slot instead. The memory
+is the slots themselves: a request that matches nothing evicts the least recently used free
+slot. Every position is kept (sliding-window layers included), so a prefix's entries are valid
+for any sequence that starts with it.
 """
 
 from __future__ import annotations
@@ -16,12 +24,36 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmforge.errors import LmforgeError
+from lmforge.inference.constrained import GrammarMatcher, TokenMasks, matchers_for
 from lmforge.inference.engine import next_token_logits, prefill
-from lmforge.inference.generate import SamplingConfig, TextStream, apply_repetition_penalty, pick_next_token
+from lmforge.inference.generate import (
+    SamplingConfig,
+    TextStream,
+    TokenScore,
+    apply_logit_bias,
+    apply_repetition_penalty,
+    pick_next_token,
+    score_prompt,
+    score_tokens,
+)
 from lmforge.model import KVCache, Transformer
 from lmforge.tokenizer import Tokenizer
 
 PREFILL_TOKENS = 4096  # padded prompt tokens per batched prefill pass (bounds its attention-mask memory)
+
+
+def common_prefix_length(cached: list[int], prompt: list[int], limit: int) -> int:
+    """How many leading tokens `cached` and `prompt` share, at most `limit`: a binary search over
+    slice comparisons (each one C-speed), not a Python loop over a 2,000-token prompt."""
+    low, high = 0, min(len(cached), len(prompt), limit)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if cached[:middle] == prompt[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 class QueueFull(Exception):
@@ -30,8 +62,12 @@ class QueueFull(Exception):
 
 @dataclass
 class GenerationRequest:
-    """One sequence to generate. `emit` receives events from the scheduler thread:
-    ("text", piece, token_id) as tokens arrive, then ("done", finish_reason, usage) or ("error", message, None)."""
+    """One sequence to generate. `emit` receives events from the scheduler thread: ("prompt", scores, None)
+    first when `prompt_logprobs` is set, ("text", piece, scores) as tokens arrive, then ("done", finish_reason,
+    usage) or ("error", message, None). A piece's scores are those of the tokens it completes (`TokenScore`s,
+    empty unless `logprobs` is set): log-softmax of the model's logits plus logit_bias, before the penalties,
+    temperature and top-k/top-p reshape them for sampling (the model's view, comparable across requests whatever
+    their sampling settings). A stop string's own tokens have none."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -40,8 +76,12 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # score each generated token, with this many most likely alternatives
+    prompt_logprobs: int | None = None  # score each prompt token too (a completion's echo), in a pass of its own
     cancelled: bool = False  # set by the client side (disconnect); the scheduler frees the slot next step
     submitted_at: float = field(default_factory=time.monotonic)
+    # follows sampling.json_schema / .grammar; `Scheduler.submit_all` builds it, on the caller's thread
+    matcher: GrammarMatcher | None = None
 
 
 @dataclass
@@ -53,6 +93,12 @@ class _Running:
     generated: list[int] = field(default_factory=list)
     counts: collections.Counter = field(default_factory=collections.Counter)
     seen: set[int] = field(default_factory=set)  # prompt and generated tokens, for the repetition penalty
+    cached: int = 0  # leading prompt tokens whose entries the slot already held (prefix cache): not prefilled
+    scores: list[TokenScore] = field(default_factory=list)  # of generated tokens whose text is not out yet
+
+    def take_scores(self) -> list[TokenScore]:
+        scores, self.scores = self.scores, []
+        return scores
 
 
 class Scheduler:
@@ -65,6 +111,7 @@ class Scheduler:
         max_batch: int = 8,
         max_context: int | None = None,
         max_queue: int = 64,
+        prefix_cache: bool = True,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -73,7 +120,10 @@ class Scheduler:
         self.cache = KVCache(
             model.config, max_batch, self.context, dtype=dtype if dtype.is_floating_point else torch.float32
         )
-        self.free_slots = list(range(max_batch - 1, -1, -1))
+        self.prefix_cache = prefix_cache
+        # least recently used first: a request that matches no cached prefix evicts the front one
+        self.free_slots = list(range(max_batch))
+        self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # what each slot's entries are of
         self.waiting: collections.deque[GenerationRequest] = collections.deque()
         self.running: list[_Running] = []
         self.condition = threading.Condition()
@@ -92,7 +142,12 @@ class Scheduler:
 
     def submit_all(self, requests: list[GenerationRequest]) -> None:
         """Queue the sequences of one client request, all or none: ValueError if one cannot fit
-        the context or they outnumber the slots, QueueFull if the queue has no room for them."""
+        the context or they outnumber the slots, QueueFull if the queue has no room for them. Requests with a
+        json_schema or grammar get their matcher here (milliseconds; the first for a tokenizer ~0.3 s), so
+        call it off an event loop for those."""
+        for request in requests:
+            if request.matcher is None:
+                request.matcher = (matchers_for(request.sampling, self.tokenizer, 1) or [None])[0]
         for request in requests:
             if len(request.prompt_ids) + request.max_tokens > self.context:
                 raise ValueError(
@@ -160,8 +215,11 @@ class Scheduler:
                         request = self.waiting.popleft()
                         if not request.cancelled:
                             admitted.append(request)
-                for group in self._prefill_groups(admitted):
-                    self._run_safely(lambda group=group: self._prefill(group), group)
+                admitted = self._score_prompts(admitted)
+                # every slot is taken (and every prefix copied) before any prefill writes a slot
+                started = [self._start(request) for request in admitted]
+                for group in self._prefill_groups(started):
+                    self._run_safely(lambda group=group: self._prefill(group), [running.request for running in group])
                 if self.running:
                     self._run_safely(self._decode_step, [running.request for running in self.running])
 
@@ -174,47 +232,113 @@ class Scheduler:
             self.metrics["finished_length_total"] += 1
             request.emit(("done", "length", self._usage(request, 0)))
 
-    def _run_safely(self, step: Callable[[], None], requests: list[GenerationRequest]) -> None:
-        """A failure in one step fails the requests in it, never the scheduler."""
+    def _run_safely(self, step: Callable[[], None], requests: list[GenerationRequest]) -> bool:
+        """A failure in one step fails the requests in it, never the scheduler; whether the step succeeded."""
         try:
             step()
+            return True
         except Exception as error:  # noqa: BLE001 - report to the client and keep serving
             self.metrics["generation_failures_total"] += 1
             for request in requests:
                 request.emit(("error", f"generation failed: {type(error).__name__}: {error}", None))
+            failed = [running for running in self.running if running.request in requests]
             self.running = [running for running in self.running if running.request not in requests]
-            self.free_slots = sorted(set(range(self.max_batch)) - {r.slot for r in self.running}, reverse=True)
+            for running in failed:  # its entries may be half written: evict them first
+                self.slot_tokens[running.slot] = []
+                self.free_slots.insert(0, running.slot)
+            return False
 
-    @staticmethod
-    def _prefill_groups(requests: list[GenerationRequest]) -> list[list[GenerationRequest]]:
-        """Newly admitted requests, grouped so each group's padded prompt batch stays under PREFILL_TOKENS."""
-        groups, current, longest = [], [], 0
+    def _score_prompts(self, requests: list[GenerationRequest]) -> list[GenerationRequest]:
+        """Score the prompts of the requests that ask for it (echo), each in one pass of its own: the batched
+        prefill computes the LM head at each prompt's last position only. The requests that still have tokens
+        to generate; one with max_tokens=0 (lm-evaluation-harness's scoring) ends here, taking no slot."""
+        remaining = []
         for request in requests:
-            longest_with = max(longest, len(request.prompt_ids))
-            if current and longest_with * (len(current) + 1) > PREFILL_TOKENS:
+            if request.prompt_logprobs is not None:
+                if not self._run_safely(lambda request=request: self._emit_prompt_scores(request), [request]):
+                    continue
+            if request.max_tokens > 0:
+                remaining.append(request)
+                continue
+            self.metrics["prompt_tokens_total"] += len(request.prompt_ids)
+            self.metrics["finished_length_total"] += 1
+            request.emit(("done", "length", self._usage(request, 0)))
+        return remaining
+
+    def _emit_prompt_scores(self, request: GenerationRequest) -> None:
+        sampling = request.sampling
+        scores = score_prompt(self.model, request.prompt_ids, request.prompt_logprobs, sampling.logit_bias)
+        request.emit(("prompt", scores, None))
+
+    def _prefill_groups(self, started: list[_Running]) -> list[list[_Running]]:
+        """Newly started sequences, grouped so each group's padded batch of uncached prompt tokens stays
+        under PREFILL_TOKENS and every row's padded positions fit the context."""
+        groups, current, longest, furthest = [], [], 0, 0
+        for running in started:
+            rest = len(running.request.prompt_ids) - running.cached
+            longest_with, furthest_with = max(longest, rest), max(furthest, running.cached)
+            if current and (
+                longest_with * (len(current) + 1) > PREFILL_TOKENS or furthest_with + longest_with > self.context
+            ):
                 groups.append(current)
-                current, longest_with = [], len(request.prompt_ids)
-            current.append(request)
-            longest = longest_with
+                current, longest_with, furthest_with = [], rest, running.cached
+            current.append(running)
+            longest, furthest = longest_with, furthest_with
         return groups + [current] if current else groups
 
-    def _prefill(self, requests: list[GenerationRequest]) -> None:
-        """Run the prompts of newly admitted requests in one batched pass (right-padded; each row
-        writes its own cache slot from position 0) and sample each one's first token."""
-        started = []
-        for request in requests:
-            seed = request.sampling.seed
-            generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            running = _Running(
-                request, self.free_slots.pop(), TextStream(self.tokenizer, request.sampling.stop), generator
-            )
-            running.seen.update(request.prompt_ids)
-            self.running.append(running)
-            started.append(running)
-        prompts = [request.prompt_ids for request in requests]
-        logits = prefill(self.model, prompts, self.cache, torch.tensor([running.slot for running in started]))
-        self.metrics["prompt_tokens_total"] += sum(len(prompt) for prompt in prompts)
+    def _start(self, request: GenerationRequest) -> _Running:
+        """Give an admitted request a slot (`_take_slot`) and its sampling state."""
+        slot, cached = self._take_slot(request.prompt_ids)
+        seed = request.sampling.seed
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        running = _Running(request, slot, TextStream(self.tokenizer, request.sampling.stop), generator, cached=cached)
+        running.seen.update(request.prompt_ids)
+        self.running.append(running)
+        return running
+
+    def _take_slot(self, prompt_ids: list[int]) -> tuple[int, int]:
+        """A free slot for `prompt_ids` and how many of its leading tokens that slot already holds: with
+        prefix caching, the free slot holding the longest prefix of the prompt (or a copy of a longer
+        one a running slot holds), else the least recently used free slot."""
+        free = self.free_slots
+        if not self.prefix_cache:
+            self.slot_tokens[free[0]] = []
+            return free.pop(0), 0
+        # At most all but the last prompt token: it must run to give the first new token's logits.
+        limit = len(prompt_ids) - 1
+        # free slots first, least recently used first: on a tie, those lose the least to take
+        candidates = free + [running.slot for running in self.running]
+        matched = [common_prefix_length(self.slot_tokens[slot], prompt_ids, limit) for slot in candidates]
+        best = max(range(len(candidates)), key=lambda index: (matched[index], -index))
+        source, cached = candidates[best], matched[best]
+        # Take the matching free slot itself unless that would evict more than it reuses; then copy
+        # the prefix into the least recently used slot (a copy costs far less than a prefill).
+        if source in free and 2 * cached >= len(self.slot_tokens[source]):
+            slot = source
+        else:
+            slot = free[0]
+            if cached and source != slot:
+                self.cache.copy_prefix(source, slot, cached)
+        free.remove(slot)
+        self.slot_tokens[slot] = prompt_ids[:cached]
+        if cached:
+            self.metrics["prefix_cache_hits_total"] += 1
+            self.metrics["prefix_cache_reused_tokens_total"] += cached
+        return slot, cached
+
+    def _prefill(self, started: list[_Running]) -> None:
+        """Run the uncached prompt tokens of newly started sequences in one batched pass (right-padded;
+        each row writes its own slot from its first uncached position) and sample each one's first token."""
+        rests = [running.request.prompt_ids[running.cached :] for running in started]
+        slots = torch.tensor([running.slot for running in started])
+        masks = TokenMasks(self.cache.keys[0].device)
+        masks.start([running.request.matcher for running in started])
+        logits = prefill(self.model, rests, self.cache, slots, starts=[running.cached for running in started])
+        masks.apply(logits)
+        self.metrics["prompt_tokens_total"] += sum(len(running.request.prompt_ids) for running in started)
+        self.metrics["prefill_tokens_total"] += sum(len(rest) for rest in rests)
         for row, running in enumerate(started):
+            self.slot_tokens[running.slot] = list(running.request.prompt_ids)
             self._accept(running, logits[row])
 
     def _decode_step(self) -> None:
@@ -227,13 +351,18 @@ class Scheduler:
         tokens = torch.tensor([[running.generated[-1]] for running in rows])
         positions = torch.tensor([len(running.request.prompt_ids) + len(running.generated) - 1 for running in rows])
         slots = torch.tensor([running.slot for running in rows])
-        logits = next_token_logits(self.model, tokens, self.cache, positions=positions, slots=slots)
+        masks = TokenMasks(self.cache.keys[0].device)  # each constrained row's mask, while the model runs if it can
+        masks.start([running.request.matcher for running in rows])
+        logits = masks.apply(next_token_logits(self.model, tokens, self.cache, positions=positions, slots=slots))
         for index, running in enumerate(rows):
+            self.slot_tokens[running.slot].append(running.generated[-1])  # its entries are written now
             self._accept(running, logits[index])
 
     def _accept(self, running: _Running, logits: torch.Tensor) -> None:
         """Sample this sequence's next token from its logits, stream it, and retire the sequence if done."""
         request = running.request
+        logits = apply_logit_bias(logits, request.sampling.logit_bias)
+        scored = logits  # what logprobs report: before the penalties below
         penalty = request.sampling.repetition_penalty
         if penalty != 1.0 and running.seen:  # as `generate` applies it: over the prompt and the reply so far
             logits = apply_repetition_penalty(logits[None], torch.tensor([sorted(running.seen)]), penalty)[0]
@@ -248,27 +377,41 @@ class Scheduler:
         running.counts[token] += 1
         running.seen.add(token)
         self.metrics["completion_tokens_total"] += 1
+        if request.matcher is not None:
+            try:
+                request.matcher.consume(token)
+            except LmforgeError as error:  # llguidance hit one of its limits: this sequence fails, not the batch
+                self._fail(running, str(error))
+                return
         if token in request.stop_ids:
             self._finish(running, "stop")
             return
+        if request.logprobs is not None:
+            running.scores += score_tokens(scored[None], torch.tensor([token]), request.logprobs)
         piece = running.stream.push(token)
         if piece:
-            request.emit(("text", piece, token))
+            request.emit(("text", piece, running.take_scores()))
         used = len(request.prompt_ids) + len(running.generated)
-        if running.stream.stopped:
+        if running.stream.stopped or (request.matcher is not None and request.matcher.complete):
             self._finish(running, "stop")
         elif len(running.generated) >= request.max_tokens or used >= self.context:
             self._finish(running, "length")
 
     def _finish(self, running: _Running, reason: str) -> None:
         if reason != "stop" or not running.stream.stopped:
-            rest = running.stream.flush()
-            if rest and reason != "cancelled":
-                running.request.emit(("text", rest, None))
+            rest, scores = running.stream.flush(), running.take_scores()
+            if (rest or scores) and reason != "cancelled":
+                running.request.emit(("text", rest, scores))
         self.running.remove(running)
         self.free_slots.append(running.slot)
         self.metrics[f"finished_{reason}_total"] += 1
         running.request.emit(("done", reason, self._usage(running.request, len(running.generated))))
+
+    def _fail(self, running: _Running, message: str) -> None:
+        self.running.remove(running)
+        self.free_slots.append(running.slot)
+        self.metrics["generation_failures_total"] += 1
+        running.request.emit(("error", message, None))
 
     @staticmethod
     def _usage(request: GenerationRequest, completion_tokens: int) -> dict:

@@ -1,18 +1,23 @@
-"""Data-parallel training under `torchrun`, applied to the model from outside.
+"""Processes of a `torchrun` job: who this one is, and the collectives the trainers share.
 
-The model file knows nothing of processes; the trainer asks this module who it is and
-wraps the model in DistributedDataParallel when there is more than one process.
+The model file knows nothing of processes; the trainer asks this module who it is, and
+`parallelize.py` wraps the model (DDP, FSDP2) when there is more than one process.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+import sys
+from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+# NCCL between GPUs (NVLink, InfiniBand); gloo between CPU processes, over TCP.
+BACKENDS = {"cuda": "nccl", "cpu": "gloo"}
 
 
 @dataclass
@@ -30,30 +35,50 @@ class ProcessGroup:
         return self.world_size > 1
 
 
+def restart_warning(environment: Mapping[str, str]) -> str | None:
+    """Why a restart of this torchrun job would fail, if it would: with --max-restarts, torchrun's
+    default of sharing its rendezvous store with the workers hands a restarted group the first
+    attempt's process-group keys, and the new processes dial ports that are gone (PyTorch issue 135712)."""
+    restarts = int(environment.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and environment.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return (
+            f"warning: torchrun may restart this job (--max-restarts={restarts}), but a restart would hang: "
+            f"its workers share torchrun's rendezvous store. Launch torchrun with "
+            f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment"
+        )
+    return None
+
+
 def init_process_group(device_type: str) -> ProcessGroup:
     """Join the torchrun job described by RANK/WORLD_SIZE/LOCAL_RANK, or run alone."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return ProcessGroup()
     group = ProcessGroup(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    warning = restart_warning(os.environ)
+    if warning and group.is_main:
+        print(warning, file=sys.stderr)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group(backend=BACKENDS[device_type])
     if device_type == "cuda":
         torch.cuda.set_device(group.local_rank)
     return group
 
 
-def wrap_model(model: nn.Module, group: ProcessGroup) -> nn.Module:
-    if not group.is_distributed:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [group.local_rank] if next(model.parameters()).is_cuda else None
-    return DistributedDataParallel(model, device_ids=device_ids)
-
-
+@contextmanager
 def no_gradient_sync(model: nn.Module, skip: bool):
-    """Inside gradient accumulation, skip DDP's all-reduce on all but the last micro-step."""
-    return model.no_sync() if skip and hasattr(model, "no_sync") else nullcontext()
+    """Inside gradient accumulation, skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all
+    but the last micro-step: the gradients accumulate locally and are reduced once."""
+    if skip and hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif skip and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def mean_across_processes(value: torch.Tensor, group: ProcessGroup) -> torch.Tensor:

@@ -28,7 +28,7 @@ from lmforge.training import distributed
 from lmforge.training.optim import OPTIMIZERS, build_optimizer
 from lmforge.training.progress import ProgressBar, format_logs
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
-from lmforge.training.step import apply_gradients, autocast_for, forward_backward
+from lmforge.training.step import apply_gradients, autocast_for, forward_backward, to_device
 
 Inputs = torch.Tensor | tuple | list | dict
 
@@ -233,10 +233,10 @@ def _take(x: Inputs, index) -> Inputs:
 
 def _to(x: Inputs, device: torch.device) -> Inputs:
     if isinstance(x, torch.Tensor):
-        return x.to(device)
+        return to_device(x, device)
     if isinstance(x, dict):
-        return {key: value.to(device) for key, value in x.items()}
-    return tuple(value.to(device) for value in x)
+        return {key: to_device(value, device) for key, value in x.items()}
+    return tuple(to_device(value, device) for value in x)
 
 
 def _call(model: nn.Module, x: Inputs) -> torch.Tensor:
@@ -552,9 +552,10 @@ def _distributed_step(forward, micro_batches: int, autocast, setup: TrainingSetu
     if not processes.is_distributed:
         return forward_backward(forward, micro_batches, autocast)
     count = _loss_count(setup, targets)
-    total = distributed.sum_across_processes(torch.tensor(float(count)), processes)
+    # on the batch's device: NCCL reduces GPU tensors only
+    total = distributed.sum_across_processes(torch.tensor(float(count), device=targets.device), processes)
     if count == 0:  # a batch smaller than the job: this process has nothing of it
-        loss, outputs = torch.zeros(()), None
+        loss, outputs = torch.zeros((), device=targets.device), None
     else:
         weight = count / float(total)
         loss, outputs = forward_backward(lambda: _weighted(forward(), weight), micro_batches, autocast)
@@ -682,8 +683,8 @@ def fit(
                 for callback in callbacks:
                     callback.on_batch_begin(step, {})
                 share = index[processes.rank :: processes.world_size] if processes.is_distributed else index
-                inputs, targets = _to(_take(x, share), device), y[share].to(device)
-                batch_weights = None if weights is None else weights[share].to(device)
+                inputs, targets = _to(_take(x, share), device), to_device(y[share], device)
+                batch_weights = None if weights is None else to_device(weights[share], device)
                 # The last group of an epoch may hold fewer batches than accumulation_steps.
                 group = min(accumulation_steps, steps - (step // accumulation_steps) * accumulation_steps)
                 forward = functools.partial(_loss_and_outputs, model, setup, inputs, targets, batch_weights)

@@ -1,4 +1,4 @@
-"""Pretraining loop: AdamW, warmup + cosine schedule, accumulation, DDP, checkpoints, resume.
+"""Pretraining loop: AdamW, warmup + cosine schedule, accumulation, DDP or FSDP2, checkpoints, resume.
 
 `train(config)` runs unchanged alone or under `torchrun --nproc_per_node=N`. Every rank
 draws the same global batch of window starts from one seeded generator and takes its own
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -19,16 +21,33 @@ import torch
 from lmforge.config import apply_values
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.evaluate import evaluate_loss
-from lmforge.formats.checkpoint import CONFIG, STATE, load_resume_checkpoint, load_weights, save_checkpoint
+from lmforge.formats.checkpoint import (
+    CONFIG,
+    STATE,
+    holds_checkpoint,
+    load_resume_checkpoint,
+    load_sharded_training_state,
+    load_weights,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from lmforge.model import Transformer
 from lmforge.settings import TrainConfig, recorded_settings, train_config_from  # noqa: F401 (importable from here too)
 from lmforge.training import distributed
 from lmforge.training.data import TokenDataset
 from lmforge.training.optim import build_optimizer
+from lmforge.training.parallelize import describe_mesh, device_mesh, parallelize, writes_sharded_checkpoints
 from lmforge.training.progress import ProgressBar, format_duration
 from lmforge.training.run_folder import claim_run_folder, settings_to_record
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
-from lmforge.training.step import apply_gradients, autocast_for, forward_backward, next_token_forward
+from lmforge.training.step import (
+    apply_gradients,
+    autocast_for,
+    compute_dtype,
+    forward_backward,
+    next_token_forward,
+    to_device,
+)
 
 # What a pretraining run writes into out_dir; a folder holding any of them holds a run.
 RUN_FILES = ("config.json", "metrics.jsonl", "loss_curve.png", "checkpoints")
@@ -41,32 +60,49 @@ def learning_rate_at(step: int, config: TrainConfig) -> float:
 
 
 def measure_matmul_flops(
-    device: str = "cpu", sizes: tuple[int, ...] = (512, 1024), trials: int = 3, seconds: float = 0.15
+    device: str = "cpu",
+    sizes: tuple[int, ...] | None = None,
+    trials: int = 3,
+    seconds: float = 0.15,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
-    """Peak fp32 matmul FLOP/s of this device at the current thread count: the best of short trials,
-    since shared machines only ever make a trial slower."""
+    """Peak matmul FLOP/s of this device in `dtype` (at the current thread count on CPU): the best of
+    short trials, since shared machines only ever make a trial slower."""
+    cuda = device.startswith("cuda")
+    sizes = sizes or ((4096, 8192) if cuda else (512, 1024))  # a GPU is launch-bound below ~4k
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     generator = torch.Generator(device=device).manual_seed(0)  # the global RNG belongs to training
     best = 0.0
     for size in sizes:
-        a = torch.randn(size, size, device=device, generator=generator)
-        b = torch.randn(size, size, device=device, generator=generator)
+        a = torch.randn(size, size, device=device, generator=generator, dtype=dtype)
+        b = torch.randn(size, size, device=device, generator=generator, dtype=dtype)
         a @ b
         for _ in range(trials):
+            synchronize()  # the timer starts with nothing queued: kernels run asynchronously on a GPU
             count, start = 0, time.perf_counter()
             while time.perf_counter() - start < seconds or count < 2:
                 a @ b
                 count += 1
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+                if cuda and count % 8 == 0:
+                    synchronize()  # keep the queue short, or the last sync waits for seconds of work
+            synchronize()
             best = max(best, 2 * size**3 * count / (time.perf_counter() - start))
     return best
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device this process trains on: `auto` is CUDA where there is one, and a bare `cuda` is
+    this process's own GPU under torchrun (LOCAL_RANK), so N processes on a node use N GPUs."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise LmforgeError(f"device={name!r}: expected auto, cpu, cuda or cuda:N")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LmforgeError(f"device={name!r} but CUDA is not available on this machine")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise LmforgeError(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "cuda":
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return torch.device(name)
 
 
@@ -166,7 +202,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
             "resume and overwrite contradict each other: resume continues the run in out_dir, overwrite starts "
             "a new one there; choose one"
         )
-    if config.resume:
+    if config.resume and holds_checkpoint(out_dir):
         resumed = load_resume_checkpoint(out_dir)
         if resumed.latest_problem and group.is_main:
             print(
@@ -178,6 +214,11 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
         except LmforgeError as error:
             raise LmforgeError(f"{resumed.folder / CONFIG}: {error}") from None
         start_step = resumed.state["step"]
+    elif config.resume:
+        # Nothing written yet (a first launch, or an attempt that died before its first checkpoint): the
+        # run starts here, so one command, --resume included, serves every attempt of an elastic job.
+        if group.is_main:
+            print(f"note: {out_dir} holds no checkpoint to resume from: starting the run at step 0", file=sys.stderr)
     elif group.is_main or not config.overwrite:  # other processes check, but only the main one moves files
         archived = claim_run_folder(
             out_dir, RUN_FILES, config.overwrite, "continue it with --resume, train into a new out_dir"
@@ -191,14 +232,26 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
         if warning:
             print(warning, file=sys.stderr)
 
-    torch.manual_seed(config.seed)
+    sharded = writes_sharded_checkpoints(config)
+    mesh = device_mesh(config, group, device)
+    if resumed is not None and not resumed.sharded and sharded and mesh is not None:
+        raise LmforgeError(
+            f"{resumed.folder} was written by a parallel=ddp run (one {STATE} optimizer state), which a sharded "
+            f"model cannot take; resume it with --parallel ddp, or alone"
+        )
+    torch.manual_seed(config.seed)  # every process builds the same model, then keeps its shard of it
     model = Transformer(config.model)
-    if resumed is not None:
+    parameter_count, flops_per_token = model.num_parameters(), model.flops_per_token()
+    if resumed is not None and not resumed.sharded:
         load_weights(model, resumed.folder)
     model.to(device)
+    step_model = parallelize(model, config, mesh)
+    # After sharding: the optimizer's state must live on each process's shards.
     optimizer = build_optimizer(model, config.learning_rate, config.weight_decay, betas=(config.beta1, config.beta2))
     data_generator = torch.Generator().manual_seed(config.seed)
-    if resumed is not None:
+    if resumed is not None and resumed.sharded:
+        load_sharded_training_state(resumed.folder, model, optimizer)
+    elif resumed is not None:
         try:
             optimizer.load_state_dict(resumed.state["optimizer"])
         except (ValueError, KeyError, TypeError, RuntimeError) as error:
@@ -206,15 +259,13 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
                 f"{resumed.folder / STATE}: the optimizer state does not fit this model ({error})"
             ) from None
 
-    step_model = distributed.wrap_model(model, group)
     if config.compile:
         try:
             step_model = torch.compile(step_model)
         except Exception as error:  # compile support varies by platform; eager always works
             print(f"torch.compile unavailable ({error}); training eagerly", file=sys.stderr)
     autocast = autocast_for(device)
-    peak_flops = config.peak_flops or measure_matmul_flops(device=str(device))
-    flops_per_token = model.flops_per_token()
+    peak_flops = config.peak_flops or measure_matmul_flops(device=str(device), dtype=compute_dtype(device))
 
     if group.is_main:
         (out_dir / "config.json").write_text(json.dumps(settings_to_record(config), indent=2))
@@ -222,15 +273,22 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     if archived is not None:
         reporter.message(f"--overwrite: moved the previous run into {archived}")
     reporter.message(
-        f"model: {model.num_parameters():,} parameters | {train_data.num_tokens:,} train tokens | "
+        f"model: {parameter_count:,} parameters | {train_data.num_tokens:,} train tokens | "
         f"{global_batch * config.model.block_size:,} tokens/step | device {device}"
+        + (f" | {describe_mesh(config, mesh)}" if mesh is not None else "")
         + (f" | resumed at step {start_step}" if start_step else "")
     )
 
     def write_checkpoint(step: int, rng: dict[str, torch.Tensor] | None = None) -> Path | None:
+        state = {"step": step, **(rng or rng_states(device, data_generator))}
+        if sharded:  # every process writes its shard; the RNG states are the same on all of them
+            return save_sharded_checkpoint(
+                out_dir, step, model, optimizer, tokenizer, state, {"train": settings_to_record(config)},
+                keep=config.keep_checkpoints,
+            )  # fmt: skip
         if not group.is_main:
             return None
-        state = {"step": step, "optimizer": optimizer.state_dict(), **(rng or rng_states(device, data_generator))}
+        state["optimizer"] = optimizer.state_dict()
         return save_checkpoint(
             out_dir,
             step,
@@ -290,7 +348,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
             for micro in range(config.grad_accum_steps):
                 first = (micro * group.world_size + group.rank) * config.batch_size
                 inputs, targets = train_data.gather(starts[first : first + config.batch_size], config.model.block_size)
-                inputs, targets = inputs.to(device), targets.to(device)
+                inputs, targets = to_device(inputs, device), to_device(targets, device)
                 with distributed.no_gradient_sync(step_model, micro < config.grad_accum_steps - 1):
                     forward = next_token_forward(step_model, inputs, targets)
                     loss, _ = forward_backward(forward, config.grad_accum_steps, autocast)
@@ -330,7 +388,9 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     except KeyboardInterrupt:
         # Ctrl-C keeps the work done: save the last completed step (unless it is saved already).
         unsaved = last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}")
-        if group.is_main and not updating and step > start_step and unsaved:
+        # A sharded save needs every process, which an interrupt leaves at different points: alone only.
+        can_save = not group.is_distributed if sharded else group.is_main
+        if can_save and not updating and step > start_step and unsaved:
             reporter.message(f"interrupted: saving step {step} ...")
             saved = write_checkpoint(step, step_rng if in_step else None)
             reporter.message(f"saved {saved}; continue with --resume")
@@ -353,7 +413,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
         "val": val_result,
         "checkpoint": str(last_checkpoint),
         "loss_curve": str(plot_path) if plot_path else None,
-        "parameters": model.num_parameters(),
+        "parameters": parameter_count,
         "warmup_steps": config.warmup_steps,
         "reached_peak_learning_rate": peaked,
     }

@@ -17,11 +17,25 @@ import torch
 Outputs = TypeVar("Outputs")
 
 
-def autocast_for(device: torch.device) -> AbstractContextManager:
-    # bf16 on GPUs; on CPUs without bf16 units a bf16 matmul is ~100x slower, so stay in fp32.
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a training step's matmuls run in: bf16 on GPUs that have it (Ampere on); fp32 elsewhere,
+    since on CPUs without bf16 units a bf16 matmul is ~100x slower."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_for(device: torch.device) -> AbstractContextManager:
+    dtype = compute_dtype(device)
+    return nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+
+
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on `device`. To a GPU through pinned memory, without waiting: the copy is queued
+    behind the work already on the GPU instead of stalling the Python loop (nanoGPT's get_batch)."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def forward_backward(

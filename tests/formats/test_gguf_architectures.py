@@ -1,5 +1,5 @@
-"""GGUF for the published families past GPT-2 and Llama: Llama 3 (rope_freqs), Mistral, Qwen2, Qwen3,
-Gemma 3 and Phi-3. Each tiny random model goes through our writer and reader unchanged, and llama.cpp
+"""GGUF for every family lmforge exports: Llama (and Llama 3's rope_freqs), Mistral, Qwen2, Qwen3,
+Gemma 3, Phi-3 and GPT-2. Each tiny random model goes through our writer and reader unchanged, and llama.cpp
 (llama-cpp-python, where installed) continues a prompt on our file with the same greedy tokens."""
 
 import math
@@ -63,6 +63,10 @@ ARCHITECTURES = {
     # any pattern, written per layer
     "gemma3-alternating": (dict(GEMMA3, sliding_window=5, layer_types=["sliding", "full"]), "gemma3"),
     "phi3": (dict(tie_embeddings=False, architecture="phi3"), "phi3"),
+    # The rest of what lmforge exports, so every family's GGUF is known to load in llama.cpp (README: `llama-server`):
+    "llama": (dict(), "llama"),
+    "mistral-wide-window": (dict(sliding_window=64, architecture="mistral"), "llama"),  # 48 tokens fit in it
+    "gpt2": (dict(norm="layernorm", mlp="gelu_tanh", positions="learned", bias=True, n_kv_heads=4), "gpt2"),
 }
 
 
@@ -101,7 +105,9 @@ def test_round_trip_keeps_logits_and_switches(tmp_path, bpe, case):
     assert [loaded.config.is_sliding(i) for i in range(model.config.n_layers)] == [
         model.config.is_sliding(i) for i in range(model.config.n_layers)
     ]
-    assert loaded.config.architecture == (None if architecture == "llama" else architecture)
+    assert loaded.config.architecture == (
+        None if architecture in ("llama", "gpt2") else architecture
+    )  # named by switches
 
 
 def test_llama3_scaling_is_written_as_rope_freqs(tmp_path, bpe):

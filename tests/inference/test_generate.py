@@ -8,6 +8,7 @@ from lmforge.inference.generate import (
     generate,
     generate_batch,
     generate_tokens,
+    keep_top_p,
     pick_next_token,
 )
 from lmforge.model import KVCache, ModelConfig, Transformer
@@ -71,6 +72,24 @@ def test_top_p_keeps_the_smallest_covering_set():
     generator = torch.Generator().manual_seed(0)
     picks = {int(pick_next_token(logits, SamplingConfig(temperature=1.0, top_p=0.75), generator)) for _ in range(300)}
     assert picks == {0, 1}
+
+
+def full_sort_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus by sorting the whole vocabulary: the definition `keep_top_p` must agree with."""
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probabilities = sorted_logits.softmax(dim=-1)
+    drop_sorted = probabilities.cumsum(dim=-1) - probabilities >= top_p
+    return logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+
+
+@pytest.mark.parametrize("spread", [8.0, 0.05])  # peaked: the nucleus is among the candidates; flat: it is not
+def test_top_p_from_the_likeliest_candidates_is_the_full_sorts_nucleus(spread):
+    torch.manual_seed(1)
+    logits = torch.randn(3, 5000) * spread
+    for top_p in (0.5, 0.9, 0.99):
+        kept = keep_top_p(logits, top_p)
+        assert torch.equal(kept, full_sort_top_p(logits, top_p))
+        assert (kept > float("-inf")).sum() > (3 * 256 if spread < 1 else 2)
 
 
 def test_repetition_penalty_closed_form():
@@ -235,7 +254,7 @@ def test_a_text_prompt_gets_the_bos_the_model_files_ask_for(monkeypatch):
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layers=1, n_heads=2, d_model=16))
     prompts = []
 
-    def record(model, prompt_ids, sampling):
+    def record(model, prompt_ids, sampling, tokenizer=None):
         prompts.append(prompt_ids)
         return iter(())
 
@@ -245,3 +264,60 @@ def test_a_text_prompt_gets_the_bos_the_model_files_ask_for(monkeypatch):
     list(generate_module.generate(model, tokenizer, "ab"))
     list(generate_module.generate(model, tokenizer, [tokenizer.bos_id, 9]))  # ids (a chat prompt) are taken as they are
     assert prompts == [tokenizer.encode("ab"), [tokenizer.bos_id, *tokenizer.encode("ab")], [tokenizer.bos_id, 9]]
+
+
+def greedy_tokens(model, prompt, sampling, path):
+    if path == "batch":
+        return generate_batch(model, [prompt, prompt[:2]], sampling)[0]
+    return list(generate_tokens(model, prompt, sampling, use_cache=path != "uncached"))
+
+
+@pytest.mark.parametrize("path", ["native", "torch", "uncached", "batch"])
+def test_logit_bias_reaches_every_decode_path(model, monkeypatch, path):
+    """+100 makes a token win every step; -100 keeps the greedy choices out: in the native decode step, PyTorch's
+    step (the native one unavailable), the uncached forward and batched generation alike."""
+    if path == "torch":
+        monkeypatch.setattr(engine, "supports", lambda model: False)
+    prompt = [3, 4, 5]
+    plain = SamplingConfig(max_new_tokens=6, temperature=0)
+    unbiased = greedy_tokens(model, prompt, plain, path)
+    forced = SamplingConfig(max_new_tokens=6, temperature=0, logit_bias={17: 100.0})
+    assert greedy_tokens(model, prompt, forced, path) == [17] * 6
+    banned = SamplingConfig(max_new_tokens=6, temperature=0, logit_bias=dict.fromkeys(set(unbiased), -100.0))
+    assert not set(greedy_tokens(model, prompt, banned, path)) & set(unbiased)
+
+
+def test_logit_bias_is_checked_against_the_vocabulary_and_refused_by_speculative_decoding(model, tokenizer):
+    from lmforge.errors import LmforgeError
+    from lmforge.inference.generate import check_greedy_for_draft
+
+    with pytest.raises(LmforgeError, match="token id 999, outside the vocabulary"):
+        list(generate(model, tokenizer, "ab", SamplingConfig(max_new_tokens=2, logit_bias={999: 1.0})))
+    with pytest.raises(LmforgeError, match="logit_bias must be empty"):
+        check_greedy_for_draft(SamplingConfig(temperature=0, logit_bias={3: 1.0}))
+    with pytest.raises(ValueError, match="logit_bias must be token ids"):
+        SamplingConfig(logit_bias={-1: 1.0})
+
+
+def test_prompt_scores_are_the_model_log_softmax(model):
+    """score_prompt: each token's log-probability given the ones before it (a plain forward's log-softmax, plus
+    the bias), its most likely alternatives best first; chunked LM-head passes change nothing."""
+    from lmforge.inference import generate as generate_module
+    from lmforge.inference.generate import score_prompt
+
+    prompt = [3, 4, 5, 9, 9, 2, 7]
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([prompt]))[0][0] + torch.eye(model.config.vocab_size)[9], -1)
+    original_chunk = generate_module.PROMPT_SCORE_CHUNK
+    generate_module.PROMPT_SCORE_CHUNK = 4
+    try:
+        scores = score_prompt(model, prompt, 3, {9: 1.0})
+    finally:
+        generate_module.PROMPT_SCORE_CHUNK = original_chunk
+    assert [score.token_id for score in scores] == prompt[1:]
+    for position, score in enumerate(scores):
+        assert score.logprob == pytest.approx(float(reference[position, prompt[position + 1]]), abs=1e-5)
+        best = reference[position].topk(3)
+        assert [token for token, _ in score.top] == best.indices.tolist()
+        assert [value for _, value in score.top] == pytest.approx(best.values.tolist(), abs=1e-5)
+    assert score_prompt(model, [3], 2, {}) == []

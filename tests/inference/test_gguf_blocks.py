@@ -121,7 +121,7 @@ def test_a_block_layer_decodes_prefills_and_rebuilds_from_its_layout():
     layer = QuantizedLinear(512, 80, 0, 32, bias=True, segments=weight.segments)
     layer.codes, layer.bias.data = weight.codes, torch.randn(80)
     reference_weight = weight.dequantize()
-    for rows in (1, 4, 40):  # kernels below NATIVE_MAX_ROWS, dequantised slabs above
+    for rows in (1, 4, 40, 200):  # kernels up to NATIVE_MAX_ROWS, dequantised slabs above
         x = torch.randn(rows, 512)
         assert relative_error(layer(x), F.linear(x, reference_weight, layer.bias)) < 0.015
     assert torch.equal(layer.weight_tensor().dequantize(), reference_weight)
@@ -216,3 +216,16 @@ def test_compiled_decoding_calls_the_block_kernel_as_an_operator():
     assert list(generate_tokens(model, [3, 4, 5], sampling, compile=True)) == list(
         generate_tokens(model, [3, 4, 5], sampling)
     )
+
+
+@pytest.mark.parametrize("type_name", list(GGUF_BLOCK_TYPES))
+@needs_kernels
+def test_block_matvec_of_rows_together_equals_each_row_alone(type_name):
+    """Eleven rows take the 4-row path twice (each block unpacked once for 4 rows of x) and three
+    single rows: every row's result is the one it gets alone, to the bit."""
+    blocks = torch.from_numpy(random_gguf_blocks(type_name, 45, 768, seed=9)).reshape(-1)
+    table = segment_table(((type_name, 45),))
+    x, bias = torch.randn(11, 768), torch.randn(45)
+    together = kernels.matvec_blocks(x, blocks, table, 45, bias)
+    alone = torch.cat([kernels.matvec_blocks(x[row : row + 1], blocks, table, 45, bias) for row in range(11)])
+    assert torch.equal(together, alone)

@@ -53,6 +53,38 @@ def test_quantized_matvecs_match_the_dequantized_product(rows, group_size):
     assert relative_error(kernels.matvec_q4(x, packed, scale, offset, group_size, bias), reference) < 0.015
 
 
+@needs_kernels
+def test_the_exact_q8_head_gives_each_row_of_a_batch_what_it_gets_alone():
+    """Rows of x go four at a time (each weight widened once for four): a batched server step's logits
+    are each sequence's own, to the bit, so greedy picks do not depend on who else is decoding."""
+    torch.manual_seed(3)
+    x, weight, bias = torch.randn(11, 384), torch.randn(70, 384), torch.randn(70)
+    codes, scale = quantize_int8(weight, 64)
+    together = kernels.matvec_q8_exact(x, codes, scale, 64, bias)
+    alone = torch.cat([kernels.matvec_q8_exact(x[row : row + 1], codes, scale, 64, bias) for row in range(11)])
+    assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("inner", [384, 416])  # 416: an odd number of 32-weight blocks
+@pytest.mark.parametrize("group_size", [32, 64])
+@needs_kernels
+def test_the_q4_kernel_gives_each_row_of_a_batch_what_it_gets_alone(inner, group_size):
+    """One row, four-row tiles and a short tile (and, where the CPU has it, the AVX-512 VNNI path)
+    sum each row in one order: a sequence's logits do not depend on who else is decoding."""
+    if inner % group_size:
+        pytest.skip("the group size must divide the width")
+    torch.manual_seed(inner + group_size)
+    x, weight, bias = torch.randn(11, inner), torch.randn(70, inner), torch.randn(70)
+    packed, scale, offset = quantize_int4(weight, group_size)
+    together = kernels.matvec_q4(x, packed, scale, offset, group_size, bias)
+    alone = torch.cat(
+        [kernels.matvec_q4(x[row : row + 1], packed, scale, offset, group_size, bias) for row in range(11)]
+    )
+    assert torch.equal(together, alone)
+    reference = F.linear(x, dequantize_int4(packed, scale, offset), bias)
+    assert relative_error(together, reference) < 0.015
+
+
 @pytest.mark.parametrize("group_size", [32, 64, 192])
 @needs_kernels
 def test_native_dequantisation_equals_the_pytorch_reference(group_size):

@@ -71,14 +71,14 @@ def test_quantisation_error_is_at_most_half_a_step():
 def test_quantized_linear_prefill_path_is_the_dequantized_matmul(bits, bias, monkeypatch):
     linear = nn.Linear(64, 40, bias=bias)
     layer = QuantizedLinear.from_linear(linear, bits, 32)
-    x = torch.randn(3, 20, 64)  # 60 rows: the dequantise + matmul path
+    x = torch.randn(3, 40, 64)  # 120 rows: the dequantise + matmul path (above NATIVE_MAX_ROWS)
     with torch.no_grad():
         expected = F.linear(x, layer.dequantize(), linear.bias)
         torch.testing.assert_close(layer(x), expected)
         # the weight in slabs of 9 rows: 40 = 4 x 9 + 4, so the last slab is short
         monkeypatch.setattr("lmforge.inference.quantize.PREFILL_SLAB_ELEMENTS", 9 * 64)
         torch.testing.assert_close(layer(x), expected)
-        columns = torch.randn(3, 20, 128)[..., :64]  # rows 128 apart, as the in-place SwiGLU hands `down`
+        columns = torch.randn(3, 40, 128)[..., :64]  # rows 128 apart, as the in-place SwiGLU hands `down`
         torch.testing.assert_close(layer(columns), layer(columns.contiguous()))
         torch.testing.assert_close(layer.dequantize(rows=slice(9, 18)), layer.dequantize()[9:18])
         # a single row takes the kernel path (or the same matmul without kernels): close to it
