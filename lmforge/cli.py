@@ -240,9 +240,10 @@ def command_chat(args, extra) -> int:
     from lmforge.formats.loading import load, sampling_defaults
     from lmforge.inference.chat import ChatSession, chat_loop
 
+    device = inference_device(args.device)  # a bad or missing device is an error before minutes of loading
     use_threads(args.threads)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load(args.model, adapter=args.adapter)
+    model, tokenizer = load(args.model, device=device, adapter=args.adapter)
     if args.adapter:
         from lmforge.finetune.lora import describe_adapter
 
@@ -644,6 +645,7 @@ def chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--adapter", help=ADAPTER_HELP)
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--config", help="YAML or JSON sampling config")
 
 

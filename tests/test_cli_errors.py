@@ -58,6 +58,13 @@ BAD_ARGUMENTS = [
     ("generate --model {model} --top-p=2", "a value out of its range"),
     ("generate --model {model} --max-new-tokens=-1", "a value out of its range"),
     ("chat --model {model} --temperature=-0.5", "a value out of its range"),
+    ("chat --model {model} --device tpu", "a bad device"),
+    (
+        "chat --model {model} --device cuda:0"
+        if not torch.cuda.is_available()
+        else "chat --model {model} --device gpu",
+        "a device this machine lacks",
+    ),
     ("generate --model {model} --draft {not_a_model}", "a draft that is not a model"),
     ("generate --model {model} --device tpu", "a bad device"),
     (
