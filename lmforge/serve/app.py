@@ -27,6 +27,7 @@ from lmforge.apps.encoder import truncate_dimensions
 from lmforge.errors import LmforgeError
 from lmforge.formats.loading import SamplingDefaults, fallback_defaults
 from lmforge.inference.chat import chat_stop_strings, chat_template, encode_chat, stop_token_ids
+from lmforge.inference.constrained import token_bytes
 from lmforge.inference.generate import SamplingConfig, TokenScore, check_logit_bias
 from lmforge.inference.tools import ToolCallReader, call_format, call_grammar, parse_reply
 from lmforge.serve.errors import APIError, error_body, use_openai_errors
@@ -211,6 +212,9 @@ class ServerState:
         self.latency = {"count": 0, "sum": 0.0}
         self.error_responses: collections.Counter = collections.Counter()  # status code -> responses sent
         self.token_texts: dict[int, str] = {}  # token id -> its text, as logprobs show it
+        self.byte_table: list[bytes] | None = (
+            None  # token id -> its bytes (`constrained.token_bytes`), built at first use
+        )
 
     def check_model(self, requested: str | None, kind: str) -> str:
         models = self.models
@@ -265,12 +269,23 @@ class ServerState:
             text = self.token_texts[token] = self.tokenizer.decode([token])
         return text
 
+    def token_bytes(self, token: int) -> list[int]:
+        """A token's own bytes, as chat logprobs give them: part of a UTF-8 character where the token splits
+        one, so that a reply's tokens' bytes join into its text (the text of such a token shows U+FFFD)."""
+        if self.byte_table is None:
+            try:
+                self.byte_table = token_bytes(self.tokenizer)[0]
+            except LmforgeError:  # a tokenizer whose pieces are not bytes: its decoded text stands in
+                self.byte_table = []
+        if token < len(self.byte_table):
+            return list(self.byte_table[token])
+        return list(self.token_text(token).encode("utf-8"))
+
     def chat_logprobs(self, scores: list[TokenScore]) -> ChoiceLogprobs:
         """Chat's `logprobs.content`: each token with its bytes and its most likely alternatives."""
 
         def entry(token: int, logprob: float) -> dict:
-            text = self.token_text(token)
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+            return {"token": self.token_text(token), "logprob": logprob, "bytes": self.token_bytes(token)}
 
         return ChoiceLogprobs(
             content=[

@@ -67,6 +67,22 @@ def test_chat_logprobs_are_the_model_log_softmax_with_top_alternatives(served, c
     assert plain.choices[0].logprobs is None
 
 
+def test_chat_logprobs_give_a_tokens_own_bytes_where_it_splits_a_character(served, client):
+    _, _, tokenizer = served
+    first_byte_of_e_acute = len(tokenizer.special_tokens) + 0xC3  # the char tokenizer's byte tokens follow its specials
+    reply = client.chat.completions.create(
+        model="tiny",
+        messages=MESSAGES,
+        max_tokens=1,
+        temperature=0,
+        logprobs=True,
+        logit_bias={str(first_byte_of_e_acute): 100},
+    )
+    entry = reply.choices[0].logprobs.content[0]
+    assert entry.bytes == [0xC3]  # "é" is C3 A9: the token holds its first byte only
+    assert entry.token == "\ufffd"
+
+
 def test_streamed_chat_chunks_carry_the_logprobs_of_their_own_tokens(served, client):
     whole = client.chat.completions.create(
         model="tiny", messages=MESSAGES, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2
