@@ -306,6 +306,15 @@ class BPETokenizer(Tokenizer):
         return self.hf.token_to_id(token)
 
     def token_byte_lengths(self) -> np.ndarray:
+        try:  # "▁the" is 4 bytes of text and "<0x41>" one: the pieces' own bytes, special tokens none
+            pieces, special_ids = token_bytes(self)
+        except LmforgeError:  # WordPiece, Unigram, ...: the pieces' spelling
+            return self._spelled_byte_lengths()
+        lengths = np.array([len(piece) for piece in pieces], dtype=np.int64)
+        lengths[special_ids] = 0
+        return lengths
+
+    def _spelled_byte_lengths(self) -> np.ndarray:
         from tokenizers import pre_tokenizers
 
         # Byte-level BPE writes each byte as one printable character of this alphabet.
@@ -334,6 +343,65 @@ def stop_token_ids(tokenizer: Tokenizer) -> set[int]:
     named = [*tokenizer.end_of_turn_tokens, *(t for t in END_OF_TURN_TOKENS if t in tokenizer.special_tokens)]
     ids = {tokenizer.eos_id, *(tokenizer.token_to_id(token) for token in named)}
     return {i for i in ids if i is not None}
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes byte b as one printable character; this maps each back to its byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    characters = {chr(b): b for b in printable}
+    characters.update({chr(256 + index): b for index, b in enumerate(shifted)})
+    return characters
+
+
+def token_bytes(tokenizer: Tokenizer) -> tuple[list[bytes], list[int]]:
+    """The bytes each token id stands for in the output, and the ids of special tokens (whose bytes are
+    their names; a grammar never produces them as text). Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2),
+    SentencePiece-style BPE ("▁" for a space, <0xNN> byte fallback: Llama 2, Gemma, Mistral) and char
+    tokenizers (special tokens, then 256 byte tokens, then characters)."""
+    special_names = set(tokenizer.special_tokens)
+    if isinstance(tokenizer, CharTokenizer):
+        pieces = [token.encode() for token in tokenizer.special_tokens] + [bytes([b]) for b in range(256)]
+        pieces += [char.encode() for char in tokenizer.chars]
+        return pieces, list(range(len(tokenizer.special_tokens)))
+    if not isinstance(tokenizer, BPETokenizer):
+        raise LmforgeError(f"the bytes of {type(tokenizer).__name__} tokens are not known")
+    state = json.loads(tokenizer.hf.to_str())
+    model, decoder = state["model"], state.get("decoder") or {}
+    steps = decoder.get("decoders", [decoder])
+    byte_level = any(step.get("type") == "ByteLevel" for step in steps)
+    metaspace = any(
+        step.get("type") == "Metaspace" or (step.get("type") == "Replace" and "▁" in json.dumps(step.get("pattern")))
+        for step in steps
+    )
+    if model.get("type") != "BPE" or not (byte_level or metaspace or model.get("byte_fallback")):
+        raise LmforgeError(
+            "token bytes (which constrained decoding needs) are known for BPE tokenizers (byte-level, or "
+            "SentencePiece-style with byte fallback) "
+            f"and char tokenizers; this one is {model.get('type')} with decoder {decoder.get('type')}"
+        )
+    alphabet = _byte_level_alphabet() if byte_level else {}
+    added = {token["id"]: token for token in state.get("added_tokens", [])}
+    by_id = {index: token for token, index in model["vocab"].items()}
+    pieces, special_ids = [], []
+    for index in range(tokenizer.vocab_size):
+        if index in added:
+            text = added[index]["content"]
+            if added[index]["special"] or text in special_names:
+                special_ids.append(index)
+            pieces.append(text.encode())
+            continue
+        token = by_id.get(index)
+        if token is None or token in special_names or token == model.get("unk_token"):
+            special_ids.append(index)  # a hole in the vocabulary, or <unk>: never text
+            pieces.append((token or f"<[{index}]>").encode())
+        elif byte_level:
+            pieces.append(bytes(alphabet[char] for char in token))
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            pieces.append(bytes([int(token[3:5], 16)]))
+        else:
+            pieces.append(token.replace("▁", " ").encode())
+    return pieces, special_ids
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -26,7 +26,6 @@ that tool calling's constrained calls are written in. Measured in the same runs,
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import weakref
@@ -38,7 +37,7 @@ import torch
 
 from lmforge.errors import LmforgeError
 from lmforge.settings import SamplingConfig
-from lmforge.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, stop_token_ids
+from lmforge.tokenizer import Tokenizer, stop_token_ids, token_bytes
 
 # One LLTokenizer per Tokenizer: building its token index takes ~0.25 s for a 49k vocabulary.
 _guidance_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -47,64 +46,6 @@ _guidance_lock = threading.Lock()
 # GIL), so a step waits for a mask only when computing it took longer than the forward pass.
 _mask_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmforge-grammar")
 _executor: llguidance.LLExecutor | None = None
-
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE writes byte b as one printable character; this maps each back to its byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [b for b in range(256) if b not in printable]
-    characters = {chr(b): b for b in printable}
-    characters.update({chr(256 + index): b for index, b in enumerate(shifted)})
-    return characters
-
-
-def token_bytes(tokenizer: Tokenizer) -> tuple[list[bytes], list[int]]:
-    """The bytes each token id stands for in the output, and the ids of special tokens (whose bytes are
-    their names; a grammar never produces them as text). Byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM2),
-    SentencePiece-style BPE ("▁" for a space, <0xNN> byte fallback: Llama 2, Gemma, Mistral) and char
-    tokenizers (special tokens, then 256 byte tokens, then characters)."""
-    special_names = set(tokenizer.special_tokens)
-    if isinstance(tokenizer, CharTokenizer):
-        pieces = [token.encode() for token in tokenizer.special_tokens] + [bytes([b]) for b in range(256)]
-        pieces += [char.encode() for char in tokenizer.chars]
-        return pieces, list(range(len(tokenizer.special_tokens)))
-    if not isinstance(tokenizer, BPETokenizer):
-        raise LmforgeError(f"constrained decoding does not support {type(tokenizer).__name__} tokenizers")
-    state = json.loads(tokenizer.hf.to_str())
-    model, decoder = state["model"], state.get("decoder") or {}
-    steps = decoder.get("decoders", [decoder])
-    byte_level = any(step.get("type") == "ByteLevel" for step in steps)
-    metaspace = any(
-        step.get("type") == "Metaspace" or (step.get("type") == "Replace" and "▁" in json.dumps(step.get("pattern")))
-        for step in steps
-    )
-    if model.get("type") != "BPE" or not (byte_level or metaspace or model.get("byte_fallback")):
-        raise LmforgeError(
-            "constrained decoding supports BPE tokenizers (byte-level, or SentencePiece-style with byte fallback) "
-            f"and char tokenizers; this one is {model.get('type')} with decoder {decoder.get('type')}"
-        )
-    alphabet = _byte_level_alphabet() if byte_level else {}
-    added = {token["id"]: token for token in state.get("added_tokens", [])}
-    by_id = {index: token for token, index in model["vocab"].items()}
-    pieces, special_ids = [], []
-    for index in range(tokenizer.vocab_size):
-        if index in added:
-            text = added[index]["content"]
-            if added[index]["special"] or text in special_names:
-                special_ids.append(index)
-            pieces.append(text.encode())
-            continue
-        token = by_id.get(index)
-        if token is None or token in special_names or token == model.get("unk_token"):
-            special_ids.append(index)  # a hole in the vocabulary, or <unk>: never text
-            pieces.append((token or f"<[{index}]>").encode())
-        elif byte_level:
-            pieces.append(bytes(alphabet[char] for char in token))
-        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-            pieces.append(bytes([int(token[3:5], 16)]))
-        else:
-            pieces.append(token.replace("▁", " ").encode())
-    return pieces, special_ids
 
 
 class _TokenTable:

@@ -27,7 +27,6 @@ from lmforge.apps.encoder import truncate_dimensions
 from lmforge.errors import LmforgeError
 from lmforge.formats.loading import SamplingDefaults, fallback_defaults
 from lmforge.inference.chat import chat_stop_strings, chat_template, encode_chat, stop_token_ids
-from lmforge.inference.constrained import token_bytes
 from lmforge.inference.generate import SamplingConfig, TokenScore, check_logit_bias
 from lmforge.inference.tools import ToolCallReader, call_format, call_grammar, parse_reply
 from lmforge.serve.errors import APIError, error_body, use_openai_errors
@@ -62,6 +61,7 @@ from lmforge.serve.schemas import (
     TopLogprob,
     Usage,
 )
+from lmforge.tokenizer import token_bytes
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -213,7 +213,7 @@ class ServerState:
         self.error_responses: collections.Counter = collections.Counter()  # status code -> responses sent
         self.token_texts: dict[int, str] = {}  # token id -> its text, as logprobs show it
         self.byte_table: list[bytes] | None = (
-            None  # token id -> its bytes (`constrained.token_bytes`), built at first use
+            None  # token id -> its bytes (`tokenizer.token_bytes`), built at first use
         )
 
     def check_model(self, requested: str | None, kind: str) -> str:

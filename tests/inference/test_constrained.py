@@ -14,11 +14,11 @@ from lmforge.errors import LmforgeError
 from lmforge.formats.loading import load
 from lmforge.inference import constrained, engine
 from lmforge.inference.chat import encode_chat, stop_token_ids
-from lmforge.inference.constrained import GrammarMatcher, TokenMasks, token_bytes
+from lmforge.inference.constrained import GrammarMatcher, TokenMasks
 from lmforge.inference.generate import SamplingConfig, generate, generate_batch, generate_tokens
 from lmforge.model import ModelConfig, Transformer
 from lmforge.settings import LLAMA_SWITCHES, lark_json
-from lmforge.tokenizer import BPETokenizer, CharTokenizer
+from lmforge.tokenizer import BPETokenizer, CharTokenizer, token_bytes
 
 from ..conftest import skip_without_smollm2
 
@@ -77,6 +77,16 @@ def test_token_bytes_of_a_sentencepiece_bpe_spell_the_text():
     # the normalizer puts "▁" (a space) before the text; the decoder strips it again
     assert b"".join(pieces[token] for token in ids) == b" " + TEXT.encode()
     assert sorted(special) == [0, 1, 2]
+
+
+def test_token_byte_lengths_of_a_sentencepiece_bpe_count_text_bytes():
+    # bits per byte divides by these: "▁Hell" is 5 bytes of text (a space and "Hell"), "<0xE6>" one byte
+    tokenizer = sentencepiece_tokenizer()
+    lengths = tokenizer.token_byte_lengths()
+    ids = tokenizer.encode(TEXT)
+    assert lengths[tokenizer.token_to_id("▁Hell")] == 5 and lengths[tokenizer.token_to_id("<0xE6>")] == 1
+    assert sum(int(lengths[token]) for token in ids) == len(b" " + TEXT.encode())
+    assert lengths[tokenizer.eos_id] == 0
 
 
 def test_a_sentencepiece_tokenizer_drives_a_grammar():
