@@ -368,10 +368,15 @@ class SamplingConfig:
             raise ValueError("; ".join(problems))
         self.constraint()  # a bad schema or grammar fails here, not at the first generated token
 
+    @property
+    def constrained(self) -> bool:
+        """Whether json_schema or grammar constrains the output (`constraint()` compiles it: milliseconds)."""
+        return self.json_schema is not None or self.grammar is not None
+
     def constraint(self) -> str | None:
         """The llguidance grammar that json_schema or grammar asks for (None: unconstrained); ValueError naming the
         field, with llguidance's reason, for a schema or grammar it cannot compile."""
-        if self.json_schema is None and self.grammar is None:
+        if not self.constrained:
             return None
         if self.json_schema is not None and self.grammar is not None:
             raise ValueError("give json_schema or grammar, not both (a grammar can embed a schema with %json{...})")

@@ -316,7 +316,7 @@ def check_greedy_for_draft(sampling: SamplingConfig) -> None:
         offending.append(f"temperature must be 0 (not {sampling.temperature:g})")
     if sampling.repetition_penalty != 1.0:
         offending.append(f"repetition_penalty must be 1 (not {sampling.repetition_penalty:g})")
-    if sampling.constraint() is not None:
+    if sampling.constrained:
         offending.append("json_schema and grammar are not supported")
     if sampling.logit_bias:
         offending.append("logit_bias must be empty")
@@ -348,7 +348,7 @@ def generate(
     stop_ids = set(stop_token_ids or ())
     if stop_at_eos and tokenizer.eos_id is not None:
         stop_ids.add(tokenizer.eos_id)
-    if sampling.constraint() is not None:
+    if sampling.constrained:
         stop_ids |= model_stop_ids(tokenizer)  # where the grammar may end, it lets any of them end the text
     stream = TextStream(tokenizer, sampling.stop)
     if draft is None:
