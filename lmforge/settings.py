@@ -9,6 +9,7 @@ CPU). Each module that uses one imports it from here; `lmforge serve`'s settings
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -380,23 +381,34 @@ class SamplingConfig:
             return None
         if self.json_schema is not None and self.grammar is not None:
             raise ValueError("give json_schema or grammar, not both (a grammar can embed a schema with %json{...})")
-        import llguidance  # only here: ~0.1 s, and only for a constrained config
-
         if self.json_schema is not None:
             if not isinstance(self.json_schema, dict):
                 raise ValueError(f"json_schema must be a JSON Schema object, got {type(self.json_schema).__name__}")
-            field_name, text = (
-                "json_schema",
-                llguidance.LLMatcher.grammar_from_json_schema(self.json_schema, defaults=JSON_LAYOUT),
-            )
-        elif not isinstance(self.grammar, str) or not self.grammar.strip():
+            try:
+                schema_text = json.dumps(self.json_schema, sort_keys=True)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"json_schema is not JSON: {error}") from None
+            return _compiled_grammar("json_schema", schema_text)
+        if not isinstance(self.grammar, str) or not self.grammar.strip():
             raise ValueError("grammar must be the text of a Lark grammar")
-        else:
-            field_name, text = "grammar", llguidance.LLMatcher.grammar_from_lark(self.grammar)
-        problem = llguidance.LLMatcher.validate_grammar(text)
-        if problem:
-            raise ValueError(f"{field_name}: llguidance cannot use it: {problem.strip()}")
-        return text
+        return _compiled_grammar("grammar", self.grammar)
+
+
+# A served request's schema is checked when the request arrives, again in its SamplingConfig and once more for
+# its matcher; validating costs 1-5 ms a time (llguidance compiles it), so each distinct schema or grammar is
+# compiled once. Failures raise and are not kept.
+@functools.lru_cache(maxsize=256)
+def _compiled_grammar(field_name: str, text: str) -> str:
+    import llguidance  # only here: ~0.1 s, and only for a constrained config
+
+    if field_name == "json_schema":
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.loads(text), defaults=JSON_LAYOUT)
+    else:
+        grammar = llguidance.LLMatcher.grammar_from_lark(text)
+    problem = llguidance.LLMatcher.validate_grammar(grammar)
+    if problem:
+        raise ValueError(f"{field_name}: llguidance cannot use it: {problem.strip()}")
+    return grammar
 
 
 # How constrained JSON is written, as json.dumps(ensure_ascii=False) writes it: its separators and no other

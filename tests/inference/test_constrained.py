@@ -109,6 +109,26 @@ def test_bad_schemas_and_grammars_are_refused_where_they_are_given():
     assert SamplingConfig().constraint() is None
 
 
+def test_a_schema_is_compiled_once_however_many_configs_carry_it(monkeypatch):
+    import llguidance
+
+    from lmforge import settings
+
+    settings._compiled_grammar.cache_clear()
+    validated = []
+    real_validate = llguidance.LLMatcher.validate_grammar
+    monkeypatch.setattr(
+        llguidance.LLMatcher, "validate_grammar", lambda grammar: validated.append(grammar) or real_validate(grammar)
+    )
+    first = SamplingConfig(json_schema=json.loads(json.dumps(SMALL)))  # equal, not the same dict
+    second = SamplingConfig(json_schema=json.loads(json.dumps(SMALL)), temperature=0)
+    assert first.constraint() == second.constraint() and len(validated) == 1
+    SamplingConfig(grammar=LARK)
+    assert len(validated) == 2
+    with pytest.raises(ValueError, match="json_schema is not JSON"):
+        SamplingConfig(json_schema={"type": "object", "default": object()})
+
+
 def test_a_constraint_needs_the_tokenizer(model):
     with pytest.raises(LmforgeError, match="need the model's tokenizer"):
         list(generate_tokens(model, [5, 6], SamplingConfig(max_new_tokens=4, json_schema=SMALL)))
