@@ -235,3 +235,42 @@ def test_training_checks_the_images_against_the_config():
         train_diffusion(images, captions, replace(TINY, channels=3), verbose=0)
     with pytest.raises(LmforgeError, match="8 images but 7 captions"):
         train_diffusion(images, captions[:7], TINY, verbose=0)
+
+
+def test_train_image_then_imagine_from_the_command_line(tmp_path, capsys):
+    from lmforge.cli import main
+
+    run = tmp_path / "run"
+    tiny = ["--width=8", "--timesteps=50", "--batch-size=256", "--captions-per-image", "1"]
+    assert main(["train-image", "--out", str(run), "--epochs=1", *tiny]) == 0
+    assert {"config.json", "model.safetensors", "training_state.pt"} <= {path.name for path in run.iterdir()}
+    assert main(["train-image", "--out", str(run), "--epochs=1", *tiny]) == 2
+    assert "holds a training run; --resume it" in capsys.readouterr().err
+    assert main(["train-image", "--out", str(run), "--epochs=2", "--resume", *tiny]) == 0
+    assert load_diffusion(run).config.epochs == 2
+    grid, steps = tmp_path / "seven.png", tmp_path / "steps"
+    arguments = ["imagine", "a handwritten seven", "--model", str(run), "--out", str(grid), "--n", "4", "--seed", "1"]
+    assert main([*arguments, "--steps", "4", "--guidance", "2", "--trajectory", str(steps)]) == 0
+    with Image.open(grid) as picture:
+        assert picture.size == (2 * 66 + 2, 2 * 66 + 2)  # 4 tiles of 8x8 scaled by 8, 2 by 2
+    assert sorted(path.name for path in steps.iterdir()) == [f"step_00{i}.png" for i in range(5)] + ["strip.png"]
+    expected = sample_images(load_diffusion(run), ["a handwritten seven"] * 4, steps=4, guidance_scale=2, seed=1)
+    with Image.open(steps / "step_004.png") as last, Image.open(grid) as picture:
+        assert last.tobytes() == picture.tobytes()  # the trajectory ends at the grid's images
+        assert picture.getpixel((2, 2)) == round(float(expected[0, 0, 0, 0]) * 255)
+
+
+def test_train_image_on_your_own_captioned_images(tmp_path):
+    from lmforge.cli import main
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    lines = []
+    for index, (name, colour) in enumerate([("red", (255, 0, 0)), ("green", (0, 255, 0)), ("blue", (0, 0, 255))]):
+        Image.new("RGB", (12, 12), colour).save(folder / f"{index}.png")
+        lines.append(json.dumps({"image": f"{index}.png", "caption": f"a {name} square"}))
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    arguments = ["train-image", "--data", str(folder), "--captions", str(tmp_path / "captions.jsonl")]
+    assert main([*arguments, "--out", str(run), "--channels=3", "--image-size=4", "--width=8", "--epochs=2"]) == 0
+    assert sample_images(load_diffusion(run), ["a red square"], steps=2).shape == (1, 3, 4, 4)
