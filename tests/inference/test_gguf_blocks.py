@@ -189,6 +189,27 @@ def test_the_native_decode_plan_runs_block_layers_like_the_model_itself():
         assert relative_error(logits, reference(tokens)[0][0, -1]) < 0.1
 
 
+@needs_kernels
+def test_a_short_prefill_of_block_layers_runs_natively_like_the_model_itself():
+    """Two prompts as rows of the native step (each block unpacked once per four rows), against the
+    model's forward, which runs each block layer of so few rows through the same kernel."""
+    from lmforge.inference import engine
+
+    torch.manual_seed(0)
+    model, _ = block_model()
+    prompts = [torch.randint(0, 96, (9,)).tolist(), torch.randint(0, 96, (5,)).tolist()]
+    native, reference = KVCache(model.config, 2, 32), KVCache(model.config, 2, 32)
+    with torch.no_grad():
+        ours = engine.native_prefill(model, prompts, native, [0, 0], [0, 1])
+        theirs = torch.stack(
+            [
+                model.hidden_states(torch.tensor([prompt]), reference, torch.tensor([0]), torch.tensor([row]))[0, -1]
+                for row, prompt in enumerate(prompts)
+            ]
+        )
+        assert relative_error(ours, model.logits(theirs)) < 1e-4
+
+
 def test_a_block_model_saves_and_loads_as_an_lmforge_checkpoint(tmp_path):
     from lmforge.formats.checkpoint import load_model, save_model
     from lmforge.tokenizer import CharTokenizer
