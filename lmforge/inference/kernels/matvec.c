@@ -242,7 +242,8 @@ VNNI static void q4_rows4_vnni(const int8_t *xq[4], const float *xscale[4], cons
     q4_rows_vnni(4, xq, xscale, xsum, K, w, scale, offset, G, out);
 }
 
-static int cpu_has_vnni(void) {
+/* also kquants.c's */
+int cpu_has_vnni(void) {
     static int known = -1;
     if (known < 0)
         known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
