@@ -433,9 +433,11 @@ def decode_step(
 # through the forward pays PyTorch's per-op overhead over every layer: SmolLM2-135M's 3-token tail took
 # 36-55 ms there against 11-13 ms for a one-token step. Natively each row costs about a decode step's
 # share of the kernels, while the forward's matmuls amortise dequantisation over the rows, so past a
-# few dozen rows the forward wins (/tmp measurements in the commit; benchmarks/inference.py's
-# "tail" rows measure both).
-NATIVE_PREFILL_TOKENS = 16
+# few dozen rows the forward wins. Measured (k tokens after 200 cached, 1 thread, interleaved in one
+# process on a busy 2-core machine; forward time / native time): SmolLM2 Q4_1 k=8 1.25-1.40x,
+# k=32 0.81-1.09x, k=64 0.57-0.83x; SmolLM2 Q4_K_M k=8 1.45x, k=32 1.34x, k=64 0.79x; Qwen3-0.6B-shape
+# Q4_K_M k=8 1.26x, k=32 1.68x, k=64 1.06x.
+NATIVE_PREFILL_TOKENS = 32
 NATIVE_PREFILL_ROWS = 64
 
 
