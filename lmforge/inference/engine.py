@@ -230,7 +230,9 @@ class DecodePlan:
         self.qkv, self.up = buffer(capacity, width), buffer(capacity, 2 * config.mlp_hidden)
         self.gated = buffer(capacity, config.mlp_hidden)
         self.last = buffer(capacity, d)  # final-norm rows the LM head reads (a prefill's last tokens)
-        self.logits = buffer(capacity, config.vocab_size)
+        # one row of logits per sequence, and a cache holds at most its rows' worth (Qwen3's vocabulary
+        # over 64 rows would be 39 MB)
+        self.logits = buffer(min(capacity, cache.keys[0].shape[0]), config.vocab_size)
         self.scores = buffer((os.cpu_count() or 1) * cache.max_length)  # one run of positions per thread
         self.positions = torch.zeros(capacity, dtype=torch.long)
         self.slots = torch.zeros(capacity, dtype=torch.long)
