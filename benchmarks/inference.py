@@ -333,6 +333,7 @@ def main() -> None:
     except ImportError:
         with_llama_cpp = False
         print("llama-cpp-python is not installed: its rows are left out (see this file's docstring)")
+    load_at_start = Path("/proc/loadavg").read_text().split()[:3]  # beside every number: the machine is shared
     partial = args.load_only or args.kquants_only
     report = json.loads(RESULTS.read_text()) if partial and RESULTS.exists() else {}
     if not partial:
@@ -344,7 +345,11 @@ def main() -> None:
         under_load = decode_under_load(args.threads, args.rounds, gguf_path, with_llama_cpp)
         report["under_load"] = {"competing_processes": list(COMPETING_PROCESSES), "decode_tok_s": under_load}
         report["under_load"]["ratios"] = print_under_load(under_load, args.threads)
-    report["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": args.threads}
+    report["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "load_average_start_end": [load_at_start, Path("/proc/loadavg").read_text().split()[:3]],
+    }
     report["torch"] = torch.__version__
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2))
