@@ -230,10 +230,12 @@ class DecodePlan:
         self.qkv, self.up = buffer(capacity, width), buffer(capacity, 2 * config.mlp_hidden)
         self.gated = buffer(capacity, config.mlp_hidden)
         self.last = buffer(capacity, d)  # final-norm rows the LM head reads (a prefill's last tokens)
-        # one row of logits per sequence, and a cache holds at most its rows' worth (Qwen3's vocabulary
-        # over 64 rows would be 39 MB)
-        self.logits = buffer(min(capacity, cache.keys[0].shape[0]), config.vocab_size)
-        self.scores = buffer((os.cpu_count() or 1) * cache.max_length)  # one run of positions per thread
+        # logits, made on first use: a row per decoding row, or (prefill) a row per prompt, at most one per
+        # cache row (64 rows of Qwen3's vocabulary would be 39 MB). Decoding rows may outnumber cache rows:
+        # speculative decoding checks its draft as rows of one sequence.
+        self.cache_rows = cache.keys[0].shape[0]
+        self._logits: dict[bool, torch.Tensor] = {}
+        self._scores: dict[int, torch.Tensor] = {}  # per thread count: one run of positions per thread
         self.positions = torch.zeros(capacity, dtype=torch.long)
         self.slots = torch.zeros(capacity, dtype=torch.long)
         # scratch tensors whose pointers the calls hold, and each layer's RoPE tables as they are now: the
@@ -267,7 +269,7 @@ class DecodePlan:
                     self.values[layer].data_ptr(), self.cache_length, rope_cos.data_ptr(), rope_sin.data_ptr(),
                     q_norm and q_norm.weight.data_ptr(), k_norm and k_norm.weight.data_ptr(),
                     q_norm.eps if q_norm else 0.0, config.attention_scale or config.head_dim**-0.5,
-                    config.sliding_window if config.is_sliding(layer) else 0, self.scores.data_ptr(),
+                    config.sliding_window if config.is_sliding(layer) else 0, self._scores_for(threads).data_ptr(),
                     self.y.data_ptr(), threads,
                 )),
                 self._matvec(attention.out, self.y, rows, self.delta, threads),
@@ -285,12 +287,23 @@ class DecodePlan:
         self._calls_by_shape[threads, rows] = calls
         return calls
 
+    def _scores_for(self, threads: int) -> torch.Tensor:
+        if threads not in self._scores:
+            self._scores[threads] = torch.empty(threads * self.cache_length)
+        return self._scores[threads]
+
+    def _logits_for(self, from_last: bool) -> torch.Tensor:
+        if from_last not in self._logits:
+            rows = min(self.capacity, self.cache_rows) if from_last else self.capacity
+            self._logits[from_last] = torch.empty(rows, self.model.config.vocab_size)
+        return self._logits[from_last]
+
     def _head(self, threads: int, rows: int, from_last: bool) -> tuple:
         """The LM head's call on `rows` final-norm rows, read from `h` (decoding) or `last` (a prefill's)."""
         key = (threads, rows, from_last)
         if key not in self._head_by_shape:
-            source = self.last if from_last else self.h
-            self._head_by_shape[key] = self._matvec(self.model.lm_head, source, rows, self.logits, threads)
+            source, logits = (self.last if from_last else self.h), self._logits_for(from_last)
+            self._head_by_shape[key] = self._matvec(self.model.lm_head, source, rows, logits, threads)
         return self._head_by_shape[key]
 
     def _post_norm(self, norm, rows: int) -> list:
@@ -364,12 +377,14 @@ class DecodePlan:
         self._layers(tokens, positions, slots, threads)
         function, arguments = self._head(threads, rows, from_last=False)
         function(*arguments)
-        return self.model.soft_cap(self.logits[:rows].clone())
+        return self.model.soft_cap(self._logits_for(False)[:rows].clone())
 
     def run_prompts(self, prompts: list[list[int]], starts: list[int], slots: list[int], threads: int) -> torch.Tensor:
         """Logits (B, vocab) at each prompt's last token, prompt b's tokens going into cache row `slots[b]`
         from position `starts[b]`: all prompts' tokens as rows, `capacity` rows per pass, in order, so a
         later pass sees the entries an earlier one wrote."""
+        if len(prompts) > min(self.capacity, self.cache_rows):
+            raise ValueError(f"{len(prompts)} prompts for a cache of {self.cache_rows} rows")
         tokens = torch.tensor([token for prompt in prompts for token in prompt], dtype=torch.long)
         positions = torch.cat([torch.arange(start, start + len(prompt)) for prompt, start in zip(prompts, starts)])
         row_slots = torch.cat([torch.full((len(prompt),), slot) for prompt, slot in zip(prompts, slots)])
@@ -382,7 +397,7 @@ class DecodePlan:
                     self.last[index].copy_(self.h[end - 1 - first])
         function, arguments = self._head(threads, len(prompts), from_last=True)
         function(*arguments)
-        return self.model.soft_cap(self.logits[: len(prompts)].clone())
+        return self.model.soft_cap(self._logits_for(True)[: len(prompts)].clone())
 
 
 # cache -> {(id(model), capacity): DecodePlan, or None where the model's layers have no native calls}.
