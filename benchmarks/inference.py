@@ -3,7 +3,8 @@ decode kernels or torch.compile; fp32 with speculative decoding, the Q4_1 weight
 transformers (fp32, same weights) and llama-cpp-python (same GGUF) in the same run.
 
 Each engine runs in its own process (clean load time and peak RSS): load time, prefill tok/s of
-a 512-token prompt, decode tok/s of 128 greedy tokens after a chat prompt, peak RSS. Rounds are
+a 512-token prompt, milliseconds to prefill an 8-token tail after 256 cached tokens (a chat turn after a
+prefix-cache hit), decode tok/s of 128 greedy tokens after a chat prompt, peak RSS. Rounds are
 interleaved and the best of each metric kept, since this machine is shared and noisy. Prints a
 table and the ratios the inference issue sets targets for; writes benchmarks/results/inference.json.
 
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import resource
@@ -46,6 +48,9 @@ RESULTS = Path(__file__).parent / "results" / "inference.json"
 CUDA_RESULTS = Path(__file__).parent / "results" / "inference_cuda.json"
 SKIPPED = "skipped: no CUDA device"
 NEW_TOKENS, PREFILL_TOKENS = 128, 512
+# A chat turn's tail after a cached prefix (what a server with prefix caching prefills): milliseconds
+# to prefill TAIL_TOKENS tokens after TAIL_PREFIX cached ones, the median of TAIL_REPEATS
+TAIL_PREFIX, TAIL_TOKENS, TAIL_REPEATS = 256, 8, 5
 COMPETING_PROCESSES = (0, 1, 2)
 BUSY_LOOP = "import numpy as np\na = np.random.rand(256, 256)\nwhile True:\n    a = (a @ a) / 256.0\n"
 CHAT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message in a bottle."}]
@@ -105,6 +110,16 @@ def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
             next_token_logits(model, torch.tensor([prefill_ids]), cache)
             prefill_seconds = time.perf_counter() - start
             del cache  # one cache at a time, as in serving (the peak RSS would count two)
+        cache = KVCache(model.config, 1, PREFILL_TOKENS)
+        next_token_logits(model, torch.tensor([prefill_ids[:TAIL_PREFIX]]), cache)
+        tail = torch.tensor([prefill_ids[TAIL_PREFIX : TAIL_PREFIX + TAIL_TOKENS]])
+        tail_seconds = []
+        for _ in range(TAIL_REPEATS):
+            cache.length = TAIL_PREFIX
+            start = time.perf_counter()
+            next_token_logits(model, tail, cache)
+            tail_seconds.append(time.perf_counter() - start)
+        del cache
     chat_ids = encode_chat(tokenizer, CHAT)
     compiled = variant.endswith("compiled")
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0)
@@ -122,6 +137,7 @@ def lmforge_worker(variant: str, checkpoint: str | None) -> dict:
     result = {
         "load_s": load_seconds,
         "prefill_tok_s": PREFILL_TOKENS / prefill_seconds,
+        "tail_ms": 1000 * statistics.median(tail_seconds),
         "decode_tok_s": len(rest) / decode_seconds,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -181,6 +197,14 @@ def llama_cpp_worker(gguf_path: str, threads: int) -> dict:
         start = time.perf_counter()
         llm.eval(prefill_ids)
         prefill_seconds = time.perf_counter() - start
+    llm.reset()
+    llm.eval(prefill_ids[:TAIL_PREFIX])
+    tail_seconds = []
+    for _ in range(TAIL_REPEATS):
+        llm.n_tokens = TAIL_PREFIX  # eval drops the cache's entries from here on
+        start = time.perf_counter()
+        llm.eval(prefill_ids[TAIL_PREFIX : TAIL_PREFIX + TAIL_TOKENS])
+        tail_seconds.append(time.perf_counter() - start)
     chat_ids = llm.tokenize(CHAT_TEXT.encode(), add_bos=False, special=True)
     generated = 0
     for _ in llm.generate(chat_ids, temp=0.0, top_k=1, reset=True):
@@ -193,6 +217,7 @@ def llama_cpp_worker(gguf_path: str, threads: int) -> dict:
     return {
         "load_s": load_seconds,
         "prefill_tok_s": PREFILL_TOKENS / prefill_seconds,
+        "tail_ms": 1000 * statistics.median(tail_seconds),
         "decode_tok_s": (generated - 1) / decode_seconds,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -308,6 +333,7 @@ def main() -> None:
     except ImportError:
         with_llama_cpp = False
         print("llama-cpp-python is not installed: its rows are left out (see this file's docstring)")
+    load_at_start = Path("/proc/loadavg").read_text().split()[:3]  # beside every number: the machine is shared
     partial = args.load_only or args.kquants_only
     report = json.loads(RESULTS.read_text()) if partial and RESULTS.exists() else {}
     if not partial:
@@ -319,7 +345,11 @@ def main() -> None:
         under_load = decode_under_load(args.threads, args.rounds, gguf_path, with_llama_cpp)
         report["under_load"] = {"competing_processes": list(COMPETING_PROCESSES), "decode_tok_s": under_load}
         report["under_load"]["ratios"] = print_under_load(under_load, args.threads)
-    report["machine"] = {"cpu": platform.processor() or platform.machine(), "threads": args.threads}
+    report["machine"] = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "load_average_start_end": [load_at_start, Path("/proc/loadavg").read_text().split()[:3]],
+    }
     report["torch"] = torch.__version__
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2))
@@ -508,11 +538,11 @@ def compare_engines(args: argparse.Namespace, with_llama_cpp: bool) -> dict:
                 keep_best(results.setdefault(engine, {}), measured)
 
     print(f"\nSmolLM2-135M-Instruct, {args.threads} threads, best of {args.rounds} rounds")
-    print(f"{'engine':<24}{'load s':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
+    print(f"{'engine':<24}{'load s':>8}{'prefill tok/s':>15}{'tail ms':>9}{'decode tok/s':>14}{'peak RSS MB':>13}")
     for engine, row in results.items():
         if "decode_tok_s" in row:
             print(
-                f"{engine:<24}{row['load_s']:>8.2f}{row['prefill_tok_s']:>15.1f}"
+                f"{engine:<24}{row['load_s']:>8.2f}{row['prefill_tok_s']:>15.1f}{row.get('tail_ms', math.nan):>9.1f}"
                 f"{row['decode_tok_s']:>14.1f}{row['peak_rss_mb']:>13.0f}"
             )
     ratios = {}
@@ -620,10 +650,11 @@ def compare_gguf_files(args: argparse.Namespace) -> dict:
         sizes_mb = {label: path.stat().st_size / 2**20 for label, path in files.items()}
 
     print(f"\nllama.cpp's K-quant files, {args.threads} threads, best of {args.rounds} rounds")
-    print(f"{'file | engine':<40}{'load s':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'peak RSS MB':>13}")
+    header = f"{'load s':>8}{'prefill tok/s':>15}{'tail ms':>9}{'decode tok/s':>14}{'peak RSS MB':>13}"
+    print(f"{'file | engine':<40}{header}")
     for engine, row in results.items():
         print(
-            f"{engine:<40}{row['load_s']:>8.2f}{row['prefill_tok_s']:>15.1f}"
+            f"{engine:<40}{row['load_s']:>8.2f}{row['prefill_tok_s']:>15.1f}{row.get('tail_ms', math.nan):>9.1f}"
             f"{row['decode_tok_s']:>14.1f}{row['peak_rss_mb']:>13.0f}"
         )
     ratios = {}
@@ -632,6 +663,8 @@ def compare_gguf_files(args: argparse.Namespace) -> dict:
         if ours and theirs:
             for metric in ("decode_tok_s", "prefill_tok_s"):
                 ratios[f"{label} {metric.removesuffix('_tok_s')} vs llama.cpp"] = ours[metric] / theirs[metric]
+            if "tail_ms" in ours and "tail_ms" in theirs:  # as a speed: llama.cpp's time over ours
+                ratios[f"{label} tail vs llama.cpp"] = theirs["tail_ms"] / ours["tail_ms"]
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}x")
     return {"results": results, "ratios": ratios, "file_mb": sizes_mb}

@@ -211,38 +211,50 @@ def layer_rope_tables(model: Transformer, positions: int) -> list[tuple[torch.Te
 
 
 class DecodePlan:
-    """Every native call of one decoding step for `batch` rows, prepared once per thread count:
-    buffers allocated, pointers and sizes resolved. A step is then ~7 plain ctypes calls per layer;
-    the Python around each call was a quarter of the step when it went through the modules."""
+    """Every native call of one step for up to `capacity` rows, prepared once per thread count and row
+    count: buffers allocated, pointers and sizes resolved. A step is then ~7 plain ctypes calls per
+    layer; the Python around each call was a quarter of the step when it went through the modules.
 
-    def __init__(self, model: Transformer, cache: KVCache, batch: int):
+    A row is one new token at its own cache row and position. Decoding gives each sequence one row; a
+    short prefill gives a sequence's k new tokens k rows at consecutive positions (`run_prompts`),
+    which the attention kernel makes causal among themselves."""
+
+    def __init__(self, model: Transformer, cache: KVCache, capacity: int):
         config = model.config
         d, width = config.d_model, (config.n_heads + 2 * config.kv_heads) * config.head_dim
         buffer = lambda *shape: torch.empty(*shape)  # noqa: E731
-        self.model, self.batch = model, batch
-        self.keys, self.values, self.capacity = cache.keys, cache.values, cache.max_length
-        self.x, self.h, self.delta = buffer(batch, d), buffer(batch, d), buffer(batch, d)
-        self.y = buffer(batch, config.n_heads * config.head_dim)  # the attention's output: d wide only if d_head is
-        self.qkv, self.up = buffer(batch, width), buffer(batch, 2 * config.mlp_hidden)
-        self.gated = buffer(batch, config.mlp_hidden)
-        self.logits = buffer(batch, config.vocab_size)
-        self.scores = buffer(batch * config.n_heads * cache.max_length)
-        self.positions, self.slots = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
+        self.model, self.capacity = model, capacity
+        self.keys, self.values, self.cache_length = cache.keys, cache.values, cache.max_length
+        self.x, self.h, self.delta = buffer(capacity, d), buffer(capacity, d), buffer(capacity, d)
+        self.y = buffer(capacity, config.n_heads * config.head_dim)  # the attention's output: d wide only if d_head is
+        self.qkv, self.up = buffer(capacity, width), buffer(capacity, 2 * config.mlp_hidden)
+        self.gated = buffer(capacity, config.mlp_hidden)
+        self.last = buffer(capacity, d)  # final-norm rows the LM head reads (a prefill's last tokens)
+        # logits, made on first use: a row per decoding row, or (prefill) a row per prompt, at most one per
+        # cache row (64 rows of Qwen3's vocabulary would be 39 MB). Decoding rows may outnumber cache rows:
+        # speculative decoding checks its draft as rows of one sequence.
+        self.cache_rows = cache.keys[0].shape[0]
+        self._logits: dict[bool, torch.Tensor] = {}
+        self._scores: dict[int, torch.Tensor] = {}  # per thread count: one run of positions per thread
+        self.positions = torch.zeros(capacity, dtype=torch.long)
+        self.slots = torch.zeros(capacity, dtype=torch.long)
         # scratch tensors whose pointers the calls hold, and each layer's RoPE tables as they are now: the
         # model may grow (replace) its own later, and this plan's positions never pass the cache's length
         self.rope_tables = layer_rope_tables(model, min(cache.max_length, config.block_size))
-        self._scratch: list[torch.Tensor] = []
-        self._calls_by_threads: dict[int, list] = {}
+        self._scratch: dict[int, list[torch.Tensor]] = {}
+        self._calls_by_shape: dict[tuple[int, int], list] = {}
+        self._head_by_shape: dict[tuple[int, int, bool], tuple] = {}
 
-    def _calls(self, threads: int) -> list:
-        if threads in self._calls_by_threads:
-            return self._calls_by_threads[threads]
-        library, config, batch = kernels.library(), self.model.config, self.batch
+    def _calls(self, threads: int, rows: int) -> list:
+        """The layers' calls for `rows` rows (x in, final-norm rows in `h` out)."""
+        if (threads, rows) in self._calls_by_shape:
+            return self._calls_by_shape[threads, rows]
+        library, config = kernels.library(), self.model.config
         d = config.d_model
         blocks = self.model.blocks
         first = blocks[0].attention_norm
         calls = [
-            (library.rms_norm, (self.x.data_ptr(), first.weight.data_ptr(), first.eps, batch, d, self.h.data_ptr()))
+            (library.rms_norm, (self.x.data_ptr(), first.weight.data_ptr(), first.eps, rows, d, self.h.data_ptr()))
         ]
         for layer, block in enumerate(blocks):
             attention = block.attention
@@ -250,43 +262,70 @@ class DecodePlan:
             rope_cos, rope_sin = self.rope_tables[layer]
             q_norm, k_norm = (attention.q_norm, attention.k_norm) if config.qk_norm else (None, None)
             calls += [
-                self._matvec(attention.qkv, self.h, self.qkv, threads),
+                self._matvec(attention.qkv, self.h, rows, self.qkv, threads),
                 (library.attention_decode, (
-                    self.qkv.data_ptr(), batch, config.n_heads, config.kv_heads, config.head_dim,
+                    self.qkv.data_ptr(), rows, config.n_heads, config.kv_heads, config.head_dim,
                     self.slots.data_ptr(), self.positions.data_ptr(), self.keys[layer].data_ptr(),
-                    self.values[layer].data_ptr(), self.capacity, rope_cos.data_ptr(), rope_sin.data_ptr(),
+                    self.values[layer].data_ptr(), self.cache_length, rope_cos.data_ptr(), rope_sin.data_ptr(),
                     q_norm and q_norm.weight.data_ptr(), k_norm and k_norm.weight.data_ptr(),
                     q_norm.eps if q_norm else 0.0, config.attention_scale or config.head_dim**-0.5,
-                    config.sliding_window if config.is_sliding(layer) else 0, self.scores.data_ptr(),
+                    config.sliding_window if config.is_sliding(layer) else 0, self._scores_for(threads).data_ptr(),
                     self.y.data_ptr(), threads,
                 )),
-                self._matvec(attention.out, self.y, self.delta, threads),
-                *self._post_norm(block.attention_post_norm if config.post_norms else None),
+                self._matvec(attention.out, self.y, rows, self.delta, threads),
+                *self._post_norm(block.attention_post_norm if config.post_norms else None, rows),
                 (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), block.mlp_norm.weight.data_ptr(),
-                                        block.mlp_norm.eps, batch, d, self.h.data_ptr())),
-                self._matvec(block.mlp.up, self.h, self.up, threads),
+                                        block.mlp_norm.eps, rows, d, self.h.data_ptr())),
+                self._matvec(block.mlp.up, self.h, rows, self.up, threads),
                 (library.gelu_tanh_mul if config.mlp == "geglu" else library.silu_mul,
-                 (self.up.data_ptr(), batch, config.mlp_hidden, self.gated.data_ptr())),
-                self._matvec(block.mlp.down, self.gated, self.delta, threads),
-                *self._post_norm(block.mlp_post_norm if config.post_norms else None),
+                 (self.up.data_ptr(), rows, config.mlp_hidden, self.gated.data_ptr())),
+                self._matvec(block.mlp.down, self.gated, rows, self.delta, threads),
+                *self._post_norm(block.mlp_post_norm if config.post_norms else None, rows),
                 (library.add_rms_norm, (self.x.data_ptr(), self.delta.data_ptr(), following.weight.data_ptr(),
-                                        following.eps, batch, d, self.h.data_ptr())),
+                                        following.eps, rows, d, self.h.data_ptr())),
             ]  # fmt: skip
-        calls.append(self._matvec(self.model.lm_head, self.h, self.logits, threads))
-        self._calls_by_threads[threads] = calls
+        self._calls_by_shape[threads, rows] = calls
         return calls
 
-    def _post_norm(self, norm) -> list:
+    def _scores_for(self, threads: int) -> torch.Tensor:
+        if threads not in self._scores:
+            self._scores[threads] = torch.empty(threads * self.cache_length)
+        return self._scores[threads]
+
+    def _logits_for(self, from_last: bool) -> torch.Tensor:
+        if from_last not in self._logits:
+            rows = min(self.capacity, self.cache_rows) if from_last else self.capacity
+            self._logits[from_last] = torch.empty(rows, self.model.config.vocab_size)
+        return self._logits[from_last]
+
+    def _head(self, threads: int, rows: int, from_last: bool) -> tuple:
+        """The LM head's call on `rows` final-norm rows, read from `h` (decoding) or `last` (a prefill's)."""
+        key = (threads, rows, from_last)
+        if key not in self._head_by_shape:
+            source, logits = (self.last if from_last else self.h), self._logits_for(from_last)
+            self._head_by_shape[key] = self._matvec(self.model.lm_head, source, rows, logits, threads)
+        return self._head_by_shape[key]
+
+    def _post_norm(self, norm, rows: int) -> list:
         """Gemma 3's norm of a block part's output before its residual add (in place on `delta`); none without."""
         if norm is None:
             return []
-        rows, width = self.delta.shape
+        width = self.delta.shape[1]
         delta = self.delta.data_ptr()
         return [(kernels.library().rms_norm, (delta, norm.weight.data_ptr(), norm.eps, rows, width, delta))]
 
-    def _matvec(self, layer, x: torch.Tensor, out: torch.Tensor, threads: int):
+    def _activation_scratch(self, inner: int) -> list[torch.Tensor]:
+        """x rounded to int8, with a scale and a sum per 32 values, for `capacity` rows of width `inner`;
+        one set per width serves every call of that width, since the calls run one at a time."""
+        if inner not in self._scratch:
+            rows, blocks = self.capacity, inner // 32
+            self._scratch[inner] = [torch.empty(rows, inner, dtype=torch.int8), torch.empty(rows, blocks),
+                                    torch.empty(rows, blocks)]  # fmt: skip
+        return self._scratch[inner]
+
+    def _matvec(self, layer, x: torch.Tensor, rows: int, out: torch.Tensor, threads: int):
         library = kernels.library()
-        rows, inner = x.shape
+        inner = x.shape[1]
         bias = 0 if layer.bias is None else layer.bias.data_ptr()
         head = (x.data_ptr(), rows, inner)  # every matvec starts with x, its rows and width
         if not isinstance(layer, QuantizedLinear):
@@ -295,9 +334,7 @@ class DecodePlan:
         if layer.segments is None and layer.bits == 8 and layer.exact_activations:
             tail = (layer.group_size, bias, layer.out_features, out.data_ptr(), threads)
             return library.matvec_q8_exact, (*head, layer.codes.data_ptr(), layer.scale.data_ptr(), *tail)
-        scratch = [torch.empty(rows, inner, dtype=torch.int8), torch.empty(rows, inner // 32)]
-        scratch.append(torch.empty(rows, inner // 32))
-        self._scratch += scratch
+        scratch = self._activation_scratch(inner)
         tail = (bias, layer.out_features, out.data_ptr(), *(t.data_ptr() for t in scratch), threads)
         if layer.segments is not None:  # GGUF blocks (kquants.c), of one type or several
             table = layer.segment_table
@@ -326,19 +363,55 @@ class DecodePlan:
                 return False
         return True
 
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, threads: int) -> torch.Tensor:
-        self.positions.copy_(positions)
-        self.slots.copy_(slots)
-        self.x.copy_(self.model.embed(tokens.reshape(self.batch)))
-        for function, arguments in self._calls(threads):
+    def _layers(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, threads: int) -> None:
+        rows = tokens.shape[0]
+        self.positions[:rows].copy_(positions)
+        self.slots[:rows].copy_(slots)
+        self.x[:rows].copy_(self.model.embed(tokens))
+        for function, arguments in self._calls(threads, rows):
             function(*arguments)
-        return self.model.soft_cap(self.logits.clone())
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, threads: int) -> torch.Tensor:
+        """Logits (rows, vocab) of one new token per row: tokens, positions and slots (rows,)."""
+        rows = tokens.shape[0]
+        self._layers(tokens, positions, slots, threads)
+        function, arguments = self._head(threads, rows, from_last=False)
+        function(*arguments)
+        return self.model.soft_cap(self._logits_for(False)[:rows].clone())
+
+    def run_prompts(self, prompts: list[list[int]], starts: list[int], slots: list[int], threads: int) -> torch.Tensor:
+        """Logits (B, vocab) at each prompt's last token, prompt b's tokens going into cache row `slots[b]`
+        from position `starts[b]`: all prompts' tokens as rows, `capacity` rows per pass, in order, so a
+        later pass sees the entries an earlier one wrote."""
+        if len(prompts) > min(self.capacity, self.cache_rows):
+            raise ValueError(f"{len(prompts)} prompts for a cache of {self.cache_rows} rows")
+        tokens = torch.tensor([token for prompt in prompts for token in prompt], dtype=torch.long)
+        positions = torch.cat([torch.arange(start, start + len(prompt)) for prompt, start in zip(prompts, starts)])
+        row_slots = torch.cat([torch.full((len(prompt),), slot) for prompt, slot in zip(prompts, slots)])
+        ends = torch.tensor([len(prompt) for prompt in prompts]).cumsum(0)
+        for first in range(0, tokens.shape[0], self.capacity):
+            stop = min(first + self.capacity, tokens.shape[0])
+            self._layers(tokens[first:stop], positions[first:stop], row_slots[first:stop], threads)
+            for index, end in enumerate(ends.tolist()):
+                if first < end <= stop:
+                    self.last[index].copy_(self.h[end - 1 - first])
+        function, arguments = self._head(threads, len(prompts), from_last=True)
+        function(*arguments)
+        return self.model.soft_cap(self._logits_for(True)[: len(prompts)].clone())
 
 
-# cache -> {(id(model), batch): DecodePlan, or None where the model's layers have no native calls}.
+# cache -> {(id(model), capacity): DecodePlan, or None where the model's layers have no native calls}.
 # Per cache since a plan holds its tensors' addresses; a plan must not refer to its cache, which would
 # then never leave this dictionary.
 _decode_plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plan(model: Transformer, cache: KVCache, capacity: int) -> DecodePlan | None:
+    plans = _decode_plans.setdefault(cache, {})
+    key = (id(model), capacity)
+    if key not in plans:
+        plans[key] = DecodePlan(model, cache, capacity) if DecodePlan.fits(model) else None
+    return plans[key]
 
 
 def decode_step(
@@ -363,17 +436,47 @@ def decode_step(
     position_limit = min(cache.max_length, config.block_size)
     if int(positions.max()) >= position_limit:
         raise ValueError(f"position {int(positions.max())} does not fit the cache/context of {position_limit}")
-    plans = _decode_plans.setdefault(cache, {})
-    key = (id(model), batch)
-    if key not in plans:
-        plans[key] = DecodePlan(model, cache, batch) if DecodePlan.fits(model) else None
-    plan = plans[key]
+    plan = _plan(model, cache, batch)
     if plan is None:  # a layer the native calls cannot run (say bf16 weights): the model's own forward
         return torch_decode_step(model, tokens, cache, None if aligned else positions, None if aligned else slots)
-    logits = run_timed_step(model, batch, lambda threads: plan.run(tokens, positions, slots, threads))
+    logits = run_timed_step(model, batch, lambda threads: plan.run(tokens.reshape(batch), positions, slots, threads))
     if aligned:
         cache.length += 1
     return logits
+
+
+# Prompt tokens up to which a prefill runs as rows of the native step rather than through the model's
+# forward, and the rows per native pass. A short prefill (a chat turn's tail after a cached prefix)
+# through the forward pays PyTorch's per-op overhead over every layer: SmolLM2-135M's 3-token tail took
+# 36-55 ms there against 11-13 ms for a one-token step. Natively each row costs about a decode step's
+# share of the kernels, while the forward's matmuls amortise dequantisation over the rows, so past a
+# few dozen rows the forward wins. Measured (k tokens after 200 cached, 1 thread, interleaved in one
+# process on a busy 2-core machine; forward time / native time): SmolLM2 Q4_1 k=8 1.25-1.40x,
+# k=32 0.81-1.09x, k=64 0.57-0.83x; SmolLM2 Q4_K_M k=8 1.45x, k=32 1.34x, k=64 0.79x; Qwen3-0.6B-shape
+# Q4_K_M k=8 1.26x, k=32 1.68x, k=64 1.06x.
+NATIVE_PREFILL_TOKENS = 32
+NATIVE_PREFILL_ROWS = 64
+
+
+def native_prefill(
+    model: Transformer, prompts: list[list[int]], cache: KVCache, starts: list[int], slots: list[int]
+) -> torch.Tensor | None:
+    """`prefill` through the native step (each prompt's tokens as rows, `DecodePlan.run_prompts`), or
+    None where it does not apply: a model or layer it cannot run, a long or empty prompt."""
+    total = sum(len(prompt) for prompt in prompts)
+    if not 0 < total <= NATIVE_PREFILL_TOKENS or min(len(prompt) for prompt in prompts) == 0:
+        return None
+    if not supports(model) or cache.keys[0].dtype != torch.float32 or cache.keys[0].device.type != "cpu":
+        return None
+    limit = min(cache.max_length, model.config.block_size)
+    if max(start + len(prompt) for prompt, start in zip(prompts, starts)) > limit:
+        raise ValueError(f"a prompt does not fit the cache/context of {limit} positions")
+    plan = _plan(model, cache, NATIVE_PREFILL_ROWS)
+    if plan is None:
+        return None
+    threads = fixed_threads() or _chooser(model, 1).current
+    _use_threads(threads)
+    return plan.run_prompts(prompts, starts, slots, threads)
 
 
 def torch_decode_step(
@@ -409,6 +512,15 @@ def next_token_logits(
         if supports(model):
             return decode_step(model, tokens, cache, positions, slots)
         return torch_decode_step(model, tokens, cache, positions, slots)
+    if cache is not None and last is None and not cache.static:
+        batch, length = tokens.shape
+        starts = [cache.length] * batch if positions is None else positions.tolist()
+        rows = list(range(batch)) if slots is None else slots.tolist()
+        logits = native_prefill(model, tokens.tolist(), cache, starts, rows)
+        if logits is not None:
+            if positions is None:
+                cache.length += length
+            return logits
     use_prefill_threads(model)
     if cache is not None and positions is None and last is None:
         # A long prompt goes through in chunks: the cache carries the context between them, and each
@@ -438,12 +550,18 @@ def prefill(
     The batch is right-padded to the longest prompt. A row's padding writes cache entries past
     its length, which its own later tokens overwrite before any query can see them.
     """
+    starts = starts or [0] * len(prompts)
+    if not cache.static:
+        rows = list(range(len(prompts))) if slots is None else slots.tolist()
+        logits = native_prefill(model, prompts, cache, starts, rows)
+        if logits is not None:
+            return logits
     device = cache.keys[0].device
     lengths = torch.tensor([len(prompt) for prompt in prompts], device=device)
     padded = torch.zeros(len(prompts), int(lengths.max()), dtype=torch.long, device=device)
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = torch.tensor(prompt)
-    positions = torch.tensor(starts or [0] * len(prompts), dtype=torch.long, device=device)
+    positions = torch.tensor(starts, dtype=torch.long, device=device)
     return next_token_logits(model, padded, cache, positions=positions, slots=slots, last=lengths - 1)
 
 

@@ -239,3 +239,69 @@ def test_models_with_issue_20_switches_decode_through_the_model_and_agree_with_n
     cached = [list(generate_tokens(model, prompt, sampling)) for prompt in prompts]
     assert cached == [list(generate_tokens(model, prompt, sampling, use_cache=False)) for prompt in prompts]
     assert generate_batch(model, prompts, sampling) == cached
+
+
+@pytest.mark.parametrize("family", FAMILY_SWITCHES)
+@pytest.mark.parametrize("rows_per_pass", [64, 4])
+def test_native_prefill_equals_the_models_forward_for_each_family(family, rows_per_pass, monkeypatch):
+    """Short prompts as rows of the native step (`engine.native_prefill`), some continuing a cached
+    prefix, some past the sliding window, in passes of `rows_per_pass` rows: the same last-token logits
+    and the same cache entries as the model's forward, and the decoding that follows agrees too."""
+    from lmforge.inference import kernels
+    from lmforge.model import KVCache
+
+    if not kernels.available():
+        pytest.skip("native kernels unavailable")
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=128, block_size=64, n_layers=3, n_heads=4, n_kv_heads=2, d_model=64, d_mlp=96)
+    config = ModelConfig(**sizes, **{**LLAMA_SWITCHES, **FAMILY_SWITCHES[family]})
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    native, reference = KVCache(config, 3, 40), KVCache(config, 3, 40)
+    slots = torch.tensor([2, 0, 1])
+    monkeypatch.setattr(engine, "NATIVE_PREFILL_ROWS", rows_per_pass)
+    with torch.no_grad():
+        monkeypatch.setattr(engine, "NATIVE_PREFILL_TOKENS", 0)  # the model's forward for both: the prefixes
+        for cache in (native, reference):
+            engine.prefill(model, [[1, 2], [3, 4, 5, 6, 7, 8], [9]], cache, slots)
+        tails, starts = [[10, 11, 12, 13, 14, 15, 16], [17], [18, 19, 20]], [2, 6, 1]
+        theirs = engine.prefill(model, tails, reference, slots, starts)
+        monkeypatch.setattr(engine, "NATIVE_PREFILL_TOKENS", 64)
+        ours = engine.prefill(model, tails, native, slots, starts)
+        assert engine._decode_plans[native]  # it ran natively
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+        for layer in range(config.n_layers):
+            for row, (start, tail) in zip(slots.tolist(), zip(starts, tails)):
+                seen = slice(0, start + len(tail))
+                torch.testing.assert_close(native.keys[layer][row, :, seen], reference.keys[layer][row, :, seen])
+                torch.testing.assert_close(native.values[layer][row, :, seen], reference.values[layer][row, :, seen])
+        positions = torch.tensor([start + len(tail) for start, tail in zip(starts, tails)])
+        tokens = theirs.argmax(-1, keepdim=True)
+        for _ in range(6):
+            ours = engine.decode_step(model, tokens, native, positions, slots)
+            theirs = engine.torch_decode_step(model, tokens, reference, positions, slots)
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+            tokens, positions = theirs.argmax(-1, keepdim=True), positions + 1
+
+
+def test_a_short_prompt_goes_through_the_native_step_and_gives_the_forwards_tokens(monkeypatch):
+    """One prompt with an aligned cache (`generate`'s path): the native prefill advances the cache as the
+    forward does, and greedy tokens equal those of a prefill through the forward."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, block_size=96, n_layers=2, n_heads=4, n_kv_heads=2, d_model=64,
+                         **LLAMA_SWITCHES)  # fmt: skip
+    model = Transformer(config).eval()
+    if not engine.supports(model):
+        pytest.skip("native kernels unavailable")
+    sampling = SamplingConfig(max_new_tokens=20, temperature=0)
+    prompt = [5, 9, 2, 7, 7, 1, 30, 12]
+    passes = []
+    native_prefill = engine.native_prefill
+    monkeypatch.setattr(engine, "native_prefill", lambda *args: passes.append(native_prefill(*args)) or passes[-1])
+    native = list(generate_tokens(model, prompt, sampling))
+    assert passes and passes[0] is not None  # the prompt went through the native step
+    monkeypatch.setattr(engine, "NATIVE_PREFILL_TOKENS", 0)
+    assert native == list(generate_tokens(model, prompt, sampling))

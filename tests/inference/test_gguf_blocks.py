@@ -1,6 +1,9 @@
 """Weights kept in llama.cpp's block formats (Q4_K, Q5_K, Q6_K, Q5_0, ...): the kernels in kquants.c and
 the layers around them, against the gguf package's dequantisation."""
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -189,6 +192,27 @@ def test_the_native_decode_plan_runs_block_layers_like_the_model_itself():
         assert relative_error(logits, reference(tokens)[0][0, -1]) < 0.1
 
 
+@needs_kernels
+def test_a_short_prefill_of_block_layers_runs_natively_like_the_model_itself():
+    """Two prompts as rows of the native step (each block unpacked once per four rows), against the
+    model's forward, which runs each block layer of so few rows through the same kernel."""
+    from lmforge.inference import engine
+
+    torch.manual_seed(0)
+    model, _ = block_model()
+    prompts = [torch.randint(0, 96, (9,)).tolist(), torch.randint(0, 96, (5,)).tolist()]
+    native, reference = KVCache(model.config, 2, 32), KVCache(model.config, 2, 32)
+    with torch.no_grad():
+        ours = engine.native_prefill(model, prompts, native, [0, 0], [0, 1])
+        theirs = torch.stack(
+            [
+                model.hidden_states(torch.tensor([prompt]), reference, torch.tensor([0]), torch.tensor([row]))[0, -1]
+                for row, prompt in enumerate(prompts)
+            ]
+        )
+        assert relative_error(ours, model.logits(theirs)) < 1e-4
+
+
 def test_a_block_model_saves_and_loads_as_an_lmforge_checkpoint(tmp_path):
     from lmforge.formats.checkpoint import load_model, save_model
     from lmforge.tokenizer import CharTokenizer
@@ -229,3 +253,39 @@ def test_block_matvec_of_rows_together_equals_each_row_alone(type_name):
     together = kernels.matvec_blocks(x, blocks, table, 45, bias)
     alone = torch.cat([kernels.matvec_blocks(x[row : row + 1], blocks, table, 45, bias) for row in range(11)])
     assert torch.equal(together, alone)
+
+
+@needs_kernels
+def test_block_matvec_gives_the_same_bits_with_and_without_vnni(tmp_path):
+    """Where the CPU has AVX-512 VNNI the block kernels use vpdpbusd / vpdpwssd for the integer sums:
+    the same integers as AVX2's maddubs + madd, so every result equals the AVX2 path's bit for bit
+    (LMFORGE_NO_VNNI=1, in a fresh process since the check is made once per process)."""
+    import subprocess
+    import sys
+
+    types = list(GGUF_BLOCK_TYPES)
+    x = torch.randn(5, 768)
+    torch.save(x, tmp_path / "x.pt")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_gguf_blocks import random_gguf_blocks
+from lmforge.inference import kernels
+from lmforge.inference.quantize import segment_table
+x = torch.load({str(tmp_path / "x.pt")!r}, weights_only=True)
+results = {{}}
+for type_name in {types!r}:
+    blocks = torch.from_numpy(random_gguf_blocks(type_name, 45, 768, seed=3)).reshape(-1)
+    table = segment_table(((type_name, 45),))
+    results[type_name] = torch.cat([kernels.matvec_blocks(x, blocks, table, 45, None),
+                                    kernels.matvec_blocks(x[:1], blocks, table, 45, None)])
+torch.save(results, sys.argv[1])
+"""
+    outputs = []
+    for environment in ({}, {"LMFORGE_NO_VNNI": "1"}):
+        target = tmp_path / f"out{len(outputs)}.pt"
+        env = {**os.environ, **environment, "PYTHONPATH": str(Path(__file__).parents[2])}
+        subprocess.run([sys.executable, "-c", script, str(target)], check=True, env=env)
+        outputs.append(torch.load(target, weights_only=True))
+    for type_name in types:
+        assert torch.equal(outputs[0][type_name], outputs[1][type_name]), type_name

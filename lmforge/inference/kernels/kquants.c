@@ -22,6 +22,7 @@
 #define INLINE static inline __attribute__((always_inline))
 
 void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xscale, float *xsum);
+int cpu_has_vnni(void);
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
@@ -74,6 +75,15 @@ INLINE float half(const uint8_t *p) {
 /* sum(u * s) per 4 bytes as 8 int32 lanes: lanes 0-3 cover bytes 0-15, lanes 4-7 bytes 16-31 */
 INLINE __m256i dot_u8_s8_i32(__m256i unsigned_bytes, __m256i signed_bytes) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned_bytes, signed_bytes), _mm256_set1_epi16(1));
+}
+
+/* dot_u8_s8_i32 in one vpdpbusd where the CPU has AVX-512 VNNI (see add_products16): the same integers,
+ * since no pair of products here reaches maddubs' int16 saturation (|w| <= 128, |x| <= 127). */
+INLINE __m256i dot_u8_s8_i32_vnni(__m256i unsigned_bytes, __m256i signed_bytes, int vnni) {
+    if (!vnni) return dot_u8_s8_i32(unsigned_bytes, signed_bytes);
+    __m256i sums = _mm256_setzero_si256();
+    __asm__("vpdpbusd %2, %1, %0" : "+x"(sums) : "x"(unsigned_bytes), "x"(signed_bytes));
+    return sums;
 }
 
 /* signed codes times signed x: maddubs wants unsigned x signed, so |w| and w's sign moved onto x */
@@ -166,7 +176,7 @@ static float row_dot(int type, const uint8_t *w, const int8_t *xq, const float *
  * block's codes are unpacked once for the 4. Batched decoding and short prefills (M rows) unpacked
  * every block M times, which made a 16-row step cost ~11 single-row ones. Each row's sums run as in
  * row_dot, in its order, so the results are row_dot's to the bit. */
-INLINE void row_dot4_typed(int type, const uint8_t *w, const int8_t *xq, const float *xscale, const float *xsum,
+INLINE void row_dot4_typed(int type, int vnni, const uint8_t *w, const int8_t *xq, const float *xscale, const float *xsum,
                            int64_t K, float out[4]) {
     const int64_t blocks = K / 32;
     const int has_min = type == Q4_1 || type == Q5_1, stride = (int)block_bytes(type);
@@ -186,7 +196,7 @@ INLINE void row_dot4_typed(int type, const uint8_t *w, const int8_t *xq, const f
         float d = half(w), minimum = has_min ? half(w + 2) : 0.0f;
         for (int j = 0; j < 4; j++) {
             __m256i x = load32(xq + j * K + b * 32);
-            __m256i dot = dot_u8_s8_i32(magnitude, has_min ? x : _mm256_sign_epi8(x, codes));
+            __m256i dot = dot_u8_s8_i32_vnni(magnitude, has_min ? x : _mm256_sign_epi8(x, codes), vnni);
             acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xscale[j * blocks + b]), _mm256_cvtepi32_ps(dot), acc[j]);
             if (has_min) offsets[j] += minimum * xsum[j * blocks + b];
         }
@@ -194,27 +204,52 @@ INLINE void row_dot4_typed(int type, const uint8_t *w, const int8_t *xq, const f
     for (int j = 0; j < 4; j++) out[j] = hsum(acc[j]) + offsets[j];
 }
 
+#define ROW_DOT4_CASES(VNNI)                                                   \
+    case Q8_0: row_dot4_typed(Q8_0, VNNI, w, xq, xscale, xsum, K, out); break; \
+    case Q4_0: row_dot4_typed(Q4_0, VNNI, w, xq, xscale, xsum, K, out); break; \
+    case Q5_0: row_dot4_typed(Q5_0, VNNI, w, xq, xscale, xsum, K, out); break; \
+    case Q4_1: row_dot4_typed(Q4_1, VNNI, w, xq, xscale, xsum, K, out); break; \
+    default: row_dot4_typed(Q5_1, VNNI, w, xq, xscale, xsum, K, out); break;
+
 static void row_dot4(int type, const uint8_t *w, const int8_t *xq, const float *xscale, const float *xsum, int64_t K,
                      float out[4]) {
-    switch (type) { /* one copy per type, its branches folded away */
-    case Q8_0: row_dot4_typed(Q8_0, w, xq, xscale, xsum, K, out); break;
-    case Q4_0: row_dot4_typed(Q4_0, w, xq, xscale, xsum, K, out); break;
-    case Q5_0: row_dot4_typed(Q5_0, w, xq, xscale, xsum, K, out); break;
-    case Q4_1: row_dot4_typed(Q4_1, w, xq, xscale, xsum, K, out); break;
-    default: row_dot4_typed(Q5_1, w, xq, xscale, xsum, K, out); break;
+    if (cpu_has_vnni()) { /* one copy per type and instruction set, its branches folded away */
+        switch (type) { ROW_DOT4_CASES(1) }
+    } else {
+        switch (type) { ROW_DOT4_CASES(0) }
     }
 }
 
-/* One row of K-quant weights times one row of x rounded as ggml's Q8_K (`quantize_rows_256`). */
-static float row_dot_k(int type, const uint8_t *w, const int8_t *xq, const float *xd, const int32_t *xsums, int64_t K) {
-    __m256 acc = _mm256_setzero_ps();
+/* sums + the products of int16 pairs, added in pairs: madd then add, or where the CPU has AVX-512 VNNI
+ * one vpdpwssd (the same integers; one instruction of the K-quants' three per 32 weights and row).
+ * Inline assembly since the library is built for AVX2: the instruction runs only where
+ * cpu_has_vnni() said so at run time, and `vnni` is a constant in each copy of the callers. */
+INLINE __m256i add_products16(__m256i sums, __m256i pairs, __m256i scale, int vnni) {
+    if (vnni) {
+        __asm__("vpdpwssd %2, %1, %0" : "+x"(sums) : "x"(pairs), "x"(scale));
+        return sums;
+    }
+    return _mm256_add_epi32(sums, _mm256_madd_epi16(pairs, scale));
+}
+
+/* One row of K-quant weights times R rows of x rounded as ggml's Q8_K (`quantize_rows_256`): row j's
+ * codes at xq + j * K, its scales at xd + j * (K / 256), its sums at xsums + j * (K / 32). Each
+ * block's codes and scales are unpacked once for the R rows (a short prefill's k rows unpacked every
+ * block k times), and each row's sums run in the same order whatever R is, so a row's result does
+ * not depend on the rows batched with it. */
+INLINE void row_dot_k_rows(int type, int R, int vnni, const uint8_t *w, const int8_t *xq, const float *xd, const int32_t *xsums,
+                           int64_t K, float *out) {
+    __m256 acc[4];
+    float offsets[4];
+    for (int j = 0; j < R; j++) acc[j] = _mm256_setzero_ps(), offsets[j] = 0.0f;
     const __m256i low4 = _mm256_set1_epi8(0x0F);
-    float offsets = 0.0f;
+    const int64_t blocks = K / 256;
     if (type == Q6_K) {
-        for (int64_t b = 0; b < K / 256; b++, w += 210) {
+        for (int64_t b = 0; b < blocks; b++, w += 210) {
             const uint8_t *ql = w, *qh = w + 128;
             const int8_t *scales = (const int8_t *)(w + 192);
-            __m256i sums = _mm256_setzero_si256();
+            __m256i sums[4], odd[4]; /* two chains per row: an add's latency, not vpdpwssd's, bounds the loop */
+            for (int j = 0; j < R; j++) sums[j] = odd[j] = _mm256_setzero_si256();
             for (int part = 0; part < 2; part++) { /* 128 weights each: 64 bytes of ql, 32 of qh, 8 scales */
                 const uint8_t *l = ql + part * 64;
                 const int8_t *sc = scales + part * 8;
@@ -224,46 +259,88 @@ static float row_dot_k(int type, const uint8_t *w, const int8_t *xq, const float
                     __m256i low = c < 2 ? _mm256_and_si256(bytes, low4) : _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
                     __m256i top = _mm256_and_si256(_mm256_srli_epi16(high, 2 * c), _mm256_set1_epi8(3));
                     __m256i codes = _mm256_sub_epi8(_mm256_or_si256(low, _mm256_slli_epi16(top, 4)), _mm256_set1_epi8(32));
-                    __m256i x = load32(xq + b * 256 + (part * 4 + c) * 32);
-                    __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(codes, codes), _mm256_sign_epi8(x, codes));
+                    __m256i magnitude = _mm256_sign_epi8(codes, codes);
                     /* the first 16 weights take scale 2c, the next 16 scale 2c+1 */
                     __m256i scale = _mm256_set_m128i(_mm_set1_epi16(sc[2 * c + 1]), _mm_set1_epi16(sc[2 * c]));
-                    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(pairs, scale));
+                    for (int j = 0; j < R; j++) {
+                        __m256i x = load32(xq + j * K + b * 256 + (part * 4 + c) * 32);
+                        __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(x, codes));
+                        if (c % 2) odd[j] = add_products16(odd[j], pairs, scale, vnni);
+                        else sums[j] = add_products16(sums[j], pairs, scale, vnni);
+                    }
                 }
             }
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w + 208) * xd[b]), _mm256_cvtepi32_ps(sums), acc);
+            float d = half(w + 208);
+            for (int j = 0; j < R; j++) {
+                __m256i total = _mm256_add_epi32(sums[j], odd[j]);
+                acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[j * blocks + b]), _mm256_cvtepi32_ps(total), acc[j]);
+            }
         }
-        return hsum(acc);
+        for (int j = 0; j < R; j++) out[j] = hsum(acc[j]);
+        return;
     }
-    /* Q4_K/Q5_K: w = d * scale_j * q - dmin * min_j per sub-block j of 32 */
-    int five = type == Q5_K;
-    for (int64_t b = 0; b < K / 256; b++) {
+    /* Q4_K/Q5_K: w = d * scale_i * q - dmin * min_i per sub-block i of 32 */
+    const int five = type == Q5_K;
+    for (int64_t b = 0; b < blocks; b++) {
         uint8_t scales[8], mins[8];
         scales_mins_k4(w + 4, scales, mins);
         const uint8_t *qh = w + 16, *qs = w + (five ? 48 : 16);
-        const int8_t *x = xq + b * 256;
-        __m256i sums = _mm256_setzero_si256();
-        for (int j = 0; j < 8; j += 2) { /* sub-blocks j and j+1 share 32 bytes: low and high nibbles */
-            __m256i bytes = load32(qs + (j / 2) * 32);
+        __m256i sums[4], odd[4];
+        for (int j = 0; j < R; j++) sums[j] = odd[j] = _mm256_setzero_si256();
+        for (int i = 0; i < 8; i += 2) { /* sub-blocks i and i+1 share 32 bytes: low and high nibbles */
+            __m256i bytes = load32(qs + (i / 2) * 32);
             __m256i codes0 = _mm256_and_si256(bytes, low4);
             __m256i codes1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-            if (five) { /* bit j of qh[l] is the fifth bit of weight l of sub-block j */
+            if (five) { /* bit i of qh[l] is the fifth bit of weight l of sub-block i */
                 __m256i bits = load32(qh);
-                codes0 = _mm256_or_si256(codes0, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, j), _mm256_set1_epi8(1)), 4));
-                codes1 = _mm256_or_si256(codes1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, j + 1), _mm256_set1_epi8(1)), 4));
+                codes0 = _mm256_or_si256(codes0, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, i), _mm256_set1_epi8(1)), 4));
+                codes1 = _mm256_or_si256(codes1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(bits, i + 1), _mm256_set1_epi8(1)), 4));
             }
-            __m256i pairs0 = _mm256_maddubs_epi16(codes0, load32(x + j * 32));
-            __m256i pairs1 = _mm256_maddubs_epi16(codes1, load32(x + (j + 1) * 32));
-            sums = _mm256_add_epi32(sums, _mm256_madd_epi16(pairs0, _mm256_set1_epi16(scales[j])));
-            sums = _mm256_add_epi32(sums, _mm256_madd_epi16(pairs1, _mm256_set1_epi16(scales[j + 1])));
+            __m256i scale0 = _mm256_set1_epi16(scales[i]), scale1 = _mm256_set1_epi16(scales[i + 1]);
+            for (int j = 0; j < R; j++) {
+                const int8_t *x = xq + j * K + b * 256;
+                __m256i pairs0 = _mm256_maddubs_epi16(codes0, load32(x + i * 32));
+                __m256i pairs1 = _mm256_maddubs_epi16(codes1, load32(x + (i + 1) * 32));
+                sums[j] = add_products16(sums[j], pairs0, scale0, vnni);
+                odd[j] = add_products16(odd[j], pairs1, scale1, vnni);
+            }
         }
-        int32_t minimum = 0;
-        for (int j = 0; j < 8; j++) minimum += mins[j] * xsums[b * 8 + j];
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(half(w) * xd[b]), _mm256_cvtepi32_ps(sums), acc);
-        offsets -= half(w + 2) * xd[b] * (float)minimum;
+        float d = half(w), dmin = half(w + 2);
+        for (int j = 0; j < R; j++) {
+            int32_t minimum = 0;
+            for (int i = 0; i < 8; i++) minimum += mins[i] * xsums[j * (K / 32) + b * 8 + i];
+            __m256i total = _mm256_add_epi32(sums[j], odd[j]);
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xd[j * blocks + b]), _mm256_cvtepi32_ps(total), acc[j]);
+            offsets[j] -= dmin * xd[j * blocks + b] * (float)minimum;
+        }
         w += five ? 176 : 144;
     }
-    return hsum(acc) + offsets;
+    for (int j = 0; j < R; j++) out[j] = hsum(acc[j]) + offsets[j];
+}
+
+/* One copy per type and instruction set, its branches folded away: R rows (1 or 4) of x. */
+#define ROW_DOT_K_CASES(R, VNNI)                                                       \
+    case Q4_K: row_dot_k_rows(Q4_K, R, VNNI, w, xq, xd, xsums, K, out); break;       \
+    case Q5_K: row_dot_k_rows(Q5_K, R, VNNI, w, xq, xd, xsums, K, out); break;       \
+    default: row_dot_k_rows(Q6_K, R, VNNI, w, xq, xd, xsums, K, out); break;
+
+static float row_dot_k(int type, const uint8_t *w, const int8_t *xq, const float *xd, const int32_t *xsums, int64_t K) {
+    float out[1];
+    if (cpu_has_vnni()) {
+        switch (type) { ROW_DOT_K_CASES(1, 1) }
+    } else {
+        switch (type) { ROW_DOT_K_CASES(1, 0) }
+    }
+    return out[0];
+}
+
+static void row_dot_k4(int type, const uint8_t *w, const int8_t *xq, const float *xd, const int32_t *xsums, int64_t K,
+                       float out[4]) {
+    if (cpu_has_vnni()) {
+        switch (type) { ROW_DOT_K_CASES(4, 1) }
+    } else {
+        switch (type) { ROW_DOT_K_CASES(4, 0) }
+    }
 }
 
 /* y (M, N) = x (M, K) times the block matrix (N rows, see the top) + bias. K a multiple of 256
@@ -295,9 +372,12 @@ void matvec_blocks(const float *x, int64_t M, int64_t K, const uint8_t *weight, 
             for (int64_t r = 0; r < rows; r++) {
                 int64_t n = first + r, m = 0;
                 float b = bias ? bias[n] : 0.0f;
-                for (; type < Q4_K && m + 4 <= M; m += 4) {
+                for (; m + 4 <= M; m += 4) {
                     float four[4];
-                    row_dot4(type, start + r * stride, xq + m * K, xscale + m * (K / 32), xsum + m * (K / 32), K, four);
+                    if (type >= Q4_K)
+                        row_dot_k4(type, start + r * stride, kq + m * K, kd + m * (K / 256), ksums + m * (K / 32), K, four);
+                    else
+                        row_dot4(type, start + r * stride, xq + m * K, xscale + m * (K / 32), xsum + m * (K / 32), K, four);
                     for (int j = 0; j < 4; j++) y[(m + j) * N + n] = four[j] + b;
                 }
                 for (; m < M; m++)

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -241,7 +242,8 @@ VNNI static void q4_rows4_vnni(const int8_t *xq[4], const float *xscale[4], cons
     q4_rows_vnni(4, xq, xscale, xsum, K, w, scale, offset, G, out);
 }
 
-static int cpu_has_vnni(void) {
+/* also kquants.c's */
+int cpu_has_vnni(void) {
     static int known = -1;
     if (known < 0)
         known = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -446,7 +448,10 @@ void gelu_tanh_mul(const float *gate_up, int64_t rows, int64_t H, float *out) {
  * stored in the cache (slots, KV, capacity, D) at cache row slot[r], position position[r], and
  * out (rows, H * D) = softmax(scale * q k^T) v over positions max(0, position[r] - window + 1)
  * .. position[r] (window 0: from 0). cos/sin: this layer's tables (max_positions, D).
- * scores: scratch of rows * H * capacity floats.
+ * Rows may share a slot: a sequence's k new tokens are k rows at consecutive positions (a short
+ * prefill). Every row's k and v are stored before any row attends, so each such row sees the
+ * earlier ones' entries, which is causal attention within the k.
+ * scores: scratch of `threads` * capacity floats (one run of positions per thread).
  */
 void attention_decode(float *qkv, int64_t rows, int64_t H, int64_t KV, int64_t D, const int64_t *slot,
                       const int64_t *position, float *key_cache, float *value_cache, int64_t capacity,
@@ -479,7 +484,7 @@ void attention_decode(float *qkv, int64_t rows, int64_t H, int64_t KV, int64_t D
             const float *q = qkv + r * width + head * D;
             const float *keys = key_cache + (slot[r] * KV + kv) * capacity * D;
             const float *values = value_cache + (slot[r] * KV + kv) * capacity * D;
-            float *score = scores + (r * H + head) * capacity, best = -INFINITY, total = 0.0f;
+            float *score = scores + omp_get_thread_num() * capacity, best = -INFINITY, total = 0.0f;
             for (int64_t t = first; t < seen; t++) {
                 __m256 acc = _mm256_setzero_ps();
                 int64_t d = 0;
