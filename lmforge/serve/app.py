@@ -30,6 +30,7 @@ from lmforge.inference.chat import chat_stop_strings, chat_template, encode_chat
 from lmforge.inference.generate import SamplingConfig, TokenScore, check_logit_bias
 from lmforge.inference.tools import ToolCallReader, call_format, call_grammar, parse_reply
 from lmforge.serve.errors import APIError, error_body, use_openai_errors
+from lmforge.serve.images import ImageError, ImageLimits, request_images
 from lmforge.serve.scheduler import GenerationRequest, QueueFull, Scheduler
 from lmforge.serve.schemas import (
     ChatChoice,
@@ -76,6 +77,7 @@ class ServeLimits:
     max_embedding_tokens_per_request: int = 16384  # tokens over all inputs, after the model's truncation
     allow_special_tokens_in_prompts: bool = False  # /v1/completions: may "<|im_start|>" in a prompt be the token?
     retry_after_seconds: int = 1  # what a 429 (queue full) tells the client to wait
+    images: ImageLimits = field(default_factory=ImageLimits)  # chat requests' image_url parts
 
 
 DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streaming request checks that its client is still there
@@ -374,6 +376,24 @@ class ServerState:
                 param="prompt",
             )
 
+    async def chat_images(self, body: ChatCompletionRequest, name: str) -> list:
+        """A chat request's images as loaded RGB Pillow images, each checked against the limits; a 400 when it
+        has some and the served model cannot read them."""
+        if not any(message.has_images() for message in body.messages):
+            return []
+        if self.scheduler.vision is None:
+            raise APIError(
+                400,
+                f"the request has image_url parts, but this server's model {name!r} is a text-only language model "
+                "and cannot read images; serve a vision-language model (a folder from `lmforge finetune --task "
+                "vision-chat`) to send images",
+                param="messages",
+            )
+        try:  # off the event loop: decoding an image takes milliseconds
+            return await asyncio.to_thread(request_images, body.messages, self.limits.images)
+        except ImageError as error:
+            raise APIError(400, str(error), param=error.field) from None
+
     def encode_prompt(self, prompt: str) -> list[int]:
         if self.limits.allow_special_tokens_in_prompts:
             ids = self.tokenizer.encode_with_special_tokens(prompt)
@@ -595,12 +615,18 @@ def tool_use(body: ChatCompletionRequest, template: str) -> ToolUse:
 
 
 def template_messages(messages: list) -> list[dict]:
-    """The request's messages as chat templates take them (OpenAI's "developer" is a system message)."""
+    """The request's messages as chat templates take them (OpenAI's "developer" is a system message); a message
+    with images keeps its parts, each image a `{"type": "image"}` placeholder (the images go alongside)."""
     written = []
     for index, message in enumerate(messages):
         if message.tool_calls and message.role != "assistant":
             raise APIError(400, "only assistant messages carry tool_calls", param=f"messages.{index}.tool_calls")
         content = None if message.content is None and message.tool_calls else message.text()
+        if message.has_images():
+            content = [
+                {"type": "text", "text": part.text} if part.type == "text" else {"type": "image"}
+                for part in message.content
+            ]
         item = {"role": "system" if message.role == "developer" else message.role, "content": content}
         if message.tool_calls:
             item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
@@ -633,6 +659,7 @@ def tool_call_deltas(position: int, call) -> list[Delta]:
 async def chat_completions(body: ChatCompletionRequest, http_request: Request, server: Server):
     start = time.monotonic()
     name = server.check_model(body.model, "chat")
+    await server.chat_images(body, name)
     messages = template_messages(body.messages)
     use = tool_use(body, chat_template(server.tokenizer))
     try:  # off the event loop: a model's template may take up to its render limit

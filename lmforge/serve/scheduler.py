@@ -112,8 +112,11 @@ class Scheduler:
         max_context: int | None = None,
         max_queue: int = 64,
         prefix_cache: bool = True,
+        vision=None,
     ):
-        self.model, self.tokenizer = model, tokenizer
+        """`vision`: a vision-language model (`lmforge.apps.vlm.VisionLanguageModel`) whose language model is
+        `model`; with it, requests may carry images."""
+        self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(model.config.block_size, max_context or model.config.block_size)
         dtype = next(model.parameters(), torch.empty(0)).dtype
