@@ -33,6 +33,10 @@ class ServeConfig:
     max_prompt_tokens_per_request: int = 16384  # over all of a request's prompts x n
     max_embedding_tokens_per_request: int = 16384  # over all of an embeddings request's inputs
     allow_special_tokens_in_prompts: bool = False  # let /v1/completions prompts write special tokens as text
+    # chat requests' image_url parts (a vision-language model's): each image's file, their count, their size
+    max_image_bytes: int = 1_000_000  # the base64 of one takes 4/3 of this out of max_body_bytes
+    max_images_per_request: int = 4
+    max_image_side_pixels: int = 2048
     cors_origins: list[str] = field(default_factory=list)  # comma-separated on the command line
     drain_seconds: float = 10.0  # on SIGTERM, how long requests may go on; then each ends with finish_reason "length"
     threads: int | None = None  # default: $LMFORGE_THREADS, else chosen per decoding step from measured speed
@@ -46,10 +50,13 @@ def build_app(config: ServeConfig):
     from lmforge.apps.encoder import SentenceEmbedder
     from lmforge.formats.loading import load, sampling_defaults
     from lmforge.serve.app import ServedModels, ServeLimits, create_app
+    from lmforge.serve.images import ImageLimits
     from lmforge.serve.scheduler import Scheduler
 
     if config.max_batch < 1 or config.max_context < 2 or config.max_queue < 1 or config.drain_seconds < 0:
         raise LmforgeError("max_batch and max_queue must be >= 1, max_context >= 2, drain_seconds >= 0")
+    if min(config.max_image_bytes, config.max_images_per_request, config.max_image_side_pixels) < 1:
+        raise LmforgeError("max_image_bytes, max_images_per_request and max_image_side_pixels must be >= 1")
     model, tokenizer = load(config.model, keep_quantized=config.keep_quantized, adapter=config.adapter)
     if config.adapter:
         from lmforge.finetune.lora import describe_adapter
@@ -84,6 +91,7 @@ def build_app(config: ServeConfig):
         max_prompt_tokens_per_request=config.max_prompt_tokens_per_request,
         max_embedding_tokens_per_request=config.max_embedding_tokens_per_request,
         allow_special_tokens_in_prompts=config.allow_special_tokens_in_prompts,
+        images=ImageLimits(config.max_image_bytes, config.max_images_per_request, config.max_image_side_pixels),
     )
     return create_app(served, limits, drain_seconds=config.drain_seconds)
 
