@@ -402,10 +402,13 @@ def next_token_logits(
     positions: torch.Tensor | None = None,
     slots: torch.Tensor | None = None,
     last: torch.Tensor | None = None,
+    embeddings: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (B, vocab) at each row's last position (or at index `last` per row), running the
-    LM head on those positions only: during prefill it would otherwise be the biggest matmul."""
-    if tokens.shape[1] == 1 and cache is not None and last is None:
+    LM head on those positions only: during prefill it would otherwise be the biggest matmul.
+    `embeddings` (B, T, d_model), if given, are the model's input in place of the tokens' own
+    (a prompt with image features, `lmforge.apps.vlm`); they always go through the model's forward."""
+    if tokens.shape[1] == 1 and cache is not None and last is None and embeddings is None:
         if supports(model):
             return decode_step(model, tokens, cache, positions, slots)
         return torch_decode_step(model, tokens, cache, positions, slots)
@@ -414,9 +417,11 @@ def next_token_logits(
         # A long prompt goes through in chunks: the cache carries the context between them, and each
         # pass's activations (and dequantised weights) stay a chunk's size, not the prompt's.
         while tokens.shape[1] > PREFILL_CHUNK:
-            model.hidden_states(tokens[:, :PREFILL_CHUNK], cache)
+            chunk = None if embeddings is None else embeddings[:, :PREFILL_CHUNK]
+            model.hidden_states(tokens[:, :PREFILL_CHUNK], cache, embeddings=chunk)
             tokens = tokens[:, PREFILL_CHUNK:]
-    hidden = model.hidden_states(tokens, cache, positions, slots)
+            embeddings = None if embeddings is None else embeddings[:, PREFILL_CHUNK:]
+    hidden = model.hidden_states(tokens, cache, positions, slots, embeddings=embeddings)
     if last is None:
         hidden = hidden[:, -1]
     else:
