@@ -235,11 +235,16 @@ def piece_encoder(tokenizer: Tokenizer, image_token_id: int):
 
 
 def vision_prompt_ids(
-    model: VisionLanguageModel, tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True
+    model: VisionLanguageModel,
+    tokenizer: Tokenizer,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> tuple[list[int], int]:
-    """Prompt ids of a chat whose messages may hold images (placeholders expanded), and how many images."""
+    """Prompt ids of a chat whose messages may hold images (placeholders expanded), and how many images;
+    `tools` as `encode_chat` takes them."""
     flattened, images = marked_messages(messages, model.config.system_prompt)
-    pieces = chat_pieces(tokenizer, flattened, add_generation_prompt)
+    pieces = chat_pieces(tokenizer, flattened, add_generation_prompt, tools)
     ids = piece_encoder(tokenizer, model.image_token_id)(pieces)
     return model.expand_image_placeholders(ids, images), images
 

@@ -532,3 +532,55 @@ def explain_classification(classifier, text: str, out: str | Path) -> dict:
     summary["terminal"] = attributions_terminal([f"{t} " for t in labels], scores)
     summary["plain"] = attributions_plain(labels, scores)
     return summary
+
+
+# --- images: where a vision-language model's answer looks -----------------------------------
+
+
+@torch.no_grad()
+def image_attention(
+    model: Transformer, tokens: torch.Tensor, embeddings: torch.Tensor, queries: list[int], image_positions: list[int]
+) -> torch.Tensor:
+    """(queries, image tokens): the attention each query position of one sequence pays each image token,
+    averaged over every layer and head. `embeddings` (1, T, d_model) are the sequence's input (image features at
+    the image tokens), `tokens` (T,) its ids."""
+    with recording_attention(model) as records:
+        model.hidden_states(tokens[None], embeddings=embeddings)
+    maps = torch.stack([record[-1][0] for record in records]).float()  # (layers, heads, T, T)
+    return maps.mean((0, 1))[queries][:, image_positions]
+
+
+def token_grid(tokens_per_image: int) -> tuple[int, int]:
+    """The (rows, columns) of a square grid of image tokens: the patches of a square image, row by row."""
+    side = round(tokens_per_image**0.5)
+    if side * side != tokens_per_image:
+        raise LmforgeError(f"{tokens_per_image} image tokens make no square grid of patches to draw over the image")
+    return side, side
+
+
+def save_image_attention_png(image, grids: torch.Tensor, titles: list[str], path: str | Path) -> Path:
+    """`image` (a Pillow image) under each of `grids` (N, rows, columns) as a heatmap stretched over it, one panel
+    per grid, titled by `titles`; each grid's colours span its own range."""
+    import numpy as np
+
+    plt = _matplotlib()
+    count = len(grids)
+    columns = min(count, 4)
+    rows = -(-count // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.2 * rows), squeeze=False)
+    pixels = np.asarray(image.convert("RGB"))
+    height, width = pixels.shape[:2]
+    for index in range(rows * columns):
+        axis = axes[index // columns][index % columns]
+        axis.axis("off")
+        if index >= count:
+            continue
+        axis.imshow(pixels, extent=(0, width, height, 0), interpolation="nearest")
+        axis.imshow(grids[index].numpy(), cmap="inferno", alpha=0.55, extent=(0, width, height, 0))
+        axis.set_title(titles[index], fontsize=8)
+    figure.suptitle("attention from the answer's tokens to the image tokens (all layers and heads)", fontsize=9)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

@@ -48,7 +48,8 @@ class ServeConfig:
 def build_app(config: ServeConfig):
     """The FastAPI app for `config` (model loaded, scheduler ready to start with the app)."""
     from lmforge.apps.encoder import SentenceEmbedder
-    from lmforge.formats.loading import load, sampling_defaults
+    from lmforge.apps.vlm import is_vlm_folder, load_vlm
+    from lmforge.formats.loading import fallback_defaults, load, sampling_defaults
     from lmforge.serve.app import ServedModels, ServeLimits, create_app
     from lmforge.serve.images import ImageLimits
     from lmforge.serve.scheduler import Scheduler
@@ -57,7 +58,17 @@ def build_app(config: ServeConfig):
         raise LmforgeError("max_batch and max_queue must be >= 1, max_context >= 2, drain_seconds >= 0")
     if min(config.max_image_bytes, config.max_images_per_request, config.max_image_side_pixels) < 1:
         raise LmforgeError("max_image_bytes, max_images_per_request and max_image_side_pixels must be >= 1")
-    model, tokenizer = load(config.model, keep_quantized=config.keep_quantized, adapter=config.adapter)
+    vision = None
+    if is_vlm_folder(config.model):  # chat takes image_url parts
+        if config.adapter:
+            raise LmforgeError(f"{config.model} is a vision-language model folder; its adapter is in it (no --adapter)")
+        vision, tokenizer = load_vlm(config.model)
+        model = vision.language_model
+        base = vision.config.base_model
+        defaults = sampling_defaults(base, tokenizer) if base else fallback_defaults(tokenizer)
+    else:
+        model, tokenizer = load(config.model, keep_quantized=config.keep_quantized, adapter=config.adapter)
+        defaults = sampling_defaults(config.model, tokenizer)
     if config.adapter:
         from lmforge.finetune.lora import describe_adapter
 
@@ -69,6 +80,7 @@ def build_app(config: ServeConfig):
         max_context=config.max_context,
         max_queue=config.max_queue,
         prefix_cache=not config.no_prefix_cache,
+        vision=vision,
     )
     embedder = None
     if config.embedding_model.lower() != "none":
@@ -81,7 +93,7 @@ def build_app(config: ServeConfig):
         scheduler=scheduler,
         embedding_name=config.embedding_model if embedder else None,
         embedder=embedder,
-        sampling_defaults=sampling_defaults(config.model, tokenizer),
+        sampling_defaults=defaults,
     )
     limits = ServeLimits(
         max_tokens=config.max_tokens,

@@ -15,10 +15,11 @@ import json
 import struct
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
@@ -376,11 +377,11 @@ class ServerState:
                 param="prompt",
             )
 
-    async def chat_images(self, body: ChatCompletionRequest, name: str) -> list:
-        """A chat request's images as loaded RGB Pillow images, each checked against the limits; a 400 when it
-        has some and the served model cannot read them."""
+    async def chat_images(self, body: ChatCompletionRequest, name: str) -> torch.Tensor | None:
+        """A chat request's images, each checked against the limits, as the vision-language model's input
+        (N, C, H, W); None without images, and a 400 when it has some and the served model cannot read them."""
         if not any(message.has_images() for message in body.messages):
-            return []
+            return None
         if self.scheduler.vision is None:
             raise APIError(
                 400,
@@ -389,10 +390,25 @@ class ServerState:
                 "vision-chat`) to send images",
                 param="messages",
             )
+        vision = self.scheduler.vision
+
+        def read() -> torch.Tensor:
+            return torch.stack([vision.preprocess_image(image) for image in request_images(body.messages, limits)])
+
+        limits = self.limits.images
         try:  # off the event loop: decoding an image takes milliseconds
-            return await asyncio.to_thread(request_images, body.messages, self.limits.images)
+            return await asyncio.to_thread(read)
         except ImageError as error:
             raise APIError(400, str(error), param=error.field) from None
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+        """A chat's prompt ids; a vision-language model's with each image part's run of image tokens (and its
+        default system prompt where the chat has none, as it was trained and `lmforge chat` runs it)."""
+        if self.scheduler.vision is None:
+            return encode_chat(self.tokenizer, messages, True, tools)
+        from lmforge.apps.vlm import vision_prompt_ids
+
+        return vision_prompt_ids(self.scheduler.vision, self.tokenizer, messages, True, tools)[0]
 
     def encode_prompt(self, prompt: str) -> list[int]:
         if self.limits.allow_special_tokens_in_prompts:
@@ -402,11 +418,16 @@ class ServerState:
         return self.tokenizer.with_document_marks(ids) if ids else ids
 
     async def run(
-        self, prompts: list[tuple[list[int], int]], body, count: int, grammar: str | None = None
+        self,
+        prompts: list[tuple[list[int], int]],
+        body,
+        count: int,
+        grammar: str | None = None,
+        images: torch.Tensor | None = None,
     ) -> Submitted:
         """Submit `count` sequences per (prompt ids, max_tokens), all or none; their events arrive on
         one queue as (index, event), index = prompt number * count + choice. A `grammar` (a forced
-        tool call) constrains every sequence."""
+        tool call) constrains every sequence; `images` (a chat's, `chat_images`) go with every sequence."""
         try:
             check_logit_bias(body.token_bias(), self.vocab_size)
         except LmforgeError as error:
@@ -431,6 +452,7 @@ class ServerState:
                         stop_ids=self.stop_ids,
                         logprobs=body.generated_scores(),
                         prompt_logprobs=body.prompt_scores(),
+                        images=images,
                     )
                 )
         try:
@@ -659,16 +681,16 @@ def tool_call_deltas(position: int, call) -> list[Delta]:
 async def chat_completions(body: ChatCompletionRequest, http_request: Request, server: Server):
     start = time.monotonic()
     name = server.check_model(body.model, "chat")
-    await server.chat_images(body, name)
+    images = await server.chat_images(body, name)
     messages = template_messages(body.messages)
     use = tool_use(body, chat_template(server.tokenizer))
     try:  # off the event loop: a model's template may take up to its render limit
-        prompt_ids = await asyncio.to_thread(encode_chat, server.tokenizer, messages, True, use.definitions)
+        prompt_ids = await asyncio.to_thread(server.encode_chat, messages, use.definitions)
     except LmforgeError as error:
         raise APIError(400, str(error), param="tools" if str(error).startswith("tools") else "messages") from None
     server.check_work([prompt_ids], body.n)
     max_tokens = server.budget(prompt_ids, body.max_completion_tokens or body.max_tokens)
-    submitted = await server.run([(prompt_ids, max_tokens)], body, body.n, grammar=use.grammar)
+    submitted = await server.run([(prompt_ids, max_tokens)], body, body.n, grammar=use.grammar, images=images)
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -839,7 +861,7 @@ def model_cards(server: ServerState) -> list[ModelCard]:
         ModelCard(
             id=models.name,
             created=models.created,
-            capabilities=["chat", "completions"],
+            capabilities=["chat", "completions", *(["vision"] if server.scheduler.vision is not None else [])],
             context_tokens=context,
             sampling_defaults=sampling,
         )
@@ -921,6 +943,7 @@ async def health(server: Server):
             "max_tokens": limits.max_tokens,
             "max_prompt_tokens_per_request": limits.max_prompt_tokens_per_request,
             "max_embedding_tokens_per_request": limits.max_embedding_tokens_per_request,
+            **(asdict(limits.images) if scheduler.vision is not None else {}),
         },
     }
 

@@ -475,7 +475,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lmforge"
     # lmforge's own fields: the routes the model answers, its context and (chat models) its sampling defaults
-    capabilities: list[Literal["chat", "completions", "embeddings"]]
+    capabilities: list[Literal["chat", "completions", "embeddings", "vision"]]  # vision: chat reads image_url parts
     context_tokens: int | None = None
     sampling_defaults: SamplingDefaultsCard | None = None
 

@@ -5,16 +5,22 @@ import base64
 import io
 import random
 import struct
+import threading
 import zlib
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from lmforge.apps import vlm
+from lmforge.model import ModelConfig, Transformer
 from lmforge.serve.app import ServedModels, ServeLimits, create_app
 from lmforge.serve.images import ImageError, ImageLimits, data_url, decoded_size, request_images
-from lmforge.serve.scheduler import Scheduler
+from lmforge.serve.scheduler import GenerationRequest, Scheduler
 from lmforge.serve.schemas import ChatCompletionRequest
+from lmforge.settings import LLAMA_SWITCHES, SamplingConfig
+from lmforge.tokenizer import DEFAULT_SPECIAL_TOKENS, CharTokenizer
 
 from .test_serve import tiny_chat_model
 
@@ -170,3 +176,157 @@ def test_malformed_image_parts_are_400s_naming_the_field(text_only_server):
     assert "expected tags: 'text', 'image_url'" in body["error"]["message"]
     status, body = post(text_only_server, chat_body(image_part("data:,", detail="ultra")))
     assert status == 400 and body["error"]["param"] == "messages.0.content.1.image_url.detail"
+
+
+# --- a tiny random vision-language model, served ----------------------------------------------------------------
+
+CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?':\n"
+VLM_TOKENIZER = CharTokenizer(CHARS, special_tokens=(*DEFAULT_SPECIAL_TOKENS, "<image>"))
+
+
+def tiny_vlm(seed=0):
+    """3x3 patches of 8 pixels and a class token: 10 image tokens; random weights with adapters that matter."""
+    torch.manual_seed(seed)
+    language_model = Transformer(
+        ModelConfig(
+            vocab_size=VLM_TOKENIZER.vocab_size, block_size=256, n_layers=2, n_heads=4, n_kv_heads=2, d_model=48,
+            **LLAMA_SWITCHES,
+        )
+    ).eval()  # fmt: skip
+    config = vlm.VLMConfig(
+        base_model=None, image_size=24, patch_size=8, vision_layers=1, vision_d_model=32, projector_hidden=32,
+        lora_rank=4,
+    )  # fmt: skip
+    model = vlm.build_vision_language_model(language_model, VLM_TOKENIZER, config, seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_b" in name or name.startswith("projector"):
+                parameter.normal_(0, 0.2)
+    return model.eval()
+
+
+def picture(seed: int) -> Image.Image:
+    """A 24x24 picture of random coloured blocks: different seeds, different images."""
+    rng = random.Random(seed)
+    image = Image.new("RGB", (24, 24))
+    for cell in range(9):
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        image.paste(colour, (8 * (cell % 3), 8 * (cell // 3), 8 * (cell % 3) + 8, 8 * (cell // 3) + 8))
+    return image
+
+
+def png_of(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def reference_reply(model, messages: list[dict], images: list, max_tokens: int) -> str:
+    """The reply `generate_with_images` gives (greedy): what the server must answer."""
+    sampling = SamplingConfig(temperature=0, max_new_tokens=max_tokens)
+    return "".join(vlm.generate_with_images(model, VLM_TOKENIZER, messages, images, sampling))
+
+
+def question(text: str, image: Image.Image | None) -> list[dict]:
+    parts = [{"type": "text", "text": text}] + ([{"type": "image"}] if image is not None else [])
+    return [{"role": "user", "content": parts}]
+
+
+def run_request(scheduler: Scheduler, model, text: str, image, max_tokens: int = 12) -> tuple[str, list]:
+    """The reply of `scheduler` to one question about `image` (None: no image), and its tokens' scores."""
+    ids, _ = vlm.vision_prompt_ids(model, VLM_TOKENIZER, question(text, image))
+    pixels = None if image is None else model.preprocess_image(image)[None]
+    done, pieces, scores = threading.Event(), [], []
+
+    def emit(event):
+        if event[0] == "text":
+            pieces.append(event[1])
+            scores.extend(event[2])
+        if event[0] in ("done", "error"):
+            assert event[0] == "done", event
+            done.set()
+
+    request = GenerationRequest(ids, max_tokens, emit, images=pixels, stop_ids=frozenset(), logprobs=3)
+    scheduler.submit(request)
+    assert done.wait(60)
+    return "".join(pieces), scores
+
+
+def first_token_logprobs(model, text: str, image) -> torch.Tensor:
+    """log-softmax of the model's logits after the prompt, from one plain forward over the whole prompt."""
+    ids, _ = vlm.vision_prompt_ids(model, VLM_TOKENIZER, question(text, image))
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), model.preprocess_image(image)[None])
+    return logits[0, -1].float().log_softmax(-1)
+
+
+@pytest.fixture(scope="module")
+def vision_scheduler():
+    model = tiny_vlm()
+    scheduler = Scheduler(model.language_model, VLM_TOKENIZER, max_batch=2, vision=model)
+    scheduler.start()
+    yield scheduler, model
+    scheduler.shutdown(0)
+
+
+def test_the_scheduler_answers_as_generate_with_images(vision_scheduler):
+    scheduler, model = vision_scheduler
+    for seed in (1, 2):
+        image = picture(seed)
+        text, scores = run_request(scheduler, model, "what is this?", image)
+        assert text == reference_reply(model, question("what is this?", image), [image], 12)
+        expected = first_token_logprobs(model, "what is this?", image)
+        assert scores[0].logprob == pytest.approx(float(expected[scores[0].token_id]), abs=1e-4)
+    # a text-only chat to the same model: no images, its plain tokens
+    text, _ = run_request(scheduler, model, "hello", None)
+    assert text == reference_reply(model, question("hello", None), [], 12)
+
+
+def test_the_prefix_cache_never_reuses_a_prefix_across_different_images():
+    model = tiny_vlm()
+    scheduler = Scheduler(model.language_model, VLM_TOKENIZER, max_batch=2, vision=model)
+    scheduler.start()
+    first, second = picture(10), picture(11)
+    ids, _ = vlm.vision_prompt_ids(model, VLM_TOKENIZER, question("what is this?", first))
+    before_image = ids.index(model.image_token_id)
+    replies, reused = [], []
+    try:
+        for image in (first, first, second):
+            count = scheduler.metrics["prefix_cache_reused_tokens_total"]
+            replies.append(run_request(scheduler, model, "what is this?", image))
+            reused.append(scheduler.metrics["prefix_cache_reused_tokens_total"] - count)
+    finally:
+        scheduler.shutdown(0)
+    # the same image again: all of the prompt but its last token; another image: only the text before it
+    assert reused == [0, len(ids) - 1, before_image]
+    expected = [first_token_logprobs(model, "what is this?", image) for image in (first, second)]
+    assert (expected[0] - expected[1]).abs().max() > 1e-3  # the image matters: a wrong image's prefix would show
+    for (_, scores), reference in zip(replies, [expected[0], expected[0], expected[1]]):
+        chosen = scores[0].token_id
+        assert scores[0].logprob == pytest.approx(float(reference[chosen]), abs=1e-4)
+        assert [token for token, _ in scores[0].top] == reference.topk(3).indices.tolist()
+
+
+def test_prefix_keys_stand_for_the_images_content():
+    model = tiny_vlm()
+    scheduler = Scheduler(model.language_model, VLM_TOKENIZER, max_batch=1, vision=model)
+    ids, _ = vlm.vision_prompt_ids(model, VLM_TOKENIZER, question("what is this?", picture(1)))
+
+    def key(*images):
+        pixels = torch.stack([model.preprocess_image(image) for image in images])
+        request = GenerationRequest(prompt_ids=ids, max_tokens=1, emit=print, images=pixels)
+        return scheduler.prefix_key(request)
+
+    same, other = key(picture(1)), key(picture(2))
+    assert key(picture(1)) == same and same != other
+    image_positions = [position for position, token in enumerate(ids) if token == model.image_token_id]
+    assert len(image_positions) == model.tokens_per_image
+    assert [same[position][1] for position in image_positions] == list(range(model.tokens_per_image))
+    assert [same[p] for p in range(len(ids)) if p not in image_positions] == [
+        token for token in ids if token != model.image_token_id
+    ]
+    # a request whose image-token count does not fit its images is refused before it queues
+    with pytest.raises(ValueError, match="10 image tokens for 2 image"):
+        scheduler.submit_all(
+            [GenerationRequest(prompt_ids=ids, max_tokens=1, emit=print, images=torch.zeros(2, 3, 24, 24))]
+        )
