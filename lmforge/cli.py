@@ -336,6 +336,8 @@ def command_explain(args, extra) -> int:
         print(f"attributions: {summary['terminal'] if sys.stdout.isatty() else summary['plain']}")
         print(f"wrote {summary['files']['html']}")
         return 0
+    if args.image:
+        return explain_with_image(args)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, keep_quantized=False)  # fp32: attributions need gradients
     summary = explain(
@@ -347,6 +349,39 @@ def command_explain(args, extra) -> int:
     print(f"logit lens, last layers: {lens}")
     files = summary["files"]
     print(f"wrote {files['html']}, {files['logit_lens_png']} and {len(files['attention_pngs'])} attention PNGs")
+    return 0
+
+
+def explain_with_image(args) -> int:
+    """`explain --image`: where a vision-language model looks in the image while it answers --prompt."""
+    from PIL import Image, UnidentifiedImageError
+
+    from lmforge.apps.vlm import is_vlm_folder, load_vlm
+    from lmforge.evaluation.interpret import explain_image
+
+    if not is_vlm_folder(args.model):
+        raise LmforgeError(
+            f"--image needs a vision-language model folder (from `lmforge finetune --task vision-chat`) as --model; "
+            f"{args.model!r} is not one"
+        )
+    if args.max_new_tokens < 1:
+        raise LmforgeError(f"--max-new-tokens is {args.max_new_tokens}; explain needs at least 1 answer token")
+    try:
+        with Image.open(args.image) as opened:
+            image = opened.convert("RGB")
+    except FileNotFoundError:
+        raise LmforgeError(f"{args.image}: no such image file") from None
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
+        raise LmforgeError(f"{args.image}: not an image Pillow can read ({error})") from None
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_vlm(args.model)
+    summary = explain_image(model, tokenizer, image, args.prompt, args.out, max_new_tokens=args.max_new_tokens)
+    print(f"answer: {summary['answer']!r}")
+    shares = ", ".join(
+        f"{token!r} {share:.0%}" for token, share in zip(summary["answer_tokens"], summary["image_attention_share"])
+    )
+    print(f"attention on the image, per answer token: {shares}")
+    print(f"wrote {summary['files']['png']} and {Path(args.out) / 'explain.json'}")
     return 0
 
 
@@ -697,6 +732,12 @@ def explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP)
     parser.add_argument("--prompt", required=True, help="the text (with --classifier: the text to label)")
     parser.add_argument("--classifier", help="a folder from `finetune --task classify`: explain its label")
+    parser.add_argument(
+        "--image",
+        help="an image (PNG/JPEG) for a vision-language model (--model FOLDER from finetune --task vision-chat): "
+        "OUT/image_attention.png shows where its answer to --prompt looks",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="with --image: the longest answer explained")
     parser.add_argument("--out", default="explain", help="folder for the PNGs, HTML and JSON")
     parser.add_argument("--top-k", type=int, default=5, help="predictions per layer in the logit lens")
     parser.add_argument(

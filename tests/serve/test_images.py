@@ -228,7 +228,8 @@ def reference_reply(model, messages: list[dict], images: list, max_tokens: int) 
 
 
 def question(text: str, image: Image.Image | None) -> list[dict]:
-    parts = [{"type": "text", "text": text}] + ([{"type": "image"}] if image is not None else [])
+    """A user's question about `image`, the image first as the model's training chats have it."""
+    parts = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": text}]
     return [{"role": "user", "content": parts}]
 
 
@@ -329,4 +330,73 @@ def test_prefix_keys_stand_for_the_images_content():
     with pytest.raises(ValueError, match="10 image tokens for 2 image"):
         scheduler.submit_all(
             [GenerationRequest(prompt_ids=ids, max_tokens=1, emit=print, images=torch.zeros(2, 3, 24, 24))]
+        )
+
+
+@pytest.fixture(scope="module")
+def vision_server(tmp_path_factory):
+    """`lmforge serve FOLDER` of a saved tiny VLM, on a real port."""
+    from lmforge.serve import ServeConfig, build_app
+
+    from .test_serve import LiveServer
+
+    folder = tmp_path_factory.mktemp("vlm") / "vlm"
+    vlm.save_vlm(tiny_vlm(), VLM_TOKENIZER, folder)
+    model, _ = vlm.load_vlm(folder)
+    config = ServeConfig(model=str(folder), model_name="tiny-vlm", embedding_model="none", max_image_bytes=50_000)
+    server = LiveServer(build_app(config))
+    yield server, model
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def vision_client(vision_server):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{vision_server[0].port}/v1", api_key="none", max_retries=0)
+
+
+def test_the_openai_client_asks_a_served_vlm_about_an_image(vision_server, vision_client):
+    _, model = vision_server
+    image = picture(3)
+    content = [
+        {"type": "image_url", "image_url": {"url": data_url(png_of(image)), "detail": "auto"}},
+        {"type": "text", "text": "what is this?"},
+    ]
+    reply = vision_client.chat.completions.create(
+        model="tiny-vlm", messages=[{"role": "user", "content": content}], max_tokens=10, temperature=0
+    )
+    expected = reference_reply(model, question("what is this?", image), [image], 10)
+    assert reply.choices[0].message.content == expected
+    ids, _ = vlm.vision_prompt_ids(model, VLM_TOKENIZER, question("what is this?", image))
+    assert reply.usage.prompt_tokens == len(ids)  # the image's tokens count as prompt tokens
+    stream = vision_client.chat.completions.create(
+        model="tiny-vlm", messages=[{"role": "user", "content": content}], max_tokens=10, temperature=0, stream=True
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == expected
+    (card,) = vision_client.models.list().data
+    assert card.id == "tiny-vlm" and "vision" in card.capabilities
+
+
+def test_a_served_vlm_refuses_what_breaks_the_rules_with_400s(vision_server, vision_client):
+    import openai
+
+    def ask(url: str):
+        part = {"type": "image_url", "image_url": {"url": url}}
+        return vision_client.chat.completions.create(
+            model="tiny-vlm", messages=[{"role": "user", "content": [part]}], max_tokens=2
+        )
+
+    with pytest.raises(openai.BadRequestError, match="remote image URLs are not fetched") as caught:
+        ask("https://example.com/cat.png")
+    assert caught.value.body["param"] == "messages.0.content.0.image_url.url"
+    noise = Image.frombytes("RGB", (200, 200), random.Random(1).randbytes(200 * 200 * 3))
+    with pytest.raises(openai.BadRequestError, match=r"limit is 50,000 bytes per image \(--max-image-bytes\)"):
+        ask(data_url(png_of(noise)))
+    with pytest.raises(openai.BadRequestError, match="the data is a GIF image; send PNG or JPEG"):
+        ask(data_url(png_bytes(format="GIF")))
+    with pytest.raises(openai.BadRequestError, match="5 images; the limit is 4 per request"):
+        vision_client.chat.completions.create(
+            model="tiny-vlm",
+            messages=[{"role": "user", "content": [image_part(data_url(png_bytes()))] * 5}],
+            max_tokens=2,
         )
