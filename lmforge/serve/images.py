@@ -23,7 +23,7 @@ MEDIA_TYPES = {"image/png", "image/jpeg", "image/jpg"}  # "image/jpg" is not reg
 class ImageLimits:
     """Bounds on a chat request's images (`lmforge serve --max-image-bytes ...`)."""
 
-    max_image_bytes: int = 1_000_000  # one image's file (PNG/JPEG bytes, after base64 decoding)
+    max_image_bytes: int = 700_000  # one image's file (PNG/JPEG bytes, after base64 decoding)
     max_images_per_request: int = 4
     max_image_side_pixels: int = 2048  # width and height each; the model resizes to its own input size
 
