@@ -400,3 +400,47 @@ def test_a_served_vlm_refuses_what_breaks_the_rules_with_400s(vision_server, vis
             messages=[{"role": "user", "content": [image_part(data_url(png_bytes()))] * 5}],
             max_tokens=2,
         )
+
+
+@pytest.mark.slow
+def test_a_vlm_over_smollm2_served_answers_as_lmforge_chat_does(tmp_path):
+    """SmolLM2-135M-Instruct with a (random) image encoder, saved as `finetune --task vision-chat` saves it (an
+    adapter over the named base), served, asked with the openai client: its chat template places the image's
+    tokens, and the server's default sampling is `lmforge chat --image`'s (greedy)."""
+    import openai
+
+    from lmforge.apps import scenes
+    from lmforge.formats.loading import load
+    from lmforge.serve import ServeConfig, build_app
+
+    from ..conftest import skip_without_smollm2
+    from .test_serve import LiveServer
+
+    skip_without_smollm2()
+    language_model, tokenizer = load("smollm2-135m-instruct", keep_quantized=False)
+    model = vlm.build_vision_language_model(language_model, tokenizer, vlm.VLMConfig(), seed=0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_b" in name:
+                parameter.normal_(0, 0.01)
+    vlm.save_vlm(model.eval(), tokenizer, tmp_path / "vlm")
+    chat = scenes.vision_chats(3, "test", seed=0)[0]
+    server = LiveServer(build_app(ServeConfig(model=str(tmp_path / "vlm"), model_name="vlm", embedding_model="none")))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="none", max_retries=0)
+        content = [
+            {"type": "image_url", "image_url": {"url": data_url(png_of(chat.image))}},
+            {"type": "text", "text": chat.question},
+        ]
+        reply = client.chat.completions.create(model="vlm", messages=[{"role": "user", "content": content}])
+        card = client.models.retrieve("vlm")
+    finally:
+        server.stop()
+    loaded, tokenizer = vlm.load_vlm(tmp_path / "vlm")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": chat.question}]}]
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=128)
+    assert reply.choices[0].message.content == "".join(
+        vlm.generate_with_images(loaded, tokenizer, messages, [chat.image], sampling)
+    )
+    assert reply.usage.prompt_tokens == len(vlm.vision_prompt_ids(loaded, tokenizer, messages)[0])
+    assert card.model_extra["sampling_defaults"]["temperature"] == 0.0 and "vision" in card.model_extra["capabilities"]
