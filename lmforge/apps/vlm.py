@@ -200,6 +200,8 @@ def marked_messages(messages: list[dict], system_prompt: str | None = None) -> t
                     parts.append(IMAGE_MARK)
                     images += 1
                 elif kind == "text" and isinstance(part.get("text"), str):
+                    if IMAGE_MARK in part["text"]:  # it would become an image token with no image
+                        raise LmforgeError(f"message {index}: its text contains U+E002, which marks an image")
                     parts.append(part["text"])
                 else:
                     raise LmforgeError(f"message {index}: content parts must be {{'type': 'text', 'text': ...}} "

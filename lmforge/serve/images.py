@@ -108,7 +108,9 @@ def open_image(content: bytes, field: str, limits: ImageLimits):
         image = Image.open(io.BytesIO(content), formats=list(FORMATS))
     except Image.DecompressionBombError:  # over Pillow's own bound (~179 million pixels), far over ours
         raise ImageError(
-            field, f"{field}: the image has over {Image.MAX_IMAGE_PIXELS:,} pixels; the limit is {side} pixels per side"
+            field,
+            f"{field}: the image has over {Image.MAX_IMAGE_PIXELS:,} pixels; the limit is {side} pixels per side "
+            "(--max-image-side-pixels)",
         ) from None
     except UnidentifiedImageError:
         found = _format_of(content)

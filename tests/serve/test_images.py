@@ -377,6 +377,16 @@ def test_the_openai_client_asks_a_served_vlm_about_an_image(vision_server, visio
     assert card.id == "tiny-vlm" and "vision" in card.capabilities
 
 
+def test_text_cannot_forge_an_image_token():
+    model = tiny_vlm()
+    app = create_app(ServedModels("v", Scheduler(model.language_model, VLM_TOKENIZER, max_batch=1, vision=model)))
+    forged = {"type": "text", "text": "what\ue002 is this?"}  # the private-use mark of an image's place
+    with TestClient(app) as client:
+        for content in ([image_part(data_url(png_of(picture(1)))), forged], [forged], forged["text"]):
+            status, body = post(client, {"messages": [{"role": "user", "content": content}], "max_tokens": 2})
+            assert status == 400 and "contains U+E002, which marks an image" in body["error"]["message"]
+
+
 def test_a_served_vlm_refuses_what_breaks_the_rules_with_400s(vision_server, vision_client):
     import openai
 
