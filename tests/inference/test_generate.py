@@ -74,6 +74,18 @@ def test_prompt_embeddings_prefill_and_then_the_native_step_decodes(model, monke
         assert len(list(generate_tokens(model, prompt, long, use_cache, prompt_embeddings=embeddings))) == 24 - 10 + 1
 
 
+def test_batched_prefill_takes_each_rows_own_embeddings(model):
+    prompts = [list(range(3, 13)), list(range(20, 26))]
+    with torch.no_grad():
+        own = [model.embed(torch.tensor(prompt)) for prompt in prompts]
+        plain = engine.prefill(model, prompts, KVCache(model.config, 2, 24))
+        given = engine.prefill(model, prompts, KVCache(model.config, 2, 24), embeddings=[own[0], None])
+        changed = engine.prefill(model, prompts, KVCache(model.config, 2, 24), embeddings=[None, own[1] + 0.5])
+    torch.testing.assert_close(given, plain)
+    torch.testing.assert_close(changed[0], plain[0])
+    assert not torch.allclose(changed[1], plain[1])
+
+
 def test_seed_makes_sampling_reproducible(model):
     sampling = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=7)
     first = list(generate_tokens(model, [5, 6], sampling))
