@@ -242,6 +242,10 @@ def command_chat(args, extra) -> int:
 
     device = inference_device(args.device)  # a bad or missing device is an error before minutes of loading
     use_threads(args.threads)
+    from lmforge.apps.vlm import is_vlm_folder
+
+    if args.image or is_vlm_folder(args.model):
+        return chat_about_image(args, overrides, device)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, device=device, adapter=args.adapter)
     if args.adapter:
@@ -252,6 +256,34 @@ def command_chat(args, extra) -> int:
     session = ChatSession(model, tokenizer, system_prompt=args.system)
     session.sampling = apply_values(defaults.sampling, overrides)
     print(f"sampling: {describe_sampling(session.sampling)} (defaults: {defaults.source})", file=sys.stderr)
+    chat_loop(session)
+    return 0
+
+
+def chat_about_image(args, overrides: dict, device: str) -> int:
+    """`lmforge chat --image PATH` with a vision-language model folder (`finetune --task vision-chat`)."""
+    from lmforge.apps.vlm import ImageChatSession, is_vlm_folder, load_vlm, open_image
+    from lmforge.config import apply_values
+    from lmforge.inference.chat import chat_loop
+    from lmforge.settings import SamplingConfig, describe_sampling
+
+    if not is_vlm_folder(args.model):
+        raise LmforgeError(
+            f"--image needs a vision-language model folder (from lmforge finetune --task vision-chat); "
+            f"{args.model} is not one"
+        )
+    image = open_image(args.image) if args.image else None  # a bad image is an error before loading
+    if args.adapter:
+        raise LmforgeError("--adapter does not apply to a vision-language model folder (it holds its own)")
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_vlm(args.model, device=device)
+    session = ImageChatSession(model.language_model, tokenizer, system_prompt=args.system)
+    session.vision_model, session.image = model, image
+    # greedy by default: a small model trained on short answers says them best at its most likely
+    session.sampling = apply_values(SamplingConfig(temperature=0.0, max_new_tokens=128), overrides)
+    print(f"sampling: {describe_sampling(session.sampling)}", file=sys.stderr)
+    if image is None:
+        print("(no --image: the questions go without one)", file=sys.stderr)
     chat_loop(session)
     return 0
 
@@ -301,6 +333,21 @@ def command_finetune(args, extra) -> int:
     from lmforge.settings import ClassifyConfig, SFTConfig
 
     values = config_values(args.config, extra)
+    if args.task == "vision-chat":
+        from lmforge.settings import VisionChatConfig
+
+        config = apply_values(VisionChatConfig(), values)  # a bad key is an error before torch loads
+        from lmforge.apps.vlm import train_vision_chat
+
+        result = train_vision_chat(config)
+        encoder = result["encoder"]
+        if encoder:
+            print(
+                f"image encoder: digit accuracy {encoder['digit_accuracy']:.3f}, "
+                f"scene-cell accuracy {encoder['cell_accuracy']:.3f} (training images)"
+            )
+        print(f"wrote {result['written']} (lmforge chat {result['written']} --image PATH)")
+        return 0
     config = apply_values(ClassifyConfig() if args.task == "classify" else SFTConfig(), values)
     if args.task == "classify":
         from lmforge.finetune.classify import finetune_classifier
@@ -618,6 +665,11 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
     parser.add_argument("--prompt", help="text to continue")
     parser.add_argument("--adapter", help=ADAPTER_HELP)
+    parser.add_argument(
+        "--image",
+        help="an image (PNG, JPEG...) to talk about; needs a vision-language model folder as the model "
+        "(from lmforge finetune --task vision-chat)",
+    )
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--config", help="YAML or JSON sampling config")
@@ -679,6 +731,11 @@ def chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP + " (may be given bare: chat MODEL)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--adapter", help=ADAPTER_HELP)
+    parser.add_argument(
+        "--image",
+        help="an image (PNG, JPEG...) to talk about; needs a vision-language model folder as the model "
+        "(from lmforge finetune --task vision-chat)",
+    )
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--config", help="YAML or JSON sampling config")
@@ -701,22 +758,32 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    from lmforge.settings import ClassifyConfig, SFTConfig
+    from lmforge.settings import ClassifyConfig, SFTConfig, VisionChatConfig
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = (
         "classify: a labelled CSV/TSV/JSONL/Parquet table (text, label) → a classifier folder with "
         "metrics.json (accuracy, macro-F1) and confusion_matrix.png.\n"
         'sft: chat JSONL ({"messages": [...]} a line) → LoRA adapter (out/adapter) and/or full model '
-        "(out/model); loss on assistant tokens only, short chats packed into rows.\n\n"
+        "(out/model); loss on assistant tokens only, short chats packed into rows.\n"
+        "vision-chat: a LLaVA-style model (ViT → projector → image tokens in the chat model's input) on generated\n"
+        "digit and shape-scene chats → out/vlm, for `lmforge chat out/vlm --image PATH`.\n\n"
         "  lmforge finetune --task classify --data reviews.csv --model all-minilm-l6-v2 --out runs/sentiment\n"
-        "  lmforge finetune --task sft --data chats.jsonl --model smollm2-135m-instruct --out runs/sft"
+        "  lmforge finetune --task sft --data chats.jsonl --model smollm2-135m-instruct --out runs/sft\n"
+        "  lmforge finetune --task vision-chat --out runs/vision-chat"
     )
-    parser.epilog = (
-        config_help(ClassifyConfig(), "--task classify keys") + "\n\n" + config_help(SFTConfig(), "--task sft keys")
+    parser.epilog = "\n\n".join(
+        [
+            config_help(ClassifyConfig(), "--task classify keys"),
+            config_help(SFTConfig(), "--task sft keys"),
+            config_help(VisionChatConfig(), "--task vision-chat keys"),
+        ]
     )
     parser.add_argument(
-        "--task", choices=("classify", "sft"), required=True, help="classify: a text classifier; sft: a chat model"
+        "--task",
+        choices=("classify", "sft", "vision-chat"),
+        required=True,
+        help="classify: a text classifier; sft: a chat model; vision-chat: a chat model that sees images",
     )
     parser.add_argument("--config", help="YAML or JSON file of the keys below")
 
@@ -883,7 +950,8 @@ VERBS: dict[str, Verb] = {
     "finetune": Verb(
         command_finetune,
         finetune_arguments,
-        "fine-tune: a text classifier (--task classify) or a chat model on conversations (--task sft)",
+        "fine-tune: a text classifier (--task classify), a chat model on conversations (--task sft) or on images "
+        "(--task vision-chat)",
         takes_overrides=True,
     ),
     "explain": Verb(

@@ -530,8 +530,8 @@ class VisionChatConfig:
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_targets: tuple[str, ...] = field(default=("qkv", "out", "up", "down"))
-    encoder_images: int = 3000  # generated scenes (beside the digits' training split) the encoder learns from
-    encoder_epochs: int = 15
+    encoder_images: int = 1500  # generated scenes (beside the digits' training split) the encoder learns from
+    encoder_epochs: int = 12
     text_only: bool = False  # the baseline that cannot see: the same chats with the image left out
     seed: int = 0
     overwrite: bool = False  # `out` holds a run: move it into out/previous-<date>-<time>/ first

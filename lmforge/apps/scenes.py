@@ -24,7 +24,7 @@ SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 GRID = 3  # cells per side
 SCENE_SIZE = 48  # pixels per side of a rendered scene: 16 per cell
-MAX_OBJECTS = 4  # a description of four objects is ~40 tokens; training cost grows with every token
+MAX_OBJECTS = 3  # a description of three objects is ~30 tokens; training cost grows with every token
 
 QUESTION_TYPES = ("digit", "count", "describe")
 TRAINING_QUESTIONS = {

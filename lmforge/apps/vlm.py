@@ -35,7 +35,7 @@ from lmforge.atomic import write_folder_atomically
 from lmforge.errors import LmforgeError
 from lmforge.finetune.lora import LoraConfig, apply_lora, count_trainable, lora_layers, remove_lora
 from lmforge.finetune.sft import IGNORE, tokenize_conversation, training_pair
-from lmforge.inference.chat import chat_pieces, chat_stop_strings
+from lmforge.inference.chat import ChatSession, chat_pieces, chat_stop_strings
 from lmforge.inference.generate import generate
 from lmforge.model import Transformer
 from lmforge.settings import SamplingConfig, VisionChatConfig
@@ -293,6 +293,43 @@ def answer(model: VisionLanguageModel, tokenizer: Tokenizer, image, question: st
     return "".join(generate_with_images(model, tokenizer, [{"role": "user", "content": content}], images, sampling))
 
 
+def open_image(path: str | Path) -> Image.Image:
+    """An image file, decoded (RGB); a one-line LmforgeError naming the file if it is not a readable image."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise LmforgeError(
+                    f"{path}: {image.width}x{image.height} pixels is over the limit of {MAX_IMAGE_PIXELS}"
+                )
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise LmforgeError(f"{path}: not a readable image ({error})") from None
+
+
+@dataclass
+class ImageChatSession(ChatSession):
+    """`lmforge chat --image`: a ChatSession whose first question carries the image (kept in the history,
+    so later turns still see it)."""
+
+    vision_model: VisionLanguageModel | None = None
+    image: Image.Image | None = None
+
+    def reply(self, user_text: str):
+        content = user_text
+        if self.image is not None and not self.history:
+            content = [{"type": "image"}, {"type": "text", "text": user_text}]
+        question = {"role": "user", "content": content}
+        messages = self.messages() + [question]
+        images = [self.image] * sum(isinstance(m["content"], list) for m in messages)
+        pieces: list[str] = []
+        for piece in generate_with_images(self.vision_model, self.tokenizer, messages, images, self.sampling):
+            pieces.append(piece)
+            yield piece
+        self.history += [question, {"role": "assistant", "content": "".join(pieces)}]
+
+
 # --- stage 1: the image encoder learns the images' labels --------------------------------
 
 CELL_CLASSES = 1 + len(COLOURS) * len(SHAPES)  # empty, or one colour and shape
@@ -338,6 +375,9 @@ def pretrain_image_encoder(
     """Stage 1: the ViT learns each image's digit or cell contents; returns the held-in accuracy of both."""
     from lmforge.apps.vision import ProgressOverAllSteps
 
+    if model.encoder.config.patches != GRID * GRID:
+        raise LmforgeError(f"the encoder learns one scene cell per patch: it needs {GRID}x{GRID} patches, "
+                           f"not {model.encoder.config.patches}")  # fmt: skip
     torch.manual_seed(seed)
     pretraining = EncoderPretraining(model.encoder)
     pixels = torch.stack([model.preprocess_image(chat.image) for chat in chats])
@@ -409,10 +449,13 @@ class VisionChatTrainer(Fittable, nn.Module):
 
     def forward(self, tokens: torch.Tensor, images: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         language_model = self.model.language_model
-        embeddings = self.model.input_embeddings(tokens, images if images.numel() else None)
-        hidden = language_model.hidden_states(tokens, embeddings=embeddings)
+        # positions after the batch's last scored token change no loss (attention is causal): not run
+        length = int(scored.any(0).nonzero().max()) + 1 if scored.any() else 1
+        cut = tokens[:, :length]
+        embeddings = self.model.input_embeddings(cut, images if images.numel() else None)
+        hidden = language_model.hidden_states(cut, embeddings=embeddings)
         logits = hidden.new_zeros(*tokens.shape, language_model.config.vocab_size)
-        logits[scored] = language_model.logits(hidden[scored])
+        logits[:, :length][scored[:, :length]] = language_model.logits(hidden[scored[:, :length]])
         return logits
 
 
@@ -428,12 +471,13 @@ def build_vision_language_model(
     return model
 
 
-def train_vision_chat(config: VisionChatConfig, verbose: int = 1, language_model=None) -> dict:
+def train_vision_chat(
+    config: VisionChatConfig, verbose: int = 1, language_model=None, vlm_config: VLMConfig | None = None
+) -> dict:
     """`lmforge finetune --task vision-chat`: stage 1 (the encoder) then stage 2 (projector + LoRA) on
     generated chats; writes out/vlm (a checkpoint folder for `load_vlm`) and out/metrics.json.
-    `language_model`: a (Transformer, Tokenizer) to use instead of loading `config.model`."""
-    from lmforge.training.progress import ProgressBar  # noqa: F401 - fit draws it (verbose=1)
-
+    `language_model`: a (Transformer, Tokenizer) to use instead of loading `config.model` (then saved
+    whole in the checkpoint); `vlm_config`: the encoder's and projector's shape (LoRA's is `config`'s)."""
     out = Path(config.out)
     claim_fine_tune_folder(out, ("vlm", "metrics.json", TRAINING_STATE), config, "run", verbose)
     if language_model is None:
@@ -443,9 +487,9 @@ def train_vision_chat(config: VisionChatConfig, verbose: int = 1, language_model
         base_model = config.model
     else:
         (lm, tokenizer), base_model = language_model, None
-    vlm_config = VLMConfig(
-        base_model=base_model, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha,
-        lora_targets=config.lora_targets, projector_hidden=lm.config.d_model,
+    vlm_config = replace(
+        vlm_config or VLMConfig(projector_hidden=lm.config.d_model), base_model=base_model,
+        lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_targets=config.lora_targets,
     )  # fmt: skip
     model = build_vision_language_model(lm, tokenizer, vlm_config, config.seed)
     result: dict = {}
@@ -465,7 +509,8 @@ def train_vision_chat(config: VisionChatConfig, verbose: int = 1, language_model
         from lmforge.apps.vision import load_digits_split
 
         train_x, train_y, _, _ = load_digits_split()
-        encoder_chats += [digit_chat(x[0], int(y), "") for x, y in zip(train_x, train_y)]
+        digits = min(config.encoder_images, len(train_y))  # as many digits as scenes, at most all of them
+        encoder_chats += [digit_chat(x[0], int(y), "") for x, y in zip(train_x[:digits], train_y[:digits])]
         result["encoder"] = pretrain_image_encoder(model, encoder_chats, config.encoder_epochs, config.seed, verbose)
         from safetensors.torch import save_file
 
@@ -480,6 +525,8 @@ def train_vision_chat(config: VisionChatConfig, verbose: int = 1, language_model
     chats = vision_chats(config.train_chats, "train", seed=config.seed)
     validation = vision_chats(config.validation_chats, "test", seed=config.seed) if config.validation_chats else []
     x, y = chat_rows(model, tokenizer, chats, config.text_only)
+    order = batches_of_similar_length(y, config.batch_size, config.seed)
+    x, y = tuple(part[order] for part in x), y[order]
     trainer = VisionChatTrainer(model)
     if verbose:
         print(
@@ -496,7 +543,7 @@ def train_vision_chat(config: VisionChatConfig, verbose: int = 1, language_model
     started = time.perf_counter()
     history = trainer.fit(
         x, y, epochs=config.epochs, batch_size=config.batch_size, validation_data=validation_data,
-        callbacks=[schedule], verbose=verbose, seed=config.seed, **fine_tune_checkpointing(out, config),
+        callbacks=[schedule], verbose=verbose, seed=config.seed, shuffle=False, **fine_tune_checkpointing(out, config),
     )  # fmt: skip
     result["chat_seconds"] = time.perf_counter() - started
     result["steps_per_second"] = history_steps(len(chats), config) / result["chat_seconds"]
@@ -510,8 +557,45 @@ def train_vision_chat(config: VisionChatConfig, verbose: int = 1, language_model
     return result
 
 
+def batches_of_similar_length(targets: torch.Tensor, batch_size: int, seed: int) -> torch.Tensor:
+    """An order of the rows in which each batch holds rows of similar length (the trainer cuts a batch
+    at its last scored token, so a batch of short digit chats does not pay for long descriptions),
+    the batches themselves in a seeded random order."""
+    scored = targets != IGNORE
+    lengths = torch.where(scored.any(1), scored.shape[1] - scored.flip(1).int().argmax(1), 0)
+    generator = torch.Generator().manual_seed(seed)
+    by_length = torch.randperm(len(targets), generator=generator)
+    by_length = by_length[lengths[by_length].argsort(stable=True)]
+    batches = list(by_length.split(batch_size))
+    return torch.cat([batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()])
+
+
 def history_steps(examples: int, config: VisionChatConfig) -> int:
     return config.epochs * -(-examples // config.batch_size)
+
+
+def evaluate_vision_chat(
+    model: VisionLanguageModel, tokenizer: Tokenizer, chats: list[VisionChat], text_only: bool = False, progress=None
+) -> dict:
+    """Greedy replies to each chat's question (without its image if `text_only`), scored by
+    `scenes.score_answer`: accuracy and count per question type, and a few replies to read."""
+    from lmforge.apps.scenes import score_answer
+
+    right: dict[str, list[bool]] = {}
+    examples = []
+    for index, chat in enumerate(chats):
+        reply = answer(model, tokenizer, None if text_only else chat.image, chat.question)
+        right.setdefault(chat.question_type, []).append(score_answer(chat, reply))
+        if len(examples) < 6:
+            examples.append({"question": chat.question, "answer": chat.answer, "reply": reply})
+        if progress is not None:
+            progress(index + 1, len(chats))
+    accuracy = {kind: sum(marks) / len(marks) for kind, marks in right.items()}
+    return {
+        "accuracy": accuracy,
+        "questions": {kind: len(marks) for kind, marks in right.items()},
+        "examples": examples,
+    }
 
 
 # --- checkpoints -------------------------------------------------------------------------

@@ -435,10 +435,13 @@ def prefill(
     cache: KVCache,
     slots: torch.Tensor | None = None,
     starts: list[int] | None = None,
+    embeddings: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Run several prompts in one pass, each into its cache row (`slots`, default 0..B-1) from
     position `starts[row]` (default 0: a row with a start continues the entries its cache row
-    already holds, a cached prefix); logits (B, vocab) at each prompt's last token.
+    already holds, a cached prefix); logits (B, vocab) at each prompt's last token. `embeddings`:
+    per prompt, None or its input embeddings (len(prompt), d_model) in place of its tokens' own
+    (a prompt with image tokens, `lmforge.apps.vlm`).
 
     The batch is right-padded to the longest prompt. A row's padding writes cache entries past
     its length, which its own later tokens overwrite before any query can see them.
@@ -449,7 +452,15 @@ def prefill(
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = torch.tensor(prompt)
     positions = torch.tensor(starts or [0] * len(prompts), dtype=torch.long, device=device)
-    return next_token_logits(model, padded, cache, positions=positions, slots=slots, last=lengths - 1)
+    inputs = None
+    if embeddings is not None and any(e is not None for e in embeddings):
+        inputs = model.embed(padded)
+        for row, given in enumerate(embeddings):
+            if given is not None:
+                inputs[row, : len(prompts[row])] = given.to(inputs.dtype)
+    return next_token_logits(
+        model, padded, cache, positions=positions, slots=slots, last=lengths - 1, embeddings=inputs
+    )
 
 
 def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache):
