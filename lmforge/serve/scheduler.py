@@ -314,9 +314,6 @@ class Scheduler:
         under PREFILL_TOKENS and every row's padded positions fit the context."""
         groups, current, longest, furthest = [], [], 0, 0
         for running in started:
-            if running.request.images is not None:  # its own pass: its input is embeddings, not token ids
-                groups.append([running])
-                continue
             rest = len(running.request.prompt_ids) - running.cached
             longest_with, furthest_with = max(longest, rest), max(furthest, running.cached)
             if current and (
@@ -377,10 +374,11 @@ class Scheduler:
         slots = torch.tensor([running.slot for running in started])
         masks = TokenMasks(self.cache.keys[0].device)
         masks.start([running.request.matcher for running in started])
-        if started[0].request.images is not None:  # alone in its group (`_prefill_groups`)
-            logits = self._prefill_with_images(started[0])
-        else:
-            logits = prefill(self.model, rests, self.cache, slots, starts=[running.cached for running in started])
+        starts = [running.cached for running in started]
+        embeddings = [self._prompt_embeddings(running) for running in started]
+        if all(rows is None for rows in embeddings):
+            embeddings = None
+        logits = prefill(self.model, rests, self.cache, slots, starts=starts, embeddings=embeddings)
         masks.apply(logits)
         self.metrics["prompt_tokens_total"] += sum(len(running.request.prompt_ids) for running in started)
         self.metrics["prefill_tokens_total"] += sum(len(rest) for rest in rests)
@@ -388,21 +386,13 @@ class Scheduler:
             self.slot_tokens[running.slot] = list(running.prefix_key)
             self._accept(running, logits[row])
 
-    def _prefill_with_images(self, running: _Running) -> torch.Tensor:
-        """Logits (1, vocab) after the uncached part of a prompt with images, whose input is the vision-language
-        model's embeddings (image features at the image tokens, the tokens' own elsewhere)."""
-        request, start = running.request, running.cached
-        tokens = torch.tensor([request.prompt_ids])
-        embeddings = self.vision.input_embeddings(tokens, request.images)[:, start:]
-        return next_token_logits(
-            self.model,
-            tokens[:, start:],
-            self.cache,
-            positions=torch.tensor([start]),
-            slots=torch.tensor([running.slot]),
-            last=torch.tensor([len(request.prompt_ids) - start - 1]),
-            embeddings=embeddings.to(self.cache.keys[0].dtype),
-        )
+    def _prompt_embeddings(self, running: _Running) -> torch.Tensor | None:
+        """The input embeddings (uncached tokens, d_model) of a prompt with images: the vision-language model's
+        image features at its image tokens, the tokens' own elsewhere; None for a prompt without images."""
+        request = running.request
+        if request.images is None:
+            return None
+        return self.vision.input_embeddings(torch.tensor([request.prompt_ids]), request.images)[0, running.cached :]
 
     def _decode_step(self) -> None:
         rows = [running for running in self.running if not running.request.cancelled]

@@ -6,6 +6,7 @@ import io
 import random
 import struct
 import threading
+import time
 import zlib
 
 import pytest
@@ -281,6 +282,34 @@ def test_the_scheduler_answers_as_generate_with_images(vision_scheduler):
     # a text-only chat to the same model: no images, its plain tokens
     text, _ = run_request(scheduler, model, "hello", None)
     assert text == reference_reply(model, question("hello", None), [], 12)
+
+
+def test_image_and_text_prompts_prefill_together_each_from_its_own_input():
+    model = tiny_vlm()
+    scheduler = Scheduler(model.language_model, VLM_TOKENIZER, max_batch=4, vision=model, prefix_cache=False)
+    asked = [("what is this?", picture(20)), ("hello there", None), ("and this one?", picture(21))]
+    events = [[] for _ in asked]
+    for (text, image), received in zip(asked, events):
+        ids, _ = vlm.vision_prompt_ids(model, VLM_TOKENIZER, question(text, image))
+        pixels = None if image is None else model.preprocess_image(image)[None]
+        scheduler.submit(GenerationRequest(ids, 1, received.append, images=pixels, logprobs=2))
+    batches = []
+    prefill = scheduler._prefill
+    scheduler._prefill = lambda group: batches.append(len(group)) or prefill(group)
+    scheduler.start()  # all three are waiting: admitted together, prefilled in one right-padded batch
+    deadline = time.monotonic() + 60
+    while not all(received and received[-1][0] == "done" for received in events) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    scheduler.shutdown(0)
+    assert batches == [3]
+    for (text, image), received in zip(asked, events):
+        ids, _ = vlm.vision_prompt_ids(model, VLM_TOKENIZER, question(text, image))
+        pixels = None if image is None else model.preprocess_image(image)[None]
+        with torch.no_grad():
+            expected = model(torch.tensor([ids]), pixels)[0, -1].float().log_softmax(-1)
+        (score,) = [score for kind, _, scores in received if kind == "text" for score in scores]
+        assert score.token_id == int(expected.argmax())
+        assert score.logprob == pytest.approx(float(expected.max()), abs=1e-4)
 
 
 def test_the_prefix_cache_never_reuses_a_prefix_across_different_images():
