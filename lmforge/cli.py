@@ -401,9 +401,7 @@ def command_explain(args, extra) -> int:
 
 def explain_with_image(args) -> int:
     """`explain --image`: where a vision-language model looks in the image while it answers --prompt."""
-    from PIL import Image, UnidentifiedImageError
-
-    from lmforge.apps.vlm import is_vlm_folder, load_vlm
+    from lmforge.apps.vlm import is_vlm_folder, load_vlm, open_image
     from lmforge.evaluation.interpret import explain_image
 
     if not is_vlm_folder(args.model):
@@ -413,13 +411,7 @@ def explain_with_image(args) -> int:
         )
     if args.max_new_tokens < 1:
         raise LmforgeError(f"--max-new-tokens is {args.max_new_tokens}; explain needs at least 1 answer token")
-    try:
-        with Image.open(args.image) as opened:
-            image = opened.convert("RGB")
-    except FileNotFoundError:
-        raise LmforgeError(f"{args.image}: no such image file") from None
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
-        raise LmforgeError(f"{args.image}: not an image Pillow can read ({error})") from None
+    image = open_image(args.image)  # a bad image is an error before loading
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load_vlm(args.model)
     summary = explain_image(model, tokenizer, image, args.prompt, args.out, max_new_tokens=args.max_new_tokens)
