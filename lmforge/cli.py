@@ -786,10 +786,13 @@ def explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Writes OUT/attention/attention_layer_NN.png (every head of every layer), OUT/logit_lens.png, "
         "OUT/explain.html (one self-contained page: hover a token to see where each head attends) and "
-        "OUT/explain.json."
+        "OUT/explain.json. With --image and a vision-language model folder as --model: its answer to --prompt, "
+        "OUT/image_attention.png (the attention of each answer token over the image's patches) and OUT/explain.json."
     )
     parser.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP)
-    parser.add_argument("--prompt", required=True, help="the text (with --classifier: the text to label)")
+    parser.add_argument(
+        "--prompt", required=True, help="the text (with --classifier: the text to label; with --image: the question)"
+    )
     parser.add_argument("--classifier", help="a folder from `finetune --task classify`: explain its label")
     parser.add_argument(
         "--image",
