@@ -559,7 +559,9 @@ def save_image_attention_png(image, grids: torch.Tensor, titles: list[str], path
     count = len(grids)
     columns = min(count, 4)
     rows = -(-count // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.2 * rows), squeeze=False)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(3.0 * columns, 3.3 * rows), squeeze=False, layout="constrained"
+    )  # constrained: tight_layout let a row's titles run over the row above
     pixels = np.asarray(image.convert("L"))  # grey, so that the heatmap's colours read as attention alone
     height, width = pixels.shape[:2]
     for index in range(rows * columns):
@@ -572,7 +574,6 @@ def save_image_attention_png(image, grids: torch.Tensor, titles: list[str], path
         axis.set_title(titles[index], fontsize=8)
     title = "attention from the answer's tokens to the image's patches (mean of all layers and heads)"
     figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=100)
     plt.close(figure)
