@@ -374,7 +374,8 @@ def generate(
         stop_ids |= model_stop_ids(tokenizer)  # where the grammar may end, it lets any of them end the text
     stream = TextStream(tokenizer, sampling.stop)
     if draft is None:
-        tokens = generate_tokens(model, prompt_ids, sampling, tokenizer=tokenizer, prompt_embeddings=prompt_embeddings)
+        with_embeddings = {} if prompt_embeddings is None else {"prompt_embeddings": prompt_embeddings}
+        tokens = generate_tokens(model, prompt_ids, sampling, tokenizer=tokenizer, **with_embeddings)
     else:
         from lmforge.inference.speculative import speculative_generate
 
