@@ -290,3 +290,37 @@ def test_explain_image_from_the_command_line(tmp_path, capsys):
     arguments[2] = str(tmp_path)  # not a vision-language model folder
     assert main([*arguments, "--image", str(tmp_path / "scene.png")]) == 2
     assert "--image needs a vision-language model folder" in capsys.readouterr().err
+
+
+def test_explain_image_answers_from_the_image_even_for_a_prompt_short_enough_for_a_native_prefill(tmp_path):
+    """A prompt of 32 tokens (no system prompt, "hi"): the answer is the greedy one of the model's own forward over
+    its input embeddings, not of the same tokens without the image's features (what a prefill from token ids
+    alone, such as the native kernels' for short prompts, would give)."""
+    from lmforge.apps import vlm
+    from lmforge.tokenizer import stop_token_ids
+
+    from ..serve.test_images import VLM_TOKENIZER, picture, question, tiny_vlm
+
+    model = tiny_vlm()
+    model.config = replace(model.config, system_prompt="")
+    ids, _ = vlm.vision_prompt_ids(model, VLM_TOKENIZER, question("hi", picture(6)))
+    assert len(ids) == 32
+    pixels = model.preprocess_image(picture(6))[None]
+    stops = set(stop_token_ids(VLM_TOKENIZER))
+
+    def greedy(with_image: bool) -> list[int]:
+        tokens = list(ids)
+        for _ in range(6):
+            inputs = torch.tensor([tokens])
+            embeddings = model.input_embeddings(inputs, pixels) if with_image else model.language_model.embed(inputs)
+            with torch.no_grad():
+                token = int(model.language_model(inputs, embeddings=embeddings)[0][0, -1].argmax())
+            if token in stops:
+                break
+            tokens.append(token)
+        return tokens[len(ids) :]
+
+    expected = greedy(with_image=True)
+    assert expected != greedy(with_image=False)  # so an answer that ignored the image would show
+    summary = explain_image(model, VLM_TOKENIZER, picture(6), "hi", tmp_path, max_new_tokens=6)
+    assert summary["answer_ids"] == expected

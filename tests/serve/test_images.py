@@ -8,6 +8,7 @@ import struct
 import threading
 import time
 import zlib
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from lmforge.apps import vlm
+from lmforge.finetune.lora import remove_lora
 from lmforge.model import ModelConfig, Transformer
 from lmforge.serve.app import ServedModels, ServeLimits, create_app
 from lmforge.serve.images import ImageError, ImageLimits, data_url, decoded_size, request_images
@@ -186,7 +188,8 @@ VLM_TOKENIZER = CharTokenizer(CHARS, special_tokens=(*DEFAULT_SPECIAL_TOKENS, "<
 
 
 def tiny_vlm(seed=0):
-    """3x3 patches of 8 pixels and a class token: 10 image tokens; random weights with adapters that matter."""
+    """3x3 patches of 8 pixels and a class token: 10 image tokens; random weights with adapters that matter,
+    merged as `load_vlm` merges them (so the language model is plain, and the native kernels run it)."""
     torch.manual_seed(seed)
     language_model = Transformer(
         ModelConfig(
@@ -203,7 +206,8 @@ def tiny_vlm(seed=0):
         for name, parameter in model.named_parameters():
             if "lora_b" in name or name.startswith("projector"):
                 parameter.normal_(0, 0.2)
-    return model.eval()
+    remove_lora(model.language_model)
+    return model.eval().requires_grad_(False)
 
 
 def picture(seed: int) -> Image.Image:
@@ -310,6 +314,23 @@ def test_image_and_text_prompts_prefill_together_each_from_its_own_input():
         (score,) = [score for kind, _, scores in received if kind == "text" for score in scores]
         assert score.token_id == int(expected.argmax())
         assert score.logprob == pytest.approx(float(expected.max()), abs=1e-4)
+
+
+def test_a_short_image_prompt_prefills_from_its_embeddings_too():
+    """32 prompt tokens (no system prompt, "hi"): short enough for the engine's native prefill from token ids,
+    which must not take a prompt whose image tokens need the image's features."""
+    model = tiny_vlm()
+    model.config = replace(model.config, system_prompt="")
+    scheduler = Scheduler(model.language_model, VLM_TOKENIZER, max_batch=1, vision=model)
+    scheduler.start()
+    try:
+        _, scores = run_request(scheduler, model, "hi", picture(7), max_tokens=1)
+    finally:
+        scheduler.shutdown(0)
+    ids, _ = vlm.vision_prompt_ids(model, VLM_TOKENIZER, question("hi", picture(7)))
+    assert len(ids) == 32
+    expected = first_token_logprobs(model, "hi", picture(7))
+    assert scores[0].logprob == pytest.approx(float(expected[scores[0].token_id]), abs=1e-4)
 
 
 def test_the_prefix_cache_never_reuses_a_prefix_across_different_images():
