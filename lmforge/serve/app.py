@@ -390,12 +390,11 @@ class ServerState:
                 "vision-chat`) to send images",
                 param="messages",
             )
-        vision = self.scheduler.vision
+        vision, limits = self.scheduler.vision, self.limits.images
 
         def read() -> torch.Tensor:
             return torch.stack([vision.preprocess_image(image) for image in request_images(body.messages, limits)])
 
-        limits = self.limits.images
         try:  # off the event loop: decoding an image takes milliseconds
             return await asyncio.to_thread(read)
         except ImageError as error:
