@@ -392,6 +392,7 @@ def pretrain_image_encoder(
         parameter.requires_grad = False
     with torch.no_grad():
         outputs = pretraining.eval()(pixels)
+    model.__dict__["label_heads"] = (model.encoder.head, pretraining.cell_head)  # for `ground_projector`
     digit_rows = targets[:, 0] != IGNORE
     cells = outputs[:, 10:].reshape(len(outputs), -1, CELL_CLASSES).argmax(-1)
     scene_rows = ~digit_rows
@@ -402,6 +403,40 @@ def pretrain_image_encoder(
 
 
 # --- stage 2: projector and LoRA on the chats --------------------------------------------
+
+
+def word_embedding(model: VisionLanguageModel, tokenizer: Tokenizer, word: str) -> torch.Tensor:
+    """The mean input embedding of `word`'s tokens as it appears mid-sentence (after a space)."""
+    ids = tokenizer.encode(" " + word)
+    return model.language_model.embed(torch.tensor(ids)).mean(0).detach()
+
+
+@torch.no_grad()
+def ground_projector(model: VisionLanguageModel, tokenizer: Tokenizer) -> None:
+    """Start the projector where the language model already reads the images' contents: its first layer's
+    first units are stage 1's label heads (digit logits at the class token, cell logits at each patch),
+    its second layer maps each label's unit to the embeddings of the label's words ("7"; "red" +
+    "circle"). A class token then enters SmolLM2 close to the word for its digit, a red-circle patch
+    close to "red circle", so the adapters learn where things are and how many there are, instead of
+    first a code for what they are (75 steps learned digits from a random projector, not colours)."""
+    digit_head, cell_head = model.__dict__["label_heads"]
+    first, second = model.projector[0], model.projector[2]
+    labels = digit_head.out_features + cell_head.out_features
+    if first.out_features < labels:
+        raise LmforgeError(f"projector_hidden must be at least {labels} to start from the label heads")
+    # the winning logit is ~10-20 after stage 1; scaled so it reaches GELU's linear part near 1-2
+    scale = 0.1
+    first.weight[: digit_head.out_features] = digit_head.weight * scale
+    first.bias[: digit_head.out_features] = digit_head.bias * scale
+    first.weight[digit_head.out_features : labels] = cell_head.weight * scale
+    first.bias[digit_head.out_features : labels] = cell_head.bias * scale
+    words = [str(digit) for digit in range(digit_head.out_features)]
+    words += ["empty"] + [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    targets = torch.stack([sum(word_embedding(model, tokenizer, w) for w in words_.split()) for words_ in words])
+    # the other units start silent (as LoRA's B): the image tokens are the label words and nothing else yet
+    second.weight.zero_()
+    second.weight[:, :labels] = targets.T.to(second.weight.dtype)
+    second.bias.zero_()
 
 
 def without_image(chat_messages: list[dict]) -> list[dict]:
@@ -512,6 +547,7 @@ def train_vision_chat(
         digits = min(config.encoder_images, len(train_y))  # as many digits as scenes, at most all of them
         encoder_chats += [digit_chat(x[0], int(y), "") for x, y in zip(train_x[:digits], train_y[:digits])]
         result["encoder"] = pretrain_image_encoder(model, encoder_chats, config.encoder_epochs, config.seed, verbose)
+        ground_projector(model, tokenizer)
         from safetensors.torch import save_file
 
         out.mkdir(parents=True, exist_ok=True)

@@ -216,3 +216,21 @@ def test_finetune_vision_chat_from_the_cli_writes_a_model_chat_can_load(tmp_path
     assert model.config.base_model == str(base) and model.config.lora_rank == 2
     assert main(args) == 2  # the folder holds a run
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_the_grounded_projector_maps_each_label_to_its_words():
+    model = tiny_vlm()
+    digit_head, cell_head = torch.nn.Linear(32, 10), torch.nn.Linear(32, vlm.CELL_CLASSES)
+    with torch.no_grad():  # heads that read feature i as label i
+        digit_head.weight.copy_(torch.eye(32)[13:23]), digit_head.bias.zero_()
+        cell_head.weight.copy_(torch.eye(32)[: vlm.CELL_CLASSES]), cell_head.bias.zero_()
+    model.__dict__["label_heads"] = (digit_head, cell_head)
+    vlm.ground_projector(model, TOKENIZER)
+    words = ["empty"] + [f"{colour} {shape}" for colour in scenes.COLOURS for shape in scenes.SHAPES]
+    words += [str(digit) for digit in range(10)]
+    embeddings = torch.stack([sum(vlm.word_embedding(model, TOKENIZER, w) for w in text.split()) for text in words])
+    with torch.no_grad():
+        for label in range(len(words)):
+            out = model.projector(torch.eye(32)[label] * 20)  # a feature its head reads as `label`, strongly
+            similarity = torch.nn.functional.cosine_similarity(out[None], embeddings)
+            assert int(similarity.argmax()) == label and float(similarity[label]) > 0.9
