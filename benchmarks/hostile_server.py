@@ -1,6 +1,7 @@
 """A hostile-but-fair battery against a live `lmforge serve`: malformed bodies, lone surrogates,
-forged chat turns, bursts beyond the free slots, a full queue, requests needing more sequences
-than the server decodes, and clients that give up. Prints a table and writes JSON.
+forged chat turns, image parts it must not fetch or decode, bursts beyond the free slots, a full queue,
+requests needing more sequences than the server decodes, and clients that give up. Prints a table and
+writes JSON.
 
     python benchmarks/hostile_server.py                      # starts its own server on a tiny model
     python benchmarks/hostile_server.py --url http://127.0.0.1:8000 --api-key secret
