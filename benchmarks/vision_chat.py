@@ -62,6 +62,7 @@ def main() -> None:
     held_out = scenes.vision_chats(args.held_out_chats, "test", seed=1, held_out_questions=True)
     train = scenes.vision_chats(args.train_chats, "train", seed=0)
     runs = {}
+    tokens_per_image = None
     with tempfile.TemporaryDirectory() as folder:
         for name, text_only in (("vlm", False), ("text-only", True)):
             config = VisionChatConfig(
@@ -73,6 +74,7 @@ def main() -> None:
             result = vlm.train_vision_chat(config, verbose=1)
             seconds = time.perf_counter() - start
             model, tokenizer = result["model"], result["tokenizer"]
+            tokens_per_image = tokens_per_image or model.tokens_per_image
             vlm.remove_lora(model.language_model)  # merged: decoding runs the native kernels
             runs[name] = {
                 "training_seconds": round(seconds, 1),
@@ -96,9 +98,16 @@ def main() -> None:
             f"{runs['vlm']['held_out_phrasings']['accuracy'][kind]:>24.1%}"
         )
     for name, run in runs.items():
+        objects = run["held_out_images"]["describe_objects"]
+        print(
+            f"{name}: describe, objects named in the right cell: precision {objects['object_precision']:.1%}, "
+            f"recall {objects['object_recall']:.1%}; of the right colour and shape anywhere: precision "
+            f"{objects['kind_precision']:.1%}, recall {objects['kind_recall']:.1%}"
+        )
+    for name, run in runs.items():
         print(f"{name}: trained in {run['training_seconds']:.0f} s ({run['steps_per_second']:.3f} chat steps/s)")
     record = {
-        "model": "smollm2-135m-instruct + LoRA r16, ViT 4x128 on 48x48 (3x3 patches), 10 image tokens",
+        "model": f"smollm2-135m-instruct + LoRA r16, ViT 4x128 on 48x48 (3x3 patches), {tokens_per_image} image tokens",
         "train_chats": args.train_chats,
         "epochs": args.epochs,
         "batch_size": args.batch_size,

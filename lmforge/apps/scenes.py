@@ -175,6 +175,23 @@ def parse_description(text: str) -> set[tuple[str, str, int]]:
     return {(c, s, POSITIONS.index(p)) for c, s, p in _OBJECT_PATTERN.findall(text.lower())}
 
 
+def description_matches(chat: VisionChat, reply: str) -> dict[str, int]:
+    """How far a reply to a describe question is right, object by object: `named` objects in the reply,
+    `truth` in the scene, `placed` named with the right colour, shape and cell, `kinds` named with the
+    right colour and shape wherever (as many as the scene has of each, at most)."""
+    from collections import Counter
+
+    named = _OBJECT_PATTERN.findall(reply.lower())
+    truth = {(o.colour, o.shape, o.cell) for o in chat.truth}
+    kinds = Counter((c, s) for c, s, _ in named) & Counter((o.colour, o.shape) for o in chat.truth)
+    return {
+        "named": len(named),
+        "truth": len(truth),
+        "placed": len(parse_description(reply) & truth),
+        "kinds": sum(kinds.values()),
+    }
+
+
 def score_answer(chat: VisionChat, reply: str) -> bool:
     """Whether `reply` answers `chat`'s question right: the digit or count as its first number, a
     description naming exactly the scene's objects (colour, shape and position each)."""

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from lmforge.apps.scenes import COLOURS, GRID, SHAPES, VisionChat, vision_chats
+from lmforge.apps.scenes import COLOURS, GRID, MAX_OBJECTS, POSITIONS, SHAPES, VisionChat, vision_chats
 from lmforge.apps.vision import VisionTransformer, ViTConfig
 from lmforge.atomic import write_folder_atomically
 from lmforge.errors import LmforgeError
@@ -75,6 +75,8 @@ class VLMConfig:
     lora_targets: tuple[str, ...] = field(default=("qkv", "out", "up", "down"))
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # used when a chat brings none
     image_token: str | None = None  # unset: the first of IMAGE_TOKEN_CHOICES the tokenizer has
+    # one more image token per colour and shape, holding how many the scene has (read off the class token)
+    count_tokens: bool = True
 
     def __post_init__(self):
         self.lora_targets = tuple(self.lora_targets)
@@ -112,6 +114,32 @@ def encoder_features(encoder: VisionTransformer, images: torch.Tensor) -> torch.
     return encoder.final_norm(x)
 
 
+KINDS = [(colour, shape) for colour in COLOURS for shape in SHAPES]  # what a count question can ask about
+COUNTS = MAX_OBJECTS + 1  # 0 .. MAX_OBJECTS of a kind
+
+
+class ObjectCounter(nn.Module):
+    """One image token per kind of object (colour and shape): the kind's words plus the expected number
+    word under the count head's distribution (the head reads the ViT's class token; stage 1 trains it).
+    A count question then finds the token of its kind and copies its number, a lookup that attention
+    does in a few steps; counting the matching cell tokens was not learned in 75 (every answer "3")."""
+
+    def __init__(self, vision_d_model: int, d_model: int):
+        super().__init__()
+        self.head = nn.Linear(vision_d_model, len(KINDS) * COUNTS)
+        self.kind_embeddings = nn.Parameter(torch.zeros(len(KINDS), d_model))
+        self.number_embeddings = nn.Parameter(torch.zeros(COUNTS, d_model))
+
+    def count_logits(self, class_features: torch.Tensor) -> torch.Tensor:
+        """(B, vision_d_model) → (B, len(KINDS), COUNTS)."""
+        return self.head(class_features).reshape(len(class_features), len(KINDS), COUNTS)
+
+    def forward(self, class_features: torch.Tensor) -> torch.Tensor:
+        """(B, vision_d_model) → (B, len(KINDS), d_model)."""
+        numbers = self.count_logits(class_features).softmax(-1) @ self.number_embeddings
+        return self.kind_embeddings + numbers
+
+
 class VisionLanguageModel(nn.Module):
     """ViT encoder, MLP projector and a decoder-only language model whose input takes image tokens."""
 
@@ -127,7 +155,12 @@ class VisionLanguageModel(nn.Module):
         )
         self.language_model = language_model
         self.image_token_id = image_token_id
-        self.tokens_per_image = config.vit_config().patches + 1  # the class token and each patch's
+        patches = config.vit_config().patches
+        # added to the patch tokens: where each cell is, in words ("top left"), once grounded
+        self.patch_positions = nn.Parameter(torch.zeros(patches, d_model))
+        self.counter = ObjectCounter(config.vision_d_model, d_model) if config.count_tokens else None
+        # the class token, each patch's (row by row), then one per kind of object if counted
+        self.tokens_per_image = 1 + patches + (len(KINDS) if config.count_tokens else 0)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return preprocess_image(image, self.config.image_size)
@@ -138,7 +171,12 @@ class VisionLanguageModel(nn.Module):
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) → their tokens in the language model's space (B, tokens_per_image, d_model)."""
-        return self.projector(self.image_features(images))
+        features = self.image_features(images)
+        tokens = self.projector(features)
+        tokens = torch.cat([tokens[:, :1], tokens[:, 1:] + self.patch_positions], dim=1)
+        if self.counter is None:
+            return tokens
+        return torch.cat([tokens, self.counter(features[:, 0])], dim=1)
 
     def input_embeddings(self, tokens: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
         """The language model's input (B, T, d_model): token embeddings, with each run of image placeholders
@@ -345,28 +383,48 @@ def cell_labels(chat: VisionChat) -> list[int]:
     return labels
 
 
-class EncoderPretraining(Fittable, nn.Module):
-    """The ViT with two heads: the digit from the class token (vision.py's own head), each cell's
-    contents from its patch token. Outputs (B, 10 + patches * CELL_CLASSES)."""
+def count_labels(chat: VisionChat) -> list[int]:
+    """Per kind of object (KINDS' order): how many the scene has; IGNORE for a digit image."""
+    if chat.scene is None:
+        return [IGNORE] * len(KINDS)
+    return [chat.scene.count(colour, shape) for colour, shape in KINDS]
 
-    def __init__(self, encoder: VisionTransformer):
+
+class EncoderPretraining(Fittable, nn.Module):
+    """The ViT with its heads: the digit from the class token (vision.py's own head), each cell's
+    contents from its patch token and, with a counter, each kind's count from the class token.
+    Outputs (B, 10 + patches * CELL_CLASSES [+ len(KINDS) * COUNTS])."""
+
+    def __init__(self, encoder: VisionTransformer, counter: ObjectCounter | None = None):
         super().__init__()
         self.encoder = encoder
         self.cell_head = nn.Linear(encoder.config.d_model, CELL_CLASSES)
+        self.counter = counter
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = encoder_features(self.encoder, images)
-        digits = self.encoder.head(features[:, 0])
-        return torch.cat([digits, self.cell_head(features[:, 1:]).flatten(1)], dim=1)
+        parts = [self.encoder.head(features[:, 0]), self.cell_head(features[:, 1:]).flatten(1)]
+        if self.counter is not None:
+            parts.append(self.counter.count_logits(features[:, 0]).flatten(1))
+        return torch.cat(parts, dim=1)
 
 
 def encoder_pretraining_loss(outputs: torch.Tensor, targets: torch.Tensor, from_logits: bool = True) -> torch.Tensor:
-    """Per image: cross-entropy of the digit (targets[:, 0]) plus the mean over cells (targets[:, 1:]);
-    IGNORE where a part does not apply (no digit in a scene, no cells in a digit)."""
+    """Per image: cross-entropy of the digit (targets[:, 0]) plus the mean over cells (the next
+    columns) plus, when the outputs have counts, the mean over kinds (targets' last len(KINDS) columns);
+    IGNORE where a part does not apply (no digit in a scene, no cells or counts in a digit)."""
+    counted = outputs.shape[1] - 10 != (targets.shape[1] - 1) * CELL_CLASSES
+    kinds = len(KINDS) if counted else 0
     digit_loss = F.cross_entropy(outputs[:, :10], targets[:, 0], ignore_index=IGNORE, reduction="none")
-    cells = outputs[:, 10:].reshape(len(outputs), -1, CELL_CLASSES)
-    cell_loss = F.cross_entropy(cells.transpose(1, 2), targets[:, 1:], ignore_index=IGNORE, reduction="none")
-    return digit_loss + cell_loss.mean(dim=1)
+    cells = outputs[:, 10 : outputs.shape[1] - kinds * COUNTS].reshape(len(outputs), -1, CELL_CLASSES)
+    cell_targets = targets[:, 1 : targets.shape[1] - kinds]
+    cell_loss = F.cross_entropy(cells.transpose(1, 2), cell_targets, ignore_index=IGNORE, reduction="none")
+    loss = digit_loss + cell_loss.mean(dim=1)
+    if counted:
+        counts = outputs[:, -kinds * COUNTS :].reshape(len(outputs), kinds, COUNTS)
+        count_loss = F.cross_entropy(counts.transpose(1, 2), targets[:, -kinds:], ignore_index=IGNORE, reduction="none")
+        loss = loss + count_loss.mean(dim=1)
+    return loss
 
 
 def pretrain_image_encoder(
@@ -379,27 +437,38 @@ def pretrain_image_encoder(
         raise LmforgeError(f"the encoder learns one scene cell per patch: it needs {GRID}x{GRID} patches, "
                            f"not {model.encoder.config.patches}")  # fmt: skip
     torch.manual_seed(seed)
-    pretraining = EncoderPretraining(model.encoder)
+    pretraining = EncoderPretraining(model.encoder, model.counter)
     pixels = torch.stack([model.preprocess_image(chat.image) for chat in chats])
     digits = [chat.truth if chat.question_type == "digit" else IGNORE for chat in chats]
-    targets = torch.tensor([[digit, *cell_labels(chat)] for digit, chat in zip(digits, chats)])
-    for parameter in model.encoder.parameters():
+    counts = [count_labels(chat) if model.counter is not None else [] for chat in chats]
+    targets = torch.tensor([[digit, *cell_labels(chat), *n] for digit, chat, n in zip(digits, chats, counts)])
+    for parameter in [*model.encoder.parameters(), *encoder_side(model)]:
         parameter.requires_grad = True
     fit.compile(pretraining, "adamw", encoder_pretraining_loss, from_logits=True, learning_rate=3e-3, weight_decay=0.05)
     callbacks = [fit.WarmupCosine(min_ratio=0.0)] + ([ProgressOverAllSteps()] if verbose else [])
     fit.fit(pretraining, pixels, targets, epochs=epochs, batch_size=64, callbacks=callbacks, verbose=0, seed=seed)
-    for parameter in model.encoder.parameters():
+    for parameter in [*model.encoder.parameters(), *encoder_side(model)]:
         parameter.requires_grad = False
     with torch.no_grad():
         outputs = pretraining.eval()(pixels)
     model.__dict__["label_heads"] = (model.encoder.head, pretraining.cell_head)  # for `ground_projector`
     digit_rows = targets[:, 0] != IGNORE
-    cells = outputs[:, 10:].reshape(len(outputs), -1, CELL_CLASSES).argmax(-1)
+    patches = model.encoder.config.patches
+    cells = outputs[:, 10 : 10 + patches * CELL_CLASSES].reshape(len(outputs), -1, CELL_CLASSES).argmax(-1)
     scene_rows = ~digit_rows
-    return {
+    result = {
         "digit_accuracy": float((outputs[digit_rows, :10].argmax(-1) == targets[digit_rows, 0]).float().mean()),
-        "cell_accuracy": float((cells[scene_rows] == targets[scene_rows, 1:]).float().mean()),
+        "cell_accuracy": float((cells[scene_rows] == targets[scene_rows, 1 : 1 + patches]).float().mean()),
     }
+    if model.counter is not None:
+        counted = outputs[:, -len(KINDS) * COUNTS :].reshape(len(outputs), len(KINDS), COUNTS).argmax(-1)
+        result["count_accuracy"] = float((counted[scene_rows] == targets[scene_rows, -len(KINDS) :]).float().mean())
+    return result
+
+
+def encoder_side(model: VisionLanguageModel) -> list[nn.Parameter]:
+    """What stage 1 trains beside the ViT and stage 2 keeps frozen: the count head."""
+    return [] if model.counter is None else list(model.counter.head.parameters())
 
 
 # --- stage 2: projector and LoRA on the chats --------------------------------------------
@@ -432,11 +501,24 @@ def ground_projector(model: VisionLanguageModel, tokenizer: Tokenizer) -> None:
     first.bias[digit_head.out_features : labels] = cell_head.bias * scale
     words = [str(digit) for digit in range(digit_head.out_features)]
     words += ["empty"] + [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
-    targets = torch.stack([sum(word_embedding(model, tokenizer, w) for w in words_.split()) for words_ in words])
+    targets = torch.stack([phrase_embedding(model, tokenizer, w) for w in words])
     # the other units start silent (as LoRA's B): the image tokens are the label words and nothing else yet
     second.weight.zero_()
     second.weight[:, :labels] = targets.T.to(second.weight.dtype)
     second.bias.zero_()
+    # each patch token also carries its cell's place ("top" + "left"), each count token its kind and number
+    model.patch_positions.copy_(torch.stack([phrase_embedding(model, tokenizer, p) for p in POSITIONS]))
+    if model.counter is not None:
+        kinds = [phrase_embedding(model, tokenizer, f"{colour} {shape}") for colour, shape in KINDS]
+        model.counter.kind_embeddings.copy_(torch.stack(kinds))
+        model.counter.number_embeddings.copy_(
+            torch.stack([word_embedding(model, tokenizer, str(n)) for n in range(COUNTS)])
+        )
+
+
+def phrase_embedding(model: VisionLanguageModel, tokenizer: Tokenizer, phrase: str) -> torch.Tensor:
+    """The sum of the words' embeddings (`word_embedding` of each)."""
+    return sum(word_embedding(model, tokenizer, word) for word in phrase.split())
 
 
 def without_image(chat_messages: list[dict]) -> list[dict]:
@@ -535,7 +617,10 @@ def train_vision_chat(
     elif config.resume and encoder_file.exists():
         from safetensors.torch import load_file
 
-        model.encoder.load_state_dict(load_file(str(encoder_file)))
+        weights = load_file(str(encoder_file))
+        model.encoder.load_state_dict({k: v for k, v in weights.items() if not k.startswith("counter.")})
+        if model.counter is not None:
+            model.counter.head.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("counter.")})
     else:
         if verbose:
             print(f"stage 1: the image encoder on {config.encoder_images} scenes and the digits' training split")
@@ -554,9 +639,11 @@ def train_vision_chat(
         from lmforge.atomic import write_atomically
 
         weights = {k: v.contiguous() for k, v in model.encoder.state_dict().items()}
+        if model.counter is not None:
+            weights |= {f"counter.{k}": v.contiguous() for k, v in model.counter.head.state_dict().items()}
         write_atomically(encoder_file, lambda path: save_file(weights, str(path)))
     result["encoder_seconds"] = time.perf_counter() - started
-    for parameter in model.encoder.parameters():
+    for parameter in [*model.encoder.parameters(), *encoder_side(model)]:
         parameter.requires_grad = False
     chats = vision_chats(config.train_chats, "train", seed=config.seed)
     validation = vision_chats(config.validation_chats, "test", seed=config.seed) if config.validation_chats else []
@@ -614,23 +701,39 @@ def evaluate_vision_chat(
     model: VisionLanguageModel, tokenizer: Tokenizer, chats: list[VisionChat], text_only: bool = False, progress=None
 ) -> dict:
     """Greedy replies to each chat's question (without its image if `text_only`), scored by
-    `scenes.score_answer`: accuracy and count per question type, and a few replies to read."""
-    from lmforge.apps.scenes import score_answer
+    `scenes.score_answer`: accuracy and count per question type; for descriptions, object-level
+    precision and recall (`scenes.description_matches`: right colour, shape and cell; right colour and
+    shape anywhere); and every reply."""
+    from lmforge.apps.scenes import description_matches, score_answer
 
     right: dict[str, list[bool]] = {}
-    examples = []
+    matches = {"named": 0, "truth": 0, "placed": 0, "kinds": 0}
+    replies = []
     for index, chat in enumerate(chats):
         reply = answer(model, tokenizer, None if text_only else chat.image, chat.question)
-        right.setdefault(chat.question_type, []).append(score_answer(chat, reply))
-        if len(examples) < 6:
-            examples.append({"question": chat.question, "answer": chat.answer, "reply": reply})
+        correct = score_answer(chat, reply)
+        right.setdefault(chat.question_type, []).append(correct)
+        if chat.question_type == "describe":
+            for key, value in description_matches(chat, reply).items():
+                matches[key] += value
+        replies.append({"type": chat.question_type, "question": chat.question, "answer": chat.answer,
+                        "reply": reply, "right": correct})  # fmt: skip
         if progress is not None:
             progress(index + 1, len(chats))
     accuracy = {kind: sum(marks) / len(marks) for kind, marks in right.items()}
+    described = {}
+    if matches["truth"]:
+        described = {
+            "object_precision": matches["placed"] / max(matches["named"], 1),
+            "object_recall": matches["placed"] / matches["truth"],
+            "kind_precision": matches["kinds"] / max(matches["named"], 1),
+            "kind_recall": matches["kinds"] / matches["truth"],
+        }
     return {
         "accuracy": accuracy,
         "questions": {kind: len(marks) for kind, marks in right.items()},
-        "examples": examples,
+        "describe_objects": described,
+        "replies": replies,
     }
 
 
@@ -649,6 +752,9 @@ def save_vlm(model: VisionLanguageModel, tokenizer: Tokenizer, path: str | Path)
     config = model.config
     vision = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
     vision |= {f"projector.{k}": v for k, v in model.projector.state_dict().items()}
+    vision["patch_positions"] = model.patch_positions
+    if model.counter is not None:
+        vision |= {f"counter.{k}": v for k, v in model.counter.state_dict().items()}
     vision = {k: v.detach().contiguous().cpu() for k, v in vision.items()}
     token, _ = image_token_for(tokenizer, config.image_token)
     document = {**asdict(config), "image_token": token}

@@ -43,6 +43,17 @@ def test_count_and_describe_answers_are_scored_against_the_scene():
     assert not scenes.score_answer(described, described.answer.replace("green", "blue"))
 
 
+def test_descriptions_are_scored_object_by_object():
+    scene = Scene((SceneObject("red", "circle", 0), SceneObject("red", "circle", 2), SceneObject("green", "square", 5)))
+    chat = scenes.describe_chat(scene, scenes.render_scene(scene), "Describe the image.")
+    assert scenes.description_matches(chat, chat.answer) == {"named": 3, "truth": 3, "placed": 3, "kinds": 3}
+    reply = "A red circle at the top left, a red circle at the bottom, a red circle at the center, "
+    reply += "a blue square at the right."
+    # one placed right; two red circles of the kind (the scene has two), the third and the blue square not
+    assert scenes.description_matches(chat, reply) == {"named": 4, "truth": 3, "placed": 1, "kinds": 2}
+    assert scenes.description_matches(chat, "I see nothing.") == {"named": 0, "truth": 3, "placed": 0, "kinds": 0}
+
+
 def test_chats_mix_question_types_and_keep_test_images_and_questions_apart():
     train = scenes.vision_chats(30, "train", seed=0)
     assert [c.question_type for c in train].count("digit") == 10

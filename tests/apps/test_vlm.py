@@ -48,7 +48,7 @@ def pictures(count, seed=0):
 
 def test_projector_gives_tokens_per_image_vectors_in_the_language_models_width():
     model = tiny_vlm()
-    assert model.tokens_per_image == (24 // 8) ** 2 + 1
+    assert model.tokens_per_image == 1 + (24 // 8) ** 2 + len(vlm.KINDS)  # class, patches, a count per kind
     images = torch.rand(3, 3, 24, 24)
     assert model.image_embeddings(images).shape == (3, model.tokens_per_image, 48)
     assert model.preprocess_image(Image.new("L", (8, 8), 255)).shape == (3, 24, 24)
@@ -149,6 +149,45 @@ def test_encoder_pretraining_loss_skips_what_does_not_apply():
     assert torch.allclose(losses, torch.stack([digit, cells]), atol=1e-6)
 
 
+def test_the_count_part_of_the_pretraining_loss_is_each_kinds_cross_entropy():
+    chats = scenes.vision_chats(6, "train")
+    scene_chat = next(c for c in chats if c.scene is not None)
+    digit_chat = next(c for c in chats if c.scene is None)
+    counts = vlm.count_labels(scene_chat)
+    assert sum(counts) == len(scene_chat.scene.objects) and vlm.count_labels(digit_chat) == [IGNORE] * len(vlm.KINDS)
+    kinds, cells = len(vlm.KINDS), 9
+    outputs = torch.randn(2, 10 + cells * vlm.CELL_CLASSES + kinds * vlm.COUNTS)
+    targets = torch.tensor(
+        [[IGNORE, *vlm.cell_labels(scene_chat), *counts], [digit_chat.truth, *[IGNORE] * (cells + kinds)]]
+    )
+    losses = vlm.encoder_pretraining_loss(outputs, targets)
+    cell_logits = outputs[0, 10 : 10 + cells * vlm.CELL_CLASSES].reshape(cells, -1)
+    cell_loss = torch.nn.functional.cross_entropy(cell_logits, targets[0, 1 : 1 + cells])
+    count_logits = outputs[0, -kinds * vlm.COUNTS :].reshape(kinds, vlm.COUNTS)
+    count_loss = torch.nn.functional.cross_entropy(count_logits, torch.tensor(counts))
+    digit_loss = torch.nn.functional.cross_entropy(outputs[1:, :10], targets[1:, 0])
+    assert torch.allclose(losses, torch.stack([cell_loss + count_loss, digit_loss]), atol=1e-5)
+
+
+def test_grounded_count_tokens_are_their_kinds_words_and_the_counted_number():
+    model = tiny_vlm()
+    model.__dict__["label_heads"] = (torch.nn.Linear(32, 10), torch.nn.Linear(32, vlm.CELL_CLASSES))
+    vlm.ground_projector(model, TOKENIZER)
+    with torch.no_grad():  # a count head sure that there are (kind index) % COUNTS of each kind
+        model.counter.head.weight.zero_()
+        bias = torch.full((len(vlm.KINDS), vlm.COUNTS), -30.0)
+        bias[torch.arange(len(vlm.KINDS)), torch.arange(len(vlm.KINDS)) % vlm.COUNTS] = 30.0
+        model.counter.head.bias.copy_(bias.flatten())
+        tokens = model.image_embeddings(torch.rand(1, 3, 24, 24))[0]
+    assert tokens.shape[0] == model.tokens_per_image
+    phrase = lambda text: vlm.phrase_embedding(model, TOKENIZER, text)  # noqa: E731
+    for index, (colour, shape) in enumerate(vlm.KINDS):
+        expected = phrase(f"{colour} {shape} {index % vlm.COUNTS}")
+        assert torch.allclose(tokens[1 + 9 + index], expected, atol=1e-4)
+    # each patch token carries its cell's place in words
+    assert torch.allclose(model.patch_positions[0], phrase("top left"))
+
+
 def tiny_base(folder):
     return save_model(folder, tiny_language_model(), TOKENIZER)
 
@@ -162,7 +201,7 @@ def test_training_end_to_end_learns_and_writes_a_loadable_model(tmp_path):
     result = vlm.train_vision_chat(config, verbose=0, vlm_config=vlm.VLMConfig(**{**SMALL, "base_model": None}))
     losses = result["history"]["loss"]
     assert losses[-1] < losses[0]
-    assert set(result["encoder"]) == {"digit_accuracy", "cell_accuracy"}
+    assert set(result["encoder"]) == {"digit_accuracy", "cell_accuracy", "count_accuracy"}
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["config"]["train_chats"] == 12 and not (tmp_path / "run" / "training_state.pt").exists()
     loaded, tokenizer = vlm.load_vlm(tmp_path / "run" / "vlm")
