@@ -598,9 +598,12 @@ def explain_image(
     from lmforge.tokenizer import stop_token_ids
 
     language_model = model.language_model
+    # an image's tokens (`VisionLanguageModel`): the class token, the patches row by row, then any others (the
+    # count tokens, one per kind of object), which have no place in the image
     side = model.config.image_size // model.config.patch_size
-    if model.tokens_per_image != 1 + side * side:
-        raise LmforgeError(f"{model.tokens_per_image} image tokens are not a class token and {side}x{side} patches")
+    patch_tokens = slice(1, 1 + side * side)
+    if model.tokens_per_image < 1 + side * side:
+        raise LmforgeError(f"{model.tokens_per_image} image tokens hold no class token and {side}x{side} patches")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     ids, _ = vision_prompt_ids(model, tokenizer, messages)
     pixels = model.preprocess_image(image)[None]
@@ -624,7 +627,7 @@ def explain_image(
     queries = [len(ids) - 1 + index for index in range(len(answer))]
     image_positions = [position for position, token in enumerate(ids) if token == model.image_token_id]
     weights = image_attention(language_model, tokens, embeddings, queries, image_positions)  # (answer, image)
-    patches = weights[:, 1:].reshape(len(answer), side, side)  # the class token first, then patches row by row
+    patches = weights[:, patch_tokens].reshape(len(answer), side, side)
     labels = token_strings(tokenizer, answer)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -638,11 +641,17 @@ def explain_image(
         "answer": tokenizer.decode(answer),
         "answer_tokens": labels,
         "answer_ids": answer,
-        "image_tokens": {"positions": image_positions, "class_token": 0, "patch_grid": [side, side]},
+        "image_tokens": {
+            "positions": image_positions,
+            "class_token": 0,
+            "patch_tokens": [patch_tokens.start, patch_tokens.stop],
+            "patch_grid": [side, side],
+        },
         # per answer token: the attention (mean of layers and heads) its choosing position paid the image
         "image_attention_share": weights.sum(1).tolist(),
         "class_token_attention": weights[:, 0].tolist(),
         "patch_attention": patches.tolist(),
+        "other_image_token_attention": weights[:, patch_tokens.stop :].tolist(),  # count tokens, if any
         "files": {"png": str(png)},
     }
     (out / "explain.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -243,7 +243,7 @@ def test_explain_image_maps_the_answers_attention_over_the_patches(tmp_path):
 
     from ..serve.test_images import VLM_TOKENIZER, picture, question, reference_reply, tiny_vlm
 
-    model, image = tiny_vlm(), picture(4).resize((96, 72))
+    model, image = tiny_vlm(count_tokens=True), picture(4).resize((96, 72))
     summary = explain_image(model, VLM_TOKENIZER, image, "what is this?", tmp_path / "out", max_new_tokens=6)
     assert summary["answer"] == reference_reply(model, question("what is this?", image), [image], 6)
     answer_ids = summary["answer_ids"]
@@ -256,11 +256,14 @@ def test_explain_image_maps_the_answers_attention_over_the_patches(tmp_path):
         model(torch.tensor([ids + answer_ids]), model.preprocess_image(image)[None])
     maps = torch.stack([record[-1][0] for record in records]).mean((0, 1))  # (T, T)
     chosen_at = maps[len(ids) - 1 : len(ids) - 1 + len(answer_ids)][:, image_positions]
+    # the class token, 3x3 patches, then a count token per kind of object (12)
+    assert len(image_positions) == model.tokens_per_image == 1 + 9 + 12
     assert summary["image_tokens"]["positions"] == image_positions and summary["image_tokens"]["patch_grid"] == [3, 3]
     assert summary["image_attention_share"] == pytest.approx(chosen_at.sum(1).tolist(), abs=1e-5)
     assert summary["class_token_attention"] == pytest.approx(chosen_at[:, 0].tolist(), abs=1e-5)
     patches = torch.tensor(summary["patch_attention"])
-    assert patches.shape == (6, 3, 3) and torch.allclose(patches.flatten(1), chosen_at[:, 1:], atol=1e-5)
+    assert patches.shape == (6, 3, 3) and torch.allclose(patches.flatten(1), chosen_at[:, 1:10], atol=1e-5)
+    assert torch.allclose(torch.tensor(summary["other_image_token_attention"]), chosen_at[:, 10:], atol=1e-5)
 
     with Image.open(tmp_path / "out" / "image_attention.png") as png:
         assert png.width > 300 and png.height > 200

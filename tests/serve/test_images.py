@@ -187,9 +187,10 @@ CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?':\n
 VLM_TOKENIZER = CharTokenizer(CHARS, special_tokens=(*DEFAULT_SPECIAL_TOKENS, "<image>"))
 
 
-def tiny_vlm(seed=0):
-    """3x3 patches of 8 pixels and a class token: 10 image tokens; random weights with adapters that matter,
-    merged as `load_vlm` merges them (so the language model is plain, and the native kernels run it)."""
+def tiny_vlm(seed=0, count_tokens=False):
+    """3x3 patches of 8 pixels and a class token: 10 image tokens (22 with a count token per kind of object);
+    random weights with adapters that matter, merged as `load_vlm` merges them (so the language model is
+    plain, and the native kernels run it)."""
     torch.manual_seed(seed)
     language_model = Transformer(
         ModelConfig(
@@ -199,7 +200,7 @@ def tiny_vlm(seed=0):
     ).eval()  # fmt: skip
     config = vlm.VLMConfig(
         base_model=None, image_size=24, patch_size=8, vision_layers=1, vision_d_model=32, projector_hidden=32,
-        lora_rank=4,
+        lora_rank=4, count_tokens=count_tokens,
     )  # fmt: skip
     model = vlm.build_vision_language_model(language_model, VLM_TOKENIZER, config, seed)
     with torch.no_grad():
