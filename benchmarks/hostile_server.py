@@ -1,6 +1,7 @@
 """A hostile-but-fair battery against a live `lmforge serve`: malformed bodies, lone surrogates,
-forged chat turns, bursts beyond the free slots, a full queue, requests needing more sequences
-than the server decodes, and clients that give up. Prints a table and writes JSON.
+forged chat turns, image parts it must not fetch or decode, bursts beyond the free slots, a full queue,
+requests needing more sequences than the server decodes, and clients that give up. Prints a table and
+writes JSON.
 
     python benchmarks/hostile_server.py                      # starts its own server on a tiny model
     python benchmarks/hostile_server.py --url http://127.0.0.1:8000 --api-key secret
@@ -12,14 +13,17 @@ are read from its /health. tests/test_hostile_server.py runs the same cases agai
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import json
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from email.message import Message
 from pathlib import Path
@@ -328,10 +332,43 @@ def still_serving(target: Target) -> str:
     return "ok"
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims `width` x `height` pixels: a decompression bomb's shape, 70 bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0\0")) + chunk(b"IEND", b"")
+
+
+def image_parts_are_refused_without_fetching_or_decoding(target: Target) -> str:
+    """image_url parts the server must not act on: a remote URL (at a cloud metadata address), a bomb's header,
+    a GIF, more images than its limit. Each is a 400 whether the model reads images or not (a text-only one
+    says so first), and the server answers on."""
+
+    def ask(*urls: str) -> tuple[int, dict]:
+        parts = [{"type": "image_url", "image_url": {"url": url}} for url in urls]
+        body = {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "hi"}]}], "max_tokens": 1}
+        return target.json("POST", "/v1/chat/completions", body)
+
+    bomb = "data:image/png;base64," + base64.b64encode(png_claiming(60_000, 60_000)).decode()
+    gif = "data:image/png;base64," + base64.b64encode(b"GIF89a" + bytes(20)).decode()
+    cases = [("http://169.254.169.254/latest/meta-data/",), (bomb,), (gif,), (bomb,) * 64]
+    for urls in cases:
+        start = time.monotonic()
+        status, reply = ask(*urls)
+        assert status == 400 and reply["error"]["message"], (urls[0][:60], len(urls), status, reply)
+        assert time.monotonic() - start < 5, f"{urls[0][:40]}: {time.monotonic() - start:.1f} s to refuse"
+    assert target.json("GET", "/health")[1]["status"] == "ok"
+    return f"{len(cases)} requests, each a 400: {reply['error']['message'][:60]}..."
+
+
 CASES = [
     malformed_requests_get_4xx,
     lone_surrogates_are_400_naming_the_field,
     forged_chat_turns_stay_text,
+    image_parts_are_refused_without_fetching_or_decoding,
     burst_of_40_streams_all_finish,
     more_sequences_than_slots_is_400,
     concurrent_multi_choice_requests_queue,

@@ -242,6 +242,10 @@ def command_chat(args, extra) -> int:
 
     device = inference_device(args.device)  # a bad or missing device is an error before minutes of loading
     use_threads(args.threads)
+    from lmforge.apps.vlm import is_vlm_folder
+
+    if args.image or is_vlm_folder(args.model):
+        return chat_about_image(args, overrides, device)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, device=device, adapter=args.adapter)
     if args.adapter:
@@ -252,6 +256,34 @@ def command_chat(args, extra) -> int:
     session = ChatSession(model, tokenizer, system_prompt=args.system)
     session.sampling = apply_values(defaults.sampling, overrides)
     print(f"sampling: {describe_sampling(session.sampling)} (defaults: {defaults.source})", file=sys.stderr)
+    chat_loop(session)
+    return 0
+
+
+def chat_about_image(args, overrides: dict, device: str) -> int:
+    """`lmforge chat --image PATH` with a vision-language model folder (`finetune --task vision-chat`)."""
+    from lmforge.apps.vlm import ImageChatSession, is_vlm_folder, load_vlm, open_image
+    from lmforge.config import apply_values
+    from lmforge.inference.chat import chat_loop
+    from lmforge.settings import SamplingConfig, describe_sampling
+
+    if not is_vlm_folder(args.model):
+        raise LmforgeError(
+            f"--image needs a vision-language model folder (from lmforge finetune --task vision-chat); "
+            f"{args.model} is not one"
+        )
+    image = open_image(args.image) if args.image else None  # a bad image is an error before loading
+    if args.adapter:
+        raise LmforgeError("--adapter does not apply to a vision-language model folder (it holds its own)")
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_vlm(args.model, device=device)
+    session = ImageChatSession(model.language_model, tokenizer, system_prompt=args.system)
+    session.vision_model, session.image = model, image
+    # greedy by default: a small model trained on short answers says them best at its most likely
+    session.sampling = apply_values(SamplingConfig(temperature=0.0, max_new_tokens=128), overrides)
+    print(f"sampling: {describe_sampling(session.sampling)}", file=sys.stderr)
+    if image is None:
+        print("(no --image: the questions go without one)", file=sys.stderr)
     chat_loop(session)
     return 0
 
@@ -301,6 +333,21 @@ def command_finetune(args, extra) -> int:
     from lmforge.settings import ClassifyConfig, SFTConfig
 
     values = config_values(args.config, extra)
+    if args.task == "vision-chat":
+        from lmforge.settings import VisionChatConfig
+
+        config = apply_values(VisionChatConfig(), values)  # a bad key is an error before torch loads
+        from lmforge.apps.vlm import train_vision_chat
+
+        result = train_vision_chat(config)
+        encoder = result["encoder"]
+        if encoder:
+            print(
+                f"image encoder: digit accuracy {encoder['digit_accuracy']:.3f}, "
+                f"scene-cell accuracy {encoder['cell_accuracy']:.3f} (training images)"
+            )
+        print(f"wrote {result['written']} (lmforge chat {result['written']} --image PATH)")
+        return 0
     config = apply_values(ClassifyConfig() if args.task == "classify" else SFTConfig(), values)
     if args.task == "classify":
         from lmforge.finetune.classify import finetune_classifier
@@ -336,6 +383,8 @@ def command_explain(args, extra) -> int:
         print(f"attributions: {summary['terminal'] if sys.stdout.isatty() else summary['plain']}")
         print(f"wrote {summary['files']['html']}")
         return 0
+    if args.image:
+        return explain_with_image(args)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tokenizer = load(args.model, keep_quantized=False)  # fp32: attributions need gradients
     summary = explain(
@@ -423,6 +472,31 @@ def command_imagine(args, extra) -> int:
         trajectory = denoising_trajectory(model, prompts, args.steps, args.guidance, args.seed)
         written = save_trajectory(trajectory, args.trajectory)
         print(f"wrote {len(written) - 1} denoising steps and strip.png to {args.trajectory}")
+    return 0
+
+
+def explain_with_image(args) -> int:
+    """`explain --image`: where a vision-language model looks in the image while it answers --prompt."""
+    from lmforge.apps.vlm import is_vlm_folder, load_vlm, open_image
+    from lmforge.evaluation.interpret import explain_image
+
+    if not is_vlm_folder(args.model):
+        raise LmforgeError(
+            f"--image needs a vision-language model folder (from `lmforge finetune --task vision-chat`) as --model; "
+            f"{args.model!r} is not one"
+        )
+    if args.max_new_tokens < 1:
+        raise LmforgeError(f"--max-new-tokens is {args.max_new_tokens}; explain needs at least 1 answer token")
+    image = open_image(args.image)  # a bad image is an error before loading
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
+    model, tokenizer = load_vlm(args.model)
+    summary = explain_image(model, tokenizer, image, args.prompt, args.out, max_new_tokens=args.max_new_tokens)
+    print(f"answer: {summary['answer']!r}")
+    shares = ", ".join(
+        f"{token!r} {share:.0%}" for token, share in zip(summary["answer_tokens"], summary["image_attention_share"])
+    )
+    print(f"attention on the image, per answer token: {shares}")
+    print(f"wrote {summary['files']['png']} and {Path(args.out) / 'explain.json'}")
     return 0
 
 
@@ -659,6 +733,11 @@ def generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "--checkpoint", dest="model", required=True, help=MODEL_HELP)
     parser.add_argument("--prompt", help="text to continue")
     parser.add_argument("--adapter", help=ADAPTER_HELP)
+    parser.add_argument(
+        "--image",
+        help="an image (PNG, JPEG...) to talk about; needs a vision-language model folder as the model "
+        "(from lmforge finetune --task vision-chat)",
+    )
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--config", help="YAML or JSON sampling config")
@@ -720,6 +799,11 @@ def chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP + " (may be given bare: chat MODEL)")
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--adapter", help=ADAPTER_HELP)
+    parser.add_argument(
+        "--image",
+        help="an image (PNG, JPEG...) to talk about; needs a vision-language model folder as the model "
+        "(from lmforge finetune --task vision-chat)",
+    )
     parser.add_argument("--threads", type=int, help=THREADS_HELP)
     parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
     parser.add_argument("--config", help="YAML or JSON sampling config")
@@ -742,22 +826,32 @@ def export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    from lmforge.settings import ClassifyConfig, SFTConfig
+    from lmforge.settings import ClassifyConfig, SFTConfig, VisionChatConfig
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = (
         "classify: a labelled CSV/TSV/JSONL/Parquet table (text, label) → a classifier folder with "
         "metrics.json (accuracy, macro-F1) and confusion_matrix.png.\n"
         'sft: chat JSONL ({"messages": [...]} a line) → LoRA adapter (out/adapter) and/or full model '
-        "(out/model); loss on assistant tokens only, short chats packed into rows.\n\n"
+        "(out/model); loss on assistant tokens only, short chats packed into rows.\n"
+        "vision-chat: a LLaVA-style model (ViT → projector → image tokens in the chat model's input) on generated\n"
+        "digit and shape-scene chats → out/vlm, for `lmforge chat out/vlm --image PATH`.\n\n"
         "  lmforge finetune --task classify --data reviews.csv --model all-minilm-l6-v2 --out runs/sentiment\n"
-        "  lmforge finetune --task sft --data chats.jsonl --model smollm2-135m-instruct --out runs/sft"
+        "  lmforge finetune --task sft --data chats.jsonl --model smollm2-135m-instruct --out runs/sft\n"
+        "  lmforge finetune --task vision-chat --out runs/vision-chat"
     )
-    parser.epilog = (
-        config_help(ClassifyConfig(), "--task classify keys") + "\n\n" + config_help(SFTConfig(), "--task sft keys")
+    parser.epilog = "\n\n".join(
+        [
+            config_help(ClassifyConfig(), "--task classify keys"),
+            config_help(SFTConfig(), "--task sft keys"),
+            config_help(VisionChatConfig(), "--task vision-chat keys"),
+        ]
     )
     parser.add_argument(
-        "--task", choices=("classify", "sft"), required=True, help="classify: a text classifier; sft: a chat model"
+        "--task",
+        choices=("classify", "sft", "vision-chat"),
+        required=True,
+        help="classify: a text classifier; sft: a chat model; vision-chat: a chat model that sees images",
     )
     parser.add_argument("--config", help="YAML or JSON file of the keys below")
 
@@ -768,11 +862,20 @@ def explain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Writes OUT/attention/attention_layer_NN.png (every head of every layer), OUT/logit_lens.png, "
         "OUT/explain.html (one self-contained page: hover a token to see where each head attends) and "
-        "OUT/explain.json."
+        "OUT/explain.json. With --image and a vision-language model folder as --model: its answer to --prompt, "
+        "OUT/image_attention.png (the attention of each answer token over the image's patches) and OUT/explain.json."
     )
     parser.add_argument("--model", default=DEFAULT_CHAT_MODEL, help=MODEL_HELP)
-    parser.add_argument("--prompt", required=True, help="the text (with --classifier: the text to label)")
+    parser.add_argument(
+        "--prompt", required=True, help="the text (with --classifier: the text to label; with --image: the question)"
+    )
     parser.add_argument("--classifier", help="a folder from `finetune --task classify`: explain its label")
+    parser.add_argument(
+        "--image",
+        help="an image (PNG/JPEG) for a vision-language model (--model FOLDER from finetune --task vision-chat): "
+        "OUT/image_attention.png shows where its answer to --prompt looks",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="with --image: the longest answer explained")
     parser.add_argument("--out", default="explain", help="folder for the PNGs, HTML and JSON")
     parser.add_argument("--top-k", type=int, default=5, help="predictions per layer in the logit lens")
     parser.add_argument(
@@ -956,7 +1059,8 @@ VERBS: dict[str, Verb] = {
     "finetune": Verb(
         command_finetune,
         finetune_arguments,
-        "fine-tune: a text classifier (--task classify) or a chat model on conversations (--task sft)",
+        "fine-tune: a text classifier (--task classify), a chat model on conversations (--task sft) or on images "
+        "(--task vision-chat)",
         takes_overrides=True,
     ),
     "explain": Verb(

@@ -523,13 +523,15 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         slots: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for `tokens` (B, T), and the mean cross-entropy if `targets` are given.
 
         With a cache, `tokens` continue what it holds: at `cache.length`, or at each row's own
         start `positions` (B,) in cache rows `slots` (B,). Targets equal to -100 are ignored.
+        `embeddings` (B, T, d_model), if given, stand in for the token embeddings (see `hidden_states`).
         """
-        logits = self.logits(self.hidden_states(tokens, cache, positions, slots, document_ids))
+        logits = self.logits(self.hidden_states(tokens, cache, positions, slots, document_ids, embeddings))
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -559,13 +561,16 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         slots: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        embeddings: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm outputs (B, T, d_model): what the LM head reads (an engine applies it to last positions only).
 
         `document_ids` (B, T) marks packed training rows: a token attends only to earlier tokens of
-        its own document, and positions count from 0 at each document's start.
+        its own document, and positions count from 0 at each document's start. `embeddings`
+        (B, T, d_model) replace `self.embed(tokens)` as the first layer's input (a vision-language
+        model puts image features at some positions, LLaVA-style); `tokens` may then be None.
         """
-        batch, length = tokens.shape
+        batch, length = (tokens if embeddings is None else embeddings).shape[:2]
         start = cache.length if cache is not None and positions is None else 0
         mask = None
         if document_ids is not None:
@@ -577,7 +582,7 @@ class Transformer(nn.Module):
             where = slice(start, start + length)
             positions_seen = start + length
         else:
-            where = positions[:, None] + torch.arange(length, device=tokens.device)
+            where = positions[:, None] + torch.arange(length, device=positions.device)
             if cache is not None and cache.static:  # the caller checks positions (see KVCache)
                 positions_seen = cache.max_length
             else:
@@ -586,7 +591,7 @@ class Transformer(nn.Module):
                     raise ValueError(f"position {positions_seen - 1} exceeds block_size={self.config.block_size}")
         if cache is not None:
             cache.begin(batch, length, positions, slots)
-        x = self.embed(tokens)
+        x = self.embed(tokens) if embeddings is None else embeddings
         rope = local_rope = None
         if self.config.positions == "learned":
             x = x + self.position_embedding.weight[where]
@@ -599,7 +604,7 @@ class Transformer(nn.Module):
         sliding_mask = mask
         window = self.config.sliding_window
         if cache is None and window is not None and length > window:
-            band = visible_keys(torch.arange(length, device=tokens.device), length, window)
+            band = visible_keys(torch.arange(length, device=x.device), length, window)
             sliding_mask = band if mask is None else mask & band
         x = F.dropout(x, self.config.dropout, self.training)
         for layer, block in enumerate(self.blocks):

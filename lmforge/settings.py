@@ -524,6 +524,33 @@ class SFTConfig:
     device: str = "cpu"  # cpu | auto | cuda | cuda:N (under torchrun: cuda is each process's LOCAL_RANK GPU)
 
 
+@dataclass
+class VisionChatConfig:
+    """`lmforge finetune --task vision-chat`: a LLaVA-style model (`lmforge.apps.vlm`) on the generated
+    digit and shape-scene chats (`lmforge.apps.scenes`). The image encoder is trained first on the
+    images' labels; then the projector and LoRA adapters train on the chats, the base frozen."""
+
+    model: str = "smollm2-135m-instruct"  # the language model
+    out: str = "runs/vision-chat"
+    train_chats: int = 600  # generated chats, a third each of digit, count and describe questions
+    validation_chats: int = 60  # from the held-out images; their loss is logged each epoch
+    epochs: int = 1
+    batch_size: int = 8
+    learning_rate: float = 1e-3  # projector and adapters
+    warmup_steps: int | None = None  # unset: a tenth of the optimizer steps, at most 100
+    clip_grad_norm: float = 1.0
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = field(default=("qkv", "out", "up", "down"))
+    encoder_images: int = 1500  # generated scenes (beside the digits' training split) the encoder learns from
+    encoder_epochs: int = 12
+    text_only: bool = False  # the baseline that cannot see: the same chats with the image left out
+    seed: int = 0
+    overwrite: bool = False  # `out` holds a run: move it into out/previous-<date>-<time>/ first
+    resume: bool = False  # continue the run in `out` from its training state (written as below and on Ctrl-C)
+    checkpoint_interval: int = 20  # optimizer steps between training states (also at each epoch's end)
+
+
 # --- recommendation ----------------------------------------------------------------------
 
 

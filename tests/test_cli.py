@@ -16,6 +16,7 @@ from lmforge.finetune.sft import SFTConfig
 from lmforge.inference.chat import ChatSession
 from lmforge.inference.generate import SamplingConfig
 from lmforge.serve import ServeConfig
+from lmforge.settings import VisionChatConfig
 from lmforge.training.pretrain import train_config_from
 
 from .conftest import skip_without_smollm2
@@ -141,6 +142,7 @@ def values_by_option(config, prefix: str = "") -> dict:
         ("train-image", "--model diffusion keys", DiffusionConfig),
         ("finetune", "--task classify keys", ClassifyConfig),
         ("finetune", "--task sft keys", SFTConfig),
+        ("finetune", "--task vision-chat keys", VisionChatConfig),
     ],
 )
 def test_help_shows_the_defaults_each_verb_uses(verb, title, used, capsys):

@@ -63,6 +63,25 @@ def test_forward_shapes_and_loss(make_config):
     assert abs(loss.item() - math.log(97)) < 0.3
 
 
+@pytest.mark.parametrize("make_config", [gpt2_small, llama_small, every_switch])
+def test_given_embeddings_stand_in_for_the_tokens(make_config):
+    """`embeddings=model.embed(tokens)` gives the tokens' own logits, with and without a cache; other
+    embeddings change them (a vision-language model's image tokens go in this way)."""
+    torch.manual_seed(0)
+    model = Transformer(make_config()).eval()
+    tokens = torch.randint(0, 97, (2, 12))
+    embeddings = model.embed(tokens)
+    assert torch.equal(model(tokens, embeddings=embeddings)[0], model(tokens)[0])
+    assert torch.equal(model(None, embeddings=embeddings)[0], model(tokens)[0])
+    cache = KVCache(model.config, batch_size=2)
+    cached = model(tokens[:, :8], cache=cache, embeddings=embeddings[:, :8])[0]
+    torch.testing.assert_close(torch.cat([cached, model(tokens[:, 8:], cache=cache)[0]], 1), model(tokens)[0])
+    changed = embeddings.clone()
+    changed[:, 3] += 1.0
+    assert not torch.allclose(model(tokens, embeddings=changed)[0][:, 3:], model(tokens)[0][:, 3:])
+    torch.testing.assert_close(model(tokens, embeddings=changed)[0][:, :3], model(tokens)[0][:, :3])
+
+
 @pytest.mark.parametrize("make_config", [gpt2_small, llama_small, every_switch, sliding_llama])
 def test_cached_decoding_matches_full_forward(make_config):
     """Aligned prefill in pieces, then one token at a time (past the sliding window, where there is one)."""

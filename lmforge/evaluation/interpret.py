@@ -532,3 +532,127 @@ def explain_classification(classifier, text: str, out: str | Path) -> dict:
     summary["terminal"] = attributions_terminal([f"{t} " for t in labels], scores)
     summary["plain"] = attributions_plain(labels, scores)
     return summary
+
+
+# --- images: where a vision-language model's answer looks -----------------------------------
+
+
+@torch.no_grad()
+def image_attention(
+    model: Transformer, tokens: torch.Tensor, embeddings: torch.Tensor, queries: list[int], image_positions: list[int]
+) -> torch.Tensor:
+    """(queries, image tokens): the attention each query position of one sequence pays each image token,
+    averaged over every layer and head. `embeddings` (1, T, d_model) are the sequence's input (image features at
+    the image tokens), `tokens` (T,) its ids."""
+    with recording_attention(model) as records:
+        model.hidden_states(tokens[None], embeddings=embeddings)
+    maps = torch.stack([record[-1][0] for record in records]).float()  # (layers, heads, T, T)
+    return maps.mean((0, 1))[queries][:, image_positions]
+
+
+def save_image_attention_png(image, grids: torch.Tensor, titles: list[str], path: str | Path) -> Path:
+    """`image` (a Pillow image, drawn grey) under each of `grids` (N, rows, columns) as a heatmap stretched over
+    it, one panel per grid, titled by `titles`; each grid's colours span its own range."""
+    import numpy as np
+
+    plt = _matplotlib()
+    count = len(grids)
+    columns = min(count, 4)
+    rows = -(-count // columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(3.0 * columns, 3.3 * rows), squeeze=False, layout="constrained"
+    )  # constrained: tight_layout let a row's titles run over the row above
+    pixels = np.asarray(image.convert("L"))  # grey, so that the heatmap's colours read as attention alone
+    height, width = pixels.shape[:2]
+    for index in range(rows * columns):
+        axis = axes[index // columns][index % columns]
+        axis.axis("off")
+        if index >= count:
+            continue
+        axis.imshow(pixels, cmap="gray", vmin=0, vmax=255, extent=(0, width, height, 0), interpolation="nearest")
+        axis.imshow(grids[index].numpy(), cmap="inferno", alpha=0.6, extent=(0, width, height, 0))
+        axis.set_title(titles[index], fontsize=8)
+    title = "attention from the answer's tokens to the image's patches (mean of all layers and heads)"
+    figure.suptitle(title, fontsize=9)
+    path = Path(path)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def explain_image(
+    model,
+    tokenizer: Tokenizer,
+    image,
+    prompt: str,
+    out: str | Path,
+    max_new_tokens: int = 24,
+) -> dict:
+    """Where a vision-language model (`lmforge.apps.vlm.VisionLanguageModel`) looks while it answers `prompt`
+    about `image` (a Pillow image): its greedy answer, then for each answer token the attention from the
+    position that chose it to each image token, averaged over every layer and head. Writes
+    OUT/image_attention.png (the image under a heatmap of its patches: the whole answer, then token by token)
+    and OUT/explain.json."""
+    from lmforge.apps.vlm import vision_prompt_ids
+    from lmforge.inference.generate import SamplingConfig, generate_tokens
+    from lmforge.tokenizer import stop_token_ids
+
+    language_model = model.language_model
+    # an image's tokens (`VisionLanguageModel`): the class token, the patches row by row, then any others (the
+    # count tokens, one per kind of object), which have no place in the image
+    side = model.config.image_size // model.config.patch_size
+    patch_tokens = slice(1, 1 + side * side)
+    if model.tokens_per_image < 1 + side * side:
+        raise LmforgeError(f"{model.tokens_per_image} image tokens hold no class token and {side}x{side} patches")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    ids, _ = vision_prompt_ids(model, tokenizer, messages)
+    pixels = model.preprocess_image(image)[None]
+    model.eval()
+    with torch.no_grad():
+        prompt_embeddings = model.input_embeddings(torch.tensor([ids]), pixels)
+    sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
+    stops = set(stop_token_ids(tokenizer))
+    answer = []
+    generated = generate_tokens(language_model, ids, sampling, tokenizer=tokenizer, prompt_embeddings=prompt_embeddings)
+    for token in generated:
+        if token in stops:
+            break
+        answer.append(token)
+    if not answer:
+        raise LmforgeError(f"the model answered {prompt!r} with nothing (an end-of-turn at once): no tokens to explain")
+    tokens = torch.tensor(ids + answer)
+    with torch.no_grad():
+        embeddings = model.input_embeddings(tokens[None], pixels)
+    # The position before each answer token is where it was chosen (its logits came from there).
+    queries = [len(ids) - 1 + index for index in range(len(answer))]
+    image_positions = [position for position, token in enumerate(ids) if token == model.image_token_id]
+    weights = image_attention(language_model, tokens, embeddings, queries, image_positions)  # (answer, image)
+    patches = weights[:, patch_tokens].reshape(len(answer), side, side)
+    labels = token_strings(tokenizer, answer)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shown = 11  # panels after the whole answer's
+    grids = torch.cat([patches.mean(0, keepdim=True), patches[:shown]])
+    titles = [f"the answer: {tokenizer.decode(answer)[:28]!r}"]
+    titles += [f"{label!r}: {float(share):.0%} on the image" for label, share in zip(labels, weights.sum(1))]
+    png = save_image_attention_png(image, grids, titles[: len(grids)], out / "image_attention.png")
+    summary = {
+        "prompt": prompt,
+        "answer": tokenizer.decode(answer),
+        "answer_tokens": labels,
+        "answer_ids": answer,
+        "image_tokens": {
+            "positions": image_positions,
+            "class_token": 0,
+            "patch_tokens": [patch_tokens.start, patch_tokens.stop],
+            "patch_grid": [side, side],
+        },
+        # per answer token: the attention (mean of layers and heads) its choosing position paid the image
+        "image_attention_share": weights.sum(1).tolist(),
+        "class_token_attention": weights[:, 0].tolist(),
+        "patch_attention": patches.tolist(),
+        "other_image_token_attention": weights[:, patch_tokens.stop :].tolist(),  # count tokens, if any
+        "files": {"png": str(png)},
+    }
+    (out / "explain.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return summary

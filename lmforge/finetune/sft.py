@@ -10,6 +10,7 @@ trains every weight), trained with `fit`, saved as an adapter folder and/or a fu
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,13 +56,18 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     return conversations
 
 
-def tokenize_conversation(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
+def tokenize_conversation(
+    tokenizer: Tokenizer, messages: list[dict], encode_pieces: Callable[[list], list[int]] | None = None
+) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether an assistant turn wrote it.
 
     Each assistant turn is found by rendering the conversation up to it twice: with the
     generation prompt (what the model sees before answering) and with the turn itself; the
     difference (its text and end-of-turn marker) is what the model must learn to produce.
+    `encode_pieces` turns (text, is_markup) pieces into ids (default `tokenizer.encode_marked`; a
+    vision-language model's also places its image tokens).
     """
+    encode_pieces = encode_pieces or tokenizer.encode_marked
 
     ids: list[int] = []
     is_assistant: list[bool] = []
@@ -74,7 +80,7 @@ def tokenize_conversation(tokenizer: Tokenizer, messages: list[dict]) -> tuple[l
             if offset + len(text) > start:
                 tail.append((text[max(0, start - offset) :], is_markup))
             offset += len(text)
-        encoded = tokenizer.encode_marked(tail)
+        encoded = encode_pieces(tail)
         ids.extend(encoded)
         is_assistant.extend([assistant] * len(encoded))
 

@@ -505,14 +505,17 @@ def next_token_logits(
     positions: torch.Tensor | None = None,
     slots: torch.Tensor | None = None,
     last: torch.Tensor | None = None,
+    embeddings: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits (B, vocab) at each row's last position (or at index `last` per row), running the
-    LM head on those positions only: during prefill it would otherwise be the biggest matmul."""
-    if tokens.shape[1] == 1 and cache is not None and last is None:
+    LM head on those positions only: during prefill it would otherwise be the biggest matmul.
+    `embeddings` (B, T, d_model), if given, are the model's input in place of the tokens' own
+    (a prompt with image features, `lmforge.apps.vlm`); they always go through the model's forward."""
+    if tokens.shape[1] == 1 and cache is not None and last is None and embeddings is None:
         if supports(model):
             return decode_step(model, tokens, cache, positions, slots)
         return torch_decode_step(model, tokens, cache, positions, slots)
-    if cache is not None and last is None and not cache.static:
+    if cache is not None and last is None and not cache.static and embeddings is None:
         batch, length = tokens.shape
         starts = [cache.length] * batch if positions is None else positions.tolist()
         rows = list(range(batch)) if slots is None else slots.tolist()
@@ -526,9 +529,11 @@ def next_token_logits(
         # A long prompt goes through in chunks: the cache carries the context between them, and each
         # pass's activations (and dequantised weights) stay a chunk's size, not the prompt's.
         while tokens.shape[1] > PREFILL_CHUNK:
-            model.hidden_states(tokens[:, :PREFILL_CHUNK], cache)
+            chunk = None if embeddings is None else embeddings[:, :PREFILL_CHUNK]
+            model.hidden_states(tokens[:, :PREFILL_CHUNK], cache, embeddings=chunk)
             tokens = tokens[:, PREFILL_CHUNK:]
-    hidden = model.hidden_states(tokens, cache, positions, slots)
+            embeddings = None if embeddings is None else embeddings[:, PREFILL_CHUNK:]
+    hidden = model.hidden_states(tokens, cache, positions, slots, embeddings=embeddings)
     if last is None:
         hidden = hidden[:, -1]
     else:
@@ -542,16 +547,21 @@ def prefill(
     cache: KVCache,
     slots: torch.Tensor | None = None,
     starts: list[int] | None = None,
+    embeddings: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Run several prompts in one pass, each into its cache row (`slots`, default 0..B-1) from
     position `starts[row]` (default 0: a row with a start continues the entries its cache row
-    already holds, a cached prefix); logits (B, vocab) at each prompt's last token.
+    already holds, a cached prefix); logits (B, vocab) at each prompt's last token. `embeddings`:
+    per prompt, None or its input embeddings (len(prompt), d_model) in place of its tokens' own
+    (a prompt with image tokens, `lmforge.apps.vlm`).
 
     The batch is right-padded to the longest prompt. A row's padding writes cache entries past
     its length, which its own later tokens overwrite before any query can see them.
     """
     starts = starts or [0] * len(prompts)
-    if not cache.static:
+    # The native rows read token embeddings only: prompts with image features go through the forward.
+    has_embeddings = embeddings is not None and any(e is not None for e in embeddings)
+    if not cache.static and not has_embeddings:
         rows = list(range(len(prompts))) if slots is None else slots.tolist()
         logits = native_prefill(model, prompts, cache, starts, rows)
         if logits is not None:
@@ -562,7 +572,15 @@ def prefill(
     for row, prompt in enumerate(prompts):
         padded[row, : len(prompt)] = torch.tensor(prompt)
     positions = torch.tensor(starts, dtype=torch.long, device=device)
-    return next_token_logits(model, padded, cache, positions=positions, slots=slots, last=lengths - 1)
+    inputs = None
+    if has_embeddings:
+        inputs = model.embed(padded)
+        for row, given in enumerate(embeddings):
+            if given is not None:
+                inputs[row, : len(prompts[row])] = given.to(inputs.dtype)
+    return next_token_logits(
+        model, padded, cache, positions=positions, slots=slots, last=lengths - 1, embeddings=inputs
+    )
 
 
 def _static_decode(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache):

@@ -140,6 +140,7 @@ def generate_tokens(
     use_cache: bool = True,
     compile: bool = False,
     tokenizer: Tokenizer | None = None,
+    prompt_embeddings: torch.Tensor | None = None,
 ) -> Iterator[int]:
     """Yield new token ids one at a time (batch of one), stopping after max_new_tokens.
 
@@ -149,8 +150,13 @@ def generate_tokens(
     step (`engine.compiled_decode_step`; the first call compiles, tens of seconds) instead of
     the native kernels, falling back to them where compilation is unavailable. With a json_schema or
     grammar in `sampling` (which needs `tokenizer`), each token is one the grammar allows, and the tokens
-    end once the output is complete.
+    end once the output is complete. `prompt_embeddings` (1, len(prompt_ids), d_model) are the prompt's
+    input in place of its tokens' embeddings (image features among them, `lmforge.apps.vlm`): the prefill
+    runs on them, the decoding steps after it on the new tokens as usual; since they cannot be recomputed
+    from the tokens, generation ends where the context would fill the block instead of sliding on.
     """
+    if prompt_embeddings is not None and prompt_embeddings.shape[1] != len(prompt_ids):
+        raise ValueError(f"{prompt_embeddings.shape[1]} prompt embeddings for {len(prompt_ids)} prompt tokens")
     matcher = (matchers_for(sampling, tokenizer, 1) or [None])[0]
     device = next(model.parameters()).device
     masks = TokenMasks(device)
@@ -171,8 +177,15 @@ def generate_tokens(
             model.config, 1, capacity, device=device, dtype=next(model.parameters()).dtype, static=compiled is not None
         )
     pending = tokens[-block_size:]  # what the model has not seen yet
+    embeddings = prompt_embeddings  # the prompt's input while it is pending (None: the tokens' own)
+    if embeddings is not None and len(tokens) > block_size:
+        raise ValueError(f"prompt of {len(tokens)} tokens with embeddings exceeds block_size={block_size}")
     for _ in range(sampling.max_new_tokens):
+        if embeddings is not None and not use_cache and len(tokens) > block_size:
+            return
         if cache is not None and cache.length + len(pending) > cache.max_length:
+            if prompt_embeddings is not None:
+                return
             cache.reset()
             pending = tokens[-block_size:]
         inputs = torch.tensor([pending if cache is not None else tokens[-block_size:]], device=device)
@@ -181,8 +194,13 @@ def generate_tokens(
             position = torch.tensor([cache.length], device=device)
             logits = compiled(model, inputs, position, cache)
             cache.length += 1
+        elif embeddings is not None and cache is None:  # no cache: the whole sequence every step
+            new_tokens = torch.tensor([tokens[len(prompt_ids) :]], dtype=torch.long, device=device)
+            x = torch.cat([embeddings, model.embed(new_tokens)], dim=1)
+            logits = next_token_logits(model, inputs, None, embeddings=x)
         else:
-            logits = next_token_logits(model, inputs, cache)
+            logits = next_token_logits(model, inputs, cache, embeddings=embeddings)
+            embeddings = None
         logits = masks.apply(_adjust_logits(logits, [tokens], sampling))
         token = int(pick_next_token(logits, sampling, generator)[0])
         tokens.append(token)
@@ -333,15 +351,19 @@ def generate(
     stop_token_ids: set[int] | None = None,
     draft: Transformer | None = None,
     draft_tokens: int = 4,
+    prompt_embeddings: torch.Tensor | None = None,
 ) -> Iterator[str]:
     """Stream the completion of `prompt` (plain text, or token ids such as `encode_chat` gives) as
     text pieces, honouring stop strings and end-of-text (and any of `stop_token_ids`). With a `draft`
     model (same tokenizer), decoding is speculative (`lmforge.inference.speculative`): greedy only, the same
-    text, faster when the draft is much cheaper."""
+    text, faster when the draft is much cheaper. `prompt_embeddings`: the prompt ids' input embeddings
+    (with image features, `lmforge.apps.vlm.generate_with_images`), as `generate_tokens` takes them."""
     sampling = sampling or SamplingConfig()
     check_logit_bias(sampling.logit_bias, model.config.vocab_size)
     if draft is not None:
         check_greedy_for_draft(sampling)
+        if prompt_embeddings is not None:
+            raise LmforgeError("speculative decoding does not take prompt embeddings (images)")
     prompt_ids = tokenizer.with_document_marks(tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
     if not prompt_ids and tokenizer.bos_id is not None:
         prompt_ids = [tokenizer.bos_id]
@@ -352,7 +374,8 @@ def generate(
         stop_ids |= model_stop_ids(tokenizer)  # where the grammar may end, it lets any of them end the text
     stream = TextStream(tokenizer, sampling.stop)
     if draft is None:
-        tokens = generate_tokens(model, prompt_ids, sampling, tokenizer=tokenizer)
+        with_embeddings = {} if prompt_embeddings is None else {"prompt_embeddings": prompt_embeddings}
+        tokens = generate_tokens(model, prompt_ids, sampling, tokenizer=tokenizer, **with_embeddings)
     else:
         from lmforge.inference.speculative import speculative_generate
 

@@ -33,6 +33,10 @@ class ServeConfig:
     max_prompt_tokens_per_request: int = 16384  # over all of a request's prompts x n
     max_embedding_tokens_per_request: int = 16384  # over all of an embeddings request's inputs
     allow_special_tokens_in_prompts: bool = False  # let /v1/completions prompts write special tokens as text
+    # chat requests' image_url parts (a vision-language model's): each image's file, their count, their size
+    max_image_bytes: int = 700_000  # its base64 (4/3 of it) fits in the default max_body_bytes
+    max_images_per_request: int = 4
+    max_image_side_pixels: int = 2048
     cors_origins: list[str] = field(default_factory=list)  # comma-separated on the command line
     drain_seconds: float = 10.0  # on SIGTERM, how long requests may go on; then each ends with finish_reason "length"
     threads: int | None = None  # default: $LMFORGE_THREADS, else chosen per decoding step from measured speed
@@ -44,13 +48,31 @@ class ServeConfig:
 def build_app(config: ServeConfig):
     """The FastAPI app for `config` (model loaded, scheduler ready to start with the app)."""
     from lmforge.apps.encoder import SentenceEmbedder
-    from lmforge.formats.loading import load, sampling_defaults
+    from lmforge.apps.vlm import is_vlm_folder, load_vlm
+    from lmforge.formats.loading import SamplingDefaults, load, sampling_defaults
     from lmforge.serve.app import ServedModels, ServeLimits, create_app
+    from lmforge.serve.images import ImageLimits
     from lmforge.serve.scheduler import Scheduler
+    from lmforge.settings import SamplingConfig
 
     if config.max_batch < 1 or config.max_context < 2 or config.max_queue < 1 or config.drain_seconds < 0:
         raise LmforgeError("max_batch and max_queue must be >= 1, max_context >= 2, drain_seconds >= 0")
-    model, tokenizer = load(config.model, keep_quantized=config.keep_quantized, adapter=config.adapter)
+    if min(config.max_image_bytes, config.max_images_per_request, config.max_image_side_pixels) < 1:
+        raise LmforgeError("max_image_bytes, max_images_per_request and max_image_side_pixels must be >= 1")
+    vision = None
+    if is_vlm_folder(config.model):  # chat takes image_url parts
+        if config.adapter:
+            raise LmforgeError(f"{config.model} is a vision-language model folder; its adapter is in it (no --adapter)")
+        vision, tokenizer = load_vlm(config.model)
+        model = vision.language_model
+        # as `lmforge chat --image` answers: a small model trained on short answers says them best greedily (a
+        # chat model's repetition penalty would also count the question's and the image's tokens against it)
+        defaults = SamplingDefaults(
+            SamplingConfig(temperature=0.0, max_new_tokens=128), "lmforge's default for vision-language models"
+        )
+    else:
+        model, tokenizer = load(config.model, keep_quantized=config.keep_quantized, adapter=config.adapter)
+        defaults = sampling_defaults(config.model, tokenizer)
     if config.adapter:
         from lmforge.finetune.lora import describe_adapter
 
@@ -62,6 +84,7 @@ def build_app(config: ServeConfig):
         max_context=config.max_context,
         max_queue=config.max_queue,
         prefix_cache=not config.no_prefix_cache,
+        vision=vision,
     )
     embedder = None
     if config.embedding_model.lower() != "none":
@@ -74,7 +97,7 @@ def build_app(config: ServeConfig):
         scheduler=scheduler,
         embedding_name=config.embedding_model if embedder else None,
         embedder=embedder,
-        sampling_defaults=sampling_defaults(config.model, tokenizer),
+        sampling_defaults=defaults,
     )
     limits = ServeLimits(
         max_tokens=config.max_tokens,
@@ -84,6 +107,7 @@ def build_app(config: ServeConfig):
         max_prompt_tokens_per_request=config.max_prompt_tokens_per_request,
         max_embedding_tokens_per_request=config.max_embedding_tokens_per_request,
         allow_special_tokens_in_prompts=config.allow_special_tokens_in_prompts,
+        images=ImageLimits(config.max_image_bytes, config.max_images_per_request, config.max_image_side_pixels),
     )
     return create_app(served, limits, drain_seconds=config.drain_seconds)
 

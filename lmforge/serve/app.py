@@ -15,10 +15,11 @@ import json
 import struct
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, PlainTextResponse, StreamingResponse
@@ -30,6 +31,7 @@ from lmforge.inference.chat import chat_stop_strings, chat_template, encode_chat
 from lmforge.inference.generate import SamplingConfig, TokenScore, check_logit_bias
 from lmforge.inference.tools import ToolCallReader, call_format, call_grammar, parse_reply
 from lmforge.serve.errors import APIError, error_body, use_openai_errors
+from lmforge.serve.images import ImageError, ImageLimits, request_images
 from lmforge.serve.scheduler import GenerationRequest, QueueFull, Scheduler
 from lmforge.serve.schemas import (
     ChatChoice,
@@ -76,6 +78,7 @@ class ServeLimits:
     max_embedding_tokens_per_request: int = 16384  # tokens over all inputs, after the model's truncation
     allow_special_tokens_in_prompts: bool = False  # /v1/completions: may "<|im_start|>" in a prompt be the token?
     retry_after_seconds: int = 1  # what a 429 (queue full) tells the client to wait
+    images: ImageLimits = field(default_factory=ImageLimits)  # chat requests' image_url parts
 
 
 DISCONNECT_POLL_SECONDS = 0.25  # how often a non-streaming request checks that its client is still there
@@ -374,6 +377,38 @@ class ServerState:
                 param="prompt",
             )
 
+    async def chat_images(self, body: ChatCompletionRequest, name: str) -> torch.Tensor | None:
+        """A chat request's images, each checked against the limits, as the vision-language model's input
+        (N, C, H, W); None without images, and a 400 when it has some and the served model cannot read them."""
+        if not any(message.has_images() for message in body.messages):
+            return None
+        if self.scheduler.vision is None:
+            raise APIError(
+                400,
+                f"the request has image_url parts, but this server's model {name!r} is a text-only language model "
+                "and cannot read images; serve a vision-language model (a folder from `lmforge finetune --task "
+                "vision-chat`) to send images",
+                param="messages",
+            )
+        vision, limits = self.scheduler.vision, self.limits.images
+
+        def read() -> torch.Tensor:
+            return torch.stack([vision.preprocess_image(image) for image in request_images(body.messages, limits)])
+
+        try:  # off the event loop: decoding an image takes milliseconds
+            return await asyncio.to_thread(read)
+        except ImageError as error:
+            raise APIError(400, str(error), param=error.field) from None
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None) -> list[int]:
+        """A chat's prompt ids; a vision-language model's with each image part's run of image tokens (and its
+        default system prompt where the chat has none, as it was trained and `lmforge chat` runs it)."""
+        if self.scheduler.vision is None:
+            return encode_chat(self.tokenizer, messages, True, tools)
+        from lmforge.apps.vlm import vision_prompt_ids
+
+        return vision_prompt_ids(self.scheduler.vision, self.tokenizer, messages, True, tools)[0]
+
     def encode_prompt(self, prompt: str) -> list[int]:
         if self.limits.allow_special_tokens_in_prompts:
             ids = self.tokenizer.encode_with_special_tokens(prompt)
@@ -382,11 +417,16 @@ class ServerState:
         return self.tokenizer.with_document_marks(ids) if ids else ids
 
     async def run(
-        self, prompts: list[tuple[list[int], int]], body, count: int, grammar: str | None = None
+        self,
+        prompts: list[tuple[list[int], int]],
+        body,
+        count: int,
+        grammar: str | None = None,
+        images: torch.Tensor | None = None,
     ) -> Submitted:
         """Submit `count` sequences per (prompt ids, max_tokens), all or none; their events arrive on
         one queue as (index, event), index = prompt number * count + choice. A `grammar` (a forced
-        tool call) constrains every sequence."""
+        tool call) constrains every sequence; `images` (a chat's, `chat_images`) go with every sequence."""
         try:
             check_logit_bias(body.token_bias(), self.vocab_size)
         except LmforgeError as error:
@@ -411,6 +451,7 @@ class ServerState:
                         stop_ids=self.stop_ids,
                         logprobs=body.generated_scores(),
                         prompt_logprobs=body.prompt_scores(),
+                        images=images,
                     )
                 )
         try:
@@ -595,12 +636,18 @@ def tool_use(body: ChatCompletionRequest, template: str) -> ToolUse:
 
 
 def template_messages(messages: list) -> list[dict]:
-    """The request's messages as chat templates take them (OpenAI's "developer" is a system message)."""
+    """The request's messages as chat templates take them (OpenAI's "developer" is a system message); a message
+    with images keeps its parts, each image a `{"type": "image"}` placeholder (the images go alongside)."""
     written = []
     for index, message in enumerate(messages):
         if message.tool_calls and message.role != "assistant":
             raise APIError(400, "only assistant messages carry tool_calls", param=f"messages.{index}.tool_calls")
         content = None if message.content is None and message.tool_calls else message.text()
+        if message.has_images():
+            content = [
+                {"type": "text", "text": part.text} if part.type == "text" else {"type": "image"}
+                for part in message.content
+            ]
         item = {"role": "system" if message.role == "developer" else message.role, "content": content}
         if message.tool_calls:
             item["tool_calls"] = [call.model_dump() for call in message.tool_calls]
@@ -633,15 +680,16 @@ def tool_call_deltas(position: int, call) -> list[Delta]:
 async def chat_completions(body: ChatCompletionRequest, http_request: Request, server: Server):
     start = time.monotonic()
     name = server.check_model(body.model, "chat")
+    images = await server.chat_images(body, name)
     messages = template_messages(body.messages)
     use = tool_use(body, chat_template(server.tokenizer))
     try:  # off the event loop: a model's template may take up to its render limit
-        prompt_ids = await asyncio.to_thread(encode_chat, server.tokenizer, messages, True, use.definitions)
+        prompt_ids = await asyncio.to_thread(server.encode_chat, messages, use.definitions)
     except LmforgeError as error:
         raise APIError(400, str(error), param="tools" if str(error).startswith("tools") else "messages") from None
     server.check_work([prompt_ids], body.n)
     max_tokens = server.budget(prompt_ids, body.max_completion_tokens or body.max_tokens)
-    submitted = await server.run([(prompt_ids, max_tokens)], body, body.n, grammar=use.grammar)
+    submitted = await server.run([(prompt_ids, max_tokens)], body, body.n, grammar=use.grammar, images=images)
     response_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -812,7 +860,7 @@ def model_cards(server: ServerState) -> list[ModelCard]:
         ModelCard(
             id=models.name,
             created=models.created,
-            capabilities=["chat", "completions"],
+            capabilities=["chat", "completions", *(["vision"] if server.scheduler.vision is not None else [])],
             context_tokens=context,
             sampling_defaults=sampling,
         )
@@ -894,6 +942,7 @@ async def health(server: Server):
             "max_tokens": limits.max_tokens,
             "max_prompt_tokens_per_request": limits.max_prompt_tokens_per_request,
             "max_embedding_tokens_per_request": limits.max_embedding_tokens_per_request,
+            **(asdict(limits.images) if scheduler.vision is not None else {}),
         },
     }
 

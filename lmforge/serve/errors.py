@@ -40,11 +40,32 @@ async def api_error(_, error: APIError) -> JSONResponse:
     return error_body(error.status, error.message, error.kind, error.param, error.headers)
 
 
+# pydantic's labels of union branches in an error's location ("str", "list[...]", "tagged-union[...]"): not fields
+UNION_BRANCHES = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def field_path(location) -> str:
+    """An error location as the request's dotted field path (`messages.0.content.1.image_url.url`), without
+    pydantic's union-branch labels or the tag a tagged union's branch is named by."""
+    parts, tag_next = [], False
+    for part in location:
+        if isinstance(part, str) and ("[" in part or part in UNION_BRANCHES):
+            tag_next = "tagged-union[" in part  # the next name (after a list's index) is the branch's tag
+            continue
+        if tag_next and isinstance(part, str):
+            tag_next = False
+            continue
+        parts.append(str(part))
+    return ".".join(parts)
+
+
 def invalid_request_handler(status: int):
     """The handler for a body that is not JSON or does not fit the schema, answering with `status`."""
 
     async def invalid_request(_, error: RequestValidationError) -> JSONResponse:
-        problems = error.errors()
+        # Where a value fits no branch of a union, the branch whose error lies deepest is the one the client
+        # meant (a content list with a bad part, not a content string).
+        problems = sorted(error.errors(), key=lambda problem: -len(field_path(problem.get("loc", ())[1:]).split(".")))
         first = problems[0] if problems else {}
         if first.get("type") == "json_invalid":
             return error_body(
@@ -53,10 +74,10 @@ def invalid_request_handler(status: int):
         field_error = (first.get("ctx") or {}).get("error")
         if isinstance(field_error, FieldError):
             return error_body(status, f"invalid request: {field_error}", "invalid_request_error", field_error.field)
-        location = ".".join(str(part) for part in first.get("loc", ())[1:])
+        location = field_path(first.get("loc", ())[1:])
         unsupported = next((problem for problem in problems if problem.get("type") == "extra_forbidden"), None)
         if unsupported is not None:  # the field policy (schemas._Request): refused, never dropped
-            name = ".".join(str(part) for part in unsupported.get("loc", ())[1:])
+            name = field_path(unsupported.get("loc", ())[1:])
             return error_body(
                 status,
                 f"unsupported field {name!r}: this server does not implement it",
@@ -64,8 +85,7 @@ def invalid_request_handler(status: int):
                 name,
             )
         detail = "; ".join(
-            f"{'.'.join(str(p) for p in problem.get('loc', ())[1:]) or 'body'}: {problem.get('msg')}"
-            for problem in problems[:5]
+            f"{field_path(problem.get('loc', ())[1:]) or 'body'}: {problem.get('msg')}" for problem in problems[:5]
         )
         return error_body(status, f"invalid request: {detail}", "invalid_request_error", location or None)
 

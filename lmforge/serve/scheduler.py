@@ -11,12 +11,14 @@ its prompt (the earlier turns of a chat, a long system prompt) and prefills only
 prefix found in a slot still running is copied into the request's own slot instead. The memory
 is the slots themselves: a request that matches nothing evicts the least recently used free
 slot. Every position is kept (sliding-window layers included), so a prefix's entries are valid
-for any sequence that starts with it.
+for any sequence that starts with it. A prompt's image tokens count as equal only for the same image
+(`Scheduler.prefix_key`).
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -82,6 +84,9 @@ class GenerationRequest:
     submitted_at: float = field(default_factory=time.monotonic)
     # follows sampling.json_schema / .grammar; `Scheduler.submit_all` builds it, on the caller's thread
     matcher: GrammarMatcher | None = None
+    # A vision-language model's request: its images (N, C, H, W) as the model's `preprocess_image` left them,
+    # read in order into the prompt's runs of image tokens (`Scheduler(vision=...)`)
+    images: torch.Tensor | None = None
 
 
 @dataclass
@@ -94,6 +99,7 @@ class _Running:
     counts: collections.Counter = field(default_factory=collections.Counter)
     seen: set[int] = field(default_factory=set)  # prompt and generated tokens, for the repetition penalty
     cached: int = 0  # leading prompt tokens whose entries the slot already held (prefix cache): not prefilled
+    prefix_key: list = field(default_factory=list)  # what its prompt's entries are of (`Scheduler.prefix_key`)
     scores: list[TokenScore] = field(default_factory=list)  # of generated tokens whose text is not out yet
 
     def take_scores(self) -> list[TokenScore]:
@@ -112,8 +118,11 @@ class Scheduler:
         max_context: int | None = None,
         max_queue: int = 64,
         prefix_cache: bool = True,
+        vision=None,
     ):
-        self.model, self.tokenizer = model, tokenizer
+        """`vision`: a vision-language model (`lmforge.apps.vlm.VisionLanguageModel`) whose language model is
+        `model`; with it, requests may carry images."""
+        self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(model.config.block_size, max_context or model.config.block_size)
         dtype = next(model.parameters(), torch.empty(0)).dtype
@@ -149,6 +158,8 @@ class Scheduler:
             if request.matcher is None:
                 request.matcher = (matchers_for(request.sampling, self.tokenizer, 1) or [None])[0]
         for request in requests:
+            if request.images is not None:
+                self.check_images(request)
             if len(request.prompt_ids) + request.max_tokens > self.context:
                 raise ValueError(
                     f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
@@ -170,6 +181,34 @@ class Scheduler:
             self.waiting.extend(requests)
             self.metrics["requests_total"] += 1
             self.condition.notify()
+
+    def check_images(self, request: GenerationRequest) -> None:
+        """A request with images needs a vision-language model and one run of image tokens per image."""
+        if self.vision is None:
+            raise ValueError("this server's model is a text-only language model and cannot read images")
+        found = request.prompt_ids.count(self.vision.image_token_id)
+        needed = len(request.images) * self.vision.tokens_per_image
+        if found != needed:
+            raise ValueError(
+                f"the prompt has {found} image tokens for {len(request.images)} image(s) of "
+                f"{self.vision.tokens_per_image} tokens each"
+            )
+
+    def prefix_key(self, request: GenerationRequest) -> list:
+        """What a cached prefix must equal for a slot to reuse it: the prompt's token ids, except that each image
+        token stands for its image's content (a digest of its pixels) and its place in the image. The image
+        tokens' ids are all alike, but their entries depend on the image: two prompts that differ only in
+        their images share no prefix past the first image token; a chat's next turn about the same image
+        reuses all of it."""
+        if request.images is None:
+            return request.prompt_ids
+        digests = [hashlib.sha256(image.float().numpy().tobytes()).hexdigest() for image in request.images]
+        key, seen = list(request.prompt_ids), 0
+        for position, token in enumerate(key):
+            if token == self.vision.image_token_id:
+                key[position] = (digests[seen // self.vision.tokens_per_image], seen % self.vision.tokens_per_image)
+                seen += 1
+        return key
 
     def queue_depth(self) -> int:
         return len(self.waiting)
@@ -288,27 +327,29 @@ class Scheduler:
 
     def _start(self, request: GenerationRequest) -> _Running:
         """Give an admitted request a slot (`_take_slot`) and its sampling state."""
-        slot, cached = self._take_slot(request.prompt_ids)
+        key = self.prefix_key(request)
+        slot, cached = self._take_slot(key)
         seed = request.sampling.seed
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        running = _Running(request, slot, TextStream(self.tokenizer, request.sampling.stop), generator, cached=cached)
+        stream = TextStream(self.tokenizer, request.sampling.stop)
+        running = _Running(request, slot, stream, generator, cached=cached, prefix_key=key)
         running.seen.update(request.prompt_ids)
         self.running.append(running)
         return running
 
-    def _take_slot(self, prompt_ids: list[int]) -> tuple[int, int]:
-        """A free slot for `prompt_ids` and how many of its leading tokens that slot already holds: with
-        prefix caching, the free slot holding the longest prefix of the prompt (or a copy of a longer
-        one a running slot holds), else the least recently used free slot."""
+    def _take_slot(self, key: list) -> tuple[int, int]:
+        """A free slot for a prompt (its `prefix_key`) and how many of its leading tokens that slot already
+        holds: with prefix caching, the free slot holding the longest prefix of the prompt (or a copy of a
+        longer one a running slot holds), else the least recently used free slot."""
         free = self.free_slots
         if not self.prefix_cache:
             self.slot_tokens[free[0]] = []
             return free.pop(0), 0
         # At most all but the last prompt token: it must run to give the first new token's logits.
-        limit = len(prompt_ids) - 1
+        limit = len(key) - 1
         # free slots first, least recently used first: on a tie, those lose the least to take
         candidates = free + [running.slot for running in self.running]
-        matched = [common_prefix_length(self.slot_tokens[slot], prompt_ids, limit) for slot in candidates]
+        matched = [common_prefix_length(self.slot_tokens[slot], key, limit) for slot in candidates]
         best = max(range(len(candidates)), key=lambda index: (matched[index], -index))
         source, cached = candidates[best], matched[best]
         # Take the matching free slot itself unless that would evict more than it reuses; then copy
@@ -320,7 +361,7 @@ class Scheduler:
             if cached and source != slot:
                 self.cache.copy_prefix(source, slot, cached)
         free.remove(slot)
-        self.slot_tokens[slot] = prompt_ids[:cached]
+        self.slot_tokens[slot] = key[:cached]
         if cached:
             self.metrics["prefix_cache_hits_total"] += 1
             self.metrics["prefix_cache_reused_tokens_total"] += cached
@@ -333,13 +374,25 @@ class Scheduler:
         slots = torch.tensor([running.slot for running in started])
         masks = TokenMasks(self.cache.keys[0].device)
         masks.start([running.request.matcher for running in started])
-        logits = prefill(self.model, rests, self.cache, slots, starts=[running.cached for running in started])
+        starts = [running.cached for running in started]
+        embeddings = [self._prompt_embeddings(running) for running in started]
+        if all(rows is None for rows in embeddings):
+            embeddings = None
+        logits = prefill(self.model, rests, self.cache, slots, starts=starts, embeddings=embeddings)
         masks.apply(logits)
         self.metrics["prompt_tokens_total"] += sum(len(running.request.prompt_ids) for running in started)
         self.metrics["prefill_tokens_total"] += sum(len(rest) for rest in rests)
         for row, running in enumerate(started):
-            self.slot_tokens[running.slot] = list(running.request.prompt_ids)
+            self.slot_tokens[running.slot] = list(running.prefix_key)
             self._accept(running, logits[row])
+
+    def _prompt_embeddings(self, running: _Running) -> torch.Tensor | None:
+        """The input embeddings (uncached tokens, d_model) of a prompt with images: the vision-language model's
+        image features at its image tokens, the tokens' own elsewhere; None for a prompt without images."""
+        request = running.request
+        if request.images is None:
+            return None
+        return self.vision.input_embeddings(torch.tensor([request.prompt_ids]), request.images)[0, running.cached :]
 
     def _decode_step(self) -> None:
         rows = [running for running in self.running if not running.request.cancelled]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
@@ -73,6 +73,23 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str  # a base64 data: URL (`lmforge.serve.images`); remote URLs are refused
+    # OpenAI's resolution hint, accepted and changing nothing: a vision-language model here reads every image at
+    # its encoder's one input size, in the same number of image tokens
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class FunctionCall(BaseModel):
     name: str
     arguments: str  # a JSON object, as text
@@ -90,17 +107,21 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a message field this server does not read is refused, not dropped
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # an assistant's
     tool_call_id: str | None = None  # a tool result's: the call it answers
 
     def text(self) -> str:
+        """The message's text (its text parts joined; image parts have none)."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(isinstance(part, ImagePart) for part in self.content)
 
 
 class JsonSchemaFormat(BaseModel):
@@ -454,7 +475,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "lmforge"
     # lmforge's own fields: the routes the model answers, its context and (chat models) its sampling defaults
-    capabilities: list[Literal["chat", "completions", "embeddings"]]
+    capabilities: list[Literal["chat", "completions", "embeddings", "vision"]]  # vision: chat reads image_url parts
     context_tokens: int | None = None
     sampling_defaults: SamplingDefaultsCard | None = None
 

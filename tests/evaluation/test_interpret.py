@@ -13,7 +13,9 @@ from lmforge.evaluation.interpret import (
     attention_maps,
     classifier_attributions,
     explain,
+    explain_image,
     gradient_x_input,
+    image_attention,
     integrated_gradients,
     logit_lens,
     mean_embedding_baseline,
@@ -220,3 +222,108 @@ def test_sliding_layers_record_no_attention_outside_their_window():
     outside = torch.ones(length, length, dtype=torch.bool).tril(-3)  # keys 3 or more positions back
     assert (maps[0][:, outside] == 0).all()
     assert (maps[1][:, outside] > 0).all()
+
+
+# --- explain --image: where a vision-language model's answer looks ----------------------------------------------
+
+
+def test_image_attention_is_the_attention_maps_mean_at_the_asked_positions():
+    model = model_of()
+    queries, keys = [5, 7, 10], [0, 2, 3]
+    expected = attention_maps(model, TOKENS).mean((0, 1))[queries][:, keys]
+    with torch.no_grad():
+        embeddings = model.embed(TOKENS[None])
+    assert torch.allclose(image_attention(model, TOKENS, embeddings, queries, keys), expected, atol=1e-6)
+
+
+def test_explain_image_maps_the_answers_attention_over_the_patches(tmp_path):
+    from PIL import Image
+
+    from lmforge.apps import vlm
+
+    from ..serve.test_images import VLM_TOKENIZER, picture, question, reference_reply, tiny_vlm
+
+    model, image = tiny_vlm(count_tokens=True), picture(4).resize((96, 72))
+    summary = explain_image(model, VLM_TOKENIZER, image, "what is this?", tmp_path / "out", max_new_tokens=6)
+    assert summary["answer"] == reference_reply(model, question("what is this?", image), [image], 6)
+    answer_ids = summary["answer_ids"]
+    assert VLM_TOKENIZER.decode(answer_ids) == summary["answer"] and len(summary["answer_tokens"]) == 6
+
+    # the same numbers from the model's own forward over the prompt and answer, recorded
+    ids, _ = vlm.vision_prompt_ids(model, VLM_TOKENIZER, question("what is this?", image))
+    image_positions = [p for p, t in enumerate(ids) if t == model.image_token_id]
+    with torch.no_grad(), recording_attention(model.language_model) as records:
+        model(torch.tensor([ids + answer_ids]), model.preprocess_image(image)[None])
+    maps = torch.stack([record[-1][0] for record in records]).mean((0, 1))  # (T, T)
+    chosen_at = maps[len(ids) - 1 : len(ids) - 1 + len(answer_ids)][:, image_positions]
+    # the class token, 3x3 patches, then a count token per kind of object (12)
+    assert len(image_positions) == model.tokens_per_image == 1 + 9 + 12
+    assert summary["image_tokens"]["positions"] == image_positions and summary["image_tokens"]["patch_grid"] == [3, 3]
+    assert summary["image_attention_share"] == pytest.approx(chosen_at.sum(1).tolist(), abs=1e-5)
+    assert summary["class_token_attention"] == pytest.approx(chosen_at[:, 0].tolist(), abs=1e-5)
+    patches = torch.tensor(summary["patch_attention"])
+    assert patches.shape == (6, 3, 3) and torch.allclose(patches.flatten(1), chosen_at[:, 1:10], atol=1e-5)
+    assert torch.allclose(torch.tensor(summary["other_image_token_attention"]), chosen_at[:, 10:], atol=1e-5)
+
+    with Image.open(tmp_path / "out" / "image_attention.png") as png:
+        assert png.width > 300 and png.height > 200
+        # the heatmap is drawn over the image: the PNG has many colours, not just the figure's white
+        assert len(png.convert("RGB").getcolors(maxcolors=1_000_000)) > 100
+    assert json.loads((tmp_path / "out" / "explain.json").read_text())["answer"] == summary["answer"]
+
+
+def test_explain_image_from_the_command_line(tmp_path, capsys):
+    from lmforge.apps import vlm
+    from lmforge.cli import main
+
+    from ..serve.test_images import VLM_TOKENIZER, picture, tiny_vlm
+
+    vlm.save_vlm(tiny_vlm(), VLM_TOKENIZER, tmp_path / "vlm")
+    picture(5).save(tmp_path / "scene.png")
+    arguments = ["explain", "--model", str(tmp_path / "vlm"), "--prompt", "what is this?", "--out", str(tmp_path / "x")]
+    assert main([*arguments, "--image", str(tmp_path / "scene.png"), "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "answer: " in printed and "attention on the image, per answer token: " in printed
+    assert (tmp_path / "x" / "image_attention.png").stat().st_size > 5_000
+    assert main([*arguments, "--image", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png: not a readable image" in capsys.readouterr().err
+    (tmp_path / "notes.png").write_text("not an image")
+    assert main([*arguments, "--image", str(tmp_path / "notes.png")]) == 2
+    assert "notes.png: not a readable image" in capsys.readouterr().err
+    arguments[2] = str(tmp_path)  # not a vision-language model folder
+    assert main([*arguments, "--image", str(tmp_path / "scene.png")]) == 2
+    assert "--image needs a vision-language model folder" in capsys.readouterr().err
+
+
+def test_explain_image_answers_from_the_image_even_for_a_prompt_short_enough_for_a_native_prefill(tmp_path):
+    """A prompt of 32 tokens (no system prompt, "hi"): the answer is the greedy one of the model's own forward over
+    its input embeddings, not of the same tokens without the image's features (what a prefill from token ids
+    alone, such as the native kernels' for short prompts, would give)."""
+    from lmforge.apps import vlm
+    from lmforge.tokenizer import stop_token_ids
+
+    from ..serve.test_images import VLM_TOKENIZER, picture, question, tiny_vlm
+
+    model = tiny_vlm()
+    model.config = replace(model.config, system_prompt="")
+    ids, _ = vlm.vision_prompt_ids(model, VLM_TOKENIZER, question("hi", picture(6)))
+    assert len(ids) == 32
+    pixels = model.preprocess_image(picture(6))[None]
+    stops = set(stop_token_ids(VLM_TOKENIZER))
+
+    def greedy(with_image: bool) -> list[int]:
+        tokens = list(ids)
+        for _ in range(6):
+            inputs = torch.tensor([tokens])
+            embeddings = model.input_embeddings(inputs, pixels) if with_image else model.language_model.embed(inputs)
+            with torch.no_grad():
+                token = int(model.language_model(inputs, embeddings=embeddings)[0][0, -1].argmax())
+            if token in stops:
+                break
+            tokens.append(token)
+        return tokens[len(ids) :]
+
+    expected = greedy(with_image=True)
+    assert expected != greedy(with_image=False)  # so an answer that ignored the image would show
+    summary = explain_image(model, VLM_TOKENIZER, picture(6), "hi", tmp_path, max_new_tokens=6)
+    assert summary["answer_ids"] == expected

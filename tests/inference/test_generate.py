@@ -51,6 +51,41 @@ def test_cached_and_uncached_decoding_agree(model, sampling):
     assert cached == uncached and len(cached) == 60
 
 
+def test_prompt_embeddings_prefill_and_then_the_native_step_decodes(model, monkeypatch):
+    """Embeddings equal to the prompt's own give its tokens; the prefill runs on them, and every later
+    step takes the usual one-token decode path (native kernels where they run)."""
+    prompt = list(range(3, 13))
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0)
+    with torch.no_grad():
+        embeddings = model.embed(torch.tensor([prompt]))
+    plain = list(generate_tokens(model, prompt, sampling))
+    steps = []
+    step = engine.decode_step if engine.supports(model) else engine.torch_decode_step
+    name = step.__name__
+    monkeypatch.setattr(engine, name, lambda *args, **kwargs: steps.append(args[1].shape) or step(*args, **kwargs))
+    assert list(generate_tokens(model, prompt, sampling, prompt_embeddings=embeddings)) == plain
+    assert steps == [(1, 1)] * 7
+    assert list(generate_tokens(model, prompt, sampling, False, prompt_embeddings=embeddings)) == plain
+    assert list(generate_tokens(model, prompt, sampling, prompt_embeddings=embeddings + 0.5)) != plain
+    # past the block the embeddings cannot be recomputed: generation ends once the block is full (its
+    # last position still predicts one token), with and without the cache
+    long = SamplingConfig(max_new_tokens=40, temperature=0)
+    for use_cache in (True, False):
+        assert len(list(generate_tokens(model, prompt, long, use_cache, prompt_embeddings=embeddings))) == 24 - 10 + 1
+
+
+def test_batched_prefill_takes_each_rows_own_embeddings(model):
+    prompts = [list(range(3, 13)), list(range(20, 26))]
+    with torch.no_grad():
+        own = [model.embed(torch.tensor(prompt)) for prompt in prompts]
+        plain = engine.prefill(model, prompts, KVCache(model.config, 2, 24))
+        given = engine.prefill(model, prompts, KVCache(model.config, 2, 24), embeddings=[own[0], None])
+        changed = engine.prefill(model, prompts, KVCache(model.config, 2, 24), embeddings=[None, own[1] + 0.5])
+    torch.testing.assert_close(given, plain)
+    torch.testing.assert_close(changed[0], plain[0])
+    assert not torch.allclose(changed[1], plain[1])
+
+
 def test_seed_makes_sampling_reproducible(model):
     sampling = SamplingConfig(max_new_tokens=20, temperature=1.0, seed=7)
     first = list(generate_tokens(model, [5, 6], sampling))
