@@ -1,0 +1,341 @@
+"""A text-conditioned GAN: the baseline the diffusion model is measured against.
+
+DCGAN (Radford et al. 2016): the generator grows a noise vector into an image with upsampling
+convolutions, batch norm and ReLU; the discriminator shrinks the image with strided convolutions and
+LeakyReLU. Conditioning follows the projection discriminator (Miyato & Koyama 2018): the generator
+reads the caption's sentence embedding (all-MiniLM-L6-v2, as the diffusion model does) beside the
+noise, and the discriminator's score is an unconditional term plus the inner product of its image
+features with a projection of that embedding. Spectral norm on the discriminator and the hinge loss
+(SNGAN, Miyato et al. 2018) keep the two-player game stable on small batches; samples come from an
+exponential moving average of the generator's weights (Karras et al. 2018), which are steadier than
+the last step's.
+
+The training and sampling calls have the diffusion model's shape: `train_gan(images, captions,
+config)`, `sample_gan_images(model, captions, seed)` in [0, 1], `save_gan` / `load_gan`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from lmforge.apps.encoder import embed_distinct
+from lmforge.errors import LmforgeError
+from lmforge.training.optim import build_optimizer
+from lmforge.training.progress import ProgressBar
+
+GAN_KIND = "gan"
+
+
+@dataclass
+class GANConfig:
+    image_size: int = 8  # a power of two ≥ 8: the generator starts at 4x4 and doubles
+    channels: int = 1
+    noise_dim: int = 64
+    condition_dim: int = 384  # the sentence embedding's width (all-MiniLM-L6-v2)
+    condition_projection_dim: int = 64
+    width: int = 64  # the generator's last and the discriminator's first convolution's channels
+    steps: int = 3000
+    batch_size: int = 64
+    generator_lr: float = 2e-4
+    discriminator_lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)  # DCGAN's: momentum 0.9 made their training oscillate
+    ema_decay: float = 0.999
+    mismatch_weight: float = 0.5  # of the fake term: real images under another image's caption
+    text_model: str = "all-minilm-l6-v2"
+    seed: int = 0
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        stages = math.log2(self.image_size / 4) if self.image_size >= 8 else 0
+        if stages < 1 or stages != int(stages):
+            raise LmforgeError(f"GAN image_size must be a power of two ≥ 8, got {self.image_size}")
+
+    @property
+    def upsampling_stages(self) -> int:
+        return int(math.log2(self.image_size // 4))
+
+
+def config_from_dict(values: dict, where: str | Path = "config") -> GANConfig:
+    """A GANConfig from a JSON object; an unknown key is a one-line error naming it."""
+    known = {field.name for field in fields(GANConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise LmforgeError(f"{where}: unknown GAN config keys {unknown}; known: {sorted(known)}")
+    try:
+        return GANConfig(**values)
+    except TypeError as error:
+        raise LmforgeError(f"{where}: bad GAN config ({error})") from None
+
+
+class Generator(nn.Module):
+    """(noise (B, noise_dim), caption embedding (B, condition_dim)) → images (B, C, S, S) in [-1, 1]."""
+
+    def __init__(self, config: GANConfig):
+        super().__init__()
+        self.config = config
+        top = config.width * 2**config.upsampling_stages
+        self.condition_projection = nn.Sequential(
+            nn.Linear(config.condition_dim, config.condition_projection_dim), nn.LeakyReLU(0.2)
+        )
+        self.stem = nn.Sequential(
+            nn.Linear(config.noise_dim + config.condition_projection_dim, top * 16, bias=False),
+            nn.Unflatten(1, (top, 4, 4)), nn.BatchNorm2d(top), nn.ReLU(),
+        )  # fmt: skip
+        stages = []
+        for stage in range(config.upsampling_stages):
+            in_channels = top // 2**stage
+            # a 4x4 kernel at stride 2 covers each output pixel evenly (no checkerboard from 3x3/2)
+            stages += [
+                nn.ConvTranspose2d(in_channels, in_channels // 2, 4, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(in_channels // 2), nn.ReLU(),
+            ]  # fmt: skip
+        self.upsample = nn.Sequential(*stages)
+        self.to_image = nn.Conv2d(config.width, config.channels, 3, padding=1)
+
+    def forward(self, noise: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        x = self.stem(torch.cat([noise, self.condition_projection(condition)], dim=1))
+        return torch.tanh(self.to_image(self.upsample(x)))
+
+
+class Discriminator(nn.Module):
+    """(images (B, C, S, S) in [-1, 1], caption embedding) → a realness score per image (B,)."""
+
+    def __init__(self, config: GANConfig):
+        super().__init__()
+        layers = [spectral_norm(nn.Conv2d(config.channels, config.width, 3, padding=1)), nn.LeakyReLU(0.2)]
+        channels = config.width
+        for _ in range(config.upsampling_stages):
+            layers += [spectral_norm(nn.Conv2d(channels, channels * 2, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+            channels *= 2
+        self.features = nn.Sequential(*layers, nn.Flatten(), spectral_norm(nn.Linear(channels * 16, channels)))
+        self.score = spectral_norm(nn.Linear(channels, 1))
+        self.condition_projection = spectral_norm(nn.Linear(config.condition_dim, channels))
+
+    def forward(self, images: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        features = F.leaky_relu(self.features(images), 0.2)
+        projection = (self.condition_projection(condition) * features).sum(dim=1)
+        return self.score(features).squeeze(1) + projection
+
+
+class ConditionalGAN(nn.Module):
+    """The generator, its weight average (what samples come from) and the discriminator."""
+
+    def __init__(self, config: GANConfig):
+        super().__init__()
+        self.config = config
+        self.generator = Generator(config)
+        self.discriminator = Discriminator(config)
+        self.average_generator = copy.deepcopy(self.generator).requires_grad_(False)
+
+    @torch.no_grad()
+    def update_average(self, step: int) -> None:
+        # the decay warms up ((1 + step) / (10 + step), as TensorFlow's ExponentialMovingAverage with
+        # num_updates): a short run's average would otherwise still be mostly the initial weights
+        decay = min(self.config.ema_decay, (1 + step) / (10 + step))
+        for average, current in zip(self.average_generator.parameters(), self.generator.parameters()):
+            average.lerp_(current, 1 - decay)
+        for average, current in zip(self.average_generator.buffers(), self.generator.buffers()):
+            average.copy_(current)  # batch-norm statistics and counters
+
+
+@dataclass
+class GANTrainingState:
+    """Where a run is, for `resume`: the step and the optimizers' and RNG's states (weights live in the model)."""
+
+    step: int
+    generator_optimizer: dict
+    discriminator_optimizer: dict
+    rng: torch.Tensor
+
+
+def save_training_state(path: Path, model: ConditionalGAN, state: GANTrainingState) -> None:
+    """The model's weights and the run's state in one file, written atomically; loads with weights_only=True."""
+    from lmforge.atomic import write_atomically
+
+    payload = {"weights": model.state_dict(), "config": asdict(model.config), **vars(state)}
+    write_atomically(path, lambda temporary: torch.save(payload, temporary))
+
+
+def load_training_state(path: Path, model: ConditionalGAN) -> GANTrainingState:
+    from lmforge.formats.checkpoint import load_torch_file
+
+    payload = load_torch_file(path, "resuming needs the training state the run wrote")
+    try:
+        # a resumed run may go on for more steps; anything else changes what the weights mean
+        changed = sorted(k for k, v in asdict(model.config).items() if k != "steps" and payload["config"].get(k) != v)
+        if changed:
+            raise ValueError(f"it was written with another config (differs in {changed})")
+        model.load_state_dict(payload["weights"])
+        return GANTrainingState(
+            payload["step"], payload["generator_optimizer"], payload["discriminator_optimizer"], payload["rng"]
+        )
+    except (KeyError, RuntimeError, TypeError, ValueError) as error:
+        raise LmforgeError(f"{path}: cannot resume GAN training from it ({error})") from None
+
+
+def train_gan(
+    images: torch.Tensor,
+    captions: list[str],
+    config: GANConfig | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int = 500,
+    resume: bool = False,
+    verbose: int = 1,
+    stream=None,
+    condition: torch.Tensor | None = None,
+) -> ConditionalGAN:
+    """Train a text-conditioned GAN on `images` (N, C, S, S) in [0, 1] with one caption each.
+
+    With `checkpoint` (a file) the weights and the run's state are written there every `checkpoint_every`
+    steps and at the end; `resume=True` continues from it as the run would have gone on. `condition`
+    (N, d) skips embedding the captions (they are then used only for their count)."""
+    config = config or GANConfig()
+    if images.dim() != 4 or images.shape[1:] != (config.channels, config.image_size, config.image_size):
+        raise LmforgeError(
+            f"images of shape {tuple(images.shape)} do not fit the GAN config "
+            f"({config.channels} channels, {config.image_size}x{config.image_size})"
+        )
+    if len(captions) != len(images):
+        raise LmforgeError(f"{len(images)} images but {len(captions)} captions")
+    if resume and (checkpoint is None or not Path(checkpoint).is_file()):
+        raise LmforgeError(f"resume needs the training state a run wrote; there is none at {checkpoint}")
+    torch.manual_seed(config.seed)
+    model = ConditionalGAN(config)
+    if condition is None:
+        condition = embed_distinct(captions, config.text_model)
+    real = images.float() * 2 - 1
+    generator_optimizer = build_optimizer(model.generator, config.generator_lr, 0.0, "adam", betas=config.betas)
+    discriminator_optimizer = build_optimizer(
+        model.discriminator, config.discriminator_lr, 0.0, "adam", betas=config.betas
+    )
+    rng = torch.Generator().manual_seed(config.seed)
+    start = 0
+    if resume:
+        state = load_training_state(Path(checkpoint), model)
+        generator_optimizer.load_state_dict(state.generator_optimizer)
+        discriminator_optimizer.load_state_dict(state.discriminator_optimizer)
+        rng.set_state(state.rng)
+        start = state.step
+
+    def save(step: int) -> None:
+        if checkpoint is not None:
+            state = GANTrainingState(
+                step, generator_optimizer.state_dict(), discriminator_optimizer.state_dict(), rng.get_state()
+            )
+            save_training_state(Path(checkpoint), model, state)
+
+    bar = ProgressBar(config.steps, stream or sys.stdout, initial=start) if verbose else None
+    model.train()
+    logs: dict = {}
+    for step in range(start, config.steps):
+        index = torch.randint(len(real), (config.batch_size,), generator=rng)
+        real_batch, condition_batch = real[index], condition[index]
+        noise = torch.randn(config.batch_size, config.noise_dim, generator=rng)
+        fake = model.generator(noise, condition_batch)
+        # hinge loss: the discriminator pushes real scores above 1 and fake ones below -1. A real image
+        # under another image's caption counts as fake too (GAN-CLS, Reed et al. 2016), so the
+        # discriminator judges whether image and caption match from the first steps; a caption that
+        # happens to describe the same digit is noise the average absorbs.
+        mismatched = condition_batch.roll(1, dims=0)
+        discriminator_loss = (
+            F.relu(1 - model.discriminator(real_batch, condition_batch)).mean()
+            + F.relu(1 + model.discriminator(fake.detach(), condition_batch)).mean() * (1 - config.mismatch_weight)
+            + F.relu(1 + model.discriminator(real_batch, mismatched)).mean() * config.mismatch_weight
+        )
+        discriminator_optimizer.zero_grad(set_to_none=True)
+        discriminator_loss.backward()
+        discriminator_optimizer.step()
+        generator_loss = -model.discriminator(fake, condition_batch).mean()
+        generator_optimizer.zero_grad(set_to_none=True)
+        generator_loss.backward()
+        generator_optimizer.step()
+        model.update_average(step)
+        if not (torch.isfinite(discriminator_loss) and torch.isfinite(generator_loss)):
+            raise LmforgeError(f"GAN step {step + 1}: the loss is not finite; lower the learning rates")
+        logs = {"d_loss": discriminator_loss.item(), "g_loss": generator_loss.item()}
+        if bar is not None:
+            bar.update(step + 1, logs)
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            save(step + 1)
+    if bar is not None:
+        bar.finish(logs)
+    save(config.steps)
+    return model.eval()
+
+
+@torch.no_grad()
+def sample_gan_images(
+    model: ConditionalGAN,
+    captions: list[str],
+    seed: int = 0,
+    batch_size: int = 256,
+    condition: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One image per caption from the averaged generator, (N, C, S, S) in [0, 1]; the same seed gives the
+    same images. `condition` (N, d) gives the caption embeddings instead of embedding `captions`."""
+    if condition is None:
+        condition = embed_distinct(list(captions), model.config.text_model)
+    generator = model.average_generator.eval()
+    rng = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(condition), model.config.noise_dim, generator=rng)
+    images = [
+        generator(noise[start : start + batch_size], condition[start : start + batch_size])
+        for start in range(0, len(condition), batch_size)
+    ]
+    return (
+        (torch.cat(images) + 1) / 2 if images else torch.empty(0, model.config.channels, *[model.config.image_size] * 2)
+    )
+
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def save_gan(model: ConditionalGAN, path: str | Path) -> Path:
+    """A checkpoint folder: the averaged generator's weights (all sampling needs) as safetensors, and
+    config.json with `"kind": "gan"`; written atomically."""
+    from safetensors.torch import save_file
+
+    from lmforge.atomic import write_folder_atomically
+
+    weights = {name: tensor.contiguous() for name, tensor in model.average_generator.state_dict().items()}
+    config = {"kind": GAN_KIND, "config": asdict(model.config)}
+    return write_folder_atomically(
+        path,
+        {
+            WEIGHTS_FILE: lambda file: save_file(weights, str(file)),
+            CONFIG_FILE: lambda file: file.write_text(json.dumps(config, indent=2) + "\n"),
+        },
+    )
+
+
+def load_gan(path: str | Path) -> ConditionalGAN:
+    """A model `save_gan` wrote, ready for `sample_gan_images` (the discriminator is not saved)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from lmforge.formats.metadata import read_json_object
+
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).is_file():
+        raise LmforgeError(f"{folder}: not a GAN checkpoint folder (no {CONFIG_FILE})")
+    saved = read_json_object(folder / CONFIG_FILE)
+    if saved.get("kind") != GAN_KIND or not isinstance(saved.get("config"), dict):
+        raise LmforgeError(f"{folder / CONFIG_FILE}: not a GAN checkpoint (kind {saved.get('kind')!r})")
+    model = ConditionalGAN(config_from_dict(saved["config"], folder / CONFIG_FILE))
+    try:
+        model.average_generator.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    except (OSError, RuntimeError, SafetensorError) as error:
+        message = str(error).splitlines()[-1] if str(error) else type(error).__name__
+        raise LmforgeError(f"{folder / WEIGHTS_FILE}: cannot load the GAN's weights ({message})") from None
+    model.generator.load_state_dict(model.average_generator.state_dict())
+    return model.eval()
