@@ -350,6 +350,82 @@ def command_explain(args, extra) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class ImageModel:
+    """A `train-image --model` choice: the config it starts from (a torch-free dataclass, so `--help` stays
+    quick) and its training function, "module:function", called as train(images, captions, config,
+    out=FOLDER, resume=bool) and writing a folder whose config.json names the kind for `imagine`."""
+
+    config: Callable[[], object]
+    train: str
+
+
+def _diffusion_config():
+    from lmforge.settings import DiffusionConfig
+
+    return DiffusionConfig()
+
+
+IMAGE_MODELS: dict[str, ImageModel] = {
+    "diffusion": ImageModel(_diffusion_config, "lmforge.apps.diffusion:train_diffusion"),
+}
+DEFAULT_IMAGE_MODEL_FOLDER = "runs/text-to-image"
+
+
+def command_train_image(args, extra) -> int:
+    import importlib
+
+    from lmforge.config import apply_values
+
+    choice = IMAGE_MODELS[args.model]
+    config = apply_values(choice.config(), config_values(args.config, extra))
+    out = Path(args.out)
+    if args.resume and not (out / "training_state.pt").is_file():
+        raise LmforgeError(f"{out / 'training_state.pt'}: missing; --resume continues a run that wrote it")
+    if not args.resume and (out / "training_state.pt").exists():
+        raise LmforgeError(f"{out}: holds a training run; --resume it or choose another --out")
+    from lmforge.apps.diffusion import load_captioned_digits, load_captioned_images
+
+    if args.data == "digits":
+        if args.captions:
+            raise LmforgeError("--captions is for a folder of your own images; --data digits writes its own")
+        images, captions, _ = load_captioned_digits("train", captions_per_image=args.captions_per_image)
+    else:
+        if not args.captions:
+            raise LmforgeError(f"--data {args.data}: also give --captions FILE (JSON Lines: image, caption)")
+        grayscale = getattr(config, "channels", 3) == 1
+        images, captions = load_captioned_images(args.data, args.captions, config.image_size, grayscale)
+    module, function = choice.train.split(":")
+    print(f"training a {args.model} model on {len(images)} captioned images ...", file=sys.stderr, flush=True)
+    getattr(importlib.import_module(module), function)(images, captions, config, out=out, resume=args.resume)
+    print(f'wrote {out}; try: lmforge imagine "{captions[0]}" --model {out} --out image.png')
+    return 0
+
+
+def command_imagine(args, extra) -> int:
+    from lmforge.apps.diffusion import (
+        denoising_trajectory,
+        load_diffusion,
+        sample_images,
+        save_image_grid,
+        save_trajectory,
+    )
+
+    if args.n < 1:
+        raise LmforgeError(f"--n must be at least 1, got {args.n}")
+    if not args.prompt.strip():
+        raise LmforgeError("the prompt is empty; say what to draw")
+    model = load_diffusion(args.model)
+    prompts = [args.prompt] * args.n
+    images = sample_images(model, prompts, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
+    print(f"wrote {save_image_grid(images, args.out)}")
+    if args.trajectory:
+        trajectory = denoising_trajectory(model, prompts, args.steps, args.guidance, args.seed)
+        written = save_trajectory(trajectory, args.trajectory)
+        print(f"wrote {len(written) - 1} denoising steps and strip.png to {args.trajectory}")
+    return 0
+
+
 def command_recommend(args, extra) -> int:
     from lmforge.config import apply_values
     from lmforge.settings import RecommendConfig
@@ -707,6 +783,44 @@ def explain_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def train_image_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        "Train a text-to-image model: on scikit-learn's digits with generated captions (default), or on a "
+        "folder of your own images with a captions file (JSON Lines, one image a line: "
+        '{"image": "cat.png", "caption": "a black cat"}, paths relative to the folder). '
+        "Writes OUT/config.json + OUT/model.safetensors, and OUT/training_state.pt for --resume.\n\n"
+        "  lmforge train-image --out runs/text-to-image --epochs 30\n"
+        "  lmforge train-image --data photos/ --captions captions.jsonl --channels 3 --image-size 16 --out runs/mine"
+    )
+    parser.epilog = "\n\n".join(
+        config_help(model.config(), f"--model {name} keys") for name, model in IMAGE_MODELS.items()
+    )
+    parser.add_argument("--model", choices=sorted(IMAGE_MODELS), default="diffusion", help="which kind of model")
+    parser.add_argument("--data", default="digits", help="'digits' (default) or a folder of images")
+    parser.add_argument("--captions", help="JSON Lines captions file for the images in --data")
+    parser.add_argument(
+        "--captions-per-image", type=int, default=2, help="digits: copies of each image, each with its own phrasing"
+    )
+    parser.add_argument("--out", default=DEFAULT_IMAGE_MODEL_FOLDER, help="folder for the model and training state")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its training state")
+    parser.add_argument("--config", help="YAML or JSON file of the keys below")
+
+
+def imagine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = "Draw images for a text prompt with a model from `lmforge train-image`; writes a PNG grid."
+    parser.add_argument("prompt", help='what to draw, e.g. "a handwritten seven"')
+    parser.add_argument("--model", default=DEFAULT_IMAGE_MODEL_FOLDER, help="folder written by lmforge train-image")
+    parser.add_argument("--out", default="imagine.png", help="PNG file for the grid (default imagine.png)")
+    parser.add_argument("--n", type=int, default=16, help="how many images (default 16)")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed draws the same images")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM denoising steps (default 50)")
+    parser.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (default: the model's; 0 ignores the prompt)"
+    )
+    parser.add_argument("--trajectory", help="also write the denoising steps as PNGs (and strip.png) to this folder")
+
+
 def recommend_arguments(parser: argparse.ArgumentParser) -> None:
     from lmforge.settings import RecommendConfig
 
@@ -850,6 +964,13 @@ VERBS: dict[str, Verb] = {
         explain_arguments,
         "attention maps, logit lens and token attributions for a prompt's next token",
     ),
+    "train-image": Verb(
+        command_train_image,
+        train_image_arguments,
+        "train a text-to-image model (diffusion) on captioned digits or your own captioned images",
+        takes_overrides=True,
+    ),
+    "imagine": Verb(command_imagine, imagine_arguments, "draw images for a text prompt (PNG grid)"),
     "recommend": Verb(
         command_recommend,
         recommend_arguments,

@@ -532,3 +532,38 @@ class RecommendConfig:
     learning_rate: float = 3e-3
     min_items: int = 3
     seed: int = 0
+
+
+# --- text-to-image -----------------------------------------------------------------------
+
+
+@dataclass
+class DiffusionConfig:
+    """A text-to-image diffusion model (`lmforge.apps.diffusion`) and how it trains; saved with the model."""
+
+    image_size: int = 8  # pixels per side (the digits are 8x8)
+    channels: int = 1  # 1 grey, 3 RGB
+    denoiser: str = "unet"  # "unet" | "dit"
+    width: int = 64  # U-Net channels at full resolution (doubling per level); DiT d_model
+    levels: int = 2  # U-Net resolutions (image_size must halve levels - 1 times)
+    n_layers: int = 4  # DiT blocks
+    n_heads: int = 4  # DiT attention heads
+    patch_size: int = 2  # DiT pixels per patch side
+    text_model: str = "all-minilm-l6-v2"  # the sentence embedding captions are read through
+    text_dimensions: int = 384  # its vectors' size
+    timesteps: int = 1000  # steps of the (cosine) noise schedule
+    condition_dropout: float = 0.15  # share of examples trained without their caption (classifier-free guidance)
+    text_noise: float = 0.0  # std of Gaussian noise added to caption embeddings in training (then renormalised)
+    guidance_scale: float = 3.0  # sampling default: 0 unconditional, 1 plain conditional, > 1 guided
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    ema_decay: float = 0.995  # 0: no moving average of the weights
+    checkpoint_interval: int = 200  # optimizer steps between training states (also at each epoch's end)
+    seed: int = 0
+
+    @property
+    def condition_dimensions(self) -> int:
+        """The step + caption condition vector's size."""
+        return 4 * self.width

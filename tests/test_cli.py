@@ -8,6 +8,7 @@ from dataclasses import fields, is_dataclass
 
 import pytest
 
+from lmforge.apps.diffusion import DiffusionConfig
 from lmforge.apps.recommend import RecommendConfig
 from lmforge.cli import build_parser, main, options_with_dashes, progress_bars
 from lmforge.finetune.classify import ClassifyConfig
@@ -137,6 +138,7 @@ def values_by_option(config, prefix: str = "") -> dict:
         ("train", "config keys", lambda: train_config_from({})),
         ("serve", "config keys", ServeConfig),
         ("recommend", "train keys", RecommendConfig),
+        ("train-image", "--model diffusion keys", DiffusionConfig),
         ("finetune", "--task classify keys", ClassifyConfig),
         ("finetune", "--task sft keys", SFTConfig),
     ],

@@ -151,11 +151,23 @@ def load_digits_split(test_fraction: float = 0.2, seed: int = 0):
     return images[train], labels[train], images[test], labels[test]
 
 
+def read_image(path: str | Path, image_size: int, grayscale: bool = False) -> torch.Tensor:
+    """One image file through Pillow, resized to image_size square: (C, S, S) in [0, 1], C 1 or 3."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if grayscale else "RGB").resize((image_size, image_size))
+            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    except (UnidentifiedImageError, OSError) as error:
+        raise LmforgeError(f"{path}: not a readable image ({error})") from None
+    channels = 1 if grayscale else 3
+    return pixels.reshape(image_size, image_size, channels).permute(2, 0, 1).float() / 255
+
+
 def load_image_folder(folder: str | Path, image_size: int, grayscale: bool = False):
     """Images under folder/CLASS/*.png (ImageFolder layout), resized to image_size square:
     (images (N, C, S, S) in [0, 1], labels (N,), class names)."""
-    from PIL import Image, UnidentifiedImageError
-
     folder = Path(folder)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
     if not classes:
@@ -165,14 +177,7 @@ def load_image_folder(folder: str | Path, image_size: int, grayscale: bool = Fal
         for path in sorted((folder / name).iterdir()):
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            try:
-                with Image.open(path) as image:
-                    image = image.convert("L" if grayscale else "RGB").resize((image_size, image_size))
-                    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-            except (UnidentifiedImageError, OSError) as error:
-                raise LmforgeError(f"{path}: not a readable image ({error})") from None
-            channels = 1 if grayscale else 3
-            images.append(pixels.reshape(image_size, image_size, channels).permute(2, 0, 1).float() / 255)
+            images.append(read_image(path, image_size, grayscale))
             labels.append(label)
     if not images:
         raise LmforgeError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the class folders")
