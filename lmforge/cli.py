@@ -366,8 +366,15 @@ def _diffusion_config():
     return DiffusionConfig()
 
 
+def _gan_config():
+    from lmforge.settings import GANConfig
+
+    return GANConfig()
+
+
 IMAGE_MODELS: dict[str, ImageModel] = {
     "diffusion": ImageModel(_diffusion_config, "lmforge.apps.diffusion:train_diffusion"),
+    "gan": ImageModel(_gan_config, "lmforge.apps.gan:train_gan"),
 }
 DEFAULT_IMAGE_MODEL_FOLDER = "runs/text-to-image"
 
@@ -406,6 +413,7 @@ def command_imagine(args, extra) -> int:
     from lmforge.apps.diffusion import (
         denoising_trajectory,
         load_diffusion,
+        read_image_model_kind,
         sample_images,
         save_image_grid,
         save_trajectory,
@@ -415,8 +423,15 @@ def command_imagine(args, extra) -> int:
         raise LmforgeError(f"--n must be at least 1, got {args.n}")
     if not args.prompt.strip():
         raise LmforgeError("the prompt is empty; say what to draw")
-    model = load_diffusion(args.model)
     prompts = [args.prompt] * args.n
+    if read_image_model_kind(args.model)[0] == "gan":  # one forward pass: no steps, guidance or trajectory
+        from lmforge.apps.gan import load_gan, sample_gan_images
+
+        if args.trajectory:
+            raise LmforgeError(f"{args.model}: a GAN draws in one step; --trajectory is for diffusion models")
+        print(f"wrote {save_image_grid(sample_gan_images(load_gan(args.model), prompts, args.seed), args.out)}")
+        return 0
+    model = load_diffusion(args.model)
     images = sample_images(model, prompts, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
     print(f"wrote {save_image_grid(images, args.out)}")
     if args.trajectory:
@@ -967,7 +982,7 @@ VERBS: dict[str, Verb] = {
     "train-image": Verb(
         command_train_image,
         train_image_arguments,
-        "train a text-to-image model (diffusion) on captioned digits or your own captioned images",
+        "train a text-to-image model (diffusion, or the GAN baseline) on captioned digits or your own captioned images",
         takes_overrides=True,
     ),
     "imagine": Verb(command_imagine, imagine_arguments, "draw images for a text prompt (PNG grid)"),

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -28,67 +27,31 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from lmforge.apps.diffusion import CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, read_image_model_kind
 from lmforge.apps.encoder import embed_distinct
+from lmforge.config import apply_values
 from lmforge.errors import LmforgeError
+from lmforge.settings import GANConfig
 from lmforge.training.optim import build_optimizer
 from lmforge.training.progress import ProgressBar
 
-GAN_KIND = "gan"
+__all__ = ["GANConfig", "ConditionalGAN", "train_gan", "sample_gan_images", "save_gan", "load_gan"]
 
-
-@dataclass
-class GANConfig:
-    image_size: int = 8  # a power of two ≥ 8: the generator starts at 4x4 and doubles
-    channels: int = 1
-    noise_dim: int = 64
-    condition_dim: int = 384  # the sentence embedding's width (all-MiniLM-L6-v2)
-    condition_projection_dim: int = 64
-    width: int = 64  # the generator's last and the discriminator's first convolution's channels
-    steps: int = 3000
-    batch_size: int = 64
-    generator_lr: float = 2e-4
-    discriminator_lr: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.999)  # DCGAN's: momentum 0.9 made their training oscillate
-    ema_decay: float = 0.999
-    mismatch_weight: float = 0.5  # of the fake term: real images under another image's caption
-    text_model: str = "all-minilm-l6-v2"
-    seed: int = 0
-
-    def __post_init__(self):
-        self.betas = tuple(self.betas)
-        stages = math.log2(self.image_size / 4) if self.image_size >= 8 else 0
-        if stages < 1 or stages != int(stages):
-            raise LmforgeError(f"GAN image_size must be a power of two ≥ 8, got {self.image_size}")
-
-    @property
-    def upsampling_stages(self) -> int:
-        return int(math.log2(self.image_size // 4))
-
-
-def config_from_dict(values: dict, where: str | Path = "config") -> GANConfig:
-    """A GANConfig from a JSON object; an unknown key is a one-line error naming it."""
-    known = {field.name for field in fields(GANConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise LmforgeError(f"{where}: unknown GAN config keys {unknown}; known: {sorted(known)}")
-    try:
-        return GANConfig(**values)
-    except TypeError as error:
-        raise LmforgeError(f"{where}: bad GAN config ({error})") from None
+KIND = "gan"
 
 
 class Generator(nn.Module):
-    """(noise (B, noise_dim), caption embedding (B, condition_dim)) → images (B, C, S, S) in [-1, 1]."""
+    """(noise (B, noise_dim), caption embedding (B, text_dimensions)) → images (B, C, S, S) in [-1, 1]."""
 
     def __init__(self, config: GANConfig):
         super().__init__()
         self.config = config
         top = config.width * 2**config.upsampling_stages
         self.condition_projection = nn.Sequential(
-            nn.Linear(config.condition_dim, config.condition_projection_dim), nn.LeakyReLU(0.2)
+            nn.Linear(config.text_dimensions, config.text_projection_dim), nn.LeakyReLU(0.2)
         )
         self.stem = nn.Sequential(
-            nn.Linear(config.noise_dim + config.condition_projection_dim, top * 16, bias=False),
+            nn.Linear(config.noise_dim + config.text_projection_dim, top * 16, bias=False),
             nn.Unflatten(1, (top, 4, 4)), nn.BatchNorm2d(top), nn.ReLU(),
         )  # fmt: skip
         stages = []
@@ -119,7 +82,7 @@ class Discriminator(nn.Module):
             channels *= 2
         self.features = nn.Sequential(*layers, nn.Flatten(), spectral_norm(nn.Linear(channels * 16, channels)))
         self.score = spectral_norm(nn.Linear(channels, 1))
-        self.condition_projection = spectral_norm(nn.Linear(config.condition_dim, channels))
+        self.condition_projection = spectral_norm(nn.Linear(config.text_dimensions, channels))
 
     def forward(self, images: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         features = F.leaky_relu(self.features(images), 0.2)
@@ -187,8 +150,7 @@ def train_gan(
     images: torch.Tensor,
     captions: list[str],
     config: GANConfig | None = None,
-    checkpoint: str | Path | None = None,
-    checkpoint_every: int = 500,
+    out: str | Path | None = None,
     resume: bool = False,
     verbose: int = 1,
     stream=None,
@@ -196,32 +158,36 @@ def train_gan(
 ) -> ConditionalGAN:
     """Train a text-conditioned GAN on `images` (N, C, S, S) in [0, 1] with one caption each.
 
-    With `checkpoint` (a file) the weights and the run's state are written there every `checkpoint_every`
-    steps and at the end; `resume=True` continues from it as the run would have gone on. `condition`
-    (N, d) skips embedding the captions (they are then used only for their count)."""
+    With `out` (a folder), the weights and the run's state go to out/training_state.pt every
+    `checkpoint_interval` steps and at the end, and the finished model (config.json + model.safetensors)
+    to `out`; `resume=True` continues a run from its training state exactly as it would have gone on
+    (it may also go on to more `steps`). `condition` (N, d) stands in for the captions' embeddings."""
     config = config or GANConfig()
     if images.dim() != 4 or images.shape[1:] != (config.channels, config.image_size, config.image_size):
         raise LmforgeError(
-            f"images of shape {tuple(images.shape)} do not fit the GAN config "
-            f"({config.channels} channels, {config.image_size}x{config.image_size})"
+            f"images have shape {tuple(images.shape[1:])}; the GAN config wants "
+            f"({config.channels}, {config.image_size}, {config.image_size})"
         )
     if len(captions) != len(images):
         raise LmforgeError(f"{len(images)} images but {len(captions)} captions")
-    if resume and (checkpoint is None or not Path(checkpoint).is_file()):
+    checkpoint = None if out is None else Path(out) / TRAINING_STATE_FILE
+    if resume and (checkpoint is None or not checkpoint.is_file()):
         raise LmforgeError(f"resume needs the training state a run wrote; there is none at {checkpoint}")
     torch.manual_seed(config.seed)
     model = ConditionalGAN(config)
     if condition is None:
         condition = embed_distinct(captions, config.text_model)
     real = images.float() * 2 - 1
-    generator_optimizer = build_optimizer(model.generator, config.generator_lr, 0.0, "adam", betas=config.betas)
+    generator_optimizer = build_optimizer(
+        model.generator, config.generator_lr, 0.0, "adam", betas=(config.beta1, config.beta2)
+    )
     discriminator_optimizer = build_optimizer(
-        model.discriminator, config.discriminator_lr, 0.0, "adam", betas=config.betas
+        model.discriminator, config.discriminator_lr, 0.0, "adam", betas=(config.beta1, config.beta2)
     )
     rng = torch.Generator().manual_seed(config.seed)
     start = 0
     if resume:
-        state = load_training_state(Path(checkpoint), model)
+        state = load_training_state(checkpoint, model)
         generator_optimizer.load_state_dict(state.generator_optimizer)
         discriminator_optimizer.load_state_dict(state.discriminator_optimizer)
         rng.set_state(state.rng)
@@ -232,9 +198,9 @@ def train_gan(
             state = GANTrainingState(
                 step, generator_optimizer.state_dict(), discriminator_optimizer.state_dict(), rng.get_state()
             )
-            save_training_state(Path(checkpoint), model, state)
+            save_training_state(checkpoint, model, state)
 
-    bar = ProgressBar(config.steps, stream or sys.stdout, initial=start) if verbose else None
+    bar = ProgressBar(config.steps, stream or sys.stderr, initial=start) if verbose else None
     model.train()
     logs: dict = {}
     for step in range(start, config.steps):
@@ -265,12 +231,15 @@ def train_gan(
         logs = {"d_loss": discriminator_loss.item(), "g_loss": generator_loss.item()}
         if bar is not None:
             bar.update(step + 1, logs)
-        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+        if checkpoint is not None and config.checkpoint_interval and (step + 1) % config.checkpoint_interval == 0:
             save(step + 1)
     if bar is not None:
         bar.finish(logs)
     save(config.steps)
-    return model.eval()
+    model.eval()
+    if out is not None:
+        save_gan(model, out)
+    return model
 
 
 @torch.no_grad()
@@ -297,45 +266,39 @@ def sample_gan_images(
     )
 
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-
-
 def save_gan(model: ConditionalGAN, path: str | Path) -> Path:
-    """A checkpoint folder: the averaged generator's weights (all sampling needs) as safetensors, and
-    config.json with `"kind": "gan"`; written atomically."""
+    """config.json (`"kind": "gan"`) + model.safetensors, the averaged generator's weights (all sampling
+    needs), into folder `path`, atomically with the config last; other files there (a training state) stay."""
     from safetensors.torch import save_file
 
-    from lmforge.atomic import write_folder_atomically
+    from lmforge.atomic import write_files_atomically
 
-    weights = {name: tensor.contiguous() for name, tensor in model.average_generator.state_dict().items()}
-    config = {"kind": GAN_KIND, "config": asdict(model.config)}
-    return write_folder_atomically(
-        path,
-        {
-            WEIGHTS_FILE: lambda file: save_file(weights, str(file)),
-            CONFIG_FILE: lambda file: file.write_text(json.dumps(config, indent=2) + "\n"),
-        },
-    )
+    weights = {name: tensor.detach().contiguous() for name, tensor in model.average_generator.state_dict().items()}
+    config = json.dumps({"kind": KIND, "config": asdict(model.config)}, indent=2)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    return write_files_atomically(path, {
+        WEIGHTS_FILE: lambda file: save_file(weights, str(file), metadata={"format": "pt"}),
+        CONFIG_FILE: lambda file: file.write_text(config, encoding="utf-8"),
+    })  # fmt: skip
 
 
 def load_gan(path: str | Path) -> ConditionalGAN:
-    """A model `save_gan` wrote, ready for `sample_gan_images` (the discriminator is not saved)."""
+    """A model `save_gan` (or `lmforge train-image --model gan`) wrote, ready for `sample_gan_images`;
+    the discriminator is not saved, so it cannot train on."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from lmforge.formats.metadata import read_json_object
-
-    folder = Path(path)
-    if not (folder / CONFIG_FILE).is_file():
-        raise LmforgeError(f"{folder}: not a GAN checkpoint folder (no {CONFIG_FILE})")
-    saved = read_json_object(folder / CONFIG_FILE)
-    if saved.get("kind") != GAN_KIND or not isinstance(saved.get("config"), dict):
-        raise LmforgeError(f"{folder / CONFIG_FILE}: not a GAN checkpoint (kind {saved.get('kind')!r})")
-    model = ConditionalGAN(config_from_dict(saved["config"], folder / CONFIG_FILE))
+    kind, values = read_image_model_kind(path)
+    if kind != KIND:
+        raise LmforgeError(f"{Path(path) / CONFIG_FILE}: a {kind!r} model, not a GAN")
+    model = ConditionalGAN(apply_values(GANConfig(), values, f"{Path(path) / CONFIG_FILE}: "))
+    weights_path = Path(path) / WEIGHTS_FILE
     try:
-        model.average_generator.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-    except (OSError, RuntimeError, SafetensorError) as error:
-        message = str(error).splitlines()[-1] if str(error) else type(error).__name__
-        raise LmforgeError(f"{folder / WEIGHTS_FILE}: cannot load the GAN's weights ({message})") from None
+        model.average_generator.load_state_dict(load_file(str(weights_path)))
+    except (OSError, SafetensorError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise LmforgeError(
+            f"{weights_path}: cannot load these weights into the configured GAN ({first_line})"
+        ) from None
     model.generator.load_state_dict(model.average_generator.state_dict())
     return model.eval()

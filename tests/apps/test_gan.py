@@ -9,7 +9,7 @@ from lmforge.errors import LmforgeError
 
 
 def tiny_config(**overrides) -> gan.GANConfig:
-    values = dict(width=8, noise_dim=8, condition_dim=4, condition_projection_dim=4, batch_size=16, steps=4)
+    values = dict(width=8, noise_dim=8, text_dimensions=4, text_projection_dim=4, batch_size=16, steps=4)
     return gan.GANConfig(**(values | overrides))
 
 
@@ -36,7 +36,7 @@ def test_generator_and_discriminator_shapes(image_size):
 
 @pytest.mark.parametrize("image_size", [4, 12, 7])
 def test_image_sizes_that_are_not_powers_of_two_from_8_are_refused(image_size):
-    with pytest.raises(LmforgeError, match="power of two"):
+    with pytest.raises(ValueError, match="power of two"):
         gan.GANConfig(image_size=image_size)
 
 
@@ -75,10 +75,10 @@ def test_save_and_load_give_the_same_samples(tmp_path):
 def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
     images, condition = halves(32)
     whole = gan.train_gan(images, ["x"] * 32, tiny_config(steps=6), verbose=0, condition=condition)
-    state = tmp_path / "state.pt"
-    gan.train_gan(images, ["x"] * 32, tiny_config(steps=3), checkpoint=state, verbose=0, condition=condition)
+    gan.train_gan(images, ["x"] * 32, tiny_config(steps=3), out=tmp_path, verbose=0, condition=condition)
+    assert gan.load_gan(tmp_path).config.steps == 3  # the finished model is saved beside the training state
     resumed = gan.train_gan(
-        images, ["x"] * 32, tiny_config(steps=6), checkpoint=state, resume=True, verbose=0, condition=condition
+        images, ["x"] * 32, tiny_config(steps=6), out=tmp_path, resume=True, verbose=0, condition=condition
     )
     for name, tensor in whole.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
@@ -86,33 +86,35 @@ def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
 
 def test_resume_refuses_another_config(tmp_path):
     images, condition = halves(32)
-    state = tmp_path / "state.pt"
-    gan.train_gan(images, ["x"] * 32, tiny_config(steps=2), checkpoint=state, verbose=0, condition=condition)
-    with pytest.raises(LmforgeError, match=r"state.pt: cannot resume.*width"):
+    gan.train_gan(images, ["x"] * 32, tiny_config(steps=2), out=tmp_path, verbose=0, condition=condition)
+    with pytest.raises(LmforgeError, match=r"training_state.pt: cannot resume.*width"):
         gan.train_gan(
-            images, ["x"] * 32, tiny_config(width=16), checkpoint=state, resume=True, verbose=0, condition=condition
+            images, ["x"] * 32, tiny_config(width=16), out=tmp_path, resume=True, verbose=0, condition=condition
         )
     with pytest.raises(LmforgeError, match="there is none"):
-        gan.train_gan(images, ["x"] * 32, tiny_config(), checkpoint=tmp_path / "none.pt", resume=True, verbose=0)
+        gan.train_gan(images, ["x"] * 32, tiny_config(), out=tmp_path / "new", resume=True, verbose=0)
 
 
 def test_bad_inputs_and_checkpoints_are_one_line_errors(tmp_path):
     images, condition = halves(8)
-    with pytest.raises(LmforgeError, match="do not fit"):
+    with pytest.raises(LmforgeError, match="the GAN config wants"):
         gan.train_gan(images[:, :, :4, :4], ["x"] * 8, tiny_config(), verbose=0, condition=condition)
     with pytest.raises(LmforgeError, match="8 images but 3 captions"):
         gan.train_gan(images, ["x"] * 3, tiny_config(), verbose=0)
-    with pytest.raises(LmforgeError, match="not a GAN checkpoint folder"):
+    with pytest.raises(LmforgeError, match="not an image model folder"):
         gan.load_gan(tmp_path)
     (tmp_path / "config.json").write_text('{"kind": "diffusion", "config": {}}')
-    with pytest.raises(LmforgeError, match="not a GAN checkpoint"):
+    with pytest.raises(LmforgeError, match="a 'diffusion' model, not a GAN"):
         gan.load_gan(tmp_path)
     (tmp_path / "config.json").write_text('{"kind": "gan", "config": {"colour": 3}}')
-    with pytest.raises(LmforgeError, match="unknown GAN config keys"):
+    with pytest.raises(LmforgeError, match="colour"):
+        gan.load_gan(tmp_path)
+    (tmp_path / "config.json").write_text('{"kind": "gan", "config": {"image_size": 12}}')
+    with pytest.raises(LmforgeError, match="power of two"):
         gan.load_gan(tmp_path)
     (tmp_path / "config.json").write_text('{"kind": "gan", "config": {}}')
     (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(LmforgeError, match="cannot load the GAN's weights"):
+    with pytest.raises(LmforgeError, match="cannot load these weights"):
         gan.load_gan(tmp_path)
 
 
@@ -121,3 +123,26 @@ def test_captions_are_embedded_with_the_sentence_model():
     captions = ["a handwritten seven", "the digit 1"] * 8
     model = gan.train_gan(images, captions, gan.GANConfig(width=8, steps=1, batch_size=4), verbose=0)
     assert gan.sample_gan_images(model, ["a drawing of the digit seven"], seed=0).shape == (1, 1, 8, 8)
+
+
+def test_train_image_gan_then_imagine_from_the_command_line(tmp_path, capsys):
+    from PIL import Image
+
+    from lmforge.cli import main
+
+    run = tmp_path / "run"
+    tiny = ["--model", "gan", "--width=8", "--noise-dim=8", "--batch-size=16", "--captions-per-image", "1"]
+    assert main(["train-image", "--out", str(run), "--steps=2", *tiny]) == 0
+    assert {"config.json", "model.safetensors", "training_state.pt"} <= {path.name for path in run.iterdir()}
+    assert main(["train-image", "--out", str(run), "--steps=4", "--resume", *tiny]) == 0
+    assert gan.load_gan(run).config.steps == 4
+    grid = tmp_path / "seven.png"
+    arguments = ["imagine", "a handwritten seven", "--model", str(run), "--out", str(grid), "--n", "4", "--seed", "1"]
+    assert main(arguments) == 0
+    expected = gan.sample_gan_images(gan.load_gan(run), ["a handwritten seven"] * 4, seed=1)
+    with Image.open(grid) as picture:
+        assert picture.size == (2 * 66 + 2, 2 * 66 + 2)  # 4 tiles of 8x8 scaled by 8, 2 by 2
+        assert picture.getpixel((2, 2)) == round(float(expected[0, 0, 0, 0]) * 255)
+    capsys.readouterr()
+    assert main([*arguments, "--trajectory", str(tmp_path / "steps")]) == 2
+    assert "a GAN draws in one step" in capsys.readouterr().err
