@@ -829,9 +829,11 @@ def imagine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="imagine.png", help="PNG file for the grid (default imagine.png)")
     parser.add_argument("--n", type=int, default=16, help="how many images (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed draws the same images")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM denoising steps (default 50)")
+    parser.add_argument("--steps", type=int, default=50, help="diffusion: DDIM denoising steps (default 50)")
     parser.add_argument(
-        "--guidance", type=float, help="classifier-free guidance scale (default: the model's; 0 ignores the prompt)"
+        "--guidance",
+        type=float,
+        help="diffusion: classifier-free guidance scale (default: the model's; 0 ignores the prompt)",
     )
     parser.add_argument("--trajectory", help="also write the denoising steps as PNGs (and strip.png) to this folder")
 
