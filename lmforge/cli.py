@@ -815,7 +815,7 @@ def train_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="digits", help="'digits' (default) or a folder of images")
     parser.add_argument("--captions", help="JSON Lines captions file for the images in --data")
     parser.add_argument(
-        "--captions-per-image", type=int, default=2, help="digits: copies of each image, each with its own phrasing"
+        "--captions-per-image", type=int, default=1, help="digits: copies of each image, each with its own phrasing"
     )
     parser.add_argument("--out", default=DEFAULT_IMAGE_MODEL_FOLDER, help="folder for the model and training state")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its training state")

@@ -544,7 +544,7 @@ class DiffusionConfig:
     image_size: int = 8  # pixels per side (the digits are 8x8)
     channels: int = 1  # 1 grey, 3 RGB
     denoiser: str = "unet"  # "unet" | "dit"
-    width: int = 64  # U-Net channels at full resolution (doubling per level); DiT d_model
+    width: int = 32  # U-Net channels at full resolution (doubling per level); DiT d_model
     levels: int = 2  # U-Net resolutions (image_size must halve levels - 1 times)
     n_layers: int = 4  # DiT blocks
     n_heads: int = 4  # DiT attention heads
@@ -553,8 +553,7 @@ class DiffusionConfig:
     text_dimensions: int = 384  # its vectors' size
     timesteps: int = 1000  # steps of the (cosine) noise schedule
     condition_dropout: float = 0.15  # share of examples trained without their caption (classifier-free guidance)
-    text_noise: float = 0.0  # std of Gaussian noise added to caption embeddings in training (then renormalised)
-    guidance_scale: float = 3.0  # sampling default: 0 unconditional, 1 plain conditional, > 1 guided
+    guidance_scale: float = 5.0  # sampling default: 0 unconditional, 1 plain conditional, > 1 guided
     epochs: int = 30
     batch_size: int = 64
     learning_rate: float = 2e-3

@@ -219,8 +219,6 @@ class DenoisingObjective(nn.Module):
         noise = torch.randn_like(x0)
         alpha_bar = self.model.alpha_bars[timesteps][:, None, None, None]
         noisy = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
-        if config.text_noise:  # nearby sentences get nearby conditions: held-out phrasings land among them
-            text = F.normalize(text + config.text_noise * torch.randn_like(text), dim=-1)
         keep_text = torch.rand(len(x0), device=x0.device) >= config.condition_dropout
         return torch.stack([self.model(noisy, timesteps, text, keep_text), noise], dim=1)
 
