@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.apps.encoder import embed_distinct
+from lmforge.apps.diffusion import embed_captions
 from lmforge.apps.vision import ProgressOverAllSteps, SmallCNN, VisionTransformer, ViTConfig
 from lmforge.errors import LmforgeError
 from lmforge.training import fit
@@ -113,7 +113,7 @@ def train_clip(
     distinct = sorted(set(captions))
     row = {caption: i for i, caption in enumerate(distinct)}
     caption_ids = torch.tensor([row[caption] for caption in captions])
-    sentence_embeddings = embed_distinct(captions, config.text_model)
+    sentence_embeddings = embed_captions(captions, config.text_model)
     fit.compile(model, "adamw", contrastive_loss, learning_rate=lr, weight_decay=weight_decay)
     callbacks = [fit.WarmupCosine(min_ratio=0.0)] + ([ProgressOverAllSteps(stream)] if verbose else [])
     fit.fit(
@@ -129,7 +129,7 @@ def zero_shot_logits(model: CLIPModel, images: torch.Tensor, class_captions: lis
     whose projected embeddings are averaged (CLIP's prompt ensembling)."""
     model.eval()
     prompts = [caption for captions in class_captions for caption in captions]
-    text = model.text_embeddings(embed_distinct(prompts, model.config.text_model))
+    text = model.text_embeddings(embed_captions(prompts, model.config.text_model))
     counts = [len(captions) for captions in class_captions]
     per_class = F.normalize(torch.stack([part.mean(0) for part in text.split(counts)]), dim=-1)
     image = torch.cat([model.image_embeddings(batch) for batch in images.float().split(256)])

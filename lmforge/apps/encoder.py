@@ -248,11 +248,3 @@ def _cached_embedder(model: str) -> SentenceEmbedder:
 def embed(texts: str | list[str], model: str | Path = DEFAULT_EMBEDDING_MODEL) -> torch.Tensor:
     """Unit-length sentence embeddings (N, d) of `texts` (default model all-MiniLM-L6-v2; each model loads once)."""
     return _cached_embedder(str(model)).embed([texts] if isinstance(texts, str) else list(texts))
-
-
-def embed_distinct(texts: list[str], model: str | Path = DEFAULT_EMBEDDING_MODEL) -> torch.Tensor:
-    """`embed(texts)` with each distinct text embedded once: captioned datasets repeat a few captions
-    thousands of times."""
-    distinct = sorted(set(texts))
-    row = {text: i for i, text in enumerate(distinct)}
-    return embed(distinct, model)[torch.tensor([row[text] for text in texts], dtype=torch.long)]

@@ -27,8 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from lmforge.apps.diffusion import CONFIG_FILE, TRAINING_STATE_FILE, WEIGHTS_FILE, read_image_model_kind
-from lmforge.apps.encoder import embed_distinct
+from lmforge.apps.diffusion import (
+    CONFIG_FILE,
+    TRAINING_STATE_FILE,
+    WEIGHTS_FILE,
+    embed_captions,
+    read_image_model_kind,
+)
 from lmforge.config import apply_values
 from lmforge.errors import LmforgeError
 from lmforge.settings import GANConfig
@@ -176,7 +181,7 @@ def train_gan(
     torch.manual_seed(config.seed)
     model = ConditionalGAN(config)
     if condition is None:
-        condition = embed_distinct(captions, config.text_model)
+        condition = embed_captions(captions, config.text_model)
     real = images.float() * 2 - 1
     generator_optimizer = build_optimizer(
         model.generator, config.generator_lr, 0.0, "adam", betas=(config.beta1, config.beta2)
@@ -253,7 +258,7 @@ def sample_gan_images(
     """One image per caption from the averaged generator, (N, C, S, S) in [0, 1]; the same seed gives the
     same images. `condition` (N, d) gives the caption embeddings instead of embedding `captions`."""
     if condition is None:
-        condition = embed_distinct(list(captions), model.config.text_model)
+        condition = embed_captions(list(captions), model.config.text_model)
     generator = model.average_generator.eval()
     rng = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(condition), model.config.noise_dim, generator=rng)
