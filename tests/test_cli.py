@@ -261,20 +261,22 @@ codes = [
     main(["quickstart", "--max-stpes=3"]),
     main(["explain", "--prompt", "hi", "--bogus"]),
     main(["quantize", "smollm2-135m-instruct", "--out", "x", "--bogus"]),
+    main(["train-image", "--widht=8"]),
 ]
 print(len(pages), codes, "torch" in sys.modules)
 """
     )
-    assert result.stdout.split("\n")[0] == f"15 {[2] * 8} False", result.stderr
+    assert result.stdout.split("\n")[0] == f"17 {[2] * 9} False", result.stderr
     errors = result.stderr.splitlines()
     assert errors[0].startswith("error: unknown config key 'bogus_option'")
     assert errors[1] == "error: max_new_tokens: expected an integer, got 'many'"
     assert "did you mean 'max_steps'" in errors[2] and "did you mean 'epochs'" in errors[3] + errors[4]
     assert "did you mean 'max_steps'" in errors[5]
-    assert errors[6:] == [
+    assert errors[6:8] == [
         "error: unexpected arguments ['--bogus']; see lmforge explain --help",
         "error: unexpected arguments ['--bogus']; see lmforge quantize --help",
     ]
+    assert "did you mean 'width'" in errors[8]
 
 
 def test_progress_bars_draw_fits_bar_for_each_stage_on_stderr(capsys):
