@@ -17,7 +17,6 @@ config)`, `sample_gan_images(model, captions, seed)` in [0, 1], `save_gan` / `lo
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,13 +27,13 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from lmforge.apps.diffusion import (
-    CONFIG_FILE,
     TRAINING_STATE_FILE,
-    WEIGHTS_FILE,
+    check_captioned_images,
     embed_captions,
-    read_image_model_kind,
+    load_image_model_weights,
+    read_image_model_config,
+    save_image_model,
 )
-from lmforge.config import apply_values
 from lmforge.errors import LmforgeError
 from lmforge.settings import GANConfig
 from lmforge.training.optim import build_optimizer
@@ -168,13 +167,7 @@ def train_gan(
     to `out`; `resume=True` continues a run from its training state exactly as it would have gone on
     (it may also go on to more `steps`). `condition` (N, d) stands in for the captions' embeddings."""
     config = config or GANConfig()
-    if images.dim() != 4 or images.shape[1:] != (config.channels, config.image_size, config.image_size):
-        raise LmforgeError(
-            f"images have shape {tuple(images.shape[1:])}; the GAN config wants "
-            f"({config.channels}, {config.image_size}, {config.image_size})"
-        )
-    if len(captions) != len(images):
-        raise LmforgeError(f"{len(images)} images but {len(captions)} captions")
+    check_captioned_images(images, captions, config)
     checkpoint = None if out is None else Path(out) / TRAINING_STATE_FILE
     if resume and (checkpoint is None or not checkpoint.is_file()):
         raise LmforgeError(f"resume needs the training state a run wrote; there is none at {checkpoint}")
@@ -274,36 +267,13 @@ def sample_gan_images(
 def save_gan(model: ConditionalGAN, path: str | Path) -> Path:
     """config.json (`"kind": "gan"`) + model.safetensors, the averaged generator's weights (all sampling
     needs), into folder `path`, atomically with the config last; other files there (a training state) stay."""
-    from safetensors.torch import save_file
-
-    from lmforge.atomic import write_files_atomically
-
-    weights = {name: tensor.detach().contiguous() for name, tensor in model.average_generator.state_dict().items()}
-    config = json.dumps({"kind": KIND, "config": asdict(model.config)}, indent=2)
-    Path(path).mkdir(parents=True, exist_ok=True)
-    return write_files_atomically(path, {
-        WEIGHTS_FILE: lambda file: save_file(weights, str(file), metadata={"format": "pt"}),
-        CONFIG_FILE: lambda file: file.write_text(config, encoding="utf-8"),
-    })  # fmt: skip
+    return save_image_model(path, KIND, model.config, model.average_generator)
 
 
 def load_gan(path: str | Path) -> ConditionalGAN:
     """A model `save_gan` (or `lmforge train-image --model gan`) wrote, ready for `sample_gan_images`;
     the discriminator is not saved, so it cannot train on."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    kind, values = read_image_model_kind(path)
-    if kind != KIND:
-        raise LmforgeError(f"{Path(path) / CONFIG_FILE}: a {kind!r} model, not a GAN")
-    model = ConditionalGAN(apply_values(GANConfig(), values, f"{Path(path) / CONFIG_FILE}: "))
-    weights_path = Path(path) / WEIGHTS_FILE
-    try:
-        model.average_generator.load_state_dict(load_file(str(weights_path)))
-    except (OSError, SafetensorError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise LmforgeError(
-            f"{weights_path}: cannot load these weights into the configured GAN ({first_line})"
-        ) from None
+    model = ConditionalGAN(read_image_model_config(path, KIND, GANConfig()))
+    load_image_model_weights(model.average_generator, path)
     model.generator.load_state_dict(model.average_generator.state_dict())
     return model.eval()

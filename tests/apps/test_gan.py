@@ -97,14 +97,14 @@ def test_resume_refuses_another_config(tmp_path):
 
 def test_bad_inputs_and_checkpoints_are_one_line_errors(tmp_path):
     images, condition = halves(8)
-    with pytest.raises(LmforgeError, match="the GAN config wants"):
+    with pytest.raises(LmforgeError, match=r"images have shape \(1, 4, 4\); the config wants \(1, 8, 8\)"):
         gan.train_gan(images[:, :, :4, :4], ["x"] * 8, tiny_config(), verbose=0, condition=condition)
     with pytest.raises(LmforgeError, match="8 images but 3 captions"):
         gan.train_gan(images, ["x"] * 3, tiny_config(), verbose=0)
     with pytest.raises(LmforgeError, match="not an image model folder"):
         gan.load_gan(tmp_path)
     (tmp_path / "config.json").write_text('{"kind": "diffusion", "config": {}}')
-    with pytest.raises(LmforgeError, match="a 'diffusion' model, not a GAN"):
+    with pytest.raises(LmforgeError, match="a 'diffusion' model, not a gan model"):
         gan.load_gan(tmp_path)
     (tmp_path / "config.json").write_text('{"kind": "gan", "config": {"colour": 3}}')
     with pytest.raises(LmforgeError, match="colour"):
