@@ -191,49 +191,61 @@ def train_gan(
         rng.set_state(state.rng)
         start = state.step
 
-    def save(step: int) -> None:
+    def save(step: int, rng_state: torch.Tensor) -> None:
         if checkpoint is not None:
             state = GANTrainingState(
-                step, generator_optimizer.state_dict(), discriminator_optimizer.state_dict(), rng.get_state()
+                step, generator_optimizer.state_dict(), discriminator_optimizer.state_dict(), rng_state
             )
             save_training_state(checkpoint, model, state)
 
     bar = ProgressBar(config.steps, stream or sys.stderr, initial=start) if verbose else None
     model.train()
     logs: dict = {}
-    for step in range(start, config.steps):
-        index = torch.randint(len(real), (config.batch_size,), generator=rng)
-        real_batch, condition_batch = real[index], condition[index]
-        noise = torch.randn(config.batch_size, config.noise_dim, generator=rng)
-        fake = model.generator(noise, condition_batch)
-        # hinge loss: the discriminator pushes real scores above 1 and fake ones below -1. A real image
-        # under another image's caption counts as fake too (GAN-CLS, Reed et al. 2016), so the
-        # discriminator judges whether image and caption match from the first steps; a caption that
-        # happens to describe the same digit is noise the average absorbs.
-        mismatched = condition_batch.roll(1, dims=0)
-        discriminator_loss = (
-            F.relu(1 - model.discriminator(real_batch, condition_batch)).mean()
-            + F.relu(1 + model.discriminator(fake.detach(), condition_batch)).mean() * (1 - config.mismatch_weight)
-            + F.relu(1 + model.discriminator(real_batch, mismatched)).mean() * config.mismatch_weight
-        )
-        discriminator_optimizer.zero_grad(set_to_none=True)
-        discriminator_loss.backward()
-        discriminator_optimizer.step()
-        generator_loss = -model.discriminator(fake, condition_batch).mean()
-        generator_optimizer.zero_grad(set_to_none=True)
-        generator_loss.backward()
-        generator_optimizer.step()
-        model.update_average(step)
-        if not (torch.isfinite(discriminator_loss) and torch.isfinite(generator_loss)):
-            raise LmforgeError(f"GAN step {step + 1}: the loss is not finite; lower the learning rates")
-        logs = {"d_loss": discriminator_loss.item(), "g_loss": generator_loss.item()}
-        if bar is not None:
-            bar.update(step + 1, logs)
-        if checkpoint is not None and config.checkpoint_interval and (step + 1) % config.checkpoint_interval == 0:
-            save(step + 1)
+    # Ctrl-C saves the last completed step, unless it lands between the two players' updates, where the
+    # weights belong to no step (then the last periodic state stands).
+    completed, completed_rng, updating = start, rng.get_state(), False
+    try:
+        for step in range(start, config.steps):
+            index = torch.randint(len(real), (config.batch_size,), generator=rng)
+            real_batch, condition_batch = real[index], condition[index]
+            noise = torch.randn(config.batch_size, config.noise_dim, generator=rng)
+            fake = model.generator(noise, condition_batch)
+            # hinge loss: the discriminator pushes real scores above 1 and fake ones below -1. A real image
+            # under another image's caption counts as fake too (GAN-CLS, Reed et al. 2016), so the
+            # discriminator judges whether image and caption match from the first steps; a caption that
+            # happens to describe the same digit is noise the average absorbs.
+            mismatched = condition_batch.roll(1, dims=0)
+            discriminator_loss = (
+                F.relu(1 - model.discriminator(real_batch, condition_batch)).mean()
+                + F.relu(1 + model.discriminator(fake.detach(), condition_batch)).mean() * (1 - config.mismatch_weight)
+                + F.relu(1 + model.discriminator(real_batch, mismatched)).mean() * config.mismatch_weight
+            )
+            if not torch.isfinite(discriminator_loss):  # before the update: the weights stay the last step's
+                raise LmforgeError(f"GAN step {step + 1}: the loss is not finite; lower the learning rates")
+            updating = True
+            discriminator_optimizer.zero_grad(set_to_none=True)
+            discriminator_loss.backward()
+            discriminator_optimizer.step()
+            generator_loss = -model.discriminator(fake, condition_batch).mean()
+            generator_optimizer.zero_grad(set_to_none=True)
+            generator_loss.backward()
+            generator_optimizer.step()
+            model.update_average(step)
+            updating = False
+            completed, completed_rng = step + 1, rng.get_state()
+            logs = {"d_loss": discriminator_loss.item(), "g_loss": generator_loss.item()}
+            if bar is not None:
+                bar.update(step + 1, logs)
+            if checkpoint is not None and config.checkpoint_interval and (step + 1) % config.checkpoint_interval == 0:
+                save(step + 1, completed_rng)
+    except KeyboardInterrupt:
+        if checkpoint is not None and not updating and completed > start:
+            save(completed, completed_rng)
+            print(f"\ninterrupted: saved step {completed} to {checkpoint}; continue with --resume", file=sys.stderr)
+        raise
     if bar is not None:
         bar.finish(logs)
-    save(config.steps)
+    save(config.steps, rng.get_state())
     model.eval()
     if out is not None:
         save_gan(model, out)

@@ -146,3 +146,23 @@ def test_train_image_gan_then_imagine_from_the_command_line(tmp_path, capsys):
     capsys.readouterr()
     assert main([*arguments, "--trajectory", str(tmp_path / "steps")]) == 2
     assert "a GAN draws in one step" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_the_last_completed_step_and_resume_goes_on_from_it(tmp_path, monkeypatch):
+    images, condition = halves(32)
+    whole = gan.train_gan(images, ["x"] * 32, tiny_config(steps=6), verbose=0, condition=condition)
+
+    class InterruptedAfterThreeSteps(gan.ProgressBar):
+        def update(self, step, logs):
+            if step == 3:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(gan, "ProgressBar", InterruptedAfterThreeSteps)
+    with pytest.raises(KeyboardInterrupt):
+        gan.train_gan(images, ["x"] * 32, tiny_config(steps=6), out=tmp_path, condition=condition)
+    monkeypatch.undo()
+    resumed = gan.train_gan(
+        images, ["x"] * 32, tiny_config(steps=6), out=tmp_path, resume=True, verbose=0, condition=condition
+    )
+    for name, tensor in whole.state_dict().items():
+        assert torch.equal(tensor, resumed.state_dict()[name]), name
