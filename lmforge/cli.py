@@ -415,10 +415,18 @@ def _diffusion_config():
     return DiffusionConfig()
 
 
+def _gan_config():
+    from lmforge.settings import GANConfig
+
+    return GANConfig()
+
+
 IMAGE_MODELS: dict[str, ImageModel] = {
     "diffusion": ImageModel(_diffusion_config, "lmforge.apps.diffusion:train_diffusion"),
+    "gan": ImageModel(_gan_config, "lmforge.apps.gan:train_gan"),
 }
 DEFAULT_IMAGE_MODEL_FOLDER = "runs/text-to-image"
+DEFAULT_DENOISING_STEPS = 50
 
 
 def command_train_image(args, extra) -> int:
@@ -455,6 +463,7 @@ def command_imagine(args, extra) -> int:
     from lmforge.apps.diffusion import (
         denoising_trajectory,
         load_diffusion,
+        read_image_model_kind,
         sample_images,
         save_image_grid,
         save_trajectory,
@@ -464,8 +473,21 @@ def command_imagine(args, extra) -> int:
         raise LmforgeError(f"--n must be at least 1, got {args.n}")
     if not args.prompt.strip():
         raise LmforgeError("the prompt is empty; say what to draw")
-    model = load_diffusion(args.model)
     prompts = [args.prompt] * args.n
+    if read_image_model_kind(args.model)[0] == "gan":  # one forward pass: no steps, guidance or trajectory
+        from lmforge.apps.gan import load_gan, sample_gan_images
+
+        for option, given in (
+            ("--trajectory", args.trajectory),
+            ("--steps", args.steps),
+            ("--guidance", args.guidance),
+        ):
+            if given is not None:
+                raise LmforgeError(f"{args.model}: a GAN draws in one step; {option} is for diffusion models")
+        print(f"wrote {save_image_grid(sample_gan_images(load_gan(args.model), prompts, args.seed), args.out)}")
+        return 0
+    model = load_diffusion(args.model)
+    args.steps = DEFAULT_DENOISING_STEPS if args.steps is None else args.steps
     images = sample_images(model, prompts, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
     print(f"wrote {save_image_grid(images, args.out)}")
     if args.trajectory:
@@ -917,9 +939,13 @@ def imagine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="imagine.png", help="PNG file for the grid (default imagine.png)")
     parser.add_argument("--n", type=int, default=16, help="how many images (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed draws the same images")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM denoising steps (default 50)")
     parser.add_argument(
-        "--guidance", type=float, help="classifier-free guidance scale (default: the model's; 0 ignores the prompt)"
+        "--steps", type=int, help=f"diffusion: DDIM denoising steps (default {DEFAULT_DENOISING_STEPS})"
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        help="diffusion: classifier-free guidance scale (default: the model's; 0 ignores the prompt)",
     )
     parser.add_argument("--trajectory", help="also write the denoising steps as PNGs (and strip.png) to this folder")
 
@@ -1071,7 +1097,7 @@ VERBS: dict[str, Verb] = {
     "train-image": Verb(
         command_train_image,
         train_image_arguments,
-        "train a text-to-image model (diffusion) on captioned digits or your own captioned images",
+        "train a text-to-image model (diffusion, or the GAN baseline) on captioned digits or your own captioned images",
         takes_overrides=True,
     ),
     "imagine": Verb(command_imagine, imagine_arguments, "draw images for a text prompt (PNG grid)"),

@@ -605,3 +605,35 @@ class DiffusionConfig:
     def condition_dimensions(self) -> int:
         """The step + caption condition vector's size."""
         return 4 * self.width
+
+
+@dataclass
+class GANConfig:
+    """A text-conditioned GAN (`lmforge.apps.gan`), the diffusion model's baseline, and how it trains."""
+
+    image_size: int = 8  # pixels per side, a power of two ≥ 8: the generator starts at 4x4 and doubles
+    channels: int = 1  # 1 grey, 3 RGB
+    noise_dim: int = 64  # the generator's random input
+    text_model: str = "all-minilm-l6-v2"  # the sentence embedding captions are read through
+    text_dimensions: int = 384  # its vectors' size
+    text_projection_dim: int = 64  # the caption's part of the generator's input
+    width: int = 32  # the generator's last and the discriminator's first convolution's channels
+    steps: int = 2000  # generator (and discriminator) updates
+    batch_size: int = 64
+    generator_lr: float = 2e-4
+    discriminator_lr: float = 2e-4
+    beta1: float = 0.5  # Adam's momentum; DCGAN's 0.5, as 0.9 made their training oscillate
+    beta2: float = 0.999
+    mismatch_weight: float = 0.5  # share of the discriminator's "fake" term given to real images, wrong captions
+    ema_decay: float = 0.999  # the sampled generator is this moving average of the trained one's weights
+    checkpoint_interval: int = 500  # steps between training states (also at the end)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.image_size < 8 or self.image_size & (self.image_size - 1):
+            raise ValueError(f"GAN image_size must be a power of two ≥ 8, got {self.image_size}")
+
+    @property
+    def upsampling_stages(self) -> int:
+        """Doublings from the generator's 4x4 start to image_size."""
+        return int(math.log2(self.image_size // 4))

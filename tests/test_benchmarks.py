@@ -148,3 +148,37 @@ def test_gpu_peaks_are_the_published_dense_bf16_ones():
     assert gpu_train.published_peak("NVIDIA H100 PCIe") == 756e12
     assert gpu_train.published_peak("NVIDIA L40") == 181e12 and gpu_train.published_peak("NVIDIA L4") == 121e12
     assert gpu_train.published_peak("Tesla T4") is None  # measured instead
+
+
+def test_text_to_image_scores_real_digits_as_the_judge_reads_them():
+    import text_to_image
+
+    from lmforge.apps.vision import SmallCNN, load_digits_split, predict
+
+    captions, asked = text_to_image.held_out_requests(6)
+    assert len(captions) == 60 and asked.bincount().tolist() == [6] * 10
+    assert captions[:3] == [
+        "a drawing of the digit zero",
+        "someone wrote the number 0",
+        "the numeral zero in handwriting",
+    ]
+    _, _, test_x, test_y = load_digits_split()
+    torch.manual_seed(0)
+    judge = SmallCNN(1, 10, 8)  # untrained: the scores must still agree with its own reading
+    features = text_to_image.judge_features(judge, test_x)
+    assert features.shape == (len(test_x), 32 * 4 * 4)
+    scores = text_to_image.judge_generated(judge, test_x, test_y, features, features, test_y)
+    assert scores["asked_for_accuracy"] == (predict(judge, test_x) == test_y).float().mean().item()
+    assert scores["frechet_distance"] == pytest.approx(0.0, abs=1e-6)  # the same set as the reference
+    assert scores["diversity"] == pytest.approx(1.0)
+    # one image repeated for every request: no diversity at all
+    collapsed = test_x[:1].expand(len(test_x), -1, -1, -1)
+    scores = text_to_image.judge_generated(judge, collapsed, test_y, features, features, test_y)
+    assert scores["diversity"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_mean_pairwise_distance_counts_each_distinct_pair():
+    import text_to_image
+
+    points = torch.tensor([[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]])
+    assert text_to_image.mean_pairwise_distance(points) == pytest.approx((5 + 5 + 0) / 3)

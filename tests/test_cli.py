@@ -9,6 +9,7 @@ from dataclasses import fields, is_dataclass
 import pytest
 
 from lmforge.apps.diffusion import DiffusionConfig
+from lmforge.apps.gan import GANConfig
 from lmforge.apps.recommend import RecommendConfig
 from lmforge.cli import build_parser, main, options_with_dashes, progress_bars
 from lmforge.finetune.classify import ClassifyConfig
@@ -140,6 +141,7 @@ def values_by_option(config, prefix: str = "") -> dict:
         ("serve", "config keys", ServeConfig),
         ("recommend", "train keys", RecommendConfig),
         ("train-image", "--model diffusion keys", DiffusionConfig),
+        ("train-image", "--model gan keys", GANConfig),
         ("finetune", "--task classify keys", ClassifyConfig),
         ("finetune", "--task sft keys", SFTConfig),
         ("finetune", "--task vision-chat keys", VisionChatConfig),

@@ -108,6 +108,7 @@ BAD_ARGUMENTS = [
     ("train-image --data {missing} --captions {a_file} --out {root}/img", "a missing image folder"),
     ("train-image --data {not_a_model} --captions {a_file} --out {root}/img", "a captions file that is not JSON"),
     ("train-image --resume --out {root}/never_trained", "nothing to resume"),
+    ("train-image --model gan --image-size=12 --out {root}/gan", "a bad value"),
     ("imagine seven --model {missing}", "a missing image model"),
     ("imagine seven --model {model}", "a folder that is not an image model"),
     ("imagine seven --n 0", "a bad count"),

@@ -23,6 +23,7 @@ import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,7 @@ __all__ = [
 
 CONFIG_FILE, WEIGHTS_FILE, TRAINING_STATE_FILE = "config.json", "model.safetensors", "training_state.pt"
 KIND = "diffusion"
+T = TypeVar("T")
 
 
 # --- the noise schedule ------------------------------------------------------------------
@@ -272,6 +274,18 @@ def embed_captions(captions: list[str], text_model: str) -> torch.Tensor:
 # --- training ------------------------------------------------------------------------------
 
 
+def check_captioned_images(images: torch.Tensor, captions: list[str], config) -> None:
+    """What a text-to-image trainer takes: (N, C, S, S) images of the config's `channels` and `image_size`,
+    and one caption each."""
+    if images.dim() != 4 or images.shape[1:] != (config.channels, config.image_size, config.image_size):
+        raise LmforgeError(
+            f"images have shape {tuple(images.shape[1:])}; the config wants "
+            f"({config.channels}, {config.image_size}, {config.image_size})"
+        )
+    if len(captions) != len(images):
+        raise LmforgeError(f"{len(images)} images but {len(captions)} captions")
+
+
 def train_diffusion(
     images: torch.Tensor,
     captions: list[str],
@@ -288,13 +302,7 @@ def train_diffusion(
     every `checkpoint_interval` steps and on Ctrl-C, and the finished model (config.json +
     model.safetensors) to `out`; `resume=True` continues a run from its training state exactly.
     """
-    if images.dim() != 4 or images.shape[1:] != (config.channels, config.image_size, config.image_size):
-        raise LmforgeError(
-            f"images have shape {tuple(images.shape[1:])}; the config wants "
-            f"({config.channels}, {config.image_size}, {config.image_size})"
-        )
-    if len(captions) != len(images):
-        raise LmforgeError(f"{len(images)} images but {len(captions)} captions")
+    check_captioned_images(images, captions, config)
     torch.manual_seed(config.seed)
     model = TextToImageDiffusion(config)
     objective = DenoisingObjective(model)
@@ -411,16 +419,17 @@ def denoising_trajectory(
 # --- checkpoints ----------------------------------------------------------------------------
 
 
-def save_diffusion(model: TextToImageDiffusion, path: str | Path) -> Path:
-    """config.json + model.safetensors into folder `path` (atomically, config last; other files stay)."""
+def save_image_model(path: str | Path, kind: str, config, module: nn.Module) -> Path:
+    """An image model folder: config.json (`kind` and the config) + model.safetensors (`module`'s weights),
+    written atomically, the config last; other files there (a training state) stay."""
     from safetensors.torch import save_file
 
-    weights = {name: value.detach().contiguous() for name, value in model.state_dict().items()}
-    config = json.dumps({"kind": KIND, "config": asdict(model.config)}, indent=2)
+    weights = {name: value.detach().contiguous() for name, value in module.state_dict().items()}
+    recorded = json.dumps({"kind": kind, "config": asdict(config)}, indent=2)
     Path(path).mkdir(parents=True, exist_ok=True)
     return write_files_atomically(path, {
         WEIGHTS_FILE: lambda file: save_file(weights, str(file), metadata={"format": "pt"}),
-        CONFIG_FILE: lambda file: file.write_text(config, encoding="utf-8"),
+        CONFIG_FILE: lambda file: file.write_text(recorded, encoding="utf-8"),
     })  # fmt: skip
 
 
@@ -436,23 +445,38 @@ def read_image_model_kind(path: str | Path) -> tuple[str, dict]:
         raise LmforgeError(f"{config_path}: not an image model's config ({error})") from None
 
 
-def load_diffusion(path: str | Path) -> TextToImageDiffusion:
-    """A model saved by `save_diffusion` (or `lmforge train-image`), in eval mode."""
+def read_image_model_config(path: str | Path, kind: str, defaults: T) -> T:
+    """The config of an image model folder of this `kind`: `defaults` with its config.json's values, type-checked."""
+    found, values = read_image_model_kind(path)
+    if found != kind:
+        raise LmforgeError(f"{Path(path) / CONFIG_FILE}: a {found!r} model, not a {kind} model")
+    return apply_values(defaults, values, f"{Path(path) / CONFIG_FILE}: ")
+
+
+def load_image_model_weights(module: nn.Module, path: str | Path) -> None:
+    """model.safetensors of an image model folder into `module` (built from its config)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    kind, values = read_image_model_kind(path)
-    if kind != KIND:
-        raise LmforgeError(f"{Path(path) / CONFIG_FILE}: a {kind!r} model, not a diffusion model")
-    model = TextToImageDiffusion(apply_values(DiffusionConfig(), values, f"{Path(path) / CONFIG_FILE}: "))
     weights_path = Path(path) / WEIGHTS_FILE
     try:
-        model.load_state_dict(load_file(str(weights_path)))
+        module.load_state_dict(load_file(str(weights_path)))
     except (OSError, SafetensorError, RuntimeError) as error:
         first_line = str(error).strip().splitlines()[0]
         raise LmforgeError(
             f"{weights_path}: cannot load these weights into the configured model ({first_line})"
         ) from None
+
+
+def save_diffusion(model: TextToImageDiffusion, path: str | Path) -> Path:
+    """config.json + model.safetensors into folder `path` (atomically, config last; other files stay)."""
+    return save_image_model(path, KIND, model.config, model)
+
+
+def load_diffusion(path: str | Path) -> TextToImageDiffusion:
+    """A model saved by `save_diffusion` (or `lmforge train-image`), in eval mode."""
+    model = TextToImageDiffusion(read_image_model_config(path, KIND, DiffusionConfig()))
+    load_image_model_weights(model, path)
     return model.eval()
 
 
