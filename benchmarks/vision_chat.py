@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--train-chats", type=int, default=600)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=VisionChatConfig.learning_rate)
     parser.add_argument("--test-chats", type=int, default=90, help="held-out images, training phrasings")
     parser.add_argument("--held-out-chats", type=int, default=30, help="held-out images and phrasings")
     parser.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: PyTorch's)")
@@ -67,7 +68,7 @@ def main() -> None:
         for name, text_only in (("vlm", False), ("text-only", True)):
             config = VisionChatConfig(
                 out=f"{folder}/{name}", train_chats=args.train_chats, epochs=args.epochs,
-                batch_size=args.batch_size, validation_chats=0, text_only=text_only,
+                batch_size=args.batch_size, learning_rate=args.learning_rate, validation_chats=0, text_only=text_only,
             )  # fmt: skip
             print(f"training {name} ...", file=sys.stderr, flush=True)
             start = time.perf_counter()
@@ -111,6 +112,7 @@ def main() -> None:
         "train_chats": args.train_chats,
         "epochs": args.epochs,
         "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
         "test_chats": args.test_chats,
         "held_out_chats": args.held_out_chats,
         "threads": torch.get_num_threads(),

@@ -344,7 +344,9 @@ def command_finetune(args, extra) -> int:
         if encoder:
             print(
                 f"image encoder: digit accuracy {encoder['digit_accuracy']:.3f}, "
-                f"scene-cell accuracy {encoder['cell_accuracy']:.3f} (training images)"
+                f"scene-cell accuracy {encoder['cell_accuracy']:.3f}"
+                + (f", count accuracy {encoder['count_accuracy']:.3f}" if "count_accuracy" in encoder else "")
+                + " (training images)"
             )
         print(f"wrote {result['written']} (lmforge chat {result['written']} --image PATH)")
         return 0

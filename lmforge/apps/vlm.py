@@ -75,7 +75,7 @@ class VLMConfig:
     lora_targets: tuple[str, ...] = field(default=("qkv", "out", "up", "down"))
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # used when a chat brings none
     image_token: str | None = None  # unset: the first of IMAGE_TOKEN_CHOICES the tokenizer has
-    # one more image token per colour and shape, holding how many the scene has (read off the class token)
+    # three more image tokens per colour and shape: its words and how many (read off the class token)
     count_tokens: bool = True
 
     def __post_init__(self):
@@ -116,18 +116,21 @@ def encoder_features(encoder: VisionTransformer, images: torch.Tensor) -> torch.
 
 KINDS = [(colour, shape) for colour in COLOURS for shape in SHAPES]  # what a count question can ask about
 COUNTS = MAX_OBJECTS + 1  # 0 .. MAX_OBJECTS of a kind
+TOKENS_PER_COUNT = 3  # colour, shape, number
 
 
 class ObjectCounter(nn.Module):
-    """One image token per kind of object (colour and shape): the kind's words plus the expected number
-    word under the count head's distribution (the head reads the ViT's class token; stage 1 trains it).
-    A count question then finds the token of its kind and copies its number, a lookup that attention
-    does in a few steps; counting the matching cell tokens was not learned in 75 (every answer "3")."""
+    """Three image tokens per kind of object, read as text: its colour's word, its shape's (plural) and
+    the number word expected under the count head's distribution (the head reads the ViT's class token;
+    stage 1 trains it), so the image says "red circles 2 red squares 0 ...". A count question then
+    finds its kind's words and copies the number after them, as a language model copies from its
+    prompt. Counting the matching cell tokens was not learned in 75 steps (every answer "There are 3."),
+    nor was reading one token per kind that summed the kind's and the number's embeddings."""
 
     def __init__(self, vision_d_model: int, d_model: int):
         super().__init__()
         self.head = nn.Linear(vision_d_model, len(KINDS) * COUNTS)
-        self.kind_embeddings = nn.Parameter(torch.zeros(len(KINDS), d_model))
+        self.kind_embeddings = nn.Parameter(torch.zeros(len(KINDS), 2, d_model))  # colour, shape
         self.number_embeddings = nn.Parameter(torch.zeros(COUNTS, d_model))
 
     def count_logits(self, class_features: torch.Tensor) -> torch.Tensor:
@@ -135,9 +138,10 @@ class ObjectCounter(nn.Module):
         return self.head(class_features).reshape(len(class_features), len(KINDS), COUNTS)
 
     def forward(self, class_features: torch.Tensor) -> torch.Tensor:
-        """(B, vision_d_model) → (B, len(KINDS), d_model)."""
+        """(B, vision_d_model) → (B, len(KINDS) * TOKENS_PER_COUNT, d_model)."""
         numbers = self.count_logits(class_features).softmax(-1) @ self.number_embeddings
-        return self.kind_embeddings + numbers
+        kinds = self.kind_embeddings.expand(len(numbers), -1, -1, -1)
+        return torch.cat([kinds, numbers[:, :, None]], dim=2).flatten(1, 2)
 
 
 class VisionLanguageModel(nn.Module):
@@ -160,7 +164,7 @@ class VisionLanguageModel(nn.Module):
         self.patch_positions = nn.Parameter(torch.zeros(patches, d_model))
         self.counter = ObjectCounter(config.vision_d_model, d_model) if config.count_tokens else None
         # the class token, each patch's (row by row), then one per kind of object if counted
-        self.tokens_per_image = 1 + patches + (len(KINDS) if config.count_tokens else 0)
+        self.tokens_per_image = 1 + patches + (len(KINDS) * TOKENS_PER_COUNT if config.count_tokens else 0)
 
     def preprocess_image(self, image: Image.Image) -> torch.Tensor:
         return preprocess_image(image, self.config.image_size)
@@ -509,8 +513,8 @@ def ground_projector(model: VisionLanguageModel, tokenizer: Tokenizer) -> None:
     # each patch token also carries its cell's place ("top" + "left"), each count token its kind and number
     model.patch_positions.copy_(torch.stack([phrase_embedding(model, tokenizer, p) for p in POSITIONS]))
     if model.counter is not None:
-        kinds = [phrase_embedding(model, tokenizer, f"{colour} {shape}") for colour, shape in KINDS]
-        model.counter.kind_embeddings.copy_(torch.stack(kinds))
+        kinds = [[word_embedding(model, tokenizer, w) for w in (colour, f"{shape}s")] for colour, shape in KINDS]
+        model.counter.kind_embeddings.copy_(torch.stack([torch.stack(pair) for pair in kinds]))
         model.counter.number_embeddings.copy_(
             torch.stack([word_embedding(model, tokenizer, str(n)) for n in range(COUNTS)])
         )

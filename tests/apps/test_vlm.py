@@ -48,7 +48,7 @@ def pictures(count, seed=0):
 
 def test_projector_gives_tokens_per_image_vectors_in_the_language_models_width():
     model = tiny_vlm()
-    assert model.tokens_per_image == 1 + (24 // 8) ** 2 + len(vlm.KINDS)  # class, patches, a count per kind
+    assert model.tokens_per_image == 1 + (24 // 8) ** 2 + 3 * len(vlm.KINDS)  # class, patches, 3 per kind
     images = torch.rand(3, 3, 24, 24)
     assert model.image_embeddings(images).shape == (3, model.tokens_per_image, 48)
     assert model.preprocess_image(Image.new("L", (8, 8), 255)).shape == (3, 24, 24)
@@ -169,7 +169,7 @@ def test_the_count_part_of_the_pretraining_loss_is_each_kinds_cross_entropy():
     assert torch.allclose(losses, torch.stack([cell_loss + count_loss, digit_loss]), atol=1e-5)
 
 
-def test_grounded_count_tokens_are_their_kinds_words_and_the_counted_number():
+def test_grounded_count_tokens_are_their_kinds_words_then_the_counted_number():
     model = tiny_vlm()
     model.__dict__["label_heads"] = (torch.nn.Linear(32, 10), torch.nn.Linear(32, vlm.CELL_CLASSES))
     vlm.ground_projector(model, TOKENIZER)
@@ -180,12 +180,13 @@ def test_grounded_count_tokens_are_their_kinds_words_and_the_counted_number():
         model.counter.head.bias.copy_(bias.flatten())
         tokens = model.image_embeddings(torch.rand(1, 3, 24, 24))[0]
     assert tokens.shape[0] == model.tokens_per_image
-    phrase = lambda text: vlm.phrase_embedding(model, TOKENIZER, text)  # noqa: E731
+    word = lambda text: vlm.word_embedding(model, TOKENIZER, text)  # noqa: E731
     for index, (colour, shape) in enumerate(vlm.KINDS):
-        expected = phrase(f"{colour} {shape} {index % vlm.COUNTS}")
-        assert torch.allclose(tokens[1 + 9 + index], expected, atol=1e-4)
+        expected = torch.stack([word(colour), word(f"{shape}s"), word(str(index % vlm.COUNTS))])
+        first = 1 + 9 + 3 * index  # after the class and patch tokens
+        assert torch.allclose(tokens[first : first + 3], expected, atol=1e-4)
     # each patch token carries its cell's place in words
-    assert torch.allclose(model.patch_positions[0], phrase("top left"))
+    assert torch.allclose(model.patch_positions[0], vlm.phrase_embedding(model, TOKENIZER, "top left"))
 
 
 def tiny_base(folder):
