@@ -256,8 +256,8 @@ def test_explain_image_maps_the_answers_attention_over_the_patches(tmp_path):
         model(torch.tensor([ids + answer_ids]), model.preprocess_image(image)[None])
     maps = torch.stack([record[-1][0] for record in records]).mean((0, 1))  # (T, T)
     chosen_at = maps[len(ids) - 1 : len(ids) - 1 + len(answer_ids)][:, image_positions]
-    # the class token, 3x3 patches, then a count token per kind of object (12)
-    assert len(image_positions) == model.tokens_per_image == 1 + 9 + 12
+    # the class token, 3x3 patches, then three count tokens (colour, shape, number) per kind of object (12)
+    assert len(image_positions) == model.tokens_per_image == 1 + 9 + 3 * 12
     assert summary["image_tokens"]["positions"] == image_positions and summary["image_tokens"]["patch_grid"] == [3, 3]
     assert summary["image_attention_share"] == pytest.approx(chosen_at.sum(1).tolist(), abs=1e-5)
     assert summary["class_token_attention"] == pytest.approx(chosen_at[:, 0].tolist(), abs=1e-5)
