@@ -263,9 +263,10 @@ def command_chat(args, extra) -> int:
 def chat_about_image(args, overrides: dict, device: str) -> int:
     """`lmforge chat --image PATH` with a vision-language model folder (`finetune --task vision-chat`)."""
     from lmforge.apps.vlm import ImageChatSession, is_vlm_folder, load_vlm, open_image
+    from lmforge.apps.vlm import default_sampling as vlm_default_sampling
     from lmforge.config import apply_values
     from lmforge.inference.chat import chat_loop
-    from lmforge.settings import SamplingConfig, describe_sampling
+    from lmforge.settings import describe_sampling
 
     if not is_vlm_folder(args.model):
         raise LmforgeError(
@@ -279,8 +280,7 @@ def chat_about_image(args, overrides: dict, device: str) -> int:
     model, tokenizer = load_vlm(args.model, device=device)
     session = ImageChatSession(model.language_model, tokenizer, system_prompt=args.system)
     session.vision_model, session.image = model, image
-    # greedy by default: a small model trained on short answers says them best at its most likely
-    session.sampling = apply_values(SamplingConfig(temperature=0.0, max_new_tokens=128), overrides)
+    session.sampling = apply_values(vlm_default_sampling(), overrides)
     print(f"sampling: {describe_sampling(session.sampling)}", file=sys.stderr)
     if image is None:
         print("(no --image: the questions go without one)", file=sys.stderr)

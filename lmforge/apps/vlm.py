@@ -313,7 +313,7 @@ def generate_with_images(
     ids, count = vision_prompt_ids(model, tokenizer, messages)
     if count != len(images):
         raise LmforgeError(f"the messages have {count} image parts but {len(images)} images came with them")
-    sampling = sampling or SamplingConfig(temperature=0.0, max_new_tokens=64)
+    sampling = sampling or default_sampling()
     if stops := chat_stop_strings(tokenizer):
         sampling = replace(sampling, stop=[*(sampling.stop or []), *stops])
     device = next(model.language_model.parameters()).device
@@ -323,6 +323,13 @@ def generate_with_images(
         model.language_model, tokenizer, ids, sampling, stop_token_ids=stop_token_ids(tokenizer),
         prompt_embeddings=embeddings,
     )  # fmt: skip
+
+
+def default_sampling() -> SamplingConfig:
+    """How a vision-language model answers unless told otherwise (`chat --image`, `serve`): greedily, as a small
+    model trained on short answers says them best (a chat model's repetition penalty would also count the
+    question's and the image's tokens against it)."""
+    return SamplingConfig(temperature=0.0, max_new_tokens=128)
 
 
 def answer(model: VisionLanguageModel, tokenizer: Tokenizer, image, question: str, max_new_tokens: int = 48) -> str:

@@ -48,12 +48,12 @@ class ServeConfig:
 def build_app(config: ServeConfig):
     """The FastAPI app for `config` (model loaded, scheduler ready to start with the app)."""
     from lmforge.apps.encoder import SentenceEmbedder
+    from lmforge.apps.vlm import default_sampling as vlm_default_sampling
     from lmforge.apps.vlm import is_vlm_folder, load_vlm
     from lmforge.formats.loading import SamplingDefaults, load, sampling_defaults
     from lmforge.serve.app import ServedModels, ServeLimits, create_app
     from lmforge.serve.images import ImageLimits
     from lmforge.serve.scheduler import Scheduler
-    from lmforge.settings import SamplingConfig
 
     if config.max_batch < 1 or config.max_context < 2 or config.max_queue < 1 or config.drain_seconds < 0:
         raise LmforgeError("max_batch and max_queue must be >= 1, max_context >= 2, drain_seconds >= 0")
@@ -65,11 +65,7 @@ def build_app(config: ServeConfig):
             raise LmforgeError(f"{config.model} is a vision-language model folder; its adapter is in it (no --adapter)")
         vision, tokenizer = load_vlm(config.model)
         model = vision.language_model
-        # as `lmforge chat --image` answers: a small model trained on short answers says them best greedily (a
-        # chat model's repetition penalty would also count the question's and the image's tokens against it)
-        defaults = SamplingDefaults(
-            SamplingConfig(temperature=0.0, max_new_tokens=128), "lmforge's default for vision-language models"
-        )
+        defaults = SamplingDefaults(vlm_default_sampling(), "lmforge's default for vision-language models")
     else:
         model, tokenizer = load(config.model, keep_quantized=config.keep_quantized, adapter=config.adapter)
         defaults = sampling_defaults(config.model, tokenizer)
