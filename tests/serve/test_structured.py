@@ -82,8 +82,10 @@ def test_streamed_json_schema_reply_validates(client):
 
 
 def test_json_object_gives_a_json_object(client):
+    # greedy: a sampled free-form object can grow keys past any max_tokens, and which seed stops in time
+    # changed with the CPU's kernel path (AVX-512 VNNI here vs AVX2 on the CI machine)
     reply = client.chat.completions.create(
-        model="smollm2", messages=ASK, temperature=1.0, seed=3, max_tokens=120,
+        model="smollm2", messages=ASK, temperature=0.0, max_tokens=200,
         response_format={"type": "json_object"},
     )  # fmt: skip
     assert reply.choices[0].finish_reason == "stop"
