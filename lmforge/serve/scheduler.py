@@ -375,9 +375,7 @@ class Scheduler:
         masks = TokenMasks(self.cache.keys[0].device)
         masks.start([running.request.matcher for running in started])
         starts = [running.cached for running in started]
-        embeddings = [self._prompt_embeddings(running) for running in started]
-        if all(rows is None for rows in embeddings):
-            embeddings = None
+        embeddings = [self._prompt_embeddings(running) for running in started]  # all None: text prompts
         logits = prefill(self.model, rests, self.cache, slots, starts=starts, embeddings=embeddings)
         masks.apply(logits)
         self.metrics["prompt_tokens_total"] += sum(len(running.request.prompt_ids) for running in started)
