@@ -23,6 +23,7 @@ import torch
 from lmforge.atomic import write_atomically
 
 SOURCES = [Path(__file__).with_name("matvec.c"), Path(__file__).with_name("kquants.c")]
+HEADERS = [Path(__file__).with_name("kernels.h")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -49,7 +50,7 @@ def _library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         return None
-    source = b"".join(path.read_bytes() for path in SOURCES)
+    source = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
     library_path = _cache_dir() / f"matvec-{digest}.so"
     if not library_path.exists():

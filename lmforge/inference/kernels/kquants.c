@@ -13,16 +13,11 @@
  * the sub-blocks' own scales then go into the integer multiply-add and a whole block meets
  * x's scale in one FMA, which is what keeps these at memory speed.
  */
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define INLINE static inline __attribute__((always_inline))
-
-void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xscale, float *xsum);
-int cpu_has_vnni(void);
+#include "kernels.h"
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
@@ -372,6 +367,7 @@ void matvec_blocks(const float *x, int64_t M, int64_t K, const uint8_t *weight, 
             for (int64_t r = 0; r < rows; r++) {
                 int64_t n = first + r, m = 0;
                 float b = bias ? bias[n] : 0.0f;
+                prefetch_ahead(start + r * stride, stride);
                 for (; m + 4 <= M; m += 4) {
                     float four[4];
                     if (type >= Q4_K)

@@ -13,14 +13,12 @@
  *          Each run of 32 weights is 16 bytes: low nibbles hold weights 0..15, high nibbles
  *          16..31 (GGUF's Q4_0/Q4_1 block layout, so those blocks map over unchanged).
  */
-#include <immintrin.h>
-#include <stdint.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define INLINE static inline __attribute__((always_inline))
+#include "kernels.h"
 
 static inline float horizontal_sum(__m256 v) {
     __m128 low = _mm256_castps256_ps128(v), high = _mm256_extractf128_ps(v, 1);
@@ -75,6 +73,7 @@ void matvec_f32(const float *x, int64_t M, int64_t K, const float *weight, const
         const float *w = weight + n * K;
         float b = bias ? bias[n] : 0.0f;
         int64_t m = 0;
+        prefetch_ahead(w, K * sizeof(float));
         for (; m + 2 <= M; m += 2) {
             float out[2];
             f32_rows2(x + m * K, x + (m + 1) * K, K, w, out);
@@ -267,6 +266,7 @@ void matvec_q8(const float *x, int64_t M, int64_t K, const int8_t *weight, const
         const int8_t *w = weight + n * K;
         const float *row_scale = scale + n * groups;
         float b = bias ? bias[n] : 0.0f;
+        prefetch_ahead(w, K);
         if (M == 1) {
             y[n] = q8_row1(xq, xscale, K, w, row_scale, G) + b;
             continue;
@@ -295,6 +295,7 @@ void matvec_q4(const float *x, int64_t M, int64_t K, const uint8_t *weight, cons
         const uint8_t *w = weight + n * (K / 2);
         const uint16_t *row_scale = scale + n * groups, *row_offset = offset + n * groups;
         float b = bias ? bias[n] : 0.0f;
+        prefetch_ahead(w, K / 2);
         if (M == 1) {
             y[n] = (vnni ? q4_row1_vnni : q4_row1)(xq, xscale, xsum, K, w, row_scale, row_offset, G) + b;
             continue;
@@ -363,6 +364,7 @@ void matvec_q8_exact(const float *x, int64_t M, int64_t K, const int8_t *weight,
         const int8_t *w = weight + n * K;
         const float *row_scale = scale + n * (K / G);
         int64_t m = 0;
+        prefetch_ahead(w, K);
         for (; m + 4 <= M; m += 4) {
             __m256 total[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
             for (int64_t g = 0; g < K / G; g++) {
@@ -486,6 +488,7 @@ void attention_decode(float *qkv, int64_t rows, int64_t H, int64_t KV, int64_t D
             const float *values = value_cache + (slot[r] * KV + kv) * capacity * D;
             float *score = scores + omp_get_thread_num() * capacity, best = -INFINITY, total = 0.0f;
             for (int64_t t = first; t < seen; t++) {
+                prefetch_ahead(keys + t * D, D * sizeof(float));
                 __m256 acc = _mm256_setzero_ps();
                 int64_t d = 0;
                 for (; d + 8 <= D; d += 8)
@@ -500,6 +503,7 @@ void attention_decode(float *qkv, int64_t rows, int64_t H, int64_t KV, int64_t D
             for (int64_t d = 0; d < D; d++) y[d] = 0.0f;
             for (int64_t t = first; t < seen; t++) {
                 float p = score[t] / total;
+                prefetch_ahead(values + t * D, D * sizeof(float));
                 for (int64_t d = 0; d < D; d++) y[d] += p * values[t * D + d];
             }
         }
