@@ -20,7 +20,7 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.inference import kernels
-from lmforge.inference.quantize import FastLinear, QuantizedLinear
+from lmforge.inference.quantize import FastLinear, QuantizedLinear, bf16_products
 from lmforge.model import KVCache, Transformer
 
 # Decoding threads. A step is ~150 fork-joins of 10-50 microseconds each, so one thread that the
@@ -495,7 +495,7 @@ def torch_decode_step(
     return run_timed_step(model, tokens.shape[0], step)
 
 
-PREFILL_CHUNK = 256  # prompt tokens per pass of a single-row prefill
+PREFILL_CHUNK = 512  # prompt tokens per pass of a single-row prefill
 
 
 def next_token_logits(
@@ -525,15 +525,16 @@ def next_token_logits(
                 cache.length += length
             return logits
     use_prefill_threads(model)
-    if cache is not None and positions is None and last is None:
-        # A long prompt goes through in chunks: the cache carries the context between them, and each
-        # pass's activations (and dequantised weights) stay a chunk's size, not the prompt's.
-        while tokens.shape[1] > PREFILL_CHUNK:
-            chunk = None if embeddings is None else embeddings[:, :PREFILL_CHUNK]
-            model.hidden_states(tokens[:, :PREFILL_CHUNK], cache, embeddings=chunk)
-            tokens = tokens[:, PREFILL_CHUNK:]
-            embeddings = None if embeddings is None else embeddings[:, PREFILL_CHUNK:]
-    hidden = model.hidden_states(tokens, cache, positions, slots, embeddings=embeddings)
+    with bf16_products():
+        if cache is not None and positions is None and last is None:
+            # A long prompt goes through in chunks: the cache carries the context between them, and each
+            # pass's activations (and dequantised weights) stay a chunk's size, not the prompt's.
+            while tokens.shape[1] > PREFILL_CHUNK:
+                chunk = None if embeddings is None else embeddings[:, :PREFILL_CHUNK]
+                model.hidden_states(tokens[:, :PREFILL_CHUNK], cache, embeddings=chunk)
+                tokens = tokens[:, PREFILL_CHUNK:]
+                embeddings = None if embeddings is None else embeddings[:, PREFILL_CHUNK:]
+        hidden = model.hidden_states(tokens, cache, positions, slots, embeddings=embeddings)
     if last is None:
         hidden = hidden[:, -1]
     else:

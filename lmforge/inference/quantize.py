@@ -15,6 +15,7 @@ Formats (the GGUF block layouts Q8_0 / Q4_1 map onto them without requantising):
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from lmforge.model import ModelConfig, Transformer, zeroed_from_os
 NATIVE_MAX_ROWS = 16
 # Prefill dequantises this many weights (1 MB of fp32) at a time: a whole up-projection would be 7 MB
 # of peak RSS for SmolLM2, and BLAS is as fast on 256-row slabs as on the whole matrix.
-PREFILL_SLAB_ELEMENTS = 256 * 1024
+PREFILL_SLAB_ELEMENTS = 1024 * 1024
 
 
 # GGUF block types the kernels read as they are (kquants.c): name -> (ggml type id, weights per
@@ -264,11 +265,26 @@ def _cat_from_os(parts: list[torch.Tensor]) -> torch.Tensor:
 _scratch = threading.local()
 
 
-def _dequantization_buffer(size: int) -> torch.Tensor:
-    """This thread's buffer for a slab of dequantised weight rows, grown to the largest slab seen."""
-    buffer = getattr(_scratch, "buffer", None)
+@contextlib.contextmanager
+def bf16_products():
+    """Within it, quantised layers multiply many rows in bf16 where the CPU does that in hardware
+    (`kernels.bf16_matmul_is_fast`): the engine's prefill for generation. Everything else (evaluation,
+    scoring, training, the LM head) keeps fp32 products, exact to the dequantised weights."""
+    before = getattr(_scratch, "bf16_products", False)
+    _scratch.bf16_products = True
+    try:
+        yield
+    finally:
+        _scratch.bf16_products = before
+
+
+def _dequantization_buffer(size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """This thread's buffer of `dtype` for a slab of dequantised weight rows, grown to the largest slab seen."""
+    name = f"buffer_{dtype}"
+    buffer = getattr(_scratch, name, None)
     if buffer is None or buffer.numel() < size:
-        _scratch.buffer = buffer = torch.empty(size)
+        buffer = torch.empty(size, dtype=dtype)
+        setattr(_scratch, name, buffer)
     return buffer[:size]
 
 
@@ -403,22 +419,38 @@ class QuantizedLinear(nn.Module):
                 out = matvec(flat, self.codes, self.scale, self.offset, self.group_size, self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         if x.dtype == torch.float32 and not torch.is_grad_enabled() and native and not compiling:
-            # Many rows (prefill): a slab of weight rows at a time is dequantised into one shared buffer
-            # and multiplied straight into its columns of the output. A fresh weight-sized allocation
-            # per layer would leave glibc's heap ~25 MB bigger after a long prompt.
-            out = flat.new_empty(flat.shape[0], self.out_features)
-            slab = max(1, min(self.out_features, PREFILL_SLAB_ELEMENTS // self.in_features))
-            buffer = _dequantization_buffer(slab * self.in_features)
-            for first in range(0, self.out_features, slab):
-                rows = slice(first, min(first + slab, self.out_features))
-                slab_buffer = buffer[: (rows.stop - first) * self.in_features].view(-1, self.in_features)
-                weight = self.dequantize(slab_buffer, rows)
-                if self.bias is None:
-                    torch.mm(flat, weight.T, out=out[:, rows])
-                else:
-                    torch.addmm(self.bias[rows], flat, weight.T, out=out[:, rows])
-            return out.reshape(*x.shape[:-1], self.out_features)
+            return self._prefill_product(flat).reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantize().to(x.dtype), self.bias)
+
+    def _prefill_product(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat (rows, in) times the weight for many rows (prefill): a slab of weight rows at a time is
+        dequantised into one shared buffer and multiplied straight into its columns of the output. A fresh
+        weight-sized allocation per layer would leave glibc's heap ~25 MB bigger after a long prompt.
+
+        Inside `bf16_products` on a CPU that multiplies bf16 in hardware, x and the slabs go to bf16 and so
+        do the products: 2^-9 relative rounding of x and ~2^-8 of each output, the order of llama.cpp's
+        own int8 rounding of x, for a prefill 2.4x faster (SmolLM2 Q6_K, 512 tokens, one thread: fp32
+        1,913 ms, bf16 812 ms on a Xeon with AMX). Not for the LM head (`exact_activations`): its
+        logits pick tokens directly."""
+        bf16 = (
+            getattr(_scratch, "bf16_products", False) and not self.exact_activations and kernels.bf16_matmul_is_fast()
+        )
+        matmul_dtype = torch.bfloat16 if bf16 else torch.float32
+        source = flat.to(matmul_dtype)
+        out = flat.new_empty(flat.shape[0], self.out_features, dtype=matmul_dtype)
+        slab = max(1, min(self.out_features, PREFILL_SLAB_ELEMENTS // self.in_features))
+        buffer = _dequantization_buffer(slab * self.in_features, matmul_dtype)
+        for first in range(0, self.out_features, slab):
+            rows = slice(first, min(first + slab, self.out_features))
+            weight = self.dequantize(buffer[: (rows.stop - first) * self.in_features].view(-1, self.in_features), rows)
+            if self.bias is None or bf16:
+                torch.mm(source, weight.T, out=out[:, rows])
+            else:
+                torch.addmm(self.bias[rows], source, weight.T, out=out[:, rows])
+        if not bf16:
+            return out
+        out = out.float()
+        return out if self.bias is None else out.add_(self.bias)
 
     def extra_repr(self) -> str:
         if self.segments is not None:

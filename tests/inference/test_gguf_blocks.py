@@ -75,6 +75,10 @@ def test_dequantisation_equals_the_gguf_package(type_name):
             torch.from_numpy(blocks).reshape(-1), segment_table(((type_name, 7),)), 512, slice(2, 5)
         )
         assert torch.equal(rows, reference[2:5])
+        halves = torch.empty(3, 512, dtype=torch.bfloat16)  # prefill's bf16 slabs: the values rounded
+        kernels.dequantize_blocks(torch.from_numpy(blocks).reshape(-1), segment_table(((type_name, 7),)), 512,
+                                  slice(2, 5), halves)  # fmt: skip
+        assert torch.equal(halves, reference[2:5].bfloat16())
 
 
 @pytest.mark.parametrize("type_name", list(GGUF_BLOCK_TYPES))

@@ -93,6 +93,15 @@ def test_native_dequantisation_equals_the_pytorch_reference(group_size):
     assert torch.equal(kernels.dequantize_q4(packed, scale, offset, group_size), dequantize_int4(packed, scale, offset))
     codes, scale8 = quantize_int8(weight, group_size)
     assert torch.equal(kernels.dequantize_q8(codes, scale8, group_size), dequantize_int8(codes, scale8))
+    # into bf16 (prefill's slabs where bf16 matmuls are fast): rounded to nearest even, as .bfloat16()
+    halves = torch.empty(70, 384, dtype=torch.bfloat16)
+    assert torch.equal(
+        kernels.dequantize_q8(codes, scale8, group_size, halves), dequantize_int8(codes, scale8).bfloat16()
+    )
+    kernels.dequantize_q4(packed, scale, offset, group_size, halves)
+    assert torch.equal(halves, dequantize_int4(packed, scale, offset).bfloat16())
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        kernels.dequantize_q8(codes, scale8, group_size, torch.empty(70, 384, dtype=torch.float16))
     with pytest.raises(TypeError, match="float16"):  # fp32 bits read as halves would be silent garbage
         kernels.dequantize_q4(packed, scale.float(), offset.float(), group_size)
 

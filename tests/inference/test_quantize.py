@@ -11,9 +11,11 @@ from torch import nn
 from lmforge.evaluation.quantization import kl_divergence_report, leading_tokens
 from lmforge.formats.checkpoint import save_model
 from lmforge.formats.loading import load
+from lmforge.inference import kernels
 from lmforge.inference.quantize import (
     QuantizedEmbedding,
     QuantizedLinear,
+    bf16_products,
     dequantize_int4,
     dequantize_int8,
     pack_int4,
@@ -69,6 +71,7 @@ def test_quantisation_error_is_at_most_half_a_step():
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("bias", [True, False])
 def test_quantized_linear_prefill_path_is_the_dequantized_matmul(bits, bias, monkeypatch):
+    monkeypatch.setattr(kernels, "bf16_matmul_is_fast", lambda: False)
     linear = nn.Linear(64, 40, bias=bias)
     layer = QuantizedLinear.from_linear(linear, bits, 32)
     x = torch.randn(3, 40, 64)  # 120 rows: the dequantise + matmul path (above NATIVE_MAX_ROWS)
@@ -85,6 +88,29 @@ def test_quantized_linear_prefill_path_is_the_dequantized_matmul(bits, bias, mon
         torch.testing.assert_close(
             layer(x[:1, :1]), F.linear(x[:1, :1], layer.dequantize(), linear.bias), rtol=0.05, atol=0.05
         )
+
+
+@pytest.mark.skipif(not kernels.available(), reason="native kernels not built")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_prefill_path_rounds_only_x_the_weight_and_the_products(bits, bias, monkeypatch):
+    """Inside `bf16_products`, where bf16 matmuls are fast, prefill multiplies bf16(x) by bf16(W) and
+    rounds each product to bf16: within one bf16 ulp (2^-8 relative; oneDNN's rounding of the fp32 sums
+    is not always to nearest) of the exact product of the rounded operands."""
+    monkeypatch.setattr(kernels, "bf16_matmul_is_fast", lambda: True)
+    linear = nn.Linear(64, 40, bias=bias)
+    layer = QuantizedLinear.from_linear(linear, bits, 32)
+    x = torch.randn(120, 64)
+    with torch.no_grad():
+        weight = layer.dequantize().bfloat16().double()
+        exact = x.bfloat16().double() @ weight.T
+        monkeypatch.setattr("lmforge.inference.quantize.PREFILL_SLAB_ELEMENTS", 9 * 64)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), linear.bias))  # outside: fp32
+        with bf16_products():
+            product = layer(x).double() - (0 if linear.bias is None else linear.bias.double())
+            layer.exact_activations = True  # the LM head: fp32 even inside
+            torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), linear.bias))
+    assert ((product - exact).abs() <= 2**-8 * exact.abs() + 1e-6 * exact.abs().max()).all()
 
 
 def test_group_size_must_divide_the_width():

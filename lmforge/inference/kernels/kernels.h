@@ -6,6 +6,23 @@
 
 void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xscale, float *xsum);
 int cpu_has_vnni(void);
+void to_bf16(const float *x, int64_t n, uint16_t *out);
+
+/* Where a dequantisation writes its rows: fp32 rows of `out`, or (bf16 set) bf16 rows, each made in a
+ * row of fp32 scratch first; see `row_for` and `row_done`. */
+typedef struct {
+    void *out;
+    int bf16;
+    int64_t K;
+} RowSink;
+
+INLINE float *row_for(RowSink sink, int64_t n, float *scratch) {
+    return sink.bf16 ? scratch : (float *)sink.out + n * sink.K;
+}
+
+INLINE void row_done(RowSink sink, int64_t n, const float *scratch) {
+    if (sink.bf16) to_bf16(scratch, sink.K, (uint16_t *)sink.out + n * sink.K);
+}
 
 /* Software prefetch, PREFETCH_DISTANCE bytes past what a loop reads now. Decoding streams every
  * weight once, and on the Intel VM of 2026-12 the hardware prefetchers left a one-thread matvec
