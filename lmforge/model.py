@@ -145,14 +145,36 @@ def uninitialized_layers():
         nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
 
 
-def zeroed_from_os(shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+HUGE_PAGE_BYTES = 2 << 20
+
+
+def zeroed_from_os(
+    shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype, huge_pages: bool = False
+) -> torch.Tensor:
     """torch.zeros, but on CPU straight from an anonymous mmap: pages are zero until written, count
     towards RSS only once used, and go back to the OS when the tensor is freed. glibc would keep a
-    freed cache in its heap and place the next one elsewhere (+6 MB peak RSS for SmolLM2 int4)."""
+    freed cache in its heap and place the next one elsewhere (+6 MB peak RSS for SmolLM2 int4).
+
+    `huge_pages`: 2 MB-aligned and advised as transparent huge pages, for weights that decoding streams
+    whole every step. In a VM each 4 KB page's TLB miss walks two page tables: Qwen3-0.6B Q4_K_M's
+    decode step took 44 ms on 4 KB pages, 34 on 2 MB ones (2 threads). Not for KV caches, whose rows
+    stay out of RSS until used only at 4 KB granularity."""
     count = math.prod(shape)
     if torch.device(device).type != "cpu" or count == 0:
         return torch.zeros(shape, device=device, dtype=dtype)
-    return torch.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype=dtype, count=count).view(shape)
+    size = count * dtype.itemsize
+    if not huge_pages or size < HUGE_PAGE_BYTES:
+        return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype, count=count).view(shape)
+    # private: mmap's default (shared) anonymous memory is shmem, which gets huge pages only where
+    # shmem_enabled allows (not by default); + room to start at a 2 MB boundary
+    region = mmap.mmap(-1, size + HUGE_PAGE_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # no transparent huge pages in this kernel: 4 KB pages it is
+        pass
+    whole = torch.frombuffer(region, dtype=torch.uint8)
+    start = -whole.data_ptr() % HUGE_PAGE_BYTES
+    return whole[start : start + size].view(dtype).view(shape)
 
 
 @dataclass

@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from lmforge.model import KVCache, ModelConfig, Transformer, apply_rope, preset, rope_tables, zeroed_from_os
+from lmforge.model import (
+    HUGE_PAGE_BYTES,
+    KVCache,
+    ModelConfig,
+    Transformer,
+    apply_rope,
+    preset,
+    rope_tables,
+    zeroed_from_os,
+)
 from lmforge.settings import LLAMA_SWITCHES
 
 
@@ -143,6 +152,17 @@ def test_cache_memory_starts_zeroed_and_is_separate_per_tensor():
     assert zeroed_from_os((0, 4), "cpu", torch.float16).shape == (0, 4)
     cache = KVCache(preset("tiny"), batch_size=1, max_length=8)
     assert all(not tensor.any() for tensor in cache.keys + cache.values)
+
+
+def test_weight_memory_on_huge_pages_starts_at_a_2_mb_boundary_and_stays_separate():
+    shape = (3, HUGE_PAGE_BYTES // 4 + 5)  # three rows of a bit over 2 MB each
+    first, second = (zeroed_from_os(shape, "cpu", torch.float32, huge_pages=True) for _ in range(2))
+    assert first.shape == shape and first.is_contiguous() and not first.any()
+    assert first.data_ptr() % HUGE_PAGE_BYTES == 0 and second.data_ptr() % HUGE_PAGE_BYTES == 0
+    first[-1, -1] = 2.0  # the last element is inside the region, and the regions do not overlap
+    assert first.sum() == 2.0 and not second.any()
+    small = zeroed_from_os((16,), "cpu", torch.int8, huge_pages=True)  # under 2 MB: ordinary pages
+    assert small.shape == (16,) and not small.any()
 
 
 def test_attention_equals_manual_softmax_formula():

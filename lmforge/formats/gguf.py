@@ -409,7 +409,7 @@ def _as_quantized(tensor) -> QuantizedTensor:
 
     def copied(array: np.ndarray) -> torch.Tensor:
         """Out of the file map into memory from the OS: glibc's heap would keep what loading frees."""
-        out = zeroed_from_os(array.shape, "cpu", torch.uint8)
+        out = zeroed_from_os(array.shape, "cpu", torch.uint8, huge_pages=True)
         out.numpy()[...] = array
         return out
 

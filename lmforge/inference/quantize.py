@@ -196,7 +196,7 @@ class QuantizedTensor:
     def index_rows(self, order: torch.Tensor) -> QuantizedTensor:
         if self.segments is None:
             offset = None if self.offset is None else self.offset[order]
-            room = zeroed_from_os((len(order), *self.codes.shape[1:]), "cpu", self.codes.dtype)
+            room = zeroed_from_os((len(order), *self.codes.shape[1:]), "cpu", self.codes.dtype, huge_pages=True)
             codes = torch.index_select(self.codes, 0, order, out=room)
             return QuantizedTensor(self.bits, self.group_size, codes, self.scale[order], offset)
         views = self._block_rows()
@@ -261,7 +261,7 @@ def _cat_from_os(parts: list[torch.Tensor]) -> torch.Tensor:
     """torch.cat into memory from the OS (`zeroed_from_os`): loading joins and reorders whole weight
     matrices, and glibc's heap would keep the parts' freed memory (+40 MB peak RSS for SmolLM2 Q6_K)."""
     shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
-    return torch.cat(parts, out=zeroed_from_os(shape, parts[0].device, parts[0].dtype))
+    return torch.cat(parts, out=zeroed_from_os(shape, parts[0].device, parts[0].dtype, huge_pages=True))
 
 
 _scratch = threading.local()
