@@ -79,12 +79,17 @@ class ThreadChooser:
     moves there if the second was faster. More threads are tried only when that many cores look
     free (`cores_free_now`), and each such try that loses doubles the wait before the next, up to
     `EXPLORE_AT_MOST_EVERY` steps: on 2 cores beside 2 busy processes one two-thread step took 1.2 s,
-    waiting for its second thread to be scheduled, where one-thread steps took 10-30 ms. Fewer
-    threads cost little to try (~15% for two steps on an idle machine) and are tried every time."""
+    waiting for its second thread to be scheduled, where one-thread steps took 10-30 ms. Fewer threads
+    that lose back off too, up to `EXPLORE_FEWER_AT_MOST_EVERY` steps: a server's 16-row step on one
+    thread of two costs ~45% more, and trying it every 24 steps cost ~4% of its tokens/s. A step that
+    takes `SLOWDOWN` times the current count's average (another process took a core) makes the next
+    exploration try fewer threads again."""
 
     EXPLORE_EVERY = 24
     EXPLORE_AT_MOST_EVERY = 24 * 16
+    EXPLORE_FEWER_AT_MOST_EVERY = 24 * 8
     SMOOTHING = 0.3
+    SLOWDOWN = 1.5
 
     def __init__(self, most: int, free: int | None = None, cores_free_now=lambda: free_cores(looks=1)):
         self.candidates = sorted({max(1, most >> shift) for shift in range(most.bit_length())}, reverse=True)
@@ -96,6 +101,7 @@ class ThreadChooser:
         self.exploring: int | None = None
         self._explore_up = False
         self._wait_up, self._next_up = self.EXPLORE_EVERY, 0
+        self._wait_down, self._next_down = self.EXPLORE_EVERY, 0
 
     def pick(self) -> tuple[int, bool]:
         """This step's thread count, and whether its time is to be recorded."""
@@ -116,12 +122,16 @@ class ThreadChooser:
         fewer = self.candidates[index + 1] if index + 1 < len(self.candidates) else None
         if more is not None and (self.steps < self._next_up or (self.cores_free_now() or more) < more):
             more = None
+        if fewer is not None and self.steps < self._next_down:
+            fewer = None
         self._explore_up = not self._explore_up
         return (more or fewer) if self._explore_up else (fewer or more)
 
     def record(self, threads: int, seconds: float) -> None:
         if threads != self.exploring:
             previous = self.seconds.get(threads)
+            if previous is not None and seconds > self.SLOWDOWN * previous:
+                self._wait_down, self._next_down = self.EXPLORE_EVERY, 0
             self.seconds[threads] = seconds if previous is None else previous + self.SMOOTHING * (seconds - previous)
             return
         self.exploring = None
@@ -130,6 +140,9 @@ class ThreadChooser:
         if threads > self.current:
             self._wait_up = self.EXPLORE_EVERY if won else min(2 * self._wait_up, self.EXPLORE_AT_MOST_EVERY)
             self._next_up = self.steps + self._wait_up
+        else:
+            self._wait_down = self.EXPLORE_EVERY if won else min(2 * self._wait_down, self.EXPLORE_FEWER_AT_MOST_EVERY)
+            self._next_down = self.steps + self._wait_down
         if won:
             self.current = threads
 

@@ -126,10 +126,6 @@ def serve(config: ServeConfig) -> None:
     """Run the server until SIGINT/SIGTERM; then stop accepting, drain, and exit."""
     import uvicorn
 
-    # The kernels' OpenMP workers spin between calls by default, which is fastest when decoding is
-    # all a process does; here they would take CPU from the HTTP thread on a small machine (one
-    # client measured 27.6 -> 36.8 tok/s on 2 cores). Read when the kernels load, so set it first.
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
     from lmforge.inference.engine import set_decode_threads, threads_from_environment
 
     set_decode_threads(config.threads or threads_from_environment())

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmforge.errors import LmforgeError
+from lmforge.inference import kernels
 from lmforge.inference.constrained import GrammarMatcher, TokenMasks, matchers_for
 from lmforge.inference.engine import next_token_logits, prefill
 from lmforge.inference.generate import (
@@ -144,6 +145,7 @@ class Scheduler:
 
     # ---- client side -------------------------------------------------------------------
     def start(self) -> None:
+        kernels.release_threads()  # this thread loaded the model; decoding moves to the scheduler's thread
         self.thread.start()
 
     def submit(self, request: GenerationRequest) -> None:

@@ -31,12 +31,24 @@ def test_candidates_halve_from_the_most_threads_down_to_one():
     assert engine.ThreadChooser(1).candidates == [1]
 
 
-def test_an_idle_machine_keeps_every_thread():
-    chooser, used = drive(2, lambda step, threads: {2: 0.010, 1: 0.012}[threads], 240, lambda step: 2)
+def test_an_idle_machine_keeps_every_thread_and_tries_fewer_less_and_less_often():
+    chooser, used = drive(2, lambda step, threads: {2: 0.010, 1: 0.012}[threads], 3000, lambda step: 2)
     assert chooser.current == 2
-    # only the explorations leave the best count: two steps from step 3 of every EXPLORE_EVERY
-    explorations = [step for step in range(1, 241) if step % engine.ThreadChooser.EXPLORE_EVERY == 3]
-    assert used.count(1) == 2 * len(explorations) == 20
+    # only the explorations leave the best count, two steps each; each lost try doubles the wait
+    tries = [step for step in range(1, len(used)) if used[step] == 1 and used[step - 1] == 2]
+    gaps = [later - earlier for earlier, later in zip(tries, tries[1:])]
+    assert used.count(1) == 2 * len(tries)
+    assert gaps == sorted(gaps) and gaps[0] > engine.ThreadChooser.EXPLORE_EVERY
+    assert gaps[-1] >= engine.ThreadChooser.EXPLORE_FEWER_AT_MOST_EVERY and len(tries) <= 20
+
+
+def test_a_slowdown_brings_the_try_of_fewer_threads_back_at_once():
+    # idle for 2,000 steps (tries of one thread backed off), then another process takes a core
+    def seconds(step, threads):
+        return {2: 0.010, 1: 0.012}[threads] if step < 2000 else {2: 0.040, 1: 0.014}[threads]
+
+    chooser, used = drive(2, seconds, 2100, lambda step: 2 if step < 2000 else 1)
+    assert chooser.current == 1 and used[2000 + engine.ThreadChooser.EXPLORE_EVERY + 2 :].count(2) == 0
 
 
 def test_a_busy_machine_moves_to_fewer_threads_and_does_not_try_more_without_free_cores():

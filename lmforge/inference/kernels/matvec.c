@@ -551,3 +551,6 @@ void attention_decode(float *qkv, int64_t rows, int64_t H, int64_t KV, int64_t D
             }
         }
 }
+
+/* Frees the calling thread's OpenMP workers (they exit; the next parallel region starts new ones). */
+void release_threads(void) { omp_pause_resource_all(omp_pause_soft); }
