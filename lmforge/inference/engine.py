@@ -248,7 +248,7 @@ class DecodePlan:
         # speculative decoding checks its draft as rows of one sequence.
         self.cache_rows = cache.keys[0].shape[0]
         self._logits: dict[bool, torch.Tensor] = {}
-        self._scores: dict[int, torch.Tensor] = {}  # per thread count: one run of positions per thread
+        self._scores: dict[int, torch.Tensor] = {}  # per thread count: attention_decode's scratch
         self.positions = torch.zeros(capacity, dtype=torch.long)
         self.slots = torch.zeros(capacity, dtype=torch.long)
         # scratch tensors whose pointers the calls hold, and each layer's RoPE tables as they are now: the
@@ -301,8 +301,9 @@ class DecodePlan:
         return calls
 
     def _scores_for(self, threads: int) -> torch.Tensor:
-        if threads not in self._scores:
-            self._scores[threads] = torch.empty(threads * self.cache_length)
+        if threads not in self._scores:  # a run of positions per query head of a kv group, per thread
+            group = self.model.config.n_heads // self.model.config.kv_heads
+            self._scores[threads] = torch.empty(threads * group * self.cache_length)
         return self._scores[threads]
 
     def _logits_for(self, from_last: bool) -> torch.Tensor:

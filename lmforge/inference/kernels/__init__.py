@@ -353,7 +353,7 @@ def attention_decode(
     rows = qkv.shape[0]
     head_dim = keys.shape[-1]
     capacity = keys.shape[2]
-    scores = torch.empty(torch.get_num_threads() * capacity)
+    scores = torch.empty(torch.get_num_threads() * (n_heads // n_kv_heads) * capacity)
     out = torch.empty(rows, n_heads * head_dim)
     _library().attention_decode(
         qkv.data_ptr(), rows, n_heads, n_kv_heads, head_dim, slots.data_ptr(), positions.data_ptr(),
