@@ -262,8 +262,11 @@ def test_a_chat_second_turn_on_smollm2_reuses_the_first_and_replies_as_without_t
         first_prompt = encode_chat(tokenizer, messages)
         first = cached.ask(first_prompt, max_tokens=12)
         assert first["ids"]() == uncached.ask(first_prompt, max_tokens=12)["ids"]()
+        # the reply as a chat client keeps it: up to the end of the turn (these requests have no stop
+        # tokens, and fed back whole, the runaway "<|im_end|>\n<|im_end|><|im_start|>system" made the
+        # second reply's 10th token a near-tie, 0.04-0.13 apart, that rounding could tip either way)
         messages += [
-            {"role": "assistant", "content": first["text"]},
+            {"role": "assistant", "content": first["text"].split("<|im_end|>")[0]},
             {"role": "user", "content": "And of Italy?"},
         ]
         second_prompt = encode_chat(tokenizer, messages)
