@@ -36,7 +36,7 @@ step() {  # step SECONDS COMMAND...: run it under a time limit, remember a failu
     timeout "$seconds" "$@" || { echo "!! failed or timed out: $*"; status=1; }
     echo "== took $((SECONDS - started))s"
 }
-step 120 "$python" -m pytest -q -p no:cacheprovider tests/training/test_device.py
+step 120 "$python" -m pytest -q -p no:cacheprovider tests/training/test_device.py tests/serve/test_serve.py -k "cuda or device"
 step 300 "$python" benchmarks/gpu_train.py --steps 20
 step 150 "$python" benchmarks/inference.py --device cuda --rounds 2
 exit $status

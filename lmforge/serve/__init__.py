@@ -40,6 +40,10 @@ class ServeConfig:
     cors_origins: list[str] = field(default_factory=list)  # comma-separated on the command line
     drain_seconds: float = 10.0  # on SIGTERM, how long requests may go on; then each ends with finish_reason "length"
     threads: int | None = None  # default: $LMFORGE_THREADS, else chosen per decoding step from measured speed
+    # cpu, auto, cuda (under torchrun this process's GPU) or cuda:N: where the model, its KV cache and each
+    # step run; sampling stays on the CPU. GGUF blocks and the native kernels are CPU-only: on a GPU a GGUF's
+    # weights load dequantised.
+    device: str = "cpu"
     # reuse the keys and values of a prompt's leading tokens that a slot already holds (a chat's
     # earlier turns, a shared system prompt) instead of prefilling them again
     no_prefix_cache: bool = False
@@ -54,20 +58,24 @@ def build_app(config: ServeConfig):
     from lmforge.serve.app import ServedModels, ServeLimits, create_app
     from lmforge.serve.images import ImageLimits
     from lmforge.serve.scheduler import Scheduler
+    from lmforge.training.pretrain import resolve_device
 
     if config.max_batch < 1 or config.max_context < 2 or config.max_queue < 1 or config.drain_seconds < 0:
         raise LmforgeError("max_batch and max_queue must be >= 1, max_context >= 2, drain_seconds >= 0")
     if min(config.max_image_bytes, config.max_images_per_request, config.max_image_side_pixels) < 1:
         raise LmforgeError("max_image_bytes, max_images_per_request and max_image_side_pixels must be >= 1")
+    device = str(resolve_device(config.device))  # a bad or missing device is an error before minutes of loading
     vision = None
     if is_vlm_folder(config.model):  # chat takes image_url parts
         if config.adapter:
             raise LmforgeError(f"{config.model} is a vision-language model folder; its adapter is in it (no --adapter)")
-        vision, tokenizer = load_vlm(config.model)
+        vision, tokenizer = load_vlm(config.model, device=device)
         model = vision.language_model
         defaults = SamplingDefaults(vlm_default_sampling(), "lmforge's default for vision-language models")
     else:
-        model, tokenizer = load(config.model, keep_quantized=config.keep_quantized, adapter=config.adapter)
+        model, tokenizer = load(
+            config.model, device=device, keep_quantized=config.keep_quantized, adapter=config.adapter
+        )
         defaults = sampling_defaults(config.model, tokenizer)
     if config.adapter:
         from lmforge.finetune.lora import describe_adapter

@@ -126,9 +126,16 @@ class Scheduler:
         self.model, self.tokenizer, self.vision = model, tokenizer, vision
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = min(model.config.block_size, max_context or model.config.block_size)
-        dtype = next(model.parameters(), torch.empty(0)).dtype
+        # the model's device and dtype (bf16 on a GPU): the cache and each step's tensors live there, and each
+        # step's logits come back to the CPU, where sampling, grammars and penalties run
+        weight = next(model.parameters(), torch.empty(0))
+        self.device = weight.device
         self.cache = KVCache(
-            model.config, max_batch, self.context, dtype=dtype if dtype.is_floating_point else torch.float32
+            model.config,
+            max_batch,
+            self.context,
+            device=self.device,
+            dtype=weight.dtype if weight.dtype.is_floating_point else torch.float32,
         )
         self.prefix_cache = prefix_cache
         # least recently used first: a request that matches no cached prefix evicts the front one
@@ -373,13 +380,13 @@ class Scheduler:
         """Run the uncached prompt tokens of newly started sequences in one batched pass (right-padded;
         each row writes its own slot from its first uncached position) and sample each one's first token."""
         rests = [running.request.prompt_ids[running.cached :] for running in started]
-        slots = torch.tensor([running.slot for running in started])
-        masks = TokenMasks(self.cache.keys[0].device)
+        slots = torch.tensor([running.slot for running in started], device=self.device)
+        masks = TokenMasks(self.device)
         masks.start([running.request.matcher for running in started])
         starts = [running.cached for running in started]
         embeddings = [self._prompt_embeddings(running) for running in started]  # all None: text prompts
         logits = prefill(self.model, rests, self.cache, slots, starts=starts, embeddings=embeddings)
-        masks.apply(logits)
+        logits = masks.apply(logits).float().cpu()
         self.metrics["prompt_tokens_total"] += sum(len(running.request.prompt_ids) for running in started)
         self.metrics["prefill_tokens_total"] += sum(len(rest) for rest in rests)
         for row, running in enumerate(started):
@@ -392,7 +399,8 @@ class Scheduler:
         request = running.request
         if request.images is None:
             return None
-        return self.vision.input_embeddings(torch.tensor([request.prompt_ids]), request.images)[0, running.cached :]
+        ids = torch.tensor([request.prompt_ids], device=self.device)
+        return self.vision.input_embeddings(ids, request.images)[0, running.cached :]
 
     def _decode_step(self) -> None:
         rows = [running for running in self.running if not running.request.cancelled]
@@ -401,12 +409,14 @@ class Scheduler:
                 self._finish(running, "cancelled")
         if not rows:
             return
-        tokens = torch.tensor([[running.generated[-1]] for running in rows])
-        positions = torch.tensor([len(running.request.prompt_ids) + len(running.generated) - 1 for running in rows])
-        slots = torch.tensor([running.slot for running in rows])
-        masks = TokenMasks(self.cache.keys[0].device)  # each constrained row's mask, while the model runs if it can
+        tokens = torch.tensor([[running.generated[-1]] for running in rows], device=self.device)
+        positions = [len(running.request.prompt_ids) + len(running.generated) - 1 for running in rows]
+        positions = torch.tensor(positions, device=self.device)
+        slots = torch.tensor([running.slot for running in rows], device=self.device)
+        masks = TokenMasks(self.device)  # each constrained row's mask, while the model runs if it can
         masks.start([running.request.matcher for running in rows])
-        logits = masks.apply(next_token_logits(self.model, tokens, self.cache, positions=positions, slots=slots))
+        logits = next_token_logits(self.model, tokens, self.cache, positions=positions, slots=slots)
+        logits = masks.apply(logits).float().cpu()
         for index, running in enumerate(rows):
             self.slot_tokens[running.slot].append(running.generated[-1])  # its entries are written now
             self._accept(running, logits[index])

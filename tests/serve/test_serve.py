@@ -474,3 +474,48 @@ def test_a_base_model_served_for_chat_stops_at_its_next_user_line():
     chat = ChatCompletionRequest(messages=[{"role": "user", "content": "a"}], stop=["zz"])
     assert server.sampling_for(chat, 8, 0).stop == ["zz", "\nUser:"]
     assert server.sampling_for(CompletionRequest(prompt="a"), 8, 0).stop in (None, [])
+
+
+def test_serve_on_a_missing_device_is_a_one_line_error_before_loading(monkeypatch):
+    from lmforge.errors import LmforgeError
+    from lmforge.serve import ServeConfig, build_app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    loaded = []
+    monkeypatch.setattr("lmforge.formats.loading.load", lambda *args, **kwargs: loaded.append(args))
+    with pytest.raises(LmforgeError, match="CUDA is not available"):
+        build_app(ServeConfig(device="cuda", embedding_model="none"))
+    with pytest.raises(LmforgeError, match="expected auto, cpu, cuda or cuda:N"):
+        build_app(ServeConfig(device="gpu0", embedding_model="none"))
+    assert not loaded
+
+
+def test_the_scheduler_keeps_its_cache_and_steps_on_the_model_device_and_samples_on_the_cpu():
+    """On a GPU the cache and each step's tensors live with the model; the logits come back for sampling
+    (the test below, on a GPU). Here the model's device is the CPU, and the cache follows it."""
+    model, tokenizer = tiny_chat_model()
+    scheduler = Scheduler(model, tokenizer, max_batch=2, max_context=CONTEXT)
+    assert scheduler.device == next(model.parameters()).device == scheduler.cache.keys[0].device
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_serving_on_cuda_replies_as_generate_does_on_cuda():
+    """`lmforge serve --device cuda`: the scheduler on a GPU (benchmarks/gpu_all.sh runs it there)."""
+    model, tokenizer = tiny_chat_model()
+    model = model.to("cuda")
+    scheduler = Scheduler(model, tokenizer, max_batch=2, max_context=CONTEXT)
+    assert scheduler.cache.keys[0].device.type == "cuda"
+    scheduler.start()
+    try:
+        done, out = threading.Event(), {}
+        request = GenerationRequest(
+            prompt_ids=encode_chat(tokenizer, MESSAGES),
+            max_tokens=24,
+            stop_ids=frozenset(stop_token_ids(tokenizer)),
+            emit=lambda event: out.setdefault("pieces", []).append(event[1]) if event[0] == "text" else done.set(),
+        )
+        scheduler.submit(request)
+        assert done.wait(60)
+        assert "".join(out.get("pieces", [])) == expected_reply(model, tokenizer, MESSAGES, 24)
+    finally:
+        scheduler.shutdown(drain_seconds=1)
