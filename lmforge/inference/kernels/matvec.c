@@ -371,49 +371,62 @@ void to_bf16(const float *x, int64_t n, uint16_t *out) {
     }
 }
 
-/* `out`: fp32 rows, or bf16 rows where bf16 is set (see RowSink). */
-NO_FMA void dequantize_q8(const int8_t *weight, const float *scale, int64_t N, int64_t K, int64_t G, void *out,
-                          int bf16, int threads) {
-    RowSink sink = {out, bf16, K};
+/* Rows 0..N-1 of a matrix, each made by `make(matrix, n, row)` in fp32, into `out`: fp32 rows, or bf16
+ * rows where bf16 is set (see RowSink). */
+typedef struct {
+    const void *codes;
+    const void *scale;
+    const uint16_t *offset;
+    int64_t K, G;
+} QuantizedRows;
+
+static void dequantize_rows(void (*make)(const QuantizedRows *, int64_t, float *), const QuantizedRows *matrix,
+                            int64_t N, void *out, int bf16, int threads) {
+    RowSink sink = {out, bf16, matrix->K};
 #pragma omp parallel num_threads(threads)
     {
-        float *scratch = bf16 ? malloc(K * sizeof(float)) : NULL;
+        float *scratch = bf16 ? malloc(matrix->K * sizeof(float)) : NULL;
 #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n++) {
-            float *row = row_for(sink, n, scratch);
-            for (int64_t g = 0; g < K / G; g++) { /* by group: k / G per weight was 3.3 ns a weight, 8x this */
-                const int8_t *codes = weight + n * K + g * G;
-                float s = scale[n * (K / G) + g];
-                for (int64_t i = 0; i < G; i++) row[g * G + i] = (float)codes[i] * s;
-            }
+            make(matrix, n, row_for(sink, n, scratch));
             row_done(sink, n, scratch);
         }
         free(scratch);
     }
 }
 
-NO_FMA void dequantize_q4(const uint8_t *weight, const uint16_t *scale, const uint16_t *offset, int64_t N, int64_t K,
-                          int64_t G, void *out, int bf16, int threads) {
-    RowSink sink = {out, bf16, K};
-#pragma omp parallel num_threads(threads)
-    {
-        float *scratch = bf16 ? malloc(K * sizeof(float)) : NULL;
-#pragma omp for schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            float *row = row_for(sink, n, scratch);
-            for (int64_t b = 0; b < K / 32; b++) {
-                const uint8_t *bytes = weight + n * (K / 2) + b * 16;
-                int64_t group = n * (K / G) + b * 32 / G;
-                float s = _cvtsh_ss(scale[group]), o = _cvtsh_ss(offset[group]);
-                for (int i = 0; i < 16; i++) {
-                    row[b * 32 + i] = (float)(bytes[i] & 0x0F) * s + o;
-                    row[b * 32 + i + 16] = (float)(bytes[i] >> 4) * s + o;
-                }
-            }
-            row_done(sink, n, scratch);
-        }
-        free(scratch);
+static NO_FMA void q8_row(const QuantizedRows *matrix, int64_t n, float *row) {
+    const int64_t K = matrix->K, G = matrix->G;
+    for (int64_t g = 0; g < K / G; g++) { /* by group: k / G per weight was 3.3 ns a weight, 8x this */
+        const int8_t *codes = (const int8_t *)matrix->codes + n * K + g * G;
+        float s = ((const float *)matrix->scale)[n * (K / G) + g];
+        for (int64_t i = 0; i < G; i++) row[g * G + i] = (float)codes[i] * s;
     }
+}
+
+static NO_FMA void q4_row(const QuantizedRows *matrix, int64_t n, float *row) {
+    const int64_t K = matrix->K, G = matrix->G;
+    for (int64_t b = 0; b < K / 32; b++) {
+        const uint8_t *bytes = (const uint8_t *)matrix->codes + n * (K / 2) + b * 16;
+        int64_t group = n * (K / G) + b * 32 / G;
+        float s = _cvtsh_ss(((const uint16_t *)matrix->scale)[group]), o = _cvtsh_ss(matrix->offset[group]);
+        for (int i = 0; i < 16; i++) {
+            row[b * 32 + i] = (float)(bytes[i] & 0x0F) * s + o;
+            row[b * 32 + i + 16] = (float)(bytes[i] >> 4) * s + o;
+        }
+    }
+}
+
+void dequantize_q8(const int8_t *weight, const float *scale, int64_t N, int64_t K, int64_t G, void *out, int bf16,
+                   int threads) {
+    QuantizedRows matrix = {weight, scale, NULL, K, G};
+    dequantize_rows(q8_row, &matrix, N, out, bf16, threads);
+}
+
+void dequantize_q4(const uint8_t *weight, const uint16_t *scale, const uint16_t *offset, int64_t N, int64_t K,
+                   int64_t G, void *out, int bf16, int threads) {
+    QuantizedRows matrix = {weight, scale, offset, K, G};
+    dequantize_rows(q4_row, &matrix, N, out, bf16, threads);
 }
 
 /* int8 weights times fp32 x without rounding x: for the LM head, whose logits pick tokens
