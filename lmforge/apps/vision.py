@@ -191,14 +191,20 @@ class ProgressOverAllSteps(fit.Callback):
         self.stream = stream
 
     def on_train_begin(self, logs):
-        self.bar, self.done = ProgressBar(self.params["epochs"] * self.params["steps"], self.stream), 0
+        self.bar, self.epoch = None, 0
+
+    def on_epoch_begin(self, epoch, logs):
+        self.epoch = epoch  # a resumed run starts at its own epoch and batch, and so does the count
 
     def on_batch_end(self, batch, logs):
-        self.done += 1
-        self.bar.update(self.done, {"loss": logs["loss"]})
+        done = self.epoch * self.params["steps"] + batch + 1
+        if self.bar is None:  # made at the first step, which a resumed run knows: its time per step is its own
+            self.bar = ProgressBar(self.params["epochs"] * self.params["steps"], self.stream, initial=done - 1)
+        self.bar.update(done, {"loss": logs["loss"]})
 
     def on_train_end(self, logs):
-        self.bar.finish({"loss": logs["loss"]})
+        if self.bar is not None:  # None: resumed after its last step
+            self.bar.finish({"loss": logs["loss"]})
 
 
 def train_classifier(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmforge.apps.vision import (
+    ProgressOverAllSteps,
     SmallCNN,
     VisionTransformer,
     ViTConfig,
@@ -92,3 +93,18 @@ def test_train_classifier_shows_fits_progress_bar_unless_told_not_to():
     train_classifier(SmallCNN(1, 3, 8), images, labels, epochs=2, batch_size=16, stream=silent, verbose=0)
     assert shown.getvalue().startswith("6/6 ━") and shown.getvalue().endswith(f"loss: {losses[-1]:.4f}\n")
     assert silent.getvalue() == ""
+
+
+def test_the_progress_over_all_steps_of_a_resumed_run_counts_from_where_it_resumed():
+    stream = io.StringIO()
+    progress = ProgressOverAllSteps(stream)
+    progress.params = {"epochs": 3, "steps": 4}
+    progress.on_train_begin({})
+    progress.on_epoch_begin(1, {})  # resumed in its second epoch, after 2 of its batches
+    progress.on_batch_end(2, {"loss": 0.5})
+    progress.on_batch_end(3, {"loss": 0.25})
+    progress.on_epoch_begin(2, {})
+    progress.on_batch_end(0, {"loss": 0.125})
+    assert progress.bar.initial == 6
+    progress.on_train_end({"loss": 0.125})
+    assert stream.getvalue().startswith("12/12 ━")
