@@ -281,3 +281,51 @@ def test_sft_under_torchrun_on_two_processes_trains_as_one_process(tmp_path):
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-5)
     assert not any((tmp_path / "two").glob(".*.tmp"))  # one process wrote, no half-written leftovers
+
+
+def test_lora_sft_sharded_over_two_processes_writes_what_one_process_writes(tmp_path):
+    """--parallel fsdp --activation-checkpointing on 2 gloo processes against one (in this process): the
+    same losses and accuracies, and the same adapter and merged model, each a whole folder (gathered from
+    the shards); the sharded training state is gone once the run completes."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    base = tiny_checkpoint(tmp_path / "base")
+    data = chat_file(tmp_path / "chats.jsonl", 9)
+    settings = dict(lora_rank=4, lora_dropout=0.0, merge=True, epochs=2, batch_size=4, accumulation_steps=2,
+                    packing=False, learning_rate=1e-2, max_tokens=64, checkpoint_interval=1)  # fmt: skip
+    finetune_chat(SFTConfig(data=str(data), model=str(base), out=str(tmp_path / "one"), parallel="fsdp", **settings),
+                  verbose=0)  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge",
+               "finetune", "--task", "sft", "--data", str(data), "--model", str(base), "--out", str(tmp_path / "two"),
+               "--parallel", "fsdp", "--activation-checkpointing",
+               *(f"--{key}={value}" for key, value in settings.items())]  # fmt: skip
+    two = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                         timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "fsdp over 2 processes" in two.stdout
+    one_history = json.loads((tmp_path / "one" / "metrics.json").read_text())["history"]
+    two_history = json.loads((tmp_path / "two" / "metrics.json").read_text())["history"]
+    for key in ("loss", "accuracy"):
+        assert two_history[key] == pytest.approx(one_history[key], abs=1e-5)
+    for written in ("adapter/adapter.safetensors", "model/model.safetensors"):
+        one, two = load_file(tmp_path / "one" / written), load_file(tmp_path / "two" / written)
+        assert one.keys() == two.keys()
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-5)
+    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == ["adapter", "metrics.json", "model"]
+    load_model(tmp_path / "two" / "model")  # a plain folder: chat, export and load read it
+
+
+def test_parallel_settings_are_checked_as_trains_are():
+    from lmforge.config import apply_values
+
+    with pytest.raises(LmforgeError, match=r"parallel='tp': expected one of \('ddp', 'fsdp', 'hsdp'\)"):
+        apply_values(SFTConfig(), {"parallel": "tp"})
+    with pytest.raises(LmforgeError, match="hsdp_shard_processes must be >= 0"):
+        apply_values(SFTConfig(), {"hsdp_shard_processes": "-1"})
+    config = apply_values(SFTConfig(), {"parallel": "hsdp", "activation_checkpointing": "true"})
+    assert (config.parallelism().parallel, config.parallelism().activation_checkpointing) == ("hsdp", True)
