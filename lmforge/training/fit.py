@@ -641,15 +641,13 @@ def _load_fit_state(path: Path, model, setup, history, callbacks) -> FitPosition
 
     sharded = writes_sharded_checkpoints(setup.parallelism)
     state = load_torch_file(path / STATE if sharded else path, "resuming needs the training state the run wrote")
-    if sharded:  # every process reads the parts of the shards its own shard needs
-        if len(state["callbacks"]) != len(callbacks):
-            raise LmforgeError(f"{path}: cannot resume from this training state (it was written for other callbacks)")
-        load_sharded_training_state(path, model, setup.optimizer, trainable_only=True)
     try:
-        if not sharded:
-            missing = set(_trainable_state(model)) - set(state["weights"])
-            if missing or len(state["callbacks"]) != len(callbacks):
-                raise ValueError(f"it was written for another model or callbacks ({len(missing)} tensors missing)")
+        missing = set() if sharded else set(_trainable_state(model)) - set(state["weights"])
+        if missing or len(state["callbacks"]) != len(callbacks):
+            raise ValueError(f"it was written for another model or callbacks ({len(missing)} tensors missing)")
+        if sharded:  # every process reads the parts of the shards its own shard needs (missing ones: an error)
+            load_sharded_training_state(path, model, setup.optimizer, trainable_only=True)
+        else:
             model.load_state_dict(state["weights"], strict=False)
             setup.optimizer.load_state_dict(state["optimizer"])
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as error:

@@ -114,6 +114,8 @@ def sum_sharded_gradients(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
+            # Plain SUM collectives: a divide factor alone is NCCL's PREMUL_SUM(1 / factor), gloo has none.
+            module.set_force_sum_reduction_for_comms(True)
 
 
 def weightless_copy(model: nn.Module) -> nn.Module:

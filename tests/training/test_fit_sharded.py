@@ -73,7 +73,8 @@ def train(out: Path, parallel: str = "fsdp", lora: bool = False, checkpointing: 
     processes = distributed.init_process_group("cpu")
     sharded = processes.is_distributed and parallel != "ddp"
     whole = weightless_copy(trainer) if sharded else trainer
-    parallelism = Parallelism(parallel, activation_checkpointing=checkpointing)
+    # hsdp: shard groups of 2 (processes 0-1 and 2-3 each hold a whole copy between them)
+    parallelism = Parallelism(parallel, 2 if parallel == "hsdp" else 0, checkpointing)
     trainer.compile("adamw", "token_crossentropy", ["accuracy"], from_logits=True, learning_rate=1e-2,
                     clip_grad_norm=0.5, parallelism=parallelism)  # fmt: skip
     recorder = Recorder()
@@ -158,6 +159,12 @@ def test_the_other_combinations_on_two_processes_match_one_process(alone, tmp_pa
 
 
 @pytest.mark.slow
+def test_hsdp_on_four_processes_as_two_by_two_matches_one_process(alone, tmp_path):
+    # A batch of 4 is one row a process; each epoch's last batch leaves three processes a stand-in.
+    assert_same_run(alone[1], torchrun(4, tmp_path, "--parallel=hsdp"))
+
+
+@pytest.mark.slow
 def test_a_state_from_two_processes_resumes_on_one(alone, tmp_path):
     torchrun(2, tmp_path, "--crash-after=3", expect_success=False)  # mid-epoch: the metrics' state counts
     assert_same_run(alone[1], train(tmp_path, resume=True), after_step=3)
@@ -180,7 +187,7 @@ def test_a_sharded_state_alone_resumes_bit_exactly(alone, tmp_path):
         assert torch.equal(resumed["weights"][name], weight), name
 
 
-def test_a_state_of_the_other_kind_is_refused_with_what_to_do(tmp_path):
+def test_a_state_of_the_other_kind_or_damaged_is_refused_with_what_to_do(tmp_path):
     with pytest.raises(RuntimeError):
         train(tmp_path, parallel="ddp", crash_after=1)  # one file
     with pytest.raises(LmforgeError, match="written by a parallel=ddp run.*resume it with parallel=ddp"):
@@ -190,6 +197,9 @@ def test_a_state_of_the_other_kind_is_refused_with_what_to_do(tmp_path):
         train(tmp_path, crash_after=1)  # a folder of shards
     with pytest.raises(LmforgeError, match="written by a parallel=fsdp/hsdp run"):
         train(tmp_path, parallel="ddp", resume=True)
+    (tmp_path / "state" / SHARDS / ".metadata").unlink()  # a damaged state: named, not a traceback
+    with pytest.raises(LmforgeError, match=r"state/shards: cannot resume from these shards"):
+        train(tmp_path, resume=True)
 
 
 class Linear(Fittable, nn.Module):
@@ -231,6 +241,6 @@ def test_a_weightless_copy_holds_no_memory_keeps_ties_and_takes_the_weights_for_
 
 if __name__ == "__main__":  # one process of a torchrun job (see `torchrun`)
     out, *options = sys.argv[1:]
-    crash = [int(option.split("=")[1]) for option in options if option.startswith("--crash-after=")]
-    train(Path(out), lora="--lora" in options, checkpointing="--checkpointing" in options,
-          crash_after=crash[0] if crash else None, resume="--resume" in options)  # fmt: skip
+    values = dict(option[2:].split("=") for option in options if "=" in option)
+    train(Path(out), values.get("parallel", "fsdp"), "--lora" in options, "--checkpointing" in options,
+          int(values["crash-after"]) if "crash-after" in values else None, "--resume" in options)  # fmt: skip
