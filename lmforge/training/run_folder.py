@@ -61,8 +61,14 @@ def claim_fine_tune_folder(folder: Path, run_files: tuple[str, ...], config, wha
 def fine_tune_checkpointing(folder: Path, config, sharded: bool = False) -> dict:
     """`fit`'s checkpoint options for a fine-tune writing into `folder`: its training state there (a folder
     of shards when `sharded`), every `config.checkpoint_interval` optimizer steps, resumed when `config.resume`."""
+    state, other = (SHARDED_TRAINING_STATE, TRAINING_STATE) if sharded else (TRAINING_STATE, SHARDED_TRAINING_STATE)
+    if config.resume and not (folder / state).exists() and (folder / other).exists():
+        written_by = "ddp" if sharded else "fsdp or hsdp"
+        raise LmforgeError(
+            f"{folder / other} was written by a parallel={written_by} run; resume it with --parallel {written_by}"
+        )
     return {
-        "checkpoint": folder / (SHARDED_TRAINING_STATE if sharded else TRAINING_STATE),
+        "checkpoint": folder / state,
         "checkpoint_every": config.checkpoint_interval,
         "resume": config.resume,
     }

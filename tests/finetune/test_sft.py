@@ -208,7 +208,8 @@ def test_a_used_out_folder_is_refused_unless_overwrite(tmp_path):
     assert recorded["written"] == result["written"] and "overwrite" not in recorded["config"]
 
 
-def test_an_interrupted_sft_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])  # fsdp alone: the training state is a folder of shards
+def test_an_interrupted_sft_run_resumes_to_the_same_adapter(tmp_path, monkeypatch, parallel):
     """Ctrl-C in the second epoch saves the training state; --resume=true ends with the weights of a run
     that was never stopped (LoRA with dropout, so the RNG state counts too)."""
     from lmforge.training import fit as fit_module
@@ -217,6 +218,7 @@ def test_an_interrupted_sft_run_resumes_to_the_same_adapter(tmp_path, monkeypatc
     data = chat_file(tmp_path / "chats.jsonl", 8)
 
     def config(out: str, **changes) -> SFTConfig:
+        changes = {"parallel": parallel} | changes
         return SFTConfig(data=str(data), model=str(base), out=str(tmp_path / out), max_tokens=64, epochs=2,
                          batch_size=2, learning_rate=1e-2, lora_rank=4, lora_dropout=0.1, packing=False,
                          **changes)  # fmt: skip
@@ -235,18 +237,21 @@ def test_an_interrupted_sft_run_resumes_to_the_same_adapter(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         finetune_chat(config("stopped"), verbose=0)
     monkeypatch.setattr(fit_module, "forward_backward", forward_backward)
-    state = torch.load(tmp_path / "stopped" / "training_state.pt", weights_only=True)
+    state_path = tmp_path / "stopped" / ("training_state.pt" if parallel == "ddp" else "training_state/state.pt")
+    state = torch.load(state_path, weights_only=True)
     assert (state["position"]["epoch"], state["position"]["batches_done"]) == (1, 2)  # saved by the Ctrl-C
-    assert (tmp_path / "stopped" / "training_state.pt").is_file()
     with pytest.raises(LmforgeError, match="already holds a run.*--resume=true"):
         finetune_chat(config("stopped"), verbose=0)
+    other, written_by = ("fsdp", "ddp") if parallel == "ddp" else ("ddp", "fsdp or hsdp")
+    with pytest.raises(LmforgeError, match=f"by a parallel={written_by} run; resume it with --parallel {written_by}"):
+        finetune_chat(config("stopped", resume=True, parallel=other), verbose=0)
     resumed = finetune_chat(config("stopped", resume=True), verbose=0)
     assert resumed["history"] == straight["history"]
     straight_adapter = load_adapter(load_model(base)[0], tmp_path / "straight" / "adapter")
     resumed_adapter = load_adapter(load_model(base)[0], tmp_path / "stopped" / "adapter")
     for a, b in zip(straight_adapter.state_dict().values(), resumed_adapter.state_dict().values()):
         assert torch.equal(a, b)
-    assert not (tmp_path / "stopped" / "training_state.pt").exists()  # complete: nothing left to resume
+    assert not any((tmp_path / "stopped").glob("training_state*"))  # complete: nothing left to resume
 
 
 def test_sft_under_torchrun_on_two_processes_trains_as_one_process(tmp_path):
