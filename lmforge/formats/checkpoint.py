@@ -116,10 +116,8 @@ def save_sharded_folder(
     folder, which the main process renames over `folder` once every shard is written.
     `trainable_only` leaves frozen weights out (a LoRA base: they come back from where it was loaded)."""
     import torch.distributed.checkpoint as dcp  # a few seconds to import: only where a sharded run needs it
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    options = StateDictOptions(ignore_frozen_params=trainable_only)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    model_state, optimizer_state, _ = _sharded_state(model, optimizer, trainable_only)
 
     def write_shards(staging: Path) -> None:
         _wait_for_every_process()  # the main process has emptied the folder of any killed write's leftovers
@@ -178,12 +176,9 @@ def load_sharded_training_state(
     frozen weights stay as they are (every trainable one must be in the shards)."""
     import torch.distributed.checkpoint as dcp  # a few seconds to import: only where a sharded run needs it
     from torch.distributed.checkpoint import CheckpointException
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    # Not strict when loading only the trainable weights: the frozen ones are absent by design, and
-    # dcp.load already refuses shards that lack any key asked for.
-    options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    model_state, optimizer_state, options = _sharded_state(model, optimizer, trainable_only)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         with _alone_without_a_warning():
@@ -193,6 +188,21 @@ def load_sharded_training_state(
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
     )
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool):
+    """(model state, optimizer state, options) as torch.distributed.checkpoint saves and loads them: by
+    fully qualified names, each tensor this process's shard; without frozen weights if `trainable_only`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Not strict when loading only the trainable weights: the frozen ones are absent by design, and
+    # dcp.load already refuses shards that lack any key asked for.
+    options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    if trainable_only:  # torch keeps a frozen weight tied to another (an LM head tied to the embedding): not here
+        frozen = {name for name, weight in model.named_parameters(remove_duplicate=False) if not weight.requires_grad}
+        model_state = {name: value for name, value in model_state.items() if name not in frozen}
+    return model_state, optimizer_state, options
 
 
 def load_sharded_weights(folder: Path) -> dict[str, torch.Tensor]:
