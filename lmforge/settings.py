@@ -245,6 +245,28 @@ def preset(name: str, **overrides) -> ModelConfig:
 PARALLEL_MODES = ("ddp", "fsdp", "hsdp")
 
 
+def check_parallel_settings(config) -> None:
+    """The three keys `TrainConfig`, `SFTConfig` and `Parallelism` share (same names, same CLI flags)."""
+    if config.parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel={config.parallel!r}: expected one of {PARALLEL_MODES}")
+    if config.hsdp_shard_processes < 0:
+        raise ValueError(
+            f"hsdp_shard_processes must be >= 0 (0: one node's processes), got {config.hsdp_shard_processes}"
+        )
+
+
+@dataclass
+class Parallelism:
+    """How the processes of a torchrun job share a model that `fit` trains (`training.fit.compile`)."""
+
+    parallel: str = "ddp"  # ddp | fsdp | hsdp, as TrainConfig.parallel
+    hsdp_shard_processes: int = 0
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        check_parallel_settings(self)
+
+
 @dataclass
 class TrainConfig:
     """Everything a pretraining run needs; YAML/JSON files and --key=value map onto it."""
@@ -284,12 +306,7 @@ class TrainConfig:
     plot: bool = True  # write loss_curve.png at the end
 
     def __post_init__(self) -> None:
-        if self.parallel not in PARALLEL_MODES:
-            raise ValueError(f"parallel={self.parallel!r}: expected one of {PARALLEL_MODES}")
-        if self.hsdp_shard_processes < 0:
-            raise ValueError(
-                f"hsdp_shard_processes must be >= 0 (0: one node's processes), got {self.hsdp_shard_processes}"
-            )
+        check_parallel_settings(self)
 
 
 def train_config_from(values: dict) -> TrainConfig:
@@ -522,6 +539,17 @@ class SFTConfig:
     resume: bool = False  # continue the run in `out` from its training state (written as below and on Ctrl-C)
     checkpoint_interval: int = 50  # optimizer steps between training states (also at each epoch's end)
     device: str = "cpu"  # cpu | auto | cuda | cuda:N (under torchrun: cuda is each process's LOCAL_RANK GPU)
+    # Under torchrun, as TrainConfig's: ddp keeps a whole model on every process; fsdp/hsdp shard it
+    # (the training state is then sharded too, resumable on any number of processes).
+    parallel: str = "ddp"  # ddp | fsdp | hsdp
+    hsdp_shard_processes: int = 0  # hsdp: processes one copy of the model is sharded over (0: one node's)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
+
+    def __post_init__(self) -> None:
+        check_parallel_settings(self)
+
+    def parallelism(self) -> Parallelism:
+        return Parallelism(self.parallel, self.hsdp_shard_processes, self.activation_checkpointing)
 
 
 @dataclass

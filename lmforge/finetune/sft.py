@@ -4,7 +4,8 @@ Data is JSONL, one conversation a line, in OpenAI's format:
     {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
 
 `finetune_chat` is `lmforge finetune --task sft`: LoRA adapters by default (`lora_rank=0`
-trains every weight), trained with `fit`, saved as an adapter folder and/or a full model.
+trains every weight), trained with `fit`, saved as an adapter folder and/or a full model. Under
+torchrun, `parallel=fsdp/hsdp` shards the model (`fit.compile`); what is written stays one whole folder.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmforge.atomic import remove
 from lmforge.errors import LmforgeError
 from lmforge.inference.chat import ROLES, chat_pieces
 from lmforge.model import Transformer
@@ -24,8 +26,10 @@ from lmforge.tokenizer import Tokenizer
 from lmforge.training import distributed
 from lmforge.training.data import read_records
 from lmforge.training.fit import Callback, EarlyStopping, Fittable, WarmupCosine
+from lmforge.training.parallelize import gather_full_weights, weightless_copy, writes_sharded_checkpoints
 from lmforge.training.pretrain import resolve_device
 from lmforge.training.run_folder import (
+    SHARDED_TRAINING_STATE,
     TRAINING_STATE,
     claim_fine_tune_folder,
     fine_tune_checkpointing,
@@ -33,7 +37,8 @@ from lmforge.training.run_folder import (
 )
 
 IGNORE = -100  # target id that the loss skips (PyTorch's cross_entropy ignore_index)
-RUN_FILES = ("adapter", "model", "metrics.json", TRAINING_STATE)  # what finetune_chat writes into `out`
+# What finetune_chat writes into `out`.
+RUN_FILES = ("adapter", "model", "metrics.json", TRAINING_STATE, SHARDED_TRAINING_STATE)
 
 
 def read_conversations(path: str | Path) -> list[list[dict]]:
@@ -169,16 +174,21 @@ def conversations_to_rows(
 
 
 class SaveAdapterEachEpoch(Callback):
-    """Write the LoRA adapter (atomically) at the end of every epoch."""
+    """Write the LoRA adapter (atomically) at the end of every epoch. `whole`: for a sharded model, the
+    `weightless_copy` its weights are gathered into first (every process takes part; the main one writes)."""
 
-    def __init__(self, folder: Path, base_model: str):
-        self.folder, self.base_model = folder, base_model
+    def __init__(self, folder: Path, base_model: str, whole: NextTokenModel | None = None):
+        self.folder, self.base_model, self.whole = folder, base_model, whole
 
     def on_epoch_end(self, epoch, logs):
         from lmforge.finetune.lora import save_adapter
 
-        if self.params.get("is_main", True):  # under torchrun one process writes
-            save_adapter(self.model.model, self.folder, base_model=self.base_model)
+        is_main = self.params.get("is_main", True)
+        if self.whole is not None:
+            gather_full_weights(self.model, self.whole, is_main)
+        if is_main:  # under torchrun one process writes
+            trained = self.model if self.whole is None else self.whole
+            save_adapter(trained.model, self.folder, base_model=self.base_model)
 
 
 def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
@@ -208,12 +218,17 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
         lora = LoraConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
         apply_lora(model, lora)
     trainer = NextTokenModel(model)
+    # Sharded over processes, the trained weights are gathered into a weightless copy taken now, before
+    # compile shards the trainer, and written from it: one whole folder, as from one process.
+    sharded = processes.is_distributed and writes_sharded_checkpoints(config)
+    whole = weightless_copy(trainer) if sharded else trainer
     if verbose:
         print(
             f"{stats['conversations']} conversations → {stats['rows']} rows of ≤{length} tokens, "
             f"{stats['scored_tokens']:,} assistant tokens scored"
             + (f", {stats['truncated']} cut short" if stats["truncated"] else "")
             + f"; {count_trainable(model):,} of {sum(p.numel() for p in model.parameters()):,} parameters train"
+            + (f"; {config.parallel} over {processes.world_size} processes" if sharded else "")
         )
     trainer.compile(
         "adamw",
@@ -223,11 +238,12 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
         clip_grad_norm=config.clip_grad_norm,
+        parallelism=config.parallelism(),
     )
     schedule = WarmupCosine(config.warmup_steps)
     callbacks = [schedule]
     if config.lora_rank:  # the adapter is megabytes: keep the latest epoch's, so a crash loses at most one
-        callbacks.append(SaveAdapterEachEpoch(out / "adapter", config.model))
+        callbacks.append(SaveAdapterEachEpoch(out / "adapter", config.model, whole if sharded else None))
     if validation is not None:
         callbacks.append(EarlyStopping("val_loss", patience=1, restore_best_weights=True))
     history = trainer.fit(
@@ -240,8 +256,11 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
         accumulation_steps=config.accumulation_steps,
         verbose=verbose,
         seed=config.seed,
-        **fine_tune_checkpointing(out, config),
+        **fine_tune_checkpointing(out, config, writes_sharded_checkpoints(config)),
     )
+    if sharded:
+        gather_full_weights(trainer, whole, processes.is_main)
+        model = whole.model
     written = {}
     if processes.is_main:  # every process holds the same trained weights: one writes them
         out.mkdir(parents=True, exist_ok=True)
@@ -259,6 +278,7 @@ def finetune_chat(config: SFTConfig, verbose: int = 1) -> dict:
     }
     if processes.is_main:
         (out / "metrics.json").write_text(json.dumps({**result, "config": settings_to_record(config)}, indent=2) + "\n")
-        (out / TRAINING_STATE).unlink(missing_ok=True)  # the run is complete: nothing left to resume
+        for state in (TRAINING_STATE, SHARDED_TRAINING_STATE):  # the run is complete: nothing left to resume
+            remove(out / state)
     distributed.shutdown(processes)
     return result

@@ -18,6 +18,7 @@ import pickle
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,18 +85,39 @@ def save_sharded_checkpoint(
     extra_config: dict | None = None,
     keep: int = 2,
 ) -> Path:
-    """Every process calls this together: checkpoint `step` with the weights and optimizer state in
-    `shards/` (torch.distributed.checkpoint, each process writing its own shard in parallel), and
-    `state` (step, RNG, data position: the main process's) in state.pt; then `latest`, pruning as
-    `save_checkpoint`. Atomic the same way: all of it is built in the step folder's temporary folder,
-    which the main process renames into place once every shard is written. Under several machines
+    """Every process calls this together: checkpoint `step` (`save_sharded_folder`: weights and optimizer
+    state in `shards/`, each process writing its own shard) with `state` (step, RNG, data position: the
+    main process's) in state.pt, then `latest`, pruning as `save_checkpoint`. Under several machines
     `run_dir` must be storage they share."""
-    import torch.distributed.checkpoint as dcp  # a few seconds to import: only where a sharded run needs it
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optimizer_state = get_state_dict(model, optimizer)
     folder = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     config = {"model": model.config.to_dict(), "step": step, **(extra_config or {})}
+    writers = {
+        STATE: lambda path: torch.save(state, path),
+        TOKENIZER: lambda path: tokenizer.save(path),
+        CONFIG: lambda path: path.write_text(json.dumps(config, indent=2)),
+    }
+    save_sharded_folder(folder, model, optimizer, writers)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        point_latest_at(folder, keep)
+    _wait_for_every_process()  # no process goes on (and may read or prune it) before `latest` names it
+    return folder
+
+
+def save_sharded_folder(
+    folder: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    writers: dict[str, Callable[[Path], object]],
+    trainable_only: bool = False,
+) -> Path:
+    """Every process calls this together: `folder/shards/` holds the model's and optimizer's state
+    (torch.distributed.checkpoint, each process writing its own shard in parallel) and the main process
+    writes the other files (`name: write(path)`). Atomic: all of it is built in the folder's temporary
+    folder, which the main process renames over `folder` once every shard is written.
+    `trainable_only` leaves frozen weights out (a LoRA base: they come back from where it was loaded)."""
+    import torch.distributed.checkpoint as dcp  # a few seconds to import: only where a sharded run needs it
+
+    model_state, optimizer_state, _ = _sharded_state(model, optimizer, trainable_only)
 
     def write_shards(staging: Path) -> None:
         _wait_for_every_process()  # the main process has emptied the folder of any killed write's leftovers
@@ -106,16 +128,14 @@ def save_sharded_checkpoint(
     def write_all(staging: Path) -> None:
         staging.mkdir()
         write_shards(staging)
-        torch.save(state, staging / STATE)
-        tokenizer.save(staging / TOKENIZER)
-        (staging / CONFIG).write_text(json.dumps(config, indent=2))
+        for name, write in writers.items():
+            write(staging / name)
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         write_atomically(folder, write_all)
-        point_latest_at(folder, keep)
     else:
         write_shards(temporary_path_beside(folder))
-    _wait_for_every_process()  # no process goes on (and may read or prune it) before it is in place
+    _wait_for_every_process()  # no process goes on (and may read it) before it is in place
     return folder
 
 
@@ -147,22 +167,42 @@ def is_sharded(folder: Path) -> bool:
     return (folder / SHARDS).is_dir()
 
 
-def load_sharded_training_state(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def load_sharded_training_state(
+    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool = False
+) -> None:
     """Fill `model` and `optimizer` from a sharded checkpoint, whatever the number of processes that wrote
     it and that read it now: each process reads the parts of the shards its own shard needs (all of
-    them, for a plain model). Every process calls this together."""
+    them, for a plain model). Every process calls this together. `trainable_only` as it was saved:
+    frozen weights stay as they are (every trainable one must be in the shards)."""
     import torch.distributed.checkpoint as dcp  # a few seconds to import: only where a sharded run needs it
     from torch.distributed.checkpoint import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state, options = _sharded_state(model, optimizer, trainable_only)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         with _alone_without_a_warning():
             dcp.load(state, checkpoint_id=folder / SHARDS)
     except (Exception, CheckpointException) as error:  # a missing, truncated or mismatched shard
         raise LmforgeError(f"{folder / SHARDS}: cannot resume from these shards ({_shard_failure(error)})") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"], options=options
+    )
+
+
+def _sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, trainable_only: bool):
+    """(model state, optimizer state, options) as torch.distributed.checkpoint saves and loads them: by
+    fully qualified names, each tensor this process's shard; without frozen weights if `trainable_only`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    # Not strict when loading only the trainable weights: the frozen ones are absent by design, and
+    # dcp.load already refuses shards that lack any key asked for.
+    options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
+    if trainable_only:  # torch keeps a frozen weight tied to another (an LM head tied to the embedding): not here
+        frozen = {name for name, weight in model.named_parameters(remove_duplicate=False) if not weight.requires_grad}
+        model_state = {name: value for name, value in model_state.items() if name not in frozen}
+    return model_state, optimizer_state, options
 
 
 def load_sharded_weights(folder: Path) -> dict[str, torch.Tensor]:

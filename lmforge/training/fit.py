@@ -24,8 +24,18 @@ from torch import nn
 
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.metrics import confusion_matrix, macro_f1
+from lmforge.settings import Parallelism
 from lmforge.training import distributed
 from lmforge.training.optim import OPTIMIZERS, build_optimizer
+from lmforge.training.parallelize import (
+    SHARDED_MODES,
+    apply_activation_checkpointing,
+    apply_fully_shard,
+    block_lists,
+    device_mesh,
+    sum_sharded_gradients,
+    writes_sharded_checkpoints,
+)
 from lmforge.training.progress import ProgressBar, format_logs
 from lmforge.training.schedule import reached_peak, warmup_cosine, warmup_steps_for, warmup_warning
 from lmforge.training.step import apply_gradients, autocast_for, forward_backward, to_device
@@ -95,6 +105,16 @@ class Metric:
     def result(self) -> float:
         raise NotImplementedError
 
+    def result_across(self, processes: distributed.ProcessGroup, device: torch.device) -> float:
+        """The result over every process's examples, where each process updated it with its share of each
+        batch (under torchrun); every process calls this together."""
+        raise NotImplementedError
+
+    def state_across(self, processes: distributed.ProcessGroup, device: torch.device) -> dict:
+        """What every process has accumulated, as one process's state: a resumed run (on any number of
+        processes) restores it into its main process alone. Every process calls this together."""
+        raise NotImplementedError
+
 
 class Accuracy(Metric):
     """Share of correct predictions; for token targets, of the scored (not -100) tokens."""
@@ -115,6 +135,15 @@ class Accuracy(Metric):
     def result(self) -> float:
         return self.correct / max(self.total, 1)
 
+    def result_across(self, processes, device) -> float:
+        state = self.state_across(processes, device)
+        return state["correct"] / max(state["total"], 1)
+
+    def state_across(self, processes, device) -> dict:
+        counts = torch.tensor([self.correct, self.total], dtype=torch.float64, device=device)
+        correct, total = distributed.sum_across_processes(counts, processes).tolist()
+        return {"correct": int(correct), "total": int(total)}
+
 
 class MacroF1(Metric):
     name = "macro_f1"
@@ -127,7 +156,23 @@ class MacroF1(Metric):
         self.targets.append(targets.long().flatten())
 
     def result(self) -> float:
-        predicted, targets = torch.cat(self.predicted), torch.cat(self.targets)
+        return self._score(torch.cat(self.predicted), torch.cat(self.targets))
+
+    def result_across(self, processes, device) -> float:
+        state = self.state_across(processes, device)
+        return self._score(torch.cat(state["predicted"]), torch.cat(state["targets"]))
+
+    def state_across(self, processes, device) -> dict:
+        import torch.distributed as dist
+
+        mine = (torch.cat(self.predicted).cpu(), torch.cat(self.targets).cpu()) if self.predicted else None
+        everyone = [None] * processes.world_size
+        dist.all_gather_object(everyone, mine)  # the shares differ in length: objects, not one tensor
+        shares = [share for share in everyone if share is not None]
+        return {"predicted": [p for p, _ in shares], "targets": [t for _, t in shares]}
+
+    @staticmethod
+    def _score(predicted: torch.Tensor, targets: torch.Tensor) -> float:
         classes = int(max(predicted.max(), targets.max())) + 1
         return macro_f1(confusion_matrix(predicted, targets, classes))
 
@@ -168,6 +213,10 @@ class TrainingSetup:
     metrics: list[Metric]
     from_logits: bool
     clip_grad_norm: float | None
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    # FSDP2 shards the model over this torchrun job's processes and reduces its gradients (fsdp/hsdp
+    # with more than one process); otherwise `fit` sums whole gradients itself.
+    sharded: bool = False
 
 
 def compile(
@@ -179,8 +228,14 @@ def compile(
     learning_rate: float | None = None,
     clip_grad_norm: float | None = None,
     weight_decay: float | None = None,
+    parallelism: Parallelism | None = None,
 ) -> None:
-    """Fix the optimizer (over the parameters that require grad), the loss and the metrics for `fit`."""
+    """Fix the optimizer (over the parameters that require grad), the loss and the metrics for `fit`.
+
+    `parallelism` (under torchrun): fsdp/hsdp shard the model in place here, through
+    `training.parallelize` as pretraining does, before the optimizer is built over the shards;
+    `activation_checkpointing` wraps its transformer blocks. ddp (the default) leaves it whole.
+    """
     if isinstance(loss, str):
         if loss not in LOSSES:
             raise LmforgeError(f"unknown loss {loss!r}; known: {sorted(LOSSES)}, or a callable")
@@ -193,6 +248,8 @@ def compile(
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise LmforgeError("the model has no trainable parameters (all have requires_grad=False)")
+    parallelism = parallelism or Parallelism()
+    sharded = _parallelize(model, parallelism, optimizer)  # first: the optimizer must hold the shards
     model.training_setup = TrainingSetup(
         optimizer=resolve_optimizer(optimizer, model, learning_rate, weight_decay),
         loss=loss_function,
@@ -200,7 +257,33 @@ def compile(
         metrics=[METRICS[name]() for name in metrics or []],
         from_logits=from_logits,
         clip_grad_norm=clip_grad_norm,
+        parallelism=parallelism,
+        sharded=sharded,
     )
+
+
+def _parallelize(model: nn.Module, parallelism: Parallelism, optimizer) -> bool:
+    """Activation checkpointing, then (fsdp/hsdp under torchrun) FSDP2 with its gradient reduction a sum;
+    whether the model is now sharded. Alone, fsdp/hsdp shard nothing but still write sharded states."""
+    if parallelism.activation_checkpointing and not block_lists(model):
+        raise LmforgeError(
+            "activation_checkpointing: the model has no `blocks` list of transformer blocks to recompute"
+        )
+    device, mesh = _device(model), None
+    if parallelism.parallel in SHARDED_MODES:
+        mesh = device_mesh(parallelism, distributed.init_process_group(device.type), device)
+    if mesh is not None and isinstance(optimizer, torch.optim.Optimizer):
+        raise LmforgeError(
+            f"parallel={parallelism.parallel}: pass the optimizer by name or as a factory of the parameters; "
+            f"an optimizer instance holds the parameters as they were before sharding"
+        )
+    if parallelism.activation_checkpointing:
+        apply_activation_checkpointing(model)  # before sharding, torchtitan's order (as `parallelize`)
+    if mesh is None:
+        return False
+    apply_fully_shard(model, mesh, device)
+    sum_sharded_gradients(model)
+    return True
 
 
 def _setup(model: nn.Module) -> TrainingSetup:
@@ -515,29 +598,58 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_fit_state(path: Path, model: nn.Module, setup: TrainingSetup, position: FitPosition,
                    history: History, callbacks: list[Callback]) -> None:  # fmt: skip
-    """One file with all a resumed `fit` needs, written atomically; loadable with weights_only=True."""
+    """One file with all a resumed `fit` needs, written atomically; loadable with weights_only=True.
+
+    Under parallel=fsdp/hsdp (even alone) a folder instead, which every process writes together: the
+    trainable weights and optimizer state in `shards/` (torch.distributed.checkpoint), the rest in
+    state.pt; it resumes on any number of processes."""
     from lmforge.atomic import write_atomically
+    from lmforge.formats.checkpoint import STATE, save_sharded_folder
 
     state = {
-        "weights": _trainable_state(model),
-        "optimizer": setup.optimizer.state_dict(),
         "position": vars(position),
         "history": {"history": history.history, "epoch": history.epoch},
         "callbacks": [callback.state_dict() for callback in callbacks],
     }
+    if writes_sharded_checkpoints(setup.parallelism):
+        writers = {STATE: lambda file: torch.save(state, file)}
+        save_sharded_folder(path, model, setup.optimizer, writers, trainable_only=True)
+        return
+    state |= {"weights": _trainable_state(model), "optimizer": setup.optimizer.state_dict()}
     write_atomically(path, lambda temporary: torch.save(state, temporary))
 
 
-def _load_fit_state(path: Path, model, setup, history, callbacks) -> FitPosition:
-    from lmforge.formats.checkpoint import load_torch_file
+def _check_resumable(path: Path | None, setup: TrainingSetup) -> None:
+    """That `path` holds a training state of the kind this run writes: a sharded folder or one file."""
+    if path is None or not path.exists():
+        raise LmforgeError(f"resume=True needs the training state a run wrote; there is none at {path}")
+    parallel = setup.parallelism.parallel
+    if writes_sharded_checkpoints(setup.parallelism) and not path.is_dir():
+        raise LmforgeError(
+            f"{path} was written by a parallel=ddp run (one file), which parallel={parallel} cannot resume; "
+            f"resume it with parallel=ddp"
+        )
+    if not writes_sharded_checkpoints(setup.parallelism) and path.is_dir():
+        raise LmforgeError(
+            f"{path} was written by a parallel=fsdp/hsdp run (shards), which parallel={parallel} cannot resume; "
+            f"resume it with the parallel it was written with"
+        )
 
-    state = load_torch_file(path, "resuming needs the training state the run wrote")
+
+def _load_fit_state(path: Path, model, setup, history, callbacks) -> FitPosition:
+    from lmforge.formats.checkpoint import STATE, load_sharded_training_state, load_torch_file
+
+    sharded = writes_sharded_checkpoints(setup.parallelism)
+    state = load_torch_file(path / STATE if sharded else path, "resuming needs the training state the run wrote")
     try:
-        missing = set(_trainable_state(model)) - set(state["weights"])
+        missing = set() if sharded else set(_trainable_state(model)) - set(state["weights"])
         if missing or len(state["callbacks"]) != len(callbacks):
             raise ValueError(f"it was written for another model or callbacks ({len(missing)} tensors missing)")
-        model.load_state_dict(state["weights"], strict=False)
-        setup.optimizer.load_state_dict(state["optimizer"])
+        if sharded:  # every process reads the parts of the shards its own shard needs (missing ones: an error)
+            load_sharded_training_state(path, model, setup.optimizer, trainable_only=True)
+        else:
+            model.load_state_dict(state["weights"], strict=False)
+            setup.optimizer.load_state_dict(state["optimizer"])
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as error:
         raise LmforgeError(f"{path}: cannot resume from this training state ({error})") from None
     history.history, history.epoch = state["history"]["history"], state["history"]["epoch"]
@@ -546,25 +658,50 @@ def _load_fit_state(path: Path, model, setup, history, callbacks) -> FitPosition
     return FitPosition(**state["position"])
 
 
-def _distributed_step(forward, micro_batches: int, autocast, setup: TrainingSetup, targets, processes):
+def _distributed_step(forward, micro_batches: int, autocast, setup: TrainingSetup, targets, processes, idle: bool):
     """`forward_backward` of this process's share of a batch, its loss weighted by the share's part
-    of the whole batch's loss (1 alone); the whole batch's loss, and this share's outputs (None if empty)."""
+    of the whole batch's loss (1 alone); the whole batch's loss, and this share's outputs (None if empty).
+    `idle`: the batch is smaller than the job and this process has none of it (a stand-in example under
+    FSDP, whose every forward and backward needs every process)."""
     if not processes.is_distributed:
         return forward_backward(forward, micro_batches, autocast)
-    count = _loss_count(setup, targets)
+    count = 0 if idle else _loss_count(setup, targets)
     # on the batch's device: NCCL reduces GPU tensors only
     total = distributed.sum_across_processes(torch.tensor(float(count), device=targets.device), processes)
-    if count == 0:  # a batch smaller than the job: this process has nothing of it
-        loss, outputs = torch.zeros((), device=targets.device), None
-    else:
+    if count:
         weight = count / float(total)
         loss, outputs = forward_backward(lambda: _weighted(forward(), weight), micro_batches, autocast)
-    return distributed.sum_across_processes(loss, processes), outputs
+    elif setup.sharded:  # nothing to score here, but FSDP's all-gathers and reduce-scatters need this process
+        loss, outputs = forward_backward(lambda: _zero_weighted(forward()), micro_batches, autocast)
+    else:
+        loss, outputs = torch.zeros((), device=targets.device), None
+    return distributed.sum_across_processes(loss, processes), None if idle else outputs
+
+
+def _metric_states(metrics: list[Metric], processes: distributed.ProcessGroup, device) -> list[dict]:
+    """Each metric's accumulated state for a saved position: under torchrun every process's combined."""
+    if processes.is_distributed:
+        return [metric.state_across(processes, device) for metric in metrics]
+    return [copy.deepcopy(vars(metric)) for metric in metrics]
+
+
+def _metric_results(metrics: list[Metric], processes: distributed.ProcessGroup, device) -> dict[str, float]:
+    """Each metric over the batches so far; under torchrun over every process's shares of them."""
+    if processes.is_distributed:
+        return {metric.name: metric.result_across(processes, device) for metric in metrics}
+    return {metric.name: metric.result() for metric in metrics}
 
 
 def _weighted(loss_and_outputs: tuple, weight: float) -> tuple:
     loss, outputs = loss_and_outputs
     return loss * weight, outputs
+
+
+def _zero_weighted(loss_and_outputs: tuple) -> tuple:
+    """A loss of 0 whose backward reaches every weight the outputs depend on, with zero gradients. Not
+    loss * 0: a share with no scored token has a NaN mean loss, and NaN * 0 is NaN."""
+    _, outputs = loss_and_outputs
+    return outputs.float().sum() * 0.0, outputs
 
 
 def fit(
@@ -595,6 +732,8 @@ def fit(
     With `checkpoint` (a file), the training state is written there at the end of each epoch, every
     `checkpoint_every` optimizer steps, and on Ctrl-C (the last completed step, then the interrupt
     goes on); `resume=True` continues from it exactly as the run would have gone on (tested bit-exact).
+    Under parallel=fsdp/hsdp (`compile`'s `parallelism`) `checkpoint` is a folder of shards instead, which
+    resumes on any number of processes.
     """
     setup = _setup(model)
     count = _count(x)
@@ -604,8 +743,8 @@ def fit(
         raise LmforgeError("no training examples")
     if not 0 <= validation_split < 1:
         raise LmforgeError(f"validation_split must be in [0, 1), got {validation_split}")
-    if resume and (checkpoint is None or not Path(checkpoint).is_file()):
-        raise LmforgeError(f"resume=True needs the training state a run wrote; there is none at {checkpoint}")
+    if resume:
+        _check_resumable(None if checkpoint is None else Path(checkpoint), setup)
     if validation_split and validation_data is None:
         keep = count - math.ceil(count * validation_split)
         if keep < 1:
@@ -616,6 +755,11 @@ def fit(
     steps = math.ceil(count / batch_size)
     optimizer_steps_per_epoch = math.ceil(steps / accumulation_steps)
     callbacks = list(callbacks or [])
+    if setup.sharded and any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
+        raise LmforgeError(
+            f"ModelCheckpoint writes the whole weights from one process, which a parallel="
+            f"{setup.parallelism.parallel} model holds in shards; use fit's checkpoint= (sharded) instead"
+        )
     params = {"epochs": epochs, "steps": steps, "optimizer_steps": epochs * optimizer_steps_per_epoch}
     params["optimizer_step"] = 0
     for callback in callbacks:
@@ -626,7 +770,9 @@ def fit(
     # Under torchrun each process takes its share of every batch; the gradients are summed across
     # them with each share weighted by its part of the batch's loss, so N processes take exactly
     # the steps one process would (to float rounding; dropout draws differ, one RNG per process).
+    # Sharded (fsdp/hsdp), FSDP's reduce-scatter does the summing, once per optimizer step.
     processes = distributed.init_process_group(device.type)
+    sharded_state = writes_sharded_checkpoints(setup.parallelism)
     params["is_main"] = processes.is_main
     if not processes.is_main:
         verbose = 0
@@ -644,7 +790,7 @@ def fit(
     logs: dict = {}
 
     def save(at: FitPosition) -> None:
-        if checkpoint is not None and processes.is_main:
+        if checkpoint is not None and (processes.is_main or sharded_state):  # sharded: every process its shard
             save_fit_state(Path(checkpoint), model, setup, at, history, callbacks)
 
     try:
@@ -655,7 +801,8 @@ def fit(
             for metric in setup.metrics:
                 metric.reset()
             if resuming_mid_epoch:
-                for metric, metric_state in zip(setup.metrics, position.metrics):
+                # Saved as every process's state combined: the main process holds it, the others start empty.
+                for metric, metric_state in zip(setup.metrics, position.metrics if processes.is_main else ()):
                     vars(metric).update(metric_state)
             for callback in callbacks:
                 callback.on_epoch_begin(epoch, {})
@@ -683,12 +830,18 @@ def fit(
                 for callback in callbacks:
                     callback.on_batch_begin(step, {})
                 share = index[processes.rank :: processes.world_size] if processes.is_distributed else index
+                idle = len(share) == 0
+                if idle and setup.sharded:
+                    share = index[:1]  # a stand-in, weighted 0: FSDP needs every process in every step
                 inputs, targets = _to(_take(x, share), device), to_device(y[share], device)
                 batch_weights = None if weights is None else to_device(weights[share], device)
                 # The last group of an epoch may hold fewer batches than accumulation_steps.
                 group = min(accumulation_steps, steps - (step // accumulation_steps) * accumulation_steps)
+                updates = (step + 1) % accumulation_steps == 0 or step + 1 == steps
                 forward = functools.partial(_loss_and_outputs, model, setup, inputs, targets, batch_weights)
-                loss, outputs = _distributed_step(forward, group, autocast, setup, targets, processes)
+                # Sharded, the gradients of a step's batches accumulate unreduced until its last one.
+                with distributed.no_gradient_sync(model, skip=setup.sharded and not updates):
+                    loss, outputs = _distributed_step(forward, group, autocast, setup, targets, processes, idle)
                 if not torch.isfinite(loss):  # before the update: the weights stay those of the last good batch
                     raise LmforgeError(
                         f"epoch {epoch + 1}, batch {step + 1}: loss is {loss.item()}; lower the learning rate"
@@ -697,20 +850,20 @@ def fit(
                 with torch.no_grad():
                     for metric in setup.metrics if outputs is not None else ():
                         metric.update(outputs.detach(), targets, setup.from_logits)
-                if (step + 1) % accumulation_steps == 0 or step + 1 == steps:
+                if updates:
                     completed = None  # an update in progress: nothing consistent to save until it ends
-                    if processes.is_distributed:
+                    if processes.is_distributed and not setup.sharded:
                         distributed.sum_gradients(setup.optimizer)
                     apply_gradients(setup.optimizer, setup.clip_grad_norm)
                     params["optimizer_step"] += 1
                     completed = FitPosition(
                         epoch, step + 1, params["optimizer_step"], loss_sum, seen,
-                        [copy.deepcopy(vars(metric)) for metric in setup.metrics],
+                        _metric_states(setup.metrics, processes, device),
                         torch.get_rng_state(), epoch_order_rng,
                     )  # fmt: skip
                     if checkpoint_every and params["optimizer_step"] % checkpoint_every == 0:
                         save(completed)
-                logs = {"loss": loss_sum / seen, **{m.name: m.result() for m in setup.metrics}}
+                logs = {"loss": loss_sum / seen, **_metric_results(setup.metrics, processes, device)}
                 for callback in callbacks:
                     callback.on_batch_end(step, logs)
                 if bar is not None:
@@ -734,7 +887,8 @@ def fit(
             if model.stop_training:
                 break
     except KeyboardInterrupt:
-        if checkpoint is not None and completed is not None:
+        # A sharded save needs every process, which an interrupt leaves at different points: alone only.
+        if checkpoint is not None and completed is not None and not (sharded_state and processes.is_distributed):
             save(completed)
             print(f"\ninterrupted: saved the last completed step to {checkpoint}", file=sys.stderr)
         raise

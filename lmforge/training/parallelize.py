@@ -6,30 +6,41 @@ model file stays single-device; this module turns it into what a torchrun job tr
 
 All of it is PyTorch's own machinery: `checkpoint_wrapper` (non-reentrant torch.utils.checkpoint) per
 block, `fully_shard` (FSDP2) per block and on the root over a `DeviceMesh`, DDP for whole-model replicas.
+Pretraining (`pretrain.py`) and `fit` (the fine-tunes) both shard through the functions here.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import os
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from lmforge.errors import LmforgeError
-from lmforge.settings import TrainConfig
 from lmforge.training import distributed
 
 SHARDED_MODES = ("fsdp", "hsdp")
 
 
-def writes_sharded_checkpoints(config: TrainConfig) -> bool:
+class ParallelSettings(Protocol):
+    """What this module reads of a run's settings: TrainConfig, SFTConfig and `settings.Parallelism` have it."""
+
+    parallel: str
+    hsdp_shard_processes: int
+    activation_checkpointing: bool
+
+
+def writes_sharded_checkpoints(config: ParallelSettings) -> bool:
     """fsdp/hsdp runs save with torch.distributed.checkpoint (each process its shard), even alone, so a
     run can move between 1 and N processes; ddp runs save one model.safetensors + state.pt."""
     return config.parallel in SHARDED_MODES
 
 
-def device_mesh(config: TrainConfig, group: distributed.ProcessGroup, device: torch.device) -> DeviceMesh | None:
+def device_mesh(config: ParallelSettings, group: distributed.ProcessGroup, device: torch.device) -> DeviceMesh | None:
     """The processes as a DeviceMesh: 1-D ("shard") for fsdp and ddp, 2-D ("replicate", "shard") for
     hsdp; None for a single process, where there is nothing to shard or replicate over."""
     if not group.is_distributed:
@@ -48,7 +59,7 @@ def device_mesh(config: TrainConfig, group: distributed.ProcessGroup, device: to
     )
 
 
-def describe_mesh(config: TrainConfig, mesh: DeviceMesh) -> str:
+def describe_mesh(config: ParallelSettings, mesh: DeviceMesh) -> str:
     """How the processes split the work, for the run's first line: `hsdp: 2 replicas x 2 shards`."""
     if config.parallel == "hsdp":
         replicas, shards = mesh.shape
@@ -66,13 +77,20 @@ def mixed_precision_for(device: torch.device):
     return MixedPrecisionPolicy()
 
 
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """Every `blocks` list in the model: a Transformer's own, or the one inside a wrapper that `fit`
+    trains (a chat model's `NextTokenModel`, a classifier's backbone)."""
+    return [module.blocks for module in model.modules() if isinstance(getattr(module, "blocks", None), nn.ModuleList)]
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Wrap each block so its activations are recomputed in backward instead of kept: memory for about
     one more forward pass. Non-reentrant, as torch recommends; state dicts keep the unwrapped names."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-    for index, block in enumerate(model.blocks):
-        model.blocks[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    for blocks in block_lists(model):
+        for index, block in enumerate(blocks):
+            blocks[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
 
 
 def apply_fully_shard(model: nn.Module, mesh: DeviceMesh, device: torch.device) -> None:
@@ -81,12 +99,48 @@ def apply_fully_shard(model: nn.Module, mesh: DeviceMesh, device: torch.device) 
     from torch.distributed.fsdp import fully_shard
 
     policy = mixed_precision_for(device)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+    for blocks in block_lists(model):
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def parallelize(model: nn.Module, config: TrainConfig, mesh: DeviceMesh | None) -> nn.Module:
+def sum_sharded_gradients(model: nn.Module) -> None:
+    """Make FSDP's gradient reduction a sum instead of its default mean over processes: `fit` weights each
+    process's loss by its share of the batch (shares differ when a batch does not split evenly), so the
+    shares' gradients add up to the batch's, as `distributed.sum_gradients` adds them without sharding."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            # Plain SUM collectives: a divide factor alone is NCCL's PREMUL_SUM(1 / factor), gloo has none.
+            module.set_force_sum_reduction_for_comms(True)
+
+
+def weightless_copy(model: nn.Module) -> nn.Module:
+    """The model's structure with its parameters and buffers on the meta device (no memory): taken before
+    sharding, it is what `gather_full_weights` fills for writing the trained model as one whole folder."""
+    memo = {}
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        empty = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(empty, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)  # tied weights stay tied: one memo entry per tensor
+
+
+def gather_full_weights(sharded: nn.Module, whole: nn.Module, is_main: bool) -> None:
+    """Fill `whole` (a `weightless_copy` of the model before sharding) on the main process with the sharded
+    model's full weights, on CPU. Every process calls this together (the shards are all-gathered); its
+    non-persistent buffers (RoPE tables) stay on meta: it is for writing, not running."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # cpu_offload: the main process only
+    weights = get_model_state_dict(sharded, options=options)
+    if is_main:
+        whole.load_state_dict(weights, assign=True)
+
+
+def parallelize(model: nn.Module, config: ParallelSettings, mesh: DeviceMesh | None) -> nn.Module:
     """The model a training step calls: activation checkpointing first (it wraps blocks, which FSDP then
     shards, torchtitan's order), then FSDP2/HSDP in place or a DDP wrapper. A single process (mesh None)
     keeps the plain model."""

@@ -15,6 +15,7 @@ from lmforge.settings import FOLDER_ACTIONS
 
 ARCHIVE_PREFIX = "previous-"
 TRAINING_STATE = "training_state.pt"  # a fine-tune's `fit` checkpoint in its folder, gone once the run completes
+SHARDED_TRAINING_STATE = "training_state"  # the same as a folder of shards, under parallel=fsdp/hsdp
 
 
 def settings_to_record(config) -> dict:
@@ -57,11 +58,17 @@ def claim_fine_tune_folder(folder: Path, run_files: tuple[str, ...], config, wha
         print(f"--overwrite: moved the previous {what} into {archived}")
 
 
-def fine_tune_checkpointing(folder: Path, config) -> dict:
-    """`fit`'s checkpoint options for a fine-tune writing into `folder`: its training state there, every
-    `config.checkpoint_interval` optimizer steps, resumed when `config.resume`."""
+def fine_tune_checkpointing(folder: Path, config, sharded: bool = False) -> dict:
+    """`fit`'s checkpoint options for a fine-tune writing into `folder`: its training state there (a folder
+    of shards when `sharded`), every `config.checkpoint_interval` optimizer steps, resumed when `config.resume`."""
+    state, other = (SHARDED_TRAINING_STATE, TRAINING_STATE) if sharded else (TRAINING_STATE, SHARDED_TRAINING_STATE)
+    if config.resume and not (folder / state).exists() and (folder / other).exists():
+        written_by = "ddp" if sharded else "fsdp or hsdp"
+        raise LmforgeError(
+            f"{folder / other} was written by a parallel={written_by} run; resume it with --parallel {written_by}"
+        )
     return {
-        "checkpoint": folder / TRAINING_STATE,
+        "checkpoint": folder / state,
         "checkpoint_every": config.checkpoint_interval,
         "resume": config.resume,
     }

@@ -208,7 +208,8 @@ def test_a_used_out_folder_is_refused_unless_overwrite(tmp_path):
     assert recorded["written"] == result["written"] and "overwrite" not in recorded["config"]
 
 
-def test_an_interrupted_sft_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])  # fsdp alone: the training state is a folder of shards
+def test_an_interrupted_sft_run_resumes_to_the_same_adapter(tmp_path, monkeypatch, parallel):
     """Ctrl-C in the second epoch saves the training state; --resume=true ends with the weights of a run
     that was never stopped (LoRA with dropout, so the RNG state counts too)."""
     from lmforge.training import fit as fit_module
@@ -217,6 +218,7 @@ def test_an_interrupted_sft_run_resumes_to_the_same_adapter(tmp_path, monkeypatc
     data = chat_file(tmp_path / "chats.jsonl", 8)
 
     def config(out: str, **changes) -> SFTConfig:
+        changes = {"parallel": parallel} | changes
         return SFTConfig(data=str(data), model=str(base), out=str(tmp_path / out), max_tokens=64, epochs=2,
                          batch_size=2, learning_rate=1e-2, lora_rank=4, lora_dropout=0.1, packing=False,
                          **changes)  # fmt: skip
@@ -235,18 +237,21 @@ def test_an_interrupted_sft_run_resumes_to_the_same_adapter(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         finetune_chat(config("stopped"), verbose=0)
     monkeypatch.setattr(fit_module, "forward_backward", forward_backward)
-    state = torch.load(tmp_path / "stopped" / "training_state.pt", weights_only=True)
+    state_path = tmp_path / "stopped" / ("training_state.pt" if parallel == "ddp" else "training_state/state.pt")
+    state = torch.load(state_path, weights_only=True)
     assert (state["position"]["epoch"], state["position"]["batches_done"]) == (1, 2)  # saved by the Ctrl-C
-    assert (tmp_path / "stopped" / "training_state.pt").is_file()
     with pytest.raises(LmforgeError, match="already holds a run.*--resume=true"):
         finetune_chat(config("stopped"), verbose=0)
+    other, written_by = ("fsdp", "ddp") if parallel == "ddp" else ("ddp", "fsdp or hsdp")
+    with pytest.raises(LmforgeError, match=f"by a parallel={written_by} run; resume it with --parallel {written_by}"):
+        finetune_chat(config("stopped", resume=True, parallel=other), verbose=0)
     resumed = finetune_chat(config("stopped", resume=True), verbose=0)
     assert resumed["history"] == straight["history"]
     straight_adapter = load_adapter(load_model(base)[0], tmp_path / "straight" / "adapter")
     resumed_adapter = load_adapter(load_model(base)[0], tmp_path / "stopped" / "adapter")
     for a, b in zip(straight_adapter.state_dict().values(), resumed_adapter.state_dict().values()):
         assert torch.equal(a, b)
-    assert not (tmp_path / "stopped" / "training_state.pt").exists()  # complete: nothing left to resume
+    assert not any((tmp_path / "stopped").glob("training_state*"))  # complete: nothing left to resume
 
 
 def test_sft_under_torchrun_on_two_processes_trains_as_one_process(tmp_path):
@@ -281,3 +286,51 @@ def test_sft_under_torchrun_on_two_processes_trains_as_one_process(tmp_path):
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-5)
     assert not any((tmp_path / "two").glob(".*.tmp"))  # one process wrote, no half-written leftovers
+
+
+def test_lora_sft_sharded_over_two_processes_writes_what_one_process_writes(tmp_path):
+    """--parallel fsdp --activation-checkpointing on 2 gloo processes against one (in this process): the
+    same losses and accuracies, and the same adapter and merged model, each a whole folder (gathered from
+    the shards); the sharded training state is gone once the run completes."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    base = tiny_checkpoint(tmp_path / "base")
+    data = chat_file(tmp_path / "chats.jsonl", 9)
+    settings = dict(lora_rank=4, lora_dropout=0.0, merge=True, epochs=2, batch_size=4, accumulation_steps=2,
+                    packing=False, learning_rate=1e-2, max_tokens=64, checkpoint_interval=1)  # fmt: skip
+    finetune_chat(SFTConfig(data=str(data), model=str(base), out=str(tmp_path / "one"), parallel="fsdp", **settings),
+                  verbose=0)  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge",
+               "finetune", "--task", "sft", "--data", str(data), "--model", str(base), "--out", str(tmp_path / "two"),
+               "--parallel", "fsdp", "--activation-checkpointing",
+               *(f"--{key}={value}" for key, value in settings.items())]  # fmt: skip
+    two = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                         timeout=300)  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "fsdp over 2 processes" in two.stdout
+    one_history = json.loads((tmp_path / "one" / "metrics.json").read_text())["history"]
+    two_history = json.loads((tmp_path / "two" / "metrics.json").read_text())["history"]
+    for key in ("loss", "accuracy"):
+        assert two_history[key] == pytest.approx(one_history[key], abs=1e-5)
+    for written in ("adapter/adapter.safetensors", "model/model.safetensors"):
+        one, two = load_file(tmp_path / "one" / written), load_file(tmp_path / "two" / written)
+        assert one.keys() == two.keys()
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-5)
+    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == ["adapter", "metrics.json", "model"]
+    load_model(tmp_path / "two" / "model")  # a plain folder: chat, export and load read it
+
+
+def test_parallel_settings_are_checked_as_trains_are():
+    from lmforge.config import apply_values
+
+    with pytest.raises(LmforgeError, match=r"parallel='tp': expected one of \('ddp', 'fsdp', 'hsdp'\)"):
+        apply_values(SFTConfig(), {"parallel": "tp"})
+    with pytest.raises(LmforgeError, match="hsdp_shard_processes must be >= 0"):
+        apply_values(SFTConfig(), {"hsdp_shard_processes": "-1"})
+    config = apply_values(SFTConfig(), {"parallel": "hsdp", "activation_checkpointing": "true"})
+    assert (config.parallelism().parallel, config.parallelism().activation_checkpointing) == ("hsdp", True)
