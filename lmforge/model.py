@@ -157,13 +157,13 @@ def zeroed_from_os(
 
     `huge_pages`: 2 MB-aligned and advised as transparent huge pages, for weights that decoding streams
     whole every step. In a VM each 4 KB page's TLB miss walks two page tables: Qwen3-0.6B Q4_K_M's
-    decode step took 44 ms on 4 KB pages, 34 on 2 MB ones (2 threads). Not for KV caches, whose rows
+    decode step took 44 ms on 4 KB pages, 32 on 2 MB ones (2 threads). Not for KV caches, whose rows
     stay out of RSS until used only at 4 KB granularity."""
     count = math.prod(shape)
     if torch.device(device).type != "cpu" or count == 0:
         return torch.zeros(shape, device=device, dtype=dtype)
     size = count * dtype.itemsize
-    if not huge_pages or size < HUGE_PAGE_BYTES:
+    if not huge_pages or size < HUGE_PAGE_BYTES or not hasattr(mmap, "MAP_PRIVATE"):  # (Windows has no flags)
         return torch.frombuffer(mmap.mmap(-1, size), dtype=dtype, count=count).view(shape)
     # private: mmap's default (shared) anonymous memory is shmem, which gets huge pages only where
     # shmem_enabled allows (not by default); + room to start at a 2 MB boundary
