@@ -340,6 +340,8 @@ def command_finetune(args, extra) -> int:
         from lmforge.apps.vlm import train_vision_chat
 
         result = train_vision_chat(config)
+        if not main_process():
+            return 0
         encoder = result["encoder"]
         if encoder:
             print(
@@ -869,13 +871,13 @@ def finetune_arguments(parser: argparse.ArgumentParser) -> None:
             config_help(ClassifyConfig(), "--task classify keys"),
             config_help(SFTConfig(), "--task sft keys"),
             config_help(VisionChatConfig(), "--task vision-chat keys"),
-            "Under torchrun (torchrun --nproc-per-node=N -m lmforge finetune --task sft ...), --parallel chooses how"
+            "Under torchrun (torchrun --nproc-per-node=N -m lmforge finetune --task TASK ...), --parallel chooses how"
             "\nthe processes share the model, as for train: ddp (default) keeps a whole model on each; fsdp shards"
             "\nparameters, gradients and optimizer state across them (FSDP2); hsdp shards within groups of"
             "\n--hsdp-shard-processes and replicates across groups. Their training state is sharded"
             "\n(out/training_state/, torch.distributed.checkpoint): --resume=true continues it on any number of"
-            "\nprocesses. out/model and out/adapter are whole folders either way. --activation-checkpointing"
-            "\nrecomputes each block's activations in backward to save memory.",
+            "\nprocesses. What a run writes (a classifier, out/model, out/adapter, out/vlm) is whole either way."
+            "\n--activation-checkpointing recomputes each block's activations in backward to save memory.",
         ]
     )
     parser.add_argument(

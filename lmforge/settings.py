@@ -246,7 +246,7 @@ PARALLEL_MODES = ("ddp", "fsdp", "hsdp")
 
 
 def check_parallel_settings(config) -> None:
-    """The three keys `TrainConfig`, `SFTConfig` and `Parallelism` share (same names, same CLI flags)."""
+    """The keys `TrainConfig` and `Parallelism` (and the fine-tunes inheriting it) share: same names, same flags."""
     if config.parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel={config.parallel!r}: expected one of {PARALLEL_MODES}")
     if config.hsdp_shard_processes < 0:
@@ -257,14 +257,21 @@ def check_parallel_settings(config) -> None:
 
 @dataclass
 class Parallelism:
-    """How the processes of a torchrun job share a model that `fit` trains (`training.fit.compile`)."""
+    """How the processes of a torchrun job share a model that `fit` trains (`training.fit.compile`). The
+    fine-tunes' configs (SFT, classify, vision-chat) inherit these keys, so their CLIs take them too."""
 
-    parallel: str = "ddp"  # ddp | fsdp | hsdp, as TrainConfig.parallel
-    hsdp_shard_processes: int = 0
-    activation_checkpointing: bool = False
+    # Under torchrun, as TrainConfig's: ddp keeps a whole model on every process; fsdp/hsdp shard it
+    # (the training state is then sharded too, resumable on any number of processes).
+    parallel: str = "ddp"  # ddp | fsdp | hsdp
+    hsdp_shard_processes: int = 0  # hsdp: processes one copy of the model is sharded over (0: one node's)
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
 
     def __post_init__(self) -> None:
         check_parallel_settings(self)
+
+    def parallelism(self) -> Parallelism:
+        """These keys alone, without the rest of a config that inherits them."""
+        return Parallelism(self.parallel, self.hsdp_shard_processes, self.activation_checkpointing)
 
 
 @dataclass
@@ -481,7 +488,7 @@ def describe_sampling(sampling: SamplingConfig) -> str:
 
 
 @dataclass
-class ClassifyConfig:
+class ClassifyConfig(Parallelism):
     """`lmforge finetune --task classify`: what to fine-tune, on which table, and how."""
 
     data: str = ""  # CSV/TSV/JSONL/Parquet with a text and a label column
@@ -492,6 +499,7 @@ class ClassifyConfig:
     text_field: str = "text"
     label_field: str = "label"
     pooling: str | None = None  # default: "mean" for encoders, "last" for decoders
+    dropout: float = 0.1  # on the pooled features, before the head
     max_tokens: int = 128
     epochs: int = 3
     batch_size: int = 16
@@ -513,7 +521,7 @@ class ClassifyConfig:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(Parallelism):
     """`lmforge finetune --task sft`: which model, which chats, and how to train on them."""
 
     data: str = ""  # chat JSONL, one {"messages": [...]} a line
@@ -539,21 +547,10 @@ class SFTConfig:
     resume: bool = False  # continue the run in `out` from its training state (written as below and on Ctrl-C)
     checkpoint_interval: int = 50  # optimizer steps between training states (also at each epoch's end)
     device: str = "cpu"  # cpu | auto | cuda | cuda:N (under torchrun: cuda is each process's LOCAL_RANK GPU)
-    # Under torchrun, as TrainConfig's: ddp keeps a whole model on every process; fsdp/hsdp shard it
-    # (the training state is then sharded too, resumable on any number of processes).
-    parallel: str = "ddp"  # ddp | fsdp | hsdp
-    hsdp_shard_processes: int = 0  # hsdp: processes one copy of the model is sharded over (0: one node's)
-    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory
-
-    def __post_init__(self) -> None:
-        check_parallel_settings(self)
-
-    def parallelism(self) -> Parallelism:
-        return Parallelism(self.parallel, self.hsdp_shard_processes, self.activation_checkpointing)
 
 
 @dataclass
-class VisionChatConfig:
+class VisionChatConfig(Parallelism):
     """`lmforge finetune --task vision-chat`: a LLaVA-style model (`lmforge.apps.vlm`) on the generated
     digit and shape-scene chats (`lmforge.apps.scenes`). The image encoder is trained first on the
     images' labels; then the projector and LoRA adapters train on the chats, the base frozen."""
@@ -577,6 +574,7 @@ class VisionChatConfig:
     overwrite: bool = False  # `out` holds a run: move it into out/previous-<date>-<time>/ first
     resume: bool = False  # continue the run in `out` from its training state (written as below and on Ctrl-C)
     checkpoint_interval: int = 20  # optimizer steps between training states (also at each epoch's end)
+    device: str = "cpu"  # cpu | auto | cuda | cuda:N (under torchrun: cuda is each process's LOCAL_RANK GPU)
 
 
 # --- recommendation ----------------------------------------------------------------------

@@ -31,7 +31,7 @@ from torch import nn
 
 from lmforge.apps.scenes import COLOURS, GRID, MAX_OBJECTS, POSITIONS, SHAPES, VisionChat, vision_chats
 from lmforge.apps.vision import VisionTransformer, ViTConfig
-from lmforge.atomic import write_folder_atomically
+from lmforge.atomic import remove, write_folder_atomically
 from lmforge.errors import LmforgeError
 from lmforge.finetune.lora import LoraConfig, apply_lora, count_trainable, lora_layers, remove_lora
 from lmforge.finetune.sft import IGNORE, tokenize_conversation, training_pair
@@ -40,9 +40,12 @@ from lmforge.inference.generate import generate
 from lmforge.model import Transformer
 from lmforge.settings import SamplingConfig, VisionChatConfig
 from lmforge.tokenizer import Tokenizer, stop_token_ids
-from lmforge.training import fit
+from lmforge.training import distributed, fit
 from lmforge.training.fit import Fittable
+from lmforge.training.parallelize import gather_full_weights, weightless_copy, writes_sharded_checkpoints
+from lmforge.training.pretrain import resolve_device
 from lmforge.training.run_folder import (
+    SHARDED_TRAINING_STATE,
     TRAINING_STATE,
     claim_fine_tune_folder,
     fine_tune_checkpointing,
@@ -461,7 +464,7 @@ def pretrain_image_encoder(
     for parameter in [*model.encoder.parameters(), *encoder_side(model)]:
         parameter.requires_grad = False
     with torch.no_grad():
-        outputs = pretraining.eval()(pixels)
+        outputs = pretraining.eval()(pixels.to(model.patch_positions.device)).cpu()
     model.__dict__["label_heads"] = (model.encoder.head, pretraining.cell_head)  # for `ground_projector`
     digit_rows = targets[:, 0] != IGNORE
     patches = model.encoder.config.patches
@@ -605,13 +608,21 @@ def train_vision_chat(
     """`lmforge finetune --task vision-chat`: stage 1 (the encoder) then stage 2 (projector + LoRA) on
     generated chats; writes out/vlm (a checkpoint folder for `load_vlm`) and out/metrics.json.
     `language_model`: a (Transformer, Tokenizer) to use instead of loading `config.model` (then saved
-    whole in the checkpoint); `vlm_config`: the encoder's and projector's shape (LoRA's is `config`'s)."""
+    whole in the checkpoint); `vlm_config`: the encoder's and projector's shape (LoRA's is `config`'s).
+    Under torchrun both stages share each batch among the processes, and `config.parallel` fsdp/hsdp
+    shards stage 2's model; the main process writes, and alone returns the trained model."""
     out = Path(config.out)
-    claim_fine_tune_folder(out, ("vlm", "metrics.json", TRAINING_STATE), config, "run", verbose)
+    device = resolve_device(config.device)
+    processes = distributed.init_process_group(device.type)
+    if processes.is_main:
+        run_files = ("vlm", "metrics.json", TRAINING_STATE, SHARDED_TRAINING_STATE)
+        claim_fine_tune_folder(out, run_files, config, "run", verbose)
+    else:
+        verbose = 0
     if language_model is None:
         from lmforge.formats.loading import load
 
-        lm, tokenizer = load(config.model, keep_quantized=False)
+        lm, tokenizer = load(config.model, device=str(device), keep_quantized=False)
         base_model = config.model
     else:
         (lm, tokenizer), base_model = language_model, None
@@ -619,7 +630,7 @@ def train_vision_chat(
         vlm_config or VLMConfig(projector_hidden=lm.config.d_model), base_model=base_model,
         lora_rank=config.lora_rank, lora_alpha=config.lora_alpha, lora_targets=config.lora_targets,
     )  # fmt: skip
-    model = build_vision_language_model(lm, tokenizer, vlm_config, config.seed)
+    model = build_vision_language_model(lm, tokenizer, vlm_config, config.seed).to(device)
     result: dict = {}
     encoder_file = out / "encoder.safetensors"  # stage 1's result, for --resume (fit saves what trains only)
     started = time.perf_counter()
@@ -628,7 +639,7 @@ def train_vision_chat(
     elif config.resume and encoder_file.exists():
         from safetensors.torch import load_file
 
-        weights = load_file(str(encoder_file))
+        weights = load_file(str(encoder_file), device=str(device))
         model.encoder.load_state_dict({k: v for k, v in weights.items() if not k.startswith("counter.")})
         if model.counter is not None:
             model.counter.head.load_state_dict({k[8:]: v for k, v in weights.items() if k.startswith("counter.")})
@@ -652,7 +663,8 @@ def train_vision_chat(
         weights = {k: v.contiguous() for k, v in model.encoder.state_dict().items()}
         if model.counter is not None:
             weights |= {f"counter.{k}": v.contiguous() for k, v in model.counter.head.state_dict().items()}
-        write_atomically(encoder_file, lambda path: save_file(weights, str(path)))
+        if processes.is_main:
+            write_atomically(encoder_file, lambda path: save_file(weights, str(path)))
     result["encoder_seconds"] = time.perf_counter() - started
     for parameter in [*model.encoder.parameters(), *encoder_side(model)]:
         parameter.requires_grad = False
@@ -662,32 +674,43 @@ def train_vision_chat(
     order = batches_of_similar_length(y, config.batch_size, config.seed)
     x, y = tuple(part[order] for part in x), y[order]
     trainer = VisionChatTrainer(model)
+    # Sharded, the trained weights are gathered into this weightless copy to be written (as finetune_chat).
+    sharded = processes.is_distributed and writes_sharded_checkpoints(config)
+    whole = weightless_copy(trainer) if sharded else trainer
     if verbose:
         print(
             f"stage 2: {len(chats)} chats, rows of {x[0].shape[1]} tokens ({model.tokens_per_image} per image), "
             f"{int(x[2].sum()):,} assistant tokens scored; {count_trainable(model):,} of "
             f"{sum(p.numel() for p in model.parameters()):,} parameters train"
+            + (f"; {config.parallel} over {processes.world_size} processes" if sharded else "")
         )
     trainer.compile(
         "adamw", "token_crossentropy", from_logits=True, learning_rate=config.learning_rate, weight_decay=0.0,
-        clip_grad_norm=config.clip_grad_norm,
+        clip_grad_norm=config.clip_grad_norm, parallelism=config.parallelism(),
     )  # fmt: skip
     schedule = fit.WarmupCosine(config.warmup_steps)
     validation_data = chat_rows(model, tokenizer, validation, config.text_only) if validation else None
     started = time.perf_counter()
     history = trainer.fit(
         x, y, epochs=config.epochs, batch_size=config.batch_size, validation_data=validation_data,
-        callbacks=[schedule], verbose=verbose, seed=config.seed, shuffle=False, **fine_tune_checkpointing(out, config),
+        callbacks=[schedule], verbose=verbose, seed=config.seed, shuffle=False,
+        **fine_tune_checkpointing(out, config, writes_sharded_checkpoints(config)),
     )  # fmt: skip
     result["chat_seconds"] = time.perf_counter() - started
     result["steps_per_second"] = history_steps(len(chats), config) / result["chat_seconds"]
     result["history"] = history.history
-    model.eval()
-    result["written"] = str(save_vlm(model, tokenizer, out / "vlm"))
-    (out / "metrics.json").write_text(json.dumps({**result, "config": settings_to_record(config)}, indent=2) + "\n")
-    (out / TRAINING_STATE).unlink(missing_ok=True)
-    result["model"] = model
-    result["tokenizer"] = tokenizer
+    result["written"] = str(out / "vlm")
+    if sharded:
+        gather_full_weights(trainer, whole, processes.is_main)
+    if processes.is_main:
+        save_vlm(whole.model.eval(), tokenizer, out / "vlm")
+        metrics = {**result, "config": settings_to_record(config)}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        for state in (TRAINING_STATE, SHARDED_TRAINING_STATE):  # the run is complete: nothing left to resume
+            remove(out / state)
+        # Sharded, `whole` holds the weights for writing only (no RoPE tables): the model as written.
+        result["model"], result["tokenizer"] = load_vlm(out / "vlm", str(device)) if sharded else (model, tokenizer)
+    distributed.shutdown(processes)
     return result
 
 

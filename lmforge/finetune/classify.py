@@ -2,7 +2,8 @@
 
 `finetune_classifier` is `lmforge finetune --task classify`: read a labelled table, fine-tune
 (in full or with LoRA), report accuracy / macro-F1 / a confusion-matrix PNG, save a folder
-that `TextClassifier` reads back.
+that `TextClassifier` reads back. Under torchrun, `parallel=fsdp/hsdp` shards the model (`fit.compile`);
+the classifier written is one whole folder.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from lmforge.apps.encoder import BUILTIN_ENCODERS, Encoder, load_encoder
-from lmforge.atomic import write_files_atomically
+from lmforge.atomic import remove, write_files_atomically
 from lmforge.errors import LmforgeError
 from lmforge.evaluation.metrics import confusion_matrix, macro_f1, save_confusion_matrix_png
 from lmforge.model import ModelConfig, Transformer
@@ -28,10 +29,13 @@ from lmforge.training.fit import (
     Fittable,
     ModelCheckpoint,
     WarmupCosine,
+    load_weights,
     save_weights,
 )
+from lmforge.training.parallelize import gather_full_weights, weightless_copy, writes_sharded_checkpoints
 from lmforge.training.pretrain import resolve_device
 from lmforge.training.run_folder import (
+    SHARDED_TRAINING_STATE,
     TRAINING_STATE,
     claim_fine_tune_folder,
     fine_tune_checkpointing,
@@ -44,7 +48,7 @@ CLASSIFIER_WEIGHTS = "model.safetensors"
 CLASSIFIER_TOKENIZER = "tokenizer.json"
 # What finetune_classifier writes into `out`.
 RUN_FILES = (CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, CLASSIFIER_TOKENIZER, "metrics.json", "confusion_matrix.png")
-RUN_FILES += (TRAINING_STATE,)
+RUN_FILES += (TRAINING_STATE, SHARDED_TRAINING_STATE)
 
 
 class SequenceClassifier(Fittable, nn.Module):
@@ -189,7 +193,7 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
 
     backbone, tokenizer, backbone_tokens = load_backbone(config.model)
     pooling = config.pooling or ("mean" if isinstance(backbone, Encoder) else "last")
-    classifier = SequenceClassifier(backbone, classes, pooling).to(device)
+    classifier = SequenceClassifier(backbone, classes, pooling, config.dropout).to(device)
     max_tokens = min(config.max_tokens, backbone_tokens)
     x_train = tokenize_texts(tokenizer, train_texts, max_tokens)
     x_val = tokenize_texts(tokenizer, val_texts, max_tokens)
@@ -201,10 +205,15 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
             LoraConfig(config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets, ("head",)),
         )
     out.mkdir(parents=True, exist_ok=True)
+    # Sharded over processes, the trained weights are gathered into a weightless copy taken now, before
+    # compile shards the classifier, and written from it (as `finetune_chat` does).
+    sharded = processes.is_distributed and writes_sharded_checkpoints(config)
+    whole = weightless_copy(classifier) if sharded else classifier
     if verbose:
         print(
             f"{len(train_texts):,} training / {len(val_texts):,} validation texts, {classes} classes; "
             f"{count_trainable(classifier):,} of {sum(p.numel() for p in classifier.parameters()):,} parameters train"
+            + (f"; {config.parallel} over {processes.world_size} processes" if sharded else "")
         )
     classifier.compile(
         "adamw",
@@ -213,6 +222,7 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         from_logits=True,
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
+        parallelism=config.parallelism(),
     )
     class_weight = None
     if config.balanced_class_weights:  # scikit-learn's "balanced": n / (classes * count of the class)
@@ -235,17 +245,18 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         accumulation_steps=config.accumulation_steps,
         verbose=verbose,
         seed=config.seed,
-        **fine_tune_checkpointing(out, config),
+        **fine_tune_checkpointing(out, config, writes_sharded_checkpoints(config)),
     )
-    from safetensors.torch import load_model
-
-    load_model(classifier, str(best))  # the epoch with the lowest validation loss
+    load_weights(classifier, best)  # the epoch with the lowest validation loss
     distributed.wait_for_every_process()  # every process has read it before the main one removes it
     if processes.is_main:
         best.unlink()
-    if config.lora_rank:
-        remove_lora(classifier)
+    # Sharded, every process predicts with the sharded model (its forward needs them all), adapters apart.
     logits = classifier.predict(x_val, batch_size=config.batch_size)
+    if sharded:
+        gather_full_weights(classifier, whole, processes.is_main)
+    if config.lora_rank and processes.is_main:
+        remove_lora(whole)
     predicted = logits.argmax(-1)
     matrix = confusion_matrix(predicted, y_val, classes)
     result = {
@@ -259,7 +270,7 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         "reached_peak_learning_rate": schedule.reached_peak,
     }
     if processes.is_main:  # every process holds the same trained weights: one writes them
-        save_classifier(out, classifier, tokenizer, train.label_names, max_tokens, config.model)
+        save_classifier(out, whole, tokenizer, train.label_names, max_tokens, config.model)
         save_confusion_matrix_png(
             matrix,
             out / "confusion_matrix.png",
@@ -268,7 +279,8 @@ def finetune_classifier(config: ClassifyConfig, verbose: int = 1) -> dict:
         )
         metrics = json.dumps({**result, "config": settings_to_record(config)}, indent=2)
         (out / "metrics.json").write_text(metrics + "\n")
-        (out / TRAINING_STATE).unlink(missing_ok=True)  # the run is complete: nothing left to resume
+        for state in (TRAINING_STATE, SHARDED_TRAINING_STATE):  # the run is complete: nothing left to resume
+            remove(out / state)
     distributed.shutdown(processes)
     return result
 

@@ -33,7 +33,11 @@ from lmforge.training.parallelize import (
     apply_fully_shard,
     block_lists,
     device_mesh,
+    is_sharded,
+    load_whole_weights,
     sum_sharded_gradients,
+    tied_names,
+    whole_weights,
     writes_sharded_checkpoints,
 )
 from lmforge.training.progress import ProgressBar, format_logs
@@ -396,8 +400,8 @@ class EarlyStopping(Callback):
         value = _monitored(logs, self.monitor, "EarlyStopping")
         if _improved(value, self.best, self.mode, self.min_delta):
             self.best, self.best_epoch, self.wait = value, epoch, 0
-            if self.restore_best_weights:
-                self.best_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            if self.restore_best_weights:  # sharded: the main process holds them whole (see whole_weights)
+                self.best_weights = whole_weights(self.model)
             return
         self.wait += 1
         if self.wait >= self.patience:
@@ -406,20 +410,46 @@ class EarlyStopping(Callback):
 
     def on_train_end(self, logs):
         if self.restore_best_weights and self.best_weights is not None and self.stopped_epoch is not None:
-            self.model.load_state_dict(self.best_weights)
+            load_whole_weights(self.model, self.best_weights)
 
     def state_dict(self) -> dict:
         return {key: getattr(self, key) for key in ("best", "best_epoch", "wait", "stopped_epoch", "best_weights")}
 
 
 def save_weights(model: nn.Module, path: str | Path) -> Path:
-    """The weights as safetensors, through the atomic writer: a crash never leaves half a file."""
-    from safetensors.torch import save_model
+    """The weights as safetensors, through the atomic writer: a crash never leaves half a file. A model
+    sharded over processes is gathered first: every process calls this, the main one writes."""
+    from safetensors.torch import save_file, save_model
 
     from lmforge.atomic import write_atomically
 
+    if is_sharded(model):
+        weights = whole_weights(model)
+        if not weights:  # not the main process
+            return Path(path)
+        for group in tied_names(model):  # safetensors keeps one name of a tied weight, as save_model does
+            for name in group[1:]:
+                weights.pop(name)
+        return write_atomically(path, lambda temporary: save_file(weights, str(temporary)))
     # save_model (not save_file) copes with tied weights
     return write_atomically(path, lambda temporary: save_model(model, str(temporary)))
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Weights that `save_weights` wrote, into the model; sharded, every process calls this and the main
+    one reads the file."""
+    from safetensors.torch import load_file, load_model
+
+    if not is_sharded(model):
+        load_model(model, str(path))
+        return
+    weights = {}
+    if torch.distributed.get_rank() == 0:
+        weights = load_file(str(path))
+        for group in tied_names(model):  # the file holds one of the names
+            kept = next(name for name in group if name in weights)
+            weights.update({name: weights[kept] for name in group})
+    load_whole_weights(model, weights)
 
 
 class ModelCheckpoint(Callback):
@@ -441,7 +471,8 @@ class ModelCheckpoint(Callback):
                 return
             self.best = value
         path = Path(self.path.format(epoch=epoch + 1, **logs))
-        if self.params.get("is_main", True):  # under torchrun one process writes; they hold the same weights
+        # Under torchrun one process writes; they hold the same weights (sharded: every process gathers them).
+        if self.params.get("is_main", True) or is_sharded(self.model):
             save_weights(self.model, path)
         distributed.wait_for_every_process()  # then every process may read it
         self.saved.append(path)
@@ -755,11 +786,6 @@ def fit(
     steps = math.ceil(count / batch_size)
     optimizer_steps_per_epoch = math.ceil(steps / accumulation_steps)
     callbacks = list(callbacks or [])
-    if setup.sharded and any(isinstance(callback, ModelCheckpoint) for callback in callbacks):
-        raise LmforgeError(
-            f"ModelCheckpoint writes the whole weights from one process, which a parallel="
-            f"{setup.parallelism.parallel} model holds in shards; use fit's checkpoint= (sharded) instead"
-        )
     params = {"epochs": epochs, "steps": steps, "optimizer_steps": epochs * optimizer_steps_per_epoch}
     params["optimizer_step"] = 0
     for callback in callbacks:

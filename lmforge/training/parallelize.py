@@ -24,6 +24,8 @@ from lmforge.errors import LmforgeError
 from lmforge.training import distributed
 
 SHARDED_MODES = ("fsdp", "hsdp")
+# What `checkpoint_wrapper` puts into the names of a wrapped block's parameters (not into state dicts).
+CHECKPOINT_WRAPPER_PREFIX = "_checkpoint_wrapped_module."
 
 
 class ParallelSettings(Protocol):
@@ -136,8 +138,56 @@ def gather_full_weights(sharded: nn.Module, whole: nn.Module, is_main: bool) -> 
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # cpu_offload: the main process only
     weights = get_model_state_dict(sharded, options=options)
-    if is_main:
-        whole.load_state_dict(weights, assign=True)
+    if not is_main:
+        return
+    # A weight whose first dimension does not split evenly comes back a view of a padded buffer, which
+    # safetensors refuses to write (it would store the padding): its own copy.
+    for name, value in weights.items():
+        if value.untyped_storage().nbytes() != value.numel() * value.element_size():
+            weights[name] = value.clone()
+    groups = tied_names(whole)
+    whole.load_state_dict(weights, assign=True)  # assigns each name its own tensor, untying tied weights:
+    for first, *others in groups:  # tie them again, as writers expect (one tensor, one name in the file)
+        for name in others:
+            module_name, _, attribute = name.rpartition(".")
+            setattr(whole.get_submodule(module_name), attribute, whole.get_parameter(first))
+
+
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """The state dict's names that are one parameter (tied weights), a list each."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name.replace(CHECKPOINT_WRAPPER_PREFIX, ""))
+    return [group for group in names.values() if len(group) > 1]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 holds the model in shards over processes (`fully_shard` on its root)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def whole_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict as whole tensors, copied (the model may train on). Sharded, every process
+    calls this together and the main process alone gets them, on CPU; the others get {}."""
+    if not is_sharded(model):
+        return {name: value.detach().clone() for name, value in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_whole_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put whole `weights` (every name of the state dict) into the model. Sharded, every process calls
+    this together, the main process's `weights` are broadcast (the others may pass {}) and each process
+    keeps its shard of them."""
+    if not is_sharded(model):
+        model.load_state_dict(weights)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 def parallelize(model: nn.Module, config: ParallelSettings, mesh: DeviceMesh | None) -> nn.Module:

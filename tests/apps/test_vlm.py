@@ -258,6 +258,43 @@ def test_finetune_vision_chat_from_the_cli_writes_a_model_chat_can_load(tmp_path
     assert "already holds a run" in capsys.readouterr().err
 
 
+def test_vision_chat_sharded_over_two_processes_writes_what_one_process_writes(tmp_path):
+    """`finetune --task vision-chat --parallel fsdp --activation-checkpointing` on 2 gloo processes against
+    one process: the same losses and the same checkpoint. Stage 1 does not train here (the ViT's dropout
+    draws per process); it runs, and its grounding of the projector, as in one process."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    base = tiny_base(tmp_path / "base")
+    settings = {"train_chats": 9, "validation_chats": 3, "batch_size": 4, "encoder_images": 20, "encoder_epochs": 0,
+                "lora_rank": 2, "learning_rate": 1e-2, "epochs": 2, "checkpoint_interval": 1}  # fmt: skip
+    config = VisionChatConfig(model=str(base), out=str(tmp_path / "one"), parallel="fsdp", **settings)
+    one = vlm.train_vision_chat(config, verbose=0)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge",
+               "finetune", "--task", "vision-chat", "--model", str(base), "--out", str(tmp_path / "two"),
+               "--parallel", "fsdp", "--activation-checkpointing",
+               *(f"--{key}={value}" for key, value in settings.items())]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "fsdp over 2 processes" in run.stdout and run.stdout.count("wrote ") == 1
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    for key in ("digit_accuracy", "cell_accuracy", "count_accuracy"):
+        assert two["encoder"][key] == pytest.approx(one["encoder"][key], abs=1e-6), key
+    for key in ("loss", "val_loss"):
+        assert len(one["history"][key]) == 2
+        assert two["history"][key] == pytest.approx(one["history"][key], abs=1e-5), key
+    for written in (vlm.VISION_WEIGHTS, f"{vlm.ADAPTER_FOLDER}/adapter.safetensors"):
+        one_weights, two_weights = (load_file(tmp_path / run / "vlm" / written) for run in ("one", "two"))
+        assert one_weights.keys() == two_weights.keys()
+        for name, weight in one_weights.items():
+            torch.testing.assert_close(two_weights[name], weight, atol=1e-5, rtol=1e-5, msg=name)
+    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == ["encoder.safetensors", "metrics.json", "vlm"]
+
+
 def test_the_grounded_projector_maps_each_label_to_its_words():
     model = tiny_vlm()
     digit_head, cell_head = torch.nn.Linear(32, 10), torch.nn.Linear(32, vlm.CELL_CLASSES)

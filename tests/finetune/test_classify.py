@@ -149,3 +149,51 @@ def test_classify_under_torchrun_on_two_processes_writes_one_classifier(tmp_path
     assert metrics["accuracy"] > 0.9 and len(metrics["history"]["loss"]) == 12
     assert not (out / "best.safetensors").exists() and not (out / "training_state.pt").exists()
     assert TextClassifier(out).predict(["xyz good", "qqq bad"]) == ["pos", "neg"]
+
+
+def test_classify_sharded_over_two_processes_writes_what_one_process_writes(tmp_path):
+    """--parallel fsdp --activation-checkpointing with LoRA on 2 gloo processes against one (in this
+    process; dropout off, as each process draws its own): the same history and the same classifier, the
+    best epoch's (not the last: its validation loss rose), read back from the shards and merged."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    checkpoint = save_model(tmp_path / "base", tiny_decoder(), TOKENIZER)
+    data = sentiment_table(tmp_path / "train.csv", count=30)
+    # Labels the other way round: the more the model learns, the higher the validation loss.
+    swapped = sentiment_table(tmp_path / "swapped.csv", count=8, seed=1).read_text().replace(",pos", ",p")
+    (tmp_path / "swapped.csv").write_text(swapped.replace(",neg", ",pos").replace(",p\n", ",neg\n"))
+    settings = dict(epochs=3, batch_size=8, learning_rate=3e-3, warmup_steps=0, patience=20,
+                    validation=str(tmp_path / "swapped.csv"), dropout=0.0, lora_rank=4, lora_dropout=0.0,
+                    checkpoint_interval=1)  # fmt: skip
+    one = finetune_classifier(
+        ClassifyConfig(data=str(data), model=str(checkpoint), out=str(tmp_path / "one"), parallel="fsdp", **settings),
+        verbose=0,
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge",
+               "finetune", "--task", "classify", "--data", str(data), "--model", str(checkpoint),
+               "--out", str(tmp_path / "two"), "--parallel", "fsdp", "--activation-checkpointing",
+               *(f"--{key}={value}" for key, value in settings.items())]  # fmt: skip
+    run = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "fsdp over 2 processes" in run.stdout
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    validation_losses = one["history"]["val_loss"]
+    assert validation_losses == sorted(validation_losses)  # the best epoch is the first, not the last
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert two["history"][key] == pytest.approx(one["history"][key], abs=1e-5), key
+    assert (two["accuracy"], two["confusion_matrix"]) == (one["accuracy"], one["confusion_matrix"])
+    one_weights, two_weights = (load_file(tmp_path / run / "model.safetensors") for run in ("one", "two"))
+    assert one_weights.keys() == two_weights.keys() and not any("lora" in name for name in one_weights)
+    for name, weight in one_weights.items():
+        torch.testing.assert_close(two_weights[name], weight, atol=1e-5, rtol=1e-5, msg=name)
+    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == sorted(
+        ["classifier.json", "model.safetensors", "tokenizer.json", "metrics.json", "confusion_matrix.png"]
+    )
+    assert TextClassifier(tmp_path / "two").predict(["xyz good"]) == TextClassifier(tmp_path / "one").predict(
+        ["xyz good"]
+    )

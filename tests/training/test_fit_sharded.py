@@ -19,8 +19,8 @@ from lmforge.model import ModelConfig, Transformer
 from lmforge.settings import LLAMA_SWITCHES, Parallelism
 from lmforge.training import distributed
 from lmforge.training import fit as fit_module
-from lmforge.training.fit import Callback, Fittable, ModelCheckpoint, WarmupCosine
-from lmforge.training.parallelize import gather_full_weights, weightless_copy
+from lmforge.training.fit import Callback, EarlyStopping, Fittable, ModelCheckpoint, WarmupCosine, load_weights
+from lmforge.training.parallelize import gather_full_weights, weightless_copy, whole_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, STEPS = 24, 8
@@ -59,11 +59,25 @@ def data() -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     return (tokens, torch.ones_like(tokens)), targets
 
 
+class WeightsEachEpoch(Callback):
+    """The whole weights at each epoch's end (sharded: every process gathers, the main one keeps them)."""
+
+    def __init__(self):
+        self.weights: list[dict[str, torch.Tensor]] = []
+
+    def on_epoch_end(self, epoch, logs):
+        self.weights.append(whole_weights(self.model))
+
+
 def train(out: Path, parallel: str = "fsdp", lora: bool = False, checkpointing: bool = False,
-          crash_after: int | None = None, resume: bool = False) -> dict:  # fmt: skip
+          crash_after: int | None = None, resume: bool = False, best: bool = False) -> dict:  # fmt: skip
     """8 optimizer steps of a tiny language model: 4 epochs of 9 rows in batches of 4, two batches a step,
     so each epoch's last batch is one row that a second process has none of. Returns (on the main
-    process) each batch's logs and the trained weights, gathered whole."""
+    process) each batch's logs and the trained weights, gathered whole. `best`: validation on the training
+    rows, ModelCheckpoint of the best epoch (epoch 2: the validation loss falls), and EarlyStopping that
+    restores its own best with a `min_delta` no epoch after the first can meet: the run stops after epoch
+    2 with epoch 1's weights. The result adds the weights at each epoch's end and those ModelCheckpoint
+    wrote, read back into the model."""
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=VOCAB, block_size=16, n_layers=2, n_heads=2, d_model=32, **LLAMA_SWITCHES)
     model = Transformer(config)
@@ -77,14 +91,22 @@ def train(out: Path, parallel: str = "fsdp", lora: bool = False, checkpointing: 
     parallelism = Parallelism(parallel, 2 if parallel == "hsdp" else 0, checkpointing)
     trainer.compile("adamw", "token_crossentropy", ["accuracy"], from_logits=True, learning_rate=1e-2,
                     clip_grad_norm=0.5, parallelism=parallelism)  # fmt: skip
-    recorder = Recorder()
+    recorder, each_epoch = Recorder(), WeightsEachEpoch()
     x, y = data()
-    trainer.fit(x, y, epochs=4, batch_size=4, accumulation_steps=2, verbose=0, seed=0,
-                callbacks=[WarmupCosine(2), recorder, CrashAfter(crash_after)],
-                checkpoint=out / "state", checkpoint_every=1, resume=resume)  # fmt: skip
+    best_file = out / "best.safetensors"
+    callbacks = [WarmupCosine(2), recorder, CrashAfter(crash_after)]
+    if best:
+        callbacks += [ModelCheckpoint(best_file), EarlyStopping(patience=1, min_delta=1e9, restore_best_weights=True),
+                      each_epoch]  # fmt: skip
+    trainer.fit(x, y, epochs=4, batch_size=4, accumulation_steps=2, verbose=0, seed=0, callbacks=callbacks,
+                validation_data=(x, y) if best else None, checkpoint=out / "state", checkpoint_every=1,
+                resume=resume)  # fmt: skip
     if sharded:
         gather_full_weights(trainer, whole, processes.is_main)
     result = {"records": recorder.records, "weights": {k: v.detach().clone() for k, v in whole.state_dict().items()}}
+    if best:
+        load_weights(trainer, best_file)
+        result |= {"each_epoch": each_epoch.weights, "best_file": whole_weights(trainer)}
     if processes.is_main:
         torch.save(result, out / "result.pt")
     distributed.shutdown(processes)
@@ -177,6 +199,33 @@ def test_a_state_from_one_process_resumes_on_two(alone, tmp_path):
     assert_same_run(alone[1], torchrun(2, tmp_path, "--resume"), after_step=5)
 
 
+def test_the_best_epoch_is_kept_and_restored_from_shards_as_from_one_process(tmp_path):
+    """ModelCheckpoint gathers the shards into one file; EarlyStopping(restore_best_weights) keeps the
+    best epoch whole on the main process and puts it back into every process's shard."""
+    alone = train(tmp_path / "alone", best=True)
+    two = torchrun(2, tmp_path / "two", "--best")
+    assert (
+        sorted(two["records"])
+        == sorted(alone["records"])
+        == [(epoch, batch) for epoch in (0, 1) for batch in (0, 1, 2)]
+    )
+    for key, record in alone["records"].items():
+        assert two["records"][key] == pytest.approx(record, abs=1e-5), key
+    for run in (alone, two):
+        assert len(run["each_epoch"]) == 2  # stopped after epoch 2, which changed the weights
+        assert any(not torch.equal(run["each_epoch"][1][name], weight) for name, weight in run["weights"].items())
+        for name, weight in run["each_epoch"][0].items():  # restored: epoch 1's weights
+            torch.testing.assert_close(run["weights"][name], weight, atol=0, rtol=0, msg=name)
+        for name, weight in run["each_epoch"][1].items():  # the file: epoch 2's, whose val_loss is lower
+            torch.testing.assert_close(run["best_file"][name], weight, atol=0, rtol=0, msg=name)
+    for name, weight in alone["weights"].items():
+        torch.testing.assert_close(two["weights"][name], weight, atol=1e-5, rtol=1e-5, msg=name)
+    from safetensors.torch import load_file
+
+    tied = {"model.lm_head.weight", "model.token_embedding.weight"}
+    assert len(tied & load_file(tmp_path / "two" / "best.safetensors").keys()) == 1  # one name of a tied weight
+
+
 def test_a_sharded_state_alone_resumes_bit_exactly(alone, tmp_path):
     with pytest.raises(RuntimeError, match="crashed after step 3"):
         train(tmp_path, crash_after=3)
@@ -220,10 +269,6 @@ def test_what_sharding_cannot_take_is_refused_in_one_line(monkeypatch, tmp_path)
     with pytest.raises(LmforgeError, match="parallel=fsdp: pass the optimizer by name or as a factory"):
         model.compile(torch.optim.SGD(model.parameters(), lr=0.1), parallelism=Parallelism("fsdp"))
     monkeypatch.undo()
-    model.compile("sgd", loss="mse", parallelism=Parallelism("fsdp"))
-    model.training_setup.sharded = True  # what compile sets where it sharded the model over processes
-    with pytest.raises(LmforgeError, match="ModelCheckpoint writes the whole weights from one process"):
-        model.fit(torch.zeros(4, 2), torch.zeros(4, 2), callbacks=[ModelCheckpoint(tmp_path / "w.safetensors")])
 
 
 def test_a_weightless_copy_holds_no_memory_keeps_ties_and_takes_the_weights_for_writing():
@@ -243,4 +288,5 @@ if __name__ == "__main__":  # one process of a torchrun job (see `torchrun`)
     out, *options = sys.argv[1:]
     values = dict(option[2:].split("=") for option in options if "=" in option)
     train(Path(out), values.get("parallel", "fsdp"), "--lora" in options, "--checkpointing" in options,
-          int(values["crash-after"]) if "crash-after" in values else None, "--resume" in options)  # fmt: skip
+          int(values["crash-after"]) if "crash-after" in values else None, "--resume" in options,
+          "--best" in options)  # fmt: skip
