@@ -382,15 +382,17 @@ def command_explain(args, extra) -> int:
         from lmforge.evaluation.interpret import explain_classification
         from lmforge.finetune.classify import TextClassifier
 
-        summary = explain_classification(TextClassifier(args.classifier), args.prompt, args.out)
+        classifier = TextClassifier(args.classifier, device=inference_device(args.device))
+        summary = explain_classification(classifier, args.prompt, args.out)
         print(f"label: {summary['label']} ({summary['probabilities'][summary['label']]:.3f})")
         print(f"attributions: {summary['terminal'] if sys.stdout.isatty() else summary['plain']}")
         print(f"wrote {summary['files']['html']}")
         return 0
     if args.image:
         return explain_with_image(args)
+    device = inference_device(args.device)  # a bad device is an error before loading
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load(args.model, keep_quantized=False)  # fp32: attributions need gradients
+    model, tokenizer = load(args.model, device=device, keep_quantized=False)  # fp32: attributions need gradients
     summary = explain(
         model, tokenizer, args.prompt, args.out, top_k=args.top_k, method=args.method, progress=progress_bars()
     )
@@ -407,7 +409,8 @@ def command_explain(args, extra) -> int:
 class ImageModel:
     """A `train-image --model` choice: the config it starts from (a torch-free dataclass, so `--help` stays
     quick) and its training function, "module:function", called as train(images, captions, config,
-    out=FOLDER, resume=bool) and writing a folder whose config.json names the kind for `imagine`."""
+    out=FOLDER, resume=bool, device=DEVICE) and writing a folder whose config.json names the kind for
+    `imagine`."""
 
     config: Callable[[], object]
     train: str
@@ -440,6 +443,7 @@ def command_train_image(args, extra) -> int:
 
     choice = IMAGE_MODELS[args.model]
     config = apply_values(choice.config(), config_values(args.config, extra))
+    device = inference_device(args.device)
     out = Path(args.out)
     if args.resume and not (out / "training_state.pt").is_file():
         raise LmforgeError(f"{out / 'training_state.pt'}: missing; --resume continues a run that wrote it")
@@ -458,7 +462,8 @@ def command_train_image(args, extra) -> int:
         images, captions = load_captioned_images(args.data, args.captions, config.image_size, grayscale)
     module, function = choice.train.split(":")
     print(f"training a {args.model} model on {len(images)} captioned images ...", file=sys.stderr, flush=True)
-    getattr(importlib.import_module(module), function)(images, captions, config, out=out, resume=args.resume)
+    train = getattr(importlib.import_module(module), function)
+    train(images, captions, config, out=out, resume=args.resume, device=device)
     print(f'wrote {out}; try: lmforge imagine "{captions[0]}" --model {out} --out image.png')
     return 0
 
@@ -478,6 +483,7 @@ def command_imagine(args, extra) -> int:
     if not args.prompt.strip():
         raise LmforgeError("the prompt is empty; say what to draw")
     prompts = [args.prompt] * args.n
+    device = inference_device(args.device)
     if read_image_model_kind(args.model)[0] == "gan":  # one forward pass: no steps, guidance or trajectory
         from lmforge.apps.gan import load_gan, sample_gan_images
 
@@ -488,9 +494,10 @@ def command_imagine(args, extra) -> int:
         ):
             if given is not None:
                 raise LmforgeError(f"{args.model}: a GAN draws in one step; {option} is for diffusion models")
-        print(f"wrote {save_image_grid(sample_gan_images(load_gan(args.model), prompts, args.seed), args.out)}")
+        images = sample_gan_images(load_gan(args.model, device), prompts, args.seed)
+        print(f"wrote {save_image_grid(images, args.out)}")
         return 0
-    model = load_diffusion(args.model)
+    model = load_diffusion(args.model, device)
     args.steps = DEFAULT_DENOISING_STEPS if args.steps is None else args.steps
     images = sample_images(model, prompts, steps=args.steps, guidance_scale=args.guidance, seed=args.seed)
     print(f"wrote {save_image_grid(images, args.out)}")
@@ -513,9 +520,10 @@ def explain_with_image(args) -> int:
         )
     if args.max_new_tokens < 1:
         raise LmforgeError(f"--max-new-tokens is {args.max_new_tokens}; explain needs at least 1 answer token")
-    image = open_image(args.image)  # a bad image is an error before loading
+    image = open_image(args.image)  # a bad image (or device) is an error before loading
+    device = inference_device(args.device)
     print(f"loading {args.model} ...", file=sys.stderr, flush=True)
-    model, tokenizer = load_vlm(args.model)
+    model, tokenizer = load_vlm(args.model, device)
     summary = explain_image(model, tokenizer, image, args.prompt, args.out, max_new_tokens=args.max_new_tokens)
     print(f"answer: {summary['answer']!r}")
     shares = ", ".join(
@@ -536,7 +544,7 @@ def command_recommend(args, extra) -> int:
         config = apply_values(RecommendConfig(), config_values(args.config, extra))
         from lmforge.apps.recommend import train_recommender  # torch: once the config is known to be valid
 
-        print(_recommend_table(train_recommender(config)))
+        print(_recommend_table(train_recommender(config, device=inference_device(args.device))))
         return 0
     if extra:
         raise LmforgeError(f"unexpected arguments {extra}; config keys go with recommend train")
@@ -544,8 +552,9 @@ def command_recommend(args, extra) -> int:
         raise LmforgeError(f"recommend {args.action} needs the FOLDER `lmforge recommend train` wrote")
     from lmforge.apps import recommend
 
+    device = inference_device(args.device)
     print(f"loading {args.folder} ...", file=sys.stderr, flush=True)
-    recommender = recommend.Recommender(args.folder)
+    recommender = recommend.Recommender(args.folder, device)
     if args.action == "eval":
         print(_recommend_table(recommender.evaluate()))
     elif args.action == "top":
@@ -588,7 +597,7 @@ def command_embed(args, extra) -> int:
     texts = list(args.texts) or [line for line in sys.stdin.read().splitlines() if line.strip()]
     if not texts:
         raise LmforgeError("nothing to embed: give texts as arguments or one per line on stdin")
-    vectors = SentenceEmbedder(args.model).embed(texts)
+    vectors = SentenceEmbedder(args.model, device=inference_device(args.device)).embed(texts)
     print(
         json.dumps(
             [
@@ -604,7 +613,7 @@ def command_search(args, extra) -> int:
     from lmforge.apps.encoder import SentenceEmbedder
     from lmforge.apps.search import VectorIndex, index_folder
 
-    embedder = SentenceEmbedder(args.model)
+    embedder = SentenceEmbedder(args.model, device=inference_device(args.device))
     where = Path(args.source)
     if (where / "vectors.npy").exists():
         index = VectorIndex.load(where)
@@ -696,6 +705,7 @@ MODEL_HELP = (
 )
 ADAPTER_HELP = "a LoRA adapter folder (from lmforge finetune --task sft) to apply to the model"
 DEVICE_HELP = "cpu (default), auto, cuda or cuda:N; off the CPU, quantised GGUF weights load as fp32"
+APP_DEVICE_HELP = "cpu (default), auto (CUDA where there is a GPU), cuda or cuda:N"
 THREADS_HELP = (
     "threads for decoding and PyTorch (default: $LMFORGE_THREADS, else chosen per decoding step from measured "
     "speed, fewer while other processes keep the cores busy)"
@@ -917,6 +927,7 @@ def explain_arguments(parser: argparse.ArgumentParser) -> None:
         default="integrated_gradients",
         help="how tokens are credited for the prediction (default integrated_gradients: 32 gradient passes)",
     )
+    parser.add_argument("--device", default="cpu", help=APP_DEVICE_HELP)
 
 
 def train_image_arguments(parser: argparse.ArgumentParser) -> None:
@@ -941,6 +952,7 @@ def train_image_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_IMAGE_MODEL_FOLDER, help="folder for the model and training state")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its training state")
     parser.add_argument("--config", help="YAML or JSON file of the keys below")
+    parser.add_argument("--device", default="cpu", help=APP_DEVICE_HELP)
 
 
 def imagine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -959,6 +971,7 @@ def imagine_arguments(parser: argparse.ArgumentParser) -> None:
         help="diffusion: classifier-free guidance scale (default: the model's; 0 ignores the prompt)",
     )
     parser.add_argument("--trajectory", help="also write the denoising steps as PNGs (and strip.png) to this folder")
+    parser.add_argument("--device", default="cpu", help=APP_DEVICE_HELP)
 
 
 def recommend_arguments(parser: argparse.ArgumentParser) -> None:
@@ -984,6 +997,7 @@ def recommend_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=int, default=10, help="how many items to recommend (top; default 10)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (serve; default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8010, help="port to listen on (serve; default 8010)")
+    parser.add_argument("--device", default="cpu", help=APP_DEVICE_HELP)
 
 
 def serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1006,6 +1020,7 @@ def embed_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("texts", nargs="*", help="texts to embed (default: one per line on stdin)")
     parser.add_argument("--model", default="all-minilm-l6-v2", help="built-in name or HF BERT folder")
+    parser.add_argument("--device", default="cpu", help=APP_DEVICE_HELP)
 
 
 def search_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1018,6 +1033,7 @@ def search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=int, default=5, help="results per query")
     parser.add_argument("--save", help="also save the built index to this folder")
     parser.add_argument("--max-chars", type=int, default=800, help="passage length when indexing")
+    parser.add_argument("--device", default="cpu", help=APP_DEVICE_HELP)
     parser.add_argument("--model", default="all-minilm-l6-v2", help="built-in name or HF BERT folder")
 
 

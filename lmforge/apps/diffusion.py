@@ -295,8 +295,10 @@ def train_diffusion(
     verbose: int = 1,
     stream=None,
     callbacks: list[fit.Callback] | None = None,
+    device: str | torch.device = "cpu",
 ) -> TextToImageDiffusion:
-    """Train a text-conditioned denoiser on `images` (N, C, H, W) in [0, 1] and their `captions`.
+    """Train a text-conditioned denoiser on `images` (N, C, H, W) in [0, 1] and their `captions`, on
+    `device` (the batches move there).
 
     With `out` (a folder), the training state is saved to out/training_state.pt at each epoch's end,
     every `checkpoint_interval` steps and on Ctrl-C, and the finished model (config.json +
@@ -304,7 +306,7 @@ def train_diffusion(
     """
     check_captioned_images(images, captions, config)
     torch.manual_seed(config.seed)
-    model = TextToImageDiffusion(config)
+    model = TextToImageDiffusion(config).to(device)
     objective = DenoisingObjective(model)
     fit.compile(
         objective, "adamw", noise_prediction_error, learning_rate=config.learning_rate,
@@ -351,25 +353,25 @@ def ddim_sample(
     """DDIM with η = 0 (deterministic given the starting noise) and classifier-free guidance
     ε = ε(x, ∅) + w (ε(x, text) − ε(x, ∅)). Returns the images in [0, 1] and, if asked, x_t after
     each step (also mapped to [0, 1])."""
-    config = model.config
+    config, device = model.config, model.alpha_bars.device
     shape = (len(text), config.channels, config.image_size, config.image_size)
-    x = torch.randn(shape, generator=generator)
-    keep = torch.cat([torch.ones(len(text), dtype=torch.bool), torch.zeros(len(text), dtype=torch.bool)])
+    x = torch.randn(shape, generator=generator).to(device)  # drawn on the CPU: the same noise on any device
+    keep = torch.arange(2 * len(text), device=device) < len(text)  # conditional first, then unconditional
     schedule = ddim_timesteps(config.timesteps, steps)
-    trajectory = [((x + 1) / 2).clamp(0, 1)] if record_trajectory else []
+    trajectory = [((x + 1) / 2).clamp(0, 1).cpu()] if record_trajectory else []
     for index, step in enumerate(schedule):
-        timesteps = torch.full((2 * len(text),), step, dtype=torch.long)
+        timesteps = torch.full((2 * len(text),), step, dtype=torch.long, device=device)
         conditional, unconditional = model(x.repeat(2, 1, 1, 1), timesteps, text.repeat(2, 1), keep).chunk(2)
         noise = unconditional + guidance_scale * (conditional - unconditional)
         alpha_bar = model.alpha_bars[step]
-        alpha_bar_next = model.alpha_bars[schedule[index + 1]] if index + 1 < len(schedule) else torch.tensor(1.0)
+        alpha_bar_next = model.alpha_bars[schedule[index + 1]] if index + 1 < len(schedule) else x.new_tensor(1.0)
         # Clipping the predicted clean image to the data's range keeps strong guidance from saturating.
         x0 = ((x - (1 - alpha_bar).sqrt() * noise) / alpha_bar.sqrt()).clamp(-1, 1)
         noise = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
         x = alpha_bar_next.sqrt() * x0 + (1 - alpha_bar_next).sqrt() * noise
         if record_trajectory:
-            trajectory.append(((x + 1) / 2).clamp(0, 1))
-    return ((x + 1) / 2).clamp(0, 1), trajectory
+            trajectory.append(((x + 1) / 2).clamp(0, 1).cpu())
+    return ((x + 1) / 2).clamp(0, 1).cpu(), trajectory
 
 
 def _sample(model, captions, steps, guidance_scale, seed, batch_size, record_trajectory):
@@ -379,7 +381,7 @@ def _sample(model, captions, steps, guidance_scale, seed, batch_size, record_tra
         raise LmforgeError("no captions to draw")
     guidance = model.config.guidance_scale if guidance_scale is None else guidance_scale
     model.eval()
-    text = embed_captions(list(captions), model.config.text_model)
+    text = embed_captions(list(captions), model.config.text_model).to(model.alpha_bars.device)
     generator = torch.Generator().manual_seed(seed)
     images, trajectories = [], []
     for start in range(0, len(text), batch_size):  # noise drawn in order: the batch size changes nothing
@@ -473,11 +475,11 @@ def save_diffusion(model: TextToImageDiffusion, path: str | Path) -> Path:
     return save_image_model(path, KIND, model.config, model)
 
 
-def load_diffusion(path: str | Path) -> TextToImageDiffusion:
-    """A model saved by `save_diffusion` (or `lmforge train-image`), in eval mode."""
+def load_diffusion(path: str | Path, device: str | torch.device = "cpu") -> TextToImageDiffusion:
+    """A model saved by `save_diffusion` (or `lmforge train-image`), in eval mode, on `device`."""
     model = TextToImageDiffusion(read_image_model_config(path, KIND, DiffusionConfig()))
     load_image_model_weights(model, path)
-    return model.eval()
+    return model.to(device).eval()
 
 
 # --- pictures --------------------------------------------------------------------------------

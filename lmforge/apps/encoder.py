@@ -192,8 +192,10 @@ def length_batches(lengths: list[int], max_batch: int, padding_slack: float = PA
 class SentenceEmbedder:
     """Texts → unit-length vectors: mean pooling over real tokens + L2 norm (sentence-transformers)."""
 
-    def __init__(self, name_or_path: str | Path = DEFAULT_EMBEDDING_MODEL, batch_size: int = 32):
+    def __init__(self, name_or_path: str | Path = DEFAULT_EMBEDDING_MODEL, batch_size: int = 32, device: str = "cpu"):
         self.encoder, self.tokenizer, self.max_tokens = load_encoder(name_or_path)
+        self.encoder.to(device)
+        self.device = torch.device(device)
         self.tokenizer.enable_truncation(self.max_tokens)
         self.tokenizer.no_padding()  # batches are padded in `embed_tokens`, after sorting by length
         self.pad_id = self.tokenizer.token_to_id("[PAD]") or 0
@@ -223,13 +225,14 @@ class SentenceEmbedder:
     def _embed_batch(self, sequences: list[list[int]]) -> torch.Tensor:
         lengths = torch.tensor([len(ids) for ids in sequences])
         longest = int(lengths.max())
-        tokens = torch.tensor([ids + [self.pad_id] * (longest - len(ids)) for ids in sequences])
+        tokens = torch.tensor([ids + [self.pad_id] * (longest - len(ids)) for ids in sequences], device=self.device)
         if int(lengths.min()) == longest:  # nothing padded: no mask, so SDPA takes its unmasked kernel
-            return F.normalize(self.encoder(tokens).mean(dim=1), p=2, dim=-1)
-        mask = torch.arange(longest) < lengths[:, None]
+            return F.normalize(self.encoder(tokens).mean(dim=1), p=2, dim=-1).cpu()
+        lengths = lengths.to(self.device)
+        mask = torch.arange(longest, device=self.device) < lengths[:, None]
         hidden = self.encoder(tokens, mask)
         pooled = (hidden * mask.unsqueeze(-1)).sum(dim=1) / lengths[:, None]
-        return F.normalize(pooled, p=2, dim=-1)
+        return F.normalize(pooled, p=2, dim=-1).cpu()
 
     def embed_with_counts(self, texts: list[str]) -> tuple[torch.Tensor, int]:
         """(len(texts), dimensions) embeddings and the number of tokens read."""

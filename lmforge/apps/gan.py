@@ -159,8 +159,10 @@ def train_gan(
     verbose: int = 1,
     stream=None,
     condition: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
 ) -> ConditionalGAN:
-    """Train a text-conditioned GAN on `images` (N, C, S, S) in [0, 1] with one caption each.
+    """Train a text-conditioned GAN on `images` (N, C, S, S) in [0, 1] with one caption each, on `device`
+    (the data stays where it is; each batch moves there, drawn by the same CPU generator on any device).
 
     With `out` (a folder), the weights and the run's state go to out/training_state.pt every
     `checkpoint_interval` steps and at the end, and the finished model (config.json + model.safetensors)
@@ -172,7 +174,7 @@ def train_gan(
     if resume and (checkpoint is None or not checkpoint.is_file()):
         raise LmforgeError(f"resume needs the training state a run wrote; there is none at {checkpoint}")
     torch.manual_seed(config.seed)
-    model = ConditionalGAN(config)
+    model = ConditionalGAN(config).to(device)
     if condition is None:
         condition = embed_captions(captions, config.text_model)
     real = images.float() * 2 - 1
@@ -207,8 +209,8 @@ def train_gan(
     try:
         for step in range(start, config.steps):
             index = torch.randint(len(real), (config.batch_size,), generator=rng)
-            real_batch, condition_batch = real[index], condition[index]
-            noise = torch.randn(config.batch_size, config.noise_dim, generator=rng)
+            real_batch, condition_batch = real[index].to(device), condition[index].to(device)
+            noise = torch.randn(config.batch_size, config.noise_dim, generator=rng).to(device)
             fake = model.generator(noise, condition_batch)
             # hinge loss: the discriminator pushes real scores above 1 and fake ones below -1. A real image
             # under another image's caption counts as fake too (GAN-CLS, Reed et al. 2016), so the
@@ -265,10 +267,11 @@ def sample_gan_images(
     if condition is None:
         condition = embed_captions(list(captions), model.config.text_model)
     generator = model.average_generator.eval()
+    device = next(generator.parameters()).device
     rng = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(condition), model.config.noise_dim, generator=rng)
+    noise = torch.randn(len(condition), model.config.noise_dim, generator=rng)  # on the CPU: the same on any device
     images = [
-        generator(noise[start : start + batch_size], condition[start : start + batch_size])
+        generator(noise[start : start + batch_size].to(device), condition[start : start + batch_size].to(device)).cpu()
         for start in range(0, len(condition), batch_size)
     ]
     return (
@@ -282,10 +285,10 @@ def save_gan(model: ConditionalGAN, path: str | Path) -> Path:
     return save_image_model(path, KIND, model.config, model.average_generator)
 
 
-def load_gan(path: str | Path) -> ConditionalGAN:
-    """A model `save_gan` (or `lmforge train-image --model gan`) wrote, ready for `sample_gan_images`;
-    the discriminator is not saved, so it cannot train on."""
+def load_gan(path: str | Path, device: str | torch.device = "cpu") -> ConditionalGAN:
+    """A model `save_gan` (or `lmforge train-image --model gan`) wrote, on `device`, ready for
+    `sample_gan_images`; the discriminator is not saved, so it cannot train on."""
     model = ConditionalGAN(read_image_model_config(path, KIND, GANConfig()))
     load_image_model_weights(model.average_generator, path)
     model.generator.load_state_dict(model.average_generator.state_dict())
-    return model.eval()
+    return model.to(device).eval()

@@ -140,7 +140,7 @@ class SASRec(Fittable, nn.Module):
         """(B, n_items + 1) logits for the item after each history (at its last real position)."""
         histories = histories[:, -self.config.block_size :]
         last = (histories != PAD).sum(1).clamp(min=1) - 1
-        return self(histories)[torch.arange(len(histories)), last]
+        return self(histories)[torch.arange(len(histories), device=histories.device), last]
 
 
 def _pad_column(logits: torch.Tensor) -> torch.Tensor:
@@ -236,15 +236,15 @@ def load_data(config: RecommendConfig) -> Interactions:
     return read_interactions(config.data, config.min_items)
 
 
-def train_recommender(config: RecommendConfig, verbose: int = 1) -> dict:
+def train_recommender(config: RecommendConfig, verbose: int = 1, device: str | torch.device = "cpu") -> dict:
     """Train on all but each user's last item (the one before it, the validation item in the leave-one-out
-    protocol, is trained on too); report test HR@10/NDCG@10 beside popularity; save."""
+    protocol, is trained on too), on `device`; report test HR@10/NDCG@10 beside popularity; save."""
     torch.manual_seed(config.seed)
     data = load_data(config)
     if min(len(sequence) for sequence in data.sequences) < 3:
         raise LmforgeError(f"every user needs at least 3 interactions (min_items={config.min_items})")
     known, test = leave_one_out(data.sequences)
-    model = _build(config.model, config, len(data.sequences), data.n_items)
+    model = _build(config.model, config, len(data.sequences), data.n_items).to(device)
     if config.model == "sasrec":
         # Next-item prediction at every position of each known history: a language model over items.
         rows = pad_histories(known, config.max_length + 1)
@@ -274,10 +274,14 @@ def scores_for(model: nn.Module, histories: list[list[int]], max_length: int, us
     """(len(histories), n_items + 1) scores: SASRec reads the histories, matrix factorisation the users
     (default: rows 0..N-1, the users the histories belong to)."""
     model.eval()
+    device = next(model.parameters()).device
     if isinstance(model, MatrixFactorization):
-        return model(torch.tensor(users if users is not None else range(len(histories))))
+        return model(torch.tensor(users if users is not None else range(len(histories)), device=device)).cpu()
     return torch.cat(
-        [model.scores(pad_histories(histories[i : i + 256], max_length)) for i in range(0, len(histories), 256)]
+        [
+            model.scores(pad_histories(histories[i : i + 256], max_length).to(device)).cpu()
+            for i in range(0, len(histories), 256)
+        ]
     )
 
 
@@ -317,7 +321,7 @@ def save_recommender(model: nn.Module, config: RecommendConfig, data: Interactio
 class Recommender:
     """A saved recommender: `recommend(history=[item ids], k)` or `recommend(user=id, k)` → [(item id, score)]."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
         from safetensors.torch import load_model
 
         folder = Path(folder)
@@ -335,7 +339,7 @@ class Recommender:
         else:
             self.model = _build("mf", self.config, len(self.user_ids), len(self.item_ids))
         load_model(self.model, str(folder / "model.safetensors"))
-        self.model.eval()
+        self.model.to(device).eval()
 
     def evaluate(self) -> dict:
         """HR@10 / NDCG@10 (full and sampled) on each user's last item, beside the popularity baseline."""

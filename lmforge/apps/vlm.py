@@ -300,7 +300,8 @@ def as_pixels(model: VisionLanguageModel, images: list) -> torch.Tensor | None:
     """PIL images or (3, S, S) tensors → one (N, 3, S, S) batch; None for no images."""
     if not images:
         return None
-    return torch.stack([model.preprocess_image(im) if isinstance(im, Image.Image) else im for im in images])
+    pixels = torch.stack([model.preprocess_image(im) if isinstance(im, Image.Image) else im for im in images])
+    return pixels.to(model.patch_positions.device)
 
 
 def generate_with_images(

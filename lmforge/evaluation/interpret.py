@@ -47,7 +47,7 @@ def attention_maps(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     """(layers, heads, T, T) attention weights of one sequence `tokens` (T,): row i is where position i looks."""
     with recording_attention(model) as records:
         model(tokens[None])
-    return torch.stack([record[-1][0] for record in records]).float()
+    return torch.stack([record[-1][0] for record in records]).float().cpu()
 
 
 @torch.no_grad()
@@ -178,13 +178,14 @@ def classifier_attributions(classifier, tokens: torch.Tensor, label: int, steps:
     """Integrated-gradients attribution (T,) of a `SequenceClassifier` logit for `label` over one text's
     tokens (T,), from `mean_embedding_baseline`."""
     backbone = classifier.backbone
-    mask = torch.ones(1, len(tokens), dtype=torch.long)
+    tokens = tokens.to(backbone.token_embedding.weight.device)
+    mask = torch.ones(1, len(tokens), dtype=torch.long, device=tokens.device)
     function = with_input_embeddings(lambda: classifier(tokens[None], mask)[:, label], backbone.token_embedding)
     classifier.eval()
     embeddings = backbone.token_embedding(tokens[None]).detach().float()
     baseline = mean_embedding_baseline(backbone.token_embedding, len(tokens))
     with torch.enable_grad():
-        return integrated_gradients(function, embeddings, baseline, steps)
+        return integrated_gradients(function, embeddings, baseline, steps).cpu()
 
 
 # --- rendering ---------------------------------------------------------------------------
@@ -443,13 +444,14 @@ def explain(
         raise LmforgeError(f"top_k={top_k}: the logit lens shows between 1 and {model.config.vocab_size} tokens")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokens = torch.tensor(ids)
+    tokens = torch.tensor(ids, device=model.token_embedding.weight.device)
     model.eval()
     labels = token_strings(tokenizer, ids)
     maps = attention_maps(model, tokens)
     lens_rows = logit_lens(model, tokens, top_k)
     stage = (lambda name: functools.partial(progress, name)) if progress else (lambda name: None)
     scores, target = next_token_attributions(model, tokens, method=method, progress=stage(f"{method} passes"))
+    scores = scores.cpu()
     prediction = tokenizer.decode([target])
     attention_pngs = save_attention_pngs(maps, labels, out / "attention", stage("attention PNGs, one per layer"))
     lens_png = save_logit_lens_png(
@@ -547,7 +549,7 @@ def image_attention(
     with recording_attention(model) as records:
         model.hidden_states(tokens[None], embeddings=embeddings)
     maps = torch.stack([record[-1][0] for record in records]).float()  # (layers, heads, T, T)
-    return maps.mean((0, 1))[queries][:, image_positions]
+    return maps.mean((0, 1))[queries][:, image_positions].cpu()
 
 
 def save_image_attention_png(image, grids: torch.Tensor, titles: list[str], path: str | Path) -> Path:
@@ -606,10 +608,11 @@ def explain_image(
         raise LmforgeError(f"{model.tokens_per_image} image tokens hold no class token and {side}x{side} patches")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     ids, _ = vision_prompt_ids(model, tokenizer, messages)
-    pixels = model.preprocess_image(image)[None]
+    device = model.patch_positions.device
+    pixels = model.preprocess_image(image)[None].to(device)
     model.eval()
     with torch.no_grad():
-        prompt_embeddings = model.input_embeddings(torch.tensor([ids]), pixels)
+        prompt_embeddings = model.input_embeddings(torch.tensor([ids], device=device), pixels)
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens)
     stops = set(stop_token_ids(tokenizer))
     answer = []
@@ -620,7 +623,7 @@ def explain_image(
         answer.append(token)
     if not answer:
         raise LmforgeError(f"the model answered {prompt!r} with nothing (an end-of-turn at once): no tokens to explain")
-    tokens = torch.tensor(ids + answer)
+    tokens = torch.tensor(ids + answer, device=device)
     with torch.no_grad():
         embeddings = model.input_embeddings(tokens[None], pixels)
     # The position before each answer token is where it was chosen (its logits came from there).

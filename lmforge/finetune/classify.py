@@ -310,7 +310,7 @@ def save_classifier(folder, classifier: SequenceClassifier, tokenizer, label_nam
 class TextClassifier:
     """A saved classifier: `predict(["great film"])` → label names, `probabilities(texts)` → (N, classes)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, device: str = "cpu"):
         from safetensors.torch import load_model
 
         folder = Path(folder)
@@ -333,7 +333,7 @@ class TextClassifier:
         self.max_tokens = document["max_tokens"]
         self.model = SequenceClassifier(backbone, len(self.label_names), document["pooling"])
         load_model(self.model, str(folder / CLASSIFIER_WEIGHTS))
-        self.model.eval()
+        self.model.to(device).eval()
 
     @torch.no_grad()
     def probabilities(self, texts: list[str], batch_size: int = 32) -> torch.Tensor:

@@ -134,3 +134,107 @@ def test_pretraining_on_cuda_resumes_exactly(char_dataset, tmp_path):
     assert sorted(resumed) == list(range(1, 13))
     for step in straight:
         assert abs(straight[step] - resumed[step]) < 1e-4, (step, straight[step], resumed[step])
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["explain", "--prompt", "hi"],
+        ["explain", "--prompt", "hi", "--classifier", "never-read"],
+        ["explain", "--prompt", "hi", "--image", "scene.png", "--model", "never-read"],
+        ["train-image", "--epochs=1"],
+        ["imagine", "a seven", "--model", "never-read"],
+        ["recommend", "train", "--data", "synthetic"],
+        ["recommend", "top", "never-read"],
+        ["embed", "hello"],
+        ["search", "never-read", "a query"],
+        ["finetune", "--task", "vision-chat"],
+    ],
+    ids=lambda arguments: " ".join(arguments[:2]),
+)
+def test_every_verb_that_runs_a_model_refuses_a_gpu_the_machine_lacks_before_loading(
+    arguments, monkeypatch, capsys, tmp_path
+):
+    from PIL import Image
+
+    from lmforge.apps.vlm import CONFIG_FILE
+    from lmforge.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (48, 48)).save("scene.png")
+    (tmp_path / "never-read").mkdir()
+    (tmp_path / "never-read" / CONFIG_FILE).write_text("{}")  # a vision-language model folder, by its name
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = ["--out", str(tmp_path / "out")] if arguments[0] in ("finetune", "train-image") else []
+    assert main([*arguments, *out, "--device", "cuda"]) == 2
+    assert "device='cuda' but CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def run_the_application_verbs(device: str, folder) -> dict:
+    """train-image (diffusion and GAN) and imagine, recommend train and top, embed, search, explain (text,
+    classifier) and finetune (classify, vision-chat), each with --device `device`, on tiny settings: what
+    each printed or wrote that can be compared across devices."""
+    import contextlib
+    import io
+    import json
+
+    from lmforge.cli import main
+    from lmforge.formats.checkpoint import save_model
+    from lmforge.tokenizer import CharTokenizer
+
+    def run(*arguments) -> str:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            assert main([*arguments, "--device", device]) == 0, arguments
+        return printed.getvalue()
+
+    results = {}
+    tiny = ["--width=8", "--timesteps=50", "--batch-size=512", "--epochs=1"]
+    run("train-image", "--out", str(folder / "diffusion"), *tiny)
+    run("imagine", "a seven", "--model", str(folder / "diffusion"), "--out", str(folder / "d.png"), "--steps", "4")
+    run("train-image", "--model", "gan", "--out", str(folder / "gan"), "--width=8", "--noise-dim=8", "--steps=2")
+    run("imagine", "a seven", "--model", str(folder / "gan"), "--out", str(folder / "g.png"))
+    run("recommend", "train", "--data", "synthetic", "--out", str(folder / "recommend"), "--epochs=1", "--d-model=16")
+    results["top"] = json.loads(run("recommend", "top", str(folder / "recommend"), "--user", "u1", "-k", "3"))
+    results["embedding"] = json.loads(run("embed", "a red circle"))[0]["embedding"]
+    (folder / "texts").mkdir()
+    (folder / "texts" / "a.txt").write_text("Circles are round.\n\nSquares have four corners.")
+    results["search"] = run("search", str(folder / "texts"), "how many corners", "-k", "1")
+    tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyz !")
+    torch.manual_seed(0)
+    decoder = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layers=1, n_heads=2,
+                                      d_model=32))  # fmt: skip
+    base = save_model(folder / "base", decoder, tokenizer)
+    run("explain", "--model", str(base), "--prompt", "the cat", "--out", str(folder / "why"), "--top-k", "2")
+    results["explain"] = json.loads((folder / "why" / "explain.json").read_text())["attributions"]["scores"]
+    (folder / "reviews.csv").write_text("text,label\n" + "".join(f"so {w},{w}\n" for w in ["good", "bad"] * 12))
+    run("finetune", "--task", "classify", "--data", str(folder / "reviews.csv"), "--model", str(base),
+        "--out", str(folder / "classifier"), "--epochs=1", "--dropout=0")  # fmt: skip
+    results["classify"] = json.loads((folder / "classifier" / "metrics.json").read_text())["history"]["loss"]
+    run("explain", "--classifier", str(folder / "classifier"), "--prompt", "so good", "--out", str(folder / "why2"))
+    from tests.apps.test_vlm import tiny_base
+
+    vlm_base = tiny_base(folder / "vlm_base")
+    run("finetune", "--task", "vision-chat", "--model", str(vlm_base), "--out", str(folder / "vlm"),
+        "--train-chats=6", "--validation-chats=0", "--batch-size=3", "--encoder-images=6", "--encoder-epochs=1",
+        "--lora-rank=2")  # fmt: skip
+    results["vision_chat"] = json.loads((folder / "vlm" / "metrics.json").read_text())["history"]["loss"]
+    return results
+
+
+def test_the_application_verbs_run_end_to_end_with_a_device_on_the_cpu(tmp_path):
+    """`run_the_application_verbs` on the CPU: the same code path as on CUDA (below), here to keep it true."""
+    results = run_the_application_verbs("cpu", tmp_path)
+    assert len(results["embedding"]) == 384 and len(results["top"]) == 3
+    assert "four corners" in results["search"]
+
+
+@needs_cuda
+def test_the_application_verbs_run_on_cuda_as_on_the_cpu(tmp_path):
+    on_cpu = run_the_application_verbs("cpu", tmp_path / "cpu")
+    on_gpu = run_the_application_verbs("cuda", tmp_path / "gpu")
+    assert on_gpu["embedding"] == pytest.approx(on_cpu["embedding"], abs=1e-4)
+    assert on_gpu["search"] == on_cpu["search"]
+    assert [row["item"] for row in on_gpu["top"]] == [row["item"] for row in on_cpu["top"]]
+    for key in ("explain", "classify", "vision_chat"):  # dropout draws differ between devices
+        assert on_gpu[key] == pytest.approx(on_cpu[key], rel=0.05, abs=1e-3), key
