@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything issue 22 measures on a GPU, in one go, in under ~8 minutes on one H100/H200-class GPU:
 #   1. the GPU-only tests (tests/training/test_device.py: a bf16 flash-attention/fused-AdamW step, the
-#      measured bf16 peak, `lmforge train --device cuda` resumed exactly), which skip on CPU;
+#      measured bf16 peak, `lmforge train --device cuda` resumed exactly, every application verb on CUDA
+#      against the CPU; tests/serve/test_serve.py: serve --device cuda), which skip on CPU;
 #   2. benchmarks/gpu_train.py: GPT-2 124M and a 1.1B Llama, tokens/s and MFU vs a nanoGPT-style peer
 #      (results/gpu_train.json, written row by row, so a timeout keeps the rows it finished);
 #   3. benchmarks/inference.py --device cuda: SmolLM2 prefill/decode vs transformers (results/inference_cuda.json).
@@ -36,7 +37,7 @@ step() {  # step SECONDS COMMAND...: run it under a time limit, remember a failu
     timeout "$seconds" "$@" || { echo "!! failed or timed out: $*"; status=1; }
     echo "== took $((SECONDS - started))s"
 }
-step 120 "$python" -m pytest -q -p no:cacheprovider tests/training/test_device.py tests/serve/test_serve.py -k "cuda or device"
+step 240 "$python" -m pytest -q -p no:cacheprovider tests/training/test_device.py tests/serve/test_serve.py -k "cuda or device"
 step 300 "$python" benchmarks/gpu_train.py --steps 20
 step 150 "$python" benchmarks/inference.py --device cuda --rounds 2
 exit $status
