@@ -7,7 +7,9 @@ The model file knows nothing of processes; the trainer asks this module who it i
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -105,6 +107,42 @@ def sum_gradients(optimizer: torch.optim.Optimizer) -> None:
     for parameter in parameters:
         parameter.grad.copy_(flat[offset : offset + parameter.numel()].view_as(parameter.grad))
         offset += parameter.numel()
+
+
+class StopRequests:
+    """In a torchrun job that saves sharded (every process writes its shard, together), Ctrl-C and
+    torchrun's stop signal (it forwards SIGINT or SIGTERM to every worker, then kills them after 30 s)
+    are a request to stop, not an exception wherever each process happens to be: a save begun by one
+    process alone would wait forever for the others. At each step boundary `any_process` tells every
+    process whether any of them was asked (one all-reduce), so all save the same step and stop together.
+    Inactive (`active=False`: one process, or one that saves alone), it changes nothing."""
+
+    def __init__(self, group: ProcessGroup, device: torch.device, active: bool):
+        self.group, self.device = group, device
+        self.active = active and threading.current_thread() is threading.main_thread()  # where handlers can go
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if self.active:
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._request)
+        return self
+
+    def _request(self, number, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exception) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def any_process(self) -> bool:
+        """Whether any process of the job was asked to stop; every process calls this at the same step."""
+        if not self.active:
+            return False
+        flag = torch.tensor(float(self.requested), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def wait_for_every_process() -> None:

@@ -819,105 +819,120 @@ def fit(
         if checkpoint is not None and (processes.is_main or sharded_state):  # sharded: every process its shard
             save_fit_state(Path(checkpoint), model, setup, at, history, callbacks)
 
-    try:
-        for epoch in range(position.epoch, epochs):
-            resuming = epoch == position.epoch and position.order_rng is not None
-            resuming_mid_epoch = resuming and position.batches_done > 0
-            model.train()
-            for metric in setup.metrics:
-                metric.reset()
-            if resuming_mid_epoch:
-                # Saved as every process's state combined: the main process holds it, the others start empty.
-                for metric, metric_state in zip(setup.metrics, position.metrics if processes.is_main else ()):
-                    vars(metric).update(metric_state)
-            for callback in callbacks:
-                callback.on_epoch_begin(epoch, {})
-            if verbose:
-                print(f"Epoch {epoch + 1}/{epochs}", file=stream or sys.stdout, flush=True)
-            bar = ProgressBar(steps, stream) if verbose == 1 else None
-            # The RNG states of a resumed run: shuffling's as the epoch began (its order is drawn again),
-            # dropout's as of the resume point, set last; a run is drawing from both as it would have been.
-            if resuming and not resuming_mid_epoch:
-                torch.set_rng_state(position.rng)
-            if resuming:
-                order_rng.set_state(position.order_rng)
-            epoch_order_rng = order_rng.get_state()
-            if not resuming_mid_epoch:
-                completed = FitPosition(epoch, 0, params["optimizer_step"], rng=torch.get_rng_state(),
-                                        order_rng=epoch_order_rng)  # fmt: skip
-            order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
-            if resuming_mid_epoch:
-                torch.set_rng_state(position.rng)
-            first = position.batches_done if resuming_mid_epoch else 0
-            loss_sum, seen = (position.loss_sum, position.seen) if resuming_mid_epoch else (0.0, 0)
-            setup.optimizer.zero_grad(set_to_none=True)
-            for step in range(first, steps):
-                index = order[step * batch_size : (step + 1) * batch_size]
+    def stop_if_asked(saved: bool = False) -> None:
+        """Sharded over processes, Ctrl-C takes effect here, on every process at once: the state of this
+        completed step saved (unless `saved` already), then the interrupt (see `distributed.StopRequests`)."""
+        if stops.any_process():
+            if not saved:
+                save(completed)
+            if processes.is_main and checkpoint is not None:
+                print(f"\ninterrupted: saved the last completed step to {checkpoint}", file=sys.stderr)
+            raise KeyboardInterrupt
+
+    stops = distributed.StopRequests(processes, device, sharded_state and processes.is_distributed)
+    with stops:
+        try:
+            for epoch in range(position.epoch, epochs):
+                resuming = epoch == position.epoch and position.order_rng is not None
+                resuming_mid_epoch = resuming and position.batches_done > 0
+                model.train()
+                for metric in setup.metrics:
+                    metric.reset()
+                if resuming_mid_epoch:
+                    # Saved as every process's state combined: the main process holds it, the others start empty.
+                    for metric, metric_state in zip(setup.metrics, position.metrics if processes.is_main else ()):
+                        vars(metric).update(metric_state)
                 for callback in callbacks:
-                    callback.on_batch_begin(step, {})
-                share = index[processes.rank :: processes.world_size] if processes.is_distributed else index
-                idle = len(share) == 0
-                if idle and setup.sharded:
-                    share = index[:1]  # a stand-in, weighted 0: FSDP needs every process in every step
-                inputs, targets = _to(_take(x, share), device), to_device(y[share], device)
-                batch_weights = None if weights is None else to_device(weights[share], device)
-                # The last group of an epoch may hold fewer batches than accumulation_steps.
-                group = min(accumulation_steps, steps - (step // accumulation_steps) * accumulation_steps)
-                updates = (step + 1) % accumulation_steps == 0 or step + 1 == steps
-                forward = functools.partial(_loss_and_outputs, model, setup, inputs, targets, batch_weights)
-                # Sharded, the gradients of a step's batches accumulate unreduced until its last one.
-                with distributed.no_gradient_sync(model, skip=setup.sharded and not updates):
-                    loss, outputs = _distributed_step(forward, group, autocast, setup, targets, processes, idle)
-                if not torch.isfinite(loss):  # before the update: the weights stay those of the last good batch
-                    raise LmforgeError(
-                        f"epoch {epoch + 1}, batch {step + 1}: loss is {loss.item()}; lower the learning rate"
-                    )
-                loss_sum, seen = loss_sum + loss.item() * len(index), seen + len(index)
-                with torch.no_grad():
-                    for metric in setup.metrics if outputs is not None else ():
-                        metric.update(outputs.detach(), targets, setup.from_logits)
-                if updates:
-                    completed = None  # an update in progress: nothing consistent to save until it ends
-                    if processes.is_distributed and not setup.sharded:
-                        distributed.sum_gradients(setup.optimizer)
-                    apply_gradients(setup.optimizer, setup.clip_grad_norm)
-                    params["optimizer_step"] += 1
-                    completed = FitPosition(
-                        epoch, step + 1, params["optimizer_step"], loss_sum, seen,
-                        _metric_states(setup.metrics, processes, device),
-                        torch.get_rng_state(), epoch_order_rng,
-                    )  # fmt: skip
-                    if checkpoint_every and params["optimizer_step"] % checkpoint_every == 0:
-                        save(completed)
-                logs = {"loss": loss_sum / seen, **_metric_results(setup.metrics, processes, device)}
-                for callback in callbacks:
-                    callback.on_batch_end(step, logs)
+                    callback.on_epoch_begin(epoch, {})
+                if verbose:
+                    print(f"Epoch {epoch + 1}/{epochs}", file=stream or sys.stdout, flush=True)
+                bar = ProgressBar(steps, stream) if verbose == 1 else None
+                # The RNG states of a resumed run: shuffling's as the epoch began (its order is drawn again),
+                # dropout's as of the resume point, set last; a run is drawing from both as it would have been.
+                if resuming and not resuming_mid_epoch:
+                    torch.set_rng_state(position.rng)
+                if resuming:
+                    order_rng.set_state(position.order_rng)
+                epoch_order_rng = order_rng.get_state()
+                if not resuming_mid_epoch:
+                    completed = FitPosition(epoch, 0, params["optimizer_step"], rng=torch.get_rng_state(),
+                                            order_rng=epoch_order_rng)  # fmt: skip
+                order = torch.randperm(count, generator=generator) if shuffle else torch.arange(count)
+                if resuming_mid_epoch:
+                    torch.set_rng_state(position.rng)
+                first = position.batches_done if resuming_mid_epoch else 0
+                loss_sum, seen = (position.loss_sum, position.seen) if resuming_mid_epoch else (0.0, 0)
+                setup.optimizer.zero_grad(set_to_none=True)
+                for step in range(first, steps):
+                    index = order[step * batch_size : (step + 1) * batch_size]
+                    for callback in callbacks:
+                        callback.on_batch_begin(step, {})
+                    share = index[processes.rank :: processes.world_size] if processes.is_distributed else index
+                    idle = len(share) == 0
+                    if idle and setup.sharded:
+                        share = index[:1]  # a stand-in, weighted 0: FSDP needs every process in every step
+                    inputs, targets = _to(_take(x, share), device), to_device(y[share], device)
+                    batch_weights = None if weights is None else to_device(weights[share], device)
+                    # The last group of an epoch may hold fewer batches than accumulation_steps.
+                    group = min(accumulation_steps, steps - (step // accumulation_steps) * accumulation_steps)
+                    updates = (step + 1) % accumulation_steps == 0 or step + 1 == steps
+                    forward = functools.partial(_loss_and_outputs, model, setup, inputs, targets, batch_weights)
+                    # Sharded, the gradients of a step's batches accumulate unreduced until its last one.
+                    with distributed.no_gradient_sync(model, skip=setup.sharded and not updates):
+                        loss, outputs = _distributed_step(forward, group, autocast, setup, targets, processes, idle)
+                    if not torch.isfinite(loss):  # before the update: the weights stay those of the last good batch
+                        raise LmforgeError(
+                            f"epoch {epoch + 1}, batch {step + 1}: loss is {loss.item()}; lower the learning rate"
+                        )
+                    loss_sum, seen = loss_sum + loss.item() * len(index), seen + len(index)
+                    with torch.no_grad():
+                        for metric in setup.metrics if outputs is not None else ():
+                            metric.update(outputs.detach(), targets, setup.from_logits)
+                    if updates:
+                        completed = None  # an update in progress: nothing consistent to save until it ends
+                        if processes.is_distributed and not setup.sharded:
+                            distributed.sum_gradients(setup.optimizer)
+                        apply_gradients(setup.optimizer, setup.clip_grad_norm)
+                        params["optimizer_step"] += 1
+                        completed = FitPosition(
+                            epoch, step + 1, params["optimizer_step"], loss_sum, seen,
+                            _metric_states(setup.metrics, processes, device),
+                            torch.get_rng_state(), epoch_order_rng,
+                        )  # fmt: skip
+                        if checkpoint_every and params["optimizer_step"] % checkpoint_every == 0:
+                            save(completed)
+                    logs = {"loss": loss_sum / seen, **_metric_results(setup.metrics, processes, device)}
+                    for callback in callbacks:
+                        callback.on_batch_end(step, logs)
+                    if bar is not None:
+                        bar.update(step + 1, logs)
+                    if updates:
+                        stop_if_asked()
+                if validation_data is not None:
+                    results = evaluate(model, *validation_data, batch_size=batch_size)
+                    logs.update({f"val_{key}": value for key, value in results.items()})
+                logs["learning_rate"] = setup.optimizer.param_groups[0]["lr"]
                 if bar is not None:
-                    bar.update(step + 1, logs)
-            if validation_data is not None:
-                results = evaluate(model, *validation_data, batch_size=batch_size)
-                logs.update({f"val_{key}": value for key, value in results.items()})
-            logs["learning_rate"] = setup.optimizer.param_groups[0]["lr"]
-            if bar is not None:
-                bar.finish({k: v for k, v in logs.items() if k != "learning_rate"})
-            elif verbose == 2:
-                print(format_logs(logs), file=stream or sys.stdout, flush=True)
-            history.record(epoch, logs)
-            for callback in callbacks:
-                callback.on_epoch_end(epoch, logs)
-            # a run that a callback stopped stays stopped when resumed
-            next_epoch = epochs if model.stop_training else epoch + 1
-            completed = FitPosition(next_epoch, 0, params["optimizer_step"], rng=torch.get_rng_state(),
-                                    order_rng=order_rng.get_state())  # fmt: skip
-            save(completed)
-            if model.stop_training:
-                break
-    except KeyboardInterrupt:
-        # A sharded save needs every process, which an interrupt leaves at different points: alone only.
-        if checkpoint is not None and completed is not None and not (sharded_state and processes.is_distributed):
-            save(completed)
-            print(f"\ninterrupted: saved the last completed step to {checkpoint}", file=sys.stderr)
-        raise
+                    bar.finish({k: v for k, v in logs.items() if k != "learning_rate"})
+                elif verbose == 2:
+                    print(format_logs(logs), file=stream or sys.stdout, flush=True)
+                history.record(epoch, logs)
+                for callback in callbacks:
+                    callback.on_epoch_end(epoch, logs)
+                # a run that a callback stopped stays stopped when resumed
+                next_epoch = epochs if model.stop_training else epoch + 1
+                completed = FitPosition(next_epoch, 0, params["optimizer_step"], rng=torch.get_rng_state(),
+                                        order_rng=order_rng.get_state())  # fmt: skip
+                save(completed)
+                stop_if_asked(saved=True)  # a request during validation: the epoch's state is saved
+                if model.stop_training:
+                    break
+        except KeyboardInterrupt:
+            # Sharded over processes, the interrupt reaches here from `stop_if_asked`, which saved.
+            if checkpoint is not None and completed is not None and not stops.active:
+                save(completed)
+                print(f"\ninterrupted: saved the last completed step to {checkpoint}", file=sys.stderr)
+            raise
     for callback in callbacks:
         callback.on_train_end(logs)
     model.eval()

@@ -334,69 +334,80 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     if resumed is not None:
         # Last, right before the first step: nothing in between may draw from the restored states.
         restore_rng_states(resumed.state, device, data_generator)
-    try:
-        while step < config.max_steps:
-            step_started = time.perf_counter()
-            # RNG states as the step begins: what an interrupted step's checkpoint must hold.
-            step_rng = rng_states(device, data_generator)
-            in_step = True
-            lr = learning_rate_at(step, config)
-            for group_params in optimizer.param_groups:
-                group_params["lr"] = lr
-            starts = train_data.sample_starts(global_batch, config.model.block_size, data_generator)
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(config.grad_accum_steps):
-                first = (micro * group.world_size + group.rank) * config.batch_size
-                inputs, targets = train_data.gather(starts[first : first + config.batch_size], config.model.block_size)
-                inputs, targets = to_device(inputs, device), to_device(targets, device)
-                with distributed.no_gradient_sync(step_model, micro < config.grad_accum_steps - 1):
-                    forward = next_token_forward(step_model, inputs, targets)
-                    loss, _ = forward_backward(forward, config.grad_accum_steps, autocast)
-                loss_sum += loss.float()
-            loss_value = distributed.mean_across_processes(loss_sum / config.grad_accum_steps, group).item()
-            if not math.isfinite(loss_value):
-                where = (
-                    f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
-                )
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at step {step + 1}; training stopped and {where}. "
-                    f"Resume with --resume and a lower learning_rate."
-                )
-            updating = True  # weights and optimizer state change together: no checkpoint in between
-            apply_gradients(optimizer, config.grad_clip)
-            step += 1
-            in_step = updating = False
+    stops = distributed.StopRequests(group, device, sharded and group.is_distributed)
+    with stops:
+        try:
+            while step < config.max_steps:
+                step_started = time.perf_counter()
+                # RNG states as the step begins: what an interrupted step's checkpoint must hold.
+                step_rng = rng_states(device, data_generator)
+                in_step = True
+                lr = learning_rate_at(step, config)
+                for group_params in optimizer.param_groups:
+                    group_params["lr"] = lr
+                starts = train_data.sample_starts(global_batch, config.model.block_size, data_generator)
+                loss_sum = torch.zeros((), device=device)
+                for micro in range(config.grad_accum_steps):
+                    first = (micro * group.world_size + group.rank) * config.batch_size
+                    inputs, targets = train_data.gather(
+                        starts[first : first + config.batch_size], config.model.block_size
+                    )
+                    inputs, targets = to_device(inputs, device), to_device(targets, device)
+                    with distributed.no_gradient_sync(step_model, micro < config.grad_accum_steps - 1):
+                        forward = next_token_forward(step_model, inputs, targets)
+                        loss, _ = forward_backward(forward, config.grad_accum_steps, autocast)
+                    loss_sum += loss.float()
+                loss_value = distributed.mean_across_processes(loss_sum / config.grad_accum_steps, group).item()
+                if not math.isfinite(loss_value):
+                    where = (
+                        f"the last good checkpoint is {last_checkpoint}"
+                        if last_checkpoint
+                        else "no checkpoint was written"
+                    )
+                    raise TrainingDiverged(
+                        f"loss became {loss_value} at step {step + 1}; training stopped and {where}. "
+                        f"Resume with --resume and a lower learning_rate."
+                    )
+                updating = True  # weights and optimizer state change together: no checkpoint in between
+                apply_gradients(optimizer, config.grad_clip)
+                step += 1
+                in_step = updating = False
 
-            measured = global_batch * config.model.block_size / (time.perf_counter() - step_started)
-            # Smoothed over ~10 steps so the bar does not flicker with scheduler noise.
-            tokens_per_second = measured if not tokens_per_second else 0.9 * tokens_per_second + 0.1 * measured
-            mfu = tokens_per_second * flops_per_token / (peak_flops * group.world_size)
-            reporter.step(step, loss_value, lr, tokens_per_second, mfu)
-            if step % config.log_interval == 0 or step == config.max_steps:
-                reporter.record(
-                    {"step": step, "loss": loss_value, "lr": lr, "tokens_per_second": tokens_per_second, "mfu": mfu}
-                )
-            if config.eval_interval and (step % config.eval_interval == 0 or step == config.max_steps):
-                val_result = run_eval(step)
+                measured = global_batch * config.model.block_size / (time.perf_counter() - step_started)
+                # Smoothed over ~10 steps so the bar does not flicker with scheduler noise.
+                tokens_per_second = measured if not tokens_per_second else 0.9 * tokens_per_second + 0.1 * measured
+                mfu = tokens_per_second * flops_per_token / (peak_flops * group.world_size)
+                reporter.step(step, loss_value, lr, tokens_per_second, mfu)
+                if step % config.log_interval == 0 or step == config.max_steps:
+                    reporter.record(
+                        {"step": step, "loss": loss_value, "lr": lr, "tokens_per_second": tokens_per_second, "mfu": mfu}
+                    )
+                if config.eval_interval and (step % config.eval_interval == 0 or step == config.max_steps):
+                    val_result = run_eval(step)
+                    last_checkpoint = write_checkpoint(step) or last_checkpoint
+                elif config.checkpoint_interval and step % config.checkpoint_interval == 0:
+                    last_checkpoint = write_checkpoint(step) or last_checkpoint
+                if on_step is not None:
+                    on_step(step, loss_value)
+                if stops.any_process():  # sharded over processes, Ctrl-C takes effect here, on all of them at once
+                    if last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}"):
+                        last_checkpoint = write_checkpoint(step) or last_checkpoint
+                    reporter.message(f"interrupted: saved {last_checkpoint}; continue with --resume")
+                    raise KeyboardInterrupt
+            if last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}"):
                 last_checkpoint = write_checkpoint(step) or last_checkpoint
-            elif config.checkpoint_interval and step % config.checkpoint_interval == 0:
-                last_checkpoint = write_checkpoint(step) or last_checkpoint
-            if on_step is not None:
-                on_step(step, loss_value)
-        if last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}"):
-            last_checkpoint = write_checkpoint(step) or last_checkpoint
-    except KeyboardInterrupt:
-        # Ctrl-C keeps the work done: save the last completed step (unless it is saved already).
-        unsaved = last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}")
-        # A sharded save needs every process, which an interrupt leaves at different points: alone only.
-        can_save = not group.is_distributed if sharded else group.is_main
-        if can_save and not updating and step > start_step and unsaved:
-            reporter.message(f"interrupted: saving step {step} ...")
-            saved = write_checkpoint(step, step_rng if in_step else None)
-            reporter.message(f"saved {saved}; continue with --resume")
-        raise
-    finally:
-        reporter.close()
+        except KeyboardInterrupt:
+            # Ctrl-C keeps the work done: save the last completed step (unless it is saved already).
+            unsaved = last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}")
+            # Sharded over processes, the interrupt reaches here from the step's end, which saved.
+            can_save = not stops.active and group.is_main
+            if can_save and not updating and step > start_step and unsaved:
+                reporter.message(f"interrupted: saving step {step} ...")
+                saved = write_checkpoint(step, step_rng if in_step else None)
+                reporter.message(f"saved {saved}; continue with --resume")
+            raise
+        finally:
+            reporter.close()
 
     plot_path = None
     if group.is_main and config.plot:

@@ -3,6 +3,7 @@ fine-tuning and LoRA, with and without activation checkpointing; sharded trainin
 different number of processes. The torchrun processes run this file's `train` (`python -m` this module)."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,19 @@ def data() -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     return (tokens, torch.ones_like(tokens)), targets
 
 
+class CtrlCInLastProcess(Callback):
+    """Ctrl-C as optimizer step `step` ends, delivered to the job's last process only: the others learn
+    of it at the step's end (`distributed.StopRequests`)."""
+
+    def __init__(self, step: int | None):
+        self.step = step
+
+    def on_batch_end(self, batch, logs):
+        last = int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1
+        if self.params["optimizer_step"] == self.step and last:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
 class WeightsEachEpoch(Callback):
     """The whole weights at each epoch's end (sharded: every process gathers, the main one keeps them)."""
 
@@ -70,7 +84,8 @@ class WeightsEachEpoch(Callback):
 
 
 def train(out: Path, parallel: str = "fsdp", lora: bool = False, checkpointing: bool = False,
-          crash_after: int | None = None, resume: bool = False, best: bool = False) -> dict:  # fmt: skip
+          crash_after: int | None = None, resume: bool = False, best: bool = False,
+          interrupt_after: int | None = None) -> dict:  # fmt: skip
     """8 optimizer steps of a tiny language model: 4 epochs of 9 rows in batches of 4, two batches a step,
     so each epoch's last batch is one row that a second process has none of. Returns (on the main
     process) each batch's logs and the trained weights, gathered whole. `best`: validation on the training
@@ -94,7 +109,7 @@ def train(out: Path, parallel: str = "fsdp", lora: bool = False, checkpointing: 
     recorder, each_epoch = Recorder(), WeightsEachEpoch()
     x, y = data()
     best_file = out / "best.safetensors"
-    callbacks = [WarmupCosine(2), recorder, CrashAfter(crash_after)]
+    callbacks = [WarmupCosine(2), recorder, CrashAfter(crash_after), CtrlCInLastProcess(interrupt_after)]
     if best:
         callbacks += [ModelCheckpoint(best_file), EarlyStopping(patience=1, min_delta=1e9, restore_best_weights=True),
                       each_epoch]  # fmt: skip
@@ -189,6 +204,20 @@ def test_hsdp_on_four_processes_as_two_by_two_matches_one_process(alone, tmp_pat
 @pytest.mark.slow
 def test_a_state_from_two_processes_resumes_on_one(alone, tmp_path):
     torchrun(2, tmp_path, "--crash-after=3", expect_success=False)  # mid-epoch: the metrics' state counts
+    assert_same_run(alone[1], train(tmp_path, resume=True), after_step=3)
+
+
+def test_ctrl_c_in_one_process_saves_the_step_every_process_finished(alone, tmp_path):
+    """Ctrl-C reaches one process of two as step 3 ends (a terminal's reaches all; torchrun forwards it to
+    all): both save step 3's shards together and stop; the run resumes from there on one process."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "tests.training.test_fit_sharded", str(tmp_path), "--interrupt-after=3"]  # fmt: skip
+    environment = os.environ | {"OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=ROOT, timeout=300)
+    assert run.returncode != 0 and "KeyboardInterrupt" in run.stderr
+    assert f"interrupted: saved the last completed step to {tmp_path / 'state'}" in run.stderr
+    shards = sorted(path.name for path in (tmp_path / "state" / SHARDS).iterdir())
+    assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert_same_run(alone[1], train(tmp_path, resume=True), after_step=3)
 
 
@@ -289,4 +318,4 @@ if __name__ == "__main__":  # one process of a torchrun job (see `torchrun`)
     values = dict(option[2:].split("=") for option in options if "=" in option)
     train(Path(out), values.get("parallel", "fsdp"), "--lora" in options, "--checkpointing" in options,
           int(values["crash-after"]) if "crash-after" in values else None, "--resume" in options,
-          "--best" in options)  # fmt: skip
+          "--best" in options, int(values["interrupt-after"]) if "interrupt-after" in values else None)  # fmt: skip

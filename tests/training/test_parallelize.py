@@ -127,6 +127,41 @@ def test_a_checkpoint_from_one_process_resumes_on_two(one_process, tmp_path):
     assert_same_losses(losses(one_process), losses(tmp_path), steps=range(5, STEPS + 1))
 
 
+def test_ctrl_c_to_torchrun_saves_the_last_step_of_every_shard_and_it_resumes(char_dataset, tmp_path):
+    """SIGINT to torchrun, which forwards it to its workers: they finish the step they are in, save it
+    together (each its shard) and stop; nothing but that step's remainder is lost, and the run resumes."""
+    import signal
+    import time
+
+    arguments = command_line(char_dataset, tmp_path, f"--batch_size={GLOBAL_BATCH // 2}", "--parallel=fsdp")
+    arguments = [argument for argument in arguments if not argument.startswith("--max_steps")] + ["--max_steps=100000"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge"]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([*launcher, *arguments], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "metrics.jsonl").exists() or max(losses(tmp_path), default=0) < 6:
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-3000:]
+            time.sleep(0.05)
+        job.send_signal(signal.SIGINT)
+        stdout, _ = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode != 0
+    last = max(losses(tmp_path))
+    assert f"interrupted: saved {tmp_path / 'checkpoints' / f'step_{last:06d}'}" in stdout
+    checkpoint = tmp_path / "checkpoints" / f"step_{last:06d}"
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == checkpoint.name
+    assert sorted(path.name for path in (checkpoint / "shards").iterdir()) == [
+        ".metadata",
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    resumed = run(1, ["train", f"--out_dir={tmp_path}", "--resume", f"--max_steps={last + 2}",
+                      f"--batch_size={GLOBAL_BATCH}"]).stdout  # fmt: skip
+    assert f"resumed at step {last}" in resumed and max(losses(tmp_path)) == last + 2
+
+
 def test_a_ddp_checkpoint_is_refused_by_sharded_processes_with_what_to_do(char_dataset, tmp_path):
     run(1, command_line(char_dataset, tmp_path, "--batch_size=4", "--max_steps=1"))  # parallel=ddp: one state.pt
     result = run(2, ["train", f"--out_dir={tmp_path}", "--resume", "--max_steps=2", "--parallel=fsdp"], False)
