@@ -117,8 +117,8 @@ class StopRequests:
     process whether any of them was asked (one all-reduce), so all save the same step and stop together.
     Inactive (`active=False`: one process, or one that saves alone), it changes nothing."""
 
-    def __init__(self, group: ProcessGroup, device: torch.device, active: bool):
-        self.group, self.device = group, device
+    def __init__(self, device: torch.device, active: bool):
+        self.device = device  # of the flag all-reduced: NCCL reduces GPU tensors only
         self.active = active and threading.current_thread() is threading.main_thread()  # where handlers can go
         self.requested = False
         self._previous: dict[int, object] = {}

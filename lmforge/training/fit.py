@@ -829,7 +829,7 @@ def fit(
                 print(f"\ninterrupted: saved the last completed step to {checkpoint}", file=sys.stderr)
             raise KeyboardInterrupt
 
-    stops = distributed.StopRequests(processes, device, sharded_state and processes.is_distributed)
+    stops = distributed.StopRequests(device, sharded_state and processes.is_distributed)
     with stops:
         try:
             for epoch in range(position.epoch, epochs):

@@ -334,7 +334,7 @@ def _train(config: TrainConfig, device: torch.device, group: distributed.Process
     if resumed is not None:
         # Last, right before the first step: nothing in between may draw from the restored states.
         restore_rng_states(resumed.state, device, data_generator)
-    stops = distributed.StopRequests(group, device, sharded and group.is_distributed)
+    stops = distributed.StopRequests(device, sharded and group.is_distributed)
     with stops:
         try:
             while step < config.max_steps:
