@@ -186,7 +186,9 @@ def describe(config, prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, type, default) rows for `--help`: the values of `config`, the instance a verb starts from
     (nested configs by their own values: a preset's, not the class defaults)."""
     rows = []
-    for f in fields(config):
+    # A config's own keys first, then those it inherits (the fine-tunes' parallel keys): what it is about leads.
+    inherited = {f.name for base in type(config).__mro__[1:] if is_dataclass(base) for f in fields(base)}
+    for f in sorted(fields(config), key=lambda f: f.name in inherited):
         value = getattr(config, f.name)
         if is_dataclass(value):
             rows.extend(describe(value, f"{prefix}{f.name}."))
