@@ -291,7 +291,9 @@ def test_sft_under_torchrun_on_two_processes_trains_as_one_process(tmp_path):
 def test_lora_sft_sharded_over_two_processes_writes_what_one_process_writes(tmp_path):
     """--parallel fsdp --activation-checkpointing on 2 gloo processes against one (in this process): the
     same losses and accuracies, and the same adapter and merged model, each a whole folder (gathered from
-    the shards); the sharded training state is gone once the run completes."""
+    the shards); the sharded training state is gone once the run completes. The validation chats answer
+    otherwise than the training chats, so their loss rises after epoch 1 and early stopping restores epoch
+    1's weights, kept whole on process 0 and put back into both shards."""
     import os
     import subprocess
     import sys
@@ -300,8 +302,13 @@ def test_lora_sft_sharded_over_two_processes_writes_what_one_process_writes(tmp_
 
     base = tiny_checkpoint(tmp_path / "base")
     data = chat_file(tmp_path / "chats.jsonl", 9)
-    settings = dict(lora_rank=4, lora_dropout=0.0, merge=True, epochs=2, batch_size=4, accumulation_steps=2,
-                    packing=False, learning_rate=1e-2, max_tokens=64, checkpoint_interval=1)  # fmt: skip
+    swapped = [json.loads(line) for line in chat_file(tmp_path / "swapped.jsonl", 4).read_text().splitlines()]
+    for chat in swapped:  # "say aaa" -> "bbb"
+        chat["messages"][1]["content"] = chr(ord(chat["messages"][1]["content"][0]) + 1) * 3
+    (tmp_path / "swapped.jsonl").write_text("".join(json.dumps(chat) + "\n" for chat in swapped))
+    settings = dict(lora_rank=4, lora_dropout=0.0, merge=True, epochs=3, batch_size=4, accumulation_steps=2,
+                    packing=False, learning_rate=3e-2, max_tokens=64, checkpoint_interval=1,
+                    validation=str(tmp_path / "swapped.jsonl"))  # fmt: skip
     finetune_chat(SFTConfig(data=str(data), model=str(base), out=str(tmp_path / "one"), parallel="fsdp", **settings),
                   verbose=0)  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge",
@@ -314,8 +321,10 @@ def test_lora_sft_sharded_over_two_processes_writes_what_one_process_writes(tmp_
     assert "fsdp over 2 processes" in two.stdout
     one_history = json.loads((tmp_path / "one" / "metrics.json").read_text())["history"]
     two_history = json.loads((tmp_path / "two" / "metrics.json").read_text())["history"]
-    for key in ("loss", "accuracy"):
+    for key in ("loss", "accuracy", "val_loss"):
         assert two_history[key] == pytest.approx(one_history[key], abs=1e-5)
+    # Stopped after epoch 2 of 3, whose validation loss rose: epoch 1's weights are the ones written.
+    assert len(one_history["val_loss"]) == 2 and one_history["val_loss"][1] > one_history["val_loss"][0]
     for written in ("adapter/adapter.safetensors", "model/model.safetensors"):
         one, two = load_file(tmp_path / "one" / written), load_file(tmp_path / "two" / written)
         assert one.keys() == two.keys()
